@@ -1,0 +1,52 @@
+//! A stage that misbehaves on request, for the runtime's tests: the item's `do` field says how.
+
+use serde::Deserialize;
+use stagehand_sdk::{Context, Envelope, StageError, fatal, log, output, retryable, stage::Guest};
+
+#[derive(Deserialize)]
+struct Item {
+    #[serde(rename = "do")]
+    action: String,
+    #[serde(default)]
+    size: usize,
+}
+
+struct Hostile;
+
+impl Guest for Hostile {
+    fn run(_ctx: Context, input: String) -> Result<String, StageError> {
+        let item = Envelope::<Item>::parse(&input)?.item;
+        match item.action.as_str() {
+            "echo" => output(&serde_json::json!({ "echo": item.action })),
+            "trap" => panic!("hostile stage asked to trap"),
+            "loop" => {
+                let mut n: u64 = 0;
+                loop {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+            }
+            "alloc" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1; 1 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            "big-output" => Ok("x".repeat(item.size)),
+            "env" => output(&serde_json::json!({ "vars": std::env::vars().count(), "home": std::env::var("HOME").ok() })),
+            "file" => match std::fs::read_to_string("/etc/passwd") {
+                Ok(_) => Err(fatal("read a host file")),
+                Err(e) => output(&serde_json::json!({ "file_error": e.to_string() })),
+            },
+            "log" => {
+                stagehand_sdk::log(log::Level::Info, "hello from a guest");
+                output(&serde_json::json!({ "logged": true }))
+            }
+            "retryable" => Err(retryable("asked to fail, retryably")),
+            "fatal" => Err(fatal("asked to fail")),
+            other => Err(fatal(format!("unknown action {other:?}"))),
+        }
+    }
+}
+
+stagehand_sdk::export_stage!(Hostile);
