@@ -1,0 +1,34 @@
+//! Stagehand: a self-hosted engine for slow, multi-step LLM pipelines whose stages are
+//! WebAssembly components.
+//!
+//! A *job* is a batch of *items*; each item runs through the *stages* of a *pipeline*, each
+//! stage a component implementing the `stage` world of `wit/pipeline.wit`. Stages reach the
+//! world only through the host's imports (LLM, kv lookups, handlers, progress, log).
+//!
+//! # Layout
+//!
+//! - [`config`]: the pipeline file (TOML) into a checked [`config::PipelineConfig`].
+//! - [`runtime`]: wasmtime, set up once: engine with the pooling allocator, epoch ticker for
+//!   CPU budgets and cancellation, compile cache, loading components and invoking them in
+//!   fresh stores with memory caps.
+//! - [`capabilities`]: the host side of every WIT import, and the per-invocation store data.
+//! - [`store`]: everything durable, in sled: jobs, items, stage outputs, results, effects.
+//! - [`pipeline`]: a loaded pipeline: components, capabilities, per-stage limits.
+//! - [`jobs`]: running items through stages, jobs under a concurrency limit, effects.
+//! - [`cli`]: the `stagehand` command.
+//!
+//! # Flow of an item
+//!
+//! [`jobs::run_item`] builds each stage's input envelope from the item and the stored outputs of
+//! earlier stages, takes the stage's current version at entry, runs it in a fresh store, checks
+//! and persists its output, and finally stores the item's [`store::ItemResult`] with the digest,
+//! duration and guest CPU of every stage that ran.
+
+pub mod capabilities;
+pub mod cli;
+pub mod config;
+pub mod jobs;
+pub mod pipeline;
+pub mod runtime;
+pub mod store;
+pub mod text;

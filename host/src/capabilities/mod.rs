@@ -1,0 +1,127 @@
+//! The host side of each WIT import, and the per-invocation state they run in.
+//!
+//! A guest gets nothing but these: `llm` (the provider, its key and its limits stay here), `kv`
+//! (read-only JSON namespaces), `dispatch` (handlers and durable effects), `progress`, `log`,
+//! and for handlers `records`. WASI is linked only because Rust's std imports it; its context
+//! is empty (no files, sockets, environment or arguments) and stderr is captured so that a
+//! panicking guest's message ends up in the item's error.
+
+mod dispatch;
+mod kv;
+mod llm;
+mod log;
+mod progress;
+mod records;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+pub use self::kv::KvNamespaces;
+pub use self::llm::{LlmClient, LlmUsage};
+pub use self::progress::{ProgressSink, ProgressUpdate};
+use crate::runtime::bindings::types::Context;
+use crate::runtime::{EpochClock, HandlerComponent, Runtime};
+use crate::store::Store;
+
+/// What the imports reach: shared by every invocation of a pipeline.
+pub struct Capabilities {
+    pub runtime: Arc<Runtime>,
+    pub llm: LlmClient,
+    pub kv: KvNamespaces,
+    pub handlers: BTreeMap<String, Arc<HandlerComponent>>,
+    pub store: Store,
+    /// Woken when an effect is recorded, so the effect runner need not poll.
+    pub effects_waiting: Notify,
+}
+
+/// Bytes of a guest's stderr kept for its error message.
+const STDERR_CAPTURE: usize = 4096;
+
+/// The data of one wasmtime `Store`: one component invocation for one item.
+pub struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(crate) limiter: crate::runtime::Limiter,
+    pub(crate) caps: Arc<Capabilities>,
+    pub(crate) context: Context,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) progress: Option<ProgressSink>,
+    pub(crate) meter: CpuMeter,
+    /// Set by the epoch callback when it stops the guest, to say why.
+    pub(crate) interrupted: Option<Interrupt>,
+    stderr: MemoryOutputPipe,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interrupt {
+    Cancelled,
+    CpuBudget,
+}
+
+/// Guest CPU accounting in epoch ticks: elapsed ticks minus the ticks spent in async host calls.
+pub(crate) struct CpuMeter {
+    clock: Arc<EpochClock>,
+    started: u64,
+    in_host: u64,
+    pub(crate) budget: u64,
+}
+
+impl CpuMeter {
+    pub(crate) fn guest_ticks(&self) -> u64 {
+        (self.clock.now() - self.started).saturating_sub(self.in_host)
+    }
+
+    /// Time spent awaiting `future` is not the guest's.
+    pub(crate) async fn host_call<F: Future>(&mut self, future: F) -> F::Output {
+        let before = self.clock.now();
+        let output = future.await;
+        self.in_host += self.clock.now() - before;
+        output
+    }
+}
+
+impl HostState {
+    pub(crate) fn new(
+        caps: Arc<Capabilities>,
+        context: Context,
+        limits: &crate::config::Limits,
+        cancel: CancellationToken,
+        progress: Option<ProgressSink>,
+    ) -> Self {
+        let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
+        let wasi = wasmtime_wasi::WasiCtxBuilder::new().stderr(stderr.clone()).build();
+        let clock = caps.runtime.clock().clone();
+        let budget = (limits.cpu.as_millis() / crate::runtime::TICK.as_millis()).max(1) as u64;
+        Self {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: crate::runtime::Limiter::new(limits.memory_bytes),
+            meter: CpuMeter { started: clock.now(), clock, in_host: 0, budget },
+            caps,
+            context,
+            cancel,
+            progress,
+            interrupted: None,
+            stderr,
+        }
+    }
+
+    /// What the guest wrote to stderr (a Rust panic message, typically), trimmed.
+    pub(crate) fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.contents()).trim().to_string()
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl crate::runtime::bindings::types::Host for HostState {}

@@ -1,0 +1,35 @@
+//! `progress`: a running stage says how far it has come.
+
+use std::sync::Arc;
+
+use super::HostState;
+use crate::runtime::bindings::progress::Host;
+
+/// One report from a guest.
+#[derive(Debug, Clone)]
+pub struct ProgressUpdate {
+    pub item_index: u64,
+    pub stage: String,
+    pub fraction: f32,
+    pub message: String,
+}
+
+/// Where reports go (the job's event log, a progress bar); `None` drops them.
+pub type ProgressSink = Arc<dyn Fn(ProgressUpdate) + Send + Sync>;
+
+const MAX_MESSAGE: usize = 500;
+
+impl Host for HostState {
+    async fn report(&mut self, fraction: f32, message: String) -> wasmtime::Result<()> {
+        if let Some(sink) = &self.progress {
+            let fraction = if fraction.is_nan() { 0.0 } else { fraction.clamp(0.0, 1.0) };
+            sink(ProgressUpdate {
+                item_index: self.context.item_index,
+                stage: self.context.stage.clone(),
+                fraction,
+                message: crate::text::truncate(&message, MAX_MESSAGE).into_owned(),
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,37 @@
+//! The `stagehand` command: one subcommand per file.
+
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "stagehand", version, about = "Run multi-step LLM pipelines built from WebAssembly stages")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every item of a JSONL file through a pipeline, offline, and store the results.
+    Run(run::RunArgs),
+}
+
+/// Exit status when the run finished but some items failed.
+pub const EXIT_ITEMS_FAILED: u8 = 3;
+
+/// Where the store and compiled components live unless `--data-dir` says otherwise.
+pub fn default_data_dir() -> PathBuf {
+    PathBuf::from(".stagehand")
+}
+
+impl Cli {
+    pub async fn execute(self) -> anyhow::Result<ExitCode> {
+        match self.command {
+            Command::Run(args) => run::run(args).await,
+        }
+    }
+}

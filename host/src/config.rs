@@ -1,0 +1,269 @@
+//! The pipeline file: TOML in, a validated [`PipelineConfig`] out.
+//!
+//! Every mistake is reported with the offending key and its line, because the person reading the
+//! error is an operator with the file open in an editor. Parse errors come from `toml` (which
+//! already names line and key); checks that need more than one key (duplicate names, files that
+//! do not exist) use the spans `toml::Spanned` keeps.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A pipeline as the operator wrote it, paths resolved against the file's folder.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub name: String,
+    /// Where the file was read from, for messages.
+    pub source: PathBuf,
+    pub llm: LlmConfig,
+    pub run: RunConfig,
+    pub stages: Vec<StageConfig>,
+    pub handlers: BTreeMap<String, HandlerConfig>,
+    pub kv: BTreeMap<String, PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmConfig {
+    /// The OpenAI-compatible API root, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// Model used when a stage does not name one.
+    pub model: String,
+    /// Name of the environment variable that holds the API key (never the key itself).
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    #[serde(default = "defaults::llm_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default = "defaults::llm_max_concurrent_requests")]
+    pub max_concurrent_requests: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Items in flight at once.
+    #[serde(default = "defaults::concurrency")]
+    pub concurrency: usize,
+    /// Effects (emitted dispatches) running at once.
+    #[serde(default = "defaults::effect_concurrency")]
+    pub effect_concurrency: usize,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self { concurrency: defaults::concurrency(), effect_concurrency: defaults::effect_concurrency() }
+    }
+}
+
+/// Resource limits of one component invocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Linear memory the guest may grow to.
+    pub memory_bytes: usize,
+    /// Guest CPU time (time spent waiting on host calls such as the LLM does not count).
+    pub cpu: Duration,
+    /// Wall-clock time for the whole invocation, host calls included.
+    pub timeout: Duration,
+    /// Largest output accepted from the guest.
+    pub max_output_bytes: usize,
+}
+
+/// Optional overrides of [`Limits`], as written in `[defaults]`, a stage or a handler.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSpec {
+    pub memory_mib: Option<usize>,
+    pub cpu_ms: Option<u64>,
+    pub timeout_ms: Option<u64>,
+    pub max_output_kib: Option<usize>,
+}
+
+impl LimitsSpec {
+    fn over(self, base: Limits) -> Limits {
+        Limits {
+            memory_bytes: self.memory_mib.map_or(base.memory_bytes, |m| m << 20),
+            cpu: self.cpu_ms.map_or(base.cpu, Duration::from_millis),
+            timeout: self.timeout_ms.map_or(base.timeout, Duration::from_millis),
+            max_output_bytes: self.max_output_kib.map_or(base.max_output_bytes, |k| k << 10),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            memory_bytes: 64 << 20,
+            cpu: Duration::from_secs(2),
+            timeout: Duration::from_secs(300),
+            max_output_bytes: 1 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StageConfig {
+    pub name: String,
+    pub component: PathBuf,
+    /// At most this many items in this stage at once (`None`: only the run's concurrency).
+    pub concurrency: Option<usize>,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone)]
+pub struct HandlerConfig {
+    pub component: PathBuf,
+    pub limits: Limits,
+}
+
+mod defaults {
+    pub fn llm_timeout_ms() -> u64 {
+        120_000
+    }
+    pub fn llm_max_concurrent_requests() -> usize {
+        64
+    }
+    pub fn concurrency() -> usize {
+        64
+    }
+    pub fn effect_concurrency() -> usize {
+        8
+    }
+}
+
+/// The file's shape, before checks that span several keys.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPipeline {
+    name: Spanned<String>,
+    llm: LlmConfig,
+    #[serde(default)]
+    run: RunConfig,
+    #[serde(default)]
+    defaults: LimitsSpec,
+    #[serde(default)]
+    stage: Vec<RawStage>,
+    #[serde(default)]
+    handlers: BTreeMap<Spanned<String>, RawHandler>,
+    #[serde(default)]
+    kv: BTreeMap<Spanned<String>, RawKv>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStage {
+    name: Spanned<String>,
+    component: Spanned<PathBuf>,
+    #[serde(default)]
+    concurrency: Option<usize>,
+    #[serde(flatten)]
+    limits: LimitsSpec,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHandler {
+    component: Spanned<PathBuf>,
+    #[serde(flatten)]
+    limits: LimitsSpec,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKv {
+    file: Spanned<PathBuf>,
+}
+
+impl PipelineConfig {
+    /// Read and check a pipeline file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read pipeline file {}", path.display()))?;
+        Self::parse(&text, path)
+    }
+
+    /// Check a pipeline file's text; `path` resolves relative component and kv paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        let raw: RawPipeline = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let at = |span: Range<usize>, message: String| -> anyhow::Error {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            anyhow::anyhow!("{}:{line}: {message}", path.display())
+        };
+        let file = |p: &Spanned<PathBuf>, key: &str| -> Result<PathBuf> {
+            let resolved = dir.join(p.get_ref());
+            if !resolved.is_file() {
+                return Err(at(p.span(), format!("`{key}`: no such file {}", resolved.display())));
+            }
+            Ok(resolved)
+        };
+        let check_name = |name: &Spanned<String>, what: &str| -> Result<()> {
+            let n = name.get_ref();
+            let ok = !n.is_empty()
+                && n.len() <= 64
+                && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+            if !ok {
+                return Err(at(name.span(), format!("{what} name {n:?} must be 1-64 characters of a-z, 0-9, '-' and '_'")));
+            }
+            Ok(())
+        };
+
+        check_name(&raw.name, "pipeline")?;
+        if raw.stage.is_empty() {
+            bail!("{}: the pipeline has no `[[stage]]`", path.display());
+        }
+        let base = raw.defaults.over(Limits::default());
+        let mut stages: Vec<StageConfig> = Vec::new();
+        for s in &raw.stage {
+            check_name(&s.name, "stage")?;
+            if stages.iter().any(|seen| seen.name == *s.name.get_ref()) {
+                return Err(at(s.name.span(), format!("stage `{}` is defined twice", s.name.get_ref())));
+            }
+            if s.concurrency == Some(0) {
+                return Err(at(s.name.span(), format!("stage `{}`: `concurrency` must be at least 1", s.name.get_ref())));
+            }
+            stages.push(StageConfig {
+                name: s.name.get_ref().clone(),
+                component: file(&s.component, "component")?,
+                concurrency: s.concurrency,
+                limits: s.limits.over(base),
+            });
+        }
+        let mut handlers = BTreeMap::new();
+        for (name, h) in &raw.handlers {
+            check_name(name, "handler")?;
+            let limits = h.limits.over(base);
+            handlers.insert(name.get_ref().clone(), HandlerConfig { component: file(&h.component, "component")?, limits });
+        }
+        let mut kv = BTreeMap::new();
+        for (name, k) in &raw.kv {
+            check_name(name, "kv namespace")?;
+            kv.insert(name.get_ref().clone(), file(&k.file, "file")?);
+        }
+        if raw.run.concurrency == 0 || raw.run.effect_concurrency == 0 {
+            bail!("{}: `[run]` concurrencies must be at least 1", path.display());
+        }
+        if raw.llm.max_concurrent_requests == 0 {
+            bail!("{}: `llm.max_concurrent_requests` must be at least 1", path.display());
+        }
+        Ok(Self {
+            name: raw.name.into_inner(),
+            source: path.to_path_buf(),
+            llm: raw.llm,
+            run: raw.run,
+            stages,
+            handlers,
+            kv,
+        })
+    }
+
+    /// The largest memory any component of this pipeline may use: sizes the instance pool.
+    pub fn max_memory_bytes(&self) -> usize {
+        let stages = self.stages.iter().map(|s| s.limits.memory_bytes);
+        let handlers = self.handlers.values().map(|h| h.limits.memory_bytes);
+        stages.chain(handlers).max().unwrap_or(Limits::default().memory_bytes)
+    }
+}

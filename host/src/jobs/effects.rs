@@ -1,0 +1,114 @@
+//! Runs emitted effects in the background, each at most once per (handler, key).
+//!
+//! The queue is the store's `effects_pending` tree, not a channel, so it survives a restart and
+//! costs no memory per queued effect; `dispatch.emit` wakes the runner.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use anyhow::Result;
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::capabilities::Capabilities;
+use crate::runtime::bindings::types::Context;
+use crate::store::{EffectRecord, EffectState, now_ms};
+
+pub struct EffectRunner {
+    caps: Arc<Capabilities>,
+    in_flight: AtomicUsize,
+    settled: Notify,
+}
+
+/// How long the runner sleeps when it finds the queue empty and nobody wakes it.
+const IDLE_POLL: Duration = Duration::from_millis(500);
+
+impl EffectRunner {
+    /// Start running effects, `concurrency` at a time, until `shutdown`.
+    pub fn spawn(caps: Arc<Capabilities>, concurrency: usize, shutdown: CancellationToken) -> (Arc<Self>, JoinHandle<Result<()>>) {
+        let runner = Arc::new(Self { caps, in_flight: AtomicUsize::new(0), settled: Notify::new() });
+        let task = tokio::spawn(runner.clone().run(concurrency, shutdown));
+        (runner, task)
+    }
+
+    async fn run(self: Arc<Self>, concurrency: usize, shutdown: CancellationToken) -> Result<()> {
+        let permits = Arc::new(Semaphore::new(concurrency));
+        let store = self.caps.store.clone();
+        while !shutdown.is_cancelled() {
+            let pending = store.pending_effects(concurrency * 4)?;
+            if pending.is_empty() {
+                self.settled.notify_waiters();
+                tokio::select! {
+                    () = self.caps.effects_waiting.notified() => {}
+                    () = tokio::time::sleep(IDLE_POLL) => {}
+                    () = shutdown.cancelled() => {}
+                }
+                continue;
+            }
+            for key in pending {
+                let permit = permits.clone().acquire_owned().await.expect("never closed");
+                // Counted before the claim, so that `wait_idle` never sees an effect that is
+                // neither pending nor in flight.
+                self.in_flight.fetch_add(1, Ordering::SeqCst);
+                let Some(record) = store.claim_effect(&key)? else {
+                    self.in_flight.fetch_sub(1, Ordering::SeqCst);
+                    continue;
+                };
+                let runner = self.clone();
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move {
+                    runner.execute(record, shutdown).await;
+                    runner.in_flight.fetch_sub(1, Ordering::SeqCst);
+                    runner.settled.notify_waiters();
+                    drop(permit);
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn execute(&self, mut record: EffectRecord, shutdown: CancellationToken) {
+        let outcome = match self.caps.handlers.get(&record.handler) {
+            None => Err(format!("no handler `{}` in the pipeline", record.handler)),
+            Some(handler) => {
+                let context = Context {
+                    job_id: record.job_id.to_string(),
+                    item_id: record.item_id.to_string(),
+                    item_index: record.item_index,
+                    attempt: 1,
+                    stage: record.stage.clone(),
+                };
+                handler
+                    .handle(self.caps.clone(), context, Some(&record.key), &record.payload, shutdown)
+                    .await
+                    .map(|(output, _)| output)
+                    .map_err(|failure| failure.to_string())
+            }
+        };
+        match outcome {
+            Ok(output) => (record.state, record.output) = (EffectState::Done, Some(output)),
+            Err(error) => {
+                tracing::warn!(handler = %record.handler, key = %record.key, %error, "effect failed");
+                (record.state, record.error) = (EffectState::Failed, Some(error));
+            }
+        }
+        record.finished_at = Some(now_ms());
+        if let Err(error) = self.caps.store.finish_effect(&record) {
+            tracing::error!(handler = %record.handler, key = %record.key, error = %format!("{error:#}"), "cannot store an effect's outcome");
+        }
+    }
+
+    /// Wait until no effect is queued or running.
+    pub async fn wait_idle(&self) {
+        loop {
+            let settled = self.settled.notified();
+            if !self.caps.store.has_pending_effects() && self.in_flight.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            self.caps.effects_waiting.notify_one();
+            let _ = tokio::time::timeout(Duration::from_millis(50), settled).await;
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! One item through the pipeline's stages.
+//!
+//! Each stage gets the envelope `{"item": ..., "stages": {"<name>": <output>, ...}}` built by
+//! concatenating stored JSON (nothing is parsed on the way). Every stage output but the last is
+//! persisted before the next stage starts, so a resumed item reuses what it already computed;
+//! the last output is the item's result.
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use serde_json::value::RawValue;
+use sled::IVec;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::capabilities::ProgressSink;
+use crate::pipeline::Pipeline;
+use crate::runtime::Call;
+use crate::runtime::bindings::types::Context;
+use crate::store::{ItemError, ItemResult, ItemStatus, StageRun, now_ms};
+
+/// What identifies an item for a run.
+#[derive(Debug, Clone, Copy)]
+pub struct ItemRef {
+    pub job_id: Uuid,
+    pub item_id: Uuid,
+    pub index: u64,
+}
+
+/// Run `item` through every stage and store its result. `resume` looks for stage outputs
+/// stored by an earlier, interrupted run and reuses them.
+pub async fn run_item(
+    pipeline: &Pipeline,
+    item: ItemRef,
+    input: IVec,
+    resume: bool,
+    cancel: &CancellationToken,
+    progress: Option<ProgressSink>,
+) -> Result<ItemResult> {
+    let store = pipeline.store();
+    let mut outputs: Vec<(&str, Vec<u8>)> = Vec::with_capacity(pipeline.stages.len());
+    let mut runs = Vec::with_capacity(pipeline.stages.len());
+    let last = pipeline.stages.len() - 1;
+    for (position, stage) in pipeline.stages.iter().enumerate() {
+        let name = stage.config.name.as_str();
+        if resume && position < last {
+            if let Some(output) = store.stage_output(item.job_id, item.index, name)? {
+                runs.push(StageRun { stage: name.into(), digest: String::new(), attempt: 0, duration_ms: 0.0, cpu_ms: 0, reused: true });
+                outputs.push((name, output.to_vec()));
+                continue;
+            }
+        }
+        let envelope = envelope(&input, &outputs);
+        let _permit = stage.enter().await;
+        let component = stage.current();
+        let call = Call {
+            caps: Arc::clone(&pipeline.caps),
+            context: Context {
+                job_id: item.job_id.to_string(),
+                item_id: item.item_id.to_string(),
+                item_index: item.index,
+                attempt: 1,
+                stage: name.to_string(),
+            },
+            limits: stage.config.limits,
+            cancel: cancel.clone(),
+            progress: progress.clone(),
+        };
+        match component.run(call, &envelope).await {
+            Ok((output, stats)) => {
+                runs.push(StageRun {
+                    stage: name.into(),
+                    digest: component.meta.digest.clone(),
+                    attempt: 1,
+                    duration_ms: stats.duration.as_secs_f64() * 1000.0,
+                    cpu_ms: stats.cpu.as_millis() as u64,
+                    reused: false,
+                });
+                if position < last {
+                    store.put_stage_output(item.job_id, item.index, name, output.as_bytes())?;
+                }
+                outputs.push((name, output.into_bytes()));
+            }
+            Err(failure) => {
+                let error = ItemError {
+                    stage: name.into(),
+                    kind: failure.kind().as_str().into(),
+                    message: format!("stage `{name}`: {failure}"),
+                    retryable: failure.retryable(),
+                };
+                return finish(pipeline, item, ItemStatus::Failed, None, Some(error), runs);
+            }
+        }
+    }
+    let (_, last_output) = outputs.pop().expect("a pipeline has at least one stage");
+    // The runtime checked that every output is JSON.
+    let output = RawValue::from_string(String::from_utf8(last_output)?)?;
+    finish(pipeline, item, ItemStatus::Succeeded, Some(output), None, runs)
+}
+
+fn finish(
+    pipeline: &Pipeline,
+    item: ItemRef,
+    status: ItemStatus,
+    output: Option<Box<RawValue>>,
+    error: Option<ItemError>,
+    stages: Vec<StageRun>,
+) -> Result<ItemResult> {
+    let result = ItemResult { index: item.index, item_id: item.item_id, status, output, error, stages, finished_at: now_ms() };
+    pipeline.store().put_result(item.job_id, &result)?;
+    Ok(result)
+}
+
+/// `{"item":<input>,"stages":{"<name>":<output>,...}}`. Stage names are checked by the config
+/// to need no escaping; inputs and outputs are JSON already.
+fn envelope(input: &[u8], outputs: &[(&str, Vec<u8>)]) -> String {
+    let size = input.len() + outputs.iter().map(|(n, o)| n.len() + o.len() + 4).sum::<usize>() + 24;
+    let mut envelope = String::with_capacity(size);
+    envelope.push_str("{\"item\":");
+    envelope.push_str(&String::from_utf8_lossy(input));
+    envelope.push_str(",\"stages\":{");
+    for (i, (name, output)) in outputs.iter().enumerate() {
+        if i > 0 {
+            envelope.push(',');
+        }
+        envelope.push('"');
+        envelope.push_str(name);
+        envelope.push_str("\":");
+        envelope.push_str(&String::from_utf8_lossy(output));
+    }
+    envelope.push_str("}}");
+    envelope
+}
+
+#[cfg(test)]
+mod tests {
+    use super::envelope;
+
+    #[test]
+    fn envelope_is_json_with_outputs_in_order() {
+        let text = envelope(br#"{"a":1}"#, &[("vision", br#"{"c":"x"}"#.to_vec()), ("rule", b"[1]".to_vec())]);
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(value["item"]["a"], 1);
+        assert_eq!(value["stages"]["vision"]["c"], "x");
+        assert_eq!(value["stages"]["rule"][0], 1);
+        let keys: Vec<_> = value["stages"].as_object().unwrap().keys().cloned().collect();
+        assert_eq!(keys.len(), 2);
+        assert_eq!(envelope(b"null", &[]), r#"{"item":null,"stages":{}}"#);
+    }
+}

@@ -1,0 +1,10 @@
+//! Running jobs: each item through every stage ([`item`]), items of a job under a concurrency
+//! limit ([`batch`]), and emitted effects in the background ([`effects`]).
+
+pub mod batch;
+pub mod effects;
+pub mod item;
+
+pub use batch::{JobOutcome, run_job};
+pub use effects::EffectRunner;
+pub use item::run_item;

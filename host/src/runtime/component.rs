@@ -1,0 +1,140 @@
+//! Loading components: read, hash, compile (or fetch from the cache), check the world, and
+//! pre-instantiate once so that each invocation only has to instantiate.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use wasmtime::component::types::ComponentItem;
+use wasmtime::component::{Component, Linker};
+
+use super::bindings::{handler::HandlerPre, stage::StagePre};
+use super::{CacheOutcome, Runtime, digest};
+use crate::capabilities::HostState;
+use crate::config::Limits;
+
+/// The two worlds of `wit/pipeline.wit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum World {
+    Stage,
+    Handler,
+}
+
+impl World {
+    /// The function a component of this world must export.
+    fn export(self) -> &'static str {
+        match self {
+            World::Stage => "run",
+            World::Handler => "handle",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            World::Stage => "stage",
+            World::Handler => "handler",
+        }
+    }
+}
+
+/// What every loaded component carries, whatever its world.
+#[derive(Debug, Clone)]
+pub struct LoadedComponent {
+    /// Name in the pipeline file.
+    pub name: String,
+    /// sha256 of the `.wasm`: the version's identity.
+    pub digest: String,
+    pub cache: CacheOutcome,
+    /// From the first byte read to ready to instantiate.
+    pub load_time: Duration,
+}
+
+/// A stage version, ready to instantiate.
+pub struct StageComponent {
+    pub meta: LoadedComponent,
+    pub(crate) pre: StagePre<HostState>,
+}
+
+/// A handler, ready to instantiate, with its limits.
+pub struct HandlerComponent {
+    pub meta: LoadedComponent,
+    pub limits: Limits,
+    pub(crate) pre: HandlerPre<HostState>,
+}
+
+impl StageComponent {
+    pub async fn load(runtime: &Runtime, name: &str, path: &Path) -> Result<Arc<Self>> {
+        let bytes = read(path)?;
+        Self::from_bytes(runtime, name, bytes).await.with_context(|| format!("stage `{name}` ({})", path.display()))
+    }
+
+    pub async fn from_bytes(runtime: &Runtime, name: &str, bytes: Vec<u8>) -> Result<Arc<Self>> {
+        let started = Instant::now();
+        let (digest, component, cache) = compile(runtime, bytes).await?;
+        let mut linker = Linker::new(runtime.engine());
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        super::bindings::stage::Stage::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)?;
+        let pre = StagePre::new(pre_instantiate(runtime, &linker, &component, World::Stage)?)?;
+        let meta = LoadedComponent { name: name.to_string(), digest, cache, load_time: started.elapsed() };
+        Ok(Arc::new(Self { meta, pre }))
+    }
+}
+
+impl HandlerComponent {
+    pub async fn load(runtime: &Runtime, name: &str, path: &Path, limits: Limits) -> Result<Arc<Self>> {
+        let started = Instant::now();
+        let bytes = read(path)?;
+        let load = async {
+            let (digest, component, cache) = compile(runtime, bytes).await?;
+            let mut linker = Linker::new(runtime.engine());
+            wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+            super::bindings::handler::Handler::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)?;
+            let pre = HandlerPre::new(pre_instantiate(runtime, &linker, &component, World::Handler)?)?;
+            let meta = LoadedComponent { name: name.to_string(), digest, cache, load_time: started.elapsed() };
+            anyhow::Ok(Arc::new(Self { meta, limits, pre }))
+        };
+        load.await.with_context(|| format!("handler `{name}` ({})", path.display()))
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+async fn compile(runtime: &Runtime, bytes: Vec<u8>) -> Result<(String, Component, CacheOutcome)> {
+    if !bytes.starts_with(b"\0asm") {
+        bail!("not a WebAssembly file");
+    }
+    let digest = digest(&bytes);
+    let (component, outcome) = runtime.cache().load(runtime.engine(), &digest, bytes).await.context("not a valid component")?;
+    Ok((digest, component, outcome))
+}
+
+/// Check that `component` exports its world's function, then link its imports. Both failures
+/// say what is missing, in the words of the WIT file, before anything runs.
+fn pre_instantiate(
+    runtime: &Runtime,
+    linker: &Linker<HostState>,
+    component: &Component,
+    world: World,
+) -> Result<wasmtime::component::InstancePre<HostState>> {
+    let engine = runtime.engine();
+    let exports: Vec<String> = component.component_type().exports(engine).map(|(name, _)| name.to_string()).collect();
+    let export = world.export();
+    let exports_it = component
+        .component_type()
+        .exports(engine)
+        .any(|(name, item)| name == export && matches!(item.ty, ComponentItem::ComponentFunc(_)));
+    if !exports_it {
+        bail!(
+            "does not implement world `{}` of stagehand:pipeline@0.1.0: missing export `{export}` (it exports: {})",
+            world.name(),
+            if exports.is_empty() { "nothing".to_string() } else { exports.join(", ") }
+        );
+    }
+    linker
+        .instantiate_pre(component)
+        .map_err(anyhow::Error::from)
+        .with_context(|| format!("its imports do not match world `{}` of stagehand:pipeline@0.1.0", world.name()))
+}

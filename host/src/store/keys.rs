@@ -1,0 +1,42 @@
+//! Key layouts of the sled trees (see the table in `store/mod.rs`).
+
+use anyhow::{Result, bail};
+use uuid::Uuid;
+
+/// Job id then the item index, big-endian so that sled's order is the index order.
+pub fn item(job: Uuid, index: u64) -> [u8; 24] {
+    let mut key = [0; 24];
+    key[..16].copy_from_slice(job.as_bytes());
+    key[16..].copy_from_slice(&index.to_be_bytes());
+    key
+}
+
+/// The first key after every item key of `job`.
+pub fn job_end(job: Uuid) -> Vec<u8> {
+    let mut key = job.as_bytes().to_vec();
+    key.push(0xff);
+    key
+}
+
+pub fn index_of(key: &[u8]) -> Result<u64> {
+    match key.get(16..24) {
+        Some(bytes) => Ok(u64::from_be_bytes(bytes.try_into().expect("8 bytes"))),
+        None => bail!("malformed item key of {} bytes", key.len()),
+    }
+}
+
+pub fn stage_output(job: Uuid, index: u64, stage: &str) -> Vec<u8> {
+    let mut key = item(job, index).to_vec();
+    key.extend_from_slice(stage.as_bytes());
+    key
+}
+
+/// `scope`, a zero byte, then `name`: names never contain a zero byte in practice, and the
+/// scope prefix lets one collection be scanned alone.
+pub fn named(scope: &str, name: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(scope.len() + 1 + name.len());
+    key.extend_from_slice(scope.as_bytes());
+    key.push(0);
+    key.extend_from_slice(name.as_bytes());
+    key
+}

@@ -1,0 +1,170 @@
+//! Everything durable, in one embedded sled database.
+//!
+//! | tree              | key                               | value                         |
+//! |-------------------|-----------------------------------|-------------------------------|
+//! | `jobs`            | job id (16 bytes)                 | [`JobRecord`] JSON            |
+//! | `items`           | job id, item index (u64 BE)       | the item's JSON as submitted  |
+//! | `stage_outputs`   | job id, index, stage name         | the stage's output JSON       |
+//! | `results`         | job id, index                     | [`ItemResult`] JSON           |
+//! | `effects`         | handler, 0, idempotency key       | [`EffectRecord`] JSON         |
+//! | `effects_pending` | same as `effects`                 | empty: effects not yet run    |
+//! | `records`         | collection, 0, key                | a handler's record JSON       |
+//!
+//! Big-endian indexes make sled's key order the item order, so results stream in order and a
+//! page after index N is a range scan, whatever the job's size.
+
+mod effects;
+mod keys;
+mod model;
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use sled::{Batch, IVec, Tree};
+use uuid::Uuid;
+
+pub use effects::{EffectRecord, EffectState, EmitOutcome};
+pub use model::{ItemError, ItemResult, ItemStatus, JobRecord, JobState, StageRun, now_ms};
+
+/// Items are written in batches of this many, so a large job neither holds all its items in
+/// one sled batch nor pays a write per item.
+const ITEM_BATCH: usize = 1024;
+
+/// The embedded store. Cheap to clone: sled trees are reference-counted.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    jobs: Tree,
+    items: Tree,
+    stage_outputs: Tree,
+    results: Tree,
+    effects: Tree,
+    effects_pending: Tree,
+    records: Tree,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Self> {
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(64 << 20)
+            .open()
+            .with_context(|| format!("cannot open the store at {}", path.display()))?;
+        let tree = |name: &str| db.open_tree(name).with_context(|| format!("cannot open tree `{name}`"));
+        Ok(Self {
+            jobs: tree("jobs")?,
+            items: tree("items")?,
+            stage_outputs: tree("stage_outputs")?,
+            results: tree("results")?,
+            effects: tree("effects")?,
+            effects_pending: tree("effects_pending")?,
+            records: tree("records")?,
+            db,
+        })
+    }
+
+    /// Make everything written so far durable.
+    pub async fn flush(&self) -> Result<()> {
+        self.db.flush_async().await.context("cannot flush the store")?;
+        Ok(())
+    }
+
+    /// Write a job's items, then the job itself, and flush: once this returns the job exists
+    /// completely or (after a crash during it) not at all, since a job is found through its record.
+    pub async fn create_job<I>(&self, mut job: JobRecord, items: I) -> Result<JobRecord>
+    where
+        I: IntoIterator<Item = Result<Vec<u8>>>,
+    {
+        let mut batch = Batch::default();
+        let mut in_batch = 0;
+        let mut total = 0u64;
+        for item in items {
+            batch.insert(keys::item(job.id, total).as_slice(), item?);
+            total += 1;
+            in_batch += 1;
+            if in_batch == ITEM_BATCH {
+                self.items.apply_batch(std::mem::take(&mut batch))?;
+                in_batch = 0;
+            }
+        }
+        self.items.apply_batch(batch)?;
+        job.total = total;
+        self.put_job(&job)?;
+        self.flush().await?;
+        Ok(job)
+    }
+
+    pub fn put_job(&self, job: &JobRecord) -> Result<()> {
+        self.jobs.insert(job.id.as_bytes(), json(job)?)?;
+        Ok(())
+    }
+
+    pub fn job(&self, id: Uuid) -> Result<Option<JobRecord>> {
+        self.jobs.get(id.as_bytes())?.map(|v| parse(&v)).transpose()
+    }
+
+    /// A job's items in index order, read lazily from sled.
+    pub fn items(&self, job: Uuid) -> impl Iterator<Item = Result<(u64, IVec)>> + Send + use<> {
+        self.items.scan_prefix(job.as_bytes()).map(|entry| {
+            let (key, value) = entry?;
+            Ok((keys::index_of(&key)?, value))
+        })
+    }
+
+    pub fn stage_output(&self, job: Uuid, index: u64, stage: &str) -> Result<Option<IVec>> {
+        Ok(self.stage_outputs.get(keys::stage_output(job, index, stage))?)
+    }
+
+    pub fn put_stage_output(&self, job: Uuid, index: u64, stage: &str, output: &[u8]) -> Result<()> {
+        self.stage_outputs.insert(keys::stage_output(job, index, stage), output)?;
+        Ok(())
+    }
+
+    pub fn put_result(&self, job: Uuid, result: &ItemResult) -> Result<()> {
+        self.results.insert(keys::item(job, result.index).as_slice(), json(result)?)?;
+        Ok(())
+    }
+
+    pub fn result(&self, job: Uuid, index: u64) -> Result<Option<ItemResult>> {
+        self.results.get(keys::item(job, index))?.map(|v| parse(&v)).transpose()
+    }
+
+    /// Results of a job with an index greater than `after` (all, for `None`), in index order.
+    pub fn results(&self, job: Uuid, after: Option<u64>) -> impl Iterator<Item = Result<ItemResult>> + Send + use<> {
+        let start = match after {
+            Some(i) => keys::item(job, i.saturating_add(1)).to_vec(),
+            None => keys::item(job, 0).to_vec(),
+        };
+        let end = keys::job_end(job);
+        self.results.range(start..end).map(|entry| parse(&entry?.1))
+    }
+
+    /// Insert or replace a handler's record.
+    pub fn put_record(&self, collection: &str, key: &str, value: &[u8]) -> Result<()> {
+        self.records.insert(keys::named(collection, key), value)?;
+        Ok(())
+    }
+
+    pub fn record(&self, collection: &str, key: &str) -> Result<Option<IVec>> {
+        Ok(self.records.get(keys::named(collection, key))?)
+    }
+
+    /// Every record of a collection, as (key, value).
+    pub fn records(&self, collection: &str) -> impl Iterator<Item = Result<(String, IVec)>> + use<> {
+        let prefix = keys::named(collection, "");
+        let skip = prefix.len();
+        self.records.scan_prefix(prefix).map(move |entry| {
+            let (key, value) = entry?;
+            Ok((String::from_utf8_lossy(&key[skip..]).into_owned(), value))
+        })
+    }
+}
+
+fn json<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    Ok(serde_json::to_vec(value)?)
+}
+
+fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).context("corrupt record in the store")
+}

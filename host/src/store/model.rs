@@ -1,0 +1,98 @@
+//! What the store keeps about jobs and items.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Running,
+    /// Every item has a result (some may have failed).
+    Completed,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: Uuid,
+    pub pipeline: String,
+    pub state: JobState,
+    pub total: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub created_at: u64,
+    pub finished_at: Option<u64>,
+}
+
+impl JobRecord {
+    pub fn new(pipeline: &str) -> Self {
+        Self {
+            id: Uuid::new_v4(),
+            pipeline: pipeline.to_string(),
+            state: JobState::Running,
+            total: 0,
+            succeeded: 0,
+            failed: 0,
+            created_at: now_ms(),
+            finished_at: None,
+        }
+    }
+
+    /// An item's id: the same job and index always give the same id.
+    pub fn item_id(&self, index: u64) -> Uuid {
+        Uuid::new_v5(&self.id, &index.to_be_bytes())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ItemStatus {
+    Succeeded,
+    Failed,
+}
+
+/// Why an item failed: which stage, what kind of failure, and the message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ItemError {
+    pub stage: String,
+    pub kind: String,
+    pub message: String,
+    pub retryable: bool,
+}
+
+/// One stage's run for an item, as recorded in its result.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageRun {
+    pub stage: String,
+    /// sha256 of the component version that ran.
+    pub digest: String,
+    pub attempt: u32,
+    pub duration_ms: f64,
+    /// Guest CPU time, to the resolution of the epoch tick.
+    pub cpu_ms: u64,
+    /// The output was found in the store (a resumed item) and not computed again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reused: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ItemResult {
+    pub index: u64,
+    pub item_id: Uuid,
+    pub status: ItemStatus,
+    /// The last stage's output, for a succeeded item.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Box<RawValue>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ItemError>,
+    pub stages: Vec<StageRun>,
+    pub finished_at: u64,
+}
