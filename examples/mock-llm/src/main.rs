@@ -1,1 +1,342 @@
-fn main() {}
+//! `stagehand-mock-llm`: an OpenAI-compatible `/v1/chat/completions` server for the examples
+//! and tests, which run without internet.
+//!
+//! Answers are deterministic, so results can be checked:
+//! - a request with an image part is a *vision* request: the category comes from the image's
+//!   name (the URL's last segment, or the decoded text of a `data:` URL), matched against
+//!   keywords such as `pet`, `can`, `battery`; an image with no known keyword gets a category
+//!   picked by hash, and one named `alien...` gets a category no rule knows;
+//! - a request whose prompt carries `Disposal rule: {...}` is an *answer* request: the steps
+//!   come from the rule;
+//! - anything else is echoed back as `Mock answer: <last user text>`.
+//!
+//! Latency (`--latency-ms`, `--vision-latency-ms`, `--jitter-ms`) and faults (`--rate-429` with
+//! `--retry-after-s`, `--rate-500`, `--rate-hang`) are set by flags, or changed while running
+//! with `POST /admin/config`; `GET /admin/stats` counts what happened. The first line on stdout
+//! is `listening on http://ADDR`, so a parent process can find an ephemeral port.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Result;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+#[derive(Parser, Debug)]
+#[command(name = "stagehand-mock-llm", about = "OpenAI-compatible mock chat server with latency and fault injection")]
+struct Args {
+    /// Address to listen on; port 0 picks a free one.
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    addr: SocketAddr,
+    #[command(flatten)]
+    behaviour: Behaviour,
+}
+
+/// How the server behaves; every field can be changed at run time with `POST /admin/config`.
+#[derive(clap::Args, Debug, Clone, Serialize, Deserialize)]
+struct Behaviour {
+    /// Delay before every text answer.
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
+    /// Delay before every vision answer (default: --latency-ms).
+    #[arg(long)]
+    vision_latency_ms: Option<u64>,
+    /// Extra random delay, up to this much.
+    #[arg(long, default_value_t = 0)]
+    jitter_ms: u64,
+    /// Share of requests answered 429 with a `Retry-After` header.
+    #[arg(long, default_value_t = 0.0)]
+    rate_429: f64,
+    /// The `Retry-After` value of 429 answers, in seconds.
+    #[arg(long, default_value_t = 1)]
+    retry_after_s: u64,
+    /// Share of requests answered 500.
+    #[arg(long, default_value_t = 0.0)]
+    rate_500: f64,
+    /// Share of requests that never get an answer.
+    #[arg(long, default_value_t = 0.0)]
+    rate_hang: f64,
+    /// Seed of the fault and jitter draws.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+#[derive(Default, Serialize)]
+struct Stats {
+    requests: AtomicU64,
+    vision: AtomicU64,
+    answer: AtomicU64,
+    echo: AtomicU64,
+    rate_limited: AtomicU64,
+    server_errors: AtomicU64,
+    hung: AtomicU64,
+    bad_requests: AtomicU64,
+}
+
+struct Mock {
+    behaviour: Mutex<(Behaviour, fastrand::Rng)>,
+    stats: Stats,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    let args = Args::parse();
+    let rng = fastrand::Rng::with_seed(args.behaviour.seed);
+    let mock = Arc::new(Mock { behaviour: Mutex::new((args.behaviour, rng)), stats: Stats::default() });
+    let app = Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/models", get(models))
+        .route("/admin/config", get(get_config).post(set_config))
+        .route("/admin/stats", get(stats))
+        .with_state(mock);
+    let listener = tokio::net::TcpListener::bind(args.addr).await?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "listening on http://{}", listener.local_addr()?)?;
+    stdout.flush()?;
+    drop(stdout);
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+fn openai_error(status: StatusCode, kind: &str, message: &str) -> Response {
+    (status, Json(json!({ "error": { "message": message, "type": kind, "code": null } }))).into_response()
+}
+
+/// What a request asks for, decided by its content.
+enum Task {
+    Vision(String),
+    Answer { category: String, rule: Value },
+    Echo(String),
+}
+
+async fn chat(State(mock): State<Arc<Mock>>, body: axum::body::Bytes) -> Response {
+    mock.stats.requests.fetch_add(1, Ordering::Relaxed);
+    let request: Value = match serde_json::from_slice(&body) {
+        Ok(value) => value,
+        Err(e) => {
+            mock.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+            return openai_error(StatusCode::BAD_REQUEST, "invalid_request_error", &format!("body is not JSON: {e}"));
+        }
+    };
+    let Some(messages) = request.get("messages").and_then(Value::as_array) else {
+        mock.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+        return openai_error(StatusCode::BAD_REQUEST, "invalid_request_error", "`messages` must be an array");
+    };
+    let task = classify(messages);
+
+    // Draw the fault and the delay under one lock, then act without it.
+    let (fault, delay, retry_after) = {
+        let mut guard = mock.behaviour.lock().expect("not poisoned");
+        let (behaviour, rng) = &mut *guard;
+        let draw = rng.f64();
+        let fault = if draw < behaviour.rate_429 {
+            Some(StatusCode::TOO_MANY_REQUESTS)
+        } else if draw < behaviour.rate_429 + behaviour.rate_500 {
+            Some(StatusCode::INTERNAL_SERVER_ERROR)
+        } else if draw < behaviour.rate_429 + behaviour.rate_500 + behaviour.rate_hang {
+            Some(StatusCode::REQUEST_TIMEOUT)
+        } else {
+            None
+        };
+        let base = match task {
+            Task::Vision(_) => behaviour.vision_latency_ms.unwrap_or(behaviour.latency_ms),
+            _ => behaviour.latency_ms,
+        };
+        let jitter = if behaviour.jitter_ms > 0 { rng.u64(0..=behaviour.jitter_ms) } else { 0 };
+        (fault, Duration::from_millis(base + jitter), behaviour.retry_after_s)
+    };
+    match fault {
+        Some(StatusCode::TOO_MANY_REQUESTS) => {
+            mock.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+            let mut response = openai_error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", "Rate limit reached (mock)");
+            response.headers_mut().insert("retry-after", HeaderValue::from(retry_after));
+            return response;
+        }
+        Some(StatusCode::INTERNAL_SERVER_ERROR) => {
+            mock.stats.server_errors.fetch_add(1, Ordering::Relaxed);
+            return openai_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "The server had an error (mock)");
+        }
+        Some(_) => {
+            mock.stats.hung.fetch_add(1, Ordering::Relaxed);
+            std::future::pending::<()>().await;
+        }
+        None => {}
+    }
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+
+    let content = match task {
+        Task::Vision(image) => {
+            mock.stats.vision.fetch_add(1, Ordering::Relaxed);
+            let (major, middle, minor) = categorise(&image);
+            json!({ "major": major, "middle": middle, "minor": minor }).to_string()
+        }
+        Task::Answer { category, rule } => {
+            mock.stats.answer.fetch_add(1, Ordering::Relaxed);
+            answer(&category, &rule)
+        }
+        Task::Echo(text) => {
+            mock.stats.echo.fetch_add(1, Ordering::Relaxed);
+            format!("Mock answer: {text}")
+        }
+    };
+    let model = request.get("model").and_then(Value::as_str).unwrap_or("mock-1").to_string();
+    let prompt_tokens = (body.len() / 4) as u64;
+    let completion_tokens = (content.len() / 4).max(1) as u64;
+    Json(json!({
+        "id": format!("chatcmpl-mock-{}", mock.stats.requests.load(Ordering::Relaxed)),
+        "object": "chat.completion",
+        "created": 0,
+        "model": model,
+        "choices": [{ "index": 0, "message": { "role": "assistant", "content": content }, "finish_reason": "stop" }],
+        "usage": { "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens },
+    }))
+    .into_response()
+}
+
+/// The texts and image URLs of all messages, in order.
+fn parts(messages: &[Value]) -> (Vec<&str>, Vec<&str>) {
+    let mut texts = Vec::new();
+    let mut images = Vec::new();
+    for message in messages {
+        match message.get("content") {
+            Some(Value::String(text)) => texts.push(text.as_str()),
+            Some(Value::Array(parts)) => {
+                for part in parts {
+                    if let Some(text) = part.get("text").and_then(Value::as_str) {
+                        texts.push(text);
+                    }
+                    if let Some(url) = part.pointer("/image_url/url").and_then(Value::as_str) {
+                        images.push(url);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    (texts, images)
+}
+
+fn classify(messages: &[Value]) -> Task {
+    let (texts, images) = parts(messages);
+    if let Some(image) = images.first() {
+        return Task::Vision(image_name(image));
+    }
+    for text in &texts {
+        if let Some(rule_at) = text.find("Disposal rule: ") {
+            let category = text.lines().find_map(|l| l.strip_prefix("Category: ")).unwrap_or("unknown").trim().to_string();
+            let rule = serde_json::from_str(text[rule_at + "Disposal rule: ".len()..].trim()).unwrap_or(Value::Null);
+            return Task::Answer { category, rule };
+        }
+    }
+    Task::Echo(texts.last().copied().unwrap_or_default().to_string())
+}
+
+/// What the mock "sees" in an image: the URL's file name, or a data URL's decoded text.
+fn image_name(url: &str) -> String {
+    if let Some(rest) = url.strip_prefix("data:") {
+        let data = rest.split_once(",").map(|(_, d)| d).unwrap_or_default();
+        let bytes = base64::engine::general_purpose::STANDARD.decode(data).unwrap_or_default();
+        return match String::from_utf8(bytes) {
+            Ok(text) => text.to_lowercase(),
+            Err(e) => hex(&Sha256::digest(e.as_bytes())),
+        };
+    }
+    url.rsplit('/').next().unwrap_or(url).to_lowercase()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Keyword -> category, first match wins (so `pet_bottle` is PET, not glass).
+const KEYWORDS: &[(&str, (&str, &str, &str))] = &[
+    ("pet", ("recyclable", "plastic", "pet_bottle")),
+    ("yogurt", ("recyclable", "plastic", "other_plastic")),
+    ("container", ("recyclable", "plastic", "other_plastic")),
+    ("carton", ("recyclable", "paper", "paper_pack")),
+    ("newspaper", ("recyclable", "paper", "paper")),
+    ("cardboard", ("recyclable", "paper", "paper")),
+    ("box", ("recyclable", "paper", "paper")),
+    ("can", ("recyclable", "metal", "can")),
+    ("glass", ("recyclable", "glass", "glass_bottle")),
+    ("soju", ("recyclable", "glass", "glass_bottle")),
+    ("vinyl", ("recyclable", "vinyl", "vinyl")),
+    ("wrapper", ("recyclable", "vinyl", "vinyl")),
+    ("styrofoam", ("recyclable", "styrofoam", "styrofoam")),
+    ("banana", ("food_waste", "food", "food_waste")),
+    ("leftover", ("food_waste", "food", "food_waste")),
+    ("battery", ("hazardous", "battery", "battery")),
+    ("lamp", ("hazardous", "lighting", "fluorescent_lamp")),
+    ("tissue", ("general_waste", "general", "general_waste")),
+    ("receipt", ("general_waste", "general", "general_waste")),
+    ("alien", ("general_waste", "mystery", "alien_artifact")),
+];
+
+fn categorise(name: &str) -> (&'static str, &'static str, &'static str) {
+    if let Some((_, category)) = KEYWORDS.iter().find(|(keyword, _)| name.contains(keyword)) {
+        return *category;
+    }
+    // Unknown pictures still get a stable, valid category.
+    let known: Vec<_> = KEYWORDS.iter().filter(|(k, _)| *k != "alien").collect();
+    let hash = Sha256::digest(name.as_bytes());
+    known[hash[0] as usize % known.len()].1
+}
+
+fn answer(category: &str, rule: &Value) -> String {
+    let steps: Vec<String> = rule
+        .get("steps")
+        .and_then(Value::as_array)
+        .map(|s| s.iter().filter_map(Value::as_str).map(str::to_string).collect())
+        .filter(|s: &Vec<String>| !s.is_empty())
+        .unwrap_or_else(|| vec!["Check your local disposal rules.".to_string()]);
+    let label = rule.get("label").and_then(Value::as_str).unwrap_or(category);
+    let bin = rule.get("bin").and_then(Value::as_str).unwrap_or("the right bin");
+    let answer = format!("This is {label}. {} Then put it in {bin}.", steps[0]);
+    json!({ "steps": steps, "answer": answer }).to_string()
+}
+
+async fn models() -> Json<Value> {
+    Json(json!({ "object": "list", "data": [{ "id": "mock-1", "object": "model", "owned_by": "stagehand" }] }))
+}
+
+async fn get_config(State(mock): State<Arc<Mock>>) -> Json<Behaviour> {
+    Json(mock.behaviour.lock().expect("not poisoned").0.clone())
+}
+
+/// Change some settings: the body's fields replace the current ones, the rest stay.
+async fn set_config(State(mock): State<Arc<Mock>>, Json(patch): Json<Value>) -> Response {
+    let mut guard = mock.behaviour.lock().expect("not poisoned");
+    let mut merged = serde_json::to_value(&guard.0).expect("settings serialise");
+    let Some(fields) = patch.as_object() else {
+        return openai_error(StatusCode::BAD_REQUEST, "invalid_request_error", "expected a JSON object of settings");
+    };
+    for (key, value) in fields {
+        merged[key] = value.clone();
+    }
+    match serde_json::from_value::<Behaviour>(merged) {
+        Ok(behaviour) => {
+            guard.1 = fastrand::Rng::with_seed(behaviour.seed);
+            guard.0 = behaviour.clone();
+            Json(behaviour).into_response()
+        }
+        Err(e) => openai_error(StatusCode::BAD_REQUEST, "invalid_request_error", &format!("invalid settings: {e}")),
+    }
+}
+
+async fn stats(State(mock): State<Arc<Mock>>) -> Json<Value> {
+    Json(serde_json::to_value(&mock.stats).expect("counters serialise"))
+}

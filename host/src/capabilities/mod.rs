@@ -15,6 +15,7 @@ mod records;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -64,24 +65,33 @@ pub enum Interrupt {
     CpuBudget,
 }
 
-/// Guest CPU accounting in epoch ticks: elapsed ticks minus the ticks spent in async host calls.
+/// Guest time accounting: elapsed time minus the time spent awaiting async host calls (the
+/// LLM, handlers). Kept twice: in epoch ticks, which the epoch callback reads cheaply to enforce
+/// the budget, and precisely, for what results report.
 pub(crate) struct CpuMeter {
     clock: Arc<EpochClock>,
-    started: u64,
-    in_host: u64,
-    pub(crate) budget: u64,
+    started_tick: u64,
+    host_ticks: u64,
+    started: Instant,
+    host_time: Duration,
+    pub(crate) budget_ticks: u64,
 }
 
 impl CpuMeter {
     pub(crate) fn guest_ticks(&self) -> u64 {
-        (self.clock.now() - self.started).saturating_sub(self.in_host)
+        (self.clock.now() - self.started_tick).saturating_sub(self.host_ticks)
+    }
+
+    pub(crate) fn guest_time(&self) -> Duration {
+        self.started.elapsed().saturating_sub(self.host_time)
     }
 
     /// Time spent awaiting `future` is not the guest's.
     pub(crate) async fn host_call<F: Future>(&mut self, future: F) -> F::Output {
-        let before = self.clock.now();
+        let (tick, instant) = (self.clock.now(), Instant::now());
         let output = future.await;
-        self.in_host += self.clock.now() - before;
+        self.host_ticks += self.clock.now() - tick;
+        self.host_time += instant.elapsed();
         output
     }
 }
@@ -102,7 +112,14 @@ impl HostState {
             wasi,
             table: ResourceTable::new(),
             limiter: crate::runtime::Limiter::new(limits.memory_bytes),
-            meter: CpuMeter { started: clock.now(), clock, in_host: 0, budget },
+            meter: CpuMeter {
+                started_tick: clock.now(),
+                clock,
+                host_ticks: 0,
+                started: Instant::now(),
+                host_time: Duration::ZERO,
+                budget_ticks: budget,
+            },
             caps,
             context,
             cancel,

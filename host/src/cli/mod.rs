@@ -1,5 +1,6 @@
 //! The `stagehand` command: one subcommand per file.
 
+mod inspect;
 mod run;
 
 use std::path::PathBuf;
@@ -18,6 +19,8 @@ pub struct Cli {
 enum Command {
     /// Run every item of a JSONL file through a pipeline, offline, and store the results.
     Run(run::RunArgs),
+    /// Print what the store holds (jobs, results, effects, handler records) as JSON lines.
+    Inspect(inspect::InspectArgs),
 }
 
 /// Exit status when the run finished but some items failed.
@@ -32,6 +35,7 @@ impl Cli {
     pub async fn execute(self) -> anyhow::Result<ExitCode> {
         match self.command {
             Command::Run(args) => run::run(args).await,
+            Command::Inspect(args) => inspect::inspect(args),
         }
     }
 }

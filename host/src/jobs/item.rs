@@ -3,7 +3,7 @@
 //! Each stage gets the envelope `{"item": ..., "stages": {"<name>": <output>, ...}}` built by
 //! concatenating stored JSON (nothing is parsed on the way). Every stage output but the last is
 //! persisted before the next stage starts, so a resumed item reuses what it already computed;
-//! the last output is the item's result.
+//! the item's result holds every stage's output.
 
 use std::sync::Arc;
 
@@ -45,7 +45,7 @@ pub async fn run_item(
         let name = stage.config.name.as_str();
         if resume && position < last {
             if let Some(output) = store.stage_output(item.job_id, item.index, name)? {
-                runs.push(StageRun { stage: name.into(), digest: String::new(), attempt: 0, duration_ms: 0.0, cpu_ms: 0, reused: true });
+                runs.push(StageRun { stage: name.into(), digest: String::new(), attempt: 0, duration_ms: 0.0, cpu_ms: 0.0, reused: true });
                 outputs.push((name, output.to_vec()));
                 continue;
             }
@@ -73,7 +73,7 @@ pub async fn run_item(
                     digest: component.meta.digest.clone(),
                     attempt: 1,
                     duration_ms: stats.duration.as_secs_f64() * 1000.0,
-                    cpu_ms: stats.cpu.as_millis() as u64,
+                    cpu_ms: stats.cpu.as_secs_f64() * 1000.0,
                     reused: false,
                 });
                 if position < last {
@@ -92,9 +92,8 @@ pub async fn run_item(
             }
         }
     }
-    let (_, last_output) = outputs.pop().expect("a pipeline has at least one stage");
-    // The runtime checked that every output is JSON.
-    let output = RawValue::from_string(String::from_utf8(last_output)?)?;
+    // The runtime checked that every output is JSON, so this is JSON too.
+    let output = RawValue::from_string(stage_map(&outputs))?;
     finish(pipeline, item, ItemStatus::Succeeded, Some(output), None, runs)
 }
 
@@ -111,25 +110,34 @@ fn finish(
     Ok(result)
 }
 
-/// `{"item":<input>,"stages":{"<name>":<output>,...}}`. Stage names are checked by the config
-/// to need no escaping; inputs and outputs are JSON already.
+/// `{"item":<input>,"stages":{"<name>":<output>,...}}`.
 fn envelope(input: &[u8], outputs: &[(&str, Vec<u8>)]) -> String {
-    let size = input.len() + outputs.iter().map(|(n, o)| n.len() + o.len() + 4).sum::<usize>() + 24;
-    let mut envelope = String::with_capacity(size);
+    let stages = stage_map(outputs);
+    let mut envelope = String::with_capacity(input.len() + stages.len() + 20);
     envelope.push_str("{\"item\":");
     envelope.push_str(&String::from_utf8_lossy(input));
-    envelope.push_str(",\"stages\":{");
+    envelope.push_str(",\"stages\":");
+    envelope.push_str(&stages);
+    envelope.push('}');
+    envelope
+}
+
+/// `{"<name>":<output>,...}`. Stage names are checked by the config to need no escaping, and
+/// outputs are JSON already, so this concatenates instead of parsing.
+fn stage_map(outputs: &[(&str, Vec<u8>)]) -> String {
+    let mut map = String::with_capacity(outputs.iter().map(|(n, o)| n.len() + o.len() + 4).sum::<usize>() + 2);
+    map.push('{');
     for (i, (name, output)) in outputs.iter().enumerate() {
         if i > 0 {
-            envelope.push(',');
+            map.push(',');
         }
-        envelope.push('"');
-        envelope.push_str(name);
-        envelope.push_str("\":");
-        envelope.push_str(&String::from_utf8_lossy(output));
+        map.push('"');
+        map.push_str(name);
+        map.push_str("\":");
+        map.push_str(&String::from_utf8_lossy(output));
     }
-    envelope.push_str("}}");
-    envelope
+    map.push('}');
+    map
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use wasmtime::{Store, Trap, UpdateDeadline};
 
 use super::bindings::types::{Context, HandlerError, StageError};
 use super::limiter::MemoryCapExceeded;
-use super::{HandlerComponent, StageComponent, TICK};
+use super::{HandlerComponent, StageComponent};
 use crate::capabilities::{Capabilities, HostState, Interrupt, ProgressSink};
 use crate::config::Limits;
 
@@ -95,7 +95,7 @@ impl Failure {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CallStats {
     pub duration: Duration,
-    /// Guest CPU, to the resolution of the epoch tick.
+    /// Time the guest ran (or was instantiating): the duration less time in async host calls.
     pub cpu: Duration,
 }
 
@@ -175,7 +175,7 @@ fn new_store(call: Call) -> Store<HostState> {
             state.interrupted = Some(Interrupt::Cancelled);
             return Ok(UpdateDeadline::Interrupt);
         }
-        if state.meter.guest_ticks() >= state.meter.budget {
+        if state.meter.guest_ticks() >= state.meter.budget_ticks {
             state.interrupted = Some(Interrupt::CpuBudget);
             return Ok(UpdateDeadline::Interrupt);
         }
@@ -225,5 +225,5 @@ fn check_output(output: &str, limits: &Limits) -> Result<(), Failure> {
 }
 
 fn stats(store: &Store<HostState>, started: Instant) -> CallStats {
-    CallStats { duration: started.elapsed(), cpu: TICK * store.data().meter.guest_ticks() as u32 }
+    CallStats { duration: started.elapsed(), cpu: store.data().meter.guest_time() }
 }

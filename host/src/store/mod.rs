@@ -100,6 +100,11 @@ impl Store {
         Ok(())
     }
 
+    /// Every job, in id order.
+    pub fn jobs(&self) -> impl Iterator<Item = Result<JobRecord>> + use<> {
+        self.jobs.iter().values().map(|v| parse(&v?))
+    }
+
     pub fn job(&self, id: Uuid) -> Result<Option<JobRecord>> {
         self.jobs.get(id.as_bytes())?.map(|v| parse(&v)).transpose()
     }

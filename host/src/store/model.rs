@@ -76,8 +76,8 @@ pub struct StageRun {
     pub digest: String,
     pub attempt: u32,
     pub duration_ms: f64,
-    /// Guest CPU time, to the resolution of the epoch tick.
-    pub cpu_ms: u64,
+    /// Time the guest itself ran: the duration less time spent waiting on host calls.
+    pub cpu_ms: f64,
     /// The output was found in the store (a resumed item) and not computed again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reused: bool,
@@ -88,7 +88,7 @@ pub struct ItemResult {
     pub index: u64,
     pub item_id: Uuid,
     pub status: ItemStatus,
-    /// The last stage's output, for a succeeded item.
+    /// Every stage's output by stage name, in pipeline order, for a succeeded item.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<Box<RawValue>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
