@@ -160,16 +160,33 @@ struct RawStage {
     component: Spanned<PathBuf>,
     #[serde(default)]
     concurrency: Option<usize>,
-    #[serde(flatten)]
-    limits: LimitsSpec,
+    // The limits are spelled out, not `#[serde(flatten)]`ed: with flatten, serde loses the
+    // line of an unknown key.
+    memory_mib: Option<usize>,
+    cpu_ms: Option<u64>,
+    timeout_ms: Option<u64>,
+    max_output_kib: Option<usize>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawHandler {
     component: Spanned<PathBuf>,
-    #[serde(flatten)]
-    limits: LimitsSpec,
+    memory_mib: Option<usize>,
+    cpu_ms: Option<u64>,
+    timeout_ms: Option<u64>,
+    max_output_kib: Option<usize>,
+}
+
+macro_rules! limits_of {
+    ($raw:expr) => {
+        LimitsSpec {
+            memory_mib: $raw.memory_mib,
+            cpu_ms: $raw.cpu_ms,
+            timeout_ms: $raw.timeout_ms,
+            max_output_kib: $raw.max_output_kib,
+        }
+    };
 }
 
 #[derive(Deserialize)]
@@ -229,13 +246,13 @@ impl PipelineConfig {
                 name: s.name.get_ref().clone(),
                 component: file(&s.component, "component")?,
                 concurrency: s.concurrency,
-                limits: s.limits.over(base),
+                limits: limits_of!(s).over(base),
             });
         }
         let mut handlers = BTreeMap::new();
         for (name, h) in &raw.handlers {
             check_name(name, "handler")?;
-            let limits = h.limits.over(base);
+            let limits = limits_of!(h).over(base);
             handlers.insert(name.get_ref().clone(), HandlerConfig { component: file(&h.component, "component")?, limits });
         }
         let mut kv = BTreeMap::new();

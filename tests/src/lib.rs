@@ -1,0 +1,83 @@
+//! Helpers for end-to-end tests, which drive the real binaries as separate processes: the
+//! `stagehand` built by `cargo xtask test` and the mock LLM from `examples/mock-llm`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+
+/// The workspace root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the workspace").to_path_buf()
+}
+
+/// A binary of this workspace, next to the running test (`target/<profile>/`).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test knows its path");
+    let dir = exe.parent().and_then(Path::parent).expect("tests run from target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(path.is_file(), "{} is missing: run `cargo xtask test`, which builds the binaries first", path.display());
+    path
+}
+
+/// The mock LLM as a child process on a free port; killed when dropped.
+pub struct MockLlm {
+    child: Child,
+    /// `127.0.0.1:port`
+    pub address: String,
+}
+
+impl MockLlm {
+    /// Start `binary` (the `stagehand-mock-llm` executable) with extra flags.
+    pub fn start_binary(binary: &Path, flags: &[&str]) -> Result<Self> {
+        let mut child = Command::new(binary)
+            .args(["--addr", "127.0.0.1:0"])
+            .args(flags)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {}", binary.display()))?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+        let Some(url) = line.trim().strip_prefix("listening on http://") else {
+            let _ = child.kill();
+            bail!("the mock LLM did not say where it listens: {line:?}");
+        };
+        Ok(Self { address: url.to_string(), child })
+    }
+
+    /// Start the workspace's mock LLM with extra flags.
+    pub fn start(flags: &[&str]) -> Self {
+        Self::start_binary(&binary("stagehand-mock-llm"), flags).expect("the mock LLM starts")
+    }
+
+    /// The API root to give a pipeline.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.address)
+    }
+
+    /// `GET /admin/stats`: what the mock has answered.
+    pub fn stats(&self) -> serde_json::Value {
+        let body = http_get(&self.address, "/admin/stats").expect("the mock answers");
+        serde_json::from_str(&body).expect("stats are JSON")
+    }
+}
+
+impl Drop for MockLlm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal HTTP/1.1 GET, enough for the mock's admin routes.
+fn http_get(address: &str, path: &str) -> Result<String> {
+    let mut stream = TcpStream::connect(address)?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (_, body) = response.split_once("\r\n\r\n").context("no HTTP body")?;
+    Ok(body.to_string())
+}

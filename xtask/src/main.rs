@@ -1,1 +1,141 @@
-fn main() {}
+//! `cargo xtask <command>`: the project's build glue, so that a fresh machine needs nothing but
+//! Rust and rustup.
+//!
+//! - `plugins`: build every guest in `plugins/` for wasm32-wasip2 (adding the target if missing).
+//! - `demo [eco-scan]`: build everything, start the mock LLM, run the example end to end.
+//! - `test`: formatting, clippy, the plugins, the binaries, then every test.
+//! - `bench`: the benchmarks of docs/BENCHMARKS.md.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use stagehand_tests::MockLlm;
+
+const WASM_TARGET: &str = "wasm32-wasip2";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf();
+    match args.first().map(String::as_str) {
+        Some("plugins") => plugins(&root),
+        Some("demo") => demo(&root, args.get(1).map(String::as_str).unwrap_or("eco-scan")),
+        Some("test") => test(&root),
+        Some("bench") => bench(&root, &args[1..]),
+        _ => {
+            eprintln!("usage: cargo xtask <plugins | demo [eco-scan] | test | bench [name]>");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// Run a command in `dir`, echoing it, and fail if it fails.
+fn run(dir: &Path, program: &str, args: &[&str]) -> Result<()> {
+    eprintln!("+ {program} {}", args.join(" "));
+    let status = Command::new(program).args(args).current_dir(dir).status().with_context(|| format!("cannot run {program}"))?;
+    if !status.success() {
+        bail!("`{program} {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn ensure_wasm_target() -> Result<()> {
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .context("rustup is needed to add the wasm32-wasip2 target")?;
+    if !String::from_utf8_lossy(&installed.stdout).lines().any(|l| l.trim() == WASM_TARGET) {
+        run(Path::new("."), "rustup", &["target", "add", WASM_TARGET])?;
+    }
+    Ok(())
+}
+
+/// Where the guests land: `target/wasm32-wasip2/release/<crate>.wasm`.
+fn plugins_dir(root: &Path) -> PathBuf {
+    root.join("target").join(WASM_TARGET).join("release")
+}
+
+fn plugins(root: &Path) -> Result<()> {
+    ensure_wasm_target()?;
+    let target_dir = root.join("target");
+    run(
+        root,
+        "cargo",
+        &["build", "--release", "--target", WASM_TARGET, "--manifest-path", "plugins/Cargo.toml", "--target-dir", path(&target_dir)],
+    )
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("the checkout's path is UTF-8")
+}
+
+fn build_binaries(root: &Path) -> Result<()> {
+    run(root, "cargo", &["build", "--release", "--workspace", "--bins"])
+}
+
+fn demo(root: &Path, name: &str) -> Result<()> {
+    let example = root.join("examples").join(name);
+    if !example.join("pipeline.toml").is_file() {
+        bail!("no example `{name}` (examples/{name}/pipeline.toml)");
+    }
+    plugins(root)?;
+    build_binaries(root)?;
+    let flags = ["--latency-ms", "200", "--vision-latency-ms", "300", "--jitter-ms", "100"];
+    let mock = MockLlm::start_binary(&root.join("target/release/stagehand-mock-llm"), &flags)?;
+    eprintln!("mock LLM at {}", mock.base_url());
+    let data_dir = root.join("target/demo").join(name);
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let results = root.join("target/demo").join(format!("{name}-results.jsonl"));
+    let status = Command::new(root.join("target/release/stagehand"))
+        .args(["run", path(&example.join("pipeline.toml")), path(&example.join("items.jsonl"))])
+        .args(["--out", path(&results), "--data-dir", path(&data_dir), "--llm-base-url", &mock.base_url()])
+        .status()?;
+    eprintln!("results: {}", results.display());
+    if let Some(first) = std::fs::read_to_string(&results).ok().and_then(|t| t.lines().next().map(str::to_string)) {
+        eprintln!("first result:\n{first}");
+    }
+    if !status.success() {
+        bail!("the demo run failed ({status})");
+    }
+    Ok(())
+}
+
+fn test(root: &Path) -> Result<()> {
+    run(root, "cargo", &["fmt", "--all", "--check"])?;
+    run(root, "cargo", &["fmt", "--all", "--check", "--manifest-path", "plugins/Cargo.toml"])?;
+    plugins(root)?;
+    build_binaries(root)?;
+    run(root, "cargo", &["clippy", "--release", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    let target_dir = root.join("target");
+    run(
+        root,
+        "cargo",
+        &[
+            "clippy", "--release", "--target", WASM_TARGET, "--manifest-path", "plugins/Cargo.toml", "--target-dir", path(&target_dir),
+            "--", "-D", "warnings",
+        ],
+    )?;
+    let plugins_dir = plugins_dir(root);
+    eprintln!("+ STAGEHAND_PLUGINS_DIR={} cargo test --release --workspace", plugins_dir.display());
+    let status = Command::new("cargo")
+        .args(["test", "--release", "--workspace"])
+        .env("STAGEHAND_PLUGINS_DIR", &plugins_dir)
+        .current_dir(root)
+        .status()?;
+    if !status.success() {
+        bail!("tests failed ({status})");
+    }
+    Ok(())
+}
+
+fn bench(root: &Path, args: &[String]) -> Result<()> {
+    plugins(root)?;
+    build_binaries(root)?;
+    let mut cargo = vec!["bench", "--package", "stagehand", "--bench", "pipeline", "--"];
+    cargo.extend(args.iter().map(String::as_str));
+    let status = Command::new("cargo").args(&cargo).env("STAGEHAND_PLUGINS_DIR", plugins_dir(root)).current_dir(root).status()?;
+    if !status.success() {
+        bail!("the benchmark failed ({status})");
+    }
+    Ok(())
+}

@@ -7,4 +7,4 @@ pub mod item;
 
 pub use batch::{JobOutcome, run_job};
 pub use effects::EffectRunner;
-pub use item::run_item;
+pub use item::{ItemRef, run_item};
