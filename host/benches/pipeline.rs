@@ -1,1 +1,178 @@
-fn main() {}
+//! Benchmarks of issue 2 (figures in docs/BENCHMARKS.md). Run with `cargo xtask bench`, or
+//! `cargo bench -p stagehand --bench pipeline -- [--items N] [--eco-items N]` after
+//! `cargo xtask plugins` and `cargo build --release --workspace --bins`.
+//!
+//! (a) Host overhead: four pass-through stages, results persisted. Throughput over a batch of
+//!     `--items` (default 100,000) and the latency of one item at idle (p50/p99 of 2,000 items
+//!     run one after the other).
+//! (b) The eco-scan pipeline with the mock LLM answering at once: throughput over
+//!     `--eco-items` (default 5,000) items.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use stagehand::config::PipelineConfig;
+use stagehand::jobs::{EffectRunner, ItemRef, run_item, run_job};
+use stagehand::pipeline::Pipeline;
+use stagehand::store::{JobRecord, Store};
+use stagehand_tests::{MockLlm, repo_root};
+use tokio_util::sync::CancellationToken;
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn plugins_dir() -> std::path::PathBuf {
+    std::env::var_os("STAGEHAND_PLUGINS_DIR")
+        .map(Into::into)
+        .unwrap_or_else(|| repo_root().join("target/wasm32-wasip2/release"))
+}
+
+async fn load(config: PipelineConfig, dir: &Path) -> Arc<Pipeline> {
+    let store = Store::open(&dir.join("store")).expect("store");
+    let runtime = Pipeline::runtime_for(&config, dir).expect("runtime");
+    Pipeline::load(config, runtime, store)
+        .await
+        .expect("pipeline")
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+async fn passthrough(items: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let stage = plugins_dir().join("passthrough.wasm");
+    let stages: String = (1..=4)
+        .map(|i| {
+            format!(
+                "[[stage]]\nname = \"pass{i}\"\ncomponent = \"{}\"\n",
+                stage.display()
+            )
+        })
+        .collect();
+    let text = format!(
+        "name = \"passthrough\"\n[llm]\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"m\"\n[run]\nconcurrency = 32\n{stages}"
+    );
+    let path = dir.path().join("pipeline.toml");
+    std::fs::write(&path, text).unwrap();
+    let pipeline = load(PipelineConfig::load(&path).unwrap(), dir.path()).await;
+    let store = pipeline.store().clone();
+
+    // Latency of one item at idle.
+    let cancel = CancellationToken::new();
+    let job = store
+        .create_job(JobRecord::new("latency"), std::iter::empty())
+        .await
+        .unwrap();
+    let mut latencies = Vec::new();
+    for index in 0..2_000u64 {
+        let input = format!("{{\"n\":{index},\"text\":\"an item of modest size\"}}");
+        let started = Instant::now();
+        let item = ItemRef {
+            job_id: job.id,
+            item_id: job.item_id(index),
+            index,
+        };
+        run_item(
+            &pipeline,
+            item,
+            input.as_bytes().into(),
+            false,
+            &cancel,
+            None,
+        )
+        .await
+        .unwrap();
+        latencies.push(started.elapsed());
+    }
+    latencies.sort();
+    println!(
+        "passthrough x4, one item at idle: p50 {:.3} ms, p99 {:.3} ms",
+        percentile(&latencies, 0.50).as_secs_f64() * 1e3,
+        percentile(&latencies, 0.99).as_secs_f64() * 1e3
+    );
+
+    // Throughput of a batch.
+    let started = Instant::now();
+    let inputs = (0..items)
+        .map(|n| Ok(format!("{{\"n\":{n},\"text\":\"an item of modest size\"}}").into_bytes()));
+    let job = store
+        .create_job(JobRecord::new("batch"), inputs)
+        .await
+        .unwrap();
+    let submitted = started.elapsed();
+    let started = Instant::now();
+    let outcome = run_job(pipeline.clone(), job, false, 32, cancel, None, |_| {})
+        .await
+        .unwrap();
+    let elapsed = started.elapsed();
+    assert_eq!(outcome.job.succeeded, items);
+    println!(
+        "passthrough x4, batch of {items}: {:.0} items/s ({:.2} s; writing the items took {:.2} s)",
+        items as f64 / elapsed.as_secs_f64(),
+        elapsed.as_secs_f64(),
+        submitted.as_secs_f64()
+    );
+}
+
+async fn eco_scan(items: u64) {
+    let mock = MockLlm::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config =
+        PipelineConfig::load(&repo_root().join("examples/eco-scan/pipeline.toml")).unwrap();
+    config.llm.base_url = mock.base_url();
+    let pipeline = load(config, dir.path()).await;
+    let example =
+        std::fs::read_to_string(repo_root().join("examples/eco-scan/items.jsonl")).unwrap();
+    let lines: Vec<&str> = example.lines().collect();
+    let inputs = (0..items as usize).map(|i| Ok(lines[i % lines.len()].as_bytes().to_vec()));
+    let job = pipeline
+        .store()
+        .create_job(JobRecord::new("eco"), inputs)
+        .await
+        .unwrap();
+    let shutdown = CancellationToken::new();
+    let (effects, task) = EffectRunner::spawn(pipeline.caps.clone(), 8, shutdown.clone());
+    let started = Instant::now();
+    let concurrency = pipeline.config.run.concurrency;
+    let outcome = run_job(
+        pipeline.clone(),
+        job,
+        false,
+        concurrency,
+        CancellationToken::new(),
+        None,
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let elapsed = started.elapsed();
+    effects.wait_idle().await;
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    assert_eq!(outcome.job.succeeded, items);
+    println!(
+        "eco-scan (mock LLM, no latency), batch of {items}: {:.0} items/s ({:.2} s, {} LLM requests)",
+        items as f64 / elapsed.as_secs_f64(),
+        elapsed.as_secs_f64(),
+        mock.stats()["requests"]
+    );
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; only our own flags matter.
+    let items = arg("--items", 100_000);
+    let eco_items = arg("--eco-items", 5_000);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        passthrough(items).await;
+        eco_scan(eco_items).await;
+    });
+}

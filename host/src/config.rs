@@ -52,11 +52,20 @@ pub struct RunConfig {
     /// Effects (emitted dispatches) running at once.
     #[serde(default = "defaults::effect_concurrency")]
     pub effect_concurrency: usize,
+    /// A stage output is checkpointed to the store before the next stage starts when the stage
+    /// took at least this long; quicker stages simply run again after a crash. 0 checkpoints
+    /// every stage.
+    #[serde(default = "defaults::checkpoint_after_ms")]
+    pub checkpoint_after_ms: u64,
 }
 
 impl Default for RunConfig {
     fn default() -> Self {
-        Self { concurrency: defaults::concurrency(), effect_concurrency: defaults::effect_concurrency() }
+        Self {
+            concurrency: defaults::concurrency(),
+            effect_concurrency: defaults::effect_concurrency(),
+            checkpoint_after_ms: defaults::checkpoint_after_ms(),
+        }
     }
 }
 
@@ -89,7 +98,9 @@ impl LimitsSpec {
             memory_bytes: self.memory_mib.map_or(base.memory_bytes, |m| m << 20),
             cpu: self.cpu_ms.map_or(base.cpu, Duration::from_millis),
             timeout: self.timeout_ms.map_or(base.timeout, Duration::from_millis),
-            max_output_bytes: self.max_output_kib.map_or(base.max_output_bytes, |k| k << 10),
+            max_output_bytes: self
+                .max_output_kib
+                .map_or(base.max_output_bytes, |k| k << 10),
         }
     }
 }
@@ -132,6 +143,9 @@ mod defaults {
     }
     pub fn effect_concurrency() -> usize {
         8
+    }
+    pub fn checkpoint_after_ms() -> u64 {
+        2
     }
 }
 
@@ -198,13 +212,15 @@ struct RawKv {
 impl PipelineConfig {
     /// Read and check a pipeline file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read pipeline file {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read pipeline file {}", path.display()))?;
         Self::parse(&text, path)
     }
 
     /// Check a pipeline file's text; `path` resolves relative component and kv paths.
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
-        let raw: RawPipeline = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let raw: RawPipeline =
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         let dir = path.parent().unwrap_or(Path::new("."));
         let at = |span: Range<usize>, message: String| -> anyhow::Error {
             let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
@@ -213,7 +229,10 @@ impl PipelineConfig {
         let file = |p: &Spanned<PathBuf>, key: &str| -> Result<PathBuf> {
             let resolved = dir.join(p.get_ref());
             if !resolved.is_file() {
-                return Err(at(p.span(), format!("`{key}`: no such file {}", resolved.display())));
+                return Err(at(
+                    p.span(),
+                    format!("`{key}`: no such file {}", resolved.display()),
+                ));
             }
             Ok(resolved)
         };
@@ -221,9 +240,14 @@ impl PipelineConfig {
             let n = name.get_ref();
             let ok = !n.is_empty()
                 && n.len() <= 64
-                && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+                && n.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
+                });
             if !ok {
-                return Err(at(name.span(), format!("{what} name {n:?} must be 1-64 characters of a-z, 0-9, '-' and '_'")));
+                return Err(at(
+                    name.span(),
+                    format!("{what} name {n:?} must be 1-64 characters of a-z, 0-9, '-' and '_'"),
+                ));
             }
             Ok(())
         };
@@ -237,10 +261,19 @@ impl PipelineConfig {
         for s in &raw.stage {
             check_name(&s.name, "stage")?;
             if stages.iter().any(|seen| seen.name == *s.name.get_ref()) {
-                return Err(at(s.name.span(), format!("stage `{}` is defined twice", s.name.get_ref())));
+                return Err(at(
+                    s.name.span(),
+                    format!("stage `{}` is defined twice", s.name.get_ref()),
+                ));
             }
             if s.concurrency == Some(0) {
-                return Err(at(s.name.span(), format!("stage `{}`: `concurrency` must be at least 1", s.name.get_ref())));
+                return Err(at(
+                    s.name.span(),
+                    format!(
+                        "stage `{}`: `concurrency` must be at least 1",
+                        s.name.get_ref()
+                    ),
+                ));
             }
             stages.push(StageConfig {
                 name: s.name.get_ref().clone(),
@@ -253,7 +286,13 @@ impl PipelineConfig {
         for (name, h) in &raw.handlers {
             check_name(name, "handler")?;
             let limits = limits_of!(h).over(base);
-            handlers.insert(name.get_ref().clone(), HandlerConfig { component: file(&h.component, "component")?, limits });
+            handlers.insert(
+                name.get_ref().clone(),
+                HandlerConfig {
+                    component: file(&h.component, "component")?,
+                    limits,
+                },
+            );
         }
         let mut kv = BTreeMap::new();
         for (name, k) in &raw.kv {
@@ -261,10 +300,16 @@ impl PipelineConfig {
             kv.insert(name.get_ref().clone(), file(&k.file, "file")?);
         }
         if raw.run.concurrency == 0 || raw.run.effect_concurrency == 0 {
-            bail!("{}: `[run]` concurrencies must be at least 1", path.display());
+            bail!(
+                "{}: `[run]` concurrencies must be at least 1",
+                path.display()
+            );
         }
         if raw.llm.max_concurrent_requests == 0 {
-            bail!("{}: `llm.max_concurrent_requests` must be at least 1", path.display());
+            bail!(
+                "{}: `llm.max_concurrent_requests` must be at least 1",
+                path.display()
+            );
         }
         Ok(Self {
             name: raw.name.into_inner(),
@@ -281,6 +326,9 @@ impl PipelineConfig {
     pub fn max_memory_bytes(&self) -> usize {
         let stages = self.stages.iter().map(|s| s.limits.memory_bytes);
         let handlers = self.handlers.values().map(|h| h.limits.memory_bytes);
-        stages.chain(handlers).max().unwrap_or(Limits::default().memory_bytes)
+        stages
+            .chain(handlers)
+            .max()
+            .unwrap_or(Limits::default().memory_bytes)
     }
 }

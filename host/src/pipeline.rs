@@ -37,7 +37,12 @@ impl Stage {
     /// Wait for room under the stage's own concurrency limit, if it has one.
     pub async fn enter(&self) -> Option<SemaphorePermit<'_>> {
         match &self.permits {
-            Some(permits) => Some(permits.acquire().await.expect("stage semaphores are never closed")),
+            Some(permits) => Some(
+                permits
+                    .acquire()
+                    .await
+                    .expect("stage semaphores are never closed"),
+            ),
             None => None,
         }
     }
@@ -47,7 +52,8 @@ impl Pipeline {
     /// The runtime sized for `config`: enough instance slots for every item in flight (a
     /// stage plus the handler it calls) and every running effect.
     pub fn runtime_for(config: &PipelineConfig, data_dir: &Path) -> Result<Arc<Runtime>> {
-        let max_instances = (config.run.concurrency * 2 + config.run.effect_concurrency + 16) as u32;
+        let max_instances =
+            (config.run.concurrency * 2 + config.run.effect_concurrency + 16) as u32;
         Runtime::new(RuntimeOptions {
             max_instances,
             max_memory_bytes: config.max_memory_bytes(),
@@ -56,15 +62,30 @@ impl Pipeline {
     }
 
     /// Load every component (in parallel) and the capabilities.
-    pub async fn load(config: PipelineConfig, runtime: Arc<Runtime>, store: Store) -> Result<Arc<Self>> {
+    pub async fn load(
+        config: PipelineConfig,
+        runtime: Arc<Runtime>,
+        store: Store,
+    ) -> Result<Arc<Self>> {
         let handlers = try_join_all(config.handlers.iter().map(|(name, h)| {
             let runtime = &runtime;
-            async move { Ok::<_, anyhow::Error>((name.clone(), HandlerComponent::load(runtime, name, &h.component, h.limits).await?)) }
+            async move {
+                Ok::<_, anyhow::Error>((
+                    name.clone(),
+                    HandlerComponent::load(runtime, name, &h.component, h.limits).await?,
+                ))
+            }
         }))
         .await?
         .into_iter()
         .collect();
-        let components = try_join_all(config.stages.iter().map(|s| StageComponent::load(&runtime, &s.name, &s.component))).await?;
+        let components = try_join_all(
+            config
+                .stages
+                .iter()
+                .map(|s| StageComponent::load(&runtime, &s.name, &s.component)),
+        )
+        .await?;
         let stages = config
             .stages
             .iter()
@@ -77,8 +98,19 @@ impl Pipeline {
             .collect();
         let llm = LlmClient::new(&config.llm).context("`[llm]`")?;
         let kv = KvNamespaces::load(&config.kv)?;
-        let caps = Arc::new(Capabilities { runtime, llm, kv, handlers, store, effects_waiting: Notify::new() });
-        Ok(Arc::new(Self { config, caps, stages }))
+        let caps = Arc::new(Capabilities {
+            runtime,
+            llm,
+            kv,
+            handlers,
+            store,
+            effects_waiting: Notify::new(),
+        });
+        Ok(Arc::new(Self {
+            config,
+            caps,
+            stages,
+        }))
     }
 
     pub fn store(&self) -> &Store {

@@ -12,14 +12,21 @@ use support::{Fixture, plugin, run_one};
 use tokio_util::sync::CancellationToken;
 
 fn hostile(limits: &str) -> String {
-    format!("[[stage]]\nname = \"hostile\"\ncomponent = \"{}\"\n{limits}\n", plugin("hostile"))
+    format!(
+        "[[stage]]\nname = \"hostile\"\ncomponent = \"{}\"\n{limits}\n",
+        plugin("hostile")
+    )
 }
 
 async fn failure_of(limits: &str, item: &str) -> (String, String) {
     let fixture = Fixture::new();
     let pipeline = fixture.load(fixture.config(&hostile(limits))).await;
     let result = run_one(&pipeline, item, &CancellationToken::new()).await;
-    assert_eq!(result.status, ItemStatus::Failed, "{item} should fail: {result:?}");
+    assert_eq!(
+        result.status,
+        ItemStatus::Failed,
+        "{item} should fail: {result:?}"
+    );
     let error = result.error.expect("a failed item has an error");
     assert_eq!(error.stage, "hostile");
     (error.kind, error.message)
@@ -29,8 +36,14 @@ async fn failure_of(limits: &str, item: &str) -> (String, String) {
 async fn a_trap_fails_the_item_with_the_guests_panic_message() {
     let (kind, message) = failure_of("", r#"{"do":"trap"}"#).await;
     assert_eq!(kind, "trap");
-    assert!(message.starts_with("stage `hostile`: the guest trapped"), "{message}");
-    assert!(message.contains("hostile stage asked to trap"), "the panic message is kept: {message}");
+    assert!(
+        message.starts_with("stage `hostile`: the guest trapped"),
+        "{message}"
+    );
+    assert!(
+        message.contains("hostile stage asked to trap"),
+        "the panic message is kept: {message}"
+    );
 }
 
 #[tokio::test]
@@ -39,7 +52,11 @@ async fn an_infinite_loop_is_stopped_at_its_cpu_budget() {
     let (kind, message) = failure_of("cpu_ms = 200", r#"{"do":"loop"}"#).await;
     assert_eq!(kind, "cpu_budget");
     assert!(message.contains("CPU budget of 200ms"), "{message}");
-    assert!(started.elapsed() < Duration::from_secs(10), "stopped long after its budget: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "stopped long after its budget: {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -58,9 +75,13 @@ async fn a_wall_clock_timeout_covers_the_whole_stage() {
 
 #[tokio::test]
 async fn outputs_must_be_json_within_the_size_limit() {
-    let (kind, message) = failure_of("max_output_kib = 1", r#"{"do":"big-output","size":5000}"#).await;
+    let (kind, message) =
+        failure_of("max_output_kib = 1", r#"{"do":"big-output","size":5000}"#).await;
     assert_eq!(kind, "invalid_output");
-    assert!(message.contains("5000 bytes, more than the limit of 1024 bytes"), "{message}");
+    assert!(
+        message.contains("5000 bytes, more than the limit of 1024 bytes"),
+        "{message}"
+    );
     // "xxx" is not JSON.
     let (kind, _) = failure_of("", r#"{"do":"big-output","size":3}"#).await;
     assert_eq!(kind, "invalid_output");
@@ -69,18 +90,29 @@ async fn outputs_must_be_json_within_the_size_limit() {
 #[tokio::test]
 async fn guest_errors_keep_their_retryability() {
     let (kind, message) = failure_of("", r#"{"do":"retryable"}"#).await;
-    assert_eq!((kind.as_str(), message.as_str()), ("retryable", "stage `hostile`: the guest returned a retryable error: asked to fail, retryably"));
+    assert_eq!(
+        (kind.as_str(), message.as_str()),
+        (
+            "retryable",
+            "stage `hostile`: the guest returned a retryable error: asked to fail, retryably"
+        )
+    );
     let (kind, _) = failure_of("", r#"{"do":"fatal"}"#).await;
     assert_eq!(kind, "fatal");
     let (kind, message) = failure_of("", r#"{"nothing":"here"}"#).await;
     assert_eq!(kind, "fatal");
-    assert!(message.contains("invalid input: missing field `do`"), "{message}");
+    assert!(
+        message.contains("invalid input: missing field `do`"),
+        "{message}"
+    );
 }
 
 #[tokio::test]
 async fn the_host_keeps_serving_after_a_guest_misbehaves() {
     let fixture = Fixture::new();
-    let pipeline = fixture.load(fixture.config(&hostile("cpu_ms = 100\nmemory_mib = 16"))).await;
+    let pipeline = fixture
+        .load(fixture.config(&hostile("cpu_ms = 100\nmemory_mib = 16")))
+        .await;
     let cancel = CancellationToken::new();
     for bad in [r#"{"do":"trap"}"#, r#"{"do":"loop"}"#, r#"{"do":"alloc"}"#] {
         let result = run_one(&pipeline, bad, &cancel).await;
@@ -94,7 +126,9 @@ async fn the_host_keeps_serving_after_a_guest_misbehaves() {
 #[tokio::test]
 async fn cancelling_interrupts_a_running_guest() {
     let fixture = Fixture::new();
-    let pipeline = fixture.load(fixture.config(&hostile("cpu_ms = 60000"))).await;
+    let pipeline = fixture
+        .load(fixture.config(&hostile("cpu_ms = 60000")))
+        .await;
     let cancel = CancellationToken::new();
     let trigger = cancel.clone();
     tokio::spawn(async move {
@@ -104,7 +138,11 @@ async fn cancelling_interrupts_a_running_guest() {
     let started = Instant::now();
     let result = run_one(&pipeline, r#"{"do":"loop"}"#, &cancel).await;
     assert_eq!(result.error.expect("cancelled").kind, "cancelled");
-    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -113,15 +151,25 @@ async fn guests_see_no_environment_and_no_files() {
     let pipeline = fixture.load(fixture.config(&hostile(""))).await;
     let cancel = CancellationToken::new();
     let env = run_one(&pipeline, r#"{"do":"env"}"#, &cancel).await;
-    assert_eq!(env.output.expect("runs").get(), r#"{"hostile":{"home":null,"vars":0}}"#);
+    assert_eq!(
+        env.output.expect("runs").get(),
+        r#"{"hostile":{"home":null,"vars":0}}"#
+    );
     let file = run_one(&pipeline, r#"{"do":"file"}"#, &cancel).await;
-    assert_eq!(file.status, ItemStatus::Succeeded, "reading a host file must fail inside the guest: {file:?}");
+    assert_eq!(
+        file.status,
+        ItemStatus::Succeeded,
+        "reading a host file must fail inside the guest: {file:?}"
+    );
 }
 
 #[tokio::test]
 async fn a_component_of_the_wrong_world_is_refused_at_load() {
     let fixture = Fixture::new();
-    let config = fixture.config(&format!("[[stage]]\nname = \"oops\"\ncomponent = \"{}\"\n", plugin("character_match")));
+    let config = fixture.config(&format!(
+        "[[stage]]\nname = \"oops\"\ncomponent = \"{}\"\n",
+        plugin("character_match")
+    ));
     let store = stagehand::store::Store::open(&fixture.dir.path().join("store")).unwrap();
     let runtime = stagehand::pipeline::Pipeline::runtime_for(&config, fixture.dir.path()).unwrap();
     let error = match stagehand::pipeline::Pipeline::load(config, runtime, store).await {
@@ -135,20 +183,41 @@ async fn a_component_of_the_wrong_world_is_refused_at_load() {
 #[tokio::test]
 async fn a_file_that_is_not_a_component_is_refused() {
     let fixture = Fixture::new();
-    let runtime = Runtime::new(RuntimeOptions { max_instances: 4, max_memory_bytes: 16 << 20, cache_dir: fixture.dir.path().join("c") }).unwrap();
-    let error = StageComponent::from_bytes(&runtime, "x", b"hello".to_vec()).await.err().expect("refused");
+    let runtime = Runtime::new(RuntimeOptions {
+        max_instances: 4,
+        max_memory_bytes: 16 << 20,
+        cache_dir: fixture.dir.path().join("c"),
+    })
+    .unwrap();
+    let error = StageComponent::from_bytes(&runtime, "x", b"hello".to_vec())
+        .await
+        .err()
+        .expect("refused");
     assert_eq!(format!("{error:#}"), "not a WebAssembly file");
 }
 
 #[tokio::test]
 async fn compiled_components_are_reused_after_a_restart() {
     let fixture = Fixture::new();
-    let options = RuntimeOptions { max_instances: 4, max_memory_bytes: 64 << 20, cache_dir: fixture.dir.path().join("compiled") };
+    let options = RuntimeOptions {
+        max_instances: 4,
+        max_memory_bytes: 64 << 20,
+        cache_dir: fixture.dir.path().join("compiled"),
+    };
     let bytes = std::fs::read(plugin("passthrough")).unwrap();
-    let first = StageComponent::from_bytes(&Runtime::new(options.clone()).unwrap(), "p", bytes.clone()).await.unwrap();
-    assert!(matches!(first.meta.cache, CacheOutcome::Compiled(_)), "{:?}", first.meta.cache);
+    let first =
+        StageComponent::from_bytes(&Runtime::new(options.clone()).unwrap(), "p", bytes.clone())
+            .await
+            .unwrap();
+    assert!(
+        matches!(first.meta.cache, CacheOutcome::Compiled(_)),
+        "{:?}",
+        first.meta.cache
+    );
     // A new runtime is what a restarted process has.
-    let second = StageComponent::from_bytes(&Runtime::new(options).unwrap(), "p", bytes).await.unwrap();
+    let second = StageComponent::from_bytes(&Runtime::new(options).unwrap(), "p", bytes)
+        .await
+        .unwrap();
     assert_eq!(second.meta.cache, CacheOutcome::Hit);
     assert_eq!(first.meta.digest, second.meta.digest);
 }
@@ -162,14 +231,32 @@ fn pipeline_file_mistakes_name_the_key_and_line() {
         format!("{:#}", PipelineConfig::load(&path).expect_err("invalid"))
     };
     let unknown = error("[[stage]]\nname = \"a\"\ncomponent = \"x.wasm\"\nmemroy_mib = 3\n");
-    assert!(unknown.contains("line 8") && unknown.contains("unknown field `memroy_mib`"), "{unknown}");
+    assert!(
+        unknown.contains("line 8") && unknown.contains("unknown field `memroy_mib`"),
+        "{unknown}"
+    );
     let missing = error("[[stage]]\nname = \"a\"\ncomponent = \"nope.wasm\"\n");
-    assert!(missing.contains("p.toml:7: `component`: no such file"), "{missing}");
+    assert!(
+        missing.contains("p.toml:7: `component`: no such file"),
+        "{missing}"
+    );
     let wasm = fixture.write("a.wasm", "");
-    let twice = error(&format!("[[stage]]\nname = \"a\"\ncomponent = \"{0}\"\n[[stage]]\nname = \"a\"\ncomponent = \"{0}\"\n", wasm.display()));
-    assert!(twice.contains("p.toml:9: stage `a` is defined twice"), "{twice}");
-    let bad_name = error(&format!("[[stage]]\nname = \"Big Stage\"\ncomponent = \"{}\"\n", wasm.display()));
-    assert!(bad_name.contains("p.toml:6: stage name \"Big Stage\" must be"), "{bad_name}");
+    let twice = error(&format!(
+        "[[stage]]\nname = \"a\"\ncomponent = \"{0}\"\n[[stage]]\nname = \"a\"\ncomponent = \"{0}\"\n",
+        wasm.display()
+    ));
+    assert!(
+        twice.contains("p.toml:9: stage `a` is defined twice"),
+        "{twice}"
+    );
+    let bad_name = error(&format!(
+        "[[stage]]\nname = \"Big Stage\"\ncomponent = \"{}\"\n",
+        wasm.display()
+    ));
+    assert!(
+        bad_name.contains("p.toml:6: stage name \"Big Stage\" must be"),
+        "{bad_name}"
+    );
     let none = error("");
     assert!(none.contains("the pipeline has no `[[stage]]`"), "{none}");
 }

@@ -10,15 +10,25 @@ use anyhow::{Context, Result, bail};
 
 /// The workspace root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is in the workspace")
+        .to_path_buf()
 }
 
 /// A binary of this workspace, next to the running test (`target/<profile>/`).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("the test knows its path");
-    let dir = exe.parent().and_then(Path::parent).expect("tests run from target/<profile>/deps");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("tests run from target/<profile>/deps");
     let path = dir.join(name);
-    assert!(path.is_file(), "{} is missing: run `cargo xtask test`, which builds the binaries first", path.display());
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo xtask test`, which builds the binaries first",
+        path.display()
+    );
     path
 }
 
@@ -45,7 +55,10 @@ impl MockLlm {
             let _ = child.kill();
             bail!("the mock LLM did not say where it listens: {line:?}");
         };
-        Ok(Self { address: url.to_string(), child })
+        Ok(Self {
+            address: url.to_string(),
+            child,
+        })
     }
 
     /// Start the workspace's mock LLM with extra flags.
@@ -75,7 +88,10 @@ impl Drop for MockLlm {
 /// A minimal HTTP/1.1 GET, enough for the mock's admin routes.
 fn http_get(address: &str, path: &str) -> Result<String> {
     let mut stream = TcpStream::connect(address)?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let (_, body) = response.split_once("\r\n\r\n").context("no HTTP body")?;

@@ -11,14 +11,23 @@ use stagehand_tests::{MockLlm, binary, repo_root};
 use uuid::Uuid;
 
 fn example(file: &str) -> String {
-    repo_root().join("examples/eco-scan").join(file).display().to_string()
+    repo_root()
+        .join("examples/eco-scan")
+        .join(file)
+        .display()
+        .to_string()
 }
 
 /// `stagehand <args>` with a data dir and the mock's URL.
 fn stagehand(data: &Path, mock: &MockLlm, args: &[&str]) -> Output {
     Command::new(binary("stagehand"))
         .args(args)
-        .args(["--data-dir", &data.display().to_string(), "--llm-base-url", &mock.base_url()])
+        .args([
+            "--data-dir",
+            &data.display().to_string(),
+            "--llm-base-url",
+            &mock.base_url(),
+        ])
         .output()
         .expect("stagehand runs")
 }
@@ -30,12 +39,24 @@ fn inspect(data: &Path, what: &[&str]) -> Vec<Value> {
         .args(["--data-dir", &data.display().to_string()])
         .output()
         .expect("stagehand inspect runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 fn read_jsonl(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 /// What each photo in items.jsonl shows, independent of the mock's own table.
@@ -62,16 +83,28 @@ const EXPECTED: &[(&str, &str)] = &[
 fn expected_category(item: &Value) -> &'static str {
     let name = match (item["image_url"].as_str(), item["image_base64"].as_str()) {
         (Some(url), _) => url.rsplit('/').next().unwrap().to_string(),
-        (None, Some(data)) => {
-            String::from_utf8(base64::engine::general_purpose::STANDARD.decode(data).unwrap()).unwrap().replace(' ', "_")
-        }
+        (None, Some(data)) => String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(data)
+                .unwrap(),
+        )
+        .unwrap()
+        .replace(' ', "_"),
         _ => panic!("item without an image: {item}"),
     };
-    EXPECTED.iter().find(|(prefix, _)| name.starts_with(prefix)).unwrap_or_else(|| panic!("no expectation for {name}")).1
+    EXPECTED
+        .iter()
+        .find(|(prefix, _)| name.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no expectation for {name}"))
+        .1
 }
 
 fn ownership_key(user: &str, character: &str) -> String {
-    Uuid::new_v5(&Uuid::NAMESPACE_DNS, format!("ownership:{user}:{character}").as_bytes()).to_string()
+    Uuid::new_v5(
+        &Uuid::NAMESPACE_DNS,
+        format!("ownership:{user}:{character}").as_bytes(),
+    )
+    .to_string()
 }
 
 #[test]
@@ -79,16 +112,40 @@ fn the_example_batch_runs_end_to_end() {
     let mock = MockLlm::start(&[]);
     let data = tempfile::tempdir().unwrap();
     let out = data.path().join("results.jsonl");
-    let run = stagehand(data.path(), &mock, &["run", &example("pipeline.toml"), &example("items.jsonl"), "--out", &out.display().to_string()]);
+    let run = stagehand(
+        data.path(),
+        &mock,
+        &[
+            "run",
+            &example("pipeline.toml"),
+            &example("items.jsonl"),
+            "--out",
+            &out.display().to_string(),
+        ],
+    );
     let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(run.status.success(), "stdout: {stdout}\nstderr: {}", String::from_utf8_lossy(&run.stderr));
+    assert!(
+        run.status.success(),
+        "stdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
 
     let items: Vec<Value> = read_jsonl(Path::new(&example("items.jsonl")));
-    let rules: BTreeMap<String, Value> = serde_json::from_str(&std::fs::read_to_string(example("disposal_rules.json")).unwrap()).unwrap();
-    let characters: BTreeMap<String, Value> = serde_json::from_str(&std::fs::read_to_string(example("characters.json")).unwrap()).unwrap();
+    let rules: BTreeMap<String, Value> =
+        serde_json::from_str(&std::fs::read_to_string(example("disposal_rules.json")).unwrap())
+            .unwrap();
+    let characters: BTreeMap<String, Value> =
+        serde_json::from_str(&std::fs::read_to_string(example("characters.json")).unwrap())
+            .unwrap();
     let results = read_jsonl(&out);
     assert_eq!(results.len(), items.len(), "one result per item");
-    assert!(stdout.starts_with(&format!("{0} succeeded, 0 failed of {0} items", items.len())), "{stdout}");
+    assert!(
+        stdout.starts_with(&format!(
+            "{0} succeeded, 0 failed of {0} items",
+            items.len()
+        )),
+        "{stdout}"
+    );
 
     let mut accepted: BTreeMap<(String, String), usize> = BTreeMap::new();
     let mut keys = BTreeSet::new();
@@ -98,34 +155,60 @@ fn the_example_batch_runs_end_to_end() {
         let output = &result["output"];
         let category = expected_category(item);
         let c = &output["vision"]["category"];
-        assert_eq!(format!("{}/{}/{}", c["major"].as_str().unwrap(), c["middle"].as_str().unwrap(), c["minor"].as_str().unwrap()), category);
+        assert_eq!(
+            format!(
+                "{}/{}/{}",
+                c["major"].as_str().unwrap(),
+                c["middle"].as_str().unwrap(),
+                c["minor"].as_str().unwrap()
+            ),
+            category
+        );
 
         let rule = &rules[category];
         assert_eq!(output["rule"]["rule_key"], category);
         assert_eq!(&output["rule"]["rule"], rule);
-        assert_eq!(output["answer"]["steps"], rule["steps"], "the answer's steps come from the rule");
+        assert_eq!(
+            output["answer"]["steps"], rule["steps"],
+            "the answer's steps come from the rule"
+        );
         let answer = output["answer"]["answer"].as_str().unwrap();
         assert!(answer.contains(rule["label"].as_str().unwrap()), "{answer}");
 
         let parts: Vec<&str> = category.split('/').collect();
-        let character = [category.to_string(), format!("{}/{}", parts[0], parts[1]), parts[0].to_string()]
-            .iter()
-            .find_map(|k| characters.get(k))
-            .cloned()
-            .unwrap_or(Value::Null);
+        let character = [
+            category.to_string(),
+            format!("{}/{}", parts[0], parts[1]),
+            parts[0].to_string(),
+        ]
+        .iter()
+        .find_map(|k| characters.get(k))
+        .cloned()
+        .unwrap_or(Value::Null);
         let reward = &output["reward"];
         assert_eq!(reward["character"], character, "item {index}");
         if character.is_null() {
             assert_eq!(reward["effects"], serde_json::json!([]));
             continue;
         }
-        let key = ownership_key(item["user_id"].as_str().unwrap(), character["id"].as_str().unwrap());
+        let key = ownership_key(
+            item["user_id"].as_str().unwrap(),
+            character["id"].as_str().unwrap(),
+        );
         assert_eq!(reward["ownership_id"], key.as_str());
         let effects = reward["effects"].as_array().unwrap();
-        assert_eq!(effects.iter().map(|e| e["handler"].as_str().unwrap()).collect::<Vec<_>>(), ["save-ownership", "save-character"]);
+        assert_eq!(
+            effects
+                .iter()
+                .map(|e| e["handler"].as_str().unwrap())
+                .collect::<Vec<_>>(),
+            ["save-ownership", "save-character"]
+        );
         for effect in effects {
             assert_eq!(effect["key"], key.as_str());
-            let slot = accepted.entry((effect["handler"].as_str().unwrap().into(), key.clone())).or_default();
+            let slot = accepted
+                .entry((effect["handler"].as_str().unwrap().into(), key.clone()))
+                .or_default();
             if effect["outcome"] == "accepted" {
                 *slot += 1;
             } else {
@@ -134,21 +217,41 @@ fn the_example_batch_runs_end_to_end() {
         }
         keys.insert(key);
         // Every stage ran once, and the result names the version that ran.
-        let stages: Vec<&str> = result["stages"].as_array().unwrap().iter().map(|s| s["stage"].as_str().unwrap()).collect();
+        let stages: Vec<&str> = result["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["stage"].as_str().unwrap())
+            .collect();
         assert_eq!(stages, ["vision", "rule", "answer", "reward"]);
-        assert!(result["stages"].as_array().unwrap().iter().all(|s| s["digest"].as_str().unwrap().len() == 64));
+        assert!(
+            result["stages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|s| s["digest"].as_str().unwrap().len() == 64)
+        );
     }
     // Each (handler, key) was accepted exactly once, even for the scans repeated in items.jsonl.
     assert!(accepted.values().all(|n| *n == 1), "{accepted:?}");
     assert_eq!(accepted.len(), keys.len() * 2);
-    assert!(keys.len() < results.len(), "items.jsonl repeats some scans, whose effects must be duplicates");
+    assert!(
+        keys.len() < results.len(),
+        "items.jsonl repeats some scans, whose effects must be duplicates"
+    );
 
     // The effects ran, once each, and the handlers' records are there.
     let effects = inspect(data.path(), &["effects"]);
     assert_eq!(effects.len(), keys.len() * 2);
     assert!(effects.iter().all(|e| e["state"] == "done"), "{effects:?}");
     let ownership = inspect(data.path(), &["records", "ownership"]);
-    assert_eq!(ownership.iter().map(|r| r["key"].as_str().unwrap().to_string()).collect::<BTreeSet<_>>(), keys);
+    assert_eq!(
+        ownership
+            .iter()
+            .map(|r| r["key"].as_str().unwrap().to_string())
+            .collect::<BTreeSet<_>>(),
+        keys
+    );
     assert_eq!(mock.stats()["vision"], items.len() as u64);
 }
 
@@ -168,15 +271,47 @@ fn failed_items_fail_alone_and_set_the_exit_status() {
     )
     .unwrap();
     let out = data.path().join("results.jsonl");
-    let run = stagehand(data.path(), &mock, &["run", &example("pipeline.toml"), &items.display().to_string(), "--out", &out.display().to_string()]);
-    assert_eq!(run.status.code(), Some(3), "exit 3 when items failed: {}", String::from_utf8_lossy(&run.stderr));
+    let run = stagehand(
+        data.path(),
+        &mock,
+        &[
+            "run",
+            &example("pipeline.toml"),
+            &items.display().to_string(),
+            "--out",
+            &out.display().to_string(),
+        ],
+    );
+    assert_eq!(
+        run.status.code(),
+        Some(3),
+        "exit 3 when items failed: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     let results = read_jsonl(&out);
-    let error = |i: usize| (results[i]["error"]["stage"].as_str().unwrap(), results[i]["error"]["kind"].as_str().unwrap(), results[i]["error"]["message"].as_str().unwrap());
+    let error = |i: usize| {
+        (
+            results[i]["error"]["stage"].as_str().unwrap(),
+            results[i]["error"]["kind"].as_str().unwrap(),
+            results[i]["error"]["message"].as_str().unwrap(),
+        )
+    };
     assert_eq!(
         error(0),
-        ("rule", "fatal", "stage `rule`: the guest returned a fatal error: unknown category `general_waste/mystery/alien_artifact`: no disposal rule for it")
+        (
+            "rule",
+            "fatal",
+            "stage `rule`: the guest returned a fatal error: unknown category `general_waste/mystery/alien_artifact`: no disposal rule for it"
+        )
     );
-    assert_eq!(error(1), ("vision", "fatal", "stage `vision`: the guest returned a fatal error: the item has neither `image_url` nor `image_base64`"));
+    assert_eq!(
+        error(1),
+        (
+            "vision",
+            "fatal",
+            "stage `vision`: the guest returned a fatal error: the item has neither `image_url` nor `image_base64`"
+        )
+    );
     assert_eq!(results[2]["status"], "succeeded");
     assert!(String::from_utf8_lossy(&run.stdout).starts_with("1 succeeded, 2 failed of 3 items"));
 }
@@ -186,13 +321,36 @@ fn an_llm_outage_fails_items_as_retryable() {
     let mock = MockLlm::start(&["--rate-500", "1.0"]);
     let data = tempfile::tempdir().unwrap();
     let items = data.path().join("items.jsonl");
-    std::fs::write(&items, r#"{"user_id": "u1", "image_url": "https://images.example/pet_bottle.jpg"}"#).unwrap();
+    std::fs::write(
+        &items,
+        r#"{"user_id": "u1", "image_url": "https://images.example/pet_bottle.jpg"}"#,
+    )
+    .unwrap();
     let out = data.path().join("results.jsonl");
-    let run = stagehand(data.path(), &mock, &["run", &example("pipeline.toml"), &items.display().to_string(), "--out", &out.display().to_string()]);
+    let run = stagehand(
+        data.path(),
+        &mock,
+        &[
+            "run",
+            &example("pipeline.toml"),
+            &items.display().to_string(),
+            "--out",
+            &out.display().to_string(),
+        ],
+    );
     assert_eq!(run.status.code(), Some(3));
     let error = &read_jsonl(&out)[0]["error"];
-    assert_eq!((error["stage"].as_str(), error["kind"].as_str()), (Some("vision"), Some("retryable")));
-    assert!(error["message"].as_str().unwrap().contains("LLM unavailable: 500 Internal Server Error"), "{error}");
+    assert_eq!(
+        (error["stage"].as_str(), error["kind"].as_str()),
+        (Some("vision"), Some("retryable"))
+    );
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("LLM unavailable: 500 Internal Server Error"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -202,8 +360,20 @@ fn a_broken_pipeline_file_is_reported_with_its_line() {
     let pipeline = data.path().join("pipeline.toml");
     let text = "name = \"broken\"\n[llm]\nbase_url = \"http://x/v1\"\nmodel = \"m\"\n\n[[stage]]\nname = \"vision\"\ncpu_ms = \"fast\"\n";
     std::fs::write(&pipeline, text).unwrap();
-    let run = stagehand(data.path(), &mock, &["run", &pipeline.display().to_string(), &example("items.jsonl")]);
+    let run = stagehand(
+        data.path(),
+        &mock,
+        &[
+            "run",
+            &pipeline.display().to_string(),
+            &example("items.jsonl"),
+        ],
+    );
     assert_eq!(run.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(stderr.contains("TOML parse error at line 8") && stderr.contains("invalid type: string \"fast\""), "{stderr}");
+    assert!(
+        stderr.contains("TOML parse error at line 8")
+            && stderr.contains("invalid type: string \"fast\""),
+        "{stderr}"
+    );
 }

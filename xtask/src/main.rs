@@ -16,7 +16,10 @@ const WASM_TARGET: &str = "wasm32-wasip2";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf();
     match args.first().map(String::as_str) {
         Some("plugins") => plugins(&root),
         Some("demo") => demo(&root, args.get(1).map(String::as_str).unwrap_or("eco-scan")),
@@ -32,7 +35,11 @@ fn main() -> Result<()> {
 /// Run a command in `dir`, echoing it, and fail if it fails.
 fn run(dir: &Path, program: &str, args: &[&str]) -> Result<()> {
     eprintln!("+ {program} {}", args.join(" "));
-    let status = Command::new(program).args(args).current_dir(dir).status().with_context(|| format!("cannot run {program}"))?;
+    let status = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .status()
+        .with_context(|| format!("cannot run {program}"))?;
     if !status.success() {
         bail!("`{program} {}` failed ({status})", args.join(" "));
     }
@@ -44,7 +51,10 @@ fn ensure_wasm_target() -> Result<()> {
         .args(["target", "list", "--installed"])
         .output()
         .context("rustup is needed to add the wasm32-wasip2 target")?;
-    if !String::from_utf8_lossy(&installed.stdout).lines().any(|l| l.trim() == WASM_TARGET) {
+    if !String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|l| l.trim() == WASM_TARGET)
+    {
         run(Path::new("."), "rustup", &["target", "add", WASM_TARGET])?;
     }
     Ok(())
@@ -61,7 +71,16 @@ fn plugins(root: &Path) -> Result<()> {
     run(
         root,
         "cargo",
-        &["build", "--release", "--target", WASM_TARGET, "--manifest-path", "plugins/Cargo.toml", "--target-dir", path(&target_dir)],
+        &[
+            "build",
+            "--release",
+            "--target",
+            WASM_TARGET,
+            "--manifest-path",
+            "plugins/Cargo.toml",
+            "--target-dir",
+            path(&target_dir),
+        ],
     )
 }
 
@@ -70,7 +89,11 @@ fn path(p: &Path) -> &str {
 }
 
 fn build_binaries(root: &Path) -> Result<()> {
-    run(root, "cargo", &["build", "--release", "--workspace", "--bins"])
+    run(
+        root,
+        "cargo",
+        &["build", "--release", "--workspace", "--bins"],
+    )
 }
 
 fn demo(root: &Path, name: &str) -> Result<()> {
@@ -80,18 +103,41 @@ fn demo(root: &Path, name: &str) -> Result<()> {
     }
     plugins(root)?;
     build_binaries(root)?;
-    let flags = ["--latency-ms", "200", "--vision-latency-ms", "300", "--jitter-ms", "100"];
+    let flags = [
+        "--latency-ms",
+        "200",
+        "--vision-latency-ms",
+        "300",
+        "--jitter-ms",
+        "100",
+    ];
     let mock = MockLlm::start_binary(&root.join("target/release/stagehand-mock-llm"), &flags)?;
     eprintln!("mock LLM at {}", mock.base_url());
     let data_dir = root.join("target/demo").join(name);
     let _ = std::fs::remove_dir_all(&data_dir);
-    let results = root.join("target/demo").join(format!("{name}-results.jsonl"));
+    let results = root
+        .join("target/demo")
+        .join(format!("{name}-results.jsonl"));
     let status = Command::new(root.join("target/release/stagehand"))
-        .args(["run", path(&example.join("pipeline.toml")), path(&example.join("items.jsonl"))])
-        .args(["--out", path(&results), "--data-dir", path(&data_dir), "--llm-base-url", &mock.base_url()])
+        .args([
+            "run",
+            path(&example.join("pipeline.toml")),
+            path(&example.join("items.jsonl")),
+        ])
+        .args([
+            "--out",
+            path(&results),
+            "--data-dir",
+            path(&data_dir),
+            "--llm-base-url",
+            &mock.base_url(),
+        ])
         .status()?;
     eprintln!("results: {}", results.display());
-    if let Some(first) = std::fs::read_to_string(&results).ok().and_then(|t| t.lines().next().map(str::to_string)) {
+    if let Some(first) = std::fs::read_to_string(&results)
+        .ok()
+        .and_then(|t| t.lines().next().map(str::to_string))
+    {
         eprintln!("first result:\n{first}");
     }
     if !status.success() {
@@ -102,21 +148,55 @@ fn demo(root: &Path, name: &str) -> Result<()> {
 
 fn test(root: &Path) -> Result<()> {
     run(root, "cargo", &["fmt", "--all", "--check"])?;
-    run(root, "cargo", &["fmt", "--all", "--check", "--manifest-path", "plugins/Cargo.toml"])?;
+    run(
+        root,
+        "cargo",
+        &[
+            "fmt",
+            "--all",
+            "--check",
+            "--manifest-path",
+            "plugins/Cargo.toml",
+        ],
+    )?;
     plugins(root)?;
     build_binaries(root)?;
-    run(root, "cargo", &["clippy", "--release", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    run(
+        root,
+        "cargo",
+        &[
+            "clippy",
+            "--release",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
     let target_dir = root.join("target");
     run(
         root,
         "cargo",
         &[
-            "clippy", "--release", "--target", WASM_TARGET, "--manifest-path", "plugins/Cargo.toml", "--target-dir", path(&target_dir),
-            "--", "-D", "warnings",
+            "clippy",
+            "--release",
+            "--target",
+            WASM_TARGET,
+            "--manifest-path",
+            "plugins/Cargo.toml",
+            "--target-dir",
+            path(&target_dir),
+            "--",
+            "-D",
+            "warnings",
         ],
     )?;
     let plugins_dir = plugins_dir(root);
-    eprintln!("+ STAGEHAND_PLUGINS_DIR={} cargo test --release --workspace", plugins_dir.display());
+    eprintln!(
+        "+ STAGEHAND_PLUGINS_DIR={} cargo test --release --workspace",
+        plugins_dir.display()
+    );
     let status = Command::new("cargo")
         .args(["test", "--release", "--workspace"])
         .env("STAGEHAND_PLUGINS_DIR", &plugins_dir)
@@ -131,9 +211,20 @@ fn test(root: &Path) -> Result<()> {
 fn bench(root: &Path, args: &[String]) -> Result<()> {
     plugins(root)?;
     build_binaries(root)?;
-    let mut cargo = vec!["bench", "--package", "stagehand", "--bench", "pipeline", "--"];
+    let mut cargo = vec![
+        "bench",
+        "--package",
+        "stagehand",
+        "--bench",
+        "pipeline",
+        "--",
+    ];
     cargo.extend(args.iter().map(String::as_str));
-    let status = Command::new("cargo").args(&cargo).env("STAGEHAND_PLUGINS_DIR", plugins_dir(root)).current_dir(root).status()?;
+    let status = Command::new("cargo")
+        .args(&cargo)
+        .env("STAGEHAND_PLUGINS_DIR", plugins_dir(root))
+        .current_dir(root)
+        .status()?;
     if !status.success() {
         bail!("the benchmark failed ({status})");
     }

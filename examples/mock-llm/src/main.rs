@@ -34,7 +34,10 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 #[derive(Parser, Debug)]
-#[command(name = "stagehand-mock-llm", about = "OpenAI-compatible mock chat server with latency and fault injection")]
+#[command(
+    name = "stagehand-mock-llm",
+    about = "OpenAI-compatible mock chat server with latency and fault injection"
+)]
 struct Args {
     /// Address to listen on; port 0 picks a free one.
     #[arg(long, default_value = "127.0.0.1:8090")]
@@ -91,10 +94,15 @@ struct Mock {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .init();
     let args = Args::parse();
     let rng = fastrand::Rng::with_seed(args.behaviour.seed);
-    let mock = Arc::new(Mock { behaviour: Mutex::new((args.behaviour, rng)), stats: Stats::default() });
+    let mock = Arc::new(Mock {
+        behaviour: Mutex::new((args.behaviour, rng)),
+        stats: Stats::default(),
+    });
     let app = Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/models", get(models))
@@ -111,7 +119,11 @@ async fn main() -> Result<()> {
 }
 
 fn openai_error(status: StatusCode, kind: &str, message: &str) -> Response {
-    (status, Json(json!({ "error": { "message": message, "type": kind, "code": null } }))).into_response()
+    (
+        status,
+        Json(json!({ "error": { "message": message, "type": kind, "code": null } })),
+    )
+        .into_response()
 }
 
 /// What a request asks for, decided by its content.
@@ -127,12 +139,20 @@ async fn chat(State(mock): State<Arc<Mock>>, body: axum::body::Bytes) -> Respons
         Ok(value) => value,
         Err(e) => {
             mock.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
-            return openai_error(StatusCode::BAD_REQUEST, "invalid_request_error", &format!("body is not JSON: {e}"));
+            return openai_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                &format!("body is not JSON: {e}"),
+            );
         }
     };
     let Some(messages) = request.get("messages").and_then(Value::as_array) else {
         mock.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
-        return openai_error(StatusCode::BAD_REQUEST, "invalid_request_error", "`messages` must be an array");
+        return openai_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "`messages` must be an array",
+        );
     };
     let task = classify(messages);
 
@@ -154,19 +174,37 @@ async fn chat(State(mock): State<Arc<Mock>>, body: axum::body::Bytes) -> Respons
             Task::Vision(_) => behaviour.vision_latency_ms.unwrap_or(behaviour.latency_ms),
             _ => behaviour.latency_ms,
         };
-        let jitter = if behaviour.jitter_ms > 0 { rng.u64(0..=behaviour.jitter_ms) } else { 0 };
-        (fault, Duration::from_millis(base + jitter), behaviour.retry_after_s)
+        let jitter = if behaviour.jitter_ms > 0 {
+            rng.u64(0..=behaviour.jitter_ms)
+        } else {
+            0
+        };
+        (
+            fault,
+            Duration::from_millis(base + jitter),
+            behaviour.retry_after_s,
+        )
     };
     match fault {
         Some(StatusCode::TOO_MANY_REQUESTS) => {
             mock.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
-            let mut response = openai_error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", "Rate limit reached (mock)");
-            response.headers_mut().insert("retry-after", HeaderValue::from(retry_after));
+            let mut response = openai_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_exceeded",
+                "Rate limit reached (mock)",
+            );
+            response
+                .headers_mut()
+                .insert("retry-after", HeaderValue::from(retry_after));
             return response;
         }
         Some(StatusCode::INTERNAL_SERVER_ERROR) => {
             mock.stats.server_errors.fetch_add(1, Ordering::Relaxed);
-            return openai_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "The server had an error (mock)");
+            return openai_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "The server had an error (mock)",
+            );
         }
         Some(_) => {
             mock.stats.hung.fetch_add(1, Ordering::Relaxed);
@@ -193,7 +231,11 @@ async fn chat(State(mock): State<Arc<Mock>>, body: axum::body::Bytes) -> Respons
             format!("Mock answer: {text}")
         }
     };
-    let model = request.get("model").and_then(Value::as_str).unwrap_or("mock-1").to_string();
+    let model = request
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock-1")
+        .to_string();
     let prompt_tokens = (body.len() / 4) as u64;
     let completion_tokens = (content.len() / 4).max(1) as u64;
     Json(json!({
@@ -237,8 +279,14 @@ fn classify(messages: &[Value]) -> Task {
     }
     for text in &texts {
         if let Some(rule_at) = text.find("Disposal rule: ") {
-            let category = text.lines().find_map(|l| l.strip_prefix("Category: ")).unwrap_or("unknown").trim().to_string();
-            let rule = serde_json::from_str(text[rule_at + "Disposal rule: ".len()..].trim()).unwrap_or(Value::Null);
+            let category = text
+                .lines()
+                .find_map(|l| l.strip_prefix("Category: "))
+                .unwrap_or("unknown")
+                .trim()
+                .to_string();
+            let rule = serde_json::from_str(text[rule_at + "Disposal rule: ".len()..].trim())
+                .unwrap_or(Value::Null);
             return Task::Answer { category, rule };
         }
     }
@@ -249,7 +297,9 @@ fn classify(messages: &[Value]) -> Task {
 fn image_name(url: &str) -> String {
     if let Some(rest) = url.strip_prefix("data:") {
         let data = rest.split_once(",").map(|(_, d)| d).unwrap_or_default();
-        let bytes = base64::engine::general_purpose::STANDARD.decode(data).unwrap_or_default();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(data)
+            .unwrap_or_default();
         return match String::from_utf8(bytes) {
             Ok(text) => text.to_lowercase(),
             Err(e) => hex(&Sha256::digest(e.as_bytes())),
@@ -300,17 +350,30 @@ fn answer(category: &str, rule: &Value) -> String {
     let steps: Vec<String> = rule
         .get("steps")
         .and_then(Value::as_array)
-        .map(|s| s.iter().filter_map(Value::as_str).map(str::to_string).collect())
+        .map(|s| {
+            s.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect()
+        })
         .filter(|s: &Vec<String>| !s.is_empty())
         .unwrap_or_else(|| vec!["Check your local disposal rules.".to_string()]);
-    let label = rule.get("label").and_then(Value::as_str).unwrap_or(category);
-    let bin = rule.get("bin").and_then(Value::as_str).unwrap_or("the right bin");
+    let label = rule
+        .get("label")
+        .and_then(Value::as_str)
+        .unwrap_or(category);
+    let bin = rule
+        .get("bin")
+        .and_then(Value::as_str)
+        .unwrap_or("the right bin");
     let answer = format!("This is {label}. {} Then put it in {bin}.", steps[0]);
     json!({ "steps": steps, "answer": answer }).to_string()
 }
 
 async fn models() -> Json<Value> {
-    Json(json!({ "object": "list", "data": [{ "id": "mock-1", "object": "model", "owned_by": "stagehand" }] }))
+    Json(
+        json!({ "object": "list", "data": [{ "id": "mock-1", "object": "model", "owned_by": "stagehand" }] }),
+    )
 }
 
 async fn get_config(State(mock): State<Arc<Mock>>) -> Json<Behaviour> {
@@ -322,7 +385,11 @@ async fn set_config(State(mock): State<Arc<Mock>>, Json(patch): Json<Value>) -> 
     let mut guard = mock.behaviour.lock().expect("not poisoned");
     let mut merged = serde_json::to_value(&guard.0).expect("settings serialise");
     let Some(fields) = patch.as_object() else {
-        return openai_error(StatusCode::BAD_REQUEST, "invalid_request_error", "expected a JSON object of settings");
+        return openai_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "expected a JSON object of settings",
+        );
     };
     for (key, value) in fields {
         merged[key] = value.clone();
@@ -333,7 +400,11 @@ async fn set_config(State(mock): State<Arc<Mock>>, Json(patch): Json<Value>) -> 
             guard.0 = behaviour.clone();
             Json(behaviour).into_response()
         }
-        Err(e) => openai_error(StatusCode::BAD_REQUEST, "invalid_request_error", &format!("invalid settings: {e}")),
+        Err(e) => openai_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            &format!("invalid settings: {e}"),
+        ),
     }
 }
 

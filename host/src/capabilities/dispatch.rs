@@ -7,25 +7,44 @@ use crate::runtime::bindings::types::HandlerError;
 use crate::store::{EffectRecord, EffectState, EmitOutcome as Stored, now_ms};
 
 impl Host for HostState {
-    async fn call(&mut self, handler: String, payload: String) -> wasmtime::Result<Result<String, DispatchError>> {
+    async fn call(
+        &mut self,
+        handler: String,
+        payload: String,
+    ) -> wasmtime::Result<Result<String, DispatchError>> {
         let Some(component) = self.caps.handlers.get(&handler).cloned() else {
             return Ok(Err(DispatchError::NoSuchHandler(handler)));
         };
-        let call = component.handle(self.caps.clone(), self.context.clone(), None, &payload, self.cancel.clone());
+        let call = component.handle(
+            self.caps.clone(),
+            self.context.clone(),
+            None,
+            &payload,
+            self.cancel.clone(),
+        );
         Ok(match self.meter.host_call(call).await {
             Ok((output, _)) => Ok(output),
-            Err(Failure::Retryable(m)) => Err(DispatchError::HandlerFailed(HandlerError::Retryable(m))),
+            Err(Failure::Retryable(m)) => {
+                Err(DispatchError::HandlerFailed(HandlerError::Retryable(m)))
+            }
             Err(Failure::Fatal(m)) => Err(DispatchError::HandlerFailed(HandlerError::Fatal(m))),
             Err(other) => Err(DispatchError::Host(format!("handler `{handler}`: {other}"))),
         })
     }
 
-    async fn emit(&mut self, handler: String, payload: String, key: String) -> wasmtime::Result<Result<EmitOutcome, DispatchError>> {
+    async fn emit(
+        &mut self,
+        handler: String,
+        payload: String,
+        key: String,
+    ) -> wasmtime::Result<Result<EmitOutcome, DispatchError>> {
         if !self.caps.handlers.contains_key(&handler) {
             return Ok(Err(DispatchError::NoSuchHandler(handler)));
         }
         if key.is_empty() {
-            return Ok(Err(DispatchError::Host("the idempotency key is empty".into())));
+            return Ok(Err(DispatchError::Host(
+                "the idempotency key is empty".into(),
+            )));
         }
         let c = &self.context;
         let record = EffectRecord {
@@ -48,7 +67,9 @@ impl Host for HostState {
                 Ok(EmitOutcome::Accepted)
             }
             Ok(Stored::Duplicate) => Ok(EmitOutcome::Duplicate),
-            Err(e) => Err(DispatchError::Host(format!("cannot record the effect: {e:#}"))),
+            Err(e) => Err(DispatchError::Host(format!(
+                "cannot record the effect: {e:#}"
+            ))),
         })
     }
 }

@@ -16,7 +16,9 @@ use tokio::sync::Semaphore;
 
 use super::HostState;
 use crate::config::LlmConfig;
-use crate::runtime::bindings::llm::{ChatRequest, ChatResponse, ContentPart, Host, LlmError, Role, Usage};
+use crate::runtime::bindings::llm::{
+    ChatRequest, ChatResponse, ContentPart, Host, LlmError, Role, Usage,
+};
 
 /// Counters of one provider, for summaries and metrics.
 #[derive(Debug, Default)]
@@ -43,7 +45,10 @@ const MAX_QUOTED_BODY: usize = 300;
 impl LlmClient {
     pub fn new(config: &LlmConfig) -> Result<Self> {
         let api_key = match &config.api_key_env {
-            Some(var) => Some(std::env::var(var).with_context(|| format!("`llm.api_key_env` names ${var}, which is not set"))?),
+            Some(var) => Some(
+                std::env::var(var)
+                    .with_context(|| format!("`llm.api_key_env` names ${var}, which is not set"))?,
+            ),
             None => None,
         };
         let http = reqwest::Client::builder()
@@ -63,13 +68,21 @@ impl LlmClient {
     }
 
     pub async fn chat(&self, request: ChatRequest) -> Result<ChatResponse, LlmError> {
-        let _permit = self.in_flight.acquire().await.map_err(|_| LlmError::Unavailable("client shut down".into()))?;
+        let _permit = self
+            .in_flight
+            .acquire()
+            .await
+            .map_err(|_| LlmError::Unavailable("client shut down".into()))?;
         self.usage.requests.fetch_add(1, Ordering::Relaxed);
         let result = self.send(request).await;
         match &result {
             Ok(response) => {
-                self.usage.prompt_tokens.fetch_add(response.usage.prompt_tokens.into(), Ordering::Relaxed);
-                self.usage.completion_tokens.fetch_add(response.usage.completion_tokens.into(), Ordering::Relaxed);
+                self.usage
+                    .prompt_tokens
+                    .fetch_add(response.usage.prompt_tokens.into(), Ordering::Relaxed);
+                self.usage
+                    .completion_tokens
+                    .fetch_add(response.usage.completion_tokens.into(), Ordering::Relaxed);
             }
             Err(LlmError::RateLimited(_)) => {
                 self.usage.rate_limited.fetch_add(1, Ordering::Relaxed);
@@ -86,17 +99,29 @@ impl LlmClient {
         if let Some(key) = &self.api_key {
             http = http.bearer_auth(key);
         }
-        let response = http.send().await.map_err(|e| LlmError::Unavailable(describe(&e)))?;
+        let response = http
+            .send()
+            .await
+            .map_err(|e| LlmError::Unavailable(describe(&e)))?;
         let status = response.status();
         if status == StatusCode::TOO_MANY_REQUESTS {
             return Err(LlmError::RateLimited(retry_after_ms(response.headers())));
         }
-        let body = response.text().await.map_err(|e| LlmError::Unavailable(describe(&e)))?;
+        let body = response
+            .text()
+            .await
+            .map_err(|e| LlmError::Unavailable(describe(&e)))?;
         if status.is_server_error() {
-            return Err(LlmError::Unavailable(format!("{status}: {}", crate::text::truncate(&body, MAX_QUOTED_BODY))));
+            return Err(LlmError::Unavailable(format!(
+                "{status}: {}",
+                crate::text::truncate(&body, MAX_QUOTED_BODY)
+            )));
         }
         if !status.is_success() {
-            return Err(LlmError::Rejected(format!("{status}: {}", crate::text::truncate(&body, MAX_QUOTED_BODY))));
+            return Err(LlmError::Rejected(format!(
+                "{status}: {}",
+                crate::text::truncate(&body, MAX_QUOTED_BODY)
+            )));
         }
         parse_completion(&body)
     }
@@ -117,7 +142,9 @@ impl LlmClient {
                     .into_iter()
                     .map(|part| match part {
                         ContentPart::Text(text) => json!({ "type": "text", "text": text }),
-                        ContentPart::ImageUrl(url) => json!({ "type": "image_url", "image_url": { "url": url } }),
+                        ContentPart::ImageUrl(url) => {
+                            json!({ "type": "image_url", "image_url": { "url": url } })
+                        }
                     })
                     .collect();
                 json!({ "role": role, "content": parts })
@@ -152,7 +179,12 @@ fn describe(error: &reqwest::Error) -> String {
 
 /// `Retry-After` in seconds (the standard) or `retry-after-ms` (OpenAI's), in milliseconds.
 fn retry_after_ms(headers: &HeaderMap) -> Option<u64> {
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<f64>().ok());
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
     if let Some(ms) = header("retry-after-ms") {
         return Some(ms.max(0.0) as u64);
     }
@@ -188,23 +220,40 @@ struct CompletionUsage {
 }
 
 fn parse_completion(body: &str) -> Result<ChatResponse, LlmError> {
-    let completion: Completion = serde_json::from_str(body)
-        .map_err(|e| LlmError::BadResponse(format!("{e}: {}", crate::text::truncate(body, MAX_QUOTED_BODY))))?;
+    let completion: Completion = serde_json::from_str(body).map_err(|e| {
+        LlmError::BadResponse(format!(
+            "{e}: {}",
+            crate::text::truncate(body, MAX_QUOTED_BODY)
+        ))
+    })?;
     let text = completion
         .choices
         .into_iter()
         .next()
         .and_then(|c| c.message.content)
         .ok_or_else(|| LlmError::BadResponse("no message content in the first choice".into()))?;
-    let usage = completion.usage.map_or(Usage { prompt_tokens: 0, completion_tokens: 0 }, |u| Usage {
-        prompt_tokens: u.prompt_tokens,
-        completion_tokens: u.completion_tokens,
-    });
-    Ok(ChatResponse { text, model: completion.model, usage })
+    let usage = completion.usage.map_or(
+        Usage {
+            prompt_tokens: 0,
+            completion_tokens: 0,
+        },
+        |u| Usage {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+        },
+    );
+    Ok(ChatResponse {
+        text,
+        model: completion.model,
+        usage,
+    })
 }
 
 impl Host for HostState {
-    async fn chat(&mut self, request: ChatRequest) -> wasmtime::Result<Result<ChatResponse, LlmError>> {
+    async fn chat(
+        &mut self,
+        request: ChatRequest,
+    ) -> wasmtime::Result<Result<ChatResponse, LlmError>> {
         let caps = self.caps.clone();
         Ok(self.meter.host_call(caps.llm.chat(request)).await)
     }
@@ -227,9 +276,15 @@ mod tests {
     #[test]
     fn completion_without_content_is_a_bad_response() {
         let body = r#"{"model":"m","choices":[{"message":{"role":"assistant"}}]}"#;
-        assert!(matches!(parse_completion(body), Err(LlmError::BadResponse(_))));
+        assert!(matches!(
+            parse_completion(body),
+            Err(LlmError::BadResponse(_))
+        ));
         let ok = r#"{"model":"m","choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":3,"completion_tokens":1}}"#;
         let response = parse_completion(ok).unwrap();
-        assert_eq!((response.text.as_str(), response.usage.prompt_tokens), ("hi", 3));
+        assert_eq!(
+            (response.text.as_str(), response.usage.prompt_tokens),
+            ("hi", 3)
+        );
     }
 }

@@ -105,7 +105,9 @@ impl HostState {
         progress: Option<ProgressSink>,
     ) -> Self {
         let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
-        let wasi = wasmtime_wasi::WasiCtxBuilder::new().stderr(stderr.clone()).build();
+        let wasi = wasmtime_wasi::WasiCtxBuilder::new()
+            .stderr(stderr.clone())
+            .build();
         let clock = caps.runtime.clock().clone();
         let budget = (limits.cpu.as_millis() / crate::runtime::TICK.as_millis()).max(1) as u64;
         Self {
@@ -131,13 +133,18 @@ impl HostState {
 
     /// What the guest wrote to stderr (a Rust panic message, typically), trimmed.
     pub(crate) fn stderr(&self) -> String {
-        String::from_utf8_lossy(&self.stderr.contents()).trim().to_string()
+        String::from_utf8_lossy(&self.stderr.contents())
+            .trim()
+            .to_string()
     }
 }
 
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 

@@ -22,7 +22,11 @@ const MAX_MESSAGE: usize = 500;
 impl Host for HostState {
     async fn report(&mut self, fraction: f32, message: String) -> wasmtime::Result<()> {
         if let Some(sink) = &self.progress {
-            let fraction = if fraction.is_nan() { 0.0 } else { fraction.clamp(0.0, 1.0) };
+            let fraction = if fraction.is_nan() {
+                0.0
+            } else {
+                fraction.clamp(0.0, 1.0)
+            };
             sink(ProgressUpdate {
                 item_index: self.context.item_index,
                 stage: self.context.stage.clone(),

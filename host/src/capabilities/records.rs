@@ -4,15 +4,32 @@ use super::HostState;
 use crate::runtime::bindings::records::Host;
 
 impl Host for HostState {
-    async fn put(&mut self, collection: String, key: String, value: String) -> wasmtime::Result<Result<(), String>> {
+    async fn put(
+        &mut self,
+        collection: String,
+        key: String,
+        value: String,
+    ) -> wasmtime::Result<Result<(), String>> {
         if serde_json::from_str::<serde::de::IgnoredAny>(&value).is_err() {
             return Ok(Err(format!("record `{collection}/{key}` is not JSON")));
         }
-        Ok(self.caps.store.put_record(&collection, &key, value.as_bytes()).map_err(|e| format!("{e:#}")))
+        Ok(self
+            .caps
+            .store
+            .put_record(&collection, &key, value.as_bytes())
+            .map_err(|e| format!("{e:#}")))
     }
 
-    async fn get(&mut self, collection: String, key: String) -> wasmtime::Result<Result<Option<String>, String>> {
-        let found = self.caps.store.record(&collection, &key).map_err(|e| format!("{e:#}"));
+    async fn get(
+        &mut self,
+        collection: String,
+        key: String,
+    ) -> wasmtime::Result<Result<Option<String>, String>> {
+        let found = self
+            .caps
+            .store
+            .record(&collection, &key)
+            .map_err(|e| format!("{e:#}"));
         Ok(found.map(|v| v.map(|bytes| String::from_utf8_lossy(&bytes).into_owned())))
     }
 }

@@ -9,7 +9,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "stagehand", version, about = "Run multi-step LLM pipelines built from WebAssembly stages")]
+#[command(
+    name = "stagehand",
+    version,
+    about = "Run multi-step LLM pipelines built from WebAssembly stages"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,

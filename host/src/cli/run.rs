@@ -47,17 +47,25 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         bail!("--concurrency must be at least 1");
     }
     config.run.concurrency = concurrency;
-    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
     let store = Store::open(&args.data_dir.join("store"))?;
     let runtime = Pipeline::runtime_for(&config, &args.data_dir)?;
     let pipeline = Pipeline::load(config, runtime, store.clone()).await?;
 
     let job = JobRecord::new(&pipeline.config.name);
     let job = store.create_job(job, read_items(&args.items)?).await?;
-    eprintln!("job {} of pipeline `{}`: {} items", job.id, job.pipeline, job.total);
+    eprintln!(
+        "job {} of pipeline `{}`: {} items",
+        job.id, job.pipeline, job.total
+    );
 
     let shutdown = CancellationToken::new();
-    let (effects, effects_task) = EffectRunner::spawn(pipeline.caps.clone(), pipeline.config.run.effect_concurrency, shutdown.clone());
+    let (effects, effects_task) = EffectRunner::spawn(
+        pipeline.caps.clone(),
+        pipeline.config.run.effect_concurrency,
+        shutdown.clone(),
+    );
     let cancel = CancellationToken::new();
     let on_ctrl_c = cancel.clone();
     tokio::spawn(async move {
@@ -73,13 +81,21 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     );
     let started = Instant::now();
     let failures = std::sync::atomic::AtomicU64::new(0);
-    let outcome = run_job(pipeline.clone(), job, false, concurrency, cancel, None, |result| {
-        bar.inc(1);
-        if result.status == ItemStatus::Failed {
-            let failed = failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-            bar.set_message(format!("{failed} failed"));
-        }
-    })
+    let outcome = run_job(
+        pipeline.clone(),
+        job,
+        false,
+        concurrency,
+        cancel,
+        None,
+        |result| {
+            bar.inc(1);
+            if result.status == ItemStatus::Failed {
+                let failed = failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                bar.set_message(format!("{failed} failed"));
+            }
+        },
+    )
     .await?;
     bar.finish_and_clear();
     effects.wait_idle().await;
@@ -91,13 +107,24 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     if let Some(out) = &args.out {
         write_results(&store, job.id, out)?;
     }
-    print_summary(&pipeline, &store, job.id, started.elapsed(), outcome.not_run)?;
-    Ok(if job.failed > 0 || outcome.not_run > 0 { ExitCode::from(EXIT_ITEMS_FAILED) } else { ExitCode::SUCCESS })
+    print_summary(
+        &pipeline,
+        &store,
+        job.id,
+        started.elapsed(),
+        outcome.not_run,
+    )?;
+    Ok(if job.failed > 0 || outcome.not_run > 0 {
+        ExitCode::from(EXIT_ITEMS_FAILED)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// Each non-blank line, checked to be JSON, as it was written.
 fn read_items(path: &PathBuf) -> Result<impl Iterator<Item = Result<Vec<u8>>> + use<>> {
-    let file = std::fs::File::open(path).with_context(|| format!("cannot read items from {}", path.display()))?;
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("cannot read items from {}", path.display()))?;
     let path = path.display().to_string();
     let lines = BufReader::new(file).lines().enumerate();
     Ok(lines.filter_map(move |(n, line)| {
@@ -117,7 +144,8 @@ fn read_items(path: &PathBuf) -> Result<impl Iterator<Item = Result<Vec<u8>>> + 
 }
 
 fn write_results(store: &Store, job: uuid::Uuid, out: &PathBuf) -> Result<()> {
-    let file = std::fs::File::create(out).with_context(|| format!("cannot write {}", out.display()))?;
+    let file =
+        std::fs::File::create(out).with_context(|| format!("cannot write {}", out.display()))?;
     let mut writer = BufWriter::new(file);
     for result in store.results(job, None) {
         serde_json::to_writer(&mut writer, &result?)?;
@@ -127,21 +155,35 @@ fn write_results(store: &Store, job: uuid::Uuid, out: &PathBuf) -> Result<()> {
     Ok(())
 }
 
-fn print_summary(pipeline: &Arc<Pipeline>, store: &Store, job: uuid::Uuid, elapsed: std::time::Duration, not_run: u64) -> Result<()> {
+fn print_summary(
+    pipeline: &Arc<Pipeline>,
+    store: &Store,
+    job: uuid::Uuid,
+    elapsed: std::time::Duration,
+    not_run: u64,
+) -> Result<()> {
     let record = store.job(job)?.context("the job vanished from the store")?;
     let secs = elapsed.as_secs_f64();
     println!(
         "{} succeeded, {} failed{} of {} items in {:.2}s ({:.1} items/s); job {}",
         record.succeeded,
         record.failed,
-        if not_run > 0 { format!(", {not_run} not run (cancelled)") } else { String::new() },
+        if not_run > 0 {
+            format!(", {not_run} not run (cancelled)")
+        } else {
+            String::new()
+        },
         record.total,
         secs,
         (record.succeeded + record.failed) as f64 / secs.max(1e-9),
         record.id,
     );
     // Per-stage time and the first few failures, read back from the store.
-    let names: Vec<&str> = pipeline.stages.iter().map(|s| s.config.name.as_str()).collect();
+    let names: Vec<&str> = pipeline
+        .stages
+        .iter()
+        .map(|s| s.config.name.as_str())
+        .collect();
     let mut totals = vec![(0.0f64, 0u64); names.len()];
     let mut shown = 0;
     for result in store.results(job, None) {
@@ -153,14 +195,21 @@ fn print_summary(pipeline: &Arc<Pipeline>, store: &Store, job: uuid::Uuid, elaps
             }
         }
         if let (Some(error), true) = (&result.error, shown < 5) {
-            println!("  item {}: {} ({})", result.index, error.message, error.kind);
+            println!(
+                "  item {}: {} ({})",
+                result.index, error.message, error.kind
+            );
             shown += 1;
         }
     }
     let all: f64 = totals.iter().map(|t| t.0).sum();
     for (name, (ms, n)) in names.iter().zip(&totals) {
         if *n > 0 {
-            println!("  {name:<12} avg {:>8.1} ms  share {:>5.1}%", ms / *n as f64, 100.0 * ms / all.max(1e-9));
+            println!(
+                "  {name:<12} avg {:>8.1} ms  share {:>5.1}%",
+                ms / *n as f64,
+                100.0 * ms / all.max(1e-9)
+            );
         }
     }
     let usage = &pipeline.caps.llm.usage;

@@ -65,7 +65,11 @@ pub async fn run_job(
             permit = permits.clone().acquire_owned() => permit.expect("never closed"),
             () = cancel.cancelled() => { not_run += 1; continue; }
         };
-        let item = ItemRef { job_id: job.id, item_id: job.item_id(index), index };
+        let item = ItemRef {
+            job_id: job.id,
+            item_id: job.item_id(index),
+            index,
+        };
         let (pipeline, cancel, progress) = (pipeline.clone(), cancel.clone(), progress.clone());
         running.spawn(async move {
             let result = run_item(&pipeline, item, input, resume, &cancel, progress).await;
@@ -79,7 +83,11 @@ pub async fn run_job(
     while let Some(done) = running.join_next().await {
         record(&mut job, &done.context("an item task panicked")??);
     }
-    job.state = if cancel.is_cancelled() { JobState::Cancelled } else { JobState::Completed };
+    job.state = if cancel.is_cancelled() {
+        JobState::Cancelled
+    } else {
+        JobState::Completed
+    };
     job.finished_at = Some(now_ms());
     store.put_job(&job)?;
     store.flush().await?;

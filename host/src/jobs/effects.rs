@@ -27,8 +27,16 @@ const IDLE_POLL: Duration = Duration::from_millis(500);
 
 impl EffectRunner {
     /// Start running effects, `concurrency` at a time, until `shutdown`.
-    pub fn spawn(caps: Arc<Capabilities>, concurrency: usize, shutdown: CancellationToken) -> (Arc<Self>, JoinHandle<Result<()>>) {
-        let runner = Arc::new(Self { caps, in_flight: AtomicUsize::new(0), settled: Notify::new() });
+    pub fn spawn(
+        caps: Arc<Capabilities>,
+        concurrency: usize,
+        shutdown: CancellationToken,
+    ) -> (Arc<Self>, JoinHandle<Result<()>>) {
+        let runner = Arc::new(Self {
+            caps,
+            in_flight: AtomicUsize::new(0),
+            settled: Notify::new(),
+        });
         let task = tokio::spawn(runner.clone().run(concurrency, shutdown));
         (runner, task)
     }
@@ -81,7 +89,13 @@ impl EffectRunner {
                     stage: record.stage.clone(),
                 };
                 handler
-                    .handle(self.caps.clone(), context, Some(&record.key), &record.payload, shutdown)
+                    .handle(
+                        self.caps.clone(),
+                        context,
+                        Some(&record.key),
+                        &record.payload,
+                        shutdown,
+                    )
                     .await
                     .map(|(output, _)| output)
                     .map_err(|failure| failure.to_string())
@@ -104,7 +118,8 @@ impl EffectRunner {
     pub async fn wait_idle(&self) {
         loop {
             let settled = self.settled.notified();
-            if !self.caps.store.has_pending_effects() && self.in_flight.load(Ordering::SeqCst) == 0 {
+            if !self.caps.store.has_pending_effects() && self.in_flight.load(Ordering::SeqCst) == 0
+            {
                 return;
             }
             self.caps.effects_waiting.notify_one();

@@ -1,9 +1,13 @@
 //! One item through the pipeline's stages.
 //!
 //! Each stage gets the envelope `{"item": ..., "stages": {"<name>": <output>, ...}}` built by
-//! concatenating stored JSON (nothing is parsed on the way). Every stage output but the last is
-//! persisted before the next stage starts, so a resumed item reuses what it already computed;
-//! the item's result holds every stage's output.
+//! concatenating stored JSON (nothing is parsed on the way).
+//!
+//! Checkpoints: a stage that took at least `[run] checkpoint_after_ms` (an LLM call, say) has
+//! its output written to the store before the next stage starts, so a crash or a resume does
+//! not pay for it twice; a stage quicker than that is cheaper to run again than to write. When
+//! an item fails, every output it has is checkpointed, so reprocessing starts at the failed
+//! stage. When it succeeds, its result holds every stage's output and its checkpoints go.
 
 use std::sync::Arc;
 
@@ -38,15 +42,26 @@ pub async fn run_item(
     progress: Option<ProgressSink>,
 ) -> Result<ItemResult> {
     let store = pipeline.store();
+    let checkpoint_after =
+        std::time::Duration::from_millis(pipeline.config.run.checkpoint_after_ms);
     let mut outputs: Vec<(&str, Vec<u8>)> = Vec::with_capacity(pipeline.stages.len());
+    let mut checkpointed: Vec<&str> = Vec::new();
     let mut runs = Vec::with_capacity(pipeline.stages.len());
     let last = pipeline.stages.len() - 1;
     for (position, stage) in pipeline.stages.iter().enumerate() {
         let name = stage.config.name.as_str();
         if resume && position < last {
             if let Some(output) = store.stage_output(item.job_id, item.index, name)? {
-                runs.push(StageRun { stage: name.into(), digest: String::new(), attempt: 0, duration_ms: 0.0, cpu_ms: 0.0, reused: true });
+                runs.push(StageRun {
+                    stage: name.into(),
+                    digest: String::new(),
+                    attempt: 0,
+                    duration_ms: 0.0,
+                    cpu_ms: 0.0,
+                    reused: true,
+                });
                 outputs.push((name, output.to_vec()));
+                checkpointed.push(name);
                 continue;
             }
         }
@@ -76,8 +91,13 @@ pub async fn run_item(
                     cpu_ms: stats.cpu.as_secs_f64() * 1000.0,
                     reused: false,
                 });
-                if position < last {
-                    store.put_stage_output(item.job_id, item.index, name, output.as_bytes())?;
+                if position < last && stats.duration >= checkpoint_after {
+                    store.put_stage_outputs(
+                        item.job_id,
+                        item.index,
+                        [(name, output.as_bytes())],
+                    )?;
+                    checkpointed.push(name);
                 }
                 outputs.push((name, output.into_bytes()));
             }
@@ -88,13 +108,30 @@ pub async fn run_item(
                     message: format!("stage `{name}`: {failure}"),
                     retryable: failure.retryable(),
                 };
+                let unsaved = outputs.iter().filter(|(n, _)| !checkpointed.contains(n));
+                store.put_stage_outputs(
+                    item.job_id,
+                    item.index,
+                    unsaved.map(|(n, o)| (*n, o.as_slice())),
+                )?;
                 return finish(pipeline, item, ItemStatus::Failed, None, Some(error), runs);
             }
         }
     }
     // The runtime checked that every output is JSON, so this is JSON too.
     let output = RawValue::from_string(stage_map(&outputs))?;
-    finish(pipeline, item, ItemStatus::Succeeded, Some(output), None, runs)
+    let result = finish(
+        pipeline,
+        item,
+        ItemStatus::Succeeded,
+        Some(output),
+        None,
+        runs,
+    )?;
+    if !checkpointed.is_empty() {
+        store.remove_stage_outputs(item.job_id, item.index, checkpointed)?;
+    }
+    Ok(result)
 }
 
 fn finish(
@@ -105,7 +142,15 @@ fn finish(
     error: Option<ItemError>,
     stages: Vec<StageRun>,
 ) -> Result<ItemResult> {
-    let result = ItemResult { index: item.index, item_id: item.item_id, status, output, error, stages, finished_at: now_ms() };
+    let result = ItemResult {
+        index: item.index,
+        item_id: item.item_id,
+        status,
+        output,
+        error,
+        stages,
+        finished_at: now_ms(),
+    };
     pipeline.store().put_result(item.job_id, &result)?;
     Ok(result)
 }
@@ -125,7 +170,13 @@ fn envelope(input: &[u8], outputs: &[(&str, Vec<u8>)]) -> String {
 /// `{"<name>":<output>,...}`. Stage names are checked by the config to need no escaping, and
 /// outputs are JSON already, so this concatenates instead of parsing.
 fn stage_map(outputs: &[(&str, Vec<u8>)]) -> String {
-    let mut map = String::with_capacity(outputs.iter().map(|(n, o)| n.len() + o.len() + 4).sum::<usize>() + 2);
+    let mut map = String::with_capacity(
+        outputs
+            .iter()
+            .map(|(n, o)| n.len() + o.len() + 4)
+            .sum::<usize>()
+            + 2,
+    );
     map.push('{');
     for (i, (name, output)) in outputs.iter().enumerate() {
         if i > 0 {
@@ -146,12 +197,23 @@ mod tests {
 
     #[test]
     fn envelope_is_json_with_outputs_in_order() {
-        let text = envelope(br#"{"a":1}"#, &[("vision", br#"{"c":"x"}"#.to_vec()), ("rule", b"[1]".to_vec())]);
+        let text = envelope(
+            br#"{"a":1}"#,
+            &[
+                ("vision", br#"{"c":"x"}"#.to_vec()),
+                ("rule", b"[1]".to_vec()),
+            ],
+        );
         let value: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(value["item"]["a"], 1);
         assert_eq!(value["stages"]["vision"]["c"], "x");
         assert_eq!(value["stages"]["rule"][0], 1);
-        let keys: Vec<_> = value["stages"].as_object().unwrap().keys().cloned().collect();
+        let keys: Vec<_> = value["stages"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
         assert_eq!(keys.len(), 2);
         assert_eq!(envelope(b"null", &[]), r#"{"item":null,"stages":{}}"#);
     }

@@ -34,10 +34,14 @@ pub fn digest(bytes: &[u8]) -> String {
 impl CompileCache {
     pub fn new(engine: &Engine, dir: impl Into<PathBuf>) -> Result<Self> {
         let dir = dir.into();
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create compile cache {}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create compile cache {}", dir.display()))?;
         let mut hasher = DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
-        Ok(Self { dir, engine_key: format!("{:016x}", hasher.finish()) })
+        Ok(Self {
+            dir,
+            engine_key: format!("{:016x}", hasher.finish()),
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -50,7 +54,12 @@ impl CompileCache {
 
     /// The compiled component for `bytes` (whose sha256 is `digest`): from disk if it is there
     /// and loads, else compiled (off the async threads) and written for next time.
-    pub async fn load(&self, engine: &Engine, digest: &str, bytes: Vec<u8>) -> Result<(Component, CacheOutcome)> {
+    pub async fn load(
+        &self,
+        engine: &Engine,
+        digest: &str,
+        bytes: Vec<u8>,
+    ) -> Result<(Component, CacheOutcome)> {
         let artifact = self.artifact(digest);
         if artifact.is_file() {
             // SAFETY: the file was written by `Component::serialize` of this engine
@@ -58,7 +67,9 @@ impl CompileCache {
             // that only this process writes; wasmtime still checks its header and version.
             match unsafe { Component::deserialize_file(engine, &artifact) } {
                 Ok(component) => return Ok((component, CacheOutcome::Hit)),
-                Err(error) => tracing::warn!(%error, path = %artifact.display(), "compiled artifact unusable; recompiling"),
+                Err(error) => {
+                    tracing::warn!(%error, path = %artifact.display(), "compiled artifact unusable; recompiling")
+                }
             }
         }
         let engine = engine.clone();
@@ -71,7 +82,9 @@ impl CompileCache {
         .await??;
         let elapsed = started.elapsed();
         let tmp = artifact.with_extension(format!("tmp{}", std::process::id()));
-        if let Err(error) = std::fs::write(&tmp, serialized).and_then(|()| std::fs::rename(&tmp, &artifact)) {
+        if let Err(error) =
+            std::fs::write(&tmp, serialized).and_then(|()| std::fs::rename(&tmp, &artifact))
+        {
             tracing::warn!(%error, path = %artifact.display(), "cannot store compiled artifact");
         }
         Ok((component, CacheOutcome::Compiled(elapsed)))

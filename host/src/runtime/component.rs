@@ -66,7 +66,9 @@ pub struct HandlerComponent {
 impl StageComponent {
     pub async fn load(runtime: &Runtime, name: &str, path: &Path) -> Result<Arc<Self>> {
         let bytes = read(path)?;
-        Self::from_bytes(runtime, name, bytes).await.with_context(|| format!("stage `{name}` ({})", path.display()))
+        Self::from_bytes(runtime, name, bytes)
+            .await
+            .with_context(|| format!("stage `{name}` ({})", path.display()))
     }
 
     pub async fn from_bytes(runtime: &Runtime, name: &str, bytes: Vec<u8>) -> Result<Arc<Self>> {
@@ -74,27 +76,54 @@ impl StageComponent {
         let (digest, component, cache) = compile(runtime, bytes).await?;
         let mut linker = Linker::new(runtime.engine());
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-        super::bindings::stage::Stage::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)?;
+        super::bindings::stage::Stage::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
+            &mut linker,
+            |s| s,
+        )?;
         let pre = StagePre::new(pre_instantiate(runtime, &linker, &component, World::Stage)?)?;
-        let meta = LoadedComponent { name: name.to_string(), digest, cache, load_time: started.elapsed() };
+        let meta = LoadedComponent {
+            name: name.to_string(),
+            digest,
+            cache,
+            load_time: started.elapsed(),
+        };
         Ok(Arc::new(Self { meta, pre }))
     }
 }
 
 impl HandlerComponent {
-    pub async fn load(runtime: &Runtime, name: &str, path: &Path, limits: Limits) -> Result<Arc<Self>> {
+    pub async fn load(
+        runtime: &Runtime,
+        name: &str,
+        path: &Path,
+        limits: Limits,
+    ) -> Result<Arc<Self>> {
         let started = Instant::now();
         let bytes = read(path)?;
         let load = async {
             let (digest, component, cache) = compile(runtime, bytes).await?;
             let mut linker = Linker::new(runtime.engine());
             wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-            super::bindings::handler::Handler::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)?;
-            let pre = HandlerPre::new(pre_instantiate(runtime, &linker, &component, World::Handler)?)?;
-            let meta = LoadedComponent { name: name.to_string(), digest, cache, load_time: started.elapsed() };
+            super::bindings::handler::Handler::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
+                &mut linker,
+                |s| s,
+            )?;
+            let pre = HandlerPre::new(pre_instantiate(
+                runtime,
+                &linker,
+                &component,
+                World::Handler,
+            )?)?;
+            let meta = LoadedComponent {
+                name: name.to_string(),
+                digest,
+                cache,
+                load_time: started.elapsed(),
+            };
             anyhow::Ok(Arc::new(Self { meta, limits, pre }))
         };
-        load.await.with_context(|| format!("handler `{name}` ({})", path.display()))
+        load.await
+            .with_context(|| format!("handler `{name}` ({})", path.display()))
     }
 }
 
@@ -107,7 +136,11 @@ async fn compile(runtime: &Runtime, bytes: Vec<u8>) -> Result<(String, Component
         bail!("not a WebAssembly file");
     }
     let digest = digest(&bytes);
-    let (component, outcome) = runtime.cache().load(runtime.engine(), &digest, bytes).await.context("not a valid component")?;
+    let (component, outcome) = runtime
+        .cache()
+        .load(runtime.engine(), &digest, bytes)
+        .await
+        .context("not a valid component")?;
     Ok((digest, component, outcome))
 }
 
@@ -120,7 +153,11 @@ fn pre_instantiate(
     world: World,
 ) -> Result<wasmtime::component::InstancePre<HostState>> {
     let engine = runtime.engine();
-    let exports: Vec<String> = component.component_type().exports(engine).map(|(name, _)| name.to_string()).collect();
+    let exports: Vec<String> = component
+        .component_type()
+        .exports(engine)
+        .map(|(name, _)| name.to_string())
+        .collect();
     let export = world.export();
     let exports_it = component
         .component_type()
@@ -130,11 +167,20 @@ fn pre_instantiate(
         bail!(
             "does not implement world `{}` of stagehand:pipeline@0.1.0: missing export `{export}` (it exports: {})",
             world.name(),
-            if exports.is_empty() { "nothing".to_string() } else { exports.join(", ") }
+            if exports.is_empty() {
+                "nothing".to_string()
+            } else {
+                exports.join(", ")
+            }
         );
     }
     linker
         .instantiate_pre(component)
         .map_err(anyhow::Error::from)
-        .with_context(|| format!("its imports do not match world `{}` of stagehand:pipeline@0.1.0", world.name()))
+        .with_context(|| {
+            format!(
+                "its imports do not match world `{}` of stagehand:pipeline@0.1.0",
+                world.name()
+            )
+        })
 }

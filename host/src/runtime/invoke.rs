@@ -36,7 +36,11 @@ pub enum Failure {
 }
 
 fn stderr_suffix(stderr: &str) -> String {
-    if stderr.is_empty() { String::new() } else { format!(" (guest stderr: {stderr})") }
+    if stderr.is_empty() {
+        String::new()
+    } else {
+        format!(" (guest stderr: {stderr})")
+    }
 }
 
 /// A short, stable name for each kind of failure, as stored in results.
@@ -87,7 +91,10 @@ impl Failure {
     /// Whether another attempt could succeed: upstream trouble and timeouts may pass; a guest's
     /// bug, budget or bad output will not.
     pub fn retryable(&self) -> bool {
-        matches!(self, Failure::Retryable(_) | Failure::Timeout(_) | Failure::Host(_))
+        matches!(
+            self,
+            Failure::Retryable(_) | Failure::Timeout(_) | Failure::Host(_)
+        )
     }
 }
 
@@ -142,12 +149,20 @@ impl HandlerComponent {
         cancel: CancellationToken,
     ) -> Result<(String, CallStats), Failure> {
         let limits = self.limits;
-        let mut store = new_store(Call { caps, context: context.clone(), limits, cancel: cancel.clone(), progress: None });
+        let mut store = new_store(Call {
+            caps,
+            context: context.clone(),
+            limits,
+            cancel: cancel.clone(),
+            progress: None,
+        });
         let started = Instant::now();
         let key = key.map(str::to_string);
         let result = bounded(&limits, &cancel, async {
             let handler = self.pre.instantiate_async(&mut store).await?;
-            handler.call_handle(&mut store, &context, key.as_deref(), payload).await
+            handler
+                .call_handle(&mut store, &context, key.as_deref(), payload)
+                .await
         })
         .await;
         let output = match result {
@@ -164,7 +179,13 @@ impl HandlerComponent {
 
 fn new_store(call: Call) -> Store<HostState> {
     let engine = call.caps.runtime.engine().clone();
-    let state = HostState::new(call.caps, call.context, &call.limits, call.cancel, call.progress);
+    let state = HostState::new(
+        call.caps,
+        call.context,
+        &call.limits,
+        call.cancel,
+        call.progress,
+    );
     let mut store = Store::new(&engine, state);
     store.limiter(|state| &mut state.limiter);
     // Called at every tick while guest code runs: stop a cancelled or over-budget guest, else
@@ -187,7 +208,11 @@ fn new_store(call: Call) -> Store<HostState> {
 
 /// `call`, unless the wall-clock limit passes or the token is cancelled first (which drops the
 /// call, and with it any host request in flight).
-async fn bounded<T>(limits: &Limits, cancel: &CancellationToken, call: impl Future<Output = T>) -> Result<T, Failure> {
+async fn bounded<T>(
+    limits: &Limits,
+    cancel: &CancellationToken,
+    call: impl Future<Output = T>,
+) -> Result<T, Failure> {
     tokio::select! {
         biased;
         () = cancel.cancelled() => Err(Failure::Cancelled),
@@ -205,7 +230,10 @@ fn classify(store: &Store<HostState>, error: wasmtime::Error, limits: &Limits) -
         return Failure::MemoryCap(cap.to_string());
     }
     if let Some(trap) = error.downcast_ref::<Trap>() {
-        return Failure::Trap { trap: trap.to_string(), stderr: store.data().stderr() };
+        return Failure::Trap {
+            trap: trap.to_string(),
+            stderr: store.data().stderr(),
+        };
     }
     Failure::Host(format!("{error:#}"))
 }
@@ -219,11 +247,17 @@ fn check_output(output: &str, limits: &Limits) -> Result<(), Failure> {
         )));
     }
     if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(output) {
-        return Err(Failure::InvalidOutput(format!("not JSON ({e}): {}", crate::text::truncate(output, 200))));
+        return Err(Failure::InvalidOutput(format!(
+            "not JSON ({e}): {}",
+            crate::text::truncate(output, 200)
+        )));
     }
     Ok(())
 }
 
 fn stats(store: &Store<HostState>, started: Instant) -> CallStats {
-    CallStats { duration: started.elapsed(), cpu: store.data().meter.guest_time() }
+    CallStats {
+        duration: started.elapsed(),
+        cpu: store.data().meter.guest_time(),
+    }
 }

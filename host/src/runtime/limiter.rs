@@ -25,14 +25,28 @@ impl Limiter {
 const TABLE_ELEMENTS: usize = 100_000;
 
 impl ResourceLimiter for Limiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.memory_bytes {
-            return Err(MemoryCapExceeded { cap_mib: self.memory_bytes >> 20, wanted_mib: desired.div_ceil(1 << 20) }.into());
+            return Err(MemoryCapExceeded {
+                cap_mib: self.memory_bytes >> 20,
+                wanted_mib: desired.div_ceil(1 << 20),
+            }
+            .into());
         }
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= TABLE_ELEMENTS)
     }
 }

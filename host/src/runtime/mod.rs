@@ -72,7 +72,12 @@ impl Runtime {
         let cache = CompileCache::new(&engine, &options.cache_dir)?;
         let clock = Arc::new(EpochClock::default());
         spawn_ticker(engine.weak(), Arc::downgrade(&clock));
-        Ok(Arc::new(Self { engine, cache, clock, options }))
+        Ok(Arc::new(Self {
+            engine,
+            cache,
+            clock,
+            options,
+        }))
     }
 
     pub fn engine(&self) -> &Engine {
@@ -137,7 +142,9 @@ fn spawn_ticker(engine: wasmtime::EngineWeak, clock: Weak<EpochClock>) {
         .spawn(move || {
             loop {
                 std::thread::sleep(TICK);
-                let (Some(engine), Some(clock)) = (engine.upgrade(), clock.upgrade()) else { return };
+                let (Some(engine), Some(clock)) = (engine.upgrade(), clock.upgrade()) else {
+                    return;
+                };
                 if clock.stop.load(Ordering::Relaxed) {
                     return;
                 }

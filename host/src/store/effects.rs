@@ -70,19 +70,26 @@ impl Store {
     pub fn emit_effect(&self, record: &EffectRecord) -> Result<EmitOutcome> {
         let key = record.store_key();
         let value = json(record)?;
-        tx_result((&self.effects, &self.effects_pending).transaction(|(effects, pending)| {
-            if effects.get(&key)?.is_some() {
-                return Ok(EmitOutcome::Duplicate);
-            }
-            effects.insert(key.as_slice(), value.as_slice())?;
-            pending.insert(key.as_slice(), &[])?;
-            Ok(EmitOutcome::Accepted)
-        }))
+        tx_result(
+            (&self.effects, &self.effects_pending).transaction(|(effects, pending)| {
+                if effects.get(&key)?.is_some() {
+                    return Ok(EmitOutcome::Duplicate);
+                }
+                effects.insert(key.as_slice(), value.as_slice())?;
+                pending.insert(key.as_slice(), &[])?;
+                Ok(EmitOutcome::Accepted)
+            }),
+        )
     }
 
     /// Keys of up to `limit` effects waiting to run, oldest key order first.
     pub fn pending_effects(&self, limit: usize) -> Result<Vec<Vec<u8>>> {
-        self.effects_pending.iter().keys().take(limit).map(|k| Ok(k?.to_vec())).collect()
+        self.effects_pending
+            .iter()
+            .keys()
+            .take(limit)
+            .map(|k| Ok(k?.to_vec()))
+            .collect()
     }
 
     pub fn has_pending_effects(&self) -> bool {
@@ -91,16 +98,20 @@ impl Store {
 
     /// Take a pending effect for running; `None` if it is no longer pending.
     pub fn claim_effect(&self, key: &[u8]) -> Result<Option<EffectRecord>> {
-        tx_result((&self.effects, &self.effects_pending).transaction(|(effects, pending)| {
-            if pending.remove(key)?.is_none() {
-                return Ok(None);
-            }
-            let Some(value) = effects.get(key)? else { return Ok(None) };
-            let mut record: EffectRecord = parse(&value).map_err(TxError::Abort)?;
-            record.state = EffectState::Running;
-            effects.insert(key, json(&record).map_err(TxError::Abort)?)?;
-            Ok(Some(record))
-        }))
+        tx_result(
+            (&self.effects, &self.effects_pending).transaction(|(effects, pending)| {
+                if pending.remove(key)?.is_none() {
+                    return Ok(None);
+                }
+                let Some(value) = effects.get(key)? else {
+                    return Ok(None);
+                };
+                let mut record: EffectRecord = parse(&value).map_err(TxError::Abort)?;
+                record.state = EffectState::Running;
+                effects.insert(key, json(&record).map_err(TxError::Abort)?)?;
+                Ok(Some(record))
+            }),
+        )
     }
 
     /// Store the outcome of a claimed effect.
@@ -110,7 +121,10 @@ impl Store {
     }
 
     pub fn effect(&self, handler: &str, key: &str) -> Result<Option<EffectRecord>> {
-        self.effects.get(keys::named(handler, key))?.map(|v| parse(&v)).transpose()
+        self.effects
+            .get(keys::named(handler, key))?
+            .map(|v| parse(&v))
+            .transpose()
     }
 
     /// Every effect ever recorded (for inspection and tests).

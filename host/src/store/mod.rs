@@ -4,7 +4,7 @@
 //! |-------------------|-----------------------------------|-------------------------------|
 //! | `jobs`            | job id (16 bytes)                 | [`JobRecord`] JSON            |
 //! | `items`           | job id, item index (u64 BE)       | the item's JSON as submitted  |
-//! | `stage_outputs`   | job id, index, stage name         | the stage's output JSON       |
+//! | `stage_outputs`   | job id, index, stage name         | a checkpointed stage output   |
 //! | `results`         | job id, index                     | [`ItemResult`] JSON           |
 //! | `effects`         | handler, 0, idempotency key       | [`EffectRecord`] JSON         |
 //! | `effects_pending` | same as `effects`                 | empty: effects not yet run    |
@@ -51,7 +51,10 @@ impl Store {
             .cache_capacity(64 << 20)
             .open()
             .with_context(|| format!("cannot open the store at {}", path.display()))?;
-        let tree = |name: &str| db.open_tree(name).with_context(|| format!("cannot open tree `{name}`"));
+        let tree = |name: &str| {
+            db.open_tree(name)
+                .with_context(|| format!("cannot open tree `{name}`"))
+        };
         Ok(Self {
             jobs: tree("jobs")?,
             items: tree("items")?,
@@ -66,7 +69,10 @@ impl Store {
 
     /// Make everything written so far durable.
     pub async fn flush(&self) -> Result<()> {
-        self.db.flush_async().await.context("cannot flush the store")?;
+        self.db
+            .flush_async()
+            .await
+            .context("cannot flush the store")?;
         Ok(())
     }
 
@@ -118,25 +124,60 @@ impl Store {
     }
 
     pub fn stage_output(&self, job: Uuid, index: u64, stage: &str) -> Result<Option<IVec>> {
-        Ok(self.stage_outputs.get(keys::stage_output(job, index, stage))?)
+        Ok(self
+            .stage_outputs
+            .get(keys::stage_output(job, index, stage))?)
     }
 
-    pub fn put_stage_output(&self, job: Uuid, index: u64, stage: &str, output: &[u8]) -> Result<()> {
-        self.stage_outputs.insert(keys::stage_output(job, index, stage), output)?;
+    /// Checkpoint several stage outputs of one item at once.
+    pub fn put_stage_outputs<'a>(
+        &self,
+        job: Uuid,
+        index: u64,
+        outputs: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    ) -> Result<()> {
+        let mut batch = Batch::default();
+        for (stage, output) in outputs {
+            batch.insert(keys::stage_output(job, index, stage), output);
+        }
+        self.stage_outputs.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Drop an item's checkpoints once its result holds them.
+    pub fn remove_stage_outputs<'a>(
+        &self,
+        job: Uuid,
+        index: u64,
+        stages: impl IntoIterator<Item = &'a str>,
+    ) -> Result<()> {
+        let mut batch = Batch::default();
+        for stage in stages {
+            batch.remove(keys::stage_output(job, index, stage));
+        }
+        self.stage_outputs.apply_batch(batch)?;
         Ok(())
     }
 
     pub fn put_result(&self, job: Uuid, result: &ItemResult) -> Result<()> {
-        self.results.insert(keys::item(job, result.index).as_slice(), json(result)?)?;
+        self.results
+            .insert(keys::item(job, result.index).as_slice(), json(result)?)?;
         Ok(())
     }
 
     pub fn result(&self, job: Uuid, index: u64) -> Result<Option<ItemResult>> {
-        self.results.get(keys::item(job, index))?.map(|v| parse(&v)).transpose()
+        self.results
+            .get(keys::item(job, index))?
+            .map(|v| parse(&v))
+            .transpose()
     }
 
     /// Results of a job with an index greater than `after` (all, for `None`), in index order.
-    pub fn results(&self, job: Uuid, after: Option<u64>) -> impl Iterator<Item = Result<ItemResult>> + Send + use<> {
+    pub fn results(
+        &self,
+        job: Uuid,
+        after: Option<u64>,
+    ) -> impl Iterator<Item = Result<ItemResult>> + Send + use<> {
         let start = match after {
             Some(i) => keys::item(job, i.saturating_add(1)).to_vec(),
             None => keys::item(job, 0).to_vec(),
@@ -156,7 +197,10 @@ impl Store {
     }
 
     /// Every record of a collection, as (key, value).
-    pub fn records(&self, collection: &str) -> impl Iterator<Item = Result<(String, IVec)>> + use<> {
+    pub fn records(
+        &self,
+        collection: &str,
+    ) -> impl Iterator<Item = Result<(String, IVec)>> + use<> {
         let prefix = keys::named(collection, "");
         let skip = prefix.len();
         self.records.scan_prefix(prefix).map(move |entry| {

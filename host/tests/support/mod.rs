@@ -16,13 +16,22 @@ use tokio_util::sync::CancellationToken;
 pub fn plugins_dir() -> PathBuf {
     let dir = std::env::var_os("STAGEHAND_PLUGINS_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/release"));
-    assert!(dir.join("hostile.wasm").is_file(), "no guests in {}: run `cargo xtask plugins` (or `cargo xtask test`)", dir.display());
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/release")
+        });
+    assert!(
+        dir.join("hostile.wasm").is_file(),
+        "no guests in {}: run `cargo xtask plugins` (or `cargo xtask test`)",
+        dir.display()
+    );
     dir
 }
 
 pub fn plugin(name: &str) -> String {
-    plugins_dir().join(format!("{name}.wasm")).display().to_string()
+    plugins_dir()
+        .join(format!("{name}.wasm"))
+        .display()
+        .to_string()
 }
 
 /// A pipeline file in a fresh folder, with the store and compile cache beside it.
@@ -32,7 +41,9 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn new() -> Self {
-        Self { dir: tempfile::tempdir().expect("a temp dir") }
+        Self {
+            dir: tempfile::tempdir().expect("a temp dir"),
+        }
     }
 
     pub fn write(&self, name: &str, text: &str) -> PathBuf {
@@ -43,7 +54,9 @@ impl Fixture {
 
     /// `body` goes after a `name` and an `[llm]` section that points nowhere.
     pub fn config(&self, body: &str) -> PipelineConfig {
-        let text = format!("name = \"test\"\n[llm]\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"m\"\n{body}");
+        let text = format!(
+            "name = \"test\"\n[llm]\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"m\"\n{body}"
+        );
         let path = self.write("pipeline.toml", &text);
         PipelineConfig::load(&path).expect("a valid pipeline")
     }
@@ -51,13 +64,28 @@ impl Fixture {
     pub async fn load(&self, config: PipelineConfig) -> Arc<Pipeline> {
         let store = Store::open(&self.dir.path().join("store")).expect("open store");
         let runtime = Pipeline::runtime_for(&config, self.dir.path()).expect("runtime");
-        Pipeline::load(config, runtime, store).await.expect("load pipeline")
+        Pipeline::load(config, runtime, store)
+            .await
+            .expect("load pipeline")
     }
 }
 
 /// Run one item through `pipeline` as item 0 of a new job.
 pub async fn run_one(pipeline: &Pipeline, item: &str, cancel: &CancellationToken) -> ItemResult {
     let job = JobRecord::new("test");
-    let item_ref = ItemRef { job_id: job.id, item_id: job.item_id(0), index: 0 };
-    run_item(pipeline, item_ref, item.as_bytes().into(), false, cancel, None).await.expect("the host itself does not fail")
+    let item_ref = ItemRef {
+        job_id: job.id,
+        item_id: job.item_id(0),
+        index: 0,
+    };
+    run_item(
+        pipeline,
+        item_ref,
+        item.as_bytes().into(),
+        false,
+        cancel,
+        None,
+    )
+    .await
+    .expect("the host itself does not fail")
 }

@@ -4,7 +4,10 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use stagehand_sdk::llm::{ChatRequest, Role};
-use stagehand_sdk::{Context, Envelope, StageError, chat_json, output, progress, retryable, stage::Guest, text_message};
+use stagehand_sdk::{
+    Context, Envelope, StageError, chat_json, output, progress, retryable, stage::Guest,
+    text_message,
+};
 
 const SYSTEM_PROMPT: &str = "You help people dispose of household waste correctly. \
 Given a waste category and the local disposal rule, answer with a JSON object \
@@ -31,13 +34,19 @@ impl Guest for AnswerStage {
         let prompt = format!("Category: {}\nDisposal rule: {}", rule.rule_key, rule.rule);
         let request = ChatRequest {
             model: None,
-            messages: vec![text_message(Role::System, SYSTEM_PROMPT), text_message(Role::User, prompt)],
+            messages: vec![
+                text_message(Role::System, SYSTEM_PROMPT),
+                text_message(Role::User, prompt),
+            ],
             max_tokens: Some(400),
             temperature: Some(0.2),
             json_mode: true,
         };
         let (answer, response) = chat_json::<Answer>(&request)?;
-        if answer.steps.is_empty() || answer.steps.iter().any(|s| s.trim().is_empty()) || answer.answer.trim().is_empty() {
+        if answer.steps.is_empty()
+            || answer.steps.iter().any(|s| s.trim().is_empty())
+            || answer.answer.trim().is_empty()
+        {
             return Err(retryable("model gave empty steps or an empty answer"));
         }
         output(&serde_json::json!({

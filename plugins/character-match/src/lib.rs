@@ -21,15 +21,25 @@ struct Category {
 struct CharacterMatch;
 
 impl Guest for CharacterMatch {
-    fn handle(_ctx: Context, _key: Option<String>, payload: String) -> Result<String, HandlerError> {
-        let Request { category: c } =
-            serde_json::from_str(&payload).map_err(|e| HandlerError::Fatal(format!("invalid request: {e}")))?;
-        let candidates = [format!("{}/{}/{}", c.major, c.middle, c.minor), format!("{}/{}", c.major, c.middle), c.major];
+    fn handle(
+        _ctx: Context,
+        _key: Option<String>,
+        payload: String,
+    ) -> Result<String, HandlerError> {
+        let Request { category: c } = serde_json::from_str(&payload)
+            .map_err(|e| HandlerError::Fatal(format!("invalid request: {e}")))?;
+        let candidates = [
+            format!("{}/{}/{}", c.major, c.middle, c.minor),
+            format!("{}/{}", c.major, c.middle),
+            c.major,
+        ];
         for key in &candidates {
-            let found = kv::get("characters", key).map_err(|e| HandlerError::Fatal(format!("{e:?}")))?;
+            let found =
+                kv::get("characters", key).map_err(|e| HandlerError::Fatal(format!("{e:?}")))?;
             if let Some(character) = found {
-                let character: Value =
-                    serde_json::from_str(&character).map_err(|e| HandlerError::Fatal(format!("character `{key}` is not JSON: {e}")))?;
+                let character: Value = serde_json::from_str(&character).map_err(|e| {
+                    HandlerError::Fatal(format!("character `{key}` is not JSON: {e}"))
+                })?;
                 return Ok(json!({ "character": character }).to_string());
             }
         }

@@ -33,7 +33,9 @@ impl Guest for Hostile {
                 }
             }
             "big-output" => Ok("x".repeat(item.size)),
-            "env" => output(&serde_json::json!({ "vars": std::env::vars().count(), "home": std::env::var("HOME").ok() })),
+            "env" => output(
+                &serde_json::json!({ "vars": std::env::vars().count(), "home": std::env::var("HOME").ok() }),
+            ),
             "file" => match std::fs::read_to_string("/etc/passwd") {
                 Ok(_) => Err(fatal("read a host file")),
                 Err(e) => output(&serde_json::json!({ "file_error": e.to_string() })),

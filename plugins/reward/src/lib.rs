@@ -34,7 +34,11 @@ struct Character {
 
 /// The key seed 002 derives for an ownership; the same user and character always give the same one.
 fn ownership_key(user_id: &str, character_id: &str) -> String {
-    Uuid::new_v5(&Uuid::NAMESPACE_DNS, format!("ownership:{user_id}:{character_id}").as_bytes()).to_string()
+    Uuid::new_v5(
+        &Uuid::NAMESPACE_DNS,
+        format!("ownership:{user_id}:{character_id}").as_bytes(),
+    )
+    .to_string()
 }
 
 struct Reward;
@@ -47,17 +51,25 @@ impl Guest for Reward {
             return Err(fatal("the item's `user_id` is empty"));
         }
         let vision: Vision = envelope.stage("vision")?;
-        let matched = dispatch::call("character-match", &json!({ "category": vision.category }).to_string())?;
-        let matched: Match = serde_json::from_str(&matched).map_err(|e| fatal(format!("character-match answered badly: {e}")))?;
+        let matched = dispatch::call(
+            "character-match",
+            &json!({ "category": vision.category }).to_string(),
+        )?;
+        let matched: Match = serde_json::from_str(&matched)
+            .map_err(|e| fatal(format!("character-match answered badly: {e}")))?;
         let Some(character) = matched.character else {
             return output(&json!({ "character": null, "effects": [] }));
         };
 
         let key = ownership_key(user_id, &character.id);
-        let ownership = json!({ "ownership_id": key, "user_id": user_id, "character_id": character.id });
+        let ownership =
+            json!({ "ownership_id": key, "user_id": user_id, "character_id": character.id });
         let user_character = json!({ "user_id": user_id, "character_id": character.id, "character_name": character.name });
         let mut effects = Vec::new();
-        for (handler, payload) in [("save-ownership", ownership), ("save-character", user_character)] {
+        for (handler, payload) in [
+            ("save-ownership", ownership),
+            ("save-character", user_character),
+        ] {
             let outcome = match dispatch::emit(handler, &payload.to_string(), &key)? {
                 EmitOutcome::Accepted => "accepted",
                 EmitOutcome::Duplicate => "duplicate",

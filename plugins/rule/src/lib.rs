@@ -20,11 +20,18 @@ struct Rule;
 
 impl Guest for Rule {
     fn run(_ctx: Context, input: String) -> Result<String, StageError> {
-        let Category { major, middle, minor } = Envelope::<Value>::parse(&input)?.stage::<Vision>("vision")?.category;
+        let Category {
+            major,
+            middle,
+            minor,
+        } = Envelope::<Value>::parse(&input)?
+            .stage::<Vision>("vision")?
+            .category;
         let key = format!("{major}/{middle}/{minor}");
         let rule = kv::get("disposal_rules", &key)?
             .ok_or_else(|| fatal(format!("unknown category `{key}`: no disposal rule for it")))?;
-        let rule: Value = serde_json::from_str(&rule).map_err(|e| fatal(format!("disposal rule `{key}` is not JSON: {e}")))?;
+        let rule: Value = serde_json::from_str(&rule)
+            .map_err(|e| fatal(format!("disposal rule `{key}` is not JSON: {e}")))?;
         output(&serde_json::json!({ "rule_key": key, "rule": rule }))
     }
 }

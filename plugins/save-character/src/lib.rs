@@ -15,11 +15,20 @@ struct UserCharacter {
 struct SaveCharacter;
 
 impl Guest for SaveCharacter {
-    fn handle(_ctx: Context, _key: Option<String>, payload: String) -> Result<String, HandlerError> {
-        let c: UserCharacter =
-            serde_json::from_str(&payload).map_err(|e| HandlerError::Fatal(format!("invalid user character: {e}")))?;
+    fn handle(
+        _ctx: Context,
+        _key: Option<String>,
+        payload: String,
+    ) -> Result<String, HandlerError> {
+        let c: UserCharacter = serde_json::from_str(&payload)
+            .map_err(|e| HandlerError::Fatal(format!("invalid user character: {e}")))?;
         let key = format!("{}:{}", c.user_id, c.character_id);
-        records::put("user_characters", &key, &json!({ "name": c.character_name }).to_string()).map_err(HandlerError::Retryable)?;
+        records::put(
+            "user_characters",
+            &key,
+            &json!({ "name": c.character_name }).to_string(),
+        )
+        .map_err(HandlerError::Retryable)?;
         Ok(json!({ "saved": key }).to_string())
     }
 }

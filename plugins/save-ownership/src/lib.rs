@@ -16,9 +16,11 @@ struct SaveOwnership;
 
 impl Guest for SaveOwnership {
     fn handle(ctx: Context, _key: Option<String>, payload: String) -> Result<String, HandlerError> {
-        let o: Ownership = serde_json::from_str(&payload).map_err(|e| HandlerError::Fatal(format!("invalid ownership: {e}")))?;
+        let o: Ownership = serde_json::from_str(&payload)
+            .map_err(|e| HandlerError::Fatal(format!("invalid ownership: {e}")))?;
         let record = json!({ "user_id": o.user_id, "character_id": o.character_id, "job_id": ctx.job_id, "item_index": ctx.item_index });
-        records::put("ownership", &o.ownership_id, &record.to_string()).map_err(HandlerError::Retryable)?;
+        records::put("ownership", &o.ownership_id, &record.to_string())
+            .map_err(HandlerError::Retryable)?;
         Ok(json!({ "saved": o.ownership_id }).to_string())
     }
 }

@@ -49,10 +49,10 @@ pub mod handler {
     });
 }
 
-pub use handler::stagehand::pipeline::records;
-pub use stage::stagehand::pipeline::{dispatch, kv, llm, log, progress, types};
 pub use handler::export_handler;
+pub use handler::stagehand::pipeline::records;
 pub use stage::export_stage;
+pub use stage::stagehand::pipeline::{dispatch, kv, llm, log, progress, types};
 pub use types::{Context, HandlerError, StageError};
 
 /// A fatal error: the item fails, retrying cannot help.
@@ -123,22 +123,33 @@ impl From<dispatch::DispatchError> for StageError {
 impl From<kv::KvError> for StageError {
     fn from(error: kv::KvError) -> Self {
         match error {
-            kv::KvError::NoSuchNamespace(ns) => fatal(format!("no kv namespace `{ns}` in the pipeline")),
+            kv::KvError::NoSuchNamespace(ns) => {
+                fatal(format!("no kv namespace `{ns}` in the pipeline"))
+            }
         }
     }
 }
 
 /// A text message.
 pub fn text_message(role: llm::Role, text: impl Into<String>) -> llm::Message {
-    llm::Message { role, content: vec![llm::ContentPart::Text(text.into())] }
+    llm::Message {
+        role,
+        content: vec![llm::ContentPart::Text(text.into())],
+    }
 }
 
 /// Ask the model for a JSON object and deserialise it. An answer that is not the JSON asked for
 /// is retryable: models are sometimes wrong once and right the next time.
-pub fn chat_json<T: DeserializeOwned>(request: &llm::ChatRequest) -> Result<(T, llm::ChatResponse), StageError> {
+pub fn chat_json<T: DeserializeOwned>(
+    request: &llm::ChatRequest,
+) -> Result<(T, llm::ChatResponse), StageError> {
     let response = llm::chat(request)?;
-    let parsed = serde_json::from_str(strip_code_fence(&response.text))
-        .map_err(|e| retryable(format!("model answer is not the JSON asked for ({e}): {}", preview(&response.text))))?;
+    let parsed = serde_json::from_str(strip_code_fence(&response.text)).map_err(|e| {
+        retryable(format!(
+            "model answer is not the JSON asked for ({e}): {}",
+            preview(&response.text)
+        ))
+    })?;
     Ok((parsed, response))
 }
 

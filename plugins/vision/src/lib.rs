@@ -2,7 +2,10 @@
 
 use serde::{Deserialize, Serialize};
 use stagehand_sdk::llm::{ChatRequest, ContentPart, Message, Role};
-use stagehand_sdk::{Context, Envelope, StageError, chat_json, fatal, output, progress, retryable, stage::Guest, text_message};
+use stagehand_sdk::{
+    Context, Envelope, StageError, chat_json, fatal, output, progress, retryable, stage::Guest,
+    text_message,
+};
 
 const SYSTEM_PROMPT: &str = "You classify photos of household waste for disposal. \
 Answer with a JSON object {\"major\": ..., \"middle\": ..., \"minor\": ...} of lowercase snake_case ids, \
@@ -26,12 +29,20 @@ struct Category {
 impl Category {
     /// A model can answer anything; only well-formed ids go on to the rule lookup.
     fn validate(self) -> Result<Self, StageError> {
-        for (field, value) in [("major", &self.major), ("middle", &self.middle), ("minor", &self.minor)] {
+        for (field, value) in [
+            ("major", &self.major),
+            ("middle", &self.middle),
+            ("minor", &self.minor),
+        ] {
             let well_formed = !value.is_empty()
                 && value.len() <= 64
-                && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+                && value
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
             if !well_formed {
-                return Err(retryable(format!("model gave an invalid {field} category id {value:?}")));
+                return Err(retryable(format!(
+                    "model gave an invalid {field} category id {value:?}"
+                )));
             }
         }
         Ok(self)
@@ -46,9 +57,14 @@ impl Guest for Vision {
         let image = match (item.image_url, item.image_base64) {
             (Some(url), _) => url,
             (None, Some(data)) => {
-                format!("data:{};base64,{data}", item.image_mime.as_deref().unwrap_or("image/jpeg"))
+                format!(
+                    "data:{};base64,{data}",
+                    item.image_mime.as_deref().unwrap_or("image/jpeg")
+                )
             }
-            (None, None) => return Err(fatal("the item has neither `image_url` nor `image_base64`")),
+            (None, None) => {
+                return Err(fatal("the item has neither `image_url` nor `image_base64`"));
+            }
         };
         progress::report(0.1, "classifying the photo");
         let request = ChatRequest {
@@ -57,7 +73,10 @@ impl Guest for Vision {
                 text_message(Role::System, SYSTEM_PROMPT),
                 Message {
                     role: Role::User,
-                    content: vec![ContentPart::Text("Classify this item.".into()), ContentPart::ImageUrl(image)],
+                    content: vec![
+                        ContentPart::Text("Classify this item.".into()),
+                        ContentPart::ImageUrl(image),
+                    ],
                 },
             ],
             max_tokens: Some(100),
