@@ -377,3 +377,82 @@ fn a_broken_pipeline_file_is_reported_with_its_line() {
         "{stderr}"
     );
 }
+
+/// The example pipeline with absolute paths and `[llm] timeout_ms` set, in `dir`.
+fn pipeline_with_llm_timeout(dir: &Path, timeout_ms: u64) -> String {
+    let root = repo_root().display().to_string();
+    let text = std::fs::read_to_string(example("pipeline.toml"))
+        .unwrap()
+        .replace("\"../../target/", &format!("\"{root}/target/"))
+        .replace("file = \"", &format!("file = \"{root}/examples/eco-scan/"))
+        .replace("timeout_ms = 60000", &format!("timeout_ms = {timeout_ms}"));
+    let path = dir.join("pipeline.toml");
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+/// One pet bottle through the pipeline; the first (and only) result's error.
+fn single_item_error(mock: &MockLlm, llm_timeout_ms: u64) -> Value {
+    let data = tempfile::tempdir().unwrap();
+    let items = data.path().join("items.jsonl");
+    std::fs::write(
+        &items,
+        r#"{"user_id": "u1", "image_url": "https://images.example/pet_bottle.jpg"}"#,
+    )
+    .unwrap();
+    let out = data.path().join("results.jsonl");
+    let pipeline = pipeline_with_llm_timeout(data.path(), llm_timeout_ms);
+    let run = stagehand(
+        data.path(),
+        mock,
+        &[
+            "run",
+            &pipeline,
+            &items.display().to_string(),
+            "--out",
+            &out.display().to_string(),
+        ],
+    );
+    assert_eq!(
+        run.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    read_jsonl(&out)[0]["error"].clone()
+}
+
+#[test]
+fn a_rate_limit_is_retryable_and_carries_retry_after() {
+    let mock = MockLlm::start(&["--rate-429", "1.0", "--retry-after-s", "7"]);
+    let error = single_item_error(&mock, 60_000);
+    assert_eq!(
+        (error["stage"].as_str(), error["kind"].as_str()),
+        (Some("vision"), Some("retryable"))
+    );
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("LLM rate limited; retry after 7000 ms"),
+        "{error}"
+    );
+    assert_eq!(mock.stats()["rate_limited"], 1);
+}
+
+#[test]
+fn a_provider_that_never_answers_times_out_as_retryable() {
+    let mock = MockLlm::start(&["--rate-hang", "1.0"]);
+    let error = single_item_error(&mock, 500);
+    assert_eq!(
+        (error["stage"].as_str(), error["kind"].as_str()),
+        (Some("vision"), Some("retryable"))
+    );
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("LLM unavailable: request timed out"),
+        "{error}"
+    );
+}

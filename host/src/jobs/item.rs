@@ -50,20 +50,21 @@ pub async fn run_item(
     let last = pipeline.stages.len() - 1;
     for (position, stage) in pipeline.stages.iter().enumerate() {
         let name = stage.config.name.as_str();
-        if resume && position < last {
-            if let Some(output) = store.stage_output(item.job_id, item.index, name)? {
-                runs.push(StageRun {
-                    stage: name.into(),
-                    digest: String::new(),
-                    attempt: 0,
-                    duration_ms: 0.0,
-                    cpu_ms: 0.0,
-                    reused: true,
-                });
-                outputs.push((name, output.to_vec()));
-                checkpointed.push(name);
-                continue;
-            }
+        if resume
+            && position < last
+            && let Some(output) = store.stage_output(item.job_id, item.index, name)?
+        {
+            runs.push(StageRun {
+                stage: name.into(),
+                digest: String::new(),
+                attempt: 0,
+                duration_ms: 0.0,
+                cpu_ms: 0.0,
+                reused: true,
+            });
+            outputs.push((name, output.to_vec()));
+            checkpointed.push(name);
+            continue;
         }
         let envelope = envelope(&input, &outputs);
         let _permit = stage.enter().await;

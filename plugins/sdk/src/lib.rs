@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::{Map, Value};
 
 /// Bindings of the `stage` world; implement [`stage::Guest`] and call [`export_stage!`].
+#[allow(clippy::too_many_arguments)] // generated code
 pub mod stage {
     wit_bindgen::generate!({
         world: "stage",
@@ -34,6 +35,7 @@ pub mod stage {
 }
 
 /// Bindings of the `handler` world; implement [`handler::Guest`] and call [`export_handler!`].
+#[allow(clippy::too_many_arguments)] // generated code
 pub mod handler {
     wit_bindgen::generate!({
         world: "handler",
