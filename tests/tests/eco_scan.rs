@@ -258,28 +258,13 @@ fn the_example_batch_runs_end_to_end() {
 #[test]
 fn failed_items_fail_alone_and_set_the_exit_status() {
     let mock = MockLlm::start(&[]);
-    let data = tempfile::tempdir().unwrap();
-    let items = data.path().join("items.jsonl");
-    std::fs::write(
-        &items,
-        [
+    let (run, results) = run_items(
+        &mock,
+        |_| example("pipeline.toml"),
+        &[
             r#"{"user_id": "u1", "image_url": "https://images.example/alien_artifact.jpg"}"#,
             r#"{"user_id": "u2"}"#,
             r#"{"user_id": "u3", "image_url": "https://images.example/soda_can.jpg"}"#,
-        ]
-        .join("\n"),
-    )
-    .unwrap();
-    let out = data.path().join("results.jsonl");
-    let run = stagehand(
-        data.path(),
-        &mock,
-        &[
-            "run",
-            &example("pipeline.toml"),
-            &items.display().to_string(),
-            "--out",
-            &out.display().to_string(),
         ],
     );
     assert_eq!(
@@ -288,7 +273,6 @@ fn failed_items_fail_alone_and_set_the_exit_status() {
         "exit 3 when items failed: {}",
         String::from_utf8_lossy(&run.stderr)
     );
-    let results = read_jsonl(&out);
     let error = |i: usize| {
         (
             results[i]["error"]["stage"].as_str().unwrap(),
@@ -319,27 +303,7 @@ fn failed_items_fail_alone_and_set_the_exit_status() {
 #[test]
 fn an_llm_outage_fails_items_as_retryable() {
     let mock = MockLlm::start(&["--rate-500", "1.0"]);
-    let data = tempfile::tempdir().unwrap();
-    let items = data.path().join("items.jsonl");
-    std::fs::write(
-        &items,
-        r#"{"user_id": "u1", "image_url": "https://images.example/pet_bottle.jpg"}"#,
-    )
-    .unwrap();
-    let out = data.path().join("results.jsonl");
-    let run = stagehand(
-        data.path(),
-        &mock,
-        &[
-            "run",
-            &example("pipeline.toml"),
-            &items.display().to_string(),
-            "--out",
-            &out.display().to_string(),
-        ],
-    );
-    assert_eq!(run.status.code(), Some(3));
-    let error = &read_jsonl(&out)[0]["error"];
+    let error = single_item_error(&mock, |_| example("pipeline.toml"));
     assert_eq!(
         (error["stage"].as_str(), error["kind"].as_str()),
         (Some("vision"), Some("retryable"))
@@ -391,17 +355,18 @@ fn pipeline_with_llm_timeout(dir: &Path, timeout_ms: u64) -> String {
     path.display().to_string()
 }
 
-/// One pet bottle through the pipeline; the first (and only) result's error.
-fn single_item_error(mock: &MockLlm, llm_timeout_ms: u64) -> Value {
+/// Run `lines` as items through the pipeline file that `pipeline` writes (or names) for a
+/// fresh data dir: the finished process and the results it wrote.
+fn run_items(
+    mock: &MockLlm,
+    pipeline: impl FnOnce(&Path) -> String,
+    lines: &[&str],
+) -> (Output, Vec<Value>) {
     let data = tempfile::tempdir().unwrap();
     let items = data.path().join("items.jsonl");
-    std::fs::write(
-        &items,
-        r#"{"user_id": "u1", "image_url": "https://images.example/pet_bottle.jpg"}"#,
-    )
-    .unwrap();
+    std::fs::write(&items, lines.join("\n")).unwrap();
     let out = data.path().join("results.jsonl");
-    let pipeline = pipeline_with_llm_timeout(data.path(), llm_timeout_ms);
+    let pipeline = pipeline(data.path());
     let run = stagehand(
         data.path(),
         mock,
@@ -413,19 +378,31 @@ fn single_item_error(mock: &MockLlm, llm_timeout_ms: u64) -> Value {
             &out.display().to_string(),
         ],
     );
+    let results = if out.is_file() {
+        read_jsonl(&out)
+    } else {
+        Vec::new()
+    };
+    (run, results)
+}
+
+/// One pet bottle through the pipeline, which must fail: its error.
+fn single_item_error(mock: &MockLlm, pipeline: impl FnOnce(&Path) -> String) -> Value {
+    let item = r#"{"user_id": "u1", "image_url": "https://images.example/pet_bottle.jpg"}"#;
+    let (run, results) = run_items(mock, pipeline, &[item]);
     assert_eq!(
         run.status.code(),
         Some(3),
         "{}",
         String::from_utf8_lossy(&run.stderr)
     );
-    read_jsonl(&out)[0]["error"].clone()
+    results[0]["error"].clone()
 }
 
 #[test]
 fn a_rate_limit_is_retryable_and_carries_retry_after() {
     let mock = MockLlm::start(&["--rate-429", "1.0", "--retry-after-s", "7"]);
-    let error = single_item_error(&mock, 60_000);
+    let error = single_item_error(&mock, |_| example("pipeline.toml"));
     assert_eq!(
         (error["stage"].as_str(), error["kind"].as_str()),
         (Some("vision"), Some("retryable"))
@@ -443,7 +420,7 @@ fn a_rate_limit_is_retryable_and_carries_retry_after() {
 #[test]
 fn a_provider_that_never_answers_times_out_as_retryable() {
     let mock = MockLlm::start(&["--rate-hang", "1.0"]);
-    let error = single_item_error(&mock, 500);
+    let error = single_item_error(&mock, |dir| pipeline_with_llm_timeout(dir, 500));
     assert_eq!(
         (error["stage"].as_str(), error["kind"].as_str()),
         (Some("vision"), Some("retryable"))

@@ -67,21 +67,23 @@ fn plugins_dir(root: &Path) -> PathBuf {
 
 fn plugins(root: &Path) -> Result<()> {
     ensure_wasm_target()?;
+    cargo_plugins(root, "build", &[])
+}
+
+/// `cargo <command>` on the guests' workspace, for wasm32-wasip2, into the one `target/`.
+fn cargo_plugins(root: &Path, command: &str, extra: &[&str]) -> Result<()> {
     let target_dir = root.join("target");
-    run(
-        root,
-        "cargo",
-        &[
-            "build",
-            "--release",
-            "--target",
-            WASM_TARGET,
-            "--manifest-path",
-            "plugins/Cargo.toml",
-            "--target-dir",
-            path(&target_dir),
-        ],
-    )
+    let mut args = vec![
+        command,
+        "--release",
+        "--target",
+        WASM_TARGET,
+        "--manifest-path",
+        "plugins/Cargo.toml",
+    ];
+    args.extend(["--target-dir", path(&target_dir)]);
+    args.extend(extra);
+    run(root, "cargo", &args)
 }
 
 fn path(p: &Path) -> &str {
@@ -174,24 +176,7 @@ fn test(root: &Path) -> Result<()> {
             "warnings",
         ],
     )?;
-    let target_dir = root.join("target");
-    run(
-        root,
-        "cargo",
-        &[
-            "clippy",
-            "--release",
-            "--target",
-            WASM_TARGET,
-            "--manifest-path",
-            "plugins/Cargo.toml",
-            "--target-dir",
-            path(&target_dir),
-            "--",
-            "-D",
-            "warnings",
-        ],
-    )?;
+    cargo_plugins(root, "clippy", &["--", "-D", "warnings"])?;
     let plugins_dir = plugins_dir(root);
     eprintln!(
         "+ STAGEHAND_PLUGINS_DIR={} cargo test --release --workspace",
