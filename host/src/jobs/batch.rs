@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::item::{ItemRef, run_item};
 use crate::capabilities::ProgressSink;
 use crate::pipeline::Pipeline;
-use crate::store::{ItemResult, ItemStatus, JobRecord, JobState, now_ms};
+use crate::store::{ItemResult, JobRecord, JobState, now_ms};
 
 /// How a job ended.
 #[derive(Debug, Clone)]
@@ -40,20 +40,14 @@ pub async fn run_job(
     let mut running: JoinSet<Result<ItemResult>> = JoinSet::new();
     let mut not_run = 0;
     let record = |job: &mut JobRecord, result: &ItemResult| {
-        match result.status {
-            ItemStatus::Succeeded => job.succeeded += 1,
-            ItemStatus::Failed => job.failed += 1,
-        }
+        job.count(result.status);
         on_result(result);
     };
     // Counts of a resumed job start from what is stored.
     (job.succeeded, job.failed) = (0, 0);
     if resume {
         for result in store.results(job.id, None) {
-            match result?.status {
-                ItemStatus::Succeeded => job.succeeded += 1,
-                ItemStatus::Failed => job.failed += 1,
-            }
+            job.count(result?.status);
         }
     }
     for entry in store.items(job.id) {

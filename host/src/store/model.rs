@@ -49,6 +49,14 @@ impl JobRecord {
         }
     }
 
+    /// Count one more finished item.
+    pub fn count(&mut self, status: ItemStatus) {
+        match status {
+            ItemStatus::Succeeded => self.succeeded += 1,
+            ItemStatus::Failed => self.failed += 1,
+        }
+    }
+
     /// An item's id: the same job and index always give the same id.
     pub fn item_id(&self, index: u64) -> Uuid {
         Uuid::new_v5(&self.id, &index.to_be_bytes())
