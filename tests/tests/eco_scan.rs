@@ -304,17 +304,7 @@ fn failed_items_fail_alone_and_set_the_exit_status() {
 fn an_llm_outage_fails_items_as_retryable() {
     let mock = MockLlm::start(&["--rate-500", "1.0"]);
     let error = single_item_error(&mock, |_| example("pipeline.toml"));
-    assert_eq!(
-        (error["stage"].as_str(), error["kind"].as_str()),
-        (Some("vision"), Some("retryable"))
-    );
-    assert!(
-        error["message"]
-            .as_str()
-            .unwrap()
-            .contains("LLM unavailable: 500 Internal Server Error"),
-        "{error}"
-    );
+    assert_retryable_vision_error(&error, "LLM unavailable: 500 Internal Server Error");
 }
 
 #[test]
@@ -386,6 +376,16 @@ fn run_items(
     (run, results)
 }
 
+/// `error` must be a retryable failure of the vision stage whose message contains `text`.
+fn assert_retryable_vision_error(error: &Value, text: &str) {
+    assert_eq!(
+        (error["stage"].as_str(), error["kind"].as_str()),
+        (Some("vision"), Some("retryable")),
+        "{error}"
+    );
+    assert!(error["message"].as_str().unwrap().contains(text), "{error}");
+}
+
 /// One pet bottle through the pipeline, which must fail: its error.
 fn single_item_error(mock: &MockLlm, pipeline: impl FnOnce(&Path) -> String) -> Value {
     let item = r#"{"user_id": "u1", "image_url": "https://images.example/pet_bottle.jpg"}"#;
@@ -403,17 +403,7 @@ fn single_item_error(mock: &MockLlm, pipeline: impl FnOnce(&Path) -> String) -> 
 fn a_rate_limit_is_retryable_and_carries_retry_after() {
     let mock = MockLlm::start(&["--rate-429", "1.0", "--retry-after-s", "7"]);
     let error = single_item_error(&mock, |_| example("pipeline.toml"));
-    assert_eq!(
-        (error["stage"].as_str(), error["kind"].as_str()),
-        (Some("vision"), Some("retryable"))
-    );
-    assert!(
-        error["message"]
-            .as_str()
-            .unwrap()
-            .contains("LLM rate limited; retry after 7000 ms"),
-        "{error}"
-    );
+    assert_retryable_vision_error(&error, "LLM rate limited; retry after 7000 ms");
     assert_eq!(mock.stats()["rate_limited"], 1);
 }
 
@@ -421,15 +411,5 @@ fn a_rate_limit_is_retryable_and_carries_retry_after() {
 fn a_provider_that_never_answers_times_out_as_retryable() {
     let mock = MockLlm::start(&["--rate-hang", "1.0"]);
     let error = single_item_error(&mock, |dir| pipeline_with_llm_timeout(dir, 500));
-    assert_eq!(
-        (error["stage"].as_str(), error["kind"].as_str()),
-        (Some("vision"), Some("retryable"))
-    );
-    assert!(
-        error["message"]
-            .as_str()
-            .unwrap()
-            .contains("LLM unavailable: request timed out"),
-        "{error}"
-    );
+    assert_retryable_vision_error(&error, "LLM unavailable: request timed out");
 }
