@@ -4,7 +4,8 @@
 //!
 //! (a) Host overhead: four pass-through stages, results persisted. Throughput over a batch of
 //!     `--items` (default 100,000) and the latency of one item at idle (p50/p99 of 2,000 items
-//!     run one after the other).
+//!     run one after the other); the same with one stage, and the runtime's floor (one
+//!     invocation in a loop, no job runner, no store) to show where the time goes.
 //! (b) The eco-scan pipeline with the mock LLM answering at once: throughput over
 //!     `--eco-items` (default 5,000) items.
 
@@ -15,6 +16,8 @@ use std::time::{Duration, Instant};
 use stagehand::config::PipelineConfig;
 use stagehand::jobs::{EffectRunner, ItemRef, run_item, run_job};
 use stagehand::pipeline::Pipeline;
+use stagehand::runtime::Call;
+use stagehand::runtime::bindings::types::Context;
 use stagehand::store::{JobRecord, Store};
 use stagehand_tests::{MockLlm, repo_root};
 use tokio_util::sync::CancellationToken;
@@ -46,10 +49,10 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
 }
 
-async fn passthrough(items: u64) {
-    let dir = tempfile::tempdir().unwrap();
+/// A pipeline of `stages` pass-through stages in `dir`.
+async fn passthrough_pipeline(dir: &Path, stages: usize) -> Arc<Pipeline> {
     let stage = plugins_dir().join("passthrough.wasm");
-    let stages: String = (1..=4)
+    let stages: String = (1..=stages)
         .map(|i| {
             format!(
                 "[[stage]]\nname = \"pass{i}\"\ncomponent = \"{}\"\n",
@@ -60,9 +63,55 @@ async fn passthrough(items: u64) {
     let text = format!(
         "name = \"passthrough\"\n[llm]\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"m\"\n[run]\nconcurrency = 32\n{stages}"
     );
-    let path = dir.path().join("pipeline.toml");
+    let path = dir.join("pipeline.toml");
     std::fs::write(&path, text).unwrap();
-    let pipeline = load(PipelineConfig::load(&path).unwrap(), dir.path()).await;
+    load(PipelineConfig::load(&path).unwrap(), dir).await
+}
+
+/// The runtime's own floor: one stage invocation (fresh store, instantiate, call, drop) in a
+/// loop, without the job runner or the store, on one task and then on two.
+async fn runtime_floor(calls: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = passthrough_pipeline(dir.path(), 1).await;
+    let invoke = |pipeline: Arc<Pipeline>, n: u64| async move {
+        let input = r#"{"item":{"n":1,"text":"an item of modest size"},"stages":{}}"#;
+        let stage = &pipeline.stages[0];
+        for index in 0..n {
+            let call = Call {
+                caps: pipeline.caps.clone(),
+                context: Context {
+                    job_id: "j".into(),
+                    item_id: "i".into(),
+                    item_index: index,
+                    attempt: 1,
+                    stage: "pass1".into(),
+                },
+                limits: stage.config.limits,
+                cancel: CancellationToken::new(),
+                progress: None,
+            };
+            stage.current().run(call, input).await.unwrap();
+        }
+    };
+    let started = Instant::now();
+    invoke(pipeline.clone(), calls).await;
+    let one = started.elapsed();
+    let started = Instant::now();
+    let a = tokio::spawn(invoke(pipeline.clone(), calls / 2));
+    let b = tokio::spawn(invoke(pipeline.clone(), calls / 2));
+    a.await.unwrap();
+    b.await.unwrap();
+    let two = started.elapsed();
+    println!(
+        "runtime floor, one invocation: {:.1} us on one task; {:.0} invocations/s on two tasks",
+        one.as_secs_f64() * 1e6 / calls as f64,
+        calls as f64 / two.as_secs_f64()
+    );
+}
+
+async fn passthrough(items: u64, stages: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = passthrough_pipeline(dir.path(), stages).await;
     let store = pipeline.store().clone();
 
     // Latency of one item at idle.
@@ -94,7 +143,7 @@ async fn passthrough(items: u64) {
     }
     latencies.sort();
     println!(
-        "passthrough x4, one item at idle: p50 {:.3} ms, p99 {:.3} ms",
+        "passthrough x{stages}, one item at idle: p50 {:.3} ms, p99 {:.3} ms",
         percentile(&latencies, 0.50).as_secs_f64() * 1e3,
         percentile(&latencies, 0.99).as_secs_f64() * 1e3
     );
@@ -115,7 +164,7 @@ async fn passthrough(items: u64) {
     let elapsed = started.elapsed();
     assert_eq!(outcome.job.succeeded, items);
     println!(
-        "passthrough x4, batch of {items}: {:.0} items/s ({:.2} s; writing the items took {:.2} s)",
+        "passthrough x{stages}, batch of {items}: {:.0} items/s ({:.2} s; writing the items took {:.2} s)",
         items as f64 / elapsed.as_secs_f64(),
         elapsed.as_secs_f64(),
         submitted.as_secs_f64()
@@ -172,7 +221,9 @@ fn main() {
     let eco_items = arg("--eco-items", 5_000);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        passthrough(items).await;
+        runtime_floor(20_000).await;
+        passthrough(items, 1).await;
+        passthrough(items, 4).await;
         eco_scan(eco_items).await;
     });
 }

@@ -81,6 +81,14 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     );
     let started = Instant::now();
     let failures = std::sync::atomic::AtomicU64::new(0);
+    let progress_bar = bar.clone();
+    let show = move |result: &crate::store::ItemResult| {
+        progress_bar.inc(1);
+        if result.status == ItemStatus::Failed {
+            let failed = failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            progress_bar.set_message(format!("{failed} failed"));
+        }
+    };
     let outcome = run_job(
         pipeline.clone(),
         job,
@@ -88,13 +96,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         concurrency,
         cancel,
         None,
-        |result| {
-            bar.inc(1);
-            if result.status == ItemStatus::Failed {
-                let failed = failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                bar.set_message(format!("{failed} failed"));
-            }
-        },
+        show,
     )
     .await?;
     bar.finish_and_clear();

@@ -1,20 +1,21 @@
 //! A job's items through the pipeline, `concurrency` at a time.
 //!
-//! Items are read lazily from the store and a task is spawned only when a permit is free, so
-//! memory holds the items in flight, never the job. Items that already have a result are
+//! `concurrency` workers share one lazy iterator over the job's items in the store; each takes
+//! the next item, runs it, and takes another. Memory holds the items in flight, never the job,
+//! and no task is spawned per item (on two cores, per-item spawns and their cross-thread
+//! wake-ups cost more than a pass-through stage). Items that already have a result are
 //! skipped, which makes running a job again the way to resume it.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::item::{ItemRef, run_item};
 use crate::capabilities::ProgressSink;
 use crate::pipeline::Pipeline;
-use crate::store::{ItemResult, JobRecord, JobState, now_ms};
+use crate::store::{ItemResult, JobRecord, JobState, item_id, now_ms};
 
 /// How a job ended.
 #[derive(Debug, Clone)]
@@ -24,8 +25,15 @@ pub struct JobOutcome {
     pub not_run: u64,
 }
 
+/// What the workers share: the items still to take, and the job's counts.
+struct Progress<I> {
+    items: I,
+    job: JobRecord,
+    not_run: u64,
+}
+
 /// Run every item of `job` that has no result yet; `on_result` sees each new result.
-/// `resume` says the job ran before, so stage outputs of unfinished items may be stored.
+/// `resume` says the job ran before, so results and checkpoints may be stored already.
 pub async fn run_job(
     pipeline: Arc<Pipeline>,
     mut job: JobRecord,
@@ -33,16 +41,9 @@ pub async fn run_job(
     concurrency: usize,
     cancel: CancellationToken,
     progress: Option<ProgressSink>,
-    on_result: impl Fn(&ItemResult),
+    on_result: impl Fn(&ItemResult) + Send + Sync + 'static,
 ) -> Result<JobOutcome> {
     let store = pipeline.store().clone();
-    let permits = Arc::new(Semaphore::new(concurrency.max(1)));
-    let mut running: JoinSet<Result<ItemResult>> = JoinSet::new();
-    let mut not_run = 0;
-    let record = |job: &mut JobRecord, result: &ItemResult| {
-        job.count(result.status);
-        on_result(result);
-    };
     // Counts of a resumed job start from what is stored.
     (job.succeeded, job.failed) = (0, 0);
     if resume {
@@ -50,40 +51,78 @@ pub async fn run_job(
             job.count(result?.status);
         }
     }
-    for entry in store.items(job.id) {
-        let (index, input) = entry?;
-        if resume && store.result(job.id, index)?.is_some() {
-            continue;
-        }
-        let permit = tokio::select! {
-            permit = permits.clone().acquire_owned() => permit.expect("never closed"),
-            () = cancel.cancelled() => { not_run += 1; continue; }
-        };
-        let item = ItemRef {
-            job_id: job.id,
-            item_id: job.item_id(index),
-            index,
-        };
-        let (pipeline, cancel, progress) = (pipeline.clone(), cancel.clone(), progress.clone());
-        running.spawn(async move {
-            let result = run_item(&pipeline, item, input, resume, &cancel, progress).await;
-            drop(permit);
-            result
+    let shared = Arc::new(Mutex::new(Progress {
+        items: store.items(job.id),
+        job: job.clone(),
+        not_run: 0,
+    }));
+    let on_result = Arc::new(on_result);
+    let job_id = job.id;
+    let mut workers: JoinSet<Result<()>> = JoinSet::new();
+    for _ in 0..concurrency.max(1) {
+        let (pipeline, shared, cancel, progress, on_result) = (
+            pipeline.clone(),
+            shared.clone(),
+            cancel.clone(),
+            progress.clone(),
+            on_result.clone(),
+        );
+        workers.spawn(async move {
+            loop {
+                let next = {
+                    let mut shared = shared.lock().expect("no worker panics holding the lock");
+                    let next = shared.items.next();
+                    if next.is_some() && cancel.is_cancelled() {
+                        shared.not_run += 1;
+                        continue;
+                    }
+                    next
+                };
+                let Some(entry) = next else { return Ok(()) };
+                let (index, input) = entry?;
+                let store = pipeline.store();
+                if resume && store.result(job_id, index)?.is_some() {
+                    continue;
+                }
+                let item = ItemRef {
+                    job_id,
+                    item_id: item_id(job_id, index),
+                    index,
+                };
+                let result =
+                    run_item(&pipeline, item, input, resume, &cancel, progress.clone()).await?;
+                shared
+                    .lock()
+                    .expect("no worker panics holding the lock")
+                    .job
+                    .count(result.status);
+                on_result(&result);
+            }
         });
-        while let Some(done) = running.try_join_next() {
-            record(&mut job, &done.context("an item task panicked")??);
-        }
     }
-    while let Some(done) = running.join_next().await {
-        record(&mut job, &done.context("an item task panicked")??);
+    while let Some(done) = workers.join_next().await {
+        done.context("a job worker panicked")??;
     }
-    job.state = if cancel.is_cancelled() {
+
+    let Progress {
+        job: mut finished,
+        not_run,
+        ..
+    } = Arc::try_unwrap(shared)
+        .ok()
+        .expect("every worker has finished")
+        .into_inner()
+        .expect("not poisoned");
+    finished.state = if cancel.is_cancelled() {
         JobState::Cancelled
     } else {
         JobState::Completed
     };
-    job.finished_at = Some(now_ms());
-    store.put_job(&job)?;
+    finished.finished_at = Some(now_ms());
+    store.put_job(&finished)?;
     store.flush().await?;
-    Ok(JobOutcome { job, not_run })
+    Ok(JobOutcome {
+        job: finished,
+        not_run,
+    })
 }

@@ -25,7 +25,9 @@ use sled::{Batch, IVec, Tree};
 use uuid::Uuid;
 
 pub use effects::{EffectRecord, EffectState, EmitOutcome};
-pub use model::{ItemError, ItemResult, ItemStatus, JobRecord, JobState, StageRun, now_ms};
+pub use model::{
+    ItemError, ItemResult, ItemStatus, JobRecord, JobState, StageRun, item_id, now_ms,
+};
 
 /// Items are written in batches of this many, so a large job neither holds all its items in
 /// one sled batch nor pays a write per item.

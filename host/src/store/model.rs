@@ -59,8 +59,13 @@ impl JobRecord {
 
     /// An item's id: the same job and index always give the same id.
     pub fn item_id(&self, index: u64) -> Uuid {
-        Uuid::new_v5(&self.id, &index.to_be_bytes())
+        item_id(self.id, index)
     }
+}
+
+/// The id of item `index` of job `job`: a UUID v5 in the job's namespace.
+pub fn item_id(job: Uuid, index: u64) -> Uuid {
+    Uuid::new_v5(&job, &index.to_be_bytes())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
