@@ -14,7 +14,10 @@
 //! - [`capabilities`]: the host side of every WIT import, and the per-invocation store data.
 //! - [`store`]: everything durable, in sled: jobs, items, stage outputs, results, effects.
 //! - [`pipeline`]: a loaded pipeline: components, capabilities, per-stage limits.
-//! - [`jobs`]: running items through stages, jobs under a concurrency limit, effects.
+//! - [`jobs`]: running items through stages, jobs under a concurrency limit, effects, and the
+//!   [`jobs::JobManager`] that runs submitted jobs in the background.
+//! - [`events`]: each job's append-only event log in sled, and the SSE view of it.
+//! - [`api`]: the HTTP API (axum).
 //! - [`cli`]: the `stagehand` command.
 //!
 //! # Flow of an item
@@ -24,9 +27,11 @@
 //! and persists its output, and finally stores the item's [`store::ItemResult`] with the digest,
 //! duration and guest CPU of every stage that ran.
 
+pub mod api;
 pub mod capabilities;
 pub mod cli;
 pub mod config;
+pub mod events;
 pub mod jobs;
 pub mod pipeline;
 pub mod runtime;

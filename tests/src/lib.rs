@@ -32,6 +32,54 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// A child process that prints `listening on http://ADDR` first; killed when dropped.
+pub struct Server {
+    child: Child,
+    /// `127.0.0.1:port`
+    pub address: String,
+}
+
+impl Server {
+    /// Start `binary` with `args` and wait for its `listening on` line.
+    pub fn start(binary: &Path, args: &[&str]) -> Result<Self> {
+        let mut child = Command::new(binary)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("cannot start {}", binary.display()))?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+        let Some(address) = line.trim().strip_prefix("listening on http://") else {
+            let _ = child.kill();
+            bail!(
+                "{} did not say where it listens: {line:?}",
+                binary.display()
+            );
+        };
+        Ok(Self {
+            address: address.to_string(),
+            child,
+        })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.address)
+    }
+
+    /// The process, e.g. to signal it.
+    pub fn child(&mut self) -> &mut Child {
+        &mut self.child
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The mock LLM as a child process on a free port; killed when dropped.
 pub struct MockLlm {
     child: Child,

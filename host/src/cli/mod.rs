@@ -2,6 +2,7 @@
 
 mod inspect;
 mod run;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,6 +24,8 @@ pub struct Cli {
 enum Command {
     /// Run every item of a JSONL file through a pipeline, offline, and store the results.
     Run(run::RunArgs),
+    /// Serve the HTTP API: submit jobs, follow them over SSE, read results, cancel.
+    Serve(serve::ServeArgs),
     /// Print what the store holds (jobs, results, effects, handler records) as JSON lines.
     Inspect(inspect::InspectArgs),
 }
@@ -40,6 +43,7 @@ impl Cli {
         match self.command {
             Command::Run(args) => run::run(args).await,
             Command::Inspect(args) => inspect::inspect(args),
+            Command::Serve(args) => serve::serve(args).await,
         }
     }
 }

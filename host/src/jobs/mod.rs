@@ -4,7 +4,9 @@
 pub mod batch;
 pub mod effects;
 pub mod item;
+pub mod manager;
 
 pub use batch::{JobOutcome, run_job};
 pub use effects::EffectRunner;
 pub use item::{ItemRef, run_item};
+pub use manager::{CancelOutcome, JobManager, JobOptions};

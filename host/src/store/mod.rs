@@ -69,6 +69,13 @@ impl Store {
         })
     }
 
+    /// Another tree of the same database (for the event log).
+    pub fn tree(&self, name: &str) -> Result<Tree> {
+        self.db
+            .open_tree(name)
+            .with_context(|| format!("cannot open tree `{name}`"))
+    }
+
     /// Make everything written so far durable.
     pub async fn flush(&self) -> Result<()> {
         self.db

@@ -1,0 +1,99 @@
+//! `GET /v1/jobs/{id}/events`: the job's log as Server-Sent Events.
+//!
+//! Each message has `id:` (the log number), `event:` and JSON `data:`; the first message sets
+//! `retry:`. `Last-Event-ID` (header, or `?last_event_id=`) resumes after that number, replaying
+//! from the store then following live; a stream opened after the end replays and closes.
+//! Behind nginx, `X-Accel-Buffering: no` keeps events from being held back.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use super::{ApiError, App, job_id};
+use crate::events::view::{Coalescing, JobView};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    last_event_id: Option<u64>,
+    /// Progress frames carry at most this many items (default 10).
+    max_items: Option<usize>,
+    /// ... and go out at least this often while items finish (default 3000 ms).
+    interval_ms: Option<u64>,
+}
+
+const RETRY: Duration = Duration::from_secs(3);
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+pub async fn stream(
+    State(app): State<Arc<App>>,
+    Path(raw): Path<String>,
+    headers: HeaderMap,
+    query: Result<Query<EventsQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query?;
+    let id = job_id(&raw)?;
+    let job = app
+        .store
+        .job(id)?
+        .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
+    let after = match headers.get("last-event-id") {
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| {
+                ApiError::BadRequest("`Last-Event-ID` must be an event number".into())
+            })?,
+        None => q.last_event_id.unwrap_or(0),
+    };
+    let defaults = Coalescing::default();
+    let coalescing = Coalescing {
+        max_items: q.max_items.unwrap_or(defaults.max_items),
+        interval: q
+            .interval_ms
+            .map_or(defaults.interval, Duration::from_millis),
+    };
+    let view = JobView::new(app.events.clone(), id, job.total, after, coalescing)?;
+    let frames = futures::stream::unfold((view, true), |(mut view, first)| async move {
+        if first {
+            return Some((
+                Ok::<_, Infallible>(SseEvent::default().retry(RETRY)),
+                (view, false),
+            ));
+        }
+        match view.next().await {
+            Ok(Some(frame)) => {
+                let event = SseEvent::default()
+                    .id(frame.id.to_string())
+                    .event(frame.event)
+                    .data(frame.data.to_string());
+                Some((Ok(event), (view, false)))
+            }
+            Ok(None) => None,
+            Err(error) => {
+                tracing::error!(error = %format!("{error:#}"), "event stream failed");
+                None
+            }
+        }
+    });
+    let headers = [
+        (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        (
+            HeaderName::from_static("x-accel-buffering"),
+            HeaderValue::from_static("no"),
+        ),
+    ];
+    Ok((
+        headers,
+        Sse::new(frames).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)),
+    )
+        .into_response())
+}

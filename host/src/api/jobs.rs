@@ -1,0 +1,153 @@
+//! Submitting, inspecting, paging through and cancelling jobs.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+
+use super::{ApiError, App, job_id};
+use crate::jobs::{CancelOutcome, JobOptions};
+use crate::store::JobState;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Submission {
+    items: Vec<Box<RawValue>>,
+    #[serde(default)]
+    options: JobOptions,
+}
+
+fn links(id: uuid::Uuid) -> Value {
+    json!({
+        "job_id": id,
+        "status_url": format!("/v1/jobs/{id}"),
+        "events_url": format!("/v1/jobs/{id}/events"),
+        "results_url": format!("/v1/jobs/{id}/results"),
+    })
+}
+
+pub async fn submit(
+    State(app): State<Arc<App>>,
+    body: Result<Json<Submission>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(submission) = body?;
+    if submission.items.is_empty() {
+        return Err(ApiError::Unprocessable(
+            "`items` is empty: a job needs at least one item".into(),
+        ));
+    }
+    if submission.options.concurrency == Some(0) {
+        return Err(ApiError::Unprocessable(
+            "`options.concurrency` must be at least 1".into(),
+        ));
+    }
+    let items = submission
+        .items
+        .into_iter()
+        .map(|item| item.get().as_bytes().to_vec())
+        .collect();
+    let job = app.jobs.submit(items, submission.options).await?;
+    Ok((StatusCode::ACCEPTED, Json(links(job.id))).into_response())
+}
+
+pub async fn status(
+    State(app): State<Arc<App>>,
+    Path(raw): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = job_id(&raw)?;
+    let mut job = app
+        .store
+        .job(id)?
+        .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
+    if job.state == JobState::Running {
+        (job.succeeded, job.failed) = app.events.counts(id)?;
+    }
+    let mut body = serde_json::to_value(&job).map_err(anyhow::Error::from)?;
+    body["links"] = links(id);
+    Ok(Json(body))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResultsQuery {
+    /// Keyset: results with an index above this.
+    after: Option<u64>,
+    limit: Option<usize>,
+    /// Seed 000's API: 1-based page of `page_size`.
+    page: Option<usize>,
+    page_size: Option<usize>,
+}
+
+const MAX_PAGE: usize = 1000;
+
+pub async fn results(
+    State(app): State<Arc<App>>,
+    Path(raw): Path<String>,
+    query: Result<Query<ResultsQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = query?;
+    let id = job_id(&raw)?;
+    if app.store.job(id)?.is_none() {
+        return Err(ApiError::NotFound(format!("no job {id}")));
+    }
+    let size = q.limit.or(q.page_size).unwrap_or(100);
+    if size == 0 || size > MAX_PAGE {
+        return Err(ApiError::BadRequest(format!(
+            "page size must be 1 to {MAX_PAGE}, not {size}"
+        )));
+    }
+    if let Some(page) = q.page {
+        if page == 0 || q.after.is_some() {
+            return Err(ApiError::BadRequest(
+                "`page` starts at 1 and does not go with `after`".into(),
+            ));
+        }
+        // Offset paging walks the skipped results; `after` is the fast way.
+        let results = app
+            .store
+            .results(id, None)
+            .skip((page - 1).saturating_mul(size))
+            .take(size)
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        return Ok(Json(
+            json!({ "job_id": id, "page": page, "page_size": size, "results": results }),
+        ));
+    }
+    let results = app
+        .store
+        .results(id, q.after)
+        .take(size)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let next_after = if results.len() == size {
+        results.last().map(|r| r.index)
+    } else {
+        None
+    };
+    Ok(Json(
+        json!({ "job_id": id, "results": results, "next_after": next_after }),
+    ))
+}
+
+pub async fn cancel(
+    State(app): State<Arc<App>>,
+    Path(raw): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = job_id(&raw)?;
+    match app.jobs.cancel(id)? {
+        CancelOutcome::Cancelling => Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({ "job_id": id, "state": "cancelling" })),
+        )
+            .into_response()),
+        CancelOutcome::Finished(state) => {
+            Ok(Json(json!({ "job_id": id, "state": state })).into_response())
+        }
+        CancelOutcome::Unknown => Err(ApiError::NotFound(format!("no job {id}"))),
+    }
+}

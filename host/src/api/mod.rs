@@ -1,0 +1,53 @@
+//! The HTTP API (axum): submit jobs, follow them over SSE, read results, cancel.
+//!
+//! | route                              | what                                              |
+//! |------------------------------------|---------------------------------------------------|
+//! | `POST /v1/jobs`                    | submit `{"items": [...], "options": {...}}` -> 202 |
+//! | `GET /v1/jobs/{id}`                | state and counts                                  |
+//! | `GET /v1/jobs/{id}/events`         | SSE: the job's log, resumable with Last-Event-ID  |
+//! | `GET /v1/jobs/{id}/results`        | `?after=&limit=` (keyset) or `?page=&page_size=`  |
+//! | `POST /v1/jobs/{id}/cancel`        | idempotent                                        |
+
+mod error;
+mod events;
+mod jobs;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+
+pub use error::ApiError;
+
+use crate::events::EventLog;
+use crate::jobs::JobManager;
+use crate::store::Store;
+
+/// What the handlers share.
+pub struct App {
+    pub store: Store,
+    pub events: EventLog,
+    pub jobs: Arc<JobManager>,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    let limit = app.max_body_bytes;
+    Router::new()
+        .route("/v1/jobs", post(jobs::submit))
+        .route("/v1/jobs/{id}", get(jobs::status))
+        .route("/v1/jobs/{id}/results", get(jobs::results))
+        .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/v1/jobs/{id}/events", get(events::stream))
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(app)
+}
+
+/// A job id from a path segment, or a 404 that says why.
+fn job_id(raw: &str) -> Result<uuid::Uuid, ApiError> {
+    raw.parse()
+        .map_err(|_| ApiError::NotFound(format!("no job `{raw}` (job ids are UUIDs)")))
+}

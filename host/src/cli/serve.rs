@@ -1,0 +1,115 @@
+//! `stagehand serve <pipeline.toml> [--addr 127.0.0.1:8080]`: the HTTP API.
+//!
+//! The first line on stdout is `listening on http://ADDR` (so `--addr 127.0.0.1:0` can be used
+//! by scripts and tests). SIGTERM or Ctrl-C: stop accepting, give running jobs `--drain-secs`
+//! to finish, stop the effect runner, flush the store.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+
+use super::default_data_dir;
+use crate::api::{App, router};
+use crate::config::PipelineConfig;
+use crate::events::EventLog;
+use crate::jobs::{EffectRunner, JobManager};
+use crate::pipeline::Pipeline;
+use crate::store::Store;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// The pipeline file.
+    pipeline: PathBuf,
+    /// Address to listen on; port 0 picks a free one.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: SocketAddr,
+    /// Where the store and the compiled components are kept.
+    #[arg(long, default_value_os_t = default_data_dir())]
+    data_dir: PathBuf,
+    /// Use this LLM API root instead of the pipeline's `llm.base_url`.
+    #[arg(long, env = "STAGEHAND_LLM_BASE_URL")]
+    llm_base_url: Option<String>,
+    /// Largest request body accepted, in MiB.
+    #[arg(long, default_value_t = 32)]
+    max_body_mib: usize,
+    /// On shutdown, how long running jobs get to finish.
+    #[arg(long, default_value_t = 10)]
+    drain_secs: u64,
+}
+
+pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
+    let mut config = PipelineConfig::load(&args.pipeline)?;
+    if let Some(url) = args.llm_base_url {
+        config.llm.base_url = url;
+    }
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+    let store = Store::open(&args.data_dir.join("store"))?;
+    let runtime = Pipeline::runtime_for(&config, &args.data_dir)?;
+    let pipeline = Pipeline::load(config, runtime, store.clone()).await?;
+    let events = EventLog::new(store.tree("events")?);
+    let jobs = JobManager::new(pipeline.clone(), events.clone());
+    let stop_effects = CancellationToken::new();
+    let (_effects, effects_task) = EffectRunner::spawn(
+        pipeline.caps.clone(),
+        pipeline.config.run.effect_concurrency,
+        stop_effects.clone(),
+    );
+    let app = Arc::new(App {
+        store: store.clone(),
+        events,
+        jobs: jobs.clone(),
+        max_body_bytes: args.max_body_mib << 20,
+    });
+
+    let listener = tokio::net::TcpListener::bind(args.addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.addr))?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "listening on http://{}", listener.local_addr()?)?;
+    stdout.flush()?;
+    drop(stdout);
+    axum::serve(listener, router(app))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+
+    let still_running = jobs.wait(Duration::from_secs(args.drain_secs)).await;
+    if still_running > 0 {
+        tracing::warn!(
+            still_running,
+            "jobs still running at shutdown; they stay `running` in the store"
+        );
+    }
+    stop_effects.cancel();
+    effects_task.await??;
+    store.flush().await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}

@@ -1,0 +1,173 @@
+//! The `events` tree: key = job id (16 bytes) + sequence number (u64 big-endian), value = the
+//! event's JSON. Appends to one job are serialised by a per-job lock held across numbering and
+//! insert, so a reader that sees event N has seen every event before it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use super::Event;
+
+/// The event logs of every job, and a wake-up channel per job being watched or written.
+#[derive(Clone)]
+pub struct EventLog {
+    tree: sled::Tree,
+    heads: Arc<Mutex<HashMap<Uuid, Arc<Head>>>>,
+}
+
+/// The tail of one job's log.
+struct Head {
+    /// The last number given out and the item counts so far; the lock also orders the inserts.
+    tail: Mutex<Tail>,
+    /// The last number written, for subscribers to wait on.
+    written: watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct Tail {
+    seq: u64,
+    completed: u64,
+    failed: u64,
+}
+
+fn key(job: Uuid, seq: u64) -> [u8; 24] {
+    let mut key = [0; 24];
+    key[..16].copy_from_slice(job.as_bytes());
+    key[16..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+impl EventLog {
+    pub fn new(tree: sled::Tree) -> Self {
+        Self {
+            tree,
+            heads: Arc::default(),
+        }
+    }
+
+    /// Where `job`'s stored log ends: its last number and the counts of its last item event.
+    fn stored_tail(&self, job: Uuid) -> Result<Tail> {
+        let mut tail = Tail::default();
+        for entry in self.tree.scan_prefix(job.as_bytes()).rev() {
+            let (k, v) = entry?;
+            if tail.seq == 0 {
+                tail.seq = u64::from_be_bytes(k[16..24].try_into().expect("24-byte keys"));
+            }
+            if let Ok(Event::ItemFinished {
+                completed, failed, ..
+            }) = serde_json::from_slice(&v)
+            {
+                (tail.completed, tail.failed) = (completed, failed);
+                break;
+            }
+        }
+        Ok(tail)
+    }
+
+    fn head(&self, job: Uuid) -> Result<Arc<Head>> {
+        let mut heads = self.heads.lock().expect("not poisoned");
+        if let Some(head) = heads.get(&job) {
+            return Ok(head.clone());
+        }
+        // After a restart the numbering continues where the stored log ends.
+        let tail = self.stored_tail(job)?;
+        let head = Arc::new(Head {
+            written: watch::Sender::new(tail.seq),
+            tail: Mutex::new(tail),
+        });
+        heads.insert(job, head.clone());
+        Ok(head)
+    }
+
+    /// Append `event` to `job`'s log; its number.
+    pub fn append(&self, job: Uuid, event: &Event) -> Result<u64> {
+        let head = self.head(job)?;
+        let mut tail = head.tail.lock().expect("not poisoned");
+        self.write(job, &head, &mut tail, event)
+    }
+
+    /// Append an `item.finished` event, with the job's running counts filled in.
+    pub fn append_item(
+        &self,
+        job: Uuid,
+        index: u64,
+        succeeded: bool,
+        preview: String,
+    ) -> Result<u64> {
+        let head = self.head(job)?;
+        let mut tail = head.tail.lock().expect("not poisoned");
+        let (completed, failed) = if succeeded {
+            (tail.completed + 1, tail.failed)
+        } else {
+            (tail.completed, tail.failed + 1)
+        };
+        let status = if succeeded { "succeeded" } else { "failed" }.to_string();
+        let seq = self.write(
+            job,
+            &head,
+            &mut tail,
+            &Event::ItemFinished {
+                index,
+                status,
+                preview,
+                completed,
+                failed,
+            },
+        )?;
+        (tail.completed, tail.failed) = (completed, failed);
+        Ok(seq)
+    }
+
+    fn write(&self, job: Uuid, head: &Head, tail: &mut Tail, event: &Event) -> Result<u64> {
+        let seq = tail.seq + 1;
+        self.tree
+            .insert(key(job, seq), serde_json::to_vec(event)?)
+            .context("cannot append an event")?;
+        tail.seq = seq;
+        head.written.send_replace(seq);
+        Ok(seq)
+    }
+
+    /// Events of `job` numbered above `after`, in order, read lazily from the store.
+    pub fn read(
+        &self,
+        job: Uuid,
+        after: u64,
+    ) -> impl Iterator<Item = Result<(u64, Event)>> + Send + use<> {
+        let mut end = job.as_bytes().to_vec();
+        end.push(0xff);
+        self.tree
+            .range(key(job, after.saturating_add(1)).to_vec()..end)
+            .map(|entry| {
+                let (k, v) = entry?;
+                let seq = u64::from_be_bytes(k[16..24].try_into().expect("24-byte keys"));
+                Ok((seq, serde_json::from_slice(&v).context("corrupt event")?))
+            })
+    }
+
+    /// Items finished so far (succeeded, failed), as the log counts them.
+    pub fn counts(&self, job: Uuid) -> Result<(u64, u64)> {
+        let head = self.head(job)?;
+        let tail = head.tail.lock().expect("not poisoned");
+        Ok((tail.completed, tail.failed))
+    }
+
+    /// A receiver that changes whenever `job` gets a new event; its value is the last number.
+    pub fn watch(&self, job: Uuid) -> Result<watch::Receiver<u64>> {
+        Ok(self.head(job)?.written.subscribe())
+    }
+
+    /// Forget the wake-up channel of a finished job nobody watches (the log stays).
+    pub fn release(&self, job: Uuid) {
+        let mut heads = self.heads.lock().expect("not poisoned");
+        if heads
+            .get(&job)
+            .is_some_and(|h| h.written.receiver_count() == 0)
+        {
+            heads.remove(&job);
+        }
+    }
+}

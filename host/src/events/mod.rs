@@ -1,0 +1,58 @@
+//! A job's events: an append-only log per job, numbered 1, 2, 3..., kept in sled.
+//!
+//! The log is the truth; an SSE stream is a view of it. A subscriber holds a cursor (the last
+//! number it sent) and a wake-up signal, never a buffer, so its memory does not grow with the
+//! rate of events, and a client that reconnects with `Last-Event-ID: N` gets exactly the events
+//! after N. Coalescing of progress happens in the view ([`view`]), so the log keeps every event.
+
+mod log;
+pub mod view;
+
+use serde::{Deserialize, Serialize};
+
+pub use log::EventLog;
+
+/// What happened. Serialised as `{"type": "...", ...fields}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum Event {
+    /// The job was accepted with `total` items.
+    #[serde(rename = "job.started")]
+    JobStarted { total: u64 },
+    /// One item finished; `preview` is the start of its output or error. `completed` and
+    /// `failed` count the job's finished items up to this event, so a view that starts in the
+    /// middle of the log knows the totals without reading what came before.
+    #[serde(rename = "item.finished")]
+    ItemFinished {
+        index: u64,
+        status: String,
+        preview: String,
+        completed: u64,
+        failed: u64,
+    },
+    #[serde(rename = "job.completed")]
+    JobCompleted {
+        succeeded: u64,
+        failed: u64,
+        total: u64,
+    },
+    #[serde(rename = "job.cancelled")]
+    JobCancelled {
+        succeeded: u64,
+        failed: u64,
+        not_run: u64,
+        total: u64,
+    },
+    #[serde(rename = "job.failed")]
+    JobFailed { error: String },
+}
+
+impl Event {
+    /// The last event of a job: a stream that sent it closes.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            Event::JobCompleted { .. } | Event::JobCancelled { .. } | Event::JobFailed { .. }
+        )
+    }
+}

@@ -1,0 +1,200 @@
+//! A job's log as the frames an SSE client receives.
+//!
+//! `item.finished` events are coalesced into `job.progress` frames of at most `max_items` items,
+//! sent when that many are pending or `interval` has passed since the last frame, whichever
+//! comes first; other events pass through. A frame's id is the log number of the last event it
+//! covers, so resuming after it neither repeats nor skips an event. After a terminal event the
+//! view ends.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use anyhow::Result;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::{Event, EventLog};
+
+/// When progress frames go out.
+#[derive(Debug, Clone, Copy)]
+pub struct Coalescing {
+    pub max_items: usize,
+    pub interval: Duration,
+}
+
+impl Default for Coalescing {
+    fn default() -> Self {
+        Self {
+            max_items: 10,
+            interval: Duration::from_millis(3000),
+        }
+    }
+}
+
+/// One SSE message: `id:`, `event:` and JSON `data:`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Frame {
+    pub id: u64,
+    pub event: &'static str,
+    pub data: Value,
+}
+
+/// Events read from the log per step; bounds the memory of a view that catches up.
+const READ_AHEAD: usize = 256;
+
+/// A cursor over one job's log. Memory: the pending progress items (at most `max_items`) and
+/// the frames of one read-ahead, whatever the job's size.
+pub struct JobView {
+    log: EventLog,
+    job: Uuid,
+    total: u64,
+    coalescing: Coalescing,
+    cursor: u64,
+    pending: Vec<Value>,
+    pending_counts: (u64, u64),
+    pending_last: u64,
+    last_frame: Instant,
+    ready: VecDeque<Frame>,
+    wake: watch::Receiver<u64>,
+    ended: bool,
+}
+
+impl JobView {
+    /// A view of `job` (which has `total` items) starting after event `after`.
+    pub fn new(
+        log: EventLog,
+        job: Uuid,
+        total: u64,
+        after: u64,
+        coalescing: Coalescing,
+    ) -> Result<Self> {
+        let wake = log.watch(job)?;
+        Ok(Self {
+            log,
+            job,
+            total,
+            coalescing: Coalescing {
+                max_items: coalescing.max_items.max(1),
+                ..coalescing
+            },
+            cursor: after,
+            pending: Vec::new(),
+            pending_counts: (0, 0),
+            pending_last: after,
+            last_frame: Instant::now(),
+            ready: VecDeque::new(),
+            wake,
+            ended: false,
+        })
+    }
+
+    /// The next frame, waiting for events as needed; `None` after the terminal frame.
+    pub async fn next(&mut self) -> Result<Option<Frame>> {
+        loop {
+            if let Some(frame) = self.ready.pop_front() {
+                return Ok(Some(frame));
+            }
+            if self.ended {
+                return Ok(None);
+            }
+            // Mark the wake-up channel seen before reading, so an event appended after the
+            // read wakes us.
+            self.wake.borrow_and_update();
+            let mut read = 0;
+            for entry in self.log.read(self.job, self.cursor).take(READ_AHEAD) {
+                let (seq, event) = entry?;
+                self.cursor = seq;
+                self.take(seq, event);
+                read += 1;
+                if self.ended {
+                    break;
+                }
+            }
+            if read > 0 || !self.ready.is_empty() {
+                continue;
+            }
+            if self.pending.is_empty() {
+                if self.wake.changed().await.is_err() {
+                    return Ok(None);
+                }
+                continue;
+            }
+            let deadline = self.last_frame + self.coalescing.interval;
+            tokio::select! {
+                changed = self.wake.changed() => if changed.is_err() { return Ok(None) },
+                () = tokio::time::sleep_until(deadline) => self.flush(),
+            }
+        }
+    }
+
+    fn take(&mut self, seq: u64, event: Event) {
+        match event {
+            Event::ItemFinished {
+                index,
+                status,
+                preview,
+                completed,
+                failed,
+            } => {
+                self.pending
+                    .push(json!({ "index": index, "status": status, "preview": preview }));
+                self.pending_counts = (completed, failed);
+                self.pending_last = seq;
+                if self.pending.len() >= self.coalescing.max_items
+                    || self.last_frame.elapsed() >= self.coalescing.interval
+                {
+                    self.flush();
+                }
+            }
+            other => {
+                self.flush();
+                self.ended = other.is_terminal();
+                let (event, data) = frame_of(&other);
+                self.ready.push_back(Frame {
+                    id: seq,
+                    event,
+                    data,
+                });
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let (completed, failed) = self.pending_counts;
+        let percent = if self.total == 0 {
+            100.0
+        } else {
+            ((completed + failed) as f64 * 10_000.0 / self.total as f64).round() / 100.0
+        };
+        let items = std::mem::take(&mut self.pending);
+        self.ready.push_back(Frame {
+            id: self.pending_last,
+            event: "job.progress",
+            data: json!({ "completed": completed, "failed": failed, "total": self.total, "percent": percent, "items": items }),
+        });
+        self.last_frame = Instant::now();
+    }
+}
+
+/// The SSE `event:` name and `data:` of a pass-through event.
+fn frame_of(event: &Event) -> (&'static str, Value) {
+    let mut data = serde_json::to_value(event).expect("events serialise");
+    let name = match data
+        .as_object_mut()
+        .and_then(|o| o.remove("type"))
+        .as_ref()
+        .and_then(Value::as_str)
+    {
+        Some("job.started") => "job.started",
+        Some("job.completed") => "job.completed",
+        Some("job.cancelled") => "job.cancelled",
+        Some("job.failed") => "job.failed",
+        _ => "item.finished",
+    };
+    (name, data)
+}

@@ -1,0 +1,408 @@
+//! `stagehand serve` over real HTTP: submit, follow over SSE, resume with Last-Event-ID, page
+//! through results, cancel, and clear errors for bad input.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::time::{Duration, Instant};
+
+use reqwest::blocking::{Client, Response};
+use serde_json::{Value, json};
+use stagehand_tests::{MockLlm, Server, binary, repo_root};
+
+fn serve(mock: &MockLlm, data: &std::path::Path, extra: &[&str]) -> Server {
+    let pipeline = repo_root().join("examples/eco-scan/pipeline.toml");
+    let mut args = vec![
+        "serve".to_string(),
+        pipeline.display().to_string(),
+        "--addr".into(),
+        "127.0.0.1:0".into(),
+    ];
+    args.extend([
+        "--data-dir".into(),
+        data.display().to_string(),
+        "--llm-base-url".into(),
+        mock.base_url(),
+    ]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Server::start(&binary("stagehand"), &args).expect("stagehand serve starts")
+}
+
+fn client() -> Client {
+    Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+/// `n` eco-scan items, all with known categories.
+fn items(n: usize) -> Vec<Value> {
+    let names = [
+        "pet_bottle",
+        "soda_can",
+        "glass_bottle",
+        "milk_carton",
+        "aa_battery",
+        "banana_peel",
+    ];
+    (0..n).map(|i| json!({ "user_id": format!("u{}", i % 7), "image_url": format!("https://images.example/{}_{i}.jpg", names[i % names.len()]) })).collect()
+}
+
+fn submit(server: &Server, items: Vec<Value>, options: Value) -> String {
+    let response = client()
+        .post(server.url("/v1/jobs"))
+        .json(&json!({ "items": items, "options": options }))
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let body: Value = response.json().unwrap();
+    assert_eq!(
+        body["events_url"],
+        format!("/v1/jobs/{}/events", body["job_id"].as_str().unwrap())
+    );
+    body["job_id"].as_str().unwrap().to_string()
+}
+
+/// One SSE message.
+#[derive(Debug, Clone)]
+struct Frame {
+    id: Option<u64>,
+    event: String,
+    data: Value,
+}
+
+/// Read messages until the stream ends or `stop` says so.
+fn read_frames(response: Response, mut stop: impl FnMut(&Frame) -> bool) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    let (mut id, mut event, mut data) = (None, String::new(), String::new());
+    for line in BufReader::new(response).lines() {
+        let line = line.unwrap();
+        if line.is_empty() {
+            if !data.is_empty() {
+                let frame = Frame {
+                    id,
+                    event: std::mem::take(&mut event),
+                    data: serde_json::from_str(&data).unwrap(),
+                };
+                data.clear();
+                let done = stop(&frame);
+                frames.push(frame);
+                if done {
+                    break;
+                }
+            }
+            id = None;
+            continue;
+        }
+        if let Some(v) = line.strip_prefix("id: ") {
+            id = Some(v.parse().unwrap());
+        } else if let Some(v) = line.strip_prefix("event: ") {
+            event = v.to_string();
+        } else if let Some(v) = line.strip_prefix("data: ") {
+            data.push_str(v);
+        }
+    }
+    frames
+}
+
+fn events(server: &Server, job: &str, query: &str, last_event_id: Option<u64>) -> Response {
+    let mut request = client().get(server.url(&format!("/v1/jobs/{job}/events{query}")));
+    if let Some(id) = last_event_id {
+        request = request.header("Last-Event-ID", id.to_string());
+    }
+    let response = request.send().unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    assert_eq!(response.headers()["cache-control"], "no-cache");
+    assert_eq!(response.headers()["x-accel-buffering"], "no");
+    response
+}
+
+/// Item indices reported by progress frames.
+fn indices(frames: &[Frame]) -> Vec<u64> {
+    frames
+        .iter()
+        .filter(|f| f.event == "job.progress")
+        .flat_map(|f| {
+            f.data["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["index"].as_u64().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn a_job_is_followed_to_the_end_and_its_results_paged() {
+    let mock = MockLlm::start(&["--latency-ms", "5"]);
+    let data = tempfile::tempdir().unwrap();
+    let server = serve(&mock, data.path(), &[]);
+    let job = submit(&server, items(30), json!({ "concurrency": 8 }));
+
+    let frames = read_frames(events(&server, &job, "?max_items=10", None), |_| false);
+    assert_eq!(
+        (frames[0].id, frames[0].event.as_str(), &frames[0].data),
+        (Some(1), "job.started", &json!({ "total": 30 }))
+    );
+    let last = frames.last().unwrap();
+    assert_eq!(
+        (last.event.as_str(), &last.data),
+        (
+            "job.completed",
+            &json!({ "succeeded": 30, "failed": 0, "total": 30 })
+        )
+    );
+    let ids: Vec<u64> = frames.iter().map(|f| f.id.unwrap()).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase: {ids:?}");
+    assert_eq!(
+        *ids.last().unwrap(),
+        32,
+        "1 start + 30 items + 1 end in the log"
+    );
+    let mut seen = indices(&frames);
+    assert!(
+        frames
+            .iter()
+            .filter(|f| f.event == "job.progress")
+            .all(|f| f.data["items"].as_array().unwrap().len() <= 10)
+    );
+    seen.sort();
+    assert_eq!(seen, (0..30).collect::<Vec<_>>());
+    let final_progress = frames.iter().rfind(|f| f.event == "job.progress").unwrap();
+    assert_eq!(
+        (
+            final_progress.data["completed"].as_u64(),
+            final_progress.data["percent"].as_f64()
+        ),
+        (Some(30), Some(100.0))
+    );
+
+    // Keyset pages: in order, no gap, no duplicate.
+    let (mut after, mut all) = (None::<u64>, Vec::new());
+    loop {
+        let query = match after {
+            Some(a) => format!("?limit=7&after={a}"),
+            None => "?limit=7".to_string(),
+        };
+        let page: Value = client()
+            .get(server.url(&format!("/v1/jobs/{job}/results{query}")))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        let results = page["results"].as_array().unwrap();
+        all.extend(results.iter().map(|r| r["index"].as_u64().unwrap()));
+        assert!(
+            results
+                .iter()
+                .all(|r| r["status"] == "succeeded" && r["stages"].as_array().unwrap().len() == 4)
+        );
+        match page["next_after"].as_u64() {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(all, (0..30).collect::<Vec<_>>());
+    // Seed 000's page/page_size.
+    let page: Value = client()
+        .get(server.url(&format!("/v1/jobs/{job}/results?page=5&page_size=7")))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let indexes: Vec<u64> = page["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(indexes, [28, 29]);
+
+    let status: Value = client()
+        .get(server.url(&format!("/v1/jobs/{job}")))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(
+        (status["state"].as_str(), status["succeeded"].as_u64()),
+        (Some("completed"), Some(30))
+    );
+    // A stream opened after the end replays and closes.
+    let replay = read_frames(events(&server, &job, "?max_items=10", None), |_| false);
+    assert_eq!(
+        replay.iter().map(|f| f.id).collect::<Vec<_>>(),
+        frames.iter().map(|f| f.id).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn reconnecting_with_last_event_id_misses_nothing_and_repeats_nothing() {
+    let mock = MockLlm::start(&["--latency-ms", "20"]);
+    let data = tempfile::tempdir().unwrap();
+    let server = serve(&mock, data.path(), &[]);
+    let job = submit(&server, items(40), json!({ "concurrency": 2 }));
+
+    // One frame per item, so every log number shows up as an id; drop the connection mid-job.
+    let first = read_frames(events(&server, &job, "?max_items=1", None), |f| {
+        f.id == Some(8)
+    });
+    let resume_from = first.last().unwrap().id.unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let second = read_frames(
+        events(&server, &job, "?max_items=1", Some(resume_from)),
+        |_| false,
+    );
+    // `?last_event_id=` works as well as the header.
+    let third = read_frames(
+        events(
+            &server,
+            &job,
+            &format!("?max_items=1&last_event_id={resume_from}"),
+            None,
+        ),
+        |_| false,
+    );
+    assert_eq!(
+        second.iter().map(|f| f.id).collect::<Vec<_>>(),
+        third.iter().map(|f| f.id).collect::<Vec<_>>()
+    );
+
+    let ids: Vec<u64> = first.iter().chain(&second).map(|f| f.id.unwrap()).collect();
+    assert_eq!(
+        ids,
+        (1..=42).collect::<Vec<_>>(),
+        "every log number exactly once across the two connections"
+    );
+    let mut seen = indices(&first);
+    seen.extend(indices(&second));
+    assert_eq!(seen.iter().copied().collect::<BTreeSet<_>>().len(), 40);
+    assert_eq!(seen.len(), 40);
+    assert_eq!(second.last().unwrap().event, "job.completed");
+}
+
+#[test]
+fn cancel_stops_a_running_job_at_once() {
+    let mock = MockLlm::start(&["--latency-ms", "400"]);
+    let data = tempfile::tempdir().unwrap();
+    let server = serve(&mock, data.path(), &[]);
+    let job = submit(&server, items(60), json!({ "concurrency": 4 }));
+    let stream = events(&server, &job, "?max_items=1", None);
+    let collector = std::thread::spawn(move || read_frames(stream, |_| false));
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let cancelled_at = Instant::now();
+    let response = client()
+        .post(server.url(&format!("/v1/jobs/{job}/cancel")))
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let requests_at_cancel = mock.stats()["requests"].as_u64().unwrap();
+    let frames = collector.join().unwrap();
+    let end = frames.last().unwrap();
+    assert_eq!(end.event, "job.cancelled", "{frames:?}");
+    assert!(
+        cancelled_at.elapsed() < Duration::from_secs(3),
+        "the stream ended {:?} after the cancel",
+        cancelled_at.elapsed()
+    );
+    let (succeeded, failed, not_run) = (
+        end.data["succeeded"].as_u64().unwrap(),
+        end.data["failed"].as_u64().unwrap(),
+        end.data["not_run"].as_u64().unwrap(),
+    );
+    assert_eq!(succeeded + failed + not_run, 60, "{end:?}");
+    assert!(not_run > 0 && succeeded < 60, "{end:?}");
+
+    // Nothing new reached the LLM after the cancel; a second cancel is harmless.
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(
+        mock.stats()["requests"].as_u64().unwrap() <= requests_at_cancel + 4,
+        "at most the in-flight ones"
+    );
+    let again = client()
+        .post(server.url(&format!("/v1/jobs/{job}/cancel")))
+        .send()
+        .unwrap();
+    assert_eq!(again.status(), 200);
+    assert_eq!(again.json::<Value>().unwrap()["state"], "cancelled");
+    let results: Value = client()
+        .get(server.url(&format!("/v1/jobs/{job}/results?limit=1000")))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let results = results["results"].as_array().unwrap();
+    assert_eq!(results.len() as u64, succeeded + failed);
+    assert!(
+        results
+            .iter()
+            .filter(|r| r["status"] == "failed")
+            .all(|r| r["error"]["kind"] == "cancelled")
+    );
+}
+
+#[test]
+fn bad_requests_get_a_clear_4xx() {
+    let mock = MockLlm::start(&[]);
+    let data = tempfile::tempdir().unwrap();
+    let server = serve(&mock, data.path(), &["--max-body-mib", "1"]);
+    let post = |body: &str| {
+        let response = client()
+            .post(server.url("/v1/jobs"))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json::<Value>().unwrap())
+    };
+    let (status, body) = post("{not json");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("bad_request")),
+        "{body}"
+    );
+    let (status, body) = post(r#"{"items": []}"#);
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`items` is empty")
+    );
+    let (status, body) = post(r#"{"items": [1], "options": {"concurency": 2}}"#);
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field `concurency`"),
+        "{body}"
+    );
+    let (status, _) = post(&format!(r#"{{"items": ["{}"]}}"#, "x".repeat(2 << 20)));
+    assert_eq!(status, 413);
+
+    let get = |path: &str| {
+        let response = client().get(server.url(path)).send().unwrap();
+        (
+            response.status().as_u16(),
+            response.json::<Value>().unwrap(),
+        )
+    };
+    let (status, body) = get("/v1/jobs/not-a-uuid");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("not_found"))
+    );
+    let (status, _) = get(&format!("/v1/jobs/{}/events", uuid::Uuid::new_v4()));
+    assert_eq!(status, 404);
+    let job = submit(&server, items(1), json!({}));
+    let (status, body) = get(&format!("/v1/jobs/{job}/results?limit=0"));
+    assert_eq!(status, 400, "{body}");
+    let (status, _) = get(&format!("/v1/jobs/{job}/results?page=0"));
+    assert_eq!(status, 400);
+    let (status, _) = get("/v2/nothing");
+    assert_eq!(status, 404);
+}
