@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use stagehand::config::PipelineConfig;
-use stagehand::jobs::{EffectRunner, ItemRef, run_item, run_job};
+use stagehand::jobs::{EffectRunner, ItemHooks, ItemRef, run_item, run_job};
 use stagehand::pipeline::Pipeline;
 use stagehand::runtime::Call;
 use stagehand::runtime::bindings::types::Context;
@@ -135,7 +135,7 @@ async fn passthrough(items: u64, stages: usize) {
             input.as_bytes().into(),
             false,
             &cancel,
-            None,
+            &ItemHooks::default(),
         )
         .await
         .unwrap();
@@ -158,9 +158,17 @@ async fn passthrough(items: u64, stages: usize) {
         .unwrap();
     let submitted = started.elapsed();
     let started = Instant::now();
-    let outcome = run_job(pipeline.clone(), job, false, 32, cancel, None, |_| {})
-        .await
-        .unwrap();
+    let outcome = run_job(
+        pipeline.clone(),
+        job,
+        false,
+        32,
+        cancel,
+        ItemHooks::default(),
+        |_| {},
+    )
+    .await
+    .unwrap();
     let elapsed = started.elapsed();
     assert_eq!(outcome.job.succeeded, items);
     println!(
@@ -197,7 +205,7 @@ async fn eco_scan(items: u64) {
         false,
         concurrency,
         CancellationToken::new(),
-        None,
+        ItemHooks::default(),
         |_| {},
     )
     .await

@@ -406,3 +406,130 @@ fn bad_requests_get_a_clear_4xx() {
     let (status, _) = get("/v2/nothing");
     assert_eq!(status, 404);
 }
+
+#[test]
+fn a_scan_streams_every_stage_of_its_item() {
+    let mock = MockLlm::start(&["--latency-ms", "10"]);
+    let data = tempfile::tempdir().unwrap();
+    let server = serve(&mock, data.path(), &[]);
+    let scan = json!({ "user_id": "u1", "image_url": "https://images.example/pet_bottle_9.jpg" });
+    let response = client()
+        .post(server.url("/v1/scans"))
+        .json(&scan)
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let body: Value = response.json().unwrap();
+    assert_eq!(body["status"], "processing");
+    let task = body["task_id"].as_str().unwrap().to_string();
+
+    let frames = read_frames(events(&server, &task, "", None), |_| false);
+    let stages: Vec<(String, String)> = frames
+        .iter()
+        .filter(|f| f.event == "item.stage")
+        .map(|f| {
+            (
+                f.data["stage"].as_str().unwrap().to_string(),
+                f.data["status"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, String)> = ["vision", "rule", "answer", "reward"]
+        .iter()
+        .flat_map(|s| {
+            [
+                (s.to_string(), "running".to_string()),
+                (s.to_string(), "succeeded".to_string()),
+            ]
+        })
+        .collect();
+    assert_eq!(stages, expected);
+    assert!(
+        frames
+            .iter()
+            .filter(|f| f.event == "item.stage" && f.data["status"] == "succeeded")
+            .all(|f| f.data["duration_ms"].is_number())
+    );
+    assert_eq!(frames.last().unwrap().event, "job.completed");
+    let progress = frames.iter().find(|f| f.event == "job.progress").unwrap();
+    assert!(
+        progress.data["items"][0]["preview"]
+            .as_str()
+            .unwrap()
+            .contains("pet_bottle")
+    );
+
+    let results: Value = client()
+        .get(server.url(&format!("/v1/jobs/{task}/results")))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(
+        results["results"][0]["output"]["vision"]["category"]["minor"],
+        "pet_bottle"
+    );
+    let (status, _) = {
+        let r = client()
+            .post(server.url("/v1/scans"))
+            .json(&json!([1, 2]))
+            .send()
+            .unwrap();
+        (r.status().as_u16(), r.text().unwrap())
+    };
+    assert_eq!(status, 422, "a scan is one object");
+}
+
+#[test]
+fn jobs_are_listed_newest_first_with_a_state_filter() {
+    let mock = MockLlm::start(&["--latency-ms", "300"]);
+    let data = tempfile::tempdir().unwrap();
+    let server = serve(&mock, data.path(), &[]);
+    let mut finished = Vec::new();
+    for _ in 0..3 {
+        let job = submit(&server, items(1), json!({ "labels": { "batch": "small" } }));
+        read_frames(events(&server, &job, "", None), |_| false);
+        finished.push(job);
+    }
+    let long = submit(&server, items(20), json!({ "sequential": true }));
+
+    let list = |query: &str| -> Value {
+        client()
+            .get(server.url(&format!("/v1/jobs{query}")))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    };
+    let ids = |page: &Value| -> Vec<String> {
+        page["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let first = list("?limit=2");
+    assert_eq!(ids(&first), [long.clone(), finished[2].clone()]);
+    let rest = list(&format!(
+        "?limit=2&before={}",
+        first["next_before"].as_str().unwrap()
+    ));
+    assert_eq!(ids(&rest), [finished[1].clone(), finished[0].clone()]);
+    assert_eq!(rest["jobs"][0]["labels"]["batch"], "small");
+    assert_eq!(ids(&list("?state=running")), [long.clone()]);
+    assert_eq!(ids(&list("?state=completed")).len(), 3);
+    let bad = client()
+        .get(server.url("/v1/jobs?state=sleeping"))
+        .send()
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    assert_eq!(
+        client()
+            .post(server.url(&format!("/v1/jobs/{long}/cancel")))
+            .send()
+            .unwrap()
+            .status(),
+        202
+    );
+}

@@ -56,6 +56,70 @@ pub async fn submit(
     Ok((StatusCode::ACCEPTED, Json(links(job.id))).into_response())
 }
 
+/// Seed 001's scan: one item in, its id out at once; its stream shows every stage.
+pub async fn scan(
+    State(app): State<Arc<App>>,
+    body: Result<Json<Box<RawValue>>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(item) = body?;
+    if !item.get().trim_start().starts_with('{') {
+        return Err(ApiError::Unprocessable(
+            "a scan is one JSON object, e.g. {\"user_id\": ..., \"image_url\": ...}".into(),
+        ));
+    }
+    let job = app
+        .jobs
+        .submit(vec![item.get().as_bytes().to_vec()], JobOptions::default())
+        .await?;
+    let mut body = links(job.id);
+    body["task_id"] = json!(job.id);
+    body["status"] = json!("processing");
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    state: Option<JobState>,
+    /// Keyset: jobs created before this job id.
+    before: Option<uuid::Uuid>,
+    limit: Option<usize>,
+}
+
+/// Jobs, newest first.
+pub async fn list(
+    State(app): State<Arc<App>>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = query?;
+    let limit = q.limit.unwrap_or(50);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::BadRequest(format!(
+            "`limit` must be 1 to {MAX_PAGE}, not {limit}"
+        )));
+    }
+    let mut jobs = Vec::with_capacity(limit);
+    for job in app.store.jobs_before(q.before) {
+        let mut job = job?;
+        if q.state.is_some_and(|state| state != job.state) {
+            continue;
+        }
+        if job.state == JobState::Running {
+            (job.succeeded, job.failed) = app.events.counts(job.id)?;
+        }
+        jobs.push(job);
+        if jobs.len() == limit {
+            break;
+        }
+    }
+    let next_before = if jobs.len() == limit {
+        jobs.last().map(|j| j.id)
+    } else {
+        None
+    };
+    Ok(Json(json!({ "jobs": jobs, "next_before": next_before })))
+}
+
 pub async fn status(
     State(app): State<Arc<App>>,
     Path(raw): Path<String>,

@@ -3,6 +3,8 @@
 //! | route                              | what                                              |
 //! |------------------------------------|---------------------------------------------------|
 //! | `POST /v1/jobs`                    | submit `{"items": [...], "options": {...}}` -> 202 |
+//! | `GET /v1/jobs`                     | newest first; `?state=&before=&limit=`            |
+//! | `POST /v1/scans`                   | one item (seed 001's scan) -> 202 with `task_id`  |
 //! | `GET /v1/jobs/{id}`                | state and counts                                  |
 //! | `GET /v1/jobs/{id}/events`         | SSE: the job's log, resumable with Last-Event-ID  |
 //! | `GET /v1/jobs/{id}/results`        | `?after=&limit=` (keyset) or `?page=&page_size=`  |
@@ -36,7 +38,8 @@ pub struct App {
 pub fn router(app: Arc<App>) -> Router {
     let limit = app.max_body_bytes;
     Router::new()
-        .route("/v1/jobs", post(jobs::submit))
+        .route("/v1/jobs", post(jobs::submit).get(jobs::list))
+        .route("/v1/scans", post(jobs::scan))
         .route("/v1/jobs/{id}", get(jobs::status))
         .route("/v1/jobs/{id}/results", get(jobs::results))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))

@@ -95,7 +95,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         false,
         concurrency,
         cancel,
-        None,
+        crate::jobs::ItemHooks::default(),
         show,
     )
     .await?;

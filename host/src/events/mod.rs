@@ -30,6 +30,16 @@ pub enum Event {
         completed: u64,
         failed: u64,
     },
+    /// A stage started (`duration_ms` absent) or ended for an item; logged when the job asked
+    /// for `detail: "stages"`, and always for one-item jobs.
+    #[serde(rename = "item.stage")]
+    ItemStage {
+        index: u64,
+        stage: String,
+        status: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        duration_ms: Option<f64>,
+    },
     #[serde(rename = "job.completed")]
     JobCompleted {
         succeeded: u64,

@@ -194,6 +194,7 @@ fn frame_of(event: &Event) -> (&'static str, Value) {
         Some("job.completed") => "job.completed",
         Some("job.cancelled") => "job.cancelled",
         Some("job.failed") => "job.failed",
+        Some("item.stage") => "item.stage",
         _ => "item.finished",
     };
     (name, data)

@@ -12,8 +12,7 @@ use anyhow::{Context, Result};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::item::{ItemRef, run_item};
-use crate::capabilities::ProgressSink;
+use super::item::{ItemHooks, ItemRef, run_item};
 use crate::pipeline::Pipeline;
 use crate::store::{ItemResult, JobRecord, JobState, item_id, now_ms};
 
@@ -40,7 +39,7 @@ pub async fn run_job(
     resume: bool,
     concurrency: usize,
     cancel: CancellationToken,
-    progress: Option<ProgressSink>,
+    hooks: ItemHooks,
     on_result: impl Fn(&ItemResult) + Send + Sync + 'static,
 ) -> Result<JobOutcome> {
     let store = pipeline.store().clone();
@@ -60,11 +59,11 @@ pub async fn run_job(
     let job_id = job.id;
     let mut workers: JoinSet<Result<()>> = JoinSet::new();
     for _ in 0..concurrency.max(1) {
-        let (pipeline, shared, cancel, progress, on_result) = (
+        let (pipeline, shared, cancel, hooks, on_result) = (
             pipeline.clone(),
             shared.clone(),
             cancel.clone(),
-            progress.clone(),
+            hooks.clone(),
             on_result.clone(),
         );
         workers.spawn(async move {
@@ -89,8 +88,7 @@ pub async fn run_job(
                     item_id: item_id(job_id, index),
                     index,
                 };
-                let result =
-                    run_item(&pipeline, item, input, resume, &cancel, progress.clone()).await?;
+                let result = run_item(&pipeline, item, input, resume, &cancel, &hooks).await?;
                 shared
                     .lock()
                     .expect("no worker panics holding the lock")

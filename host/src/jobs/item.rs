@@ -23,6 +23,27 @@ use crate::runtime::Call;
 use crate::runtime::bindings::types::Context;
 use crate::store::{ItemError, ItemResult, ItemStatus, StageRun, now_ms};
 
+/// Where an item's live progress goes, besides its result.
+#[derive(Clone, Default)]
+pub struct ItemHooks {
+    /// The guest's `progress.report` calls.
+    pub progress: Option<ProgressSink>,
+    /// Each stage starting and ending.
+    pub stages: Option<StageSink>,
+}
+
+/// A stage starting (`duration_ms` is `None`) or ending for an item.
+#[derive(Debug, Clone)]
+pub struct StageUpdate {
+    pub index: u64,
+    pub stage: String,
+    /// `running`, `succeeded` or `failed`.
+    pub status: &'static str,
+    pub duration_ms: Option<f64>,
+}
+
+pub type StageSink = Arc<dyn Fn(StageUpdate) + Send + Sync>;
+
 /// What identifies an item for a run.
 #[derive(Debug, Clone, Copy)]
 pub struct ItemRef {
@@ -39,8 +60,18 @@ pub async fn run_item(
     input: IVec,
     resume: bool,
     cancel: &CancellationToken,
-    progress: Option<ProgressSink>,
+    hooks: &ItemHooks,
 ) -> Result<ItemResult> {
+    let tell = |stage: &str, status, duration_ms| {
+        if let Some(sink) = &hooks.stages {
+            sink(StageUpdate {
+                index: item.index,
+                stage: stage.to_string(),
+                status,
+                duration_ms,
+            });
+        }
+    };
     let store = pipeline.store();
     let checkpoint_after =
         std::time::Duration::from_millis(pipeline.config.run.checkpoint_after_ms);
@@ -80,10 +111,16 @@ pub async fn run_item(
             },
             limits: stage.config.limits,
             cancel: cancel.clone(),
-            progress: progress.clone(),
+            progress: hooks.progress.clone(),
         };
+        tell(name, "running", None);
         match component.run(call, &envelope).await {
             Ok((output, stats)) => {
+                tell(
+                    name,
+                    "succeeded",
+                    Some(stats.duration.as_secs_f64() * 1000.0),
+                );
                 runs.push(StageRun {
                     stage: name.into(),
                     digest: component.meta.digest.clone(),
@@ -103,6 +140,7 @@ pub async fn run_item(
                 outputs.push((name, output.into_bytes()));
             }
             Err(failure) => {
+                tell(name, "failed", None);
                 let error = ItemError {
                     stage: name.into(),
                     kind: failure.kind().as_str().into(),

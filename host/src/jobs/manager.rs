@@ -11,7 +11,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::run_job;
+use super::{ItemHooks, StageUpdate, run_job};
 use crate::events::{Event, EventLog};
 use crate::pipeline::Pipeline;
 use crate::store::{ItemStatus, JobRecord, JobState};
@@ -22,8 +22,26 @@ use crate::store::{ItemStatus, JobRecord, JobState};
 pub struct JobOptions {
     /// Items in flight for this job (default: the pipeline's `[run] concurrency`).
     pub concurrency: Option<usize>,
+    /// Run the items one at a time (seed 000: a model server that cannot take bursts).
+    #[serde(default)]
+    pub sequential: bool,
     /// Characters of output or error kept in `item.finished` previews (default 3,000).
     pub preview_chars: Option<usize>,
+    /// `items` (default): one event per finished item. `stages`: also one as each stage of
+    /// each item starts and ends. One-item jobs always get `stages`.
+    #[serde(default)]
+    pub detail: Detail,
+    /// Free-form labels kept with the job.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Detail {
+    #[default]
+    Items,
+    Stages,
 }
 
 const DEFAULT_PREVIEW_CHARS: usize = 3000;
@@ -62,7 +80,8 @@ impl JobManager {
         items: Vec<Vec<u8>>,
         options: JobOptions,
     ) -> Result<JobRecord> {
-        let job = JobRecord::new(&self.pipeline.config.name);
+        let mut job = JobRecord::new(&self.pipeline.config.name);
+        job.labels = options.labels.clone();
         self.events.append(
             job.id,
             &Event::JobStarted {
@@ -106,9 +125,28 @@ impl JobManager {
         options: JobOptions,
         cancel: CancellationToken,
     ) -> Result<()> {
-        let concurrency = options
-            .concurrency
-            .unwrap_or(self.pipeline.config.run.concurrency);
+        let concurrency = if options.sequential {
+            1
+        } else {
+            options
+                .concurrency
+                .unwrap_or(self.pipeline.config.run.concurrency)
+        };
+        let mut hooks = ItemHooks::default();
+        if options.detail == Detail::Stages || job.total == 1 {
+            let (events, id) = (self.events.clone(), job.id);
+            hooks.stages = Some(Arc::new(move |update: StageUpdate| {
+                let event = Event::ItemStage {
+                    index: update.index,
+                    stage: update.stage,
+                    status: update.status.to_string(),
+                    duration_ms: update.duration_ms,
+                };
+                if let Err(error) = events.append(id, &event) {
+                    tracing::error!(job = %id, error = %format!("{error:#}"), "cannot append a stage event");
+                }
+            }));
+        }
         let preview_chars = options.preview_chars.unwrap_or(DEFAULT_PREVIEW_CHARS);
         let events = self.events.clone();
         let id = job.id;
@@ -137,7 +175,7 @@ impl JobManager {
             false,
             concurrency,
             cancel,
-            None,
+            hooks,
             on_result,
         )
         .await?;

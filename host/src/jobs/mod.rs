@@ -8,5 +8,5 @@ pub mod manager;
 
 pub use batch::{JobOutcome, run_job};
 pub use effects::EffectRunner;
-pub use item::{ItemRef, run_item};
+pub use item::{ItemHooks, ItemRef, StageSink, StageUpdate, run_item};
 pub use manager::{CancelOutcome, JobManager, JobOptions};

@@ -115,9 +115,20 @@ impl Store {
         Ok(())
     }
 
-    /// Every job, in id order.
+    /// Every job, oldest first (job ids are time-ordered UUIDs).
     pub fn jobs(&self) -> impl Iterator<Item = Result<JobRecord>> + use<> {
         self.jobs.iter().values().map(|v| parse(&v?))
+    }
+
+    /// Jobs created before `before` (all, for `None`), newest first.
+    pub fn jobs_before(
+        &self,
+        before: Option<Uuid>,
+    ) -> impl Iterator<Item = Result<JobRecord>> + use<> {
+        let end = before
+            .map(|id| id.as_bytes().to_vec())
+            .unwrap_or_else(|| vec![0xff; 17]);
+        self.jobs.range(..end).rev().map(|entry| parse(&entry?.1))
     }
 
     pub fn job(&self, id: Uuid) -> Result<Option<JobRecord>> {

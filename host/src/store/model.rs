@@ -33,12 +33,15 @@ pub struct JobRecord {
     pub failed: u64,
     pub created_at: u64,
     pub finished_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl JobRecord {
     pub fn new(pipeline: &str) -> Self {
         Self {
-            id: Uuid::new_v4(),
+            // Time-ordered, so the jobs tree lists jobs in creation order.
+            id: Uuid::now_v7(),
             pipeline: pipeline.to_string(),
             state: JobState::Running,
             total: 0,
@@ -46,6 +49,7 @@ impl JobRecord {
             failed: 0,
             created_at: now_ms(),
             finished_at: None,
+            labels: Default::default(),
         }
     }
 
