@@ -517,7 +517,7 @@ fn jobs_are_listed_newest_first_with_a_state_filter() {
     ));
     assert_eq!(ids(&rest), [finished[1].clone(), finished[0].clone()]);
     assert_eq!(rest["jobs"][0]["labels"]["batch"], "small");
-    assert_eq!(ids(&list("?state=running")), [long.clone()]);
+    assert_eq!(ids(&list("?state=running")), std::slice::from_ref(&long));
     assert_eq!(ids(&list("?state=completed")).len(), 3);
     let bad = client()
         .get(server.url("/v1/jobs?state=sleeping"))
