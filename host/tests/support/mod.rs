@@ -84,7 +84,7 @@ pub async fn run_one(pipeline: &Pipeline, item: &str, cancel: &CancellationToken
         item.as_bytes().into(),
         false,
         cancel,
-        None,
+        &Default::default(),
     )
     .await
     .expect("the host itself does not fail")
