@@ -533,3 +533,107 @@ fn jobs_are_listed_newest_first_with_a_state_filter() {
         202
     );
 }
+
+#[test]
+fn finished_jobs_are_removed_after_the_retention_time() {
+    let mock = MockLlm::start(&["--latency-ms", "200"]);
+    let data = tempfile::tempdir().unwrap();
+    let server = serve(
+        &mock,
+        data.path(),
+        &["--retention-secs", "1", "--sweep-interval-secs", "1"],
+    );
+    let done = submit(&server, items(2), json!({}));
+    read_frames(events(&server, &done, "", None), |_| false);
+    let running = submit(&server, items(30), json!({ "sequential": true }));
+    let status = |job: &str, path: &str| {
+        client()
+            .get(server.url(&format!("/v1/jobs/{job}{path}")))
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(status(&done, ""), 200);
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while status(&done, "") != 404 {
+        assert!(
+            Instant::now() < deadline,
+            "the finished job was never removed"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(status(&done, "/results"), 404);
+    assert_eq!(status(&done, "/events"), 404);
+    // A running job is never removed, however old.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(status(&running, ""), 200);
+    assert_eq!(
+        client()
+            .post(server.url(&format!("/v1/jobs/{running}/cancel")))
+            .send()
+            .unwrap()
+            .status(),
+        202
+    );
+}
+
+#[test]
+fn sigterm_drains_running_jobs_and_releases_the_store() {
+    let mock = MockLlm::start(&["--latency-ms", "100"]);
+    let data = tempfile::tempdir().unwrap();
+    let mut server = serve(&mock, data.path(), &[]);
+    let job = submit(&server, items(6), json!({ "concurrency": 2 }));
+    std::thread::sleep(Duration::from_millis(300));
+
+    let pid = server.child().id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = server.child().try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server did not stop after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    // The job ran to its end during the drain, and the store is flushed and free to open.
+    let out = std::process::Command::new(binary("stagehand"))
+        .args([
+            "inspect",
+            "jobs",
+            "--data-dir",
+            &data.path().display().to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let jobs: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(
+        (
+            jobs[0]["id"].as_str(),
+            jobs[0]["state"].as_str(),
+            jobs[0]["succeeded"].as_u64()
+        ),
+        (Some(job.as_str()), Some("completed"), Some(6))
+    );
+}

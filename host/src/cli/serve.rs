@@ -2,7 +2,7 @@
 //!
 //! The first line on stdout is `listening on http://ADDR` (so `--addr 127.0.0.1:0` can be used
 //! by scripts and tests). SIGTERM or Ctrl-C: stop accepting, give running jobs `--drain-secs`
-//! to finish, stop the effect runner, flush the store.
+//! to finish, stop the effect runner and the retention sweeper, flush the store.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -42,6 +42,12 @@ pub struct ServeArgs {
     /// On shutdown, how long running jobs get to finish.
     #[arg(long, default_value_t = 10)]
     drain_secs: u64,
+    /// Finished jobs, their results and event logs are removed this long after they end.
+    #[arg(long, default_value_t = 7 * 24 * 3600)]
+    retention_secs: u64,
+    /// How often the retention sweeper runs.
+    #[arg(long, default_value_t = 600)]
+    sweep_interval_secs: u64,
 }
 
 pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
@@ -60,6 +66,13 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let (_effects, effects_task) = EffectRunner::spawn(
         pipeline.caps.clone(),
         pipeline.config.run.effect_concurrency,
+        stop_effects.clone(),
+    );
+    let sweeper = crate::jobs::retention::spawn_sweeper(
+        store.clone(),
+        events.clone(),
+        Duration::from_secs(args.retention_secs),
+        Duration::from_secs(args.sweep_interval_secs.max(1)),
         stop_effects.clone(),
     );
     let app = Arc::new(App {
@@ -89,6 +102,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     }
     stop_effects.cancel();
     effects_task.await??;
+    let _ = sweeper.await;
     store.flush().await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -160,6 +160,13 @@ impl EventLog {
         Ok(self.head(job)?.written.subscribe())
     }
 
+    /// Remove `job`'s log.
+    pub fn delete(&self, job: Uuid) -> Result<()> {
+        crate::store::remove_prefix(&self.tree, job.as_bytes())?;
+        self.heads.lock().expect("not poisoned").remove(&job);
+        Ok(())
+    }
+
     /// Forget the wake-up channel of a finished job nobody watches (the log stays).
     pub fn release(&self, job: Uuid) {
         let mut heads = self.heads.lock().expect("not poisoned");

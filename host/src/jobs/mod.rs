@@ -5,6 +5,7 @@ pub mod batch;
 pub mod effects;
 pub mod item;
 pub mod manager;
+pub mod retention;
 
 pub use batch::{JobOutcome, run_job};
 pub use effects::EffectRunner;

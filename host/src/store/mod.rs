@@ -206,6 +206,17 @@ impl Store {
         self.results.range(start..end).map(|entry| parse(&entry?.1))
     }
 
+    /// Remove a job and everything stored under it (items, checkpoints, results). Effects and
+    /// handler records stay: they belong to the domain (an ownership outlives the scan that
+    /// granted it) and their keys keep effects idempotent.
+    pub fn delete_job(&self, job: Uuid) -> Result<()> {
+        for tree in [&self.items, &self.stage_outputs, &self.results] {
+            remove_prefix(tree, job.as_bytes())?;
+        }
+        self.jobs.remove(job.as_bytes())?;
+        Ok(())
+    }
+
     /// Insert or replace a handler's record.
     pub fn put_record(&self, collection: &str, key: &str, value: &[u8]) -> Result<()> {
         self.records.insert(keys::named(collection, key), value)?;
@@ -227,6 +238,23 @@ impl Store {
             let (key, value) = entry?;
             Ok((String::from_utf8_lossy(&key[skip..]).into_owned(), value))
         })
+    }
+}
+
+/// Remove every key that starts with `prefix`, a batch at a time.
+pub(crate) fn remove_prefix(tree: &Tree, prefix: &[u8]) -> Result<()> {
+    loop {
+        let keys: Vec<IVec> = tree
+            .scan_prefix(prefix)
+            .keys()
+            .take(ITEM_BATCH)
+            .collect::<Result<_, _>>()?;
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut batch = Batch::default();
+        keys.into_iter().for_each(|k| batch.remove(k));
+        tree.apply_batch(batch)?;
     }
 }
 
