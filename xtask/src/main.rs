@@ -3,7 +3,8 @@
 //!
 //! - `plugins`: build every guest in `plugins/` for wasm32-wasip2 (adding the target if missing).
 //! - `demo [eco-scan]`: build everything, start the mock LLM, run the example end to end.
-//! - `test`: formatting, clippy, the plugins, the binaries, then every test.
+//! - `test`: formatting, clippy, the plugins, the binaries, then every test (installing
+//!   Debian's chromium for the browser test if it is missing).
 //! - `bench`: the benchmarks of docs/BENCHMARKS.md.
 
 use std::path::{Path, PathBuf};
@@ -148,6 +149,19 @@ fn demo(root: &Path, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// The browser tests use Debian's chromium; install it when it is missing.
+fn ensure_chromium() -> Result<()> {
+    if Path::new("/usr/bin/chromium").is_file() {
+        return Ok(());
+    }
+    run(Path::new("."), "apt-get", &["update", "-q"])?;
+    run(
+        Path::new("."),
+        "apt-get",
+        &["install", "-y", "-q", "chromium"],
+    )
+}
+
 fn test(root: &Path) -> Result<()> {
     run(root, "cargo", &["fmt", "--all", "--check"])?;
     run(
@@ -161,6 +175,7 @@ fn test(root: &Path) -> Result<()> {
             "plugins/Cargo.toml",
         ],
     )?;
+    ensure_chromium()?;
     plugins(root)?;
     build_binaries(root)?;
     run(

@@ -9,6 +9,7 @@
 //! | `GET /v1/jobs/{id}/events`         | SSE: the job's log, resumable with Last-Event-ID  |
 //! | `GET /v1/jobs/{id}/results`        | `?after=&limit=` (keyset) or `?page=&page_size=`  |
 //! | `POST /v1/jobs/{id}/cancel`        | idempotent                                        |
+//! | `GET /v1/jobs/{id}/watch`          | a page that follows the job live (EventSource)    |
 
 mod error;
 mod events;
@@ -44,9 +45,15 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/jobs/{id}/results", get(jobs::results))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/events", get(events::stream))
+        .route("/v1/jobs/{id}/watch", get(watch_page))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(app)
+}
+
+/// A self-contained page (no CDN) that follows one job with `EventSource`.
+async fn watch_page() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("assets/watch.html"))
 }
 
 /// A job id from a path segment, or a 404 that says why.
