@@ -133,6 +133,17 @@ pub async fn status(
         (job.succeeded, job.failed) = app.events.counts(id)?;
     }
     let mut body = serde_json::to_value(&job).map_err(anyhow::Error::from)?;
+    let end = job.finished_at.unwrap_or_else(crate::store::now_ms);
+    body["duration_ms"] = json!(end.saturating_sub(job.created_at));
+    // The versions new stage entries use now; each result records the ones it ran.
+    let stages: Vec<Value> = app
+        .jobs
+        .pipeline()
+        .stages
+        .iter()
+        .map(|s| json!({ "stage": s.config.name, "digest": s.current().meta.digest }))
+        .collect();
+    body["stage_versions"] = json!(stages);
     body["links"] = links(id);
     Ok(Json(body))
 }

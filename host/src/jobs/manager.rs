@@ -209,6 +209,10 @@ impl JobManager {
         })
     }
 
+    pub fn pipeline(&self) -> &Arc<Pipeline> {
+        &self.pipeline
+    }
+
     pub fn is_running(&self, id: Uuid) -> bool {
         self.running.lock().expect("not poisoned").contains_key(&id)
     }
