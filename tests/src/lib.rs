@@ -133,6 +133,50 @@ impl Drop for MockLlm {
     }
 }
 
+/// One Server-Sent Events message.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub id: Option<u64>,
+    pub event: String,
+    pub data: serde_json::Value,
+}
+
+/// Read SSE messages from `stream` until it ends or `stop` returns true for a message.
+pub fn read_frames(stream: impl Read, mut stop: impl FnMut(&Frame) -> bool) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    let (mut id, mut event, mut data) = (None, String::new(), String::new());
+    for line in BufReader::new(stream).lines() {
+        let Ok(line) = line else { break };
+        if line.is_empty() {
+            if !data.is_empty() {
+                let parsed =
+                    serde_json::from_str(&data).unwrap_or(serde_json::Value::String(data.clone()));
+                let frame = Frame {
+                    id,
+                    event: std::mem::take(&mut event),
+                    data: parsed,
+                };
+                data.clear();
+                let done = stop(&frame);
+                frames.push(frame);
+                if done {
+                    break;
+                }
+            }
+            id = None;
+            continue;
+        }
+        if let Some(v) = line.strip_prefix("id: ") {
+            id = v.parse().ok();
+        } else if let Some(v) = line.strip_prefix("event: ") {
+            event = v.to_string();
+        } else if let Some(v) = line.strip_prefix("data: ") {
+            data.push_str(v);
+        }
+    }
+    frames
+}
+
 /// A minimal HTTP/1.1 GET, enough for the mock's admin routes.
 fn http_get(address: &str, path: &str) -> Result<String> {
     let mut stream = TcpStream::connect(address)?;

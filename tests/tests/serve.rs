@@ -2,12 +2,11 @@
 //! through results, cancel, and clear errors for bad input.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
 
 use reqwest::blocking::{Client, Response};
 use serde_json::{Value, json};
-use stagehand_tests::{MockLlm, Server, binary, repo_root};
+use stagehand_tests::{Frame, MockLlm, Server, binary, read_frames, repo_root};
 
 fn serve(mock: &MockLlm, data: &std::path::Path, extra: &[&str]) -> Server {
     let pipeline = repo_root().join("examples/eco-scan/pipeline.toml");
@@ -61,48 +60,6 @@ fn submit(server: &Server, items: Vec<Value>, options: Value) -> String {
         format!("/v1/jobs/{}/events", body["job_id"].as_str().unwrap())
     );
     body["job_id"].as_str().unwrap().to_string()
-}
-
-/// One SSE message.
-#[derive(Debug, Clone)]
-struct Frame {
-    id: Option<u64>,
-    event: String,
-    data: Value,
-}
-
-/// Read messages until the stream ends or `stop` says so.
-fn read_frames(response: Response, mut stop: impl FnMut(&Frame) -> bool) -> Vec<Frame> {
-    let mut frames = Vec::new();
-    let (mut id, mut event, mut data) = (None, String::new(), String::new());
-    for line in BufReader::new(response).lines() {
-        let line = line.unwrap();
-        if line.is_empty() {
-            if !data.is_empty() {
-                let frame = Frame {
-                    id,
-                    event: std::mem::take(&mut event),
-                    data: serde_json::from_str(&data).unwrap(),
-                };
-                data.clear();
-                let done = stop(&frame);
-                frames.push(frame);
-                if done {
-                    break;
-                }
-            }
-            id = None;
-            continue;
-        }
-        if let Some(v) = line.strip_prefix("id: ") {
-            id = Some(v.parse().unwrap());
-        } else if let Some(v) = line.strip_prefix("event: ") {
-            event = v.to_string();
-        } else if let Some(v) = line.strip_prefix("data: ") {
-            data.push_str(v);
-        }
-    }
-    frames
 }
 
 fn events(server: &Server, job: &str, query: &str, last_event_id: Option<u64>) -> Response {

@@ -2,7 +2,9 @@
 //! Rust and rustup.
 //!
 //! - `plugins`: build every guest in `plugins/` for wasm32-wasip2 (adding the target if missing).
-//! - `demo [eco-scan]`: build everything, start the mock LLM, run the example end to end.
+//! - `demo [eco-scan]`: build everything, start the mock LLM, run the example end to end with
+//!   `stagehand run`; `demo prompt-eval`: the same through `stagehand serve`, following the job
+//!   over SSE and paging through its results.
 //! - `test`: formatting, clippy, the plugins, the binaries, then every test (installing
 //!   Debian's chromium for the browser test if it is missing).
 //! - `bench`: the benchmarks of docs/BENCHMARKS.md.
@@ -11,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
-use stagehand_tests::MockLlm;
+use serde_json::json;
+use stagehand_tests::{MockLlm, Server, read_frames};
 
 const WASM_TARGET: &str = "wasm32-wasip2";
 
@@ -27,7 +30,9 @@ fn main() -> Result<()> {
         Some("test") => test(&root),
         Some("bench") => bench(&root, &args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <plugins | demo [eco-scan] | test | bench [name]>");
+            eprintln!(
+                "usage: cargo xtask <plugins | demo [eco-scan | prompt-eval] | test | bench>"
+            );
             std::process::exit(2);
         }
     }
@@ -100,6 +105,9 @@ fn build_binaries(root: &Path) -> Result<()> {
 }
 
 fn demo(root: &Path, name: &str) -> Result<()> {
+    if name == "prompt-eval" {
+        return demo_prompt_eval(root);
+    }
     let example = root.join("examples").join(name);
     if !example.join("pipeline.toml").is_file() {
         bail!("no example `{name}` (examples/{name}/pipeline.toml)");
@@ -160,6 +168,121 @@ fn ensure_chromium() -> Result<()> {
         "apt-get",
         &["install", "-y", "-q", "chromium"],
     )
+}
+
+/// Seed 000's batch tester through the server: submit the 100 cases over HTTP, follow the
+/// progress over SSE, then page through the graded results.
+fn demo_prompt_eval(root: &Path) -> Result<()> {
+    let example = root.join("examples/prompt-eval");
+    plugins(root)?;
+    build_binaries(root)?;
+    let answers = example.join("answers.json");
+    let flags = [
+        "--latency-ms",
+        "300",
+        "--jitter-ms",
+        "300",
+        "--answers",
+        path(&answers),
+    ];
+    let mock = MockLlm::start_binary(&root.join("target/release/stagehand-mock-llm"), &flags)?;
+    let data_dir = root.join("target/demo/prompt-eval");
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let pipeline = example.join("pipeline.toml");
+    let base_url = mock.base_url();
+    let args = [
+        "serve",
+        path(&pipeline),
+        "--addr",
+        "127.0.0.1:0",
+        "--data-dir",
+        path(&data_dir),
+        "--llm-base-url",
+        &base_url,
+    ];
+    let server = Server::start(&root.join("target/release/stagehand"), &args)?;
+    eprintln!(
+        "stagehand serving at http://{} (mock LLM at {base_url})",
+        server.address
+    );
+
+    let cases: Vec<serde_json::Value> = std::fs::read_to_string(example.join("cases.jsonl"))?
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let http = reqwest::blocking::Client::builder().timeout(None).build()?;
+    let submitted: serde_json::Value = http
+        .post(server.url("/v1/jobs"))
+        .json(&json!({ "items": cases, "options": { "concurrency": 8 } }))
+        .send()?
+        .error_for_status()?
+        .json()?;
+    let job = submitted["job_id"]
+        .as_str()
+        .context("no job id")?
+        .to_string();
+    eprintln!(
+        "POST /v1/jobs -> job {job}; following {}",
+        submitted["events_url"]
+    );
+
+    let events = http
+        .get(server.url(&format!(
+            "/v1/jobs/{job}/events?max_items=10&interval_ms=1000"
+        )))
+        .send()?
+        .error_for_status()?;
+    read_frames(events, |frame| {
+        match frame.event.as_str() {
+            "job.progress" => {
+                let d = &frame.data;
+                eprintln!(
+                    "  [{:>3}] {:>5.1}%  {} done, {} failed",
+                    frame.id.unwrap_or(0),
+                    d["percent"],
+                    d["completed"],
+                    d["failed"]
+                );
+            }
+            other => eprintln!("  [{:>3}] {other} {}", frame.id.unwrap_or(0), frame.data),
+        }
+        matches!(
+            frame.event.as_str(),
+            "job.completed" | "job.cancelled" | "job.failed"
+        )
+    });
+
+    let (mut after, mut passed, mut total, mut failures) = (None::<u64>, 0, 0, Vec::new());
+    loop {
+        let query = after.map_or("?limit=25".to_string(), |a| format!("?limit=25&after={a}"));
+        let page: serde_json::Value = http
+            .get(server.url(&format!("/v1/jobs/{job}/results{query}")))
+            .send()?
+            .error_for_status()?
+            .json()?;
+        for result in page["results"].as_array().context("no results")? {
+            total += 1;
+            let grade = &result["output"]["grade"];
+            if grade["passed"] == true {
+                passed += 1;
+            } else {
+                failures.push(format!(
+                    "  case {}: expected {} ({}), got {}",
+                    result["index"], grade["expected"], grade["mode"], grade["answer"]
+                ));
+            }
+        }
+        match page["next_after"].as_u64() {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    println!("{passed} of {total} cases passed");
+    for failure in failures {
+        println!("{failure}");
+    }
+    Ok(())
 }
 
 fn test(root: &Path) -> Result<()> {

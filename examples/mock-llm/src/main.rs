@@ -8,7 +8,10 @@
 //!   picked by hash, and one named `alien...` gets a category no rule knows;
 //! - a request whose prompt carries `Disposal rule: {...}` is an *answer* request: the steps
 //!   come from the rule;
-//! - anything else is echoed back as `Mock answer: <last user text>`.
+//! - a request carrying `Expected answer:` and `Given answer:` is a *judge* request: correct
+//!   when the given answer contains the expected one (case and final period ignored);
+//! - any other prompt found in the `--answers` file (a JSON object prompt -> answer) gets that
+//!   answer; the rest is echoed back as `Mock answer: <last user text>`.
 //!
 //! Latency (`--latency-ms`, `--vision-latency-ms`, `--jitter-ms`) and faults (`--rate-429` with
 //! `--retry-after-s`, `--rate-500`, `--rate-hang`) are set by flags, or changed while running
@@ -42,6 +45,9 @@ struct Args {
     /// Address to listen on; port 0 picks a free one.
     #[arg(long, default_value = "127.0.0.1:8090")]
     addr: SocketAddr,
+    /// A JSON object of prompt -> answer for text requests.
+    #[arg(long)]
+    answers: Option<std::path::PathBuf>,
     #[command(flatten)]
     behaviour: Behaviour,
 }
@@ -80,6 +86,7 @@ struct Stats {
     requests: AtomicU64,
     vision: AtomicU64,
     answer: AtomicU64,
+    judge: AtomicU64,
     echo: AtomicU64,
     rate_limited: AtomicU64,
     server_errors: AtomicU64,
@@ -90,6 +97,7 @@ struct Stats {
 struct Mock {
     behaviour: Mutex<(Behaviour, fastrand::Rng)>,
     stats: Stats,
+    answers: std::collections::HashMap<String, String>,
 }
 
 #[tokio::main]
@@ -99,9 +107,14 @@ async fn main() -> Result<()> {
         .init();
     let args = Args::parse();
     let rng = fastrand::Rng::with_seed(args.behaviour.seed);
+    let answers = match &args.answers {
+        Some(path) => serde_json::from_str(&std::fs::read_to_string(path)?)?,
+        None => Default::default(),
+    };
     let mock = Arc::new(Mock {
         behaviour: Mutex::new((args.behaviour, rng)),
         stats: Stats::default(),
+        answers,
     });
     let app = Router::new()
         .route("/v1/chat/completions", post(chat))
@@ -130,6 +143,7 @@ fn openai_error(status: StatusCode, kind: &str, message: &str) -> Response {
 enum Task {
     Vision(String),
     Answer { category: String, rule: Value },
+    Judge { expected: String, given: String },
     Echo(String),
 }
 
@@ -154,7 +168,7 @@ async fn chat(State(mock): State<Arc<Mock>>, body: axum::body::Bytes) -> Respons
             "`messages` must be an array",
         );
     };
-    let task = classify(messages);
+    let task = classify(messages, &mock.answers);
 
     // Draw the fault and the delay under one lock, then act without it.
     let (fault, delay, retry_after) = {
@@ -226,9 +240,20 @@ async fn chat(State(mock): State<Arc<Mock>>, body: axum::body::Bytes) -> Respons
             mock.stats.answer.fetch_add(1, Ordering::Relaxed);
             answer(&category, &rule)
         }
+        Task::Judge { expected, given } => {
+            mock.stats.judge.fetch_add(1, Ordering::Relaxed);
+            let normalise = |s: &str| s.trim().trim_end_matches('.').to_lowercase();
+            let correct = normalise(&given).contains(&normalise(&expected));
+            let reason = if correct {
+                "matches the expected answer"
+            } else {
+                "differs from the expected answer"
+            };
+            json!({ "correct": correct, "reason": reason }).to_string()
+        }
         Task::Echo(text) => {
             mock.stats.echo.fetch_add(1, Ordering::Relaxed);
-            format!("Mock answer: {text}")
+            text
         }
     };
     let model = request
@@ -272,7 +297,7 @@ fn parts(messages: &[Value]) -> (Vec<&str>, Vec<&str>) {
     (texts, images)
 }
 
-fn classify(messages: &[Value]) -> Task {
+fn classify(messages: &[Value], answers: &std::collections::HashMap<String, String>) -> Task {
     let (texts, images) = parts(messages);
     if let Some(image) = images.first() {
         return Task::Vision(image_name(image));
@@ -290,7 +315,23 @@ fn classify(messages: &[Value]) -> Task {
             return Task::Answer { category, rule };
         }
     }
-    Task::Echo(texts.last().copied().unwrap_or_default().to_string())
+    for text in &texts {
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+        };
+        if let (Some(expected), Some(given)) = (field("Expected answer:"), field("Given answer:")) {
+            return Task::Judge { expected, given };
+        }
+    }
+    let last = texts.last().copied().unwrap_or_default();
+    Task::Echo(
+        answers
+            .get(last.trim())
+            .cloned()
+            .unwrap_or_else(|| format!("Mock answer: {last}")),
+    )
 }
 
 /// What the mock "sees" in an image: the URL's file name, or a data URL's decoded text.
