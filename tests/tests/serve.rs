@@ -186,6 +186,18 @@ fn a_job_is_followed_to_the_end_and_its_results_paged() {
         (status["state"].as_str(), status["succeeded"].as_u64()),
         (Some("completed"), Some(30))
     );
+    // Resuming after the last event ends the stream at once (instead of idling on keep-alives).
+    let short = Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let tail = short
+        .get(server.url(&format!("/v1/jobs/{job}/events")))
+        .header("Last-Event-ID", "32")
+        .send()
+        .unwrap();
+    let tail = tail.text().expect("the stream closes by itself");
+    assert!(!tail.contains("id:"), "{tail}");
     // A stream opened after the end replays and closes.
     let replay = read_frames(events(&server, &job, "?max_items=10", None), |_| false);
     assert_eq!(

@@ -148,6 +148,23 @@ impl EventLog {
             })
     }
 
+    /// The last event of `job`, if it has any.
+    pub fn last(&self, job: Uuid) -> Result<Option<(u64, Event)>> {
+        let Some((k, v)) = self
+            .tree
+            .scan_prefix(job.as_bytes())
+            .next_back()
+            .transpose()?
+        else {
+            return Ok(None);
+        };
+        let seq = u64::from_be_bytes(k[16..24].try_into().expect("24-byte keys"));
+        Ok(Some((
+            seq,
+            serde_json::from_slice(&v).context("corrupt event")?,
+        )))
+    }
+
     /// Items finished so far (succeeded, failed), as the log counts them.
     pub fn counts(&self, job: Uuid) -> Result<(u64, u64)> {
         let head = self.head(job)?;

@@ -71,6 +71,9 @@ impl JobView {
         coalescing: Coalescing,
     ) -> Result<Self> {
         let wake = log.watch(job)?;
+        // A client resuming after the job's last event gets nothing more: end at once.
+        let ended =
+            matches!(log.last(job)?, Some((seq, event)) if event.is_terminal() && after >= seq);
         Ok(Self {
             log,
             job,
@@ -86,7 +89,7 @@ impl JobView {
             last_frame: Instant::now(),
             ready: VecDeque::new(),
             wake,
-            ended: false,
+            ended,
         })
     }
 
