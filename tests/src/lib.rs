@@ -82,7 +82,7 @@ impl Drop for Server {
 
 /// The mock LLM as a child process on a free port; killed when dropped.
 pub struct MockLlm {
-    child: Child,
+    server: Server,
     /// `127.0.0.1:port`
     pub address: String,
 }
@@ -90,22 +90,12 @@ pub struct MockLlm {
 impl MockLlm {
     /// Start `binary` (the `stagehand-mock-llm` executable) with extra flags.
     pub fn start_binary(binary: &Path, flags: &[&str]) -> Result<Self> {
-        let mut child = Command::new(binary)
-            .args(["--addr", "127.0.0.1:0"])
-            .args(flags)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("cannot start {}", binary.display()))?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
-        let Some(url) = line.trim().strip_prefix("listening on http://") else {
-            let _ = child.kill();
-            bail!("the mock LLM did not say where it listens: {line:?}");
-        };
+        let mut args = vec!["--addr", "127.0.0.1:0"];
+        args.extend_from_slice(flags);
+        let server = Server::start(binary, &args)?;
         Ok(Self {
-            address: url.to_string(),
-            child,
+            address: server.address.clone(),
+            server,
         })
     }
 
@@ -116,20 +106,13 @@ impl MockLlm {
 
     /// The API root to give a pipeline.
     pub fn base_url(&self) -> String {
-        format!("http://{}/v1", self.address)
+        self.server.url("/v1")
     }
 
     /// `GET /admin/stats`: what the mock has answered.
     pub fn stats(&self) -> serde_json::Value {
         let body = http_get(&self.address, "/admin/stats").expect("the mock answers");
         serde_json::from_str(&body).expect("stats are JSON")
-    }
-}
-
-impl Drop for MockLlm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
