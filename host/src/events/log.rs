@@ -1,4 +1,5 @@
-//! The `events` tree: key = job id (16 bytes) + sequence number (u64 big-endian), value = the
+//! The `events` tree: key = job id (16 bytes) + sequence number (u64 big-endian, the layout of
+//! `store::keys::item`), value = the
 //! event's JSON. Appends to one job are serialised by a per-job lock held across numbering and
 //! insert, so a reader that sees event N has seen every event before it.
 
@@ -10,6 +11,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::Event;
+use crate::store::keys;
 
 /// The event logs of every job, and a wake-up channel per job being watched or written.
 #[derive(Clone)]
@@ -33,13 +35,6 @@ struct Tail {
     failed: u64,
 }
 
-fn key(job: Uuid, seq: u64) -> [u8; 24] {
-    let mut key = [0; 24];
-    key[..16].copy_from_slice(job.as_bytes());
-    key[16..].copy_from_slice(&seq.to_be_bytes());
-    key
-}
-
 impl EventLog {
     pub fn new(tree: sled::Tree) -> Self {
         Self {
@@ -54,7 +49,7 @@ impl EventLog {
         for entry in self.tree.scan_prefix(job.as_bytes()).rev() {
             let (k, v) = entry?;
             if tail.seq == 0 {
-                tail.seq = u64::from_be_bytes(k[16..24].try_into().expect("24-byte keys"));
+                tail.seq = keys::index_of(&k)?;
             }
             if let Ok(Event::ItemFinished {
                 completed, failed, ..
@@ -124,7 +119,7 @@ impl EventLog {
     fn write(&self, job: Uuid, head: &Head, tail: &mut Tail, event: &Event) -> Result<u64> {
         let seq = tail.seq + 1;
         self.tree
-            .insert(key(job, seq), serde_json::to_vec(event)?)
+            .insert(keys::item(job, seq), serde_json::to_vec(event)?)
             .context("cannot append an event")?;
         tail.seq = seq;
         head.written.send_replace(seq);
@@ -137,13 +132,11 @@ impl EventLog {
         job: Uuid,
         after: u64,
     ) -> impl Iterator<Item = Result<(u64, Event)>> + Send + use<> {
-        let mut end = job.as_bytes().to_vec();
-        end.push(0xff);
         self.tree
-            .range(key(job, after.saturating_add(1)).to_vec()..end)
+            .range(keys::item(job, after.saturating_add(1)).to_vec()..keys::job_end(job))
             .map(|entry| {
                 let (k, v) = entry?;
-                let seq = u64::from_be_bytes(k[16..24].try_into().expect("24-byte keys"));
+                let seq = keys::index_of(&k)?;
                 Ok((seq, serde_json::from_slice(&v).context("corrupt event")?))
             })
     }
@@ -158,7 +151,7 @@ impl EventLog {
         else {
             return Ok(None);
         };
-        let seq = u64::from_be_bytes(k[16..24].try_into().expect("24-byte keys"));
+        let seq = keys::index_of(&k)?;
         Ok(Some((
             seq,
             serde_json::from_slice(&v).context("corrupt event")?,

@@ -126,15 +126,11 @@ impl StageComponent {
             stage.call_run(&mut store, &context, input).await
         })
         .await;
-        let output = match result {
-            Ok(Ok(Ok(output))) => output,
-            Ok(Ok(Err(StageError::Retryable(m)))) => return Err(Failure::Retryable(m)),
-            Ok(Ok(Err(StageError::Fatal(m)))) => return Err(Failure::Fatal(m)),
-            Ok(Err(error)) => return Err(classify(&store, error, &limits)),
-            Err(failure) => return Err(failure),
+        let guest_said = |error| match error {
+            StageError::Retryable(m) => Failure::Retryable(m),
+            StageError::Fatal(m) => Failure::Fatal(m),
         };
-        check_output(&output, &limits)?;
-        Ok((output, stats(&store, started)))
+        settle(result, guest_said, &store, &limits, started)
     }
 }
 
@@ -165,16 +161,30 @@ impl HandlerComponent {
                 .await
         })
         .await;
-        let output = match result {
-            Ok(Ok(Ok(output))) => output,
-            Ok(Ok(Err(HandlerError::Retryable(m)))) => return Err(Failure::Retryable(m)),
-            Ok(Ok(Err(HandlerError::Fatal(m)))) => return Err(Failure::Fatal(m)),
-            Ok(Err(error)) => return Err(classify(&store, error, &limits)),
-            Err(failure) => return Err(failure),
+        let guest_said = |error| match error {
+            HandlerError::Retryable(m) => Failure::Retryable(m),
+            HandlerError::Fatal(m) => Failure::Fatal(m),
         };
-        check_output(&output, &limits)?;
-        Ok((output, stats(&store, started)))
+        settle(result, guest_said, &store, &limits, started)
     }
+}
+
+/// Turn a bounded call's outcome into the output and its stats, or the failure.
+fn settle<E>(
+    result: Result<wasmtime::Result<Result<String, E>>, Failure>,
+    guest_said: impl FnOnce(E) -> Failure,
+    store: &Store<HostState>,
+    limits: &Limits,
+    started: Instant,
+) -> Result<(String, CallStats), Failure> {
+    let output = match result {
+        Ok(Ok(Ok(output))) => output,
+        Ok(Ok(Err(error))) => return Err(guest_said(error)),
+        Ok(Err(error)) => return Err(classify(store, error, limits)),
+        Err(failure) => return Err(failure),
+    };
+    check_output(&output, limits)?;
+    Ok((output, stats(store, started)))
 }
 
 fn new_store(call: Call) -> Store<HostState> {

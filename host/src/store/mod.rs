@@ -14,7 +14,7 @@
 //! page after index N is a range scan, whatever the job's size.
 
 mod effects;
-mod keys;
+pub(crate) mod keys;
 mod model;
 
 use std::path::Path;
