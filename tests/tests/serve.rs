@@ -97,7 +97,21 @@ fn a_job_is_followed_to_the_end_and_its_results_paged() {
     let server = serve(&mock, data.path(), &[]);
     let job = submit(&server, items(30), json!({ "concurrency": 8 }));
 
-    let frames = read_frames(events(&server, &job, "?max_items=10", None), |_| false);
+    let mut frames = read_frames(events(&server, &job, "?max_items=10", None), |_| false);
+    // Every frame says when its event was logged, in order.
+    let times: Vec<u64> = frames
+        .iter_mut()
+        .map(|f| {
+            f.data
+                .as_object_mut()
+                .unwrap()
+                .remove("at")
+                .unwrap()
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "times: {times:?}");
     assert_eq!(
         (frames[0].id, frames[0].event.as_str(), &frames[0].data),
         (Some(1), "job.started", &json!({ "total": 30 }))

@@ -1,6 +1,6 @@
 //! The `events` tree: key = job id (16 bytes) + sequence number (u64 big-endian, the layout of
-//! `store::keys::item`), value = the
-//! event's JSON. Appends to one job are serialised by a per-job lock held across numbering and
+//! `store::keys::item`), value = the event's JSON with `at`, the time it was logged (ms since the
+//! Unix epoch). Appends to one job are serialised by a per-job lock held across numbering and
 //! insert, so a reader that sees event N has seen every event before it.
 
 use std::collections::HashMap;
@@ -10,8 +10,27 @@ use anyhow::{Context, Result};
 use tokio::sync::watch;
 use uuid::Uuid;
 
+use serde::{Deserialize, Serialize};
+
 use super::Event;
-use crate::store::keys;
+use crate::store::{keys, now_ms};
+
+/// An event as the log keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    /// When it was logged, ms since the Unix epoch: lets a client measure how late it hears of it.
+    pub at: u64,
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+/// [`Entry`] for writing, without copying the event.
+#[derive(Serialize)]
+struct EntryRef<'a> {
+    at: u64,
+    #[serde(flatten)]
+    event: &'a Event,
+}
 
 /// The event logs of every job, and a wake-up channel per job being watched or written.
 #[derive(Clone)]
@@ -51,8 +70,12 @@ impl EventLog {
             if tail.seq == 0 {
                 tail.seq = keys::index_of(&k)?;
             }
-            if let Ok(Event::ItemFinished {
-                completed, failed, ..
+            if let Ok(Entry {
+                event:
+                    Event::ItemFinished {
+                        completed, failed, ..
+                    },
+                ..
             }) = serde_json::from_slice(&v)
             {
                 (tail.completed, tail.failed) = (completed, failed);
@@ -119,7 +142,13 @@ impl EventLog {
     fn write(&self, job: Uuid, head: &Head, tail: &mut Tail, event: &Event) -> Result<u64> {
         let seq = tail.seq + 1;
         self.tree
-            .insert(keys::item(job, seq), serde_json::to_vec(event)?)
+            .insert(
+                keys::item(job, seq),
+                serde_json::to_vec(&EntryRef {
+                    at: now_ms(),
+                    event,
+                })?,
+            )
             .context("cannot append an event")?;
         tail.seq = seq;
         head.written.send_replace(seq);
@@ -131,7 +160,7 @@ impl EventLog {
         &self,
         job: Uuid,
         after: u64,
-    ) -> impl Iterator<Item = Result<(u64, Event)>> + Send + use<> {
+    ) -> impl Iterator<Item = Result<(u64, Entry)>> + Send + use<> {
         self.tree
             .range(keys::item(job, after.saturating_add(1)).to_vec()..keys::job_end(job))
             .map(|entry| {
@@ -142,7 +171,7 @@ impl EventLog {
     }
 
     /// The last event of `job`, if it has any.
-    pub fn last(&self, job: Uuid) -> Result<Option<(u64, Event)>> {
+    pub fn last(&self, job: Uuid) -> Result<Option<(u64, Entry)>> {
         let Some((k, v)) = self
             .tree
             .scan_prefix(job.as_bytes())

@@ -10,7 +10,7 @@ pub mod view;
 
 use serde::{Deserialize, Serialize};
 
-pub use log::EventLog;
+pub use log::{Entry, EventLog};
 
 /// What happened. Serialised as `{"type": "...", ...fields}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::{Event, EventLog};
+use super::{Entry, Event, EventLog};
 
 /// When progress frames go out.
 #[derive(Debug, Clone, Copy)]
@@ -54,7 +54,8 @@ pub struct JobView {
     cursor: u64,
     pending: Vec<Value>,
     pending_counts: (u64, u64),
-    pending_last: u64,
+    /// Number and time of the last pending item event.
+    pending_last: (u64, u64),
     last_frame: Instant,
     ready: VecDeque<Frame>,
     wake: watch::Receiver<u64>,
@@ -72,8 +73,7 @@ impl JobView {
     ) -> Result<Self> {
         let wake = log.watch(job)?;
         // A client resuming after the job's last event gets nothing more: end at once.
-        let ended =
-            matches!(log.last(job)?, Some((seq, event)) if event.is_terminal() && after >= seq);
+        let ended = matches!(log.last(job)?, Some((seq, entry)) if entry.event.is_terminal() && after >= seq);
         Ok(Self {
             log,
             job,
@@ -85,7 +85,7 @@ impl JobView {
             cursor: after,
             pending: Vec::new(),
             pending_counts: (0, 0),
-            pending_last: after,
+            pending_last: (after, 0),
             last_frame: Instant::now(),
             ready: VecDeque::new(),
             wake,
@@ -107,9 +107,9 @@ impl JobView {
             self.wake.borrow_and_update();
             let mut read = 0;
             for entry in self.log.read(self.job, self.cursor).take(READ_AHEAD) {
-                let (seq, event) = entry?;
+                let (seq, entry) = entry?;
                 self.cursor = seq;
-                self.take(seq, event);
+                self.take(seq, entry);
                 read += 1;
                 if self.ended {
                     break;
@@ -132,7 +132,7 @@ impl JobView {
         }
     }
 
-    fn take(&mut self, seq: u64, event: Event) {
+    fn take(&mut self, seq: u64, Entry { at, event }: Entry) {
         match event {
             Event::ItemFinished {
                 index,
@@ -144,7 +144,7 @@ impl JobView {
                 self.pending
                     .push(json!({ "index": index, "status": status, "preview": preview }));
                 self.pending_counts = (completed, failed);
-                self.pending_last = seq;
+                self.pending_last = (seq, at);
                 if self.pending.len() >= self.coalescing.max_items
                     || self.last_frame.elapsed() >= self.coalescing.interval
                 {
@@ -154,7 +154,8 @@ impl JobView {
             other => {
                 self.flush();
                 self.ended = other.is_terminal();
-                let (event, data) = frame_of(&other);
+                let (event, mut data) = frame_of(&other);
+                data["at"] = at.into();
                 self.ready.push_back(Frame {
                     id: seq,
                     event,
@@ -175,10 +176,11 @@ impl JobView {
             ((completed + failed) as f64 * 10_000.0 / self.total as f64).round() / 100.0
         };
         let items = std::mem::take(&mut self.pending);
+        let (id, at) = self.pending_last;
         self.ready.push_back(Frame {
-            id: self.pending_last,
+            id,
             event: "job.progress",
-            data: json!({ "completed": completed, "failed": failed, "total": self.total, "percent": percent, "items": items }),
+            data: json!({ "completed": completed, "failed": failed, "total": self.total, "percent": percent, "items": items, "at": at }),
         });
         self.last_frame = Instant::now();
     }
