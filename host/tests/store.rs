@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use stagehand::events::view::{Coalescing, JobView};
 use stagehand::events::{Event, EventLog};
 use stagehand::store::{JobRecord, Store};
 
@@ -55,4 +56,55 @@ async fn burst_of_submits() {
         assert_eq!(store.items(id).count(), 3);
         assert!(events.last(id).unwrap().is_some());
     }
+}
+
+/// Following a finished job (e.g. after a restart) leaves nothing behind in memory; following
+/// a running one keeps its wake-up channel, which its next event needs.
+#[tokio::test]
+async fn views_of_finished_jobs_release_their_wake_up_channel() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let tree = store.tree("events").unwrap();
+    let (finished, running) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    {
+        let before_restart = EventLog::new(tree.clone());
+        before_restart
+            .append(finished, &Event::JobStarted { total: 0 })
+            .unwrap();
+        before_restart
+            .append(
+                finished,
+                &Event::JobCompleted {
+                    succeeded: 0,
+                    failed: 0,
+                    total: 0,
+                },
+            )
+            .unwrap();
+    }
+    let events = EventLog::new(tree);
+    events
+        .append(running, &Event::JobStarted { total: 1 })
+        .unwrap();
+    assert_eq!(events.heads_in_memory(), 1);
+
+    // To the end, and stopped half-way (a client that disconnects).
+    let mut view = JobView::new(events.clone(), finished, 0, 0, Coalescing::default()).unwrap();
+    while view.next().await.unwrap().is_some() {}
+    drop(view);
+    let half = JobView::new(events.clone(), finished, 0, 1, Coalescing::default()).unwrap();
+    assert_eq!(events.heads_in_memory(), 2);
+    drop(half);
+    assert_eq!(events.heads_in_memory(), 1, "only the running job's");
+
+    let view = JobView::new(events.clone(), running, 1, 0, Coalescing::default()).unwrap();
+    drop(view);
+    assert_eq!(events.heads_in_memory(), 1);
+    assert_eq!(
+        events
+            .append(running, &Event::JobFailed { error: "x".into() })
+            .unwrap(),
+        2,
+        "numbering goes on"
+    );
 }

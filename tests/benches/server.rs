@@ -58,6 +58,20 @@ fn rss_kib(pid: u32) -> u64 {
         .expect("VmRSS in /proc/PID/status")
 }
 
+/// CPU time a process has used (user + system), in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses: utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
 fn serve(pipeline: &Path, data: &Path, mock: Option<&MockLlm>, extra: &[&str]) -> Server {
     let pipeline = pipeline.display().to_string();
     let data = data.display().to_string();
@@ -148,12 +162,13 @@ async fn submits(n: usize) {
     // Jobs wait on a slow model, so the jobs already accepted do not compete with the submits.
     let mock = MockLlm::start(&["--latency-ms", "30000"]);
     let data = tempfile::tempdir().unwrap();
-    let server = serve(
+    let mut server = serve(
         &repo_root().join("examples/eco-scan/pipeline.toml"),
         data.path(),
         Some(&mock),
         &[],
     );
+    let pid = server.child().id();
     let url = format!("http://{}", server.address);
     let http = client();
     let one = |http: reqwest::Client, url: String| async move {
@@ -171,13 +186,28 @@ async fn submits(n: usize) {
     let (idle_accept, idle_first) = one(http.clone(), url.clone()).await;
     println!("submits: one at idle: 202 in {idle_accept:.1} ms, first event {idle_first:.1} ms");
 
+    if let Some(secs) = arg("--pause") {
+        // Time to attach a profiler to the server.
+        println!("submits: server pid {pid}; the burst starts in {secs} s");
+        tokio::time::sleep(Duration::from_secs(secs.parse().unwrap())).await;
+    }
     let barrier = Arc::new(Barrier::new(n));
+    let cpu_before = cpu_secs(pid);
     let started = Instant::now();
+    // All at once, or (with `--rate R`) client i starts at i / R seconds.
+    let rate: Option<f64> = arg("--rate").map(|r| r.parse().unwrap());
     let tasks: Vec<_> = (0..n)
-        .map(|_| {
+        .map(|i| {
             let (http, url, barrier) = (http.clone(), url.clone(), barrier.clone());
             tokio::spawn(async move {
                 barrier.wait().await;
+                if let Some(rate) = rate {
+                    tokio::time::sleep_until(
+                        tokio::time::Instant::from_std(started)
+                            + Duration::from_secs_f64(i as f64 / rate),
+                    )
+                    .await;
+                }
                 one(http, url).await
             })
         })
@@ -189,16 +219,27 @@ async fn submits(n: usize) {
         first.push(f);
     }
     let elapsed = started.elapsed();
+    let server_cpu = cpu_secs(pid) - cpu_before;
+    let mut after_accept: Vec<f64> = first.iter().zip(&accepted).map(|(f, a)| f - a).collect();
+    after_accept.sort_by(f64::total_cmp);
     accepted.sort_by(f64::total_cmp);
     first.sort_by(f64::total_cmp);
     println!(
-        "submits: {n} at once: 202 p50 {:.1} ms p99 {:.1} ms; first event p50 {:.1} ms p99 {:.1} ms max {:.1} ms; all in {:.2} s",
+        "submits: {n} {}: 202 p50 {:.1} ms p99 {:.1} ms; first event p50 {:.1} ms p99 {:.1} ms max {:.1} ms; all in {:.2} s; server CPU {:.2} s ({:.2} ms per submit)",
+        rate.map_or("at once".to_string(), |r| format!("at {r}/s")),
         percentile(&accepted, 0.5),
         percentile(&accepted, 0.99),
         percentile(&first, 0.5),
         percentile(&first, 0.99),
         first.last().unwrap(),
-        elapsed.as_secs_f64()
+        elapsed.as_secs_f64(),
+        server_cpu,
+        server_cpu * 1e3 / n as f64
+    );
+    println!(
+        "submits: from the 202 to the first event: p50 {:.1} ms p99 {:.1} ms",
+        percentile(&after_accept, 0.5),
+        percentile(&after_accept, 0.99)
     );
 }
 

@@ -31,7 +31,7 @@ fn main() -> Result<()> {
         Some("bench") => bench(&root, &args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <plugins | demo [eco-scan | prompt-eval] | test | bench>"
+                "usage: cargo xtask <plugins | demo [eco-scan | prompt-eval] | test | bench [server]>"
             );
             std::process::exit(2);
         }
@@ -334,15 +334,14 @@ fn test(root: &Path) -> Result<()> {
 fn bench(root: &Path, args: &[String]) -> Result<()> {
     plugins(root)?;
     build_binaries(root)?;
-    let mut cargo = vec![
-        "bench",
-        "--package",
-        "stagehand",
-        "--bench",
-        "pipeline",
-        "--",
-    ];
-    cargo.extend(args.iter().map(String::as_str));
+    // `bench server ...` runs the server benchmarks (tests/benches/server.rs); anything else
+    // goes to the pipeline benchmarks (host/benches/pipeline.rs).
+    let (package, name, rest) = match args.first().map(String::as_str) {
+        Some("server") => ("stagehand-tests", "server", &args[1..]),
+        _ => ("stagehand", "pipeline", args),
+    };
+    let mut cargo = vec!["bench", "--package", package, "--bench", name, "--"];
+    cargo.extend(rest.iter().map(String::as_str));
     let status = Command::new("cargo")
         .args(&cargo)
         .env("STAGEHAND_PLUGINS_DIR", plugins_dir(root))

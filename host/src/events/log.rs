@@ -206,14 +206,22 @@ impl EventLog {
         Ok(())
     }
 
-    /// Forget the wake-up channel of a finished job nobody watches (the log stays).
+    /// Forget the wake-up channel of a finished job nobody watches or writes (the log stays;
+    /// a later append or watch starts a new one from the stored tail).
     pub fn release(&self, job: Uuid) {
         let mut heads = self.heads.lock().expect("not poisoned");
+        // Heads are cloned out of the map under this lock, so a count of one means no append
+        // is under way on this head.
         if heads
             .get(&job)
-            .is_some_and(|h| h.written.receiver_count() == 0)
+            .is_some_and(|h| h.written.receiver_count() == 0 && Arc::strong_count(h) == 1)
         {
             heads.remove(&job);
         }
+    }
+
+    /// Jobs with a wake-up channel in memory.
+    pub fn heads_in_memory(&self) -> usize {
+        self.heads.lock().expect("not poisoned").len()
     }
 }

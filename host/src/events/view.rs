@@ -186,6 +186,20 @@ impl JobView {
     }
 }
 
+impl Drop for JobView {
+    /// A view of a finished job is the only reason its wake-up channel is in memory (after a
+    /// restart, or once the job ended): let it go with the last view.
+    fn drop(&mut self) {
+        let finished = self.ended
+            || matches!(self.log.last(self.job), Ok(Some((_, entry))) if entry.event.is_terminal());
+        if finished {
+            // Drop our receiver first: `release` keeps channels somebody still watches.
+            self.wake = watch::Sender::new(0).subscribe();
+            self.log.release(self.job);
+        }
+    }
+}
+
 /// The SSE `event:` name and `data:` of a pass-through event.
 fn frame_of(event: &Event) -> (&'static str, Value) {
     let mut data = serde_json::to_value(event).expect("events serialise");
