@@ -134,6 +134,7 @@ async fn passthrough(items: u64, stages: usize) {
             item,
             input.as_bytes().into(),
             false,
+            Default::default(),
             &cancel,
             &ItemHooks::default(),
         )
@@ -163,6 +164,7 @@ async fn passthrough(items: u64, stages: usize) {
         job,
         false,
         32,
+        Default::default(),
         cancel,
         ItemHooks::default(),
         |_| {},
@@ -204,6 +206,7 @@ async fn eco_scan(items: u64) {
         job,
         false,
         concurrency,
+        Default::default(),
         CancellationToken::new(),
         ItemHooks::default(),
         |_| {},

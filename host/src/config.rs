@@ -57,6 +57,10 @@ pub struct RunConfig {
     /// every stage.
     #[serde(default = "defaults::checkpoint_after_ms")]
     pub checkpoint_after_ms: u64,
+    /// Wall-clock limit for one item through every stage, retries and back-off included
+    /// (default: none; each stage still has its own `timeout_ms`).
+    #[serde(default)]
+    pub item_timeout_ms: Option<u64>,
 }
 
 impl Default for RunConfig {
@@ -65,6 +69,7 @@ impl Default for RunConfig {
             concurrency: defaults::concurrency(),
             effect_concurrency: defaults::effect_concurrency(),
             checkpoint_after_ms: defaults::checkpoint_after_ms(),
+            item_timeout_ms: None,
         }
     }
 }
@@ -123,6 +128,41 @@ pub struct StageConfig {
     /// At most this many items in this stage at once (`None`: only the run's concurrency).
     pub concurrency: Option<usize>,
     pub limits: Limits,
+    pub retry: RetryPolicy,
+}
+
+/// How often a stage is tried for an item, and how long to wait between tries.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    /// Tries in all, the first included; 1 means no retry.
+    pub max_attempts: u32,
+    /// Wait before the second try; doubled for each later one, with jitter.
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before attempt `next` (2, 3, ...): exponential, capped, with "equal jitter"
+    /// (half fixed, half spread by `spread` in 0..1) so that items failing together do not
+    /// retry together.
+    pub fn delay(&self, next: u32, spread: f64) -> Duration {
+        let doublings = next.saturating_sub(2).min(20);
+        let full = self
+            .backoff
+            .saturating_mul(1 << doublings)
+            .min(self.max_backoff);
+        full / 2 + full.mul_f64(spread.clamp(0.0, 1.0) / 2.0)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -158,7 +198,7 @@ struct RawPipeline {
     #[serde(default)]
     run: RunConfig,
     #[serde(default)]
-    defaults: LimitsSpec,
+    defaults: RawDefaults,
     #[serde(default)]
     stage: Vec<RawStage>,
     #[serde(default)]
@@ -180,6 +220,22 @@ struct RawStage {
     cpu_ms: Option<u64>,
     timeout_ms: Option<u64>,
     max_output_kib: Option<usize>,
+    max_attempts: Option<u32>,
+    backoff_ms: Option<u64>,
+    max_backoff_ms: Option<u64>,
+}
+
+/// `[defaults]`: limits for every stage and handler, retries for every stage.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDefaults {
+    memory_mib: Option<usize>,
+    cpu_ms: Option<u64>,
+    timeout_ms: Option<u64>,
+    max_output_kib: Option<usize>,
+    max_attempts: Option<u32>,
+    backoff_ms: Option<u64>,
+    max_backoff_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -199,6 +255,19 @@ macro_rules! limits_of {
             cpu_ms: $raw.cpu_ms,
             timeout_ms: $raw.timeout_ms,
             max_output_kib: $raw.max_output_kib,
+        }
+    };
+}
+
+/// The retry keys of a stage or of `[defaults]` over `base`.
+macro_rules! retry_of {
+    ($raw:expr, $base:expr) => {
+        RetryPolicy {
+            max_attempts: $raw.max_attempts.unwrap_or($base.max_attempts),
+            backoff: $raw.backoff_ms.map_or($base.backoff, Duration::from_millis),
+            max_backoff: $raw
+                .max_backoff_ms
+                .map_or($base.max_backoff, Duration::from_millis),
         }
     };
 }
@@ -256,7 +325,8 @@ impl PipelineConfig {
         if raw.stage.is_empty() {
             bail!("{}: the pipeline has no `[[stage]]`", path.display());
         }
-        let base = raw.defaults.over(Limits::default());
+        let base = limits_of!(raw.defaults).over(Limits::default());
+        let base_retry = retry_of!(raw.defaults, RetryPolicy::default());
         let mut stages: Vec<StageConfig> = Vec::new();
         for s in &raw.stage {
             check_name(&s.name, "stage")?;
@@ -275,11 +345,22 @@ impl PipelineConfig {
                     ),
                 ));
             }
+            let retry = retry_of!(s, base_retry);
+            if retry.max_attempts == 0 {
+                return Err(at(
+                    s.name.span(),
+                    format!(
+                        "stage `{}`: `max_attempts` must be at least 1 (1: no retry)",
+                        s.name.get_ref()
+                    ),
+                ));
+            }
             stages.push(StageConfig {
                 name: s.name.get_ref().clone(),
                 component: file(&s.component, "component")?,
                 concurrency: s.concurrency,
                 limits: limits_of!(s).over(base),
+                retry,
             });
         }
         let mut handlers = BTreeMap::new();

@@ -6,9 +6,10 @@ mod support;
 use std::time::{Duration, Instant};
 
 use stagehand::config::PipelineConfig;
+use stagehand::jobs::ItemLimits;
 use stagehand::runtime::{CacheOutcome, Runtime, RuntimeOptions, StageComponent};
 use stagehand::store::ItemStatus;
-use support::{Fixture, plugin, run_one};
+use support::{Fixture, plugin, run_one, run_one_with};
 use tokio_util::sync::CancellationToken;
 
 fn hostile(limits: &str) -> String {
@@ -20,7 +21,10 @@ fn hostile(limits: &str) -> String {
 
 async fn failure_of(limits: &str, item: &str) -> (String, String) {
     let fixture = Fixture::new();
-    let pipeline = fixture.load(fixture.config(&hostile(limits))).await;
+    // One try: these tests are about how a single try fails.
+    let pipeline = fixture
+        .load(fixture.config(&hostile(&format!("max_attempts = 1\n{limits}"))))
+        .await;
     let result = run_one(&pipeline, item, &CancellationToken::new()).await;
     assert_eq!(
         result.status,
@@ -85,6 +89,131 @@ async fn outputs_must_be_json_within_the_size_limit() {
     // "xxx" is not JSON.
     let (kind, _) = failure_of("", r#"{"do":"big-output","size":3}"#).await;
     assert_eq!(kind, "invalid_output");
+}
+
+/// The hostile stage with `retry` settings, run on `item` with `limits`.
+async fn tries_of(retry: &str, item: &str, limits: ItemLimits) -> stagehand::store::ItemResult {
+    let fixture = Fixture::new();
+    let pipeline = fixture.load(fixture.config(&hostile(retry))).await;
+    run_one_with(&pipeline, item, limits, &CancellationToken::new()).await
+}
+
+#[tokio::test]
+async fn a_flaky_stage_succeeds_on_a_later_try() {
+    let result = tries_of(
+        "max_attempts = 3\nbackoff_ms = 10",
+        r#"{"do":"flaky","until":3}"#,
+        ItemLimits::default(),
+    )
+    .await;
+    assert_eq!(result.status, ItemStatus::Succeeded, "{result:?}");
+    assert_eq!(result.stages[0].attempt, 3);
+    assert_eq!(
+        result.output.unwrap().get(),
+        r#"{"hostile":{"succeeded_at":3}}"#
+    );
+}
+
+#[tokio::test]
+async fn retries_stop_at_max_attempts_and_record_every_try() {
+    let result = tries_of(
+        "max_attempts = 4\nbackoff_ms = 10",
+        r#"{"do":"retryable"}"#,
+        ItemLimits::default(),
+    )
+    .await;
+    let error = result.error.unwrap();
+    let tries: Vec<(u32, &str)> = error
+        .attempts
+        .iter()
+        .map(|a| (a.attempt, a.kind.as_str()))
+        .collect();
+    assert_eq!(
+        tries,
+        [
+            (1, "retryable"),
+            (2, "retryable"),
+            (3, "retryable"),
+            (4, "retryable")
+        ]
+    );
+    // Back-off doubles: at least 5, 10 and 20 ms between tries (half of each is jitter).
+    let at: Vec<u64> = error.attempts.iter().map(|a| a.at).collect();
+    assert!(at.windows(2).all(|w| w[1] >= w[0]), "{at:?}");
+    assert!(at[3] - at[0] >= 35, "{at:?}");
+}
+
+#[tokio::test]
+async fn fatal_errors_and_invalid_outputs_are_not_retried() {
+    for item in [
+        r#"{"do":"fatal"}"#,
+        r#"{"do":"big-output","size":3}"#,
+        r#"{"do":"trap"}"#,
+    ] {
+        let result = tries_of(
+            "max_attempts = 3\nbackoff_ms = 10",
+            item,
+            ItemLimits::default(),
+        )
+        .await;
+        let error = result.error.unwrap();
+        assert_eq!(error.attempts.len(), 1, "{item}: {error:?}");
+        assert!(!error.retryable, "{item}");
+    }
+}
+
+#[tokio::test]
+async fn a_timed_out_try_is_retried() {
+    let result = tries_of(
+        "max_attempts = 2\nbackoff_ms = 10\ncpu_ms = 60000\ntimeout_ms = 100",
+        r#"{"do":"loop"}"#,
+        ItemLimits::default(),
+    )
+    .await;
+    let error = result.error.unwrap();
+    assert_eq!(error.kind, "timeout");
+    assert_eq!(error.attempts.len(), 2, "{error:?}");
+}
+
+#[tokio::test]
+async fn the_item_timeout_bounds_every_try_and_the_back_off() {
+    let started = Instant::now();
+    let result = tries_of(
+        "max_attempts = 1000\nbackoff_ms = 20\nmax_backoff_ms = 40",
+        r#"{"do":"retryable"}"#,
+        ItemLimits {
+            item_timeout: Some(Duration::from_millis(300)),
+            ..ItemLimits::default()
+        },
+    )
+    .await;
+    let error = result.error.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        error.attempts.len() > 2 && error.attempts.len() < 1000,
+        "{error:?}"
+    );
+    // The last try was not the one cut short by the item's limit: it gave up before
+    // starting a wait that would pass the deadline, with the guest's own error.
+    assert_eq!(error.kind, "retryable", "{error:?}");
+
+    // A try that runs into the item's deadline is the item's timeout.
+    let result = tries_of(
+        "cpu_ms = 60000\ntimeout_ms = 5000",
+        r#"{"do":"loop"}"#,
+        ItemLimits {
+            item_timeout: Some(Duration::from_millis(200)),
+            ..ItemLimits::default()
+        },
+    )
+    .await;
+    let error = result.error.unwrap();
+    assert_eq!(error.kind, "timeout");
+    assert!(error.message.contains("200ms"), "{}", error.message);
 }
 
 #[tokio::test]

@@ -301,10 +301,29 @@ fn failed_items_fail_alone_and_set_the_exit_status() {
 }
 
 #[test]
-fn an_llm_outage_fails_items_as_retryable() {
+fn an_llm_outage_is_retried_then_fails_the_item_as_retryable() {
     let mock = MockLlm::start(&["--rate-500", "1.0"]);
     let error = single_item_error(&mock, |_| example("pipeline.toml"));
     assert_retryable_vision_error(&error, "LLM unavailable: 500 Internal Server Error");
+    // Three tries (the default `max_attempts`), each recorded, half a second and then a
+    // second apart at least (exponential back-off, half of it jitter).
+    let times = attempt_times(&error, 3);
+    assert!(
+        times[1] - times[0] >= 250 && times[2] - times[1] >= 500,
+        "{times:?}"
+    );
+    assert_eq!(mock.stats()["requests"], 3);
+}
+
+/// The `at` of each of the `n` attempts an error records.
+fn attempt_times(error: &Value, n: usize) -> Vec<u64> {
+    let attempts = error["attempts"].as_array().expect("attempts are recorded");
+    assert_eq!(attempts.len(), n, "{error}");
+    for (i, attempt) in attempts.iter().enumerate() {
+        assert_eq!(attempt["attempt"], i as u64 + 1, "{error}");
+        assert_eq!(attempt["kind"], "retryable", "{error}");
+    }
+    attempts.iter().map(|a| a["at"].as_u64().unwrap()).collect()
 }
 
 #[test]
@@ -400,11 +419,17 @@ fn single_item_error(mock: &MockLlm, pipeline: impl FnOnce(&Path) -> String) -> 
 }
 
 #[test]
-fn a_rate_limit_is_retryable_and_carries_retry_after() {
-    let mock = MockLlm::start(&["--rate-429", "1.0", "--retry-after-s", "7"]);
+fn a_rate_limit_is_retried_after_the_providers_retry_after() {
+    let mock = MockLlm::start(&["--rate-429", "1.0", "--retry-after-s", "2"]);
     let error = single_item_error(&mock, |_| example("pipeline.toml"));
-    assert_retryable_vision_error(&error, "LLM rate limited; retry after 7000 ms");
-    assert_eq!(mock.stats()["rate_limited"], 1);
+    assert_retryable_vision_error(&error, "LLM rate limited; retry after 2000 ms");
+    // The back-off alone would be 0.25-0.5 s, then 0.5-1 s: the provider's 2 s wins.
+    let times = attempt_times(&error, 3);
+    assert!(
+        times[1] - times[0] >= 1900 && times[2] - times[1] >= 1900,
+        "{times:?}"
+    );
+    assert_eq!(mock.stats()["rate_limited"], 3);
 }
 
 #[test]
@@ -412,4 +437,5 @@ fn a_provider_that_never_answers_times_out_as_retryable() {
     let mock = MockLlm::start(&["--rate-hang", "1.0"]);
     let error = single_item_error(&mock, |dir| pipeline_with_llm_timeout(dir, 500));
     assert_retryable_vision_error(&error, "LLM unavailable: request timed out");
+    attempt_times(&error, 3);
 }

@@ -5,22 +5,73 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 
 use super::{ApiError, App, job_id};
-use crate::jobs::{CancelOutcome, JobOptions};
-use crate::store::JobState;
+use crate::jobs::{CancelOutcome, Idempotency, JobOptions, Submitted};
+use crate::store::{JobRecord, JobState};
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Submission {
     items: Vec<Box<RawValue>>,
     #[serde(default)]
     options: JobOptions,
+    /// Or the `Idempotency-Key` header: a repeated submission with the same key returns the
+    /// job the first one created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    idempotency_key: Option<String>,
+}
+
+const MAX_IDEMPOTENCY_KEY: usize = 256;
+
+/// The key of a submission (header or body) and a digest of what it asks for.
+fn idempotency(
+    headers: &HeaderMap,
+    submission: &Submission,
+) -> Result<Option<Idempotency>, ApiError> {
+    let header = match headers.get("idempotency-key") {
+        Some(value) => Some(
+            value
+                .to_str()
+                .map_err(|_| ApiError::BadRequest("`Idempotency-Key` must be text".into()))?
+                .to_string(),
+        ),
+        None => None,
+    };
+    let Some(key) = header.or_else(|| submission.idempotency_key.clone()) else {
+        return Ok(None);
+    };
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
+        return Err(ApiError::BadRequest(format!(
+            "an idempotency key is 1 to {MAX_IDEMPOTENCY_KEY} bytes"
+        )));
+    }
+    let canonical = serde_json::to_vec(&(&submission.items, &submission.options))
+        .map_err(anyhow::Error::from)?;
+    Ok(Some(Idempotency {
+        key,
+        request_digest: format!("{:x}", Sha256::digest(&canonical)),
+    }))
+}
+
+/// 202 with the links of a new job, 200 with those of the job a repeated key names, 409 if
+/// that job was asked for with another body.
+fn answer(submitted: Submitted) -> Result<(StatusCode, JobRecord), ApiError> {
+    match submitted {
+        Submitted::New(job) => Ok((StatusCode::ACCEPTED, job)),
+        Submitted::Existing(job) => Ok((StatusCode::OK, job)),
+        Submitted::Conflict(job) => Err(ApiError::Conflict(format!(
+            "idempotency key already used by job {} with a different request",
+            job.id
+        ))),
+    }
 }
 
 fn links(id: uuid::Uuid) -> Value {
@@ -34,6 +85,7 @@ fn links(id: uuid::Uuid) -> Value {
 
 pub async fn submit(
     State(app): State<Arc<App>>,
+    headers: HeaderMap,
     body: Result<Json<Submission>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(submission) = body?;
@@ -47,13 +99,18 @@ pub async fn submit(
             "`options.concurrency` must be at least 1".into(),
         ));
     }
+    let idempotency = idempotency(&headers, &submission)?;
     let items = submission
         .items
         .into_iter()
         .map(|item| item.get().as_bytes().to_vec())
         .collect();
-    let job = app.jobs.submit(items, submission.options).await?;
-    Ok((StatusCode::ACCEPTED, Json(links(job.id))).into_response())
+    let (status, job) = answer(
+        app.jobs
+            .submit(items, submission.options, idempotency)
+            .await?,
+    )?;
+    Ok((status, Json(links(job.id))).into_response())
 }
 
 /// Seed 001's scan: one item in, its id out at once; its stream shows every stage.
@@ -67,10 +124,15 @@ pub async fn scan(
             "a scan is one JSON object, e.g. {\"user_id\": ..., \"image_url\": ...}".into(),
         ));
     }
-    let job = app
-        .jobs
-        .submit(vec![item.get().as_bytes().to_vec()], JobOptions::default())
-        .await?;
+    let (_, job) = answer(
+        app.jobs
+            .submit(
+                vec![item.get().as_bytes().to_vec()],
+                JobOptions::default(),
+                None,
+            )
+            .await?,
+    )?;
     let mut body = links(job.id);
     body["task_id"] = json!(job.id);
     body["status"] = json!("processing");

@@ -60,6 +60,7 @@ impl Host for HostState {
             finished_at: None,
             output: None,
             error: None,
+            runs: 0,
         };
         Ok(match self.caps.store.emit_effect(&record) {
             Ok(Stored::Accepted) => {

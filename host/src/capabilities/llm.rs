@@ -36,6 +36,9 @@ pub struct LlmClient {
     model: String,
     api_key: Option<String>,
     in_flight: Semaphore,
+    /// Set by a 429 with `Retry-After`: no request goes out before then, and retries of failed
+    /// stages wait for it too.
+    paused_until: std::sync::Mutex<Option<tokio::time::Instant>>,
     pub usage: LlmUsage,
 }
 
@@ -63,8 +66,16 @@ impl LlmClient {
             model: config.model.clone(),
             api_key,
             in_flight: Semaphore::new(config.max_concurrent_requests),
+            paused_until: std::sync::Mutex::default(),
             usage: LlmUsage::default(),
         })
+    }
+
+    /// How long the provider asked us to wait (its last `Retry-After`), if that is not over.
+    pub fn paused_for(&self) -> Option<Duration> {
+        let until = (*self.paused_until.lock().expect("not poisoned"))?;
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        (!left.is_zero()).then_some(left)
     }
 
     pub async fn chat(&self, request: ChatRequest) -> Result<ChatResponse, LlmError> {
@@ -73,6 +84,9 @@ impl LlmClient {
             .acquire()
             .await
             .map_err(|_| LlmError::Unavailable("client shut down".into()))?;
+        if let Some(wait) = self.paused_for() {
+            tokio::time::sleep(wait).await;
+        }
         self.usage.requests.fetch_add(1, Ordering::Relaxed);
         let result = self.send(request).await;
         match &result {
@@ -84,8 +98,13 @@ impl LlmClient {
                     .completion_tokens
                     .fetch_add(response.usage.completion_tokens.into(), Ordering::Relaxed);
             }
-            Err(LlmError::RateLimited(_)) => {
+            Err(LlmError::RateLimited(retry_after_ms)) => {
                 self.usage.rate_limited.fetch_add(1, Ordering::Relaxed);
+                if let Some(ms) = retry_after_ms {
+                    let until = tokio::time::Instant::now() + Duration::from_millis(*ms);
+                    let mut paused = self.paused_until.lock().expect("not poisoned");
+                    *paused = Some(paused.map_or(until, |p| p.max(until)));
+                }
             }
             Err(_) => {
                 self.usage.failures.fetch_add(1, Ordering::Relaxed);

@@ -94,6 +94,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         job,
         false,
         concurrency,
+        Default::default(),
         cancel,
         crate::jobs::ItemHooks::default(),
         show,

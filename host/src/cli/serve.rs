@@ -62,6 +62,14 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let pipeline = Pipeline::load(config, runtime, store.clone()).await?;
     let events = EventLog::new(store.tree("events")?);
     let jobs = JobManager::new(pipeline.clone(), events.clone());
+    // Effects cut short by a crash may have happened: they are not run again (at most once).
+    let interrupted = store.interrupt_running_effects()?;
+    if interrupted > 0 {
+        tracing::warn!(
+            interrupted,
+            "effects were running when the server stopped; marked interrupted"
+        );
+    }
     let stop_effects = CancellationToken::new();
     let (_effects, effects_task) = EffectRunner::spawn(
         pipeline.caps.clone(),
@@ -85,6 +93,11 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await
         .with_context(|| format!("cannot listen on {}", args.addr))?;
+    // Jobs a crash or an impatient shutdown left running go on where they stopped.
+    let resumed = jobs.resume_unfinished()?;
+    if resumed > 0 {
+        tracing::info!(resumed, "resumed unfinished jobs");
+    }
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "listening on http://{}", listener.local_addr()?)?;
     stdout.flush()?;

@@ -30,15 +30,23 @@ pub enum Event {
         completed: u64,
         failed: u64,
     },
-    /// A stage started (`duration_ms` absent) or ended for an item; logged when the job asked
-    /// for `detail: "stages"`, and always for one-item jobs.
+    /// A stage started (`duration_ms` absent) or ended for an item, logged when the job asked
+    /// for `detail: "stages"` and always for one-item jobs; or a try failed and will be retried
+    /// (`status: "retrying"`, with `error` and `retry_in_ms`), always logged.
     #[serde(rename = "item.stage")]
     ItemStage {
         index: u64,
         stage: String,
         status: String,
+        /// The try: 1, 2, ... (a `retrying` event says try `attempt` failed).
+        #[serde(default = "first_attempt")]
+        attempt: u32,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         duration_ms: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_in_ms: Option<u64>,
     },
     #[serde(rename = "job.completed")]
     JobCompleted {
@@ -55,6 +63,10 @@ pub enum Event {
     },
     #[serde(rename = "job.failed")]
     JobFailed { error: String },
+}
+
+fn first_attempt() -> u32 {
+    1
 }
 
 impl Event {

@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::item::{ItemHooks, ItemRef, run_item};
+use super::item::{ItemHooks, ItemLimits, ItemRef, run_item};
 use crate::pipeline::Pipeline;
 use crate::store::{ItemResult, JobRecord, JobState, item_id, now_ms};
 
@@ -38,6 +38,7 @@ pub async fn run_job(
     mut job: JobRecord,
     resume: bool,
     concurrency: usize,
+    limits: ItemLimits,
     cancel: CancellationToken,
     hooks: ItemHooks,
     on_result: impl Fn(&ItemResult) + Send + Sync + 'static,
@@ -88,7 +89,8 @@ pub async fn run_job(
                     item_id: item_id(job_id, index),
                     index,
                 };
-                let result = run_item(&pipeline, item, input, resume, &cancel, &hooks).await?;
+                let result =
+                    run_item(&pipeline, item, input, resume, limits, &cancel, &hooks).await?;
                 shared
                     .lock()
                     .expect("no worker panics holding the lock")

@@ -67,7 +67,14 @@ impl EffectRunner {
                 let runner = self.clone();
                 let shutdown = shutdown.clone();
                 tokio::spawn(async move {
-                    runner.execute(record, shutdown).await;
+                    // The claim must be durable before the effect can happen: after a crash,
+                    // a claimed effect is found `running` and never run again.
+                    match runner.caps.store.flush().await {
+                        Ok(()) => runner.execute(record, shutdown).await,
+                        Err(error) => {
+                            tracing::error!(handler = %record.handler, key = %record.key, error = %format!("{error:#}"), "cannot make an effect's claim durable; not running it");
+                        }
+                    }
                     runner.in_flight.fetch_sub(1, Ordering::SeqCst);
                     runner.settled.notify_waiters();
                     drop(permit);

@@ -10,6 +10,7 @@
 //! stage. When it succeeds, its result holds every stage's output and its checkpoints go.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Result;
 use serde_json::value::RawValue;
@@ -18,10 +19,11 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::capabilities::ProgressSink;
+use crate::config::RetryPolicy;
 use crate::pipeline::Pipeline;
-use crate::runtime::Call;
 use crate::runtime::bindings::types::Context;
-use crate::store::{ItemError, ItemResult, ItemStatus, StageRun, now_ms};
+use crate::runtime::{Call, Failure};
+use crate::store::{Attempt, ItemError, ItemResult, ItemStatus, StageRun, now_ms};
 
 /// Where an item's live progress goes, besides its result.
 #[derive(Clone, Default)]
@@ -32,14 +34,20 @@ pub struct ItemHooks {
     pub stages: Option<StageSink>,
 }
 
-/// A stage starting (`duration_ms` is `None`) or ending for an item.
+/// A stage starting (`duration_ms` is `None`), ending, or failing a try that will be retried.
 #[derive(Debug, Clone)]
 pub struct StageUpdate {
     pub index: u64,
     pub stage: String,
-    /// `running`, `succeeded` or `failed`.
+    /// `running`, `succeeded`, `failed` or `retrying`.
     pub status: &'static str,
+    /// The try this update is about: 1, 2, ...
+    pub attempt: u32,
     pub duration_ms: Option<f64>,
+    /// Why a try failed (`retrying` and `failed`).
+    pub error: Option<String>,
+    /// For `retrying`: how long until the next try.
+    pub retry_in_ms: Option<u64>,
 }
 
 pub type StageSink = Arc<dyn Fn(StageUpdate) + Send + Sync>;
@@ -52,29 +60,52 @@ pub struct ItemRef {
     pub index: u64,
 }
 
+/// Time limits a job may set over the pipeline's.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ItemLimits {
+    /// Every stage try's wall-clock limit, instead of the stage's own.
+    pub stage_timeout: Option<Duration>,
+    /// The whole item's, retries and back-off included.
+    pub item_timeout: Option<Duration>,
+}
+
 /// Run `item` through every stage and store its result. `resume` looks for stage outputs
-/// stored by an earlier, interrupted run and reuses them.
+/// stored by an earlier, interrupted run and reuses them. A stage that fails in a way that may
+/// pass (see [`Failure::retryable`]) is tried again, up to its `max_attempts`, after an
+/// exponential back-off with jitter, or after the provider's `Retry-After` if that is longer.
 pub async fn run_item(
     pipeline: &Pipeline,
     item: ItemRef,
     input: IVec,
     resume: bool,
+    limits: ItemLimits,
     cancel: &CancellationToken,
     hooks: &ItemHooks,
 ) -> Result<ItemResult> {
-    let tell = |stage: &str, status, duration_ms| {
+    let tell = |stage: &str,
+                status,
+                attempt,
+                duration_ms,
+                error: Option<&Failure>,
+                retry_in: Option<Duration>| {
         if let Some(sink) = &hooks.stages {
             sink(StageUpdate {
                 index: item.index,
                 stage: stage.to_string(),
                 status,
+                attempt,
                 duration_ms,
+                error: error.map(ToString::to_string),
+                retry_in_ms: retry_in.map(|d| d.as_millis() as u64),
             });
         }
     };
     let store = pipeline.store();
-    let checkpoint_after =
-        std::time::Duration::from_millis(pipeline.config.run.checkpoint_after_ms);
+    let checkpoint_after = Duration::from_millis(pipeline.config.run.checkpoint_after_ms);
+    // The whole item, retries and back-off included, ends by this time.
+    let item_deadline = limits
+        .item_timeout
+        .map(|limit| (tokio::time::Instant::now() + limit, limit));
     let mut outputs: Vec<(&str, Vec<u8>)> = Vec::with_capacity(pipeline.stages.len());
     let mut checkpointed: Vec<&str> = Vec::new();
     let mut runs = Vec::with_capacity(pipeline.stages.len());
@@ -98,34 +129,84 @@ pub async fn run_item(
             continue;
         }
         let envelope = envelope(&input, &outputs);
-        let _permit = stage.enter().await;
-        let component = stage.current();
-        let call = Call {
-            caps: Arc::clone(&pipeline.caps),
-            context: Context {
-                job_id: item.job_id.to_string(),
-                item_id: item.item_id.to_string(),
-                item_index: item.index,
-                attempt: 1,
-                stage: name.to_string(),
-            },
-            limits: stage.config.limits,
-            cancel: cancel.clone(),
-            progress: hooks.progress.clone(),
+        let policy = stage.config.retry;
+        let mut attempts: Vec<Attempt> = Vec::new();
+        let mut attempt = 1;
+        let outcome = loop {
+            let mut stage_limits = stage.config.limits;
+            if let Some(timeout) = limits.stage_timeout {
+                stage_limits.timeout = timeout;
+            }
+            // The item's deadline shortens the try; reaching it is the item's timeout.
+            let mut item_limit = None;
+            if let Some((deadline, limit)) = item_deadline {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                if left < stage_limits.timeout {
+                    stage_limits.timeout = left;
+                    item_limit = Some(limit);
+                }
+            }
+            let (tried, component) = if stage_limits.timeout.is_zero() {
+                (Err(Failure::Timeout(item_limit.unwrap_or_default())), None)
+            } else {
+                let _permit = stage.enter().await;
+                let component = stage.current();
+                let call = Call {
+                    caps: Arc::clone(&pipeline.caps),
+                    context: Context {
+                        job_id: item.job_id.to_string(),
+                        item_id: item.item_id.to_string(),
+                        item_index: item.index,
+                        attempt,
+                        stage: name.to_string(),
+                    },
+                    limits: stage_limits,
+                    cancel: cancel.clone(),
+                    progress: hooks.progress.clone(),
+                };
+                tell(name, "running", attempt, None, None, None);
+                (component.run(call, &envelope).await, Some(component))
+            };
+            let failure = match tried {
+                Ok((output, stats)) => break Ok((output, stats, component.expect("it ran"))),
+                Err(Failure::Timeout(_)) if item_limit.is_some() => {
+                    Failure::Timeout(item_limit.expect("checked"))
+                }
+                Err(failure) => failure,
+            };
+            attempts.push(Attempt {
+                attempt,
+                kind: failure.kind().as_str().into(),
+                message: failure.to_string(),
+                at: now_ms(),
+            });
+            let retry_in = (failure.retryable() && attempt < policy.max_attempts)
+                .then(|| next_try_delay(pipeline, &policy, item, attempt + 1));
+            let in_time = |wait: Duration| {
+                item_deadline
+                    .is_none_or(|(deadline, _)| tokio::time::Instant::now() + wait < deadline)
+            };
+            match retry_in {
+                Some(wait) if in_time(wait) && !cancel.is_cancelled() => {
+                    tell(name, "retrying", attempt, None, Some(&failure), Some(wait));
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = cancel.cancelled() => break Err(Failure::Cancelled),
+                    }
+                    attempt += 1;
+                }
+                _ => break Err(failure),
+            }
         };
-        tell(name, "running", None);
-        match component.run(call, &envelope).await {
-            Ok((output, stats)) => {
-                tell(
-                    name,
-                    "succeeded",
-                    Some(stats.duration.as_secs_f64() * 1000.0),
-                );
+        match outcome {
+            Ok((output, stats, component)) => {
+                let duration_ms = stats.duration.as_secs_f64() * 1000.0;
+                tell(name, "succeeded", attempt, Some(duration_ms), None, None);
                 runs.push(StageRun {
                     stage: name.into(),
                     digest: component.meta.digest.clone(),
-                    attempt: 1,
-                    duration_ms: stats.duration.as_secs_f64() * 1000.0,
+                    attempt,
+                    duration_ms,
                     cpu_ms: stats.cpu.as_secs_f64() * 1000.0,
                     reused: false,
                 });
@@ -140,12 +221,13 @@ pub async fn run_item(
                 outputs.push((name, output.into_bytes()));
             }
             Err(failure) => {
-                tell(name, "failed", None);
+                tell(name, "failed", attempt, None, Some(&failure), None);
                 let error = ItemError {
                     stage: name.into(),
                     kind: failure.kind().as_str().into(),
                     message: format!("stage `{name}`: {failure}"),
                     retryable: failure.retryable(),
+                    attempts,
                 };
                 let unsaved = outputs.iter().filter(|(n, _)| !checkpointed.contains(n));
                 store.put_stage_outputs(
@@ -171,6 +253,20 @@ pub async fn run_item(
         store.remove_stage_outputs(item.job_id, item.index, checkpointed)?;
     }
     Ok(result)
+}
+
+/// The wait before try `next` of a stage: the policy's back-off, jittered by the item's id
+/// (items failing together spread out, and a rerun waits the same), or the provider's
+/// `Retry-After` when that is longer.
+fn next_try_delay(pipeline: &Pipeline, policy: &RetryPolicy, item: ItemRef, next: u32) -> Duration {
+    let bits = Uuid::new_v5(&item.item_id, &next.to_be_bytes()).as_u128() as u64;
+    let spread = (bits >> 11) as f64 / (1u64 << 53) as f64;
+    let backoff = policy.delay(next, spread);
+    pipeline
+        .caps
+        .llm
+        .paused_for()
+        .map_or(backoff, |pause| pause.max(backoff))
 }
 
 fn finish(

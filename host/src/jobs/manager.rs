@@ -6,18 +6,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Result;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{ItemHooks, StageUpdate, run_job};
-use crate::events::{Event, EventLog};
+use super::{ItemHooks, ItemLimits, StageUpdate, run_job};
+use crate::events::{Entry, Event, EventLog};
 use crate::pipeline::Pipeline;
-use crate::store::{ItemStatus, JobRecord, JobState};
+use crate::store::{ItemResult, ItemStatus, JobRecord, JobState};
 
 /// Per-job settings a client may give at submission.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobOptions {
     /// Items in flight for this job (default: the pipeline's `[run] concurrency`).
@@ -34,9 +34,15 @@ pub struct JobOptions {
     /// Free-form labels kept with the job.
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Wall-clock limit of every stage try for this job (default: each stage's `timeout_ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage_timeout_ms: Option<u64>,
+    /// Wall-clock limit of one item, retries included (default: `[run] item_timeout_ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item_timeout_ms: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Detail {
     #[default]
@@ -45,6 +51,32 @@ pub enum Detail {
 }
 
 const DEFAULT_PREVIEW_CHARS: usize = 3000;
+
+/// A client's idempotency key for a submission, and a digest of what it submitted.
+#[derive(Debug, Clone)]
+pub struct Idempotency {
+    pub key: String,
+    pub request_digest: String,
+}
+
+/// What a submission did.
+#[derive(Debug)]
+pub enum Submitted {
+    New(JobRecord),
+    /// The key was used before, for the same request: this is that job.
+    Existing(JobRecord),
+    /// The key was used before for another request.
+    Conflict(JobRecord),
+}
+
+/// The start of a result's output or error, for its `item.finished` event.
+fn preview(result: &ItemResult, chars: usize) -> String {
+    match (&result.output, &result.error) {
+        (Some(output), _) => crate::text::truncate(output.get(), chars).into_owned(),
+        (None, Some(error)) => crate::text::truncate(&error.message, chars).into_owned(),
+        (None, None) => String::new(),
+    }
+}
 
 /// What became of a cancel request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,37 +106,72 @@ impl JobManager {
     }
 
     /// Persist a job (its items, its record and its `job.started` event, flushed) and start it.
-    /// When this returns the job survives a crash.
+    /// When this returns the job survives a crash. With an idempotency key that a job already
+    /// has, nothing is written and that job is the answer ([`Submitted::Existing`]), or a
+    /// conflict if its request differed.
     pub async fn submit(
         self: &Arc<Self>,
         items: Vec<Vec<u8>>,
         options: JobOptions,
-    ) -> Result<JobRecord> {
+        idempotency: Option<Idempotency>,
+    ) -> Result<Submitted> {
+        let store = self.pipeline.store();
         let mut job = JobRecord::new(&self.pipeline.config.name);
+        if let Some(Idempotency {
+            key,
+            request_digest,
+        }) = idempotency
+        {
+            if let Some(existing) = store.claim_idempotency_key(&key, job.id).await? {
+                return Ok(if existing.request_digest == request_digest {
+                    Submitted::Existing(existing)
+                } else {
+                    Submitted::Conflict(existing)
+                });
+            }
+            job.idempotency_key = Some(key);
+            job.request_digest = request_digest;
+        }
         job.labels = options.labels.clone();
+        job.options = options;
         self.events.append(
             job.id,
             &Event::JobStarted {
                 total: items.len() as u64,
             },
         )?;
-        let job = self
-            .pipeline
-            .store()
-            .create_job(job, items.into_iter().map(Ok))
-            .await?;
+        let job = store.create_job(job, items.into_iter().map(Ok)).await?;
+        self.start(job.clone(), false);
+        Ok(Submitted::New(job))
+    }
+
+    /// Start every job the store says is running: after a restart (a crash, or a shutdown
+    /// that did not wait for them) they go on from what was stored.
+    pub fn resume_unfinished(self: &Arc<Self>) -> Result<usize> {
+        let mut resumed = 0;
+        for job in self.pipeline.store().jobs() {
+            let job = job?;
+            if job.state == JobState::Running && !self.is_running(job.id) {
+                tracing::info!(job = %job.id, "resuming an unfinished job");
+                self.start(job, true);
+                resumed += 1;
+            }
+        }
+        Ok(resumed)
+    }
+
+    fn start(self: &Arc<Self>, job: JobRecord, resume: bool) {
         let cancel = CancellationToken::new();
         self.running
             .lock()
             .expect("not poisoned")
             .insert(job.id, cancel.clone());
         let manager = self.clone();
-        let started = job.clone();
         let mut tasks = self.tasks.lock().expect("not poisoned");
         while tasks.try_join_next().is_some() {}
         tasks.spawn(async move {
-            let id = started.id;
-            if let Err(error) = manager.run(started, options, cancel).await {
+            let id = job.id;
+            if let Err(error) = manager.run(job, resume, cancel).await {
                 tracing::error!(job = %id, error = %format!("{error:#}"), "job failed");
                 let _ = manager.events.append(
                     id,
@@ -116,15 +183,10 @@ impl JobManager {
             manager.running.lock().expect("not poisoned").remove(&id);
             manager.events.release(id);
         });
-        Ok(job)
     }
 
-    async fn run(
-        &self,
-        job: JobRecord,
-        options: JobOptions,
-        cancel: CancellationToken,
-    ) -> Result<()> {
+    async fn run(&self, job: JobRecord, resume: bool, cancel: CancellationToken) -> Result<()> {
+        let options = job.options.clone();
         let concurrency = if options.sequential {
             1
         } else {
@@ -132,48 +194,57 @@ impl JobManager {
                 .concurrency
                 .unwrap_or(self.pipeline.config.run.concurrency)
         };
-        let mut hooks = ItemHooks::default();
-        if options.detail == Detail::Stages || job.total == 1 {
-            let (events, id) = (self.events.clone(), job.id);
-            hooks.stages = Some(Arc::new(move |update: StageUpdate| {
+        let every_stage = options.detail == Detail::Stages || job.total == 1;
+        let (events, id) = (self.events.clone(), job.id);
+        // Retries are always told: they are the story of a slow or failed item.
+        let hooks = ItemHooks {
+            stages: Some(Arc::new(move |update: StageUpdate| {
+                if !every_stage && update.status != "retrying" {
+                    return;
+                }
                 let event = Event::ItemStage {
                     index: update.index,
                     stage: update.stage,
                     status: update.status.to_string(),
+                    attempt: update.attempt,
                     duration_ms: update.duration_ms,
+                    error: update.error,
+                    retry_in_ms: update.retry_in_ms,
                 };
                 if let Err(error) = events.append(id, &event) {
                     tracing::error!(job = %id, error = %format!("{error:#}"), "cannot append a stage event");
                 }
-            }));
-        }
+            })),
+            ..ItemHooks::default()
+        };
         let preview_chars = options.preview_chars.unwrap_or(DEFAULT_PREVIEW_CHARS);
+        if resume {
+            self.log_unlogged_results(&job, preview_chars)?;
+        }
         let events = self.events.clone();
-        let id = job.id;
-        let on_result = move |result: &crate::store::ItemResult| {
-            let preview = match (&result.output, &result.error) {
-                (Some(output), _) => {
-                    crate::text::truncate(output.get(), preview_chars).into_owned()
-                }
-                (None, Some(error)) => {
-                    crate::text::truncate(&error.message, preview_chars).into_owned()
-                }
-                (None, None) => String::new(),
-            };
+        let on_result = move |result: &ItemResult| {
             if let Err(error) = events.append_item(
                 id,
                 result.index,
                 result.status == ItemStatus::Succeeded,
-                preview,
+                preview(result, preview_chars),
             ) {
                 tracing::error!(job = %id, error = %format!("{error:#}"), "cannot append an item event");
             }
         };
+        let limits = ItemLimits {
+            stage_timeout: options.stage_timeout_ms.map(Duration::from_millis),
+            item_timeout: options
+                .item_timeout_ms
+                .or(self.pipeline.config.run.item_timeout_ms)
+                .map(Duration::from_millis),
+        };
         let outcome = run_job(
             self.pipeline.clone(),
             job,
-            false,
+            resume,
             concurrency,
+            limits,
             cancel,
             hooks,
             on_result,
@@ -195,6 +266,42 @@ impl JobManager {
         };
         self.events.append(id, &end)?;
         self.pipeline.store().flush().await
+    }
+
+    /// A crash can fall between an item's result and its `item.finished` event: before a job
+    /// resumes, log the events its stored results lack, so every result is in the log once.
+    fn log_unlogged_results(&self, job: &JobRecord, preview_chars: usize) -> Result<()> {
+        // One bit per item: 125 KB for a million items.
+        let mut logged = vec![0u64; (job.total as usize).div_ceil(64)];
+        for entry in self.events.read(job.id, 0) {
+            if let (
+                _,
+                Entry {
+                    event: Event::ItemFinished { index, .. },
+                    ..
+                },
+            ) = entry?
+            {
+                if let Some(word) = logged.get_mut((index / 64) as usize) {
+                    *word |= 1 << (index % 64);
+                }
+            }
+        }
+        for result in self.pipeline.store().results(job.id, None) {
+            let result = result?;
+            let seen = logged
+                .get((result.index / 64) as usize)
+                .is_some_and(|word| word & (1 << (result.index % 64)) != 0);
+            if !seen {
+                self.events.append_item(
+                    job.id,
+                    result.index,
+                    result.status == ItemStatus::Succeeded,
+                    preview(&result, preview_chars),
+                )?;
+            }
+        }
+        Ok(())
     }
 
     /// Stop a running job: no new stage starts, running guests are interrupted.

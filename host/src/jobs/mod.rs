@@ -9,5 +9,5 @@ pub mod retention;
 
 pub use batch::{JobOutcome, run_job};
 pub use effects::EffectRunner;
-pub use item::{ItemHooks, ItemRef, StageSink, StageUpdate, run_item};
-pub use manager::{CancelOutcome, JobManager, JobOptions};
+pub use item::{ItemHooks, ItemLimits, ItemRef, StageSink, StageUpdate, run_item};
+pub use manager::{CancelOutcome, Idempotency, JobManager, JobOptions, Submitted};

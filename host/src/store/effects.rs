@@ -48,6 +48,9 @@ pub struct EffectRecord {
     pub output: Option<String>,
     #[serde(default)]
     pub error: Option<String>,
+    /// Times the effect was claimed for running: never more than one.
+    #[serde(default)]
+    pub runs: u32,
 }
 
 impl EffectRecord {
@@ -108,6 +111,7 @@ impl Store {
                 };
                 let mut record: EffectRecord = parse(&value).map_err(TxError::Abort)?;
                 record.state = EffectState::Running;
+                record.runs += 1;
                 effects.insert(key, json(&record).map_err(TxError::Abort)?)?;
                 Ok(Some(record))
             }),

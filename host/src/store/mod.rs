@@ -9,6 +9,7 @@
 //! | `effects`         | handler, 0, idempotency key       | [`EffectRecord`] JSON         |
 //! | `effects_pending` | same as `effects`                 | empty: effects not yet run    |
 //! | `records`         | collection, 0, key                | a handler's record JSON       |
+//! | `idempotency`     | a client's idempotency key        | the job id it names           |
 //!
 //! Big-endian indexes make sled's key order the item order, so results stream in order and a
 //! page after index N is a range scan, whatever the job's size.
@@ -28,12 +29,15 @@ use uuid::Uuid;
 
 pub use effects::{EffectRecord, EffectState, EmitOutcome};
 pub use model::{
-    ItemError, ItemResult, ItemStatus, JobRecord, JobState, StageRun, item_id, now_ms,
+    Attempt, ItemError, ItemResult, ItemStatus, JobRecord, JobState, StageRun, item_id, now_ms,
 };
 
 /// Items are written in batches of this many, so a large job neither holds all its items in
 /// one sled batch nor pays a write per item.
 const ITEM_BATCH: usize = 1024;
+
+/// How long an idempotency claim without a job is taken for a submission in progress.
+const CLAIM_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The embedded store. Cheap to clone: sled trees are reference-counted.
 #[derive(Clone)]
@@ -46,6 +50,7 @@ pub struct Store {
     effects: Tree,
     effects_pending: Tree,
     records: Tree,
+    idempotency: Tree,
     flusher: Arc<Flusher>,
 }
 
@@ -81,6 +86,7 @@ impl Store {
             effects: tree("effects")?,
             effects_pending: tree("effects_pending")?,
             records: tree("records")?,
+            idempotency: tree("idempotency")?,
             flusher: Arc::default(),
             db,
         })
@@ -237,11 +243,52 @@ impl Store {
     /// handler records stay: they belong to the domain (an ownership outlives the scan that
     /// granted it) and their keys keep effects idempotent.
     pub fn delete_job(&self, job: Uuid) -> Result<()> {
+        if let Some(key) = self.job(job)?.and_then(|j| j.idempotency_key) {
+            self.idempotency.remove(key.as_bytes())?;
+        }
         for tree in [&self.items, &self.stage_outputs, &self.results] {
             remove_prefix(tree, job.as_bytes())?;
         }
         self.jobs.remove(job.as_bytes())?;
         Ok(())
+    }
+
+    /// Make `key` name job `id`, unless it names a job already: then that job. A claim whose
+    /// job does not exist is one being submitted right now (wait for it) or one a crash cut
+    /// short before its job was written (take it over).
+    pub async fn claim_idempotency_key(&self, key: &str, id: Uuid) -> Result<Option<JobRecord>> {
+        let ours = Some(id.as_bytes().as_slice());
+        'claim: loop {
+            let current =
+                match self
+                    .idempotency
+                    .compare_and_swap(key.as_bytes(), None::<&[u8]>, ours)?
+                {
+                    Ok(()) => return Ok(None),
+                    Err(swap) => swap.current.context("a failed swap sees a value")?,
+                };
+            let holder = Uuid::from_slice(&current).context("corrupt idempotency entry")?;
+            let deadline = tokio::time::Instant::now() + CLAIM_GRACE;
+            loop {
+                if let Some(job) = self.job(holder)? {
+                    return Ok(Some(job));
+                }
+                if self.idempotency.get(key.as_bytes())?.as_ref() != Some(&current) {
+                    continue 'claim;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            if self
+                .idempotency
+                .compare_and_swap(key.as_bytes(), Some(current), ours)?
+                .is_ok()
+            {
+                return Ok(None);
+            }
+        }
     }
 
     /// Insert or replace a handler's record.

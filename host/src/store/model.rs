@@ -35,6 +35,15 @@ pub struct JobRecord {
     pub finished_at: Option<u64>,
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// What the client asked for, kept so that a job resumed after a restart runs the same way.
+    #[serde(default)]
+    pub options: crate::jobs::JobOptions,
+    /// The client's key for this submission, and a digest of its body: the same key with
+    /// another body is a conflict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub request_digest: String,
 }
 
 impl JobRecord {
@@ -50,6 +59,9 @@ impl JobRecord {
             created_at: now_ms(),
             finished_at: None,
             labels: Default::default(),
+            options: Default::default(),
+            idempotency_key: None,
+            request_digest: String::new(),
         }
     }
 
@@ -86,6 +98,19 @@ pub struct ItemError {
     pub kind: String,
     pub message: String,
     pub retryable: bool,
+    /// Every try of the failed stage, the last one included.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<Attempt>,
+}
+
+/// One failed try of a stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub attempt: u32,
+    pub kind: String,
+    pub message: String,
+    /// When it failed, ms since the Unix epoch.
+    pub at: u64,
 }
 
 /// One stage's run for an item, as recorded in its result.

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use stagehand::config::PipelineConfig;
-use stagehand::jobs::item::{ItemRef, run_item};
+use stagehand::jobs::item::{ItemLimits, ItemRef, run_item};
 use stagehand::pipeline::Pipeline;
 use stagehand::store::{ItemResult, JobRecord, Store};
 use tokio_util::sync::CancellationToken;
@@ -72,6 +72,16 @@ impl Fixture {
 
 /// Run one item through `pipeline` as item 0 of a new job.
 pub async fn run_one(pipeline: &Pipeline, item: &str, cancel: &CancellationToken) -> ItemResult {
+    run_one_with(pipeline, item, ItemLimits::default(), cancel).await
+}
+
+/// [`run_one`] with a job's time limits.
+pub async fn run_one_with(
+    pipeline: &Pipeline,
+    item: &str,
+    limits: ItemLimits,
+    cancel: &CancellationToken,
+) -> ItemResult {
     let job = JobRecord::new("test");
     let item_ref = ItemRef {
         job_id: job.id,
@@ -83,6 +93,7 @@ pub async fn run_one(pipeline: &Pipeline, item: &str, cancel: &CancellationToken
         item_ref,
         item.as_bytes().into(),
         false,
+        limits,
         cancel,
         &Default::default(),
     )

@@ -1,4 +1,5 @@
-//! A stage that misbehaves on request, for the runtime's tests: the item's `do` field says how.
+//! A stage that misbehaves on request, for the runtime's tests: the item's `do` field says how
+//! (`flaky` fails retryably until try `until`).
 
 use serde::Deserialize;
 use stagehand_sdk::{Context, Envelope, StageError, fatal, log, output, retryable, stage::Guest};
@@ -9,12 +10,15 @@ struct Item {
     action: String,
     #[serde(default)]
     size: usize,
+    /// For `flaky`: the first try that succeeds.
+    #[serde(default)]
+    until: u32,
 }
 
 struct Hostile;
 
 impl Guest for Hostile {
-    fn run(_ctx: Context, input: String) -> Result<String, StageError> {
+    fn run(ctx: Context, input: String) -> Result<String, StageError> {
         let item = Envelope::<Item>::parse(&input)?.item;
         match item.action.as_str() {
             "echo" => output(&serde_json::json!({ "echo": item.action })),
@@ -45,6 +49,10 @@ impl Guest for Hostile {
                 output(&serde_json::json!({ "logged": true }))
             }
             "retryable" => Err(retryable("asked to fail, retryably")),
+            "flaky" if ctx.attempt < item.until => {
+                Err(retryable(format!("try {} fails", ctx.attempt)))
+            }
+            "flaky" => output(&serde_json::json!({ "succeeded_at": ctx.attempt })),
             "fatal" => Err(fatal("asked to fail")),
             other => Err(fatal(format!("unknown action {other:?}"))),
         }
