@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use stagehand::config::PipelineConfig;
-use stagehand::jobs::{EffectRunner, ItemHooks, ItemRef, run_item, run_job};
+use stagehand::jobs::{EffectRunner, ItemHooks, ItemRef, RunSettings, run_item, run_job};
 use stagehand::pipeline::Pipeline;
 use stagehand::runtime::Call;
 use stagehand::runtime::bindings::types::Context;
@@ -162,9 +162,7 @@ async fn passthrough(items: u64, stages: usize) {
     let outcome = run_job(
         pipeline.clone(),
         job,
-        false,
-        32,
-        Default::default(),
+        RunSettings::fresh(32),
         cancel,
         ItemHooks::default(),
         |_| {},
@@ -204,9 +202,7 @@ async fn eco_scan(items: u64) {
     let outcome = run_job(
         pipeline.clone(),
         job,
-        false,
-        concurrency,
-        Default::default(),
+        RunSettings::fresh(concurrency),
         CancellationToken::new(),
         ItemHooks::default(),
         |_| {},

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{EXIT_ITEMS_FAILED, default_data_dir};
 use crate::config::PipelineConfig;
-use crate::jobs::{EffectRunner, run_job};
+use crate::jobs::{EffectRunner, RunSettings, run_job};
 use crate::pipeline::Pipeline;
 use crate::store::{ItemStatus, JobRecord, Store};
 
@@ -92,9 +92,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     let outcome = run_job(
         pipeline.clone(),
         job,
-        false,
-        concurrency,
-        Default::default(),
+        RunSettings::fresh(concurrency),
         cancel,
         crate::jobs::ItemHooks::default(),
         show,

@@ -31,14 +31,36 @@ struct Progress<I> {
     not_run: u64,
 }
 
+/// How to run a job's items.
+#[derive(Debug, Clone, Copy)]
+pub struct RunSettings {
+    /// The job ran before, so results and checkpoints may be stored already.
+    pub resume: bool,
+    /// Items in flight.
+    pub concurrency: usize,
+    pub limits: ItemLimits,
+}
+
+impl RunSettings {
+    /// A first run with `concurrency` items in flight and the pipeline's limits.
+    pub fn fresh(concurrency: usize) -> Self {
+        Self {
+            resume: false,
+            concurrency,
+            limits: ItemLimits::default(),
+        }
+    }
+}
+
 /// Run every item of `job` that has no result yet; `on_result` sees each new result.
-/// `resume` says the job ran before, so results and checkpoints may be stored already.
 pub async fn run_job(
     pipeline: Arc<Pipeline>,
     mut job: JobRecord,
-    resume: bool,
-    concurrency: usize,
-    limits: ItemLimits,
+    RunSettings {
+        resume,
+        concurrency,
+        limits,
+    }: RunSettings,
     cancel: CancellationToken,
     hooks: ItemHooks,
     on_result: impl Fn(&ItemResult) + Send + Sync + 'static,

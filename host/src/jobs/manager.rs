@@ -11,7 +11,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{ItemHooks, ItemLimits, StageUpdate, run_job};
+use super::{ItemHooks, ItemLimits, RunSettings, StageUpdate, run_job};
 use crate::events::{Entry, Event, EventLog};
 use crate::pipeline::Pipeline;
 use crate::store::{ItemResult, ItemStatus, JobRecord, JobState};
@@ -242,9 +242,11 @@ impl JobManager {
         let outcome = run_job(
             self.pipeline.clone(),
             job,
-            resume,
-            concurrency,
-            limits,
+            RunSettings {
+                resume,
+                concurrency,
+                limits,
+            },
             cancel,
             hooks,
             on_result,
@@ -281,10 +283,9 @@ impl JobManager {
                     ..
                 },
             ) = entry?
+                && let Some(word) = logged.get_mut((index / 64) as usize)
             {
-                if let Some(word) = logged.get_mut((index / 64) as usize) {
-                    *word |= 1 << (index % 64);
-                }
+                *word |= 1 << (index % 64);
             }
         }
         for result in self.pipeline.store().results(job.id, None) {

@@ -7,7 +7,7 @@ pub mod item;
 pub mod manager;
 pub mod retention;
 
-pub use batch::{JobOutcome, run_job};
+pub use batch::{JobOutcome, RunSettings, run_job};
 pub use effects::EffectRunner;
 pub use item::{ItemHooks, ItemLimits, ItemRef, StageSink, StageUpdate, run_item};
 pub use manager::{CancelOutcome, Idempotency, JobManager, JobOptions, Submitted};
