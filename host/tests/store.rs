@@ -29,7 +29,7 @@ fn concurrent_submits_all_become_durable() {
 async fn burst_of_submits() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("store")).unwrap();
-    let events = EventLog::new(store.tree("events").unwrap());
+    let events = EventLog::new(&store).unwrap();
     let submits: Vec<_> = (0..1000)
         .map(|i| {
             let (store, events) = (store.clone(), events.clone());
@@ -64,10 +64,9 @@ async fn burst_of_submits() {
 async fn views_of_finished_jobs_release_their_wake_up_channel() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("store")).unwrap();
-    let tree = store.tree("events").unwrap();
     let (finished, running) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
     {
-        let before_restart = EventLog::new(tree.clone());
+        let before_restart = EventLog::new(&store).unwrap();
         before_restart
             .append(finished, &Event::JobStarted { total: 0 })
             .unwrap();
@@ -82,7 +81,7 @@ async fn views_of_finished_jobs_release_their_wake_up_channel() {
             )
             .unwrap();
     }
-    let events = EventLog::new(tree);
+    let events = EventLog::new(&store).unwrap();
     events
         .append(running, &Event::JobStarted { total: 1 })
         .unwrap();

@@ -60,7 +60,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let store = Store::open(&args.data_dir.join("store"))?;
     let runtime = Pipeline::runtime_for(&config, &args.data_dir)?;
     let pipeline = Pipeline::load(config, runtime, store.clone()).await?;
-    let events = EventLog::new(store.tree("events")?);
+    let events = EventLog::new(&store)?;
     let jobs = JobManager::new(pipeline.clone(), events.clone());
     // Effects cut short by a crash may have happened: they are not run again (at most once).
     let interrupted = store.interrupt_running_effects()?;

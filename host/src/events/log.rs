@@ -2,18 +2,26 @@
 //! `store::keys::item`), value = the event's JSON with `at`, the time it was logged (ms since the
 //! Unix epoch). Appends to one job are serialised by a per-job lock held across numbering and
 //! insert, so a reader that sees event N has seen every event before it.
+//!
+//! Subscribers only see events that are durable: a publisher task flushes the store (group
+//! commit, shared with every other writer) and only then moves each job's published number.
+//! So an event a client received survives a crash, and the numbers after a restart continue
+//! from it: a client resuming with `Last-Event-ID` never sees a number twice with two meanings.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use std::sync::Weak;
+use std::time::Duration;
+
 use anyhow::{Context, Result};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use uuid::Uuid;
 
 use serde::{Deserialize, Serialize};
 
 use super::Event;
-use crate::store::{keys, now_ms};
+use crate::store::{Store, keys, now_ms};
 
 /// An event as the log keeps it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -37,15 +45,22 @@ struct EntryRef<'a> {
 pub struct EventLog {
     tree: sled::Tree,
     heads: Arc<Mutex<HashMap<Uuid, Arc<Head>>>>,
+    /// Jobs with events written but not yet published.
+    unpublished: Arc<Mutex<HashMap<Uuid, Arc<Head>>>>,
+    publish: Arc<Notify>,
 }
 
 /// The tail of one job's log.
 struct Head {
     /// The last number given out and the item counts so far; the lock also orders the inserts.
     tail: Mutex<Tail>,
-    /// The last number written, for subscribers to wait on.
+    /// The last durable number, for subscribers to wait on and read up to.
     written: watch::Sender<u64>,
 }
+
+/// Events are published at most this long after they are written (plus the flush): a burst
+/// of events shares one flush.
+const PUBLISH_WINDOW: Duration = Duration::from_millis(2);
 
 #[derive(Default)]
 struct Tail {
@@ -55,11 +70,21 @@ struct Tail {
 }
 
 impl EventLog {
-    pub fn new(tree: sled::Tree) -> Self {
-        Self {
-            tree,
+    /// The log in `store`'s `events` tree, and its publisher task (which needs a tokio runtime
+    /// and ends when the last clone of the log is dropped).
+    pub fn new(store: &Store) -> Result<Self> {
+        let log = Self {
+            tree: store.tree("events")?,
             heads: Arc::default(),
-        }
+            unpublished: Arc::default(),
+            publish: Arc::default(),
+        };
+        tokio::spawn(publish(
+            store.clone(),
+            Arc::downgrade(&log.unpublished),
+            log.publish.clone(),
+        ));
+        Ok(log)
     }
 
     /// Where `job`'s stored log ends: its last number and the counts of its last item event.
@@ -139,7 +164,7 @@ impl EventLog {
         Ok(seq)
     }
 
-    fn write(&self, job: Uuid, head: &Head, tail: &mut Tail, event: &Event) -> Result<u64> {
+    fn write(&self, job: Uuid, head: &Arc<Head>, tail: &mut Tail, event: &Event) -> Result<u64> {
         let seq = tail.seq + 1;
         self.tree
             .insert(
@@ -151,18 +176,29 @@ impl EventLog {
             )
             .context("cannot append an event")?;
         tail.seq = seq;
-        head.written.send_replace(seq);
+        self.unpublished
+            .lock()
+            .expect("not poisoned")
+            .entry(job)
+            .or_insert_with(|| head.clone());
+        self.publish.notify_one();
         Ok(seq)
     }
 
-    /// Events of `job` numbered above `after`, in order, read lazily from the store.
+    /// Events of `job` numbered above `after` and up to `upto`, in order, read lazily from the
+    /// store. Subscribers read up to what [`EventLog::watch`] says is durable.
     pub fn read(
         &self,
         job: Uuid,
         after: u64,
+        upto: u64,
     ) -> impl Iterator<Item = Result<(u64, Entry)>> + Send + use<> {
+        let end = match upto.checked_add(1) {
+            Some(next) => keys::item(job, next).to_vec(),
+            None => keys::job_end(job).to_vec(),
+        };
         self.tree
-            .range(keys::item(job, after.saturating_add(1)).to_vec()..keys::job_end(job))
+            .range(keys::item(job, after.saturating_add(1)).to_vec()..end)
             .map(|entry| {
                 let (k, v) = entry?;
                 let seq = keys::index_of(&k)?;
@@ -194,7 +230,8 @@ impl EventLog {
         Ok((tail.completed, tail.failed))
     }
 
-    /// A receiver that changes whenever `job` gets a new event; its value is the last number.
+    /// A receiver that changes whenever `job` gets a new durable event; its value is the last
+    /// durable number, which readers must not read past.
     pub fn watch(&self, job: Uuid) -> Result<watch::Receiver<u64>> {
         Ok(self.head(job)?.written.subscribe())
     }
@@ -215,6 +252,11 @@ impl EventLog {
         if heads
             .get(&job)
             .is_some_and(|h| h.written.receiver_count() == 0 && Arc::strong_count(h) == 1)
+            && !self
+                .unpublished
+                .lock()
+                .expect("not poisoned")
+                .contains_key(&job)
         {
             heads.remove(&job);
         }
@@ -223,5 +265,46 @@ impl EventLog {
     /// Jobs with a wake-up channel in memory.
     pub fn heads_in_memory(&self) -> usize {
         self.heads.lock().expect("not poisoned").len()
+    }
+}
+
+/// Flush what was written, then tell subscribers: the loop behind [`EventLog::new`].
+async fn publish(
+    store: Store,
+    unpublished: Weak<Mutex<HashMap<Uuid, Arc<Head>>>>,
+    wake: Arc<Notify>,
+) {
+    loop {
+        wake.notified().await;
+        tokio::time::sleep(PUBLISH_WINDOW).await;
+        let Some(unpublished) = unpublished.upgrade() else {
+            return;
+        };
+        // The numbers written so far, taken before the flush that makes them durable.
+        let taken = std::mem::take(&mut *unpublished.lock().expect("not poisoned"));
+        let numbers: Vec<u64> = taken
+            .values()
+            .map(|head| head.tail.lock().expect("not poisoned").seq)
+            .collect();
+        if let Err(error) = store.flush().await {
+            tracing::error!(error = %format!("{error:#}"), "cannot flush the event log; retrying");
+            {
+                let mut pending = unpublished.lock().expect("not poisoned");
+                for (job, head) in taken {
+                    pending.entry(job).or_insert(head);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            wake.notify_one();
+            continue;
+        }
+        drop(unpublished);
+        for (head, seq) in taken.into_values().zip(numbers) {
+            head.written.send_if_modified(|published| {
+                let newer = seq > *published;
+                *published = (*published).max(seq);
+                newer
+            });
+        }
     }
 }

@@ -102,11 +102,15 @@ impl JobView {
             if self.ended {
                 return Ok(None);
             }
-            // Mark the wake-up channel seen before reading, so an event appended after the
-            // read wakes us.
-            self.wake.borrow_and_update();
+            // Mark the wake-up channel seen before reading, so an event published after the
+            // read wakes us; read only what is durable.
+            let durable = *self.wake.borrow_and_update();
             let mut read = 0;
-            for entry in self.log.read(self.job, self.cursor).take(READ_AHEAD) {
+            for entry in self
+                .log
+                .read(self.job, self.cursor, durable)
+                .take(READ_AHEAD)
+            {
                 let (seq, entry) = entry?;
                 self.cursor = seq;
                 self.take(seq, entry);

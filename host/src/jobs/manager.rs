@@ -275,7 +275,7 @@ impl JobManager {
     fn log_unlogged_results(&self, job: &JobRecord, preview_chars: usize) -> Result<()> {
         // One bit per item: 125 KB for a million items.
         let mut logged = vec![0u64; (job.total as usize).div_ceil(64)];
-        for entry in self.events.read(job.id, 0) {
+        for entry in self.events.read(job.id, 0, u64::MAX) {
             if let (
                 _,
                 Entry {
