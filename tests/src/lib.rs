@@ -116,6 +116,48 @@ impl MockLlm {
     }
 }
 
+/// `stagehand serve` of the eco-scan example against `mock`, its store in `data`.
+pub fn serve_eco_scan(mock: &MockLlm, data: &Path, extra: &[&str]) -> Server {
+    let pipeline = repo_root().join("examples/eco-scan/pipeline.toml");
+    let (pipeline, data, llm) = (
+        pipeline.display().to_string(),
+        data.display().to_string(),
+        mock.base_url(),
+    );
+    let mut args = vec![
+        "serve",
+        &pipeline,
+        "--addr",
+        "127.0.0.1:0",
+        "--data-dir",
+        &data,
+        "--llm-base-url",
+        &llm,
+    ];
+    args.extend_from_slice(extra);
+    Server::start(&binary("stagehand"), &args).expect("stagehand serve starts")
+}
+
+/// `n` eco-scan items, all with known categories, seven users.
+pub fn eco_items(n: usize) -> Vec<serde_json::Value> {
+    let names = [
+        "pet_bottle",
+        "soda_can",
+        "glass_bottle",
+        "milk_carton",
+        "aa_battery",
+        "banana_peel",
+    ];
+    (0..n)
+        .map(|i| {
+            serde_json::json!({
+                "user_id": format!("u{}", i % 7),
+                "image_url": format!("https://images.example/{}_{i}.jpg", names[i % names.len()]),
+            })
+        })
+        .collect()
+}
+
 /// One Server-Sent Events message.
 #[derive(Debug, Clone)]
 pub struct Frame {

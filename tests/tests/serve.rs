@@ -6,25 +6,10 @@ use std::time::{Duration, Instant};
 
 use reqwest::blocking::{Client, Response};
 use serde_json::{Value, json};
-use stagehand_tests::{Frame, MockLlm, Server, binary, read_frames, repo_root};
+use stagehand_tests::{Frame, MockLlm, Server, binary, eco_items, read_frames, serve_eco_scan};
 
 fn serve(mock: &MockLlm, data: &std::path::Path, extra: &[&str]) -> Server {
-    let pipeline = repo_root().join("examples/eco-scan/pipeline.toml");
-    let mut args = vec![
-        "serve".to_string(),
-        pipeline.display().to_string(),
-        "--addr".into(),
-        "127.0.0.1:0".into(),
-    ];
-    args.extend([
-        "--data-dir".into(),
-        data.display().to_string(),
-        "--llm-base-url".into(),
-        mock.base_url(),
-    ]);
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Server::start(&binary("stagehand"), &args).expect("stagehand serve starts")
+    serve_eco_scan(mock, data, extra)
 }
 
 fn client() -> Client {
@@ -34,17 +19,8 @@ fn client() -> Client {
         .unwrap()
 }
 
-/// `n` eco-scan items, all with known categories.
 fn items(n: usize) -> Vec<Value> {
-    let names = [
-        "pet_bottle",
-        "soda_can",
-        "glass_bottle",
-        "milk_carton",
-        "aa_battery",
-        "banana_peel",
-    ];
-    (0..n).map(|i| json!({ "user_id": format!("u{}", i % 7), "image_url": format!("https://images.example/{}_{i}.jpg", names[i % names.len()]) })).collect()
+    eco_items(n)
 }
 
 fn submit(server: &Server, items: Vec<Value>, options: Value) -> String {
