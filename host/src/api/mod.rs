@@ -10,7 +10,13 @@
 //! | `GET /v1/jobs/{id}/results`        | `?after=&limit=` (keyset) or `?page=&page_size=`  |
 //! | `POST /v1/jobs/{id}/cancel`        | idempotent                                        |
 //! | `GET /v1/jobs/{id}/watch`          | a page that follows the job live (EventSource)    |
+//! | `POST /v1/jobs/{id}/reprocess`     | run dead letters again: `{"indices": [...]}` or all |
+//! | `GET /v1/dead-letters`             | `?job=&stage=&after=&limit=`                      |
+//! | `GET /v1/dead-letters/{job}/{i}`   | one, with the failed stage's input                |
+//! | `DELETE /v1/dead-letters/{job}/{i}`| discard                                           |
+//! | `POST /v1/dead-letters/{job}/{i}/reprocess` | run one again                            |
 
+mod dead_letters;
 mod error;
 mod events;
 mod jobs;
@@ -46,6 +52,16 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/events", get(events::stream))
         .route("/v1/jobs/{id}/watch", get(watch_page))
+        .route("/v1/jobs/{id}/reprocess", post(dead_letters::reprocess))
+        .route("/v1/dead-letters", get(dead_letters::list))
+        .route(
+            "/v1/dead-letters/{job}/{index}",
+            get(dead_letters::inspect).delete(dead_letters::discard),
+        )
+        .route(
+            "/v1/dead-letters/{job}/{index}/reprocess",
+            post(dead_letters::reprocess_one),
+        )
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(app)

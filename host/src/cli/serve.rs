@@ -48,6 +48,10 @@ pub struct ServeArgs {
     /// How often the retention sweeper runs.
     #[arg(long, default_value_t = 600)]
     sweep_interval_secs: u64,
+    /// Reprocess dead letters whose failure may pass (outages, timeouts) this often
+    /// (seed 002 used 300); off when absent.
+    #[arg(long)]
+    reprocess_every_secs: Option<u64>,
 }
 
 pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
@@ -83,6 +87,13 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
         Duration::from_secs(args.sweep_interval_secs.max(1)),
         stop_effects.clone(),
     );
+    let auto_reprocess = args.reprocess_every_secs.map(|secs| {
+        crate::jobs::auto_reprocess::spawn(
+            jobs.clone(),
+            Duration::from_secs(secs.max(1)),
+            stop_effects.clone(),
+        )
+    });
     let app = Arc::new(App {
         store: store.clone(),
         events,
@@ -116,6 +127,9 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     stop_effects.cancel();
     effects_task.await??;
     let _ = sweeper.await;
+    if let Some(task) = auto_reprocess {
+        let _ = task.await;
+    }
     store.flush().await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -133,19 +133,22 @@ impl EventLog {
     }
 
     /// Append an `item.finished` event, with the job's running counts filled in.
+    /// `replaces_failure`: the item had failed before (a reprocessed dead letter).
     pub fn append_item(
         &self,
         job: Uuid,
         index: u64,
         succeeded: bool,
         preview: String,
+        replaces_failure: bool,
     ) -> Result<u64> {
         let head = self.head(job)?;
         let mut tail = head.tail.lock().expect("not poisoned");
+        let failed_before = tail.failed - u64::from(replaces_failure && tail.failed > 0);
         let (completed, failed) = if succeeded {
-            (tail.completed + 1, tail.failed)
+            (tail.completed + 1, failed_before)
         } else {
-            (tail.completed, tail.failed + 1)
+            (tail.completed, failed_before + 1)
         };
         let status = if succeeded { "succeeded" } else { "failed" }.to_string();
         let seq = self.write(

@@ -157,7 +157,13 @@ impl JobView {
             }
             other => {
                 self.flush();
-                self.ended = other.is_terminal();
+                // A job's log can go on after its end (reprocessed dead letters append to
+                // it): only the log's last event ends a view.
+                self.ended = other.is_terminal()
+                    && self
+                        .log
+                        .last(self.job)
+                        .map_or(true, |last| last.is_none_or(|(last, _)| last <= seq));
                 let (event, mut data) = frame_of(&other);
                 data["at"] = at.into();
                 self.ready.push_back(Frame {

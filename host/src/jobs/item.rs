@@ -22,8 +22,8 @@ use crate::capabilities::ProgressSink;
 use crate::config::RetryPolicy;
 use crate::pipeline::Pipeline;
 use crate::runtime::bindings::types::Context;
-use crate::runtime::{Call, Failure};
-use crate::store::{Attempt, ItemError, ItemResult, ItemStatus, StageRun, now_ms};
+use crate::runtime::{Call, Failure, FailureKind};
+use crate::store::{Attempt, DeadLetter, ItemError, ItemResult, ItemStatus, StageRun, now_ms};
 
 /// Where an item's live progress goes, besides its result.
 #[derive(Clone, Default)]
@@ -235,6 +235,18 @@ pub async fn run_item(
                     item.index,
                     unsaved.map(|(n, o)| (*n, o.as_slice())),
                 )?;
+                if failure.kind() != FailureKind::Cancelled {
+                    let earlier = store.dead_letter(item.job_id, item.index)?;
+                    store.put_dead_letter(&DeadLetter {
+                        job_id: item.job_id,
+                        index: item.index,
+                        item_id: item.item_id,
+                        stage: name.into(),
+                        error: error.clone(),
+                        created_at: earlier.as_ref().map_or_else(now_ms, |l| l.created_at),
+                        reprocessed: earlier.map_or(0, |l| l.reprocessed + u32::from(resume)),
+                    })?;
+                }
                 return finish(pipeline, item, ItemStatus::Failed, None, Some(error), runs);
             }
         }
@@ -251,6 +263,10 @@ pub async fn run_item(
     )?;
     if !checkpointed.is_empty() {
         store.remove_stage_outputs(item.job_id, item.index, checkpointed)?;
+    }
+    if resume {
+        // A reprocessed dead letter that passed now.
+        store.remove_dead_letter(item.job_id, item.index)?;
     }
     Ok(result)
 }
@@ -288,6 +304,25 @@ fn finish(
     };
     pipeline.store().put_result(item.job_id, &result)?;
     Ok(result)
+}
+
+/// What stage `stage` of an item gets: the item and the stored outputs of the stages before
+/// it (a failed item checkpoints them), as the envelope. `None` if the item is gone.
+pub fn stage_input(pipeline: &Pipeline, item: ItemRef, stage: &str) -> Result<Option<String>> {
+    let store = pipeline.store();
+    let Some(input) = store.item(item.job_id, item.index)? else {
+        return Ok(None);
+    };
+    let mut outputs = Vec::new();
+    for earlier in pipeline.stages.iter().map(|s| s.config.name.as_str()) {
+        if earlier == stage {
+            break;
+        }
+        if let Some(output) = store.stage_output(item.job_id, item.index, earlier)? {
+            outputs.push((earlier, output.to_vec()));
+        }
+    }
+    Ok(Some(envelope(&input, &outputs)))
 }
 
 /// `{"item":<input>,"stages":{"<name>":<output>,...}}`.

@@ -11,7 +11,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{ItemHooks, ItemLimits, RunSettings, StageUpdate, run_job};
+use super::{ItemHooks, ItemLimits, ItemRef, RunSettings, StageUpdate, run_item, run_job};
 use crate::events::{Entry, Event, EventLog};
 use crate::pipeline::Pipeline;
 use crate::store::{ItemResult, ItemStatus, JobRecord, JobState};
@@ -57,6 +57,16 @@ const DEFAULT_PREVIEW_CHARS: usize = 3000;
 pub struct Idempotency {
     pub key: String,
     pub request_digest: String,
+}
+
+/// What a reprocess request did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reprocess {
+    /// This many dead letters are being run again.
+    Started(usize),
+    /// The job is running (or being reprocessed): wait for it to end.
+    Running,
+    UnknownJob,
 }
 
 /// What a submission did.
@@ -228,6 +238,7 @@ impl JobManager {
                 result.index,
                 result.status == ItemStatus::Succeeded,
                 preview(result, preview_chars),
+                false,
             ) {
                 tracing::error!(job = %id, error = %format!("{error:#}"), "cannot append an item event");
             }
@@ -299,10 +310,140 @@ impl JobManager {
                     result.index,
                     result.status == ItemStatus::Succeeded,
                     preview(&result, preview_chars),
+                    false,
                 )?;
             }
         }
         Ok(())
+    }
+
+    /// Run dead letters of a finished job again, from their failed stage, reusing the outputs
+    /// of the stages before it: those at `indices`, or all of the job's. Each gets a new result
+    /// and an `item.finished` event, then the job a new `job.completed` with its new counts.
+    pub fn reprocess(
+        self: &Arc<Self>,
+        job_id: Uuid,
+        indices: Option<Vec<u64>>,
+    ) -> Result<Reprocess> {
+        let store = self.pipeline.store().clone();
+        let Some(mut job) = store.job(job_id)? else {
+            return Ok(Reprocess::UnknownJob);
+        };
+        if self.is_running(job_id) || job.state == JobState::Running {
+            return Ok(Reprocess::Running);
+        }
+        let letters: Vec<u64> = match indices {
+            Some(indices) => {
+                let mut found = Vec::with_capacity(indices.len());
+                for index in indices {
+                    if store.dead_letter(job_id, index)?.is_some() {
+                        found.push(index);
+                    }
+                }
+                found
+            }
+            None => store
+                .dead_letters(Some(job_id), None)
+                .map(|letter| letter.map(|l| l.index))
+                .collect::<Result<_>>()?,
+        };
+        if letters.is_empty() {
+            return Ok(Reprocess::Started(0));
+        }
+        let started = letters.len();
+        job.state = JobState::Running;
+        job.finished_at = None;
+        store.put_job(&job)?;
+        let cancel = CancellationToken::new();
+        self.running
+            .lock()
+            .expect("not poisoned")
+            .insert(job_id, cancel.clone());
+        let manager = self.clone();
+        let mut tasks = self.tasks.lock().expect("not poisoned");
+        tasks.spawn(async move {
+            if let Err(error) = manager.run_reprocess(job, letters, cancel).await {
+                tracing::error!(job = %job_id, error = %format!("{error:#}"), "reprocessing failed");
+            }
+            manager.running.lock().expect("not poisoned").remove(&job_id);
+            manager.events.release(job_id);
+        });
+        Ok(Reprocess::Started(started))
+    }
+
+    async fn run_reprocess(
+        &self,
+        mut job: JobRecord,
+        letters: Vec<u64>,
+        cancel: CancellationToken,
+    ) -> Result<()> {
+        use futures::StreamExt;
+        let store = self.pipeline.store().clone();
+        let preview_chars = job.options.preview_chars.unwrap_or(DEFAULT_PREVIEW_CHARS);
+        let concurrency = job
+            .options
+            .concurrency
+            .unwrap_or(self.pipeline.config.run.concurrency);
+        let limits = ItemLimits {
+            stage_timeout: job.options.stage_timeout_ms.map(Duration::from_millis),
+            item_timeout: job
+                .options
+                .item_timeout_ms
+                .or(self.pipeline.config.run.item_timeout_ms)
+                .map(Duration::from_millis),
+        };
+        let passed = std::sync::atomic::AtomicU64::new(0);
+        let outcomes = futures::stream::iter(letters)
+            .map(|index| {
+                let (store, cancel, job, passed) = (&store, &cancel, &job, &passed);
+                async move {
+                    let Some(input) = store.item(job.id, index)? else {
+                        return Ok(());
+                    };
+                    if cancel.is_cancelled() {
+                        return Ok(());
+                    }
+                    let item = ItemRef {
+                        job_id: job.id,
+                        item_id: job.item_id(index),
+                        index,
+                    };
+                    let hooks = ItemHooks::default();
+                    let result =
+                        run_item(&self.pipeline, item, input, true, limits, cancel, &hooks).await?;
+                    let succeeded = result.status == ItemStatus::Succeeded;
+                    if succeeded {
+                        passed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    self.events.append_item(
+                        job.id,
+                        index,
+                        succeeded,
+                        preview(&result, preview_chars),
+                        true,
+                    )?;
+                    anyhow::Ok(())
+                }
+            })
+            .buffer_unordered(concurrency.max(1))
+            .collect::<Vec<Result<()>>>()
+            .await;
+        let passed = passed.into_inner();
+        job.succeeded += passed;
+        job.failed = job.failed.saturating_sub(passed);
+        job.state = JobState::Completed;
+        job.finished_at = Some(crate::store::now_ms());
+        store.put_job(&job)?;
+        self.events.append(
+            job.id,
+            &Event::JobCompleted {
+                succeeded: job.succeeded,
+                failed: job.failed,
+                total: job.total,
+            },
+        )?;
+        store.flush().await?;
+        outcomes.into_iter().collect()
     }
 
     /// Stop a running job: no new stage starts, running guests are interrupted.

@@ -1,6 +1,8 @@
 //! Running jobs: each item through every stage ([`item`]), items of a job under a concurrency
-//! limit ([`batch`]), and emitted effects in the background ([`effects`]).
+//! limit ([`batch`]), emitted effects in the background ([`effects`]), dead letters run again
+//! on a timer ([`auto_reprocess`]), old jobs removed ([`retention`]).
 
+pub mod auto_reprocess;
 pub mod batch;
 pub mod effects;
 pub mod item;
@@ -9,5 +11,5 @@ pub mod retention;
 
 pub use batch::{JobOutcome, RunSettings, run_job};
 pub use effects::EffectRunner;
-pub use item::{ItemHooks, ItemLimits, ItemRef, StageSink, StageUpdate, run_item};
-pub use manager::{CancelOutcome, Idempotency, JobManager, JobOptions, Submitted};
+pub use item::{ItemHooks, ItemLimits, ItemRef, StageSink, StageUpdate, run_item, stage_input};
+pub use manager::{CancelOutcome, Idempotency, JobManager, JobOptions, Reprocess, Submitted};

@@ -10,10 +10,12 @@
 //! | `effects_pending` | same as `effects`                 | empty: effects not yet run    |
 //! | `records`         | collection, 0, key                | a handler's record JSON       |
 //! | `idempotency`     | a client's idempotency key        | the job id it names           |
+//! | `dead_letters`    | job id, index                     | [`DeadLetter`] JSON           |
 //!
 //! Big-endian indexes make sled's key order the item order, so results stream in order and a
 //! page after index N is a range scan, whatever the job's size.
 
+mod dead_letters;
 mod effects;
 pub(crate) mod keys;
 mod model;
@@ -27,6 +29,7 @@ use serde::Serialize;
 use sled::{Batch, IVec, Tree};
 use uuid::Uuid;
 
+pub use dead_letters::DeadLetter;
 pub use effects::{EffectRecord, EffectState, EmitOutcome};
 pub use model::{
     Attempt, ItemError, ItemResult, ItemStatus, JobRecord, JobState, StageRun, item_id, now_ms,
@@ -51,6 +54,7 @@ pub struct Store {
     effects_pending: Tree,
     records: Tree,
     idempotency: Tree,
+    dead_letters: Tree,
     flusher: Arc<Flusher>,
 }
 
@@ -87,6 +91,7 @@ impl Store {
             effects_pending: tree("effects_pending")?,
             records: tree("records")?,
             idempotency: tree("idempotency")?,
+            dead_letters: tree("dead_letters")?,
             flusher: Arc::default(),
             db,
         })
@@ -169,6 +174,11 @@ impl Store {
     }
 
     /// A job's items in index order, read lazily from sled.
+    /// One item as submitted.
+    pub fn item(&self, job: Uuid, index: u64) -> Result<Option<IVec>> {
+        Ok(self.items.get(keys::item(job, index))?)
+    }
+
     pub fn items(&self, job: Uuid) -> impl Iterator<Item = Result<(u64, IVec)>> + Send + use<> {
         self.items.scan_prefix(job.as_bytes()).map(|entry| {
             let (key, value) = entry?;
@@ -239,14 +249,19 @@ impl Store {
         self.results.range(start..end).map(|entry| parse(&entry?.1))
     }
 
-    /// Remove a job and everything stored under it (items, checkpoints, results). Effects and
+    /// Remove a job and everything stored under it (items, checkpoints, results, dead letters). Effects and
     /// handler records stay: they belong to the domain (an ownership outlives the scan that
     /// granted it) and their keys keep effects idempotent.
     pub fn delete_job(&self, job: Uuid) -> Result<()> {
         if let Some(key) = self.job(job)?.and_then(|j| j.idempotency_key) {
             self.idempotency.remove(key.as_bytes())?;
         }
-        for tree in [&self.items, &self.stage_outputs, &self.results] {
+        for tree in [
+            &self.items,
+            &self.stage_outputs,
+            &self.results,
+            &self.dead_letters,
+        ] {
             remove_prefix(tree, job.as_bytes())?;
         }
         self.jobs.remove(job.as_bytes())?;

@@ -1,0 +1,169 @@
+//! Dead letters: list, inspect, reprocess and discard items whose failed stage ran out of tries.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use super::{ApiError, App, job_id};
+use crate::jobs::{ItemRef, Reprocess, stage_input};
+use crate::store::item_id;
+
+const MAX_PAGE: usize = 1000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    job: Option<Uuid>,
+    stage: Option<String>,
+    /// Keyset: the `next_after` of the previous page (`JOB/INDEX`).
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+fn cursor(raw: &str) -> Result<(Uuid, u64), ApiError> {
+    raw.split_once('/')
+        .and_then(|(job, index)| Some((job.parse().ok()?, index.parse().ok()?)))
+        .ok_or_else(|| ApiError::BadRequest(format!("`after` must be JOB/INDEX, not {raw:?}")))
+}
+
+/// `GET /v1/dead-letters?job=&stage=&after=&limit=`, in (job, index) order.
+pub async fn list(
+    State(app): State<Arc<App>>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = query?;
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::BadRequest(format!(
+            "`limit` must be 1 to {MAX_PAGE}, not {limit}"
+        )));
+    }
+    let after = q.after.as_deref().map(cursor).transpose()?;
+    let mut letters = Vec::with_capacity(limit);
+    for letter in app.store.dead_letters(q.job, after) {
+        let letter = letter?;
+        if q.stage.as_ref().is_some_and(|s| *s != letter.stage) {
+            continue;
+        }
+        letters.push(letter);
+        if letters.len() == limit {
+            break;
+        }
+    }
+    let next_after = (letters.len() == limit)
+        .then(|| letters.last().map(|l| format!("{}/{}", l.job_id, l.index)))
+        .flatten();
+    Ok(Json(
+        json!({ "dead_letters": letters, "next_after": next_after }),
+    ))
+}
+
+fn index_of(raw: &str) -> Result<u64, ApiError> {
+    raw.parse()
+        .map_err(|_| ApiError::NotFound(format!("{raw:?} is not an item index")))
+}
+
+/// `GET /v1/dead-letters/{job}/{index}`: the letter and the failed stage's input.
+pub async fn inspect(
+    State(app): State<Arc<App>>,
+    Path((raw_job, raw_index)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let (job, index) = (job_id(&raw_job)?, index_of(&raw_index)?);
+    let letter = app.store.dead_letter(job, index)?.ok_or_else(|| {
+        ApiError::NotFound(format!("no dead letter for item {index} of job {job}"))
+    })?;
+    let item = ItemRef {
+        job_id: job,
+        item_id: item_id(job, index),
+        index,
+    };
+    let input = stage_input(app.jobs.pipeline(), item, &letter.stage)?
+        .map(RawValue::from_string)
+        .transpose()
+        .map_err(anyhow::Error::from)?;
+    let mut body = serde_json::to_value(&letter).map_err(anyhow::Error::from)?;
+    body["input"] = serde_json::to_value(input).map_err(anyhow::Error::from)?;
+    Ok(Json(body))
+}
+
+/// `DELETE /v1/dead-letters/{job}/{index}`: give up on the item (its failed result stays).
+pub async fn discard(
+    State(app): State<Arc<App>>,
+    Path((raw_job, raw_index)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let (job, index) = (job_id(&raw_job)?, index_of(&raw_index)?);
+    if app.store.remove_dead_letter(job, index)? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound(format!(
+            "no dead letter for item {index} of job {job}"
+        )))
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ReprocessRequest {
+    /// The items to run again; all of the job's dead letters when absent.
+    indices: Option<Vec<u64>>,
+}
+
+/// `POST /v1/jobs/{id}/reprocess` with `{"indices": [...]}` or `{}` for all.
+pub async fn reprocess(
+    State(app): State<Arc<App>>,
+    Path(raw): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let job = job_id(&raw)?;
+    // The body is optional: none at all means every dead letter of the job.
+    let request: ReprocessRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        ReprocessRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::BadRequest(format!(
+                "the body must be {{\"indices\": [...]}} or empty: {e}"
+            ))
+        })?
+    };
+    start(&app, job, request.indices)
+}
+
+/// `POST /v1/dead-letters/{job}/{index}/reprocess`: one item.
+pub async fn reprocess_one(
+    State(app): State<Arc<App>>,
+    Path((raw_job, raw_index)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let (job, index) = (job_id(&raw_job)?, index_of(&raw_index)?);
+    if app.store.dead_letter(job, index)?.is_none() {
+        return Err(ApiError::NotFound(format!(
+            "no dead letter for item {index} of job {job}"
+        )));
+    }
+    start(&app, job, Some(vec![index]))
+}
+
+fn start(app: &App, job: Uuid, indices: Option<Vec<u64>>) -> Result<Response, ApiError> {
+    match app.jobs.reprocess(job, indices)? {
+        Reprocess::Started(n) => Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({
+                "job_id": job,
+                "reprocessing": n,
+                "events_url": format!("/v1/jobs/{job}/events"),
+            })),
+        )
+            .into_response()),
+        Reprocess::Running => Err(ApiError::Conflict(format!(
+            "job {job} is running; reprocess its dead letters once it has ended"
+        ))),
+        Reprocess::UnknownJob => Err(ApiError::NotFound(format!("no job {job}"))),
+    }
+}

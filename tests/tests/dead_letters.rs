@@ -1,0 +1,264 @@
+//! Dead letters and idempotent submission over real HTTP: items whose `answer` stage times out
+//! on every try become dead letters; after the provider recovers, reprocessing resumes them at
+//! `answer` with the stored `vision` and `rule` outputs.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use reqwest::blocking::Client;
+use serde_json::{Value, json};
+use stagehand_tests::{MockLlm, Server, binary, eco_items, read_frames, repo_root};
+
+fn client() -> Client {
+    Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+/// The eco-scan pipeline with absolute paths and an `answer` stage that gives up after two
+/// tries of 300 ms each.
+fn pipeline(dir: &Path) -> String {
+    let root = repo_root().display().to_string();
+    let text = std::fs::read_to_string(repo_root().join("examples/eco-scan/pipeline.toml"))
+        .unwrap()
+        .replace("\"../../target/", &format!("\"{root}/target/"))
+        .replace("file = \"", &format!("file = \"{root}/examples/eco-scan/"))
+        .replace(
+            "name = \"answer\"\n",
+            "name = \"answer\"\ntimeout_ms = 300\nmax_attempts = 2\nbackoff_ms = 50\n",
+        );
+    let path = dir.join("pipeline.toml");
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+fn serve(mock: &MockLlm, data: &Path) -> Server {
+    let pipeline = pipeline(data);
+    let data = data.display().to_string();
+    let llm = mock.base_url();
+    Server::start(
+        &binary("stagehand"),
+        &[
+            "serve",
+            &pipeline,
+            "--addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data,
+            "--llm-base-url",
+            &llm,
+        ],
+    )
+    .expect("stagehand serve starts")
+}
+
+fn get(server: &Server, path: &str) -> (StatusCode, Value) {
+    let response = client().get(server.url(path)).send().unwrap();
+    let status = response.status();
+    (status, response.json().unwrap_or(Value::Null))
+}
+
+fn post(server: &Server, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+    let mut request = client().post(server.url(path));
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().unwrap();
+    let status = response.status();
+    (status, response.json().unwrap_or(Value::Null))
+}
+
+fn wait_until_ended(server: &Server, job: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, status) = get(server, &format!("/v1/jobs/{job}"));
+        if status["state"] != "running" {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "job {job} did not end");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn dead_letters_are_listed_inspected_discarded_and_reprocessed_from_the_failed_stage() {
+    // Vision answers at once; text answers take a second, past the answer stage's 300 ms.
+    let mock = MockLlm::start(&["--latency-ms", "1000", "--vision-latency-ms", "0"]);
+    let data = tempfile::tempdir().unwrap();
+    let server = serve(&mock, data.path());
+    let items = eco_items(4);
+    let body = json!({ "items": items, "options": { "concurrency": 4 } });
+
+    // Idempotent submission: the same key and body is the same job; another body conflicts.
+    let submit = |body: &Value| {
+        let response = client()
+            .post(server.url("/v1/jobs"))
+            .header("Idempotency-Key", "batch-2026-11-22")
+            .json(body)
+            .send()
+            .unwrap();
+        let status = response.status();
+        (status, response.json::<Value>().unwrap())
+    };
+    let (status, first) = submit(&body);
+    assert_eq!(status, StatusCode::ACCEPTED, "{first}");
+    let job = first["job_id"].as_str().unwrap().to_string();
+    let (status, again) = submit(&body);
+    assert_eq!(
+        (status, again["job_id"].as_str()),
+        (StatusCode::OK, Some(job.as_str()))
+    );
+    let (status, conflict) = submit(&json!({ "items": eco_items(2) }));
+    assert_eq!(status, StatusCode::CONFLICT, "{conflict}");
+    assert!(
+        conflict["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&job)
+    );
+
+    let ended = wait_until_ended(&server, &job);
+    assert_eq!(
+        (ended["succeeded"].as_u64(), ended["failed"].as_u64()),
+        (Some(0), Some(4))
+    );
+
+    // Listed, filtered by stage, paged.
+    let (_, page) = get(&server, &format!("/v1/dead-letters?job={job}&limit=3"));
+    let letters = page["dead_letters"].as_array().unwrap();
+    assert_eq!(letters.len(), 3);
+    for (i, letter) in letters.iter().enumerate() {
+        assert_eq!(
+            (
+                letter["index"].as_u64(),
+                letter["stage"].as_str(),
+                letter["error"]["kind"].as_str()
+            ),
+            (Some(i as u64), Some("answer"), Some("timeout")),
+            "{letter}"
+        );
+        assert_eq!(
+            letter["error"]["attempts"].as_array().unwrap().len(),
+            2,
+            "{letter}"
+        );
+    }
+    let after = page["next_after"].as_str().unwrap();
+    let (_, rest) = get(
+        &server,
+        &format!("/v1/dead-letters?job={job}&after={after}"),
+    );
+    assert_eq!(rest["dead_letters"][0]["index"], 3);
+    let (_, none) = get(&server, &format!("/v1/dead-letters?job={job}&stage=vision"));
+    assert!(none["dead_letters"].as_array().unwrap().is_empty());
+
+    // Inspected: the failed stage's input is the item and the outputs before it.
+    let (status, letter) = get(&server, &format!("/v1/dead-letters/{job}/1"));
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(letter["input"]["item"], items[1]);
+    let stages: Vec<&str> = letter["input"]["stages"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(stages, ["rule", "vision"]);
+
+    // Discarded: gone, and a second discard is a 404.
+    let discard = || {
+        client()
+            .delete(server.url(&format!("/v1/dead-letters/{job}/3")))
+            .send()
+            .unwrap()
+            .status()
+    };
+    assert_eq!(discard(), StatusCode::NO_CONTENT);
+    assert_eq!(discard(), StatusCode::NOT_FOUND);
+
+    // The provider recovers; all of the job's dead letters run again from `answer`.
+    let fast = json!({ "latency_ms": 0, "vision_latency_ms": 0, "jitter_ms": 0, "rate_429": 0.0,
+        "retry_after_s": 1, "rate_500": 0.0, "rate_hang": 0.0, "seed": 42 });
+    let response = client()
+        .post(format!("http://{}/admin/config", mock.address))
+        .json(&fast)
+        .send()
+        .unwrap();
+    assert!(response.status().is_success());
+    let vision_before = mock.stats()["vision"].as_u64().unwrap();
+    let (status, started) = post(&server, &format!("/v1/jobs/{job}/reprocess"), None);
+    assert_eq!(
+        (status, started["reprocessing"].as_u64()),
+        (StatusCode::ACCEPTED, Some(3)),
+        "{started}"
+    );
+    let ended = wait_until_ended(&server, &job);
+    assert_eq!(
+        (ended["succeeded"].as_u64(), ended["failed"].as_u64()),
+        (Some(3), Some(1))
+    );
+    assert_eq!(
+        mock.stats()["vision"].as_u64().unwrap(),
+        vision_before,
+        "no stage before the failed one ran again"
+    );
+    let (_, page) = get(&server, &format!("/v1/jobs/{job}/results?limit=10"));
+    let results = page["results"].as_array().unwrap();
+    for result in &results[..3] {
+        assert_eq!(result["status"], "succeeded", "{result}");
+        let reused: Vec<bool> = result["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["reused"].as_bool().unwrap_or(false))
+            .collect();
+        assert_eq!(reused, [true, true, false, false], "{result}");
+    }
+    assert_eq!(results[3]["status"], "failed");
+    let (_, left) = get(&server, &format!("/v1/dead-letters?job={job}"));
+    assert!(
+        left["dead_letters"].as_array().unwrap().is_empty(),
+        "{left}"
+    );
+
+    // The job's log goes on after its first end: the reprocessed items, then a new end.
+    let response = client()
+        .get(server.url(&format!("/v1/jobs/{job}/events?max_items=1")))
+        .send()
+        .unwrap();
+    let frames = read_frames(response, |_| false);
+    let ids: Vec<u64> = frames.iter().map(|f| f.id.unwrap()).collect();
+    assert_eq!(ids, (1..=ids.len() as u64).collect::<Vec<_>>());
+    let ends: Vec<&Value> = frames
+        .iter()
+        .filter(|f| f.event == "job.completed")
+        .map(|f| &f.data)
+        .collect();
+    assert_eq!(ends.len(), 2);
+    assert_eq!(
+        (ends[1]["succeeded"].as_u64(), ends[1]["failed"].as_u64()),
+        (Some(3), Some(1))
+    );
+    assert_eq!(frames.last().unwrap().event, "job.completed");
+
+    // Nothing left to do, and unknown jobs.
+    let (status, nothing) = post(
+        &server,
+        &format!("/v1/jobs/{job}/reprocess"),
+        Some(json!({})),
+    );
+    assert_eq!(
+        (status, nothing["reprocessing"].as_u64()),
+        (StatusCode::ACCEPTED, Some(0))
+    );
+    let unknown = "0190f5d2-0000-7000-8000-000000000000";
+    let (status, _) = post(&server, &format!("/v1/jobs/{unknown}/reprocess"), None);
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = post(
+        &server,
+        &format!("/v1/jobs/{job}/reprocess"),
+        Some(json!({"all": 1})),
+    );
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
