@@ -230,6 +230,19 @@ fn dead_letters_are_listed_inspected_discarded_and_reprocessed_from_the_failed_s
     let frames = read_frames(response, |_| false);
     let ids: Vec<u64> = frames.iter().map(|f| f.id.unwrap()).collect();
     assert_eq!(ids, (1..=ids.len() as u64).collect::<Vec<_>>());
+    // Every failed try that was retried is in the log, whatever the job's detail level.
+    let retries: Vec<(u64, u64)> = frames
+        .iter()
+        .filter(|f| f.event == "item.stage" && f.data["status"] == "retrying")
+        .map(|f| {
+            (
+                f.data["index"].as_u64().unwrap(),
+                f.data["attempt"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(retries.len(), 4, "{retries:?}");
+    assert!(retries.iter().all(|&(_, attempt)| attempt == 1));
     let ends: Vec<&Value> = frames
         .iter()
         .filter(|f| f.event == "job.completed")

@@ -256,6 +256,27 @@ fn kill_9_at_random_moments_loses_nothing_and_repeats_no_effect() {
 }
 
 #[test]
+fn a_job_answered_202_survives_a_kill_9_right_after_the_answer() {
+    const ITEMS: usize = 50;
+    let mock = MockLlm::start(&[]);
+    let data = tempfile::tempdir().unwrap();
+    let mut server = serve_eco_scan(&mock, data.path(), &[]);
+    let job = submit(&server, eco_items(ITEMS), json!({}));
+    server.child().kill().unwrap();
+    server.child().wait().unwrap();
+
+    let server = serve_eco_scan(&mock, data.path(), &[]);
+    let (total, state) = {
+        let status = status(&server, &job);
+        (status["total"].as_u64(), status["state"].clone())
+    };
+    assert_eq!(total, Some(ITEMS as u64), "the accepted job is there");
+    assert!(state == "running" || state == "completed", "{state}");
+    wait_until_done(&server, &job, Duration::from_secs(60));
+    assert_nothing_lost_nothing_twice(&server, &job, ITEMS);
+}
+
+#[test]
 fn sigterm_mid_job_then_restart_loses_nothing() {
     const ITEMS: usize = 300;
     let mock = MockLlm::start(&["--latency-ms", "50"]);
