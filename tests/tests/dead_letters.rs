@@ -34,24 +34,34 @@ fn pipeline(dir: &Path) -> String {
     path.display().to_string()
 }
 
-fn serve(mock: &MockLlm, data: &Path) -> Server {
+fn serve(mock: &MockLlm, data: &Path, extra: &[&str]) -> Server {
     let pipeline = pipeline(data);
     let data = data.display().to_string();
     let llm = mock.base_url();
-    Server::start(
-        &binary("stagehand"),
-        &[
-            "serve",
-            &pipeline,
-            "--addr",
-            "127.0.0.1:0",
-            "--data-dir",
-            &data,
-            "--llm-base-url",
-            &llm,
-        ],
-    )
-    .expect("stagehand serve starts")
+    let mut args = vec![
+        "serve",
+        &pipeline,
+        "--addr",
+        "127.0.0.1:0",
+        "--data-dir",
+        &data,
+        "--llm-base-url",
+        &llm,
+    ];
+    args.extend_from_slice(extra);
+    Server::start(&binary("stagehand"), &args).expect("stagehand serve starts")
+}
+
+/// Make the mock answer at once, without faults.
+fn recover(mock: &MockLlm) {
+    let fast = json!({ "latency_ms": 0, "vision_latency_ms": 0, "jitter_ms": 0, "rate_429": 0.0,
+        "retry_after_s": 1, "rate_500": 0.0, "rate_hang": 0.0, "seed": 42 });
+    let response = client()
+        .post(format!("http://{}/admin/config", mock.address))
+        .json(&fast)
+        .send()
+        .unwrap();
+    assert!(response.status().is_success());
 }
 
 fn get(server: &Server, path: &str) -> (StatusCode, Value) {
@@ -87,7 +97,7 @@ fn dead_letters_are_listed_inspected_discarded_and_reprocessed_from_the_failed_s
     // Vision answers at once; text answers take a second, past the answer stage's 300 ms.
     let mock = MockLlm::start(&["--latency-ms", "1000", "--vision-latency-ms", "0"]);
     let data = tempfile::tempdir().unwrap();
-    let server = serve(&mock, data.path());
+    let server = serve(&mock, data.path(), &[]);
     let items = eco_items(4);
     let body = json!({ "items": items, "options": { "concurrency": 4 } });
 
@@ -178,14 +188,7 @@ fn dead_letters_are_listed_inspected_discarded_and_reprocessed_from_the_failed_s
     assert_eq!(discard(), StatusCode::NOT_FOUND);
 
     // The provider recovers; all of the job's dead letters run again from `answer`.
-    let fast = json!({ "latency_ms": 0, "vision_latency_ms": 0, "jitter_ms": 0, "rate_429": 0.0,
-        "retry_after_s": 1, "rate_500": 0.0, "rate_hang": 0.0, "seed": 42 });
-    let response = client()
-        .post(format!("http://{}/admin/config", mock.address))
-        .json(&fast)
-        .send()
-        .unwrap();
-    assert!(response.status().is_success());
+    recover(&mock);
     let vision_before = mock.stats()["vision"].as_u64().unwrap();
     let (status, started) = post(&server, &format!("/v1/jobs/{job}/reprocess"), None);
     assert_eq!(
@@ -274,4 +277,32 @@ fn dead_letters_are_listed_inspected_discarded_and_reprocessed_from_the_failed_s
         Some(json!({"all": 1})),
     );
     assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[test]
+fn retryable_dead_letters_are_reprocessed_on_a_timer() {
+    let mock = MockLlm::start(&["--latency-ms", "1000", "--vision-latency-ms", "0"]);
+    let data = tempfile::tempdir().unwrap();
+    let server = serve(&mock, data.path(), &["--reprocess-every-secs", "1"]);
+    let (status, body) = post(&server, "/v1/jobs", Some(json!({ "items": eco_items(2) })));
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let job = body["job_id"].as_str().unwrap().to_string();
+    let ended = wait_until_ended(&server, &job);
+    assert_eq!(ended["failed"].as_u64(), Some(2), "{ended}");
+
+    recover(&mock);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, status) = get(&server, &format!("/v1/jobs/{job}"));
+        if status["state"] == "completed" && status["succeeded"] == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not reprocessed: {status}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (_, left) = get(&server, &format!("/v1/dead-letters?job={job}"));
+    assert!(
+        left["dead_letters"].as_array().unwrap().is_empty(),
+        "{left}"
+    );
 }
