@@ -11,13 +11,12 @@
 //! - `million`: one job of N pass-through items; measured: the server's RSS when 10,000 and when
 //!   N items are done, and the latency of result pages at the start and at the end of the job.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
-use stagehand_tests::{MockLlm, Server, binary, repo_root};
+use stagehand_tests::{MockLlm, repo_root, serve};
 use tokio::sync::Barrier;
 
 fn arg(name: &str) -> Option<String> {
@@ -70,25 +69,6 @@ fn cpu_secs(pid: u32) -> f64 {
         .collect();
     let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
     ticks / 100.0
-}
-
-fn serve(pipeline: &Path, data: &Path, mock: Option<&MockLlm>, extra: &[&str]) -> Server {
-    let pipeline = pipeline.display().to_string();
-    let data = data.display().to_string();
-    let mut args = vec![
-        "serve",
-        &pipeline,
-        "--addr",
-        "127.0.0.1:0",
-        "--data-dir",
-        &data,
-    ];
-    let base_url = mock.map(MockLlm::base_url);
-    if let Some(url) = &base_url {
-        args.extend(["--llm-base-url", url]);
-    }
-    args.extend_from_slice(extra);
-    Server::start(&binary("stagehand"), &args).expect("stagehand serve starts")
 }
 
 fn client() -> reqwest::Client {

@@ -116,14 +116,10 @@ impl MockLlm {
     }
 }
 
-/// `stagehand serve` of the eco-scan example against `mock`, its store in `data`.
-pub fn serve_eco_scan(mock: &MockLlm, data: &Path, extra: &[&str]) -> Server {
-    let pipeline = repo_root().join("examples/eco-scan/pipeline.toml");
-    let (pipeline, data, llm) = (
-        pipeline.display().to_string(),
-        data.display().to_string(),
-        mock.base_url(),
-    );
+/// `stagehand serve <pipeline>` on a free port, its store in `data`, its LLM calls to `mock`.
+pub fn serve(pipeline: &Path, data: &Path, mock: Option<&MockLlm>, extra: &[&str]) -> Server {
+    let (pipeline, data) = (pipeline.display().to_string(), data.display().to_string());
+    let llm = mock.map(MockLlm::base_url);
     let mut args = vec![
         "serve",
         &pipeline,
@@ -131,11 +127,38 @@ pub fn serve_eco_scan(mock: &MockLlm, data: &Path, extra: &[&str]) -> Server {
         "127.0.0.1:0",
         "--data-dir",
         &data,
-        "--llm-base-url",
-        &llm,
     ];
+    if let Some(llm) = &llm {
+        args.extend(["--llm-base-url", llm]);
+    }
     args.extend_from_slice(extra);
     Server::start(&binary("stagehand"), &args).expect("stagehand serve starts")
+}
+
+/// [`serve`] of the eco-scan example.
+pub fn serve_eco_scan(mock: &MockLlm, data: &Path, extra: &[&str]) -> Server {
+    let pipeline = repo_root().join("examples/eco-scan/pipeline.toml");
+    serve(&pipeline, data, Some(mock), extra)
+}
+
+/// `stagehand inspect <what>` of the store in `data` (which no server may hold): its JSON lines.
+pub fn inspect(data: &Path, what: &[&str]) -> Vec<serde_json::Value> {
+    let out = Command::new(binary("stagehand"))
+        .arg("inspect")
+        .args(what)
+        .args(["--data-dir", &data.display().to_string()])
+        .output()
+        .expect("stagehand inspect runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 /// `n` eco-scan items, all with known categories, seven users.
@@ -156,6 +179,42 @@ pub fn eco_items(n: usize) -> Vec<serde_json::Value> {
             })
         })
         .collect()
+}
+
+/// A blocking HTTP client for tests, with a generous timeout.
+pub fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(std::time::Duration::from_secs(60))
+        .build()
+        .expect("an HTTP client")
+}
+
+/// `POST /v1/jobs` with `items` and `options`, which must be accepted: the job id.
+pub fn submit_job(
+    server: &Server,
+    items: Vec<serde_json::Value>,
+    options: serde_json::Value,
+) -> String {
+    let response = client()
+        .post(server.url("/v1/jobs"))
+        .json(&serde_json::json!({ "items": items, "options": options }))
+        .send()
+        .expect("the server answers");
+    assert_eq!(response.status(), 202);
+    let body: serde_json::Value = response.json().expect("a JSON answer");
+    let job = body["job_id"].as_str().expect("a job id").to_string();
+    assert_eq!(body["events_url"], format!("/v1/jobs/{job}/events"));
+    job
+}
+
+/// `GET /v1/jobs/{job}`.
+pub fn job_status(server: &Server, job: &str) -> serde_json::Value {
+    client()
+        .get(server.url(&format!("/v1/jobs/{job}")))
+        .send()
+        .expect("the server answers")
+        .json()
+        .expect("a JSON answer")
 }
 
 /// One Server-Sent Events message.

@@ -6,16 +6,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
-use reqwest::blocking::Client;
 use serde_json::{Value, json};
-use stagehand_tests::{MockLlm, Server, binary, eco_items, read_frames, repo_root};
-
-fn client() -> Client {
-    Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap()
-}
+use stagehand_tests::{MockLlm, Server, client, eco_items, read_frames, repo_root};
 
 /// The eco-scan pipeline with absolute paths and an `answer` stage that gives up after two
 /// tries of 300 ms each.
@@ -36,20 +28,7 @@ fn pipeline(dir: &Path) -> String {
 
 fn serve(mock: &MockLlm, data: &Path, extra: &[&str]) -> Server {
     let pipeline = pipeline(data);
-    let data = data.display().to_string();
-    let llm = mock.base_url();
-    let mut args = vec![
-        "serve",
-        &pipeline,
-        "--addr",
-        "127.0.0.1:0",
-        "--data-dir",
-        &data,
-        "--llm-base-url",
-        &llm,
-    ];
-    args.extend_from_slice(extra);
-    Server::start(&binary("stagehand"), &args).expect("stagehand serve starts")
+    stagehand_tests::serve(Path::new(&pipeline), data, Some(mock), extra)
 }
 
 /// Make the mock answer at once, without faults.

@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 
 use base64::Engine;
 use serde_json::Value;
-use stagehand_tests::{MockLlm, binary, repo_root};
+use stagehand_tests::{MockLlm, binary, inspect, repo_root};
 use uuid::Uuid;
 
 fn example(file: &str) -> String {
@@ -30,25 +30,6 @@ fn stagehand(data: &Path, mock: &MockLlm, args: &[&str]) -> Output {
         ])
         .output()
         .expect("stagehand runs")
-}
-
-fn inspect(data: &Path, what: &[&str]) -> Vec<Value> {
-    let out = Command::new(binary("stagehand"))
-        .arg("inspect")
-        .args(what)
-        .args(["--data-dir", &data.display().to_string()])
-        .output()
-        .expect("stagehand inspect runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 fn read_jsonl(path: &Path) -> Vec<Value> {

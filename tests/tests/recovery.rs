@@ -3,19 +3,13 @@
 //! in the middle of a job.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use reqwest::blocking::Client;
 use serde_json::{Value, json};
-use stagehand_tests::{Frame, MockLlm, Server, binary, eco_items, read_frames, serve_eco_scan};
-
-fn client() -> Client {
-    Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap()
-}
+use stagehand_tests::{
+    Frame, MockLlm, Server, client, eco_items, inspect, job_status, read_frames, serve_eco_scan,
+    submit_job,
+};
 
 /// A small deterministic generator for the kill moments; its seed is printed so that a failing
 /// run can be replayed with `STAGEHAND_TEST_SEED`.
@@ -44,26 +38,6 @@ impl Moments {
         self.0 ^= self.0 << 17;
         Duration::from_millis(low + self.0 % (high - low))
     }
-}
-
-fn submit(server: &Server, items: Vec<Value>, options: Value) -> String {
-    let response = client()
-        .post(server.url("/v1/jobs"))
-        .json(&json!({ "items": items, "options": options }))
-        .send()
-        .unwrap();
-    assert_eq!(response.status(), 202);
-    let body: Value = response.json().unwrap();
-    body["job_id"].as_str().unwrap().to_string()
-}
-
-fn status(server: &Server, job: &str) -> Value {
-    client()
-        .get(server.url(&format!("/v1/jobs/{job}")))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap()
 }
 
 /// Every result of `job`, page by page.
@@ -139,36 +113,13 @@ fn assert_nothing_lost_nothing_twice(server: &Server, job: &str, total: usize) {
 
 fn wait_until_done(server: &Server, job: &str, within: Duration) {
     let deadline = Instant::now() + within;
-    while status(server, job)["state"] == "running" {
+    while job_status(server, job)["state"] == "running" {
         assert!(
             Instant::now() < deadline,
             "the job did not finish in {within:?}"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-/// `stagehand inspect effects` on a store no server holds.
-fn effects(data: &Path) -> Vec<Value> {
-    let out = std::process::Command::new(binary("stagehand"))
-        .args([
-            "inspect",
-            "effects",
-            "--data-dir",
-            &data.display().to_string(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 #[test]
@@ -186,14 +137,14 @@ fn kill_9_at_random_moments_loses_nothing_and_repeats_no_effect() {
     // Quick retries, so that the injected 500s are retried within the test's time.
     let start = || serve_eco_scan(&mock, data.path(), &[]);
     let mut server = start();
-    let job = submit(&server, eco_items(ITEMS), json!({ "concurrency": 8 }));
+    let job = submit_job(&server, eco_items(ITEMS), json!({ "concurrency": 8 }));
     let mut moments = Moments::new();
     let mut kills = 0;
     // Frames a client received before a kill: the log after the restarts must say the same.
     let mut seen_before_kills: Vec<Frame> = Vec::new();
     while kills < 3 {
         std::thread::sleep(moments.next_ms(700, 2500));
-        let before = status(&server, &job);
+        let before = job_status(&server, &job);
         if before["state"] != "running" {
             break;
         }
@@ -243,7 +194,7 @@ fn kill_9_at_random_moments_loses_nothing_and_repeats_no_effect() {
     drop(server);
 
     // Each (handler, key) was claimed at most once, whatever was interrupted.
-    let effects = effects(data.path());
+    let effects = inspect(data.path(), &["effects"]);
     assert!(!effects.is_empty());
     for effect in &effects {
         assert!(effect["runs"].as_u64().unwrap() <= 1, "{effect}");
@@ -261,13 +212,13 @@ fn a_job_answered_202_survives_a_kill_9_right_after_the_answer() {
     let mock = MockLlm::start(&[]);
     let data = tempfile::tempdir().unwrap();
     let mut server = serve_eco_scan(&mock, data.path(), &[]);
-    let job = submit(&server, eco_items(ITEMS), json!({}));
+    let job = submit_job(&server, eco_items(ITEMS), json!({}));
     server.child().kill().unwrap();
     server.child().wait().unwrap();
 
     let server = serve_eco_scan(&mock, data.path(), &[]);
     let (total, state) = {
-        let status = status(&server, &job);
+        let status = job_status(&server, &job);
         (status["total"].as_u64(), status["state"].clone())
     };
     assert_eq!(total, Some(ITEMS as u64), "the accepted job is there");
@@ -282,7 +233,7 @@ fn sigterm_mid_job_then_restart_loses_nothing() {
     let mock = MockLlm::start(&["--latency-ms", "50"]);
     let data = tempfile::tempdir().unwrap();
     let mut server = serve_eco_scan(&mock, data.path(), &["--drain-secs", "0"]);
-    let job = submit(&server, eco_items(ITEMS), json!({ "concurrency": 4 }));
+    let job = submit_job(&server, eco_items(ITEMS), json!({ "concurrency": 4 }));
     std::thread::sleep(Duration::from_millis(1500));
     let pid = server.child().id().to_string();
     let term = std::process::Command::new("kill")
@@ -294,7 +245,7 @@ fn sigterm_mid_job_then_restart_loses_nothing() {
     assert!(exit.success(), "{exit}");
 
     let server = serve_eco_scan(&mock, data.path(), &[]);
-    let resumed = status(&server, &job);
+    let resumed = job_status(&server, &job);
     assert_eq!(resumed["state"], "running", "{resumed}");
     assert!(
         resumed["succeeded"].as_u64().unwrap() > 0,

@@ -6,17 +6,12 @@ use std::time::{Duration, Instant};
 
 use reqwest::blocking::{Client, Response};
 use serde_json::{Value, json};
-use stagehand_tests::{Frame, MockLlm, Server, binary, eco_items, read_frames, serve_eco_scan};
+use stagehand_tests::{
+    Frame, MockLlm, Server, client, eco_items, inspect, read_frames, serve_eco_scan, submit_job,
+};
 
 fn serve(mock: &MockLlm, data: &std::path::Path, extra: &[&str]) -> Server {
     serve_eco_scan(mock, data, extra)
-}
-
-fn client() -> Client {
-    Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap()
 }
 
 fn items(n: usize) -> Vec<Value> {
@@ -24,18 +19,7 @@ fn items(n: usize) -> Vec<Value> {
 }
 
 fn submit(server: &Server, items: Vec<Value>, options: Value) -> String {
-    let response = client()
-        .post(server.url("/v1/jobs"))
-        .json(&json!({ "items": items, "options": options }))
-        .send()
-        .unwrap();
-    assert_eq!(response.status(), 202);
-    let body: Value = response.json().unwrap();
-    assert_eq!(
-        body["events_url"],
-        format!("/v1/jobs/{}/events", body["job_id"].as_str().unwrap())
-    );
-    body["job_id"].as_str().unwrap().to_string()
+    submit_job(server, items, options)
 }
 
 fn events(server: &Server, job: &str, query: &str, last_event_id: Option<u64>) -> Response {
@@ -567,25 +551,7 @@ fn sigterm_drains_running_jobs_and_releases_the_store() {
     };
     assert!(status.success(), "{status}");
     // The job ran to its end during the drain, and the store is flushed and free to open.
-    let out = std::process::Command::new(binary("stagehand"))
-        .args([
-            "inspect",
-            "jobs",
-            "--data-dir",
-            &data.path().display().to_string(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let jobs: Vec<Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let jobs = inspect(data.path(), &["jobs"]);
     assert_eq!(jobs.len(), 1);
     assert_eq!(
         (
