@@ -12,11 +12,14 @@
 //!   CPU budgets and cancellation, compile cache, loading components and invoking them in
 //!   fresh stores with memory caps.
 //! - [`capabilities`]: the host side of every WIT import, and the per-invocation store data.
-//! - [`store`]: everything durable, in sled: jobs, items, stage outputs, results, effects.
+//! - [`store`]: everything durable, in sled: jobs, items, stage outputs, results, effects,
+//!   idempotency keys, dead letters; flushes are group-committed.
 //! - [`pipeline`]: a loaded pipeline: components, capabilities, per-stage limits.
-//! - [`jobs`]: running items through stages, jobs under a concurrency limit, effects, and the
-//!   [`jobs::JobManager`] that runs submitted jobs in the background.
-//! - [`events`]: each job's append-only event log in sled, and the SSE view of it.
+//! - [`jobs`]: running items through stages (retries, time limits, dead letters), jobs under a
+//!   concurrency limit, effects, and the [`jobs::JobManager`] that runs submitted jobs in the
+//!   background, resumes them after a restart and reprocesses dead letters.
+//! - [`events`]: each job's append-only event log in sled, published once durable, and the SSE
+//!   view of it.
 //! - [`api`]: the HTTP API (axum).
 //! - [`cli`]: the `stagehand` command.
 //!
