@@ -20,6 +20,7 @@
 //!   background, resumes them after a restart and reprocesses dead letters.
 //! - [`events`]: each job's append-only event log in sled, published once durable, and the SSE
 //!   view of it.
+//! - [`versions`]: stage versions installed while serving (hot swap), kept across restarts.
 //! - [`api`]: the HTTP API (axum).
 //! - [`cli`]: the `stagehand` command.
 //!
@@ -40,3 +41,4 @@ pub mod pipeline;
 pub mod runtime;
 pub mod store;
 pub mod text;
+pub mod versions;

@@ -2,7 +2,7 @@
 //! (LLM client, kv namespaces, store) ready. What the job runner and the server share.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
@@ -25,13 +25,48 @@ pub struct Stage {
     pub config: StageConfig,
     /// Read once at stage entry: a later swap affects the next entry, never a running item.
     current: ArcSwap<StageComponent>,
+    /// Versions swapped out, oldest first, for rollback; at most [`KEPT_VERSIONS`].
+    previous: Mutex<Vec<Arc<StageComponent>>>,
     permits: Option<Semaphore>,
 }
+
+/// Previous versions kept per stage for rollback.
+pub const KEPT_VERSIONS: usize = 5;
 
 impl Stage {
     /// The version to use for an item entering the stage now.
     pub fn current(&self) -> Arc<StageComponent> {
         self.current.load_full()
+    }
+
+    /// Versions that can be rolled back to, newest last.
+    pub fn previous(&self) -> Vec<Arc<StageComponent>> {
+        self.previous.lock().expect("not poisoned").clone()
+    }
+
+    /// Make `version` the one new entries get; items already in the stage finish on theirs.
+    pub fn swap(&self, version: Arc<StageComponent>) {
+        let mut previous = self.previous.lock().expect("not poisoned");
+        let old = self.current.swap(version);
+        previous.push(old);
+        if previous.len() > KEPT_VERSIONS {
+            previous.remove(0);
+        }
+    }
+
+    /// Set the current version and the ones before it (restoring installed versions).
+    pub fn restore(&self, current: Arc<StageComponent>, previous: Vec<Arc<StageComponent>>) {
+        let mut kept = self.previous.lock().expect("not poisoned");
+        *kept = previous;
+        self.current.store(current);
+    }
+
+    /// Go back to the version before the current one; `None` if there is none.
+    pub fn rollback(&self) -> Option<Arc<StageComponent>> {
+        let mut previous = self.previous.lock().expect("not poisoned");
+        let back = previous.pop()?;
+        self.current.store(back.clone());
+        Some(back)
     }
 
     /// Wait for room under the stage's own concurrency limit, if it has one.
@@ -93,6 +128,7 @@ impl Pipeline {
             .map(|(config, component)| Stage {
                 config: config.clone(),
                 current: ArcSwap::new(component),
+                previous: Mutex::default(),
                 permits: config.concurrency.map(Semaphore::new),
             })
             .collect();
@@ -115,5 +151,9 @@ impl Pipeline {
 
     pub fn store(&self) -> &Store {
         &self.caps.store
+    }
+
+    pub fn stage(&self, name: &str) -> Option<&Stage> {
+        self.stages.iter().find(|s| s.config.name == name)
     }
 }

@@ -15,11 +15,16 @@
 //! | `GET /v1/dead-letters/{job}/{i}`   | one, with the failed stage's input                |
 //! | `DELETE /v1/dead-letters/{job}/{i}`| discard                                           |
 //! | `POST /v1/dead-letters/{job}/{i}/reprocess` | run one again                            |
+//! | `GET /v1/stages`                   | current and previous versions of each stage       |
+//! | `PUT /v1/stages/{name}`            | admin: hot swap to the `.wasm` in the body        |
+//! | `POST /v1/stages/{name}/rollback`  | admin: back to the previous version               |
 
+mod auth;
 mod dead_letters;
 mod error;
 mod events;
 mod jobs;
+mod stages;
 
 use std::sync::Arc;
 
@@ -32,6 +37,7 @@ pub use error::ApiError;
 use crate::events::EventLog;
 use crate::jobs::JobManager;
 use crate::store::Store;
+use crate::versions::StageVersions;
 
 /// What the handlers share.
 pub struct App {
@@ -40,6 +46,10 @@ pub struct App {
     pub jobs: Arc<JobManager>,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// Stage versions installed while serving.
+    pub versions: StageVersions,
+    /// Bearer token of the admin routes; `None` turns them off.
+    pub admin_token: Option<String>,
 }
 
 pub fn router(app: Arc<App>) -> Router {
@@ -54,6 +64,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/jobs/{id}/watch", get(watch_page))
         .route("/v1/jobs/{id}/reprocess", post(dead_letters::reprocess))
         .route("/v1/dead-letters", get(dead_letters::list))
+        .route("/v1/stages", get(stages::list))
+        .route("/v1/stages/{name}", axum::routing::put(stages::install))
+        .route("/v1/stages/{name}/rollback", post(stages::rollback))
         .route(
             "/v1/dead-letters/{job}/{index}",
             get(dead_letters::inspect).delete(dead_letters::discard),

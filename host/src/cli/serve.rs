@@ -22,6 +22,7 @@ use crate::events::EventLog;
 use crate::jobs::{EffectRunner, JobManager};
 use crate::pipeline::Pipeline;
 use crate::store::Store;
+use crate::versions::StageVersions;
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -48,6 +49,9 @@ pub struct ServeArgs {
     /// How often the retention sweeper runs.
     #[arg(long, default_value_t = 600)]
     sweep_interval_secs: u64,
+    /// Bearer token of the admin routes (stage upload and rollback); they are off without one.
+    #[arg(long, env = "STAGEHAND_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
     /// Reprocess dead letters whose failure may pass (outages, timeouts) this often
     /// (seed 002 used 300); off when absent.
     #[arg(long)]
@@ -64,6 +68,14 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let store = Store::open(&args.data_dir.join("store"))?;
     let runtime = Pipeline::runtime_for(&config, &args.data_dir)?;
     let pipeline = Pipeline::load(config, runtime, store.clone()).await?;
+    let versions = StageVersions::open(&store, &args.data_dir)?;
+    let restored = versions.restore(&pipeline).await?;
+    if restored > 0 {
+        tracing::info!(
+            restored,
+            "stages run the versions installed before the restart"
+        );
+    }
     let events = EventLog::new(&store)?;
     let jobs = JobManager::new(pipeline.clone(), events.clone());
     // Effects cut short by a crash may have happened: they are not run again (at most once).
@@ -99,6 +111,8 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
         events,
         jobs: jobs.clone(),
         max_body_bytes: args.max_body_mib << 20,
+        versions,
+        admin_token: args.admin_token.filter(|t| !t.is_empty()),
     });
 
     let listener = tokio::net::TcpListener::bind(args.addr)

@@ -1,0 +1,146 @@
+//! Stage versions installed by an operator while the server runs (hot swap), kept so that a
+//! restart serves the same versions: the `.wasm` files in `<data-dir>/stages/<sha256>.wasm`, and
+//! per stage the current digest and the ones before it in the sled tree `stage_versions`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::pipeline::{KEPT_VERSIONS, Pipeline, Stage};
+use crate::runtime::StageComponent;
+use crate::store::Store;
+
+/// What an install did.
+pub struct Installed {
+    pub version: Arc<StageComponent>,
+    /// The version it replaced.
+    pub replaced: String,
+}
+
+/// Why an install was refused: the old version keeps serving.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error("no stage `{0}` in the pipeline")]
+    UnknownStage(String),
+    #[error("{0:#}")]
+    Invalid(anyhow::Error),
+    #[error(transparent)]
+    Host(#[from] anyhow::Error),
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Record {
+    current: String,
+    previous: Vec<String>,
+}
+
+#[derive(Clone)]
+pub struct StageVersions {
+    dir: PathBuf,
+    tree: sled::Tree,
+}
+
+impl StageVersions {
+    pub fn open(store: &Store, data_dir: &std::path::Path) -> Result<Self> {
+        let dir = data_dir.join("stages");
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        Ok(Self {
+            dir,
+            tree: store.tree("stage_versions")?,
+        })
+    }
+
+    /// Validate `bytes` against the `stage` world and compile them (on a blocking thread), keep
+    /// them on disk, then make them the version new entries of stage `name` get.
+    pub async fn install(
+        &self,
+        pipeline: &Pipeline,
+        name: &str,
+        bytes: Vec<u8>,
+    ) -> Result<Installed, InstallError> {
+        let stage = pipeline
+            .stage(name)
+            .ok_or_else(|| InstallError::UnknownStage(name.into()))?;
+        let version = StageComponent::from_bytes(&pipeline.caps.runtime, name, bytes.clone())
+            .await
+            .map_err(InstallError::Invalid)?;
+        let path = self.dir.join(format!("{}.wasm", version.meta.digest));
+        if !path.is_file() {
+            std::fs::write(&path, &bytes)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        let replaced = stage.current().meta.digest.clone();
+        stage.swap(version.clone());
+        self.save(stage)?;
+        Ok(Installed { version, replaced })
+    }
+
+    /// Go back to the version before the current one of stage `name`.
+    pub fn rollback(
+        &self,
+        pipeline: &Pipeline,
+        name: &str,
+    ) -> Result<Option<Arc<StageComponent>>, InstallError> {
+        let stage = pipeline
+            .stage(name)
+            .ok_or_else(|| InstallError::UnknownStage(name.into()))?;
+        let back = stage.rollback();
+        if back.is_some() {
+            self.save(stage)?;
+        }
+        Ok(back)
+    }
+
+    fn save(&self, stage: &Stage) -> Result<()> {
+        let record = Record {
+            current: stage.current().meta.digest.clone(),
+            previous: stage
+                .previous()
+                .iter()
+                .map(|v| v.meta.digest.clone())
+                .collect(),
+        };
+        self.tree
+            .insert(stage.config.name.as_bytes(), serde_json::to_vec(&record)?)?;
+        Ok(())
+    }
+
+    /// At start-up: give each stage the versions an operator installed before the restart. A
+    /// version whose file is gone is skipped (with a warning), never fatal.
+    pub async fn restore(&self, pipeline: &Pipeline) -> Result<usize> {
+        let mut restored = 0;
+        for stage in &pipeline.stages {
+            let Some(raw) = self.tree.get(stage.config.name.as_bytes())? else {
+                continue;
+            };
+            let record: Record = serde_json::from_slice(&raw).context("corrupt stage_versions")?;
+            let from_file = stage.current();
+            if record.current == from_file.meta.digest && record.previous.is_empty() {
+                continue;
+            }
+            let mut chain = Vec::new();
+            for digest in record.previous.iter().chain([&record.current]) {
+                if *digest == from_file.meta.digest {
+                    chain.push(from_file.clone());
+                    continue;
+                }
+                let path = self.dir.join(format!("{digest}.wasm"));
+                match StageComponent::load(&pipeline.caps.runtime, &stage.config.name, &path).await
+                {
+                    Ok(version) => chain.push(version),
+                    Err(error) => {
+                        tracing::warn!(stage = %stage.config.name, %digest, error = %format!("{error:#}"), "an installed version cannot be restored")
+                    }
+                }
+            }
+            let Some(current) = chain.pop() else { continue };
+            let keep = chain.len().saturating_sub(KEPT_VERSIONS);
+            stage.restore(current, chain.split_off(keep));
+            restored += 1;
+        }
+        Ok(restored)
+    }
+}

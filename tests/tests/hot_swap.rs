@@ -1,0 +1,247 @@
+//! Hot swap over real HTTP: the `answer` stage replaced in the middle of a running 1,000-item
+//! job, refused uploads that leave the old version serving, rollback, and installed versions
+//! kept across a restart.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use stagehand_tests::{MockLlm, Server, client, eco_items, job_status, serve_eco_scan, submit_job};
+
+const TOKEN: &str = "s3cret-admin-token";
+
+fn plugin(name: &str) -> Vec<u8> {
+    let dir = std::env::var("STAGEHAND_PLUGINS_DIR").map_or_else(
+        |_| stagehand_tests::repo_root().join("target/wasm32-wasip2/release"),
+        std::path::PathBuf::from,
+    );
+    std::fs::read(dir.join(format!("{name}.wasm"))).expect("the plugins are built")
+}
+
+/// The same component with a custom section appended: another digest, the same behaviour.
+fn renamed(mut wasm: Vec<u8>, tag: &str) -> Vec<u8> {
+    fn leb(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    let name = b"stagehand-test-version";
+    let mut content = Vec::new();
+    leb(name.len(), &mut content);
+    content.extend_from_slice(name);
+    content.extend_from_slice(tag.as_bytes());
+    wasm.push(0); // custom section
+    leb(content.len(), &mut wasm);
+    wasm.extend_from_slice(&content);
+    wasm
+}
+
+fn stages(server: &Server) -> Value {
+    client()
+        .get(server.url("/v1/stages"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap()
+}
+
+/// (current digest, previous digests newest first) of stage `name`.
+fn versions(server: &Server, name: &str) -> (String, Vec<String>) {
+    let all = stages(server);
+    let stage = all["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap()
+        .clone();
+    let previous = stage["previous"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["digest"].as_str().unwrap().to_string())
+        .collect();
+    (
+        stage["current"]["digest"].as_str().unwrap().to_string(),
+        previous,
+    )
+}
+
+fn put_stage(
+    server: &Server,
+    name: &str,
+    token: Option<&str>,
+    wasm: Vec<u8>,
+) -> (StatusCode, Value) {
+    let mut request = client()
+        .put(server.url(&format!("/v1/stages/{name}")))
+        .body(wasm);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().unwrap();
+    let status = response.status();
+    (status, response.json().unwrap_or(Value::Null))
+}
+
+fn wait_until_done(server: &Server, job: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let status = job_status(server, job);
+        if status["state"] != "running" {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "job {job} did not end");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn all_results(server: &Server, job: &str) -> Vec<Value> {
+    let page: Value = client()
+        .get(server.url(&format!("/v1/jobs/{job}/results?limit=1000")))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    page["results"].as_array().unwrap().clone()
+}
+
+fn stage_digest(result: &Value, stage: &str) -> String {
+    result["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stage"] == stage)
+        .unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn the_answer_stage_is_swapped_mid_job_without_failing_an_item_and_rolled_back() {
+    let mock = MockLlm::start(&["--latency-ms", "20"]);
+    let data = tempfile::tempdir().unwrap();
+    let admin = ["--admin-token", TOKEN];
+    let mut server = serve_eco_scan(&mock, data.path(), &admin);
+    let (old, previous) = versions(&server, "answer");
+    assert!(previous.is_empty());
+
+    let job = submit_job(&server, eco_items(1000), json!({ "concurrency": 16 }));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while job_status(&server, &job)["succeeded"].as_u64().unwrap() < 200 {
+        assert!(Instant::now() < deadline, "the job does not progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // Refused uploads: no token, a wrong token, a component of the wrong world.
+    let new_answer = renamed(plugin("answer"), "v2");
+    let (status, _) = put_stage(&server, "answer", None, new_answer.clone());
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = put_stage(&server, "answer", Some("nope"), new_answer.clone());
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, body) = put_stage(&server, "answer", Some(TOKEN), plugin("save_ownership"));
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("missing export `run`"),
+        "{body}"
+    );
+    let (status, _) = put_stage(&server, "no-such-stage", Some(TOKEN), new_answer.clone());
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        versions(&server, "answer").0,
+        old,
+        "the old version still serves"
+    );
+
+    // The swap, while items are in every stage.
+    let swap_sent = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let (status, body) = put_stage(&server, "answer", Some(TOKEN), new_answer);
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let new = body["current"]["digest"].as_str().unwrap().to_string();
+    assert_ne!(new, old);
+    assert_eq!(body["replaced"], old);
+    assert_eq!(
+        versions(&server, "answer"),
+        (new.clone(), vec![old.clone()])
+    );
+
+    let ended = wait_until_done(&server, &job);
+    assert_eq!(
+        (ended["succeeded"].as_u64(), ended["failed"].as_u64()),
+        (Some(1000), Some(0))
+    );
+    let results = all_results(&server, &job);
+    assert_eq!(results.len(), 1000);
+    let (mut on_old, mut on_new) = (0, 0);
+    for result in &results {
+        let digest = stage_digest(result, "answer");
+        let finished = result["finished_at"].as_u64().unwrap();
+        if digest == old {
+            on_old += 1;
+        } else {
+            assert_eq!(digest, new, "{result}");
+            // Only entries after the swap get the new version.
+            assert!(finished >= swap_sent, "{result}");
+            on_new += 1;
+        }
+    }
+    assert!(on_old >= 200 && on_new > 0, "old {on_old}, new {on_new}");
+    let vision: Vec<String> = results.iter().map(|r| stage_digest(r, "vision")).collect();
+    assert!(
+        vision.iter().all(|d| *d == vision[0]),
+        "other stages keep their version"
+    );
+
+    // A restart serves the installed version, with the old one to roll back to.
+    server.child().kill().unwrap();
+    server.child().wait().unwrap();
+    let server = serve_eco_scan(&mock, data.path(), &admin);
+    assert_eq!(
+        versions(&server, "answer"),
+        (new.clone(), vec![old.clone()])
+    );
+
+    // Rollback: the old digest again, for new items too; nothing left to roll back to.
+    let rollback = || {
+        let response = client()
+            .post(server.url("/v1/stages/answer/rollback"))
+            .bearer_auth(TOKEN)
+            .send()
+            .unwrap();
+        let status = response.status();
+        (status, response.json::<Value>().unwrap())
+    };
+    let (status, body) = rollback();
+    assert_eq!(
+        (status, body["current"]["digest"].as_str()),
+        (StatusCode::OK, Some(old.as_str()))
+    );
+    assert_eq!(versions(&server, "answer").0, old);
+    let one = submit_job(&server, eco_items(1), json!({}));
+    wait_until_done(&server, &one);
+    assert_eq!(stage_digest(&all_results(&server, &one)[0], "answer"), old);
+    let (status, _) = rollback();
+    assert_eq!(status, StatusCode::CONFLICT);
+}
+
+#[test]
+fn admin_routes_are_off_without_a_token() {
+    let mock = MockLlm::start(&[]);
+    let data = tempfile::tempdir().unwrap();
+    let server = serve_eco_scan(&mock, data.path(), &[]);
+    let (status, body) = put_stage(&server, "answer", Some("anything"), plugin("answer"));
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+}
