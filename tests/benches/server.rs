@@ -1,6 +1,6 @@
 //! Benchmarks of the server (issue 3; figures in docs/BENCHMARKS.md), against the real
 //! `stagehand serve` binary and the mock LLM over loopback, the client in this process. Run with
-//! `cargo xtask bench server [--only submits|subscribers|million] [--submits N] [--subscribers N]
+//! `cargo xtask bench server [--only submits|subscribers|swap|million] [--submits N] [--subscribers N]
 //! [--items N]`.
 //!
 //! - `submits`: N clients at once each `POST /v1/jobs` one item, then open the job's stream;
@@ -8,6 +8,7 @@
 //! - `subscribers`: N streams on one running job; measured: the server's RSS before and after
 //!   they connect, and for every live frame its fan-out delay (arrival minus the `at` the
 //!   server logged it with; client and server share the clock).
+//! - `swap`: hot swap of a stage, compiled and from the compile cache.
 //! - `million`: one job of N pass-through items; measured: the server's RSS when 10,000 and when
 //!   N items are done, and the latency of result pages at the start and at the end of the job.
 
@@ -426,6 +427,69 @@ async fn million(n: usize) {
     );
 }
 
+/// Hot swap of the `answer` stage: an upload that must be compiled, then uploads of a version
+/// whose compiled form is cached (after a rollback), each until the swap is in effect (the
+/// response: the next stage entry uses it).
+async fn swap(rounds: usize) {
+    let mock = MockLlm::start(&[]);
+    let data = tempfile::tempdir().unwrap();
+    let token = "bench-token";
+    let _server = serve(
+        &repo_root().join("examples/eco-scan/pipeline.toml"),
+        data.path(),
+        Some(&mock),
+        &["--admin-token", token],
+    );
+    let url = format!("http://{}", _server.address);
+    let http = client();
+    let put = |wasm: Vec<u8>| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let started = Instant::now();
+            let response = http
+                .put(format!("{url}/v1/stages/answer"))
+                .bearer_auth(token)
+                .body(wasm)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            let body: Value = response.json().await.unwrap();
+            (ms(started.elapsed()), body["compile_ms"].as_f64())
+        }
+    };
+    let rollback = || {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let response = http
+                .post(format!("{url}/v1/stages/answer/rollback"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+        }
+    };
+    let wasm =
+        stagehand_tests::with_custom_section(stagehand_tests::plugin_bytes("answer"), "bench");
+    let (first, compile) = put(wasm.clone()).await;
+    let mut cached = Vec::new();
+    for _ in 0..rounds {
+        rollback().await;
+        let (took, compile) = put(wasm.clone()).await;
+        assert!(compile.is_none(), "a cached version is not compiled again");
+        cached.push(took);
+    }
+    cached.sort_by(f64::total_cmp);
+    println!(
+        "swap: upload needing a compile: {first:.1} ms (compile {:.1} ms); upload of a cached version ({} KiB): p50 {:.2} ms, p99 {:.2} ms",
+        compile.unwrap_or(0.0),
+        wasm.len() / 1024,
+        percentile(&cached, 0.5),
+        percentile(&cached, 0.99)
+    );
+}
+
 fn main() {
     let only = arg("--only");
     let runs = |name: &str| only.as_deref().is_none_or(|o| o == name);
@@ -436,6 +500,9 @@ fn main() {
         }
         if runs("subscribers") {
             subscribers(number("--subscribers", 10_000), 20, 1500).await;
+        }
+        if runs("swap") {
+            swap(number("--rounds", 50)).await;
         }
         if runs("million") {
             million(number("--items", 1_000_000)).await;

@@ -217,6 +217,42 @@ pub fn job_status(server: &Server, job: &str) -> serde_json::Value {
         .expect("a JSON answer")
 }
 
+/// The bytes of a built plugin (`STAGEHAND_PLUGINS_DIR`, else the workspace's target dir).
+pub fn plugin_bytes(name: &str) -> Vec<u8> {
+    let dir = std::env::var("STAGEHAND_PLUGINS_DIR").map_or_else(
+        |_| repo_root().join("target/wasm32-wasip2/release"),
+        PathBuf::from,
+    );
+    let path = dir.join(format!("{name}.wasm"));
+    std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}; run `cargo xtask plugins`", path.display()))
+}
+
+/// `wasm` with a custom section appended: another digest, the same behaviour (a new "version"
+/// of a stage for hot-swap tests).
+pub fn with_custom_section(mut wasm: Vec<u8>, tag: &str) -> Vec<u8> {
+    fn leb128(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    let name = b"stagehand-test-version";
+    let mut content = Vec::new();
+    leb128(name.len(), &mut content);
+    content.extend_from_slice(name);
+    content.extend_from_slice(tag.as_bytes());
+    wasm.push(0); // a custom section
+    leb128(content.len(), &mut wasm);
+    wasm.extend_from_slice(&content);
+    wasm
+}
+
 /// One Server-Sent Events message.
 #[derive(Debug, Clone)]
 pub struct Frame {

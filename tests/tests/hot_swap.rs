@@ -6,41 +6,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use stagehand_tests::{MockLlm, Server, client, eco_items, job_status, serve_eco_scan, submit_job};
+use stagehand_tests::{
+    MockLlm, Server, client, eco_items, job_status, plugin_bytes as plugin, serve_eco_scan,
+    submit_job, with_custom_section,
+};
 
 const TOKEN: &str = "s3cret-admin-token";
-
-fn plugin(name: &str) -> Vec<u8> {
-    let dir = std::env::var("STAGEHAND_PLUGINS_DIR").map_or_else(
-        |_| stagehand_tests::repo_root().join("target/wasm32-wasip2/release"),
-        std::path::PathBuf::from,
-    );
-    std::fs::read(dir.join(format!("{name}.wasm"))).expect("the plugins are built")
-}
-
-/// The same component with a custom section appended: another digest, the same behaviour.
-fn renamed(mut wasm: Vec<u8>, tag: &str) -> Vec<u8> {
-    fn leb(mut n: usize, out: &mut Vec<u8>) {
-        loop {
-            let byte = (n & 0x7f) as u8;
-            n >>= 7;
-            if n == 0 {
-                out.push(byte);
-                return;
-            }
-            out.push(byte | 0x80);
-        }
-    }
-    let name = b"stagehand-test-version";
-    let mut content = Vec::new();
-    leb(name.len(), &mut content);
-    content.extend_from_slice(name);
-    content.extend_from_slice(tag.as_bytes());
-    wasm.push(0); // custom section
-    leb(content.len(), &mut wasm);
-    wasm.extend_from_slice(&content);
-    wasm
-}
 
 fn stages(server: &Server) -> Value {
     client()
@@ -141,7 +112,7 @@ fn the_answer_stage_is_swapped_mid_job_without_failing_an_item_and_rolled_back()
     }
 
     // Refused uploads: no token, a wrong token, a component of the wrong world.
-    let new_answer = renamed(plugin("answer"), "v2");
+    let new_answer = with_custom_section(plugin("answer"), "v2");
     let (status, _) = put_stage(&server, "answer", None, new_answer.clone());
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     let (status, _) = put_stage(&server, "answer", Some("nope"), new_answer.clone());
