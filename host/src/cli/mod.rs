@@ -1,6 +1,7 @@
 //! The `stagehand` command: one subcommand per file.
 
 mod inspect;
+mod plugin;
 mod run;
 mod serve;
 
@@ -28,6 +29,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Print what the store holds (jobs, results, effects, handler records) as JSON lines.
     Inspect(inspect::InspectArgs),
+    /// Tools for plugin authors: `plugin check <file.wasm>`.
+    Plugin(plugin::PluginArgs),
 }
 
 /// Exit status when the run finished but some items failed.
@@ -44,6 +47,7 @@ impl Cli {
             Command::Run(args) => run::run(args).await,
             Command::Inspect(args) => inspect::inspect(args),
             Command::Serve(args) => serve::serve(args).await,
+            Command::Plugin(args) => plugin::plugin(args).await,
         }
     }
 }

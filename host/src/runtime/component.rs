@@ -30,7 +30,7 @@ impl World {
         }
     }
 
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             World::Stage => "stage",
             World::Handler => "handler",
@@ -125,6 +125,54 @@ impl HandlerComponent {
         load.await
             .with_context(|| format!("handler `{name}` ({})", path.display()))
     }
+}
+
+/// What a component is, for plugin authors: its digest, what it imports and exports, and which
+/// of the pipeline's worlds it implements (or why not).
+#[derive(Debug)]
+pub struct Description {
+    pub digest: String,
+    pub imports: Vec<String>,
+    pub exports: Vec<String>,
+    /// Per world: `Ok` if the component can run as it, else why not.
+    pub worlds: Vec<(World, Result<(), String>)>,
+}
+
+/// Compile `path` (or take it from the cache) and check it against every world.
+pub async fn describe(runtime: &Runtime, path: &Path) -> Result<Description> {
+    let bytes = read(path)?;
+    let (digest, component, _) = compile(runtime, bytes.clone()).await?;
+    let engine = runtime.engine();
+    let ty = component.component_type();
+    let imports = ty
+        .imports(engine)
+        .map(|(name, _)| name.to_string())
+        .collect();
+    let exports = ty
+        .exports(engine)
+        .map(|(name, _)| name.to_string())
+        .collect();
+    let as_stage = StageComponent::from_bytes(runtime, "check", bytes)
+        .await
+        .map(drop)
+        .map_err(|e| format!("{e:#}"));
+    let as_handler = HandlerComponent::load(runtime, "check", path, Limits::default())
+        .await
+        .map(drop)
+        // Without the "handler `check` (path)" context the loader adds.
+        .map_err(|e| {
+            e.chain()
+                .skip(1)
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(": ")
+        });
+    Ok(Description {
+        digest,
+        imports,
+        exports,
+        worlds: vec![(World::Stage, as_stage), (World::Handler, as_handler)],
+    })
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {

@@ -26,7 +26,9 @@ use anyhow::Result;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 pub use cache::{CacheOutcome, CompileCache, digest};
-pub use component::{HandlerComponent, LoadedComponent, StageComponent, World};
+pub use component::{
+    Description, HandlerComponent, LoadedComponent, StageComponent, World, describe,
+};
 pub use invoke::{Call, CallStats, Failure, FailureKind};
 pub use limiter::MemoryCapExceeded;
 
