@@ -2,8 +2,10 @@
 //! restart serves the same versions: the `.wasm` files in `<data-dir>/stages/<sha256>.wasm`, and
 //! per stage the current digest and the ones before it in the sled tree `stage_versions`.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -142,5 +144,100 @@ impl StageVersions {
             restored += 1;
         }
         Ok(restored)
+    }
+}
+
+/// Quiet time after the last change of a file before it is read: a build writes in bursts.
+const SETTLE: Duration = Duration::from_millis(300);
+
+impl StageVersions {
+    /// `serve --watch`: when a stage's component file (the path in the pipeline file) changes,
+    /// install it as that stage's new version; an invalid file is logged and the old version
+    /// keeps serving. Ends when `stop` is cancelled.
+    pub fn watch(
+        &self,
+        pipeline: Arc<Pipeline>,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Result<tokio::task::JoinHandle<()>> {
+        use notify::Watcher;
+        let files: HashMap<PathBuf, String> = pipeline
+            .stages
+            .iter()
+            .map(|s| {
+                let path = s
+                    .config
+                    .component
+                    .canonicalize()
+                    .unwrap_or(s.config.component.clone());
+                (path, s.config.name.clone())
+            })
+            .collect();
+        let (changed, mut changes) = tokio::sync::mpsc::unbounded_channel::<PathBuf>();
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if let Ok(event) = event
+                    && !event.kind.is_access()
+                {
+                    for path in event.paths {
+                        let _ = changed.send(path);
+                    }
+                }
+            })
+            .context("cannot watch the component files")?;
+        let dirs: std::collections::BTreeSet<PathBuf> = files
+            .keys()
+            .filter_map(|p| p.parent().map(PathBuf::from))
+            .collect();
+        for dir in &dirs {
+            watcher
+                .watch(dir, notify::RecursiveMode::NonRecursive)
+                .with_context(|| format!("cannot watch {}", dir.display()))?;
+        }
+        let versions = self.clone();
+        Ok(tokio::spawn(async move {
+            let _watcher = watcher;
+            loop {
+                let first = tokio::select! {
+                    path = changes.recv() => match path { Some(p) => p, None => return },
+                    () = stop.cancelled() => return,
+                };
+                // Collect the burst, then act once per stage.
+                let mut touched = std::collections::BTreeSet::from([first]);
+                while let Ok(Some(path)) = tokio::time::timeout(SETTLE, changes.recv()).await {
+                    touched.insert(path);
+                }
+                let stages: std::collections::BTreeSet<&String> = touched
+                    .iter()
+                    .filter_map(|p| files.get(&p.canonicalize().unwrap_or(p.clone())))
+                    .collect();
+                for name in stages {
+                    versions.reload(&pipeline, name).await;
+                }
+            }
+        }))
+    }
+
+    async fn reload(&self, pipeline: &Pipeline, name: &str) {
+        let Some(stage) = pipeline.stage(name) else {
+            return;
+        };
+        let bytes = match std::fs::read(&stage.config.component) {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                tracing::warn!(stage = %name, %error, "cannot read the changed component");
+                return;
+            }
+        };
+        if crate::runtime::digest(&bytes) == stage.current().meta.digest {
+            return;
+        }
+        match self.install(pipeline, name, bytes).await {
+            Ok(installed) => {
+                tracing::info!(stage = %name, digest = %installed.version.meta.digest, replaced = %installed.replaced, "stage swapped (file changed)")
+            }
+            Err(error) => {
+                tracing::warn!(stage = %name, error = %error, "the changed component is refused; the old version keeps serving")
+            }
+        }
     }
 }

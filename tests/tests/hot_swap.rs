@@ -216,3 +216,51 @@ fn admin_routes_are_off_without_a_token() {
     let (status, body) = put_stage(&server, "answer", Some("anything"), plugin("answer"));
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
 }
+
+#[test]
+fn with_watch_a_changed_component_file_becomes_the_new_version() {
+    let root = stagehand_tests::repo_root();
+    let dir = tempfile::tempdir().unwrap();
+    let answer = dir.path().join("answer.wasm");
+    std::fs::write(&answer, plugin("answer")).unwrap();
+    let text = std::fs::read_to_string(root.join("examples/eco-scan/pipeline.toml"))
+        .unwrap()
+        .replace(
+            "\"../../target/wasm32-wasip2/release/answer.wasm\"",
+            &format!("{:?}", answer.display().to_string()),
+        )
+        .replace("\"../../target/", &format!("\"{}/target/", root.display()))
+        .replace(
+            "file = \"",
+            &format!("file = \"{}/examples/eco-scan/", root.display()),
+        );
+    let pipeline = dir.path().join("pipeline.toml");
+    std::fs::write(&pipeline, text).unwrap();
+    let mock = MockLlm::start(&[]);
+    let server = stagehand_tests::serve(&pipeline, dir.path(), Some(&mock), &["--watch"]);
+    let (old, _) = versions(&server, "answer");
+
+    // A build writes the new file: the stage swaps to it.
+    std::fs::write(&answer, with_custom_section(plugin("answer"), "rebuilt")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let new = loop {
+        let (current, previous) = versions(&server, "answer");
+        if current != old {
+            assert_eq!(previous, [old.clone()]);
+            break current;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the changed file was not swapped in"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+
+    // A broken file is refused and the running version stays.
+    std::fs::write(&answer, b"\0asm but not really").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(versions(&server, "answer").0, new);
+    let job = submit_job(&server, eco_items(1), json!({}));
+    wait_until_done(&server, &job);
+    assert_eq!(stage_digest(&all_results(&server, &job)[0], "answer"), new);
+}

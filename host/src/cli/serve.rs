@@ -49,6 +49,9 @@ pub struct ServeArgs {
     /// How often the retention sweeper runs.
     #[arg(long, default_value_t = 600)]
     sweep_interval_secs: u64,
+    /// Install a stage's component file as its new version whenever the file changes.
+    #[arg(long)]
+    watch: bool,
     /// Bearer token of the admin routes (stage upload and rollback); they are off without one.
     #[arg(long, env = "STAGEHAND_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
@@ -106,6 +109,11 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
             stop_effects.clone(),
         )
     });
+    let watcher = if args.watch {
+        Some(versions.watch(pipeline.clone(), stop_effects.clone())?)
+    } else {
+        None
+    };
     let app = Arc::new(App {
         store: store.clone(),
         events,
@@ -141,7 +149,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     stop_effects.cancel();
     effects_task.await??;
     let _ = sweeper.await;
-    if let Some(task) = auto_reprocess {
+    for task in [auto_reprocess, watcher].into_iter().flatten() {
         let _ = task.await;
     }
     store.flush().await?;
