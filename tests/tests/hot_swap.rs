@@ -246,7 +246,7 @@ fn with_watch_a_changed_component_file_becomes_the_new_version() {
     let new = loop {
         let (current, previous) = versions(&server, "answer");
         if current != old {
-            assert_eq!(previous, [old.clone()]);
+            assert_eq!(previous, std::slice::from_ref(&old));
             break current;
         }
         assert!(
