@@ -285,3 +285,43 @@ fn retryable_dead_letters_are_reprocessed_on_a_timer() {
         "{left}"
     );
 }
+
+#[test]
+fn a_job_can_shorten_its_stage_and_item_time_limits() {
+    // Text answers take 1 s; the pipeline's stages would wait for them (vision answers at once).
+    let mock = MockLlm::start(&["--latency-ms", "1000", "--vision-latency-ms", "0"]);
+    let data = tempfile::tempdir().unwrap();
+    let server = stagehand_tests::serve_eco_scan(&mock, data.path(), &[]);
+    let run = |options: Value| {
+        let (status, body) = post(
+            &server,
+            "/v1/jobs",
+            Some(json!({ "items": eco_items(1), "options": options })),
+        );
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        let job = body["job_id"].as_str().unwrap().to_string();
+        wait_until_ended(&server, &job);
+        let (_, page) = get(&server, &format!("/v1/jobs/{job}/results"));
+        page["results"][0]["error"].clone()
+    };
+    let error = run(json!({ "stage_timeout_ms": 200 }));
+    assert_eq!(
+        (error["stage"].as_str(), error["kind"].as_str()),
+        (Some("answer"), Some("timeout")),
+        "{error}"
+    );
+    assert!(
+        error["message"].as_str().unwrap().contains("200ms"),
+        "{error}"
+    );
+    let error = run(json!({ "item_timeout_ms": 300 }));
+    assert_eq!(
+        (error["stage"].as_str(), error["kind"].as_str()),
+        (Some("answer"), Some("timeout")),
+        "{error}"
+    );
+    assert!(
+        error["message"].as_str().unwrap().contains("300ms"),
+        "{error}"
+    );
+}
