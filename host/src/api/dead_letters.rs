@@ -12,11 +12,9 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::{ApiError, App, job_id};
+use super::{ApiError, App, job_id, page_limit};
 use crate::jobs::{ItemRef, Reprocess, stage_input};
 use crate::store::item_id;
-
-const MAX_PAGE: usize = 1000;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -40,12 +38,7 @@ pub async fn list(
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(q) = query?;
-    let limit = q.limit.unwrap_or(100);
-    if limit == 0 || limit > MAX_PAGE {
-        return Err(ApiError::BadRequest(format!(
-            "`limit` must be 1 to {MAX_PAGE}, not {limit}"
-        )));
-    }
+    let limit = page_limit(q.limit, 100)?;
     let after = q.after.as_deref().map(cursor).transpose()?;
     let mut letters = Vec::with_capacity(limit);
     for letter in app.store.dead_letters(q.job, after) {

@@ -13,7 +13,7 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use super::{ApiError, App, job_id};
+use super::{ApiError, App, MAX_PAGE, job_id, page_limit};
 use crate::jobs::{CancelOutcome, Idempotency, JobOptions, Submitted};
 use crate::store::{JobRecord, JobState};
 
@@ -154,12 +154,7 @@ pub async fn list(
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(q) = query?;
-    let limit = q.limit.unwrap_or(50);
-    if limit == 0 || limit > MAX_PAGE {
-        return Err(ApiError::BadRequest(format!(
-            "`limit` must be 1 to {MAX_PAGE}, not {limit}"
-        )));
-    }
+    let limit = page_limit(q.limit, 50)?;
     let mut jobs = Vec::with_capacity(limit);
     for job in app.store.jobs_before(q.before) {
         let mut job = job?;
@@ -220,8 +215,6 @@ pub struct ResultsQuery {
     page: Option<usize>,
     page_size: Option<usize>,
 }
-
-const MAX_PAGE: usize = 1000;
 
 pub async fn results(
     State(app): State<Arc<App>>,

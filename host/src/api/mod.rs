@@ -85,6 +85,20 @@ async fn watch_page() -> axum::response::Html<&'static str> {
     axum::response::Html(include_str!("assets/watch.html"))
 }
 
+/// Most entries a listing returns per page.
+const MAX_PAGE: usize = 1000;
+
+/// A page size from a query (`default` when absent), or a 400 that says the range.
+fn page_limit(limit: Option<usize>, default: usize) -> Result<usize, ApiError> {
+    let limit = limit.unwrap_or(default);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::BadRequest(format!(
+            "`limit` must be 1 to {MAX_PAGE}, not {limit}"
+        )));
+    }
+    Ok(limit)
+}
+
 /// A job id from a path segment, or a 404 that says why.
 fn job_id(raw: &str) -> Result<uuid::Uuid, ApiError> {
     raw.parse()

@@ -226,6 +226,15 @@ impl EventLog {
         )))
     }
 
+    /// The number of `job`'s last event if that event ends the job (a job's log can go on
+    /// after an end: reprocessed dead letters append to it).
+    pub fn ended_at(&self, job: Uuid) -> Result<Option<u64>> {
+        Ok(self
+            .last(job)?
+            .filter(|(_, entry)| entry.event.is_terminal())
+            .map(|(seq, _)| seq))
+    }
+
     /// Items finished so far (succeeded, failed), as the log counts them.
     pub fn counts(&self, job: Uuid) -> Result<(u64, u64)> {
         let head = self.head(job)?;

@@ -73,7 +73,7 @@ impl JobView {
     ) -> Result<Self> {
         let wake = log.watch(job)?;
         // A client resuming after the job's last event gets nothing more: end at once.
-        let ended = matches!(log.last(job)?, Some((seq, entry)) if entry.event.is_terminal() && after >= seq);
+        let ended = log.ended_at(job)?.is_some_and(|end| after >= end);
         Ok(Self {
             log,
             job,
@@ -162,8 +162,8 @@ impl JobView {
                 self.ended = other.is_terminal()
                     && self
                         .log
-                        .last(self.job)
-                        .map_or(true, |last| last.is_none_or(|(last, _)| last <= seq));
+                        .ended_at(self.job)
+                        .map_or(true, |end| end == Some(seq));
                 let (event, mut data) = frame_of(&other);
                 data["at"] = at.into();
                 self.ready.push_back(Frame {
@@ -200,8 +200,7 @@ impl Drop for JobView {
     /// A view of a finished job is the only reason its wake-up channel is in memory (after a
     /// restart, or once the job ended): let it go with the last view.
     fn drop(&mut self) {
-        let finished = self.ended
-            || matches!(self.log.last(self.job), Ok(Some((_, entry))) if entry.event.is_terminal());
+        let finished = self.ended || matches!(self.log.ended_at(self.job), Ok(Some(_)));
         if finished {
             // Drop our receiver first: `release` keeps channels somebody still watches.
             self.wake = watch::Sender::new(0).subscribe();

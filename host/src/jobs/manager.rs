@@ -197,13 +197,7 @@ impl JobManager {
 
     async fn run(&self, job: JobRecord, resume: bool, cancel: CancellationToken) -> Result<()> {
         let options = job.options.clone();
-        let concurrency = if options.sequential {
-            1
-        } else {
-            options
-                .concurrency
-                .unwrap_or(self.pipeline.config.run.concurrency)
-        };
+        let (concurrency, limits) = self.run_settings(&options);
         let every_stage = options.detail == Detail::Stages || job.total == 1;
         let (events, id) = (self.events.clone(), job.id);
         // Retries are always told: they are the story of a slow or failed item.
@@ -243,13 +237,6 @@ impl JobManager {
                 tracing::error!(job = %id, error = %format!("{error:#}"), "cannot append an item event");
             }
         };
-        let limits = ItemLimits {
-            stage_timeout: options.stage_timeout_ms.map(Duration::from_millis),
-            item_timeout: options
-                .item_timeout_ms
-                .or(self.pipeline.config.run.item_timeout_ms)
-                .map(Duration::from_millis),
-        };
         let outcome = run_job(
             self.pipeline.clone(),
             job,
@@ -279,6 +266,24 @@ impl JobManager {
         };
         self.events.append(id, &end)?;
         self.pipeline.store().flush().await
+    }
+
+    /// Items in flight and time limits for a job's `options` over the pipeline's settings.
+    fn run_settings(&self, options: &JobOptions) -> (usize, ItemLimits) {
+        let run = &self.pipeline.config.run;
+        let concurrency = if options.sequential {
+            1
+        } else {
+            options.concurrency.unwrap_or(run.concurrency)
+        };
+        let limits = ItemLimits {
+            stage_timeout: options.stage_timeout_ms.map(Duration::from_millis),
+            item_timeout: options
+                .item_timeout_ms
+                .or(run.item_timeout_ms)
+                .map(Duration::from_millis),
+        };
+        (concurrency, limits)
     }
 
     /// A crash can fall between an item's result and its `item.finished` event: before a job
@@ -380,18 +385,7 @@ impl JobManager {
         use futures::StreamExt;
         let store = self.pipeline.store().clone();
         let preview_chars = job.options.preview_chars.unwrap_or(DEFAULT_PREVIEW_CHARS);
-        let concurrency = job
-            .options
-            .concurrency
-            .unwrap_or(self.pipeline.config.run.concurrency);
-        let limits = ItemLimits {
-            stage_timeout: job.options.stage_timeout_ms.map(Duration::from_millis),
-            item_timeout: job
-                .options
-                .item_timeout_ms
-                .or(self.pipeline.config.run.item_timeout_ms)
-                .map(Duration::from_millis),
-        };
+        let (concurrency, limits) = self.run_settings(&job.options);
         let passed = std::sync::atomic::AtomicU64::new(0);
         let outcomes = futures::stream::iter(letters)
             .map(|index| {
