@@ -107,3 +107,53 @@ async fn views_of_finished_jobs_release_their_wake_up_channel() {
         "numbering goes on"
     );
 }
+
+/// After a restart, effects that were claimed and never finished are marked interrupted (not
+/// run again); finished ones are left alone.
+#[tokio::test]
+async fn running_effects_are_interrupted_after_a_restart() {
+    use stagehand::store::{EffectRecord, EffectState, EmitOutcome};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let effect = |key: &str| EffectRecord {
+        handler: "save".into(),
+        key: key.into(),
+        payload: "{}".into(),
+        job_id: uuid::Uuid::nil(),
+        item_id: uuid::Uuid::nil(),
+        item_index: 0,
+        stage: "reward".into(),
+        state: EffectState::Pending,
+        created_at: 0,
+        finished_at: None,
+        output: None,
+        error: None,
+        runs: 0,
+    };
+    {
+        let store = Store::open(&path).unwrap();
+        for key in ["cut-short", "finished"] {
+            assert_eq!(
+                store.emit_effect(&effect(key)).unwrap(),
+                EmitOutcome::Accepted
+            );
+        }
+        for key in store.pending_effects(10).unwrap() {
+            let mut claimed = store.claim_effect(&key).unwrap().unwrap();
+            if claimed.key == "finished" {
+                claimed.state = EffectState::Done;
+                store.finish_effect(&claimed).unwrap();
+            }
+        }
+        store.flush().await.unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.interrupt_running_effects().unwrap(), 1);
+    assert_eq!(store.interrupt_running_effects().unwrap(), 0, "only once");
+    let state = |key| store.effect("save", key).unwrap().unwrap().state;
+    assert_eq!(
+        (state("cut-short"), state("finished")),
+        (EffectState::Interrupted, EffectState::Done)
+    );
+    assert_eq!(store.effect("save", "cut-short").unwrap().unwrap().runs, 1);
+}

@@ -2,8 +2,10 @@
 //!
 //! An effect is identified by (handler, idempotency key). Recording is a transaction over
 //! `effects` and `effects_pending`, so an effect is either unknown, or known and queued. Claiming
-//! moves it from pending to running in one transaction; an effect found running after a restart
-//! is marked interrupted and not run again: effects run *at most once* per key.
+//! moves it from pending to running in one transaction (and lists it in `effects_running`, so
+//! that start-up looks at the effects in flight, not at every effect ever recorded); an effect
+//! found running after a restart is marked interrupted and not run again: effects run *at most
+//! once* per key.
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -102,25 +104,30 @@ impl Store {
     /// Take a pending effect for running; `None` if it is no longer pending.
     pub fn claim_effect(&self, key: &[u8]) -> Result<Option<EffectRecord>> {
         tx_result(
-            (&self.effects, &self.effects_pending).transaction(|(effects, pending)| {
-                if pending.remove(key)?.is_none() {
-                    return Ok(None);
-                }
-                let Some(value) = effects.get(key)? else {
-                    return Ok(None);
-                };
-                let mut record: EffectRecord = parse(&value).map_err(TxError::Abort)?;
-                record.state = EffectState::Running;
-                record.runs += 1;
-                effects.insert(key, json(&record).map_err(TxError::Abort)?)?;
-                Ok(Some(record))
-            }),
+            (&self.effects, &self.effects_pending, &self.effects_running).transaction(
+                |(effects, pending, running)| {
+                    if pending.remove(key)?.is_none() {
+                        return Ok(None);
+                    }
+                    let Some(value) = effects.get(key)? else {
+                        return Ok(None);
+                    };
+                    let mut record: EffectRecord = parse(&value).map_err(TxError::Abort)?;
+                    record.state = EffectState::Running;
+                    record.runs += 1;
+                    effects.insert(key, json(&record).map_err(TxError::Abort)?)?;
+                    running.insert(key, &[])?;
+                    Ok(Some(record))
+                },
+            ),
         )
     }
 
     /// Store the outcome of a claimed effect.
     pub fn finish_effect(&self, record: &EffectRecord) -> Result<()> {
-        self.effects.insert(record.store_key(), json(record)?)?;
+        let key = record.store_key();
+        self.effects.insert(key.as_slice(), json(record)?)?;
+        self.effects_running.remove(key)?;
         Ok(())
     }
 
@@ -140,12 +147,22 @@ impl Store {
     /// taken place; to keep "at most once" they are marked interrupted, never rerun.
     pub fn interrupt_running_effects(&self) -> Result<usize> {
         let mut interrupted = 0;
-        for record in self.effects() {
-            let mut record = record?;
-            if record.state == EffectState::Running {
-                record.state = EffectState::Interrupted;
-                self.finish_effect(&record)?;
-                interrupted += 1;
+        for key in self.effects_running.iter().keys() {
+            let key = key?;
+            match self
+                .effects
+                .get(&key)?
+                .map(|v| parse::<EffectRecord>(&v))
+                .transpose()?
+            {
+                Some(mut record) if record.state == EffectState::Running => {
+                    record.state = EffectState::Interrupted;
+                    self.finish_effect(&record)?;
+                    interrupted += 1;
+                }
+                _ => {
+                    self.effects_running.remove(key)?;
+                }
             }
         }
         Ok(interrupted)

@@ -8,6 +8,7 @@
 //! | `results`         | job id, index                     | [`ItemResult`] JSON           |
 //! | `effects`         | handler, 0, idempotency key       | [`EffectRecord`] JSON         |
 //! | `effects_pending` | same as `effects`                 | empty: effects not yet run    |
+//! | `effects_running` | same as `effects`                 | empty: effects claimed, running |
 //! | `records`         | collection, 0, key                | a handler's record JSON       |
 //! | `idempotency`     | a client's idempotency key        | the job id it names           |
 //! | `dead_letters`    | job id, index                     | [`DeadLetter`] JSON           |
@@ -52,6 +53,7 @@ pub struct Store {
     results: Tree,
     effects: Tree,
     effects_pending: Tree,
+    effects_running: Tree,
     records: Tree,
     idempotency: Tree,
     dead_letters: Tree,
@@ -89,6 +91,7 @@ impl Store {
             results: tree("results")?,
             effects: tree("effects")?,
             effects_pending: tree("effects_pending")?,
+            effects_running: tree("effects_running")?,
             records: tree("records")?,
             idempotency: tree("idempotency")?,
             dead_letters: tree("dead_letters")?,
