@@ -41,6 +41,51 @@ pub struct LlmConfig {
     pub timeout_ms: u64,
     #[serde(default = "defaults::llm_max_concurrent_requests")]
     pub max_concurrent_requests: usize,
+    /// The provider's rate limits (token buckets); none by default.
+    #[serde(default)]
+    pub requests_per_minute: Option<u32>,
+    #[serde(default)]
+    pub tokens_per_minute: Option<u32>,
+    /// Limits of single models, on top of the provider's: `[llm.models."gpt-4o"]`.
+    #[serde(default)]
+    pub models: BTreeMap<String, ModelLimits>,
+}
+
+impl LlmConfig {
+    /// Zero limits would stop every request forever.
+    fn check(&self) -> Result<()> {
+        let limits = std::iter::once((
+            "the provider".to_string(),
+            Some(self.max_concurrent_requests),
+            self.requests_per_minute,
+            self.tokens_per_minute,
+        ))
+        .chain(self.models.iter().map(|(name, m)| {
+            (
+                format!("model {name:?}"),
+                m.max_concurrent_requests,
+                m.requests_per_minute,
+                m.tokens_per_minute,
+            )
+        }));
+        for (whose, concurrent, rpm, tpm) in limits {
+            if concurrent == Some(0) || rpm == Some(0) || tpm == Some(0) {
+                bail!(
+                    "a limit of {whose} is 0; limits must be at least 1 (leave one out for none)"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A model's own limits; unset ones are the provider's alone.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelLimits {
+    pub max_concurrent_requests: Option<usize>,
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -386,12 +431,9 @@ impl PipelineConfig {
                 path.display()
             );
         }
-        if raw.llm.max_concurrent_requests == 0 {
-            bail!(
-                "{}: `llm.max_concurrent_requests` must be at least 1",
-                path.display()
-            );
-        }
+        raw.llm
+            .check()
+            .with_context(|| format!("{}: `[llm]`", path.display()))?;
         Ok(Self {
             name: raw.name.into_inner(),
             source: path.to_path_buf(),

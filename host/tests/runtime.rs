@@ -388,4 +388,17 @@ fn pipeline_file_mistakes_name_the_key_and_line() {
     );
     let none = error("");
     assert!(none.contains("the pipeline has no `[[stage]]`"), "{none}");
+    let stage = format!(
+        "[[stage]]\nname = \"a\"\ncomponent = \"{}\"\n",
+        wasm.display()
+    );
+    let zero = error(&format!(
+        "[llm.models.\"m\"]\nrequests_per_minute = 0\n{stage}"
+    ));
+    assert!(
+        zero.contains("`[llm]`: a limit of model \"m\" is 0"),
+        "{zero}"
+    );
+    let typo = error(&format!("[llm.models.\"m\"]\nrpm = 5\n{stage}"));
+    assert!(typo.contains("unknown field `rpm`"), "{typo}");
 }

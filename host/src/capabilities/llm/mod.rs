@@ -1,24 +1,27 @@
 //! `llm`: chat completions from any OpenAI-compatible endpoint.
 //!
 //! The guest describes a request; the host adds the URL, the model default and the API key
-//! (read from the environment variable the pipeline names, never shown to a guest), bounds
-//! concurrent requests, and sorts failures into what is worth retrying and what is not.
+//! (read from the environment variable the pipeline names, never shown to a guest), admits
+//! requests through the provider's and the model's limits ([`limits`]), and sorts failures into
+//! what is worth retrying and what is not.
 
+mod limits;
+
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
-use reqwest::StatusCode;
-use reqwest::header::HeaderMap;
-use serde::Deserialize;
-use serde_json::{Value, json};
-use tokio::sync::Semaphore;
-
+use self::limits::{Gate, Limits};
 use super::HostState;
 use crate::config::LlmConfig;
 use crate::runtime::bindings::llm::{
     ChatRequest, ChatResponse, ContentPart, Host, LlmError, Role, Usage,
 };
+use anyhow::{Context, Result};
+use reqwest::StatusCode;
+use reqwest::header::HeaderMap;
+use serde::Deserialize;
+use serde_json::{Value, json};
 
 /// Counters of one provider, for summaries and metrics.
 #[derive(Debug, Default)]
@@ -35,12 +38,15 @@ pub struct LlmClient {
     endpoint: String,
     model: String,
     api_key: Option<String>,
-    in_flight: Semaphore,
-    /// Set by a 429 with `Retry-After`: no request goes out before then, and retries of failed
-    /// stages wait for it too.
-    paused_until: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// The provider's limits, and those of the models that have their own.
+    provider: Gate,
+    models: BTreeMap<String, Gate>,
     pub usage: LlmUsage,
 }
+
+/// Completion tokens counted for a request that does not set `max_tokens`, until the provider
+/// reports what it used.
+const ASSUMED_COMPLETION_TOKENS: u32 = 256;
 
 /// Longest provider error body quoted in a message.
 const MAX_QUOTED_BODY: usize = 300;
@@ -65,46 +71,68 @@ impl LlmClient {
             endpoint: format!("{}/chat/completions", config.base_url.trim_end_matches('/')),
             model: config.model.clone(),
             api_key,
-            in_flight: Semaphore::new(config.max_concurrent_requests),
-            paused_until: std::sync::Mutex::default(),
+            provider: Gate::new(Limits {
+                max_concurrent: Some(config.max_concurrent_requests),
+                requests_per_minute: config.requests_per_minute,
+                tokens_per_minute: config.tokens_per_minute,
+            }),
+            models: config
+                .models
+                .iter()
+                .map(|(name, m)| {
+                    let limits = Limits {
+                        max_concurrent: m.max_concurrent_requests,
+                        requests_per_minute: m.requests_per_minute,
+                        tokens_per_minute: m.tokens_per_minute,
+                    };
+                    (name.clone(), Gate::new(limits))
+                })
+                .collect(),
             usage: LlmUsage::default(),
         })
     }
 
     /// How long the provider asked us to wait (its last `Retry-After`), if that is not over.
     pub fn paused_for(&self) -> Option<Duration> {
-        let until = (*self.paused_until.lock().expect("not poisoned"))?;
-        let left = until.saturating_duration_since(tokio::time::Instant::now());
-        (!left.is_zero()).then_some(left)
+        std::iter::once(&self.provider)
+            .chain(self.models.values())
+            .filter_map(Gate::paused_for)
+            .max()
     }
 
-    pub async fn chat(&self, request: ChatRequest) -> Result<ChatResponse, LlmError> {
-        let _permit = self
-            .in_flight
-            .acquire()
-            .await
-            .map_err(|_| LlmError::Unavailable("client shut down".into()))?;
-        if let Some(wait) = self.paused_for() {
-            tokio::time::sleep(wait).await;
-        }
+    /// Send one chat completion for an item of `job`, once the limits admit it; waiting is
+    /// round-robin across jobs.
+    pub async fn chat(&self, job: &str, request: ChatRequest) -> Result<ChatResponse, LlmError> {
+        let estimate = estimated_tokens(&request);
+        let body = self.body(request);
+        let model = body["model"].as_str().unwrap_or_default();
+        // The model's gate first: waiting for it must not hold a slot of the whole provider.
+        let model_gate = self.models.get(model);
+        let _model_grant = match model_gate {
+            Some(gate) => Some(gate.admit(job, estimate).await),
+            None => None,
+        };
+        let _grant = self.provider.admit(job, estimate).await;
+        let gates = || std::iter::once(&self.provider).chain(model_gate);
+
         self.usage.requests.fetch_add(1, Ordering::Relaxed);
-        let result = self.send(request).await;
+        let result = self.send(&body).await;
         match &result {
             Ok(response) => {
+                let usage = &response.usage;
                 self.usage
                     .prompt_tokens
-                    .fetch_add(response.usage.prompt_tokens.into(), Ordering::Relaxed);
+                    .fetch_add(usage.prompt_tokens.into(), Ordering::Relaxed);
                 self.usage
                     .completion_tokens
-                    .fetch_add(response.usage.completion_tokens.into(), Ordering::Relaxed);
+                    .fetch_add(usage.completion_tokens.into(), Ordering::Relaxed);
+                let used = usage.prompt_tokens.saturating_add(usage.completion_tokens);
+                gates().for_each(|gate| gate.settle(estimate, used));
             }
             Err(LlmError::RateLimited(retry_after_ms)) => {
                 self.usage.rate_limited.fetch_add(1, Ordering::Relaxed);
-                if let Some(ms) = retry_after_ms {
-                    let until = tokio::time::Instant::now() + Duration::from_millis(*ms);
-                    let mut paused = self.paused_until.lock().expect("not poisoned");
-                    *paused = Some(paused.map_or(until, |p| p.max(until)));
-                }
+                let retry_after = retry_after_ms.map(Duration::from_millis);
+                gates().for_each(|gate| gate.rate_limited(retry_after));
             }
             Err(_) => {
                 self.usage.failures.fetch_add(1, Ordering::Relaxed);
@@ -113,8 +141,8 @@ impl LlmClient {
         result
     }
 
-    async fn send(&self, request: ChatRequest) -> Result<ChatResponse, LlmError> {
-        let mut http = self.http.post(&self.endpoint).json(&self.body(request));
+    async fn send(&self, body: &Value) -> Result<ChatResponse, LlmError> {
+        let mut http = self.http.post(&self.endpoint).json(body);
         if let Some(key) = &self.api_key {
             http = http.bearer_auth(key);
         }
@@ -184,6 +212,28 @@ impl LlmClient {
         }
         body
     }
+}
+
+/// Tokens counted for an image part before the provider says (OpenAI's price of a
+/// high-detail 512×512 image).
+const ASSUMED_IMAGE_TOKENS: usize = 765;
+
+/// A request's token cost before the provider says: about 4 bytes of text a token, a flat
+/// price per image, plus the completion's cap.
+fn estimated_tokens(request: &ChatRequest) -> u32 {
+    let prompt: usize = request
+        .messages
+        .iter()
+        .flat_map(|m| &m.content)
+        .map(|part| match part {
+            ContentPart::Text(text) => text.len() / 4 + 1,
+            ContentPart::ImageUrl(_) => ASSUMED_IMAGE_TOKENS,
+        })
+        .sum();
+    let completion = request.max_tokens.unwrap_or(ASSUMED_COMPLETION_TOKENS);
+    u32::try_from(prompt)
+        .unwrap_or(u32::MAX)
+        .saturating_add(completion)
 }
 
 fn describe(error: &reqwest::Error) -> String {
@@ -274,7 +324,8 @@ impl Host for HostState {
         request: ChatRequest,
     ) -> wasmtime::Result<Result<ChatResponse, LlmError>> {
         let caps = self.caps.clone();
-        Ok(self.meter.host_call(caps.llm.chat(request)).await)
+        let job = self.context.job_id.clone();
+        Ok(self.meter.host_call(caps.llm.chat(&job, request)).await)
     }
 }
 
