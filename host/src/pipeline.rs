@@ -11,6 +11,7 @@ use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 
 use crate::capabilities::{Capabilities, KvNamespaces, LlmClient};
 use crate::config::{PipelineConfig, StageConfig};
+use crate::events::TokenHub;
 use crate::runtime::{HandlerComponent, Runtime, RuntimeOptions, StageComponent};
 use crate::store::Store;
 
@@ -141,6 +142,7 @@ impl Pipeline {
             handlers,
             store,
             effects_waiting: Notify::new(),
+            tokens: TokenHub::default(),
         });
         Ok(Arc::new(Self {
             config,

@@ -424,6 +424,77 @@ fn a_scan_streams_every_stage_of_its_item() {
 }
 
 #[test]
+fn a_streamed_answer_reaches_followers_token_by_token() {
+    // Vision takes long enough for both followers to be connected before `answer` streams.
+    let mock = MockLlm::start(&["--vision-latency-ms", "500", "--token-delay-ms", "5"]);
+    let data = tempfile::tempdir().unwrap();
+    let server = serve(&mock, data.path(), &[]);
+    let scan = json!({ "user_id": "u1", "image_url": "https://images.example/battery_1.jpg" });
+    let response = client()
+        .post(server.url("/v1/scans"))
+        .json(&scan)
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let task = response.json::<Value>().unwrap()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let plain = {
+        let stream = events(&server, &task, "", None);
+        std::thread::spawn(move || read_frames(stream, |_| false))
+    };
+    let frames = read_frames(events(&server, &task, "?tokens=true", None), |_| false);
+    let tokens: Vec<&Frame> = frames.iter().filter(|f| f.event == "item.token").collect();
+    assert!(tokens.len() > 5, "{} tokens", tokens.len());
+    assert!(
+        tokens
+            .iter()
+            .all(|t| t.id.is_none() && t.data["stage"] == "answer" && t.data["index"] == 0),
+        "tokens are unnumbered and say where they come from"
+    );
+    // They arrive while `answer` runs, before its end. (Not necessarily after its start: log
+    // events go out once durable, a few ms late; tokens go out at once.)
+    let position = |event: &str, status: &str| {
+        frames
+            .iter()
+            .position(|f| {
+                f.event == event && f.data["stage"] == "answer" && f.data["status"] == status
+            })
+            .unwrap()
+    };
+    let first_token = frames.iter().position(|f| f.event == "item.token").unwrap();
+    assert!(first_token < position("item.stage", "succeeded"));
+    assert_eq!(frames.last().unwrap().event, "job.completed");
+
+    // Put together, they are the answer the stage received and returned.
+    let text: String = tokens
+        .iter()
+        .map(|t| t.data["text"].as_str().unwrap())
+        .collect();
+    let streamed: Value = serde_json::from_str(&text).unwrap();
+    let results: Value = client()
+        .get(server.url(&format!("/v1/jobs/{task}/results")))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let answer = &results["results"][0]["output"]["answer"];
+    assert_eq!(streamed["answer"], answer["answer"]);
+    assert_eq!(streamed["steps"], answer["steps"]);
+    assert!(
+        answer["tokens"].as_u64().unwrap() > 0,
+        "usage came in the last chunk"
+    );
+
+    let plain = plain.join().unwrap();
+    assert!(plain.iter().all(|f| f.event != "item.token"));
+    assert_eq!(plain.last().unwrap().event, "job.completed");
+    assert_eq!(mock.stats()["streamed"], 1);
+}
+
+#[test]
 fn jobs_are_listed_newest_first_with_a_state_filter() {
     let mock = MockLlm::start(&["--latency-ms", "300"]);
     let data = tempfile::tempdir().unwrap();

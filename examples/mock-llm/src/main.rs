@@ -15,8 +15,10 @@
 //!
 //! Latency (`--latency-ms`, `--vision-latency-ms`, `--jitter-ms`) and faults (`--rate-429` with
 //! `--retry-after-s`, `--rate-500`, `--rate-hang`) are set by flags, or changed while running
-//! with `POST /admin/config`; `GET /admin/stats` counts what happened. The first line on stdout
-//! is `listening on http://ADDR`, so a parent process can find an ephemeral port.
+//! with `POST /admin/config`; `GET /admin/stats` counts what happened. `"stream": true` gets
+//! OpenAI's streamed chunks, one per word, `--token-delay-ms` apart (usage in a last chunk with
+//! `stream_options.include_usage`). The first line on stdout is `listening on http://ADDR`, so
+//! a parent process can find an ephemeral port.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -79,6 +81,10 @@ struct Behaviour {
     /// Seed of the fault and jitter draws.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Delay between the pieces of a streamed answer (`"stream": true`).
+    #[arg(long, default_value_t = 0)]
+    #[serde(default)]
+    token_delay_ms: u64,
 }
 
 #[derive(Default, Serialize)]
@@ -92,6 +98,7 @@ struct Stats {
     server_errors: AtomicU64,
     hung: AtomicU64,
     bad_requests: AtomicU64,
+    streamed: AtomicU64,
 }
 
 struct Mock {
@@ -171,7 +178,7 @@ async fn chat(State(mock): State<Arc<Mock>>, body: axum::body::Bytes) -> Respons
     let task = classify(messages, &mock.answers);
 
     // Draw the fault and the delay under one lock, then act without it.
-    let (fault, delay, retry_after) = {
+    let (fault, delay, retry_after, token_delay) = {
         let mut guard = mock.behaviour.lock().expect("not poisoned");
         let (behaviour, rng) = &mut *guard;
         let draw = rng.f64();
@@ -197,6 +204,7 @@ async fn chat(State(mock): State<Arc<Mock>>, body: axum::body::Bytes) -> Respons
             fault,
             Duration::from_millis(base + jitter),
             behaviour.retry_after_s,
+            Duration::from_millis(behaviour.token_delay_ms),
         )
     };
     match fault {
@@ -263,15 +271,72 @@ async fn chat(State(mock): State<Arc<Mock>>, body: axum::body::Bytes) -> Respons
         .to_string();
     let prompt_tokens = (body.len() / 4) as u64;
     let completion_tokens = (content.len() / 4).max(1) as u64;
+    let usage = json!({ "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens });
+    let id = format!(
+        "chatcmpl-mock-{}",
+        mock.stats.requests.load(Ordering::Relaxed)
+    );
+    if request.get("stream").and_then(Value::as_bool) == Some(true) {
+        mock.stats.streamed.fetch_add(1, Ordering::Relaxed);
+        let include_usage = request.pointer("/stream_options/include_usage") == Some(&json!(true));
+        return streamed(
+            id,
+            model,
+            content,
+            include_usage.then_some(usage),
+            token_delay,
+        );
+    }
     Json(json!({
-        "id": format!("chatcmpl-mock-{}", mock.stats.requests.load(Ordering::Relaxed)),
+        "id": id,
         "object": "chat.completion",
         "created": 0,
         "model": model,
         "choices": [{ "index": 0, "message": { "role": "assistant", "content": content }, "finish_reason": "stop" }],
-        "usage": { "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens },
+        "usage": usage,
     }))
     .into_response()
+}
+
+/// OpenAI's streamed answer: Server-Sent Events of `chat.completion.chunk` objects, one per
+/// word of `content`, `delay` apart; then the usage if asked for, then `[DONE]`.
+fn streamed(
+    id: String,
+    model: String,
+    content: String,
+    usage: Option<Value>,
+    delay: Duration,
+) -> Response {
+    let chunk = |choices: Value, usage: Option<&Value>| {
+        json!({ "id": id, "object": "chat.completion.chunk", "created": 0, "model": model,
+            "choices": choices, "usage": usage })
+        .to_string()
+    };
+    let mut messages: Vec<String> = content
+        .split_inclusive(' ')
+        .map(|piece| chunk(json!([{ "index": 0, "delta": { "content": piece } }]), None))
+        .collect();
+    messages.push(chunk(
+        json!([{ "index": 0, "delta": {}, "finish_reason": "stop" }]),
+        None,
+    ));
+    if let Some(usage) = &usage {
+        messages.push(chunk(json!([]), Some(usage)));
+    }
+    messages.push("[DONE]".to_string());
+    let events = futures::stream::unfold(
+        (messages.into_iter(), true),
+        move |(mut messages, first)| async move {
+            let data = messages.next()?;
+            if !first && !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let event = axum::response::sse::Event::default().data(data);
+            Some((Ok::<_, std::convert::Infallible>(event), (messages, false)))
+        },
+    );
+    axum::response::sse::Sse::new(events).into_response()
 }
 
 /// The texts and image URLs of all messages, in order.

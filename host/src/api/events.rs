@@ -4,6 +4,10 @@
 //! `retry:`. `Last-Event-ID` (header, or `?last_event_id=`) resumes after that number, replaying
 //! from the store then following live; a stream opened after the end replays and closes.
 //! Behind nginx, `X-Accel-Buffering: no` keeps events from being held back.
+//!
+//! `?tokens=true` adds the live pieces of streamed LLM answers as `item.token` messages
+//! (`{index, stage, text}`), without `id:` since they are not in the log and not replayed; a
+//! follower too slow for them gets `tokens.dropped` (`{missed}`) instead of a growing buffer.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -18,6 +22,7 @@ use serde::Deserialize;
 
 use super::{ApiError, App, job_id};
 use crate::events::view::{Coalescing, JobView};
+use crate::events::{Token, TokenSubscription};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -27,6 +32,9 @@ pub struct EventsQuery {
     max_items: Option<usize>,
     /// ... and go out at least this often while items finish (default 3000 ms).
     interval_ms: Option<u64>,
+    /// Also send `item.token` messages while stages stream LLM answers.
+    #[serde(default)]
+    tokens: bool,
 }
 
 const RETRY: Duration = Duration::from_secs(3);
@@ -61,29 +69,46 @@ pub async fn stream(
             .interval_ms
             .map_or(defaults.interval, Duration::from_millis),
     };
+    // Follow tokens before reading the log, so none arrives between the two unseen.
+    let tokens = q
+        .tokens
+        .then(|| app.jobs.pipeline().caps.tokens.subscribe(id));
     let view = JobView::new(app.events.clone(), id, job.total, after, coalescing)?;
-    let frames = futures::stream::unfold((view, true), |(mut view, first)| async move {
-        if first {
-            return Some((
-                Ok::<_, Infallible>(SseEvent::default().retry(RETRY)),
-                (view, false),
-            ));
-        }
-        match view.next().await {
-            Ok(Some(frame)) => {
-                let event = SseEvent::default()
-                    .id(frame.id.to_string())
-                    .event(frame.event)
-                    .data(frame.data.to_string());
-                Some((Ok(event), (view, false)))
+    let frames = futures::stream::unfold(
+        (view, tokens, true),
+        |(mut view, mut tokens, first)| async move {
+            if first {
+                return Some((
+                    Ok::<_, Infallible>(SseEvent::default().retry(RETRY)),
+                    (view, tokens, false),
+                ));
             }
-            Ok(None) => None,
-            Err(error) => {
-                tracing::error!(error = %format!("{error:#}"), "event stream failed");
-                None
-            }
-        }
-    });
+            let event = tokio::select! {
+                // Log frames first: the terminal one must not wait behind a flood of tokens.
+                biased;
+                frame = view.next() => match frame {
+                    Ok(Some(frame)) => SseEvent::default()
+                        .id(frame.id.to_string())
+                        .event(frame.event)
+                        .data(frame.data.to_string()),
+                    Ok(None) => return None,
+                    Err(error) => {
+                        tracing::error!(error = %format!("{error:#}"), "event stream failed");
+                        return None;
+                    }
+                },
+                token = next_token(&mut tokens) => match token {
+                    Ok(token) => SseEvent::default()
+                        .event("item.token")
+                        .data(serde_json::to_string(&token).expect("a token serialises")),
+                    Err(missed) => SseEvent::default()
+                        .event("tokens.dropped")
+                        .data(serde_json::json!({ "missed": missed }).to_string()),
+                },
+            };
+            Some((Ok(event), (view, tokens, false)))
+        },
+    );
     let headers = [
         (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
         (
@@ -96,4 +121,12 @@ pub async fn stream(
         Sse::new(frames).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)),
     )
         .into_response())
+}
+
+/// The next token of a follower; never, without one.
+async fn next_token(tokens: &mut Option<TokenSubscription>) -> Result<Token, u64> {
+    match tokens {
+        Some(tokens) => tokens.next().await,
+        None => std::future::pending().await,
+    }
 }

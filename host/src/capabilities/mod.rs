@@ -26,6 +26,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 pub use self::kv::KvNamespaces;
 pub use self::llm::{LlmClient, LlmUsage};
 pub use self::progress::{ProgressSink, ProgressUpdate};
+use crate::events::TokenHub;
 use crate::runtime::bindings::types::Context;
 use crate::runtime::{EpochClock, HandlerComponent, Runtime};
 use crate::store::Store;
@@ -39,6 +40,8 @@ pub struct Capabilities {
     pub store: Store,
     /// Woken when an effect is recorded, so the effect runner need not poll.
     pub effects_waiting: Notify,
+    /// Where `llm.chat-stream` sends the pieces of an answer as they arrive.
+    pub tokens: TokenHub,
 }
 
 /// Bytes of a guest's stderr kept for its error message.

@@ -6,11 +6,13 @@
 //! after N. Coalescing of progress happens in the view ([`view`]), so the log keeps every event.
 
 mod log;
+mod tokens;
 pub mod view;
 
 use serde::{Deserialize, Serialize};
 
 pub use log::{Entry, EventLog};
+pub use tokens::{Token, TokenHub, TokenSubscription};
 
 /// What happened. Serialised as `{"type": "...", ...fields}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use stagehand_sdk::llm::{ChatRequest, Role};
 use stagehand_sdk::{
-    Context, Envelope, StageError, chat_json, output, progress, retryable, stage::Guest,
+    Context, Envelope, StageError, chat_json_streamed, output, progress, retryable, stage::Guest,
     text_message,
 };
 
@@ -42,7 +42,7 @@ impl Guest for AnswerStage {
             temperature: Some(0.2),
             json_mode: true,
         };
-        let (answer, response) = chat_json::<Answer>(&request)?;
+        let (answer, response) = chat_json_streamed::<Answer>(&request)?;
         if answer.steps.is_empty()
             || answer.steps.iter().any(|s| s.trim().is_empty())
             || answer.answer.trim().is_empty()

@@ -145,7 +145,20 @@ pub fn text_message(role: llm::Role, text: impl Into<String>) -> llm::Message {
 pub fn chat_json<T: DeserializeOwned>(
     request: &llm::ChatRequest,
 ) -> Result<(T, llm::ChatResponse), StageError> {
-    let response = llm::chat(request)?;
+    parse_json_answer(llm::chat(request)?)
+}
+
+/// [`chat_json`] with the answer streamed: clients following the job see it being written
+/// (`item.token` events) while this waits for the whole of it.
+pub fn chat_json_streamed<T: DeserializeOwned>(
+    request: &llm::ChatRequest,
+) -> Result<(T, llm::ChatResponse), StageError> {
+    parse_json_answer(llm::chat_stream(request)?)
+}
+
+fn parse_json_answer<T: DeserializeOwned>(
+    response: llm::ChatResponse,
+) -> Result<(T, llm::ChatResponse), StageError> {
     let parsed = serde_json::from_str(strip_code_fence(&response.text)).map_err(|e| {
         retryable(format!(
             "model answer is not the JSON asked for ({e}): {}",

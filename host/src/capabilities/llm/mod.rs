@@ -6,14 +6,17 @@
 //! what is worth retrying and what is not.
 
 mod limits;
+mod stream;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use self::limits::{Gate, Limits};
 use super::HostState;
 use crate::config::LlmConfig;
+use crate::events::Token;
 use crate::runtime::bindings::llm::{
     ChatRequest, ChatResponse, ContentPart, Host, LlmError, Role, Usage,
 };
@@ -103,6 +106,21 @@ impl LlmClient {
     /// Send one chat completion for an item of `job`, once the limits admit it; waiting is
     /// round-robin across jobs.
     pub async fn chat(&self, job: &str, request: ChatRequest) -> Result<ChatResponse, LlmError> {
+        self.limited(job, request, |body| self.send(body)).await
+    }
+
+    /// Admit `request` through its model's and the provider's gates, `send` it, and account
+    /// for the answer: usage, 429 pauses, failures.
+    async fn limited<F, Fut>(
+        &self,
+        job: &str,
+        request: ChatRequest,
+        send: F,
+    ) -> Result<ChatResponse, LlmError>
+    where
+        F: FnOnce(Value) -> Fut,
+        Fut: Future<Output = Result<ChatResponse, LlmError>>,
+    {
         let estimate = estimated_tokens(&request);
         let body = self.body(request);
         let model = body["model"].as_str().unwrap_or_default();
@@ -116,7 +134,7 @@ impl LlmClient {
         let gates = || std::iter::once(&self.provider).chain(model_gate);
 
         self.usage.requests.fetch_add(1, Ordering::Relaxed);
-        let result = self.send(&body).await;
+        let result = send(body).await;
         match &result {
             Ok(response) => {
                 let usage = &response.usage;
@@ -141,7 +159,8 @@ impl LlmClient {
         result
     }
 
-    async fn send(&self, body: &Value) -> Result<ChatResponse, LlmError> {
+    /// POST `body`; a success status gives the response, any other an error sorted by status.
+    async fn post(&self, body: &Value) -> Result<reqwest::Response, LlmError> {
         let mut http = self.http.post(&self.endpoint).json(body);
         if let Some(key) = &self.api_key {
             http = http.bearer_auth(key);
@@ -154,22 +173,31 @@ impl LlmClient {
         if status == StatusCode::TOO_MANY_REQUESTS {
             return Err(LlmError::RateLimited(retry_after_ms(response.headers())));
         }
+        if status.is_success() {
+            return Ok(response);
+        }
         let body = response
             .text()
             .await
             .map_err(|e| LlmError::Unavailable(describe(&e)))?;
-        if status.is_server_error() {
-            return Err(LlmError::Unavailable(format!(
-                "{status}: {}",
-                crate::text::truncate(&body, MAX_QUOTED_BODY)
-            )));
-        }
-        if !status.is_success() {
-            return Err(LlmError::Rejected(format!(
-                "{status}: {}",
-                crate::text::truncate(&body, MAX_QUOTED_BODY)
-            )));
-        }
+        let message = format!(
+            "{status}: {}",
+            crate::text::truncate(&body, MAX_QUOTED_BODY)
+        );
+        Err(if status.is_server_error() {
+            LlmError::Unavailable(message)
+        } else {
+            LlmError::Rejected(message)
+        })
+    }
+
+    async fn send(&self, body: Value) -> Result<ChatResponse, LlmError> {
+        let body = self
+            .post(&body)
+            .await?
+            .text()
+            .await
+            .map_err(|e| LlmError::Unavailable(describe(&e)))?;
         parse_completion(&body)
     }
 
@@ -326,6 +354,33 @@ impl Host for HostState {
         let caps = self.caps.clone();
         let job = self.context.job_id.clone();
         Ok(self.meter.host_call(caps.llm.chat(&job, request)).await)
+    }
+
+    async fn chat_stream(
+        &mut self,
+        request: ChatRequest,
+    ) -> wasmtime::Result<Result<ChatResponse, LlmError>> {
+        let caps = self.caps.clone();
+        let job = self.context.job_id.clone();
+        let job_id = uuid::Uuid::parse_str(&job).ok();
+        let (index, stage): (u64, Arc<str>) =
+            (self.context.item_index, self.context.stage.as_str().into());
+        let on_text = |text: &str| {
+            if let Some(job_id) = job_id {
+                caps.tokens.publish(
+                    job_id,
+                    Token {
+                        index,
+                        stage: stage.clone(),
+                        text: text.to_string(),
+                    },
+                );
+            }
+        };
+        Ok(self
+            .meter
+            .host_call(caps.llm.chat_stream(&job, request, on_text))
+            .await)
     }
 }
 
