@@ -495,6 +495,142 @@ fn a_streamed_answer_reaches_followers_token_by_token() {
 }
 
 #[test]
+fn images_come_as_urls_base64_or_multipart_and_are_checked() {
+    use base64::Engine as _;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let mock = MockLlm::start(&[]);
+    let data = tempfile::tempdir().unwrap();
+    let server = serve(&mock, data.path(), &["--max-image-mib", "1"]);
+    let minor = |job: &str| -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while stagehand_tests::job_status(&server, job)["state"] == "running" {
+            assert!(Instant::now() < deadline, "job {job} never finished");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let results: Value = client()
+            .get(server.url(&format!("/v1/jobs/{job}/results")))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        results["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["output"]["vision"]["category"]["minor"].clone())
+            .collect()
+    };
+
+    // Bytes in JSON, and a data URL; the mock "sees" the decoded bytes.
+    let job = submit(
+        &server,
+        vec![
+            json!({ "user_id": "u1", "image_base64": b64(b"a crushed can"), "image_mime": "image/png" }),
+            json!({ "user_id": "u2", "image_url": format!("data:image/jpeg;base64,{}", b64(b"battery")) }),
+        ],
+        json!({}),
+    );
+    assert_eq!(minor(&job), [json!("can"), json!("battery")]);
+
+    // A multipart scan: the file part `image` and text fields.
+    let form = reqwest::blocking::multipart::Form::new()
+        .text("user_id", "u3")
+        .part(
+            "image",
+            reqwest::blocking::multipart::Part::bytes(b"my pet_bottle photo".to_vec())
+                .file_name("photo.jpg")
+                .mime_str("image/jpeg")
+                .unwrap(),
+        );
+    let response = client()
+        .post(server.url("/v1/scans"))
+        .multipart(form)
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let task = response.json::<Value>().unwrap()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(minor(&task), [json!("pet_bottle")]);
+    assert!(mock.stats()["vision"].as_u64().unwrap() >= 3);
+
+    // Refused at the door, naming the item: too large, not base64, not an image, bad scheme.
+    let refused = |response: reqwest::blocking::Response| {
+        let status = response.status().as_u16();
+        let body: Value = response.json().unwrap();
+        (
+            status,
+            body["error"]["message"].as_str().unwrap().to_string(),
+        )
+    };
+    let big = vec![7u8; (1 << 20) + 1];
+    let (status, message) = refused(
+        client()
+            .post(server.url("/v1/scans"))
+            .multipart(
+                reqwest::blocking::multipart::Form::new().part(
+                    "image",
+                    reqwest::blocking::multipart::Part::bytes(big.clone())
+                        .mime_str("image/jpeg")
+                        .unwrap(),
+                ),
+            )
+            .send()
+            .unwrap(),
+    );
+    assert_eq!(status, 413, "{message}");
+    assert!(message.contains("the limit is 1.0 MiB"), "{message}");
+    for (item, code, expected) in [
+        (
+            json!({ "image_base64": b64(&big) }),
+            413,
+            "item 1: the image is 1.0 MiB",
+        ),
+        (
+            json!({ "image_base64": "%%%" }),
+            422,
+            "item 1: `image_base64` is not valid base64",
+        ),
+        (
+            json!({ "image_base64": b64(b"x"), "image_mime": "text/html" }),
+            422,
+            "must be image/",
+        ),
+        (
+            json!({ "image_url": "file:///etc/passwd" }),
+            422,
+            "must be an http(s) or data: URL",
+        ),
+    ] {
+        let (status, message) = refused(
+            client()
+                .post(server.url("/v1/jobs"))
+                .json(&json!({ "items": [{ "image_url": "https://x/can.jpg" }, item] }))
+                .send()
+                .unwrap(),
+        );
+        assert_eq!(
+            (status, message.contains(expected)),
+            (code, true),
+            "{message}"
+        );
+    }
+    let (status, message) = refused(
+        client()
+            .post(server.url("/v1/scans"))
+            .multipart(reqwest::blocking::multipart::Form::new().text("user_id", "u4"))
+            .send()
+            .unwrap(),
+    );
+    assert_eq!(status, 422, "{message}");
+    assert!(
+        message.contains("needs a file part named `image`"),
+        "{message}"
+    );
+}
+
+#[test]
 fn jobs_are_listed_newest_first_with_a_state_filter() {
     let mock = MockLlm::start(&["--latency-ms", "300"]);
     let data = tempfile::tempdir().unwrap();

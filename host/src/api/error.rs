@@ -20,7 +20,7 @@ pub enum ApiError {
     Unauthorized(String),
     #[error("{0}")]
     Forbidden(String),
-    #[error("request body too large: {0}")]
+    #[error("{0}")]
     TooLarge(String),
     #[error("unsupported content type: {0}")]
     UnsupportedMedia(String),
@@ -70,7 +70,9 @@ impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
         let message = rejection.body_text();
         match rejection.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(message),
+            StatusCode::PAYLOAD_TOO_LARGE => {
+                ApiError::TooLarge(format!("request body too large: {message}"))
+            }
             StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::UnsupportedMedia(message),
             StatusCode::UNPROCESSABLE_ENTITY => ApiError::Unprocessable(message),
             _ => ApiError::BadRequest(message),

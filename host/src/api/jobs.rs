@@ -4,16 +4,16 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
+use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
 use axum::http::StatusCode;
+use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use super::{ApiError, App, MAX_PAGE, job_id, page_limit};
+use super::{ApiError, App, MAX_PAGE, images, job_id, page_limit};
 use crate::jobs::{CancelOutcome, Idempotency, JobOptions, Submitted};
 use crate::store::{JobRecord, JobState};
 
@@ -99,6 +99,9 @@ pub async fn submit(
             "`options.concurrency` must be at least 1".into(),
         ));
     }
+    for (index, item) in submission.items.iter().enumerate() {
+        images::check_item(item.get(), &format!("item {index}"), app.max_image_bytes)?;
+    }
     let idempotency = idempotency(&headers, &submission)?;
     let items = submission
         .items
@@ -113,24 +116,36 @@ pub async fn submit(
     Ok((status, Json(links(job.id))).into_response())
 }
 
-/// Seed 001's scan: one item in, its id out at once; its stream shows every stage.
-pub async fn scan(
-    State(app): State<Arc<App>>,
-    body: Result<Json<Box<RawValue>>, JsonRejection>,
-) -> Result<Response, ApiError> {
-    let Json(item) = body?;
-    if !item.get().trim_start().starts_with('{') {
-        return Err(ApiError::Unprocessable(
-            "a scan is one JSON object, e.g. {\"user_id\": ..., \"image_url\": ...}".into(),
-        ));
-    }
+/// Seed 001's scan: one item in, its id out at once; its stream shows every stage. The item is
+/// a JSON object, or a multipart form with the photo as a file part named `image`.
+pub async fn scan(State(app): State<Arc<App>>, request: Request) -> Result<Response, ApiError> {
+    let multipart = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("multipart/form-data"));
+    let item = if multipart {
+        let form = Multipart::from_request(request, &())
+            .await
+            .map_err(|e| ApiError::BadRequest(e.body_text()))?;
+        images::item_from_multipart(form, app.max_image_bytes)
+            .await?
+            .to_string()
+    } else {
+        let Json(item) = Json::<Box<RawValue>>::from_request(request, &()).await?;
+        if !item.get().trim_start().starts_with('{') {
+            return Err(ApiError::Unprocessable(
+                "a scan is one JSON object, e.g. {\"user_id\": ..., \"image_url\": ...}, or a \
+                 multipart form with an `image` file part"
+                    .into(),
+            ));
+        }
+        images::check_item(item.get(), "the scan", app.max_image_bytes)?;
+        item.get().to_string()
+    };
     let (_, job) = answer(
         app.jobs
-            .submit(
-                vec![item.get().as_bytes().to_vec()],
-                JobOptions::default(),
-                None,
-            )
+            .submit(vec![item.into_bytes()], JobOptions::default(), None)
             .await?,
     )?;
     let mut body = links(job.id);

@@ -23,6 +23,7 @@ mod auth;
 mod dead_letters;
 mod error;
 mod events;
+mod images;
 mod jobs;
 mod stages;
 
@@ -46,6 +47,8 @@ pub struct App {
     pub jobs: Arc<JobManager>,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// Largest image an item may carry, decoded.
+    pub max_image_bytes: usize,
     /// Stage versions installed while serving.
     pub versions: StageVersions,
     /// Bearer token of the admin routes; `None` turns them off.

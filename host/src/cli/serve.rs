@@ -40,6 +40,9 @@ pub struct ServeArgs {
     /// Largest request body accepted, in MiB.
     #[arg(long, default_value_t = 32)]
     max_body_mib: usize,
+    /// Largest image an item may carry (base64, data URL or multipart upload), in MiB.
+    #[arg(long, default_value_t = 10)]
+    max_image_mib: usize,
     /// On shutdown, how long running jobs get to finish.
     #[arg(long, default_value_t = 10)]
     drain_secs: u64,
@@ -119,6 +122,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
         events,
         jobs: jobs.clone(),
         max_body_bytes: args.max_body_mib << 20,
+        max_image_bytes: args.max_image_mib << 20,
         versions,
         admin_token: args.admin_token.filter(|t| !t.is_empty()),
     });
