@@ -18,9 +18,10 @@
 //! - [`jobs`]: running items through stages (retries, time limits, dead letters), jobs under a
 //!   concurrency limit, effects, and the [`jobs::JobManager`] that runs submitted jobs in the
 //!   background, resumes them after a restart and reprocesses dead letters.
-//! - [`events`]: each job's append-only event log in sled, published once durable, and the SSE
-//!   view of it.
+//! - [`events`]: each job's append-only event log in sled, published once durable, the SSE
+//!   view of it, and the live (unlogged) tokens of streamed LLM answers.
 //! - [`versions`]: stage versions installed while serving (hot swap), kept across restarts.
+//! - [`watch`]: settled file-change bursts, for `serve --watch` and kv namespace reloads.
 //! - [`api`]: the HTTP API (axum).
 //! - [`cli`]: the `stagehand` command.
 //!
@@ -42,3 +43,4 @@ pub mod runtime;
 pub mod store;
 pub mod text;
 pub mod versions;
+pub mod watch;

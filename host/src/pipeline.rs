@@ -134,7 +134,7 @@ impl Pipeline {
             })
             .collect();
         let llm = LlmClient::new(&config.llm).context("`[llm]`")?;
-        let kv = KvNamespaces::load(&config.kv)?;
+        let kv = Arc::new(KvNamespaces::load(&config.kv)?);
         let caps = Arc::new(Capabilities {
             runtime,
             llm,

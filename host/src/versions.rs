@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -13,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::pipeline::{KEPT_VERSIONS, Pipeline, Stage};
 use crate::runtime::StageComponent;
 use crate::store::Store;
+use crate::watch::{FileChanges, canonical};
 
 /// What an install did.
 pub struct Installed {
@@ -147,9 +147,6 @@ impl StageVersions {
     }
 }
 
-/// Quiet time after the last change of a file before it is read: a build writes in bursts.
-const SETTLE: Duration = Duration::from_millis(300);
-
 impl StageVersions {
     /// `serve --watch`: when a stage's component file (the path in the pipeline file) changes,
     /// install it as that stage's new version; an invalid file is logged and the old version
@@ -159,58 +156,21 @@ impl StageVersions {
         pipeline: Arc<Pipeline>,
         stop: tokio_util::sync::CancellationToken,
     ) -> Result<tokio::task::JoinHandle<()>> {
-        use notify::Watcher;
-        let files: HashMap<PathBuf, String> = pipeline
+        let stages: HashMap<PathBuf, String> = pipeline
             .stages
             .iter()
-            .map(|s| {
-                let path = s
-                    .config
-                    .component
-                    .canonicalize()
-                    .unwrap_or(s.config.component.clone());
-                (path, s.config.name.clone())
-            })
+            .map(|s| (canonical(&s.config.component), s.config.name.clone()))
             .collect();
-        let (changed, mut changes) = tokio::sync::mpsc::unbounded_channel::<PathBuf>();
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if let Ok(event) = event
-                    && !event.kind.is_access()
-                {
-                    for path in event.paths {
-                        let _ = changed.send(path);
-                    }
-                }
-            })
+        let mut changes = FileChanges::watch(stages.keys().map(PathBuf::as_path))
             .context("cannot watch the component files")?;
-        let dirs: std::collections::BTreeSet<PathBuf> = files
-            .keys()
-            .filter_map(|p| p.parent().map(PathBuf::from))
-            .collect();
-        for dir in &dirs {
-            watcher
-                .watch(dir, notify::RecursiveMode::NonRecursive)
-                .with_context(|| format!("cannot watch {}", dir.display()))?;
-        }
         let versions = self.clone();
         Ok(tokio::spawn(async move {
-            let _watcher = watcher;
             loop {
-                let first = tokio::select! {
-                    path = changes.recv() => match path { Some(p) => p, None => return },
+                let changed = tokio::select! {
+                    changed = changes.next() => match changed { Some(c) => c, None => return },
                     () = stop.cancelled() => return,
                 };
-                // Collect the burst, then act once per stage.
-                let mut touched = std::collections::BTreeSet::from([first]);
-                while let Ok(Some(path)) = tokio::time::timeout(SETTLE, changes.recv()).await {
-                    touched.insert(path);
-                }
-                let stages: std::collections::BTreeSet<&String> = touched
-                    .iter()
-                    .filter_map(|p| files.get(&p.canonicalize().unwrap_or(p.clone())))
-                    .collect();
-                for name in stages {
+                for name in changed.iter().filter_map(|path| stages.get(path)) {
                     versions.reload(&pipeline, name).await;
                 }
             }

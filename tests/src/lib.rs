@@ -141,6 +141,19 @@ pub fn serve_eco_scan(mock: &MockLlm, data: &Path, extra: &[&str]) -> Server {
     serve(&pipeline, data, Some(mock), extra)
 }
 
+/// A copy of the eco-scan pipeline file in `dir`, with absolute paths and `edit` applied to its
+/// text: for tests that change a limit or point a kv namespace elsewhere.
+pub fn eco_scan_pipeline(dir: &Path, edit: impl FnOnce(String) -> String) -> PathBuf {
+    let root = repo_root().display().to_string();
+    let text = std::fs::read_to_string(repo_root().join("examples/eco-scan/pipeline.toml"))
+        .expect("the eco-scan pipeline file")
+        .replace("\"../../target/", &format!("\"{root}/target/"))
+        .replace("file = \"", &format!("file = \"{root}/examples/eco-scan/"));
+    let path = dir.join("pipeline.toml");
+    std::fs::write(&path, edit(text)).expect("a writable test directory");
+    path
+}
+
 /// `stagehand inspect <what>` of the store in `data` (which no server may hold): its JSON lines.
 pub fn inspect(data: &Path, what: &[&str]) -> Vec<serde_json::Value> {
     let out = Command::new(binary("stagehand"))

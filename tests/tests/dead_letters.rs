@@ -7,23 +7,19 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use stagehand_tests::{MockLlm, Server, client, eco_items, read_frames, repo_root};
+use stagehand_tests::{MockLlm, Server, client, eco_items, eco_scan_pipeline, read_frames};
 
 /// The eco-scan pipeline with absolute paths and an `answer` stage that gives up after two
 /// tries of 300 ms each.
 fn pipeline(dir: &Path) -> String {
-    let root = repo_root().display().to_string();
-    let text = std::fs::read_to_string(repo_root().join("examples/eco-scan/pipeline.toml"))
-        .unwrap()
-        .replace("\"../../target/", &format!("\"{root}/target/"))
-        .replace("file = \"", &format!("file = \"{root}/examples/eco-scan/"))
-        .replace(
+    eco_scan_pipeline(dir, |text| {
+        text.replace(
             "name = \"answer\"\n",
             "name = \"answer\"\ntimeout_ms = 300\nmax_attempts = 2\nbackoff_ms = 50\n",
-        );
-    let path = dir.join("pipeline.toml");
-    std::fs::write(&path, text).unwrap();
-    path.display().to_string()
+        )
+    })
+    .display()
+    .to_string()
 }
 
 fn serve(mock: &MockLlm, data: &Path, extra: &[&str]) -> Server {

@@ -6,22 +6,16 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use stagehand_tests::{MockLlm, client, eco_items, job_status, repo_root, submit_job};
+use stagehand_tests::{MockLlm, client, eco_items, eco_scan_pipeline, job_status, submit_job};
 
-/// The eco-scan pipeline with absolute paths and at most two LLM requests in flight.
+/// The eco-scan pipeline with at most two LLM requests in flight.
 fn pipeline(dir: &Path) -> std::path::PathBuf {
-    let root = repo_root().display().to_string();
-    let text = std::fs::read_to_string(repo_root().join("examples/eco-scan/pipeline.toml"))
-        .unwrap()
-        .replace("\"../../target/", &format!("\"{root}/target/"))
-        .replace("file = \"", &format!("file = \"{root}/examples/eco-scan/"))
-        .replace(
+    eco_scan_pipeline(dir, |text| {
+        text.replace(
             "max_concurrent_requests = 64",
             "max_concurrent_requests = 2\nrequests_per_minute = 100000",
-        );
-    let path = dir.join("pipeline.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+        )
+    })
 }
 
 fn succeeded(server: &stagehand_tests::Server, job: &str) -> u64 {

@@ -18,6 +18,8 @@
 //! | `GET /v1/stages`                   | current and previous versions of each stage       |
 //! | `PUT /v1/stages/{name}`            | admin: hot swap to the `.wasm` in the body        |
 //! | `POST /v1/stages/{name}/rollback`  | admin: back to the previous version               |
+//! | `GET /v1/kv`                       | kv namespaces: file, entries, digest, load time   |
+//! | `POST /v1/kv/{namespace}/reload`   | admin: read the namespace's file again            |
 
 mod auth;
 mod dead_letters;
@@ -25,6 +27,7 @@ mod error;
 mod events;
 mod images;
 mod jobs;
+mod kv;
 mod stages;
 
 use std::sync::Arc;
@@ -68,6 +71,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/jobs/{id}/reprocess", post(dead_letters::reprocess))
         .route("/v1/dead-letters", get(dead_letters::list))
         .route("/v1/stages", get(stages::list))
+        .route("/v1/kv", get(kv::list))
+        .route("/v1/kv/{namespace}/reload", post(kv::reload))
         .route("/v1/stages/{name}", axum::routing::put(stages::install))
         .route("/v1/stages/{name}/rollback", post(stages::rollback))
         .route(

@@ -1,53 +1,168 @@
-//! `kv`: read-only lookups in namespaces loaded from JSON files.
+//! `kv`: read-only lookups in namespaces loaded from JSON files, reloadable while serving.
+//!
+//! Each namespace is swapped whole ([`ArcSwap`]): a guest sees the old entries or the new ones,
+//! never a mix, and a file that does not parse leaves the old entries in place. `serve` reloads
+//! a namespace when its file changes ([`KvNamespaces::watch`]) or on
+//! `POST /v1/kv/{namespace}/reload`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
+use arc_swap::ArcSwap;
+use serde::Serialize;
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 use super::HostState;
 use crate::runtime::bindings::kv::{Host, KvError};
+use crate::watch::{FileChanges, canonical};
 
-/// Namespaces by name; each maps a key to a JSON value kept as text, ready to hand to a guest.
-#[derive(Default, Clone)]
+/// One loaded version of a namespace: key -> JSON value as text, ready to hand to a guest.
+struct Entries {
+    entries: HashMap<String, String>,
+    info: NamespaceInfo,
+}
+
+/// What `GET /v1/kv` shows of a namespace.
+#[derive(Debug, Clone, Serialize)]
+pub struct NamespaceInfo {
+    pub name: String,
+    pub file: PathBuf,
+    pub entries: usize,
+    /// sha256 of the file's bytes, to tell which content is in use.
+    pub digest: String,
+    /// When this content was loaded (ms since the Unix epoch).
+    pub loaded_at: u64,
+    /// Times the namespace was reloaded since start.
+    pub reloads: u64,
+}
+
+struct Namespace {
+    file: PathBuf,
+    current: ArcSwap<Entries>,
+}
+
+#[derive(Default)]
 pub struct KvNamespaces {
-    namespaces: HashMap<String, Arc<HashMap<String, String>>>,
+    namespaces: BTreeMap<String, Namespace>,
+}
+
+/// Why a reload did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("no kv namespace `{0}`")]
+    Unknown(String),
+    #[error("{0:#}")]
+    Invalid(anyhow::Error),
 }
 
 impl KvNamespaces {
     /// Load each namespace from its file: a JSON object whose members are the entries.
     pub fn load(files: &BTreeMap<String, impl AsRef<Path>>) -> Result<Self> {
-        let mut namespaces = HashMap::new();
+        let mut namespaces = BTreeMap::new();
         for (name, path) in files {
-            let path = path.as_ref();
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("kv `{name}`: cannot read {}", path.display()))?;
-            let Value::Object(entries) = serde_json::from_str(&text)
-                .with_context(|| format!("kv `{name}`: {} is not JSON", path.display()))?
-            else {
-                bail!(
-                    "kv `{name}`: {} must hold a JSON object of key -> value",
-                    path.display()
-                );
-            };
-            let entries = entries
-                .into_iter()
-                .map(|(k, v)| (k, v.to_string()))
-                .collect();
-            namespaces.insert(name.clone(), Arc::new(entries));
+            let file = path.as_ref().to_path_buf();
+            let entries = read(name, &file, 0)?;
+            namespaces.insert(
+                name.clone(),
+                Namespace {
+                    file,
+                    current: ArcSwap::from_pointee(entries),
+                },
+            );
         }
         Ok(Self { namespaces })
     }
 
-    pub fn get(&self, namespace: &str, key: &str) -> Result<Option<&str>, KvError> {
-        let entries = self
+    pub fn get(&self, namespace: &str, key: &str) -> Result<Option<String>, KvError> {
+        let namespace = self
             .namespaces
             .get(namespace)
             .ok_or_else(|| KvError::NoSuchNamespace(namespace.to_string()))?;
-        Ok(entries.get(key).map(String::as_str))
+        Ok(namespace.current.load().entries.get(key).cloned())
     }
+
+    /// Read the namespace's file again and swap its entries in; on error the old ones stay.
+    pub fn reload(&self, name: &str) -> Result<NamespaceInfo, ReloadError> {
+        let namespace = self
+            .namespaces
+            .get(name)
+            .ok_or_else(|| ReloadError::Unknown(name.to_string()))?;
+        let reloads = namespace.current.load().info.reloads + 1;
+        let entries = read(name, &namespace.file, reloads).map_err(ReloadError::Invalid)?;
+        let info = entries.info.clone();
+        namespace.current.store(Arc::new(entries));
+        Ok(info)
+    }
+
+    pub fn list(&self) -> Vec<NamespaceInfo> {
+        self.namespaces
+            .values()
+            .map(|n| n.current.load().info.clone())
+            .collect()
+    }
+
+    /// Reload a namespace whenever its file changes, until `stop`.
+    pub fn watch(
+        self: Arc<Self>,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Result<tokio::task::JoinHandle<()>> {
+        let files: HashMap<PathBuf, String> = self
+            .namespaces
+            .iter()
+            .map(|(name, n)| (canonical(&n.file), name.clone()))
+            .collect();
+        let mut changes = FileChanges::watch(files.keys().map(PathBuf::as_path))
+            .context("cannot watch the kv files")?;
+        Ok(tokio::spawn(async move {
+            loop {
+                let changed = tokio::select! {
+                    changed = changes.next() => match changed { Some(c) => c, None => return },
+                    () = stop.cancelled() => return,
+                };
+                for name in changed.iter().filter_map(|path| files.get(path)) {
+                    match self.reload(name) {
+                        Ok(info) => {
+                            tracing::info!(namespace = %name, entries = info.entries, digest = %info.digest, "kv namespace reloaded (file changed)")
+                        }
+                        Err(error) => {
+                            tracing::warn!(namespace = %name, %error, "the changed kv file is refused; the old entries stay")
+                        }
+                    }
+                }
+            }
+        }))
+    }
+}
+
+fn read(name: &str, path: &Path, reloads: u64) -> Result<Entries> {
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("kv `{name}`: cannot read {}", path.display()))?;
+    let Value::Object(entries) = serde_json::from_slice(&bytes)
+        .with_context(|| format!("kv `{name}`: {} is not JSON", path.display()))?
+    else {
+        bail!(
+            "kv `{name}`: {} must hold a JSON object of key -> value",
+            path.display()
+        );
+    };
+    let entries: HashMap<String, String> = entries
+        .into_iter()
+        .map(|(k, v)| (k, v.to_string()))
+        .collect();
+    Ok(Entries {
+        info: NamespaceInfo {
+            name: name.to_string(),
+            file: path.to_path_buf(),
+            entries: entries.len(),
+            digest: format!("{:x}", Sha256::digest(&bytes)),
+            loaded_at: crate::store::now_ms(),
+            reloads,
+        },
+        entries,
+    })
 }
 
 impl Host for HostState {
@@ -56,10 +171,6 @@ impl Host for HostState {
         namespace: String,
         key: String,
     ) -> wasmtime::Result<Result<Option<String>, KvError>> {
-        Ok(self
-            .caps
-            .kv
-            .get(&namespace, &key)
-            .map(|v| v.map(str::to_string)))
+        Ok(self.caps.kv.get(&namespace, &key))
     }
 }

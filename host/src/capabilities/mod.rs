@@ -23,7 +23,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-pub use self::kv::KvNamespaces;
+pub use self::kv::{KvNamespaces, NamespaceInfo, ReloadError};
 pub use self::llm::{LlmClient, LlmUsage};
 pub use self::progress::{ProgressSink, ProgressUpdate};
 use crate::events::TokenHub;
@@ -35,7 +35,7 @@ use crate::store::Store;
 pub struct Capabilities {
     pub runtime: Arc<Runtime>,
     pub llm: LlmClient,
-    pub kv: KvNamespaces,
+    pub kv: Arc<KvNamespaces>,
     pub handlers: BTreeMap<String, Arc<HandlerComponent>>,
     pub store: Store,
     /// Woken when an effect is recorded, so the effect runner need not poll.

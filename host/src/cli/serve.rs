@@ -117,6 +117,8 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     } else {
         None
     };
+    // kv files are always watched: refreshing a lookup table must not need a restart.
+    let kv_watcher = pipeline.caps.kv.clone().watch(stop_effects.clone())?;
     let app = Arc::new(App {
         store: store.clone(),
         events,
@@ -153,7 +155,10 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     stop_effects.cancel();
     effects_task.await??;
     let _ = sweeper.await;
-    for task in [auto_reprocess, watcher].into_iter().flatten() {
+    for task in [auto_reprocess, watcher, Some(kv_watcher)]
+        .into_iter()
+        .flatten()
+    {
         let _ = task.await;
     }
     store.flush().await?;

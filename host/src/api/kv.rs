@@ -1,0 +1,39 @@
+//! kv namespaces for operators: what is loaded, and reloading one after its file changed
+//! (`serve` also reloads on its own when it sees the file change).
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use serde_json::{Value, json};
+
+use super::{ApiError, App};
+use crate::capabilities::ReloadError;
+
+/// `GET /v1/kv`: each namespace's file, entry count, content digest and load time.
+pub async fn list(State(app): State<Arc<App>>) -> Json<Value> {
+    Json(json!({ "namespaces": app.jobs.pipeline().caps.kv.list() }))
+}
+
+/// `POST /v1/kv/{namespace}/reload` (admin): read the file again; a file that does not parse is
+/// a 422 and the old entries stay in use.
+pub async fn reload(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    super::auth::admin(&app, &headers)?;
+    let kv = app.jobs.pipeline().caps.kv.clone();
+    // Reading and parsing a large file is blocking work.
+    let reloaded = tokio::task::spawn_blocking(move || kv.reload(&name))
+        .await
+        .map_err(anyhow::Error::from)?;
+    match reloaded {
+        Ok(info) => Ok(Json(json!(info))),
+        Err(error @ ReloadError::Unknown(_)) => Err(ApiError::NotFound(error.to_string())),
+        Err(error @ ReloadError::Invalid(_)) => Err(ApiError::Unprocessable(format!(
+            "{error}; the old entries stay in use"
+        ))),
+    }
+}

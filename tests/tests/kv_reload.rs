@@ -1,0 +1,147 @@
+//! kv namespaces reload without a restart: the reward stage's character catalog (kv
+//! `characters`, read by the `character-match` handler) changes when its file changes, and on
+//! the admin call; a broken file is refused and the old entries keep serving.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use stagehand_tests::{MockLlm, Server, client, eco_scan_pipeline, job_status, repo_root};
+
+const TOKEN: &str = "kv-admin-token";
+
+/// The character catalog with recyclable/plastic's character renamed.
+fn catalog(plastic: &str) -> String {
+    let text =
+        std::fs::read_to_string(repo_root().join("examples/eco-scan/characters.json")).unwrap();
+    let mut catalog: Value = serde_json::from_str(&text).unwrap();
+    catalog["recyclable/plastic"] = json!({ "id": format!("char-{plastic}"), "name": plastic });
+    catalog.to_string()
+}
+
+/// Scan a PET bottle; the name of the character the reward stage found.
+fn scanned_character(server: &Server) -> String {
+    let response = client()
+        .post(server.url("/v1/scans"))
+        .json(&json!({ "user_id": "u1", "image_url": "https://img.example/pet_bottle.jpg" }))
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let task = response.json::<Value>().unwrap()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while job_status(server, &task)["state"] == "running" {
+        assert!(Instant::now() < deadline, "the scan never finished");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let results: Value = client()
+        .get(server.url(&format!("/v1/jobs/{task}/results")))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    results["results"][0]["output"]["reward"]["character"]["name"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no character in {results}"))
+        .to_string()
+}
+
+fn characters_namespace(server: &Server) -> Value {
+    let all: Value = client()
+        .get(server.url("/v1/kv"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    all["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "characters")
+        .unwrap()
+        .clone()
+}
+
+fn reload(server: &Server, namespace: &str, token: Option<&str>) -> (StatusCode, Value) {
+    let mut request = client().post(server.url(&format!("/v1/kv/{namespace}/reload")));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().unwrap();
+    let status = response.status();
+    (status, response.json().unwrap_or(Value::Null))
+}
+
+#[test]
+fn the_character_catalog_reloads_on_file_change_and_on_request() {
+    let mock = MockLlm::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let characters = dir.path().join("characters.json");
+    std::fs::write(&characters, catalog("Petty")).unwrap();
+    let pipeline = eco_scan_pipeline(dir.path(), |text| {
+        let shipped = format!(
+            "{}/examples/eco-scan/characters.json",
+            repo_root().display()
+        );
+        text.replace(&shipped, &characters.display().to_string())
+    });
+    let server = stagehand_tests::serve(
+        &pipeline,
+        &dir.path().join("data"),
+        Some(&mock),
+        &["--admin-token", TOKEN],
+    );
+    assert_eq!(scanned_character(&server), "Petty");
+    let first = characters_namespace(&server);
+    assert_eq!(first["reloads"], 0);
+
+    // Change the file: the server notices and swaps the catalog in.
+    write_atomically(&characters, &catalog("Petty II"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while characters_namespace(&server)["digest"] == first["digest"] {
+        assert!(
+            Instant::now() < deadline,
+            "the file change was not picked up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(scanned_character(&server), "Petty II");
+
+    // A broken file is refused, by the watcher and by the admin call; the old catalog stays.
+    let before = characters_namespace(&server);
+    std::fs::write(&characters, "{ not json").unwrap();
+    let (status, body) = reload(&server, "characters", Some(TOKEN));
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("is not JSON") && message.contains("the old entries stay in use"),
+        "{message}"
+    );
+    std::thread::sleep(Duration::from_millis(800)); // the watcher's turn
+    assert_eq!(characters_namespace(&server)["digest"], before["digest"]);
+    assert_eq!(scanned_character(&server), "Petty II");
+
+    // The admin call: needs the token, names unknown namespaces, reloads at once.
+    std::fs::write(&characters, catalog("Petty III")).unwrap();
+    assert_eq!(
+        reload(&server, "characters", None).0,
+        StatusCode::UNAUTHORIZED
+    );
+    let (status, body) = reload(&server, "no_such", Some(TOKEN));
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let (status, body) = reload(&server, "characters", Some(TOKEN));
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["entries"], first["entries"]);
+    assert_ne!(body["digest"], before["digest"]);
+    assert_eq!(scanned_character(&server), "Petty III");
+}
+
+/// Replace a file the way deploy tools do: write a sibling, rename it over.
+fn write_atomically(path: &Path, text: &str) {
+    let temporary = path.with_extension("tmp");
+    std::fs::write(&temporary, text).unwrap();
+    std::fs::rename(&temporary, path).unwrap();
+}
