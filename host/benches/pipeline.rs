@@ -90,7 +90,7 @@ async fn runtime_floor(calls: u64) {
                 cancel: CancellationToken::new(),
                 progress: None,
             };
-            stage.current().run(call, input).await.unwrap();
+            stage.current().run(call, input).await.0.unwrap();
         }
     };
     let started = Instant::now();

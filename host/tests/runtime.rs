@@ -275,7 +275,7 @@ async fn cancelling_interrupts_a_running_guest() {
 }
 
 #[tokio::test]
-async fn guests_see_no_environment_and_no_files() {
+async fn guests_see_no_environment_files_sockets_or_clock() {
     let fixture = Fixture::new();
     let pipeline = fixture.load(fixture.config(&hostile(""))).await;
     let cancel = CancellationToken::new();
@@ -290,6 +290,40 @@ async fn guests_see_no_environment_and_no_files() {
         ItemStatus::Succeeded,
         "reading a host file must fail inside the guest: {file:?}"
     );
+
+    // A socket: the listener is there, the guest may not reach it.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let item = format!(
+        r#"{{"do":"socket","target":"{}"}}"#,
+        listener.local_addr().unwrap()
+    );
+    let socket = run_one(&pipeline, &item, &cancel).await;
+    assert_eq!(
+        socket.status,
+        ItemStatus::Succeeded,
+        "connecting must fail inside the guest: {socket:?}"
+    );
+    let error: serde_json::Value = serde_json::from_str(socket.output.unwrap().get()).unwrap();
+    assert!(error["hostile"]["socket_error"].is_string(), "{error}");
+    assert_eq!(
+        listener.accept().unwrap_err().kind(),
+        std::io::ErrorKind::WouldBlock,
+        "the guest reached the listener"
+    );
+
+    // The clock: frozen at the job's creation, and no time passes on the monotonic one.
+    let before = stagehand::store::now_ms();
+    let clock = run_one(&pipeline, r#"{"do":"clock"}"#, &cancel).await;
+    let after = stagehand::store::now_ms();
+    let seen: serde_json::Value = serde_json::from_str(clock.output.unwrap().get()).unwrap();
+    let (wall, elapsed) = (&seen["hostile"]["wall_ms"], &seen["hostile"]["elapsed_ns"]);
+    assert_eq!(wall[0], wall[1], "the wall clock moved: {seen}");
+    assert!(
+        (before..=after).contains(&wall[0].as_u64().unwrap()),
+        "{seen}"
+    );
+    assert_eq!(elapsed, 0, "{seen}");
 }
 
 #[tokio::test]

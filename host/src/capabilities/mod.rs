@@ -3,8 +3,9 @@
 //! A guest gets nothing but these: `llm` (the provider, its key and its limits stay here), `kv`
 //! (read-only JSON namespaces), `dispatch` (handlers and durable effects), `progress`, `log`,
 //! and for handlers `records`. WASI is linked only because Rust's std imports it; its context
-//! is empty (no files, sockets, environment or arguments) and stderr is captured so that a
-//! panicking guest's message ends up in the item's error.
+//! is empty (no files, sockets, name lookups, environment or arguments), its clocks are frozen
+//! ([`FrozenClock`]), and stderr is captured so that a panicking guest's message ends up in the
+//! item's error. Random bytes are the one thing WASI gives as it is. docs/SANDBOX.md lists it all.
 
 mod dispatch;
 mod kv;
@@ -108,8 +109,14 @@ impl HostState {
         progress: Option<ProgressSink>,
     ) -> Self {
         let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
+        let frozen = FrozenClock::at_creation_of(&context.job_id);
         let wasi = wasmtime_wasi::WasiCtxBuilder::new()
             .stderr(stderr.clone())
+            .wall_clock(frozen)
+            .monotonic_clock(frozen)
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
             .build();
         let clock = caps.runtime.clock().clone();
         let budget = (limits.cpu.as_millis() / crate::runtime::TICK.as_millis()).max(1) as u64;
@@ -139,6 +146,46 @@ impl HostState {
         String::from_utf8_lossy(&self.stderr.contents())
             .trim()
             .to_string()
+    }
+}
+
+/// The only clock a guest sees: the job's creation time (from its UUIDv7 id), frozen, and a
+/// monotonic clock that stays at 0. Time is the host's to measure and limit (`cpu_ms`,
+/// `timeout_ms`); a stage that read the real clock would also give other answers on a retry or
+/// a replay after a crash.
+#[derive(Clone, Copy)]
+struct FrozenClock {
+    since_epoch: Duration,
+}
+
+impl FrozenClock {
+    fn at_creation_of(job_id: &str) -> Self {
+        let since_epoch = uuid::Uuid::parse_str(job_id)
+            .ok()
+            .and_then(|id| id.get_timestamp())
+            .map_or(Duration::ZERO, |t| {
+                let (secs, nanos) = t.to_unix();
+                Duration::new(secs, nanos)
+            });
+        Self { since_epoch }
+    }
+}
+
+impl wasmtime_wasi::HostWallClock for FrozenClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_millis(1)
+    }
+    fn now(&self) -> Duration {
+        self.since_epoch
+    }
+}
+
+impl wasmtime_wasi::HostMonotonicClock for FrozenClock {
+    fn resolution(&self) -> u64 {
+        1_000_000
+    }
+    fn now(&self) -> u64 {
+        0
     }
 }
 

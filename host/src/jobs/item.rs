@@ -146,8 +146,8 @@ pub async fn run_item(
                     item_limit = Some(limit);
                 }
             }
-            let (tried, component) = if stage_limits.timeout.is_zero() {
-                (Err(Failure::Timeout(item_limit.unwrap_or_default())), None)
+            let (tried, used, component) = if stage_limits.timeout.is_zero() {
+                (Err(Failure::Timeout(item_limit.unwrap_or_default())), None, None)
             } else {
                 let _permit = stage.enter().await;
                 let component = stage.current();
@@ -165,10 +165,17 @@ pub async fn run_item(
                     progress: hooks.progress.clone(),
                 };
                 tell(name, "running", attempt, None, None, None);
-                (component.run(call, &envelope).await, Some(component))
+                let (tried, used) = component.run(call, &envelope).await;
+                (tried, Some(used), Some(component))
             };
             let failure = match tried {
-                Ok((output, stats)) => break Ok((output, stats, component.expect("it ran"))),
+                Ok(output) => {
+                    break Ok((
+                        output,
+                        used.expect("it ran"),
+                        component.expect("it ran"),
+                    ));
+                }
                 Err(Failure::Timeout(_)) if item_limit.is_some() => {
                     Failure::Timeout(item_limit.expect("checked"))
                 }
@@ -179,6 +186,7 @@ pub async fn run_item(
                 kind: failure.kind().as_str().into(),
                 message: failure.to_string(),
                 at: now_ms(),
+                cpu_ms: used.map(|used| used.cpu.as_secs_f64() * 1e3),
             });
             let retry_in = (failure.retryable() && attempt < policy.max_attempts)
                 .then(|| next_try_delay(pipeline, &policy, item, attempt + 1));

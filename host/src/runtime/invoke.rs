@@ -116,8 +116,9 @@ pub struct Call {
 }
 
 impl StageComponent {
-    /// Run this stage once for one item, in a fresh store.
-    pub async fn run(&self, call: Call, input: &str) -> Result<(String, CallStats), Failure> {
+    /// Run this stage once for one item, in a fresh store. What it used is measured whether it
+    /// succeeds or not.
+    pub async fn run(&self, call: Call, input: &str) -> (Result<String, Failure>, CallStats) {
         let (limits, cancel, context) = (call.limits, call.cancel.clone(), call.context.clone());
         let mut store = new_store(call);
         let started = Instant::now();
@@ -165,26 +166,26 @@ impl HandlerComponent {
             HandlerError::Retryable(m) => Failure::Retryable(m),
             HandlerError::Fatal(m) => Failure::Fatal(m),
         };
-        settle(result, guest_said, &store, &limits, started)
+        let (output, stats) = settle(result, guest_said, &store, &limits, started);
+        output.map(|output| (output, stats))
     }
 }
 
-/// Turn a bounded call's outcome into the output and its stats, or the failure.
+/// Turn a bounded call's outcome into the output or the failure, and what the call used.
 fn settle<E>(
     result: Result<wasmtime::Result<Result<String, E>>, Failure>,
     guest_said: impl FnOnce(E) -> Failure,
     store: &Store<HostState>,
     limits: &Limits,
     started: Instant,
-) -> Result<(String, CallStats), Failure> {
+) -> (Result<String, Failure>, CallStats) {
     let output = match result {
-        Ok(Ok(Ok(output))) => output,
-        Ok(Ok(Err(error))) => return Err(guest_said(error)),
-        Ok(Err(error)) => return Err(classify(store, error, limits)),
-        Err(failure) => return Err(failure),
+        Ok(Ok(Ok(output))) => check_output(&output, limits).map(|()| output),
+        Ok(Ok(Err(error))) => Err(guest_said(error)),
+        Ok(Err(error)) => Err(classify(store, error, limits)),
+        Err(failure) => Err(failure),
     };
-    check_output(&output, limits)?;
-    Ok((output, stats(store, started)))
+    (output, stats(store, started))
 }
 
 fn new_store(call: Call) -> Store<HostState> {

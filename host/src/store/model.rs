@@ -111,6 +111,9 @@ pub struct Attempt {
     pub message: String,
     /// When it failed, ms since the Unix epoch.
     pub at: u64,
+    /// Guest CPU this try used (absent if it never started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_ms: Option<f64>,
 }
 
 /// One stage's run for an item, as recorded in its result.

@@ -13,6 +13,9 @@ struct Item {
     /// For `flaky`: the first try that succeeds.
     #[serde(default)]
     until: u32,
+    /// For `socket`: the address to connect to.
+    #[serde(default)]
+    target: String,
 }
 
 struct Hostile;
@@ -44,6 +47,29 @@ impl Guest for Hostile {
                 Ok(_) => Err(fatal("read a host file")),
                 Err(e) => output(&serde_json::json!({ "file_error": e.to_string() })),
             },
+            "socket" => match std::net::TcpStream::connect(&item.target) {
+                Ok(_) => Err(fatal("opened a socket")),
+                Err(e) => output(&serde_json::json!({ "socket_error": e.to_string() })),
+            },
+            "clock" => {
+                let wall = || {
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis() as u64)
+                        .unwrap_or(0)
+                };
+                let (wall_before, start) = (wall(), std::time::Instant::now());
+                // Some milliseconds of work between the two readings.
+                let mut n: u64 = 0;
+                for _ in 0..20_000_000 {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+                output(&serde_json::json!({
+                    "wall_ms": [wall_before, wall()],
+                    "elapsed_ns": start.elapsed().as_nanos() as u64,
+                    "n": n,
+                }))
+            }
             "log" => {
                 stagehand_sdk::log(log::Level::Info, "hello from a guest");
                 output(&serde_json::json!({ "logged": true }))

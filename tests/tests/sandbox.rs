@@ -1,0 +1,132 @@
+//! Hostile guests over real HTTP: in one job, an infinite loop, a memory bomb, a trap, an output
+//! past the limit and attempts to reach the environment, files, sockets and the clock, among
+//! well-behaved items. Each bad item fails alone with a clear error; the others succeed, and
+//! the server keeps serving another job meanwhile.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use stagehand_tests::{client, job_status, repo_root, submit_job};
+
+fn pipeline(dir: &std::path::Path) -> std::path::PathBuf {
+    let wasm = repo_root().join("target/wasm32-wasip2/release/hostile.wasm");
+    let text = format!(
+        r#"name = "sandbox"
+[llm]
+base_url = "http://127.0.0.1:9/v1"
+model = "none"
+
+[defaults]
+memory_mib = 16
+cpu_ms = 300
+timeout_ms = 10000
+max_output_kib = 4
+max_attempts = 1
+
+[[stage]]
+name = "hostile"
+component = "{}"
+"#,
+        wasm.display()
+    );
+    let path = dir.join("pipeline.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn results(server: &stagehand_tests::Server, job: &str) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while job_status(server, job)["state"] == "running" {
+        assert!(Instant::now() < deadline, "job {job} did not end");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let page: Value = client()
+        .get(server.url(&format!("/v1/jobs/{job}/results?limit=100")))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    page["results"].as_array().unwrap().clone()
+}
+
+#[test]
+fn each_hostile_item_fails_alone_and_the_server_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = stagehand_tests::serve(&pipeline(dir.path()), dir.path(), None, &[]);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let target = listener.local_addr().unwrap().to_string();
+
+    let hostile = submit_job(
+        &server,
+        vec![
+            json!({ "do": "echo" }),
+            json!({ "do": "loop" }),
+            json!({ "do": "alloc" }),
+            json!({ "do": "trap" }),
+            json!({ "do": "big-output", "size": 10000 }),
+            json!({ "do": "env" }),
+            json!({ "do": "file" }),
+            json!({ "do": "socket", "target": target }),
+            json!({ "do": "clock" }),
+            json!({ "do": "echo" }),
+        ],
+        json!({ "concurrency": 10 }),
+    );
+    // Another job, submitted while the hostile one runs, is served as usual.
+    let calm = submit_job(&server, vec![json!({ "do": "echo" }); 20], json!({}));
+    let calm = results(&server, &calm);
+    assert_eq!(calm.len(), 20);
+    assert!(calm.iter().all(|r| r["status"] == "succeeded"), "{calm:?}");
+
+    let results = results(&server, &hostile);
+    let outcome = |index: usize| -> (String, String, String) {
+        let r = &results[index];
+        (
+            r["status"].as_str().unwrap().to_string(),
+            r["error"]["kind"].as_str().unwrap_or_default().to_string(),
+            r["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        )
+    };
+    for (index, kind, says) in [
+        (1, "cpu_budget", "CPU budget of 300ms"),
+        (2, "memory_cap", "memory cap of 16 MiB"),
+        (3, "trap", "hostile stage asked to trap"),
+        (4, "invalid_output", "more than the limit of 4096 bytes"),
+    ] {
+        let (status, got_kind, message) = outcome(index);
+        assert_eq!(
+            (status.as_str(), got_kind.as_str()),
+            ("failed", kind),
+            "item {index}: {message}"
+        );
+        assert!(message.contains(says), "item {index}: {message}");
+    }
+    // The probes run, and find nothing.
+    let output = |index: usize| results[index]["output"]["hostile"].clone();
+    for index in [0, 5, 6, 7, 8, 9] {
+        assert_eq!(results[index]["status"], "succeeded", "{}", results[index]);
+    }
+    assert_eq!(output(5), json!({ "vars": 0, "home": null }));
+    assert!(output(6)["file_error"].is_string());
+    assert!(output(7)["socket_error"].is_string());
+    assert_eq!(
+        listener.accept().unwrap_err().kind(),
+        std::io::ErrorKind::WouldBlock
+    );
+    let clock = output(8);
+    assert_eq!(clock["wall_ms"][0], clock["wall_ms"][1]);
+    assert_eq!(clock["elapsed_ns"], 0);
+    // CPU is recorded per stage for every item: a succeeded stage in `stages`, each failed try
+    // in `error.attempts`, the stopped loop at its budget.
+    let echo_cpu = results[0]["stages"][0]["cpu_ms"].as_f64().unwrap();
+    let loop_cpu = results[1]["error"]["attempts"][0]["cpu_ms"].as_f64().unwrap();
+    assert!(echo_cpu < 100.0, "an echo used {echo_cpu} ms");
+    assert!(loop_cpu >= 290.0, "the loop used {loop_cpu} ms");
+
+    let health = client().get(server.url("/v1/jobs")).send().unwrap();
+    assert_eq!(health.status(), 200);
+}
