@@ -123,7 +123,9 @@ fn each_hostile_item_fails_alone_and_the_server_keeps_serving() {
     // CPU is recorded per stage for every item: a succeeded stage in `stages`, each failed try
     // in `error.attempts`, the stopped loop at its budget.
     let echo_cpu = results[0]["stages"][0]["cpu_ms"].as_f64().unwrap();
-    let loop_cpu = results[1]["error"]["attempts"][0]["cpu_ms"].as_f64().unwrap();
+    let loop_cpu = results[1]["error"]["attempts"][0]["cpu_ms"]
+        .as_f64()
+        .unwrap();
     assert!(echo_cpu < 100.0, "an echo used {echo_cpu} ms");
     assert!(loop_cpu >= 290.0, "the loop used {loop_cpu} ms");
 

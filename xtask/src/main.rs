@@ -1,7 +1,9 @@
 //! `cargo xtask <command>`: the project's build glue, so that a fresh machine needs nothing but
 //! Rust and rustup.
 //!
-//! - `plugins`: build every guest in `plugins/` for wasm32-wasip2 (adding the target if missing).
+//! - `plugins`: build every guest in `plugins/` for wasm32-wasip2 (adding the target if missing),
+//!   and the Python stages of `plugins/python/` with componentize-py (installed from PyPI into a
+//!   virtualenv under `target/python/`).
 //! - `demo [eco-scan]`: build everything, start the mock LLM, run the example end to end with
 //!   `stagehand run`; `demo prompt-eval`: the same through `stagehand serve`, following the job
 //!   over SSE and paging through its results.
@@ -73,7 +75,92 @@ fn plugins_dir(root: &Path) -> PathBuf {
 
 fn plugins(root: &Path) -> Result<()> {
     ensure_wasm_target()?;
-    cargo_plugins(root, "build", &[])
+    cargo_plugins(root, "build", &[])?;
+    python_plugins(root)
+}
+
+/// The componentize-py release the Python stages are built with.
+const COMPONENTIZE_PY: &str = "componentize-py==0.25.1";
+
+/// Build each `plugins/python/<name>/app.py` into `<name>_py.wasm`, a component of the `stage`
+/// world, unless it is newer than its sources and the WIT.
+fn python_plugins(root: &Path) -> Result<()> {
+    let venv = root.join("target/python/venv");
+    let tool = venv.join("bin/componentize-py");
+    let out_dir = plugins_dir(root);
+    let wit = root.join("wit/pipeline.wit");
+    for entry in std::fs::read_dir(root.join("plugins/python"))? {
+        let dir = entry?.path();
+        let app = dir.join("app.py");
+        if !app.is_file() {
+            continue;
+        }
+        let name = dir.file_name().expect("a directory name").to_string_lossy();
+        let out = out_dir.join(format!("{name}_py.wasm"));
+        if is_newer(&out, &[&app, &wit]) {
+            continue;
+        }
+        if !tool.is_file() {
+            ensure_python_venv(&venv)?;
+            run(
+                root,
+                path(&venv.join("bin/pip")),
+                &["install", "--quiet", COMPONENTIZE_PY],
+            )?;
+        }
+        std::fs::create_dir_all(&out_dir)?;
+        run(
+            root,
+            path(&tool),
+            &[
+                "-d",
+                "wit",
+                "-w",
+                "stage",
+                "componentize",
+                "-p",
+                path(&dir),
+                "app",
+                "-o",
+                path(&out),
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// A virtualenv at `venv`; Debian splits `venv` out of python3, so install it if it is missing.
+fn ensure_python_venv(venv: &Path) -> Result<()> {
+    let create = || {
+        Command::new("python3")
+            .args(["-m", "venv", path(venv)])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if create() {
+        return Ok(());
+    }
+    run(Path::new("."), "apt-get", &["update", "-q"])?;
+    run(
+        Path::new("."),
+        "apt-get",
+        &["install", "-y", "-q", "python3", "python3-venv"],
+    )?;
+    if !create() {
+        bail!("cannot create a Python virtualenv at {}", venv.display());
+    }
+    Ok(())
+}
+
+/// `file` exists and was written after every one of `sources`.
+fn is_newer(file: &Path, sources: &[&Path]) -> bool {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let Some(built) = modified(file) else {
+        return false;
+    };
+    sources
+        .iter()
+        .all(|source| modified(source).is_some_and(|m| m < built))
 }
 
 /// `cargo <command>` on the guests' workspace, for wasm32-wasip2, into the one `target/`.

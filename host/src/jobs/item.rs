@@ -147,7 +147,11 @@ pub async fn run_item(
                 }
             }
             let (tried, used, component) = if stage_limits.timeout.is_zero() {
-                (Err(Failure::Timeout(item_limit.unwrap_or_default())), None, None)
+                (
+                    Err(Failure::Timeout(item_limit.unwrap_or_default())),
+                    None,
+                    None,
+                )
             } else {
                 let _permit = stage.enter().await;
                 let component = stage.current();
@@ -170,11 +174,7 @@ pub async fn run_item(
             };
             let failure = match tried {
                 Ok(output) => {
-                    break Ok((
-                        output,
-                        used.expect("it ran"),
-                        component.expect("it ran"),
-                    ));
+                    break Ok((output, used.expect("it ran"), component.expect("it ran")));
                 }
                 Err(Failure::Timeout(_)) if item_limit.is_some() => {
                     Failure::Timeout(item_limit.expect("checked"))
