@@ -51,3 +51,97 @@ fn a_file_that_is_not_a_component_fails_with_a_reason() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("not a WebAssembly file"), "{stderr}");
 }
+
+fn stagehand(args: &[&str]) -> Output {
+    Command::new(binary("stagehand"))
+        .args(args)
+        .output()
+        .expect("stagehand runs")
+}
+
+/// `stagehand plugin new`: the crate it writes builds as it is into a component of the `stage`
+/// world, which runs in a pipeline (LLM call, fatal error for a bad item included).
+#[test]
+fn a_new_stage_from_the_template_builds_checks_and_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let parent = dir.path().to_str().unwrap();
+    let out = stagehand(&["plugin", "new", "short-summary", "--dir", parent]);
+    assert!(out.status.success(), "{out:?}");
+    let crate_dir = dir.path().join("short-summary");
+    assert!(crate_dir.join("wit/pipeline.wit").is_file());
+
+    // Refused: the same name again (nothing overwritten), and a name that is no crate name.
+    let again = stagehand(&["plugin", "new", "short-summary", "--dir", parent]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    let bad = stagehand(&["plugin", "new", "Bad Name", "--dir", parent]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("is not a usable name"));
+
+    // Built the way its README says, into a target dir kept warm across runs.
+    let target = stagehand_tests::repo_root().join("target/plugin-template");
+    let build = Command::new("cargo")
+        .args(["build", "--release", "--target", "wasm32-wasip2"])
+        .env("CARGO_TARGET_DIR", &target)
+        .current_dir(&crate_dir)
+        .output()
+        .expect("cargo runs");
+    assert!(
+        build.status.success(),
+        "{}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+    let wasm = target.join("wasm32-wasip2/release/short_summary.wasm");
+    let checked = check(&wasm);
+    let text = String::from_utf8_lossy(&checked.stdout);
+    assert!(text.contains("world `stage`: ok"), "{text}");
+
+    // In a pipeline, with the mock as its LLM.
+    let mock = stagehand_tests::MockLlm::start(&[]);
+    let pipeline = dir.path().join("pipeline.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "name = \"summaries\"\n[llm]\nbase_url = \"{}\"\nmodel = \"m\"\n\
+             [[stage]]\nname = \"summary\"\ncomponent = \"{}\"\nmax_attempts = 1\n",
+            mock.base_url(),
+            wasm.display()
+        ),
+    )
+    .unwrap();
+    let items = dir.path().join("items.jsonl");
+    std::fs::write(
+        &items,
+        "{\"text\": \"a long story\"}\n{\"text\": \"another one\"}\n{\"no_text\": 1}\n",
+    )
+    .unwrap();
+    let results = dir.path().join("out.jsonl");
+    let data = dir.path().join("data");
+    let run = stagehand(&[
+        "run",
+        pipeline.to_str().unwrap(),
+        items.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--out",
+        results.to_str().unwrap(),
+    ]);
+    let results: Vec<serde_json::Value> = std::fs::read_to_string(&results)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(results.len(), 3, "{run:?}");
+    assert_eq!(
+        results[0]["output"]["summary"]["summary"],
+        "Mock answer: Summarise in one line: a long story"
+    );
+    assert_eq!(results[1]["status"], "succeeded");
+    assert_eq!(results[2]["status"], "failed");
+    assert_eq!(results[2]["error"]["kind"], "fatal");
+    assert!(
+        results[2]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("the item has no `text`")
+    );
+}
