@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use futures::future::try_join_all;
 use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 
@@ -28,16 +28,50 @@ pub struct Stage {
     current: ArcSwap<StageComponent>,
     /// Versions swapped out, oldest first, for rollback; at most [`KEPT_VERSIONS`].
     previous: Mutex<Vec<Arc<StageComponent>>>,
+    /// A version on trial: a share of the items get it instead of `current`.
+    canary: ArcSwapOption<Canary>,
     permits: Option<Semaphore>,
+}
+
+/// A version that `percent` % of the items entering the stage get, chosen by item id so that an
+/// item keeps its version across retries, restarts and reprocessing.
+pub struct Canary {
+    pub version: Arc<StageComponent>,
+    pub percent: u8,
+}
+
+impl Canary {
+    /// Whether `item` is in the canary's share. Item ids are UUID v5 (a hash), so their low bits
+    /// spread items evenly.
+    pub fn takes(&self, item: uuid::Uuid) -> bool {
+        (item.as_u128() % 100) < u128::from(self.percent)
+    }
 }
 
 /// Previous versions kept per stage for rollback.
 pub const KEPT_VERSIONS: usize = 5;
 
 impl Stage {
-    /// The version to use for an item entering the stage now.
+    /// The version most items entering the stage now get.
     pub fn current(&self) -> Arc<StageComponent> {
         self.current.load_full()
+    }
+
+    /// The version `item` gets entering the stage now: the canary's if it is in its share.
+    pub fn version_for(&self, item: uuid::Uuid) -> Arc<StageComponent> {
+        match &*self.canary.load() {
+            Some(canary) if canary.takes(item) => canary.version.clone(),
+            _ => self.current(),
+        }
+    }
+
+    pub fn canary(&self) -> Option<Arc<Canary>> {
+        self.canary.load_full()
+    }
+
+    /// Put `canary` on trial (replacing any other), or end the trial with `None`.
+    pub fn set_canary(&self, canary: Option<Canary>) {
+        self.canary.store(canary.map(Arc::new));
     }
 
     /// Versions that can be rolled back to, newest last.
@@ -45,10 +79,12 @@ impl Stage {
         self.previous.lock().expect("not poisoned").clone()
     }
 
-    /// Make `version` the one new entries get; items already in the stage finish on theirs.
+    /// Make `version` the one new entries get (ending any canary trial); items already in the
+    /// stage finish on theirs.
     pub fn swap(&self, version: Arc<StageComponent>) {
         let mut previous = self.previous.lock().expect("not poisoned");
         let old = self.current.swap(version);
+        self.canary.store(None);
         previous.push(old);
         if previous.len() > KEPT_VERSIONS {
             previous.remove(0);
@@ -130,6 +166,7 @@ impl Pipeline {
                 config: config.clone(),
                 current: ArcSwap::new(component),
                 previous: Mutex::default(),
+                canary: ArcSwapOption::empty(),
                 permits: config.concurrency.map(Semaphore::new),
             })
             .collect();

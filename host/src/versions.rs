@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::pipeline::{KEPT_VERSIONS, Pipeline, Stage};
+use crate::pipeline::{Canary, KEPT_VERSIONS, Pipeline, Stage};
 use crate::runtime::StageComponent;
 use crate::store::Store;
 use crate::watch::{FileChanges, canonical};
@@ -36,12 +36,31 @@ pub enum InstallError {
 struct Record {
     current: String,
     previous: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    canary: Option<CanaryRecord>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct CanaryRecord {
+    digest: String,
+    percent: u8,
+}
+
+/// What a rollback did.
+pub enum Rollback {
+    /// A canary was on trial: it is gone, the current version stays.
+    CanaryDropped(Arc<StageComponent>),
+    /// The version before the current one is current again.
+    Back(Arc<StageComponent>),
+    /// Nothing to go back to.
+    Nothing,
 }
 
 #[derive(Clone)]
 pub struct StageVersions {
     dir: PathBuf,
     tree: sled::Tree,
+    store: Store,
 }
 
 impl StageVersions {
@@ -52,16 +71,19 @@ impl StageVersions {
         Ok(Self {
             dir,
             tree: store.tree("stage_versions")?,
+            store: store.clone(),
         })
     }
 
     /// Validate `bytes` against the `stage` world and compile them (on a blocking thread), keep
-    /// them on disk, then make them the version new entries of stage `name` get.
+    /// them on disk, then make them the version new entries of stage `name` get, or with
+    /// `canary`, the version that share (in %) of them gets.
     pub async fn install(
         &self,
         pipeline: &Pipeline,
         name: &str,
         bytes: Vec<u8>,
+        canary: Option<u8>,
     ) -> Result<Installed, InstallError> {
         let stage = pipeline
             .stage(name)
@@ -75,13 +97,19 @@ impl StageVersions {
                 .with_context(|| format!("cannot write {}", path.display()))?;
         }
         let replaced = stage.current().meta.digest.clone();
-        stage.swap(version.clone());
-        self.save(stage)?;
+        match canary {
+            Some(percent) => stage.set_canary(Some(Canary {
+                version: version.clone(),
+                percent,
+            })),
+            None => stage.swap(version.clone()),
+        }
+        self.save(stage).await?;
         Ok(Installed { version, replaced })
     }
 
-    /// Go back to the version before the current one of stage `name`.
-    pub fn rollback(
+    /// Make stage `name`'s canary its current version; `None` if it has no canary.
+    pub async fn promote(
         &self,
         pipeline: &Pipeline,
         name: &str,
@@ -89,14 +117,39 @@ impl StageVersions {
         let stage = pipeline
             .stage(name)
             .ok_or_else(|| InstallError::UnknownStage(name.into()))?;
-        let back = stage.rollback();
-        if back.is_some() {
-            self.save(stage)?;
-        }
-        Ok(back)
+        let Some(canary) = stage.canary() else {
+            return Ok(None);
+        };
+        stage.swap(canary.version.clone());
+        self.save(stage).await?;
+        Ok(Some(canary.version.clone()))
     }
 
-    fn save(&self, stage: &Stage) -> Result<()> {
+    /// End stage `name`'s canary trial if it has one, else go back to the version before the
+    /// current one.
+    pub async fn rollback(
+        &self,
+        pipeline: &Pipeline,
+        name: &str,
+    ) -> Result<Rollback, InstallError> {
+        let stage = pipeline
+            .stage(name)
+            .ok_or_else(|| InstallError::UnknownStage(name.into()))?;
+        let outcome = if let Some(canary) = stage.canary() {
+            stage.set_canary(None);
+            Rollback::CanaryDropped(canary.version.clone())
+        } else if let Some(back) = stage.rollback() {
+            Rollback::Back(back)
+        } else {
+            return Ok(Rollback::Nothing);
+        };
+        self.save(stage).await?;
+        Ok(outcome)
+    }
+
+    /// Record the stage's versions, durably: an operator's change survives a crash once
+    /// acknowledged.
+    async fn save(&self, stage: &Stage) -> Result<()> {
         let record = Record {
             current: stage.current().meta.digest.clone(),
             previous: stage
@@ -104,10 +157,14 @@ impl StageVersions {
                 .iter()
                 .map(|v| v.meta.digest.clone())
                 .collect(),
+            canary: stage.canary().map(|c| CanaryRecord {
+                digest: c.version.meta.digest.clone(),
+                percent: c.percent,
+            }),
         };
         self.tree
             .insert(stage.config.name.as_bytes(), serde_json::to_vec(&record)?)?;
-        Ok(())
+        self.store.flush().await
     }
 
     /// At start-up: give each stage the versions an operator installed before the restart. A
@@ -120,27 +177,41 @@ impl StageVersions {
             };
             let record: Record = serde_json::from_slice(&raw).context("corrupt stage_versions")?;
             let from_file = stage.current();
-            if record.current == from_file.meta.digest && record.previous.is_empty() {
+            if record.current == from_file.meta.digest
+                && record.previous.is_empty()
+                && record.canary.is_none()
+            {
                 continue;
             }
-            let mut chain = Vec::new();
-            for digest in record.previous.iter().chain([&record.current]) {
+            let load = async |digest: &String| {
                 if *digest == from_file.meta.digest {
-                    chain.push(from_file.clone());
-                    continue;
+                    return Some(from_file.clone());
                 }
                 let path = self.dir.join(format!("{digest}.wasm"));
                 match StageComponent::load(&pipeline.caps.runtime, &stage.config.name, &path).await
                 {
-                    Ok(version) => chain.push(version),
+                    Ok(version) => Some(version),
                     Err(error) => {
-                        tracing::warn!(stage = %stage.config.name, %digest, error = %format!("{error:#}"), "an installed version cannot be restored")
+                        tracing::warn!(stage = %stage.config.name, %digest, error = %format!("{error:#}"), "an installed version cannot be restored");
+                        None
                     }
                 }
+            };
+            let mut chain = Vec::new();
+            for digest in record.previous.iter().chain([&record.current]) {
+                chain.extend(load(digest).await);
             }
             let Some(current) = chain.pop() else { continue };
             let keep = chain.len().saturating_sub(KEPT_VERSIONS);
             stage.restore(current, chain.split_off(keep));
+            if let Some(canary) = &record.canary
+                && let Some(version) = load(&canary.digest).await
+            {
+                stage.set_canary(Some(Canary {
+                    version,
+                    percent: canary.percent,
+                }));
+            }
             restored += 1;
         }
         Ok(restored)
@@ -191,7 +262,7 @@ impl StageVersions {
         if crate::runtime::digest(&bytes) == stage.current().meta.digest {
             return;
         }
-        match self.install(pipeline, name, bytes).await {
+        match self.install(pipeline, name, bytes, None).await {
             Ok(installed) => {
                 tracing::info!(stage = %name, digest = %installed.version.meta.digest, replaced = %installed.replaced, "stage swapped (file changed)")
             }

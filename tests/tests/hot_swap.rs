@@ -208,6 +208,116 @@ fn the_answer_stage_is_swapped_mid_job_without_failing_an_item_and_rolled_back()
     assert_eq!(status, StatusCode::CONFLICT);
 }
 
+fn admin_post(server: &Server, path: &str) -> (StatusCode, Value) {
+    let response = client()
+        .post(server.url(path))
+        .bearer_auth(TOKEN)
+        .send()
+        .unwrap();
+    let status = response.status();
+    (status, response.json().unwrap_or(Value::Null))
+}
+
+/// Whether an item is in a canary's share: the item id (a UUID) as a number, mod 100.
+fn in_share(item_id: &str, percent: u128) -> bool {
+    u128::from_str_radix(&item_id.replace('-', ""), 16).unwrap() % 100 < percent
+}
+
+#[test]
+fn a_canary_serves_its_share_of_items_then_is_promoted_or_dropped() {
+    let mock = MockLlm::start(&[]);
+    let data = tempfile::tempdir().unwrap();
+    let admin = ["--admin-token", TOKEN];
+    let mut server = serve_eco_scan(&mock, data.path(), &admin);
+    let (old, _) = versions(&server, "answer");
+    let trial = with_custom_section(plugin("answer"), "canary");
+
+    for share in ["0", "100"] {
+        let path = format!("answer?canary={share}");
+        let (status, _) = put_stage(&server, &path, Some(TOKEN), trial.clone());
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "a share of {share} %"
+        );
+    }
+    let (status, body) = put_stage(&server, "answer?canary=30", Some(TOKEN), trial.clone());
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let new = body["canary"]["digest"].as_str().unwrap().to_string();
+    assert_eq!(body["canary"]["percent"], 30);
+    assert_eq!(body["current"]["digest"], old.as_str());
+
+    // A restart keeps the trial going.
+    server.child().kill().unwrap();
+    server.child().wait().unwrap();
+    let server = serve_eco_scan(&mock, data.path(), &admin);
+    let answer = stages(&server)["stages"][2].clone();
+    assert_eq!(answer["name"], "answer");
+    assert_eq!(
+        (
+            answer["current"]["digest"].as_str(),
+            answer["canary"]["digest"].as_str()
+        ),
+        (Some(old.as_str()), Some(new.as_str()))
+    );
+    assert_eq!(answer["canary"]["percent"], 30);
+
+    // 30 % of the items, chosen by item id, ran the canary; the rest the current version.
+    let job = submit_job(&server, eco_items(300), json!({}));
+    wait_until_done(&server, &job);
+    let results = all_results(&server, &job);
+    assert!(results.iter().all(|r| r["status"] == "succeeded"));
+    let mut on_canary = 0;
+    for result in &results {
+        let expected = if in_share(result["item_id"].as_str().unwrap(), 30) {
+            on_canary += 1;
+            &new
+        } else {
+            &old
+        };
+        assert_eq!(&stage_digest(result, "answer"), expected, "{result}");
+    }
+    assert!(
+        (45..=135).contains(&on_canary),
+        "{on_canary} of 300 on the canary"
+    );
+
+    // Promote: every item gets it, the old version is the one to roll back to.
+    let (status, body) = admin_post(&server, "/v1/stages/answer/promote");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        versions(&server, "answer"),
+        (new.clone(), vec![old.clone()])
+    );
+    assert!(stages(&server)["stages"][2]["canary"].is_null());
+    let (status, _) = admin_post(&server, "/v1/stages/answer/promote");
+    assert_eq!(status, StatusCode::CONFLICT, "nothing left to promote");
+
+    // A canary that goes badly is dropped by a rollback; the current version stays.
+    let (status, body) = put_stage(
+        &server,
+        "answer?canary=50",
+        Some(TOKEN),
+        with_custom_section(plugin("answer"), "canary-2"),
+    );
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = admin_post(&server, "/v1/stages/answer/rollback");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["current"]["digest"], new.as_str());
+    assert!(body["canary_dropped"]["digest"].is_string());
+    assert_eq!(
+        versions(&server, "answer"),
+        (new.clone(), vec![old.clone()])
+    );
+    let one = submit_job(&server, eco_items(20), json!({}));
+    wait_until_done(&server, &one);
+    assert!(
+        all_results(&server, &one)
+            .iter()
+            .all(|r| stage_digest(r, "answer") == new)
+    );
+}
+
 #[test]
 fn admin_routes_are_off_without_a_token() {
     let mock = MockLlm::start(&[]);

@@ -16,8 +16,9 @@
 //! | `DELETE /v1/dead-letters/{job}/{i}`| discard                                           |
 //! | `POST /v1/dead-letters/{job}/{i}/reprocess` | run one again                            |
 //! | `GET /v1/stages`                   | current and previous versions of each stage       |
-//! | `PUT /v1/stages/{name}`            | admin: hot swap to the `.wasm` in the body        |
-//! | `POST /v1/stages/{name}/rollback`  | admin: back to the previous version               |
+//! | `PUT /v1/stages/{name}`            | admin: hot swap to the `.wasm` in the body; `?canary=P` for P % of items |
+//! | `POST /v1/stages/{name}/rollback`  | admin: end a canary, else back to the previous one |
+//! | `POST /v1/stages/{name}/promote`   | admin: the canary becomes current                 |
 //! | `GET /v1/kv`                       | kv namespaces: file, entries, digest, load time   |
 //! | `POST /v1/kv/{namespace}/reload`   | admin: read the namespace's file again            |
 
@@ -75,6 +76,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/kv/{namespace}/reload", post(kv::reload))
         .route("/v1/stages/{name}", axum::routing::put(stages::install))
         .route("/v1/stages/{name}/rollback", post(stages::rollback))
+        .route("/v1/stages/{name}/promote", post(stages::promote))
         .route(
             "/v1/dead-letters/{job}/{index}",
             get(dead_letters::inspect).delete(dead_letters::discard),

@@ -1,16 +1,19 @@
-//! Stage versions for operators: list, hot swap, roll back. Changes need the admin token.
+//! Stage versions for operators: list, hot swap (at once, or as a canary for a share of the
+//! items), promote a canary, roll back. Changes need the admin token.
 
 use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, App};
 use crate::runtime::{CacheOutcome, StageComponent};
-use crate::versions::InstallError;
+use crate::versions::{InstallError, Rollback};
 
 fn version(v: &StageComponent) -> Value {
     json!({ "digest": v.meta.digest, "loaded_in_ms": v.meta.load_time.as_secs_f64() * 1e3 })
@@ -25,9 +28,15 @@ pub async fn list(State(app): State<Arc<App>>) -> Json<Value> {
         .iter()
         .map(|stage| {
             let previous: Vec<Value> = stage.previous().iter().rev().map(|v| version(v)).collect();
+            let canary = stage.canary().map(|c| {
+                let mut canary = version(&c.version);
+                canary["percent"] = json!(c.percent);
+                canary
+            });
             json!({
                 "name": stage.config.name,
                 "current": version(&stage.current()),
+                "canary": canary,
                 "previous": previous,
             })
         })
@@ -45,15 +54,30 @@ impl From<InstallError> for ApiError {
     }
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstallQuery {
+    /// Put the version on trial for this share (1 to 99 %) of the items instead.
+    canary: Option<u8>,
+}
+
 /// `PUT /v1/stages/{name}` with a `.wasm` body: validated against the `stage` world and
-/// compiled, then new entries of the stage use it; items in the stage finish on the old one.
+/// compiled, then new entries of the stage use it (or, with `?canary=P`, P % of them); items in
+/// the stage finish on the version they entered with.
 pub async fn install(
     State(app): State<Arc<App>>,
     Path(name): Path<String>,
     headers: HeaderMap,
+    query: Result<Query<InstallQuery>, QueryRejection>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     super::auth::admin(&app, &headers)?;
+    let Query(InstallQuery { canary }) = query?;
+    if canary.is_some_and(|p| !(1..=99).contains(&p)) {
+        return Err(ApiError::Unprocessable(
+            "`canary` is a share of the items in %, from 1 to 99".into(),
+        ));
+    }
     if body.is_empty() {
         return Err(ApiError::BadRequest(
             "the body must be the stage's .wasm component".into(),
@@ -61,12 +85,25 @@ pub async fn install(
     }
     let installed = app
         .versions
-        .install(app.jobs.pipeline(), &name, body.to_vec())
+        .install(app.jobs.pipeline(), &name, body.to_vec(), canary)
         .await?;
-    tracing::info!(stage = %name, digest = %installed.version.meta.digest, replaced = %installed.replaced, "stage swapped");
+    let new = version(&installed.version);
+    let (current, trial) = match canary {
+        Some(percent) => {
+            tracing::info!(stage = %name, digest = %installed.version.meta.digest, percent, "canary on trial");
+            let mut trial = new;
+            trial["percent"] = json!(percent);
+            (json!({ "digest": installed.replaced }), Some(trial))
+        }
+        None => {
+            tracing::info!(stage = %name, digest = %installed.version.meta.digest, replaced = %installed.replaced, "stage swapped");
+            (new, None)
+        }
+    };
     Ok(Json(json!({
         "name": name,
-        "current": version(&installed.version),
+        "current": current,
+        "canary": trial,
         // A cached compile (this exact .wasm was seen before) is a hit; else the compile time.
         "compile_ms": match installed.version.meta.cache {
             CacheOutcome::Hit => None,
@@ -76,17 +113,39 @@ pub async fn install(
     })))
 }
 
-/// `POST /v1/stages/{name}/rollback`: back to the version before the current one.
+/// `POST /v1/stages/{name}/rollback`: end the canary trial if there is one, else back to the
+/// version before the current one.
 pub async fn rollback(
     State(app): State<Arc<App>>,
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     super::auth::admin(&app, &headers)?;
-    match app.versions.rollback(app.jobs.pipeline(), &name)? {
-        Some(back) => Ok(Json(json!({ "name": name, "current": version(&back) }))),
+    let current = || version(&app.jobs.pipeline().stage(&name).expect("known").current());
+    match app.versions.rollback(app.jobs.pipeline(), &name).await? {
+        Rollback::CanaryDropped(dropped) => Ok(Json(json!({
+            "name": name,
+            "current": current(),
+            "canary_dropped": version(&dropped),
+        }))),
+        Rollback::Back(back) => Ok(Json(json!({ "name": name, "current": version(&back) }))),
+        Rollback::Nothing => Err(ApiError::Conflict(format!(
+            "stage `{name}` has no canary and no earlier version to roll back to"
+        ))),
+    }
+}
+
+/// `POST /v1/stages/{name}/promote`: the canary becomes the version every item gets.
+pub async fn promote(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    super::auth::admin(&app, &headers)?;
+    match app.versions.promote(app.jobs.pipeline(), &name).await? {
+        Some(promoted) => Ok(Json(json!({ "name": name, "current": version(&promoted) }))),
         None => Err(ApiError::Conflict(format!(
-            "stage `{name}` has no earlier version to roll back to"
+            "stage `{name}` has no canary to promote"
         ))),
     }
 }

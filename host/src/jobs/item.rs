@@ -154,7 +154,7 @@ pub async fn run_item(
                 )
             } else {
                 let _permit = stage.enter().await;
-                let component = stage.current();
+                let component = stage.version_for(item.item_id);
                 let call = Call {
                     caps: Arc::clone(&pipeline.caps),
                     context: Context {
