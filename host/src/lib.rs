@@ -22,6 +22,7 @@
 //!   view of it, and the live (unlogged) tokens of streamed LLM answers.
 //! - [`versions`]: stage versions installed while serving (hot swap), kept across restarts.
 //! - [`watch`]: settled file-change bursts, for `serve --watch` and kv namespace reloads.
+//! - [`metrics`]: every Prometheus metric, named in one place.
 //! - [`api`]: the HTTP API (axum).
 //! - [`cli`]: the `stagehand` command.
 //!
@@ -38,6 +39,7 @@ pub mod cli;
 pub mod config;
 pub mod events;
 pub mod jobs;
+pub mod metrics;
 pub mod pipeline;
 pub mod runtime;
 pub mod store;

@@ -104,6 +104,7 @@ impl StageVersions {
             })),
             None => stage.swap(version.clone()),
         }
+        crate::metrics::stage_change(name, if canary.is_some() { "canary" } else { "swap" });
         self.save(stage).await?;
         Ok(Installed { version, replaced })
     }
@@ -121,6 +122,7 @@ impl StageVersions {
             return Ok(None);
         };
         stage.swap(canary.version.clone());
+        crate::metrics::stage_change(name, "promote");
         self.save(stage).await?;
         Ok(Some(canary.version.clone()))
     }
@@ -137,8 +139,10 @@ impl StageVersions {
             .ok_or_else(|| InstallError::UnknownStage(name.into()))?;
         let outcome = if let Some(canary) = stage.canary() {
             stage.set_canary(None);
+            crate::metrics::stage_change(name, "canary_dropped");
             Rollback::CanaryDropped(canary.version.clone())
         } else if let Some(back) = stage.rollback() {
+            crate::metrics::stage_change(name, "rollback");
             Rollback::Back(back)
         } else {
             return Ok(Rollback::Nothing);

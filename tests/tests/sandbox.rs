@@ -132,3 +132,36 @@ fn each_hostile_item_fails_alone_and_the_server_keeps_serving() {
     let health = client().get(server.url("/v1/jobs")).send().unwrap();
     assert_eq!(health.status(), 200);
 }
+
+/// `--log-format json`: one JSON object per line, a guest's `log.write` tagged with the spans of
+/// its job, item and stage.
+#[test]
+fn json_logs_carry_the_job_item_and_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    let items = dir.path().join("items.jsonl");
+    std::fs::write(&items, "{\"do\": \"log\"}\n").unwrap();
+    let out = std::process::Command::new(stagehand_tests::binary("stagehand"))
+        .arg("run")
+        .arg(pipeline(dir.path()))
+        .arg(&items)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--log-format", "json"])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line: Value = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["fields"]["message"] == "hello from a guest")
+        .unwrap_or_else(|| panic!("no guest log line in\n{stderr}"));
+    assert_eq!(line["level"], "INFO");
+    assert_eq!(line["spans"][0]["name"], "item");
+    assert_eq!(line["spans"][0]["index"], 0);
+    assert!(line["spans"][0]["job"].is_string() && line["spans"][0]["item"].is_string());
+    assert_eq!(line["spans"][1]["name"], "stage");
+    assert_eq!(line["spans"][1]["stage"], "hostile");
+    assert_eq!(line["spans"][1]["attempt"], 1);
+}

@@ -630,6 +630,67 @@ fn images_come_as_urls_base64_or_multipart_and_are_checked() {
     );
 }
 
+/// The value of one series in a Prometheus text exposition.
+fn series(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn metrics_count_stages_items_llm_calls_and_subscribers() {
+    let mock = MockLlm::start(&["--latency-ms", "50"]);
+    let data = tempfile::tempdir().unwrap();
+    let server = serve(&mock, data.path(), &[]);
+    let metrics = || {
+        client()
+            .get(server.url("/metrics"))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap()
+    };
+
+    let job = submit(&server, items(6), json!({ "concurrency": 1 }));
+    // A subscriber is counted while its stream is open.
+    let mut stream = events(&server, &job, "", None);
+    let mut first = [0u8; 64];
+    std::io::Read::read(&mut stream, &mut first).unwrap();
+    assert_eq!(series(&metrics(), "stagehand_sse_subscribers"), Some(1.0));
+    let frames = read_frames(stream, |_| false);
+    assert_eq!(frames.last().unwrap().event, "job.completed");
+
+    let text = metrics();
+    let value = |name: &str| series(&text, name).unwrap_or_else(|| panic!("no {name} in\n{text}"));
+    for stage in ["vision", "rule", "answer", "reward"] {
+        let tries =
+            format!("stagehand_stage_tries_total{{stage=\"{stage}\",outcome=\"succeeded\"}}");
+        assert_eq!(value(&tries), 6.0);
+        assert_eq!(
+            value(&format!(
+                "stagehand_stage_cpu_seconds_count{{stage=\"{stage}\"}}"
+            )),
+            6.0
+        );
+    }
+    assert!(value("stagehand_stage_duration_seconds_sum{stage=\"vision\"}") >= 6.0 * 0.05);
+    assert_eq!(value("stagehand_items_total{status=\"succeeded\"}"), 6.0);
+    assert_eq!(value("stagehand_items_in_flight"), 0.0);
+    assert_eq!(value("stagehand_jobs_total{event=\"submitted\"}"), 1.0);
+    assert_eq!(value("stagehand_jobs_total{event=\"completed\"}"), 1.0);
+    assert_eq!(
+        value("stagehand_llm_requests_total{model=\"gpt-4o-mini\",outcome=\"ok\"}"),
+        12.0
+    );
+    assert!(value("stagehand_llm_tokens_total{model=\"gpt-4o-mini\",kind=\"prompt\"}") > 0.0);
+    assert_eq!(
+        value("stagehand_llm_request_duration_seconds_count{model=\"gpt-4o-mini\"}"),
+        12.0
+    );
+    assert_eq!(value("stagehand_llm_waiting_requests"), 0.0);
+    assert_eq!(value("stagehand_sse_subscribers"), 0.0);
+}
+
 #[test]
 fn jobs_are_listed_newest_first_with_a_state_filter() {
     let mock = MockLlm::start(&["--latency-ms", "300"]);

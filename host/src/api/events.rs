@@ -74,13 +74,15 @@ pub async fn stream(
         .tokens
         .then(|| app.jobs.pipeline().caps.tokens.subscribe(id));
     let view = JobView::new(app.events.clone(), id, job.total, after, coalescing)?;
+    // Counted while the stream lives: the guard goes with the stream's state.
+    let subscriber = crate::metrics::sse_subscriber();
     let frames = futures::stream::unfold(
-        (view, tokens, true),
-        |(mut view, mut tokens, first)| async move {
+        (view, tokens, true, subscriber),
+        |(mut view, mut tokens, first, subscriber)| async move {
             if first {
                 return Some((
                     Ok::<_, Infallible>(SseEvent::default().retry(RETRY)),
-                    (view, tokens, false),
+                    (view, tokens, false, subscriber),
                 ));
             }
             let event = tokio::select! {
@@ -106,7 +108,7 @@ pub async fn stream(
                         .data(serde_json::json!({ "missed": missed }).to_string()),
                 },
             };
-            Some((Ok(event), (view, tokens, false)))
+            Some((Ok(event), (view, tokens, false, subscriber)))
         },
     );
     let headers = [

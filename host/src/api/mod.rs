@@ -19,6 +19,7 @@
 //! | `PUT /v1/stages/{name}`            | admin: hot swap to the `.wasm` in the body; `?canary=P` for P % of items |
 //! | `POST /v1/stages/{name}/rollback`  | admin: end a canary, else back to the previous one |
 //! | `POST /v1/stages/{name}/promote`   | admin: the canary becomes current                 |
+//! | `GET /metrics`                     | Prometheus metrics (see [`crate::metrics`])        |
 //! | `GET /v1/kv`                       | kv namespaces: file, entries, digest, load time   |
 //! | `POST /v1/kv/{namespace}/reload`   | admin: read the namespace's file again            |
 
@@ -53,6 +54,8 @@ pub struct App {
     pub max_body_bytes: usize,
     /// Largest image an item may carry, decoded.
     pub max_image_bytes: usize,
+    /// Renders `/metrics`; `None` when no recorder is installed.
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Stage versions installed while serving.
     pub versions: StageVersions,
     /// Bearer token of the admin routes; `None` turns them off.
@@ -73,6 +76,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/dead-letters", get(dead_letters::list))
         .route("/v1/stages", get(stages::list))
         .route("/v1/kv", get(kv::list))
+        .route("/metrics", get(metrics))
         .route("/v1/kv/{namespace}/reload", post(kv::reload))
         .route("/v1/stages/{name}", axum::routing::put(stages::install))
         .route("/v1/stages/{name}/rollback", post(stages::rollback))
@@ -88,6 +92,27 @@ pub fn router(app: Arc<App>) -> Router {
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(app)
+}
+
+/// Prometheus text exposition of [`crate::metrics`].
+async fn metrics(
+    axum::extract::State(app): axum::extract::State<Arc<App>>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let handle = app
+        .metrics
+        .as_ref()
+        .ok_or_else(|| ApiError::NotFound("metrics are off".into()))?;
+    // Histograms are drained into their buckets on upkeep; once per scrape is often enough.
+    handle.run_upkeep();
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        handle.render(),
+    )
+        .into_response())
 }
 
 /// A self-contained page (no CDN) that follows one job with `EventSource`.

@@ -125,6 +125,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
         jobs: jobs.clone(),
         max_body_bytes: args.max_body_mib << 20,
         max_image_bytes: args.max_image_mib << 20,
+        metrics: Some(crate::metrics::install()?),
         versions,
         admin_token: args.admin_token.filter(|t| !t.is_empty()),
     });

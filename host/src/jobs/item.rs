@@ -16,6 +16,7 @@ use anyhow::Result;
 use serde_json::value::RawValue;
 use sled::IVec;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::capabilities::ProgressSink;
@@ -82,6 +83,23 @@ pub async fn run_item(
     cancel: &CancellationToken,
     hooks: &ItemHooks,
 ) -> Result<ItemResult> {
+    // Log lines of the item (the host's, and the guest's `log.write`) carry its ids.
+    let span =
+        tracing::info_span!("item", job = %item.job_id, item = %item.item_id, index = item.index);
+    run_item_traced(pipeline, item, input, resume, limits, cancel, hooks)
+        .instrument(span)
+        .await
+}
+
+async fn run_item_traced(
+    pipeline: &Pipeline,
+    item: ItemRef,
+    input: IVec,
+    resume: bool,
+    limits: ItemLimits,
+    cancel: &CancellationToken,
+    hooks: &ItemHooks,
+) -> Result<ItemResult> {
     let tell = |stage: &str,
                 status,
                 attempt,
@@ -100,6 +118,7 @@ pub async fn run_item(
             });
         }
     };
+    let _in_flight = crate::metrics::item_in_flight();
     let store = pipeline.store();
     let checkpoint_after = Duration::from_millis(pipeline.config.run.checkpoint_after_ms);
     // The whole item, retries and back-off included, ends by this time.
@@ -169,7 +188,15 @@ pub async fn run_item(
                     progress: hooks.progress.clone(),
                 };
                 tell(name, "running", attempt, None, None, None);
-                let (tried, used) = component.run(call, &envelope).await;
+                let (tried, used) = component
+                    .run(call, &envelope)
+                    .instrument(tracing::info_span!("stage", stage = name, attempt))
+                    .await;
+                let outcome = match &tried {
+                    Ok(_) => "succeeded",
+                    Err(failure) => failure.kind().as_str(),
+                };
+                crate::metrics::stage_try(name, outcome, used.duration, used.cpu);
                 (tried, Some(used), Some(component))
             };
             let failure = match tried {
@@ -244,6 +271,7 @@ pub async fn run_item(
                     unsaved.map(|(n, o)| (*n, o.as_slice())),
                 )?;
                 if failure.kind() != FailureKind::Cancelled {
+                    crate::metrics::dead_letter(name);
                     let earlier = store.dead_letter(item.job_id, item.index)?;
                     store.put_dead_letter(&DeadLetter {
                         job_id: item.job_id,
@@ -311,6 +339,10 @@ fn finish(
         finished_at: now_ms(),
     };
     pipeline.store().put_result(item.job_id, &result)?;
+    crate::metrics::item_finished(match result.status {
+        ItemStatus::Succeeded => "succeeded",
+        ItemStatus::Failed => "failed",
+    });
     Ok(result)
 }
 

@@ -152,6 +152,7 @@ impl JobManager {
         )?;
         let job = store.create_job(job, items.into_iter().map(Ok)).await?;
         self.start(job.clone(), false);
+        crate::metrics::job("submitted");
         Ok(Submitted::New(job))
     }
 
@@ -183,6 +184,7 @@ impl JobManager {
             let id = job.id;
             if let Err(error) = manager.run(job, resume, cancel).await {
                 tracing::error!(job = %id, error = %format!("{error:#}"), "job failed");
+                crate::metrics::job("failed");
                 let _ = manager.events.append(
                     id,
                     &Event::JobFailed {
@@ -251,6 +253,10 @@ impl JobManager {
         )
         .await?;
         let job = &outcome.job;
+        crate::metrics::job(match job.state {
+            JobState::Cancelled => "cancelled",
+            _ => "completed",
+        });
         let end = match job.state {
             JobState::Cancelled => Event::JobCancelled {
                 succeeded: job.succeeded,

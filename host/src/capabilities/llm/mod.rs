@@ -126,15 +126,30 @@ impl LlmClient {
         let model = body["model"].as_str().unwrap_or_default();
         // The model's gate first: waiting for it must not hold a slot of the whole provider.
         let model_gate = self.models.get(model);
+        let waiting = crate::metrics::llm_waiting();
         let _model_grant = match model_gate {
             Some(gate) => Some(gate.admit(job, estimate).await),
             None => None,
         };
         let _grant = self.provider.admit(job, estimate).await;
+        drop(waiting);
         let gates = || std::iter::once(&self.provider).chain(model_gate);
 
         self.usage.requests.fetch_add(1, Ordering::Relaxed);
+        let model = model.to_string();
+        let sent = std::time::Instant::now();
         let result = send(body).await;
+        let (outcome, tokens) = match &result {
+            Ok(r) => (
+                "ok",
+                Some((r.usage.prompt_tokens, r.usage.completion_tokens)),
+            ),
+            Err(LlmError::RateLimited(_)) => ("rate_limited", None),
+            Err(LlmError::Unavailable(_)) => ("unavailable", None),
+            Err(LlmError::Rejected(_)) => ("rejected", None),
+            Err(LlmError::BadResponse(_)) => ("bad_response", None),
+        };
+        crate::metrics::llm_request(&model, outcome, sent.elapsed(), tokens);
         match &result {
             Ok(response) => {
                 let usage = &response.usage;

@@ -1,0 +1,104 @@
+//! Prometheus metrics, served at `GET /metrics`. Every name is here, with what it counts; call
+//! sites use the small functions below, so a metric cannot be spelled two ways.
+//!
+//! Recording goes through the `metrics` facade: without an installed recorder (`stagehand run`,
+//! the in-process tests) it costs a few atomic loads and records nothing.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Seconds, from 1 ms to 2 minutes: stages and LLM calls span that range.
+const DURATION_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0, 120.0,
+];
+
+/// Install the process-wide recorder; the handle renders the text exposition format.
+pub fn install() -> Result<PrometheusHandle> {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &DURATION_BUCKETS)
+        .context("histogram buckets")?
+        .install_recorder()
+        .context("cannot install the metrics recorder")
+}
+
+/// One try of a stage ended: `outcome` is `succeeded` or the failure kind (`timeout`,
+/// `cpu_budget`, `trap`, ...). Wall-clock and guest CPU time per stage.
+pub fn stage_try(stage: &str, outcome: &str, duration: Duration, cpu: Duration) {
+    let labels = [
+        ("stage", stage.to_string()),
+        ("outcome", outcome.to_string()),
+    ];
+    counter!("stagehand_stage_tries_total", &labels).increment(1);
+    histogram!("stagehand_stage_duration_seconds", "stage" => stage.to_string())
+        .record(duration.as_secs_f64());
+    histogram!("stagehand_stage_cpu_seconds", "stage" => stage.to_string())
+        .record(cpu.as_secs_f64());
+}
+
+/// An item ended (`succeeded` or `failed`).
+pub fn item_finished(status: &str) {
+    counter!("stagehand_items_total", "status" => status.to_string()).increment(1);
+}
+
+/// Items being run through their stages right now; the guard counts one while it lives.
+pub fn item_in_flight() -> InFlight {
+    gauge!("stagehand_items_in_flight").increment(1.0);
+    InFlight("stagehand_items_in_flight")
+}
+
+/// SSE streams open right now.
+pub fn sse_subscriber() -> InFlight {
+    gauge!("stagehand_sse_subscribers").increment(1.0);
+    InFlight("stagehand_sse_subscribers")
+}
+
+/// LLM requests waiting for the provider's limits (the queue in front of the provider).
+pub fn llm_waiting() -> InFlight {
+    gauge!("stagehand_llm_waiting_requests").increment(1.0);
+    InFlight("stagehand_llm_waiting_requests")
+}
+
+/// Decrements its gauge when dropped, however the scope ends.
+pub struct InFlight(&'static str);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        gauge!(self.0).decrement(1.0);
+    }
+}
+
+/// An LLM request ended: `outcome` is `ok`, `rate_limited`, `unavailable`, `rejected` or
+/// `bad_response`; tokens as the provider reported them.
+pub fn llm_request(model: &str, outcome: &str, latency: Duration, tokens: Option<(u32, u32)>) {
+    let model = model.to_string();
+    counter!("stagehand_llm_requests_total", "model" => model.clone(), "outcome" => outcome.to_string())
+        .increment(1);
+    histogram!("stagehand_llm_request_duration_seconds", "model" => model.clone())
+        .record(latency.as_secs_f64());
+    if let Some((prompt, completion)) = tokens {
+        counter!("stagehand_llm_tokens_total", "model" => model.clone(), "kind" => "prompt")
+            .increment(prompt.into());
+        counter!("stagehand_llm_tokens_total", "model" => model, "kind" => "completion")
+            .increment(completion.into());
+    }
+}
+
+/// An item became a dead letter at `stage`.
+pub fn dead_letter(stage: &str) {
+    counter!("stagehand_dead_letters_total", "stage" => stage.to_string()).increment(1);
+}
+
+/// An operator changed a stage's versions: `swap`, `canary`, `promote`, `rollback` or
+/// `canary_dropped`.
+pub fn stage_change(stage: &str, change: &'static str) {
+    counter!("stagehand_stage_changes_total", "stage" => stage.to_string(), "change" => change)
+        .increment(1);
+}
+
+/// Jobs by what became of them: `submitted`, `completed`, `cancelled`, `failed`.
+pub fn job(event: &'static str) {
+    counter!("stagehand_jobs_total", "event" => event).increment(1);
+}
