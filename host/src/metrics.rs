@@ -86,6 +86,11 @@ pub fn llm_request(model: &str, outcome: &str, latency: Duration, tokens: Option
     }
 }
 
+/// Items of running jobs not finished yet, set when metrics are scraped.
+pub fn items_unfinished(count: u64) {
+    gauge!("stagehand_items_unfinished").set(count as f64);
+}
+
 /// An item became a dead letter at `stage`.
 pub fn dead_letter(stage: &str) {
     counter!("stagehand_dead_letters_total", "stage" => stage.to_string()).increment(1);

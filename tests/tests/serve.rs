@@ -656,7 +656,10 @@ fn metrics_count_stages_items_llm_calls_and_subscribers() {
     let mut stream = events(&server, &job, "", None);
     let mut first = [0u8; 64];
     std::io::Read::read(&mut stream, &mut first).unwrap();
-    assert_eq!(series(&metrics(), "stagehand_sse_subscribers"), Some(1.0));
+    let during = metrics();
+    assert_eq!(series(&during, "stagehand_sse_subscribers"), Some(1.0));
+    let unfinished = series(&during, "stagehand_items_unfinished").unwrap();
+    assert!((1.0..=6.0).contains(&unfinished), "{unfinished} unfinished");
     let frames = read_frames(stream, |_| false);
     assert_eq!(frames.last().unwrap().event, "job.completed");
 
@@ -689,6 +692,7 @@ fn metrics_count_stages_items_llm_calls_and_subscribers() {
     );
     assert_eq!(value("stagehand_llm_waiting_requests"), 0.0);
     assert_eq!(value("stagehand_sse_subscribers"), 0.0);
+    assert_eq!(value("stagehand_items_unfinished"), 0.0);
 }
 
 #[test]

@@ -103,6 +103,7 @@ async fn metrics(
         .metrics
         .as_ref()
         .ok_or_else(|| ApiError::NotFound("metrics are off".into()))?;
+    crate::metrics::items_unfinished(app.jobs.unfinished_items()?);
     // Histograms are drained into their buckets on upkeep; once per scrape is often enough.
     handle.run_upkeep();
     Ok((

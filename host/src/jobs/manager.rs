@@ -462,6 +462,25 @@ impl JobManager {
         &self.pipeline
     }
 
+    /// Items of running jobs that have not finished (waiting or in a stage): the queue depth.
+    pub fn unfinished_items(&self) -> Result<u64> {
+        let running: Vec<Uuid> = self
+            .running
+            .lock()
+            .expect("not poisoned")
+            .keys()
+            .copied()
+            .collect();
+        let mut unfinished = 0;
+        for id in running {
+            if let Some(job) = self.pipeline.store().job(id)? {
+                let (succeeded, failed) = self.events.counts(id)?;
+                unfinished += job.total.saturating_sub(succeeded + failed);
+            }
+        }
+        Ok(unfinished)
+    }
+
     pub fn is_running(&self, id: Uuid) -> bool {
         self.running.lock().expect("not poisoned").contains_key(&id)
     }
