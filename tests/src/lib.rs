@@ -220,6 +220,45 @@ pub fn submit_job(
     job
 }
 
+/// `POST /v1/scans` with `item`, which must be accepted: the job (task) id.
+pub fn submit_scan(server: &Server, item: serde_json::Value) -> String {
+    let response = client()
+        .post(server.url("/v1/scans"))
+        .json(&item)
+        .send()
+        .expect("the server answers");
+    assert_eq!(response.status(), 202);
+    let body: serde_json::Value = response.json().expect("a JSON answer");
+    body["task_id"].as_str().expect("a task id").to_string()
+}
+
+/// Wait (at most two minutes) until `job` is no longer running; its status then.
+pub fn wait_for_job(server: &Server, job: &str) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let status = job_status(server, job);
+        if status["state"] != "running" {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "job {job} did not end"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The results of `job` (its first 1,000), in item order.
+pub fn job_results(server: &Server, job: &str) -> Vec<serde_json::Value> {
+    let page: serde_json::Value = client()
+        .get(server.url(&format!("/v1/jobs/{job}/results?limit=1000")))
+        .send()
+        .expect("the server answers")
+        .json()
+        .expect("a JSON answer");
+    page["results"].as_array().expect("results").clone()
+}
+
 /// `GET /v1/jobs/{job}`.
 pub fn job_status(server: &Server, job: &str) -> serde_json::Value {
     client()

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use stagehand_tests::{
-    MockLlm, Server, client, eco_items, job_status, plugin_bytes as plugin, serve_eco_scan,
-    submit_job, with_custom_section,
+    MockLlm, Server, client, eco_items, job_results, job_status, plugin_bytes as plugin,
+    serve_eco_scan, submit_job, wait_for_job, with_custom_section,
 };
 
 const TOKEN: &str = "s3cret-admin-token";
@@ -59,28 +59,6 @@ fn put_stage(
     let response = request.send().unwrap();
     let status = response.status();
     (status, response.json().unwrap_or(Value::Null))
-}
-
-fn wait_until_done(server: &Server, job: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let status = job_status(server, job);
-        if status["state"] != "running" {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "job {job} did not end");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn all_results(server: &Server, job: &str) -> Vec<Value> {
-    let page: Value = client()
-        .get(server.url(&format!("/v1/jobs/{job}/results?limit=1000")))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    page["results"].as_array().unwrap().clone()
 }
 
 fn stage_digest(result: &Value, stage: &str) -> String {
@@ -149,12 +127,12 @@ fn the_answer_stage_is_swapped_mid_job_without_failing_an_item_and_rolled_back()
         (new.clone(), vec![old.clone()])
     );
 
-    let ended = wait_until_done(&server, &job);
+    let ended = wait_for_job(&server, &job);
     assert_eq!(
         (ended["succeeded"].as_u64(), ended["failed"].as_u64()),
         (Some(1000), Some(0))
     );
-    let results = all_results(&server, &job);
+    let results = job_results(&server, &job);
     assert_eq!(results.len(), 1000);
     let (mut on_old, mut on_new) = (0, 0);
     for result in &results {
@@ -202,8 +180,8 @@ fn the_answer_stage_is_swapped_mid_job_without_failing_an_item_and_rolled_back()
     );
     assert_eq!(versions(&server, "answer").0, old);
     let one = submit_job(&server, eco_items(1), json!({}));
-    wait_until_done(&server, &one);
-    assert_eq!(stage_digest(&all_results(&server, &one)[0], "answer"), old);
+    wait_for_job(&server, &one);
+    assert_eq!(stage_digest(&job_results(&server, &one)[0], "answer"), old);
     let (status, _) = rollback();
     assert_eq!(status, StatusCode::CONFLICT);
 }
@@ -264,8 +242,8 @@ fn a_canary_serves_its_share_of_items_then_is_promoted_or_dropped() {
 
     // 30 % of the items, chosen by item id, ran the canary; the rest the current version.
     let job = submit_job(&server, eco_items(300), json!({}));
-    wait_until_done(&server, &job);
-    let results = all_results(&server, &job);
+    wait_for_job(&server, &job);
+    let results = job_results(&server, &job);
     assert!(results.iter().all(|r| r["status"] == "succeeded"));
     let mut on_canary = 0;
     for result in &results {
@@ -310,9 +288,9 @@ fn a_canary_serves_its_share_of_items_then_is_promoted_or_dropped() {
         (new.clone(), vec![old.clone()])
     );
     let one = submit_job(&server, eco_items(20), json!({}));
-    wait_until_done(&server, &one);
+    wait_for_job(&server, &one);
     assert!(
-        all_results(&server, &one)
+        job_results(&server, &one)
             .iter()
             .all(|r| stage_digest(r, "answer") == new)
     );
@@ -371,6 +349,6 @@ fn with_watch_a_changed_component_file_becomes_the_new_version() {
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(versions(&server, "answer").0, new);
     let job = submit_job(&server, eco_items(1), json!({}));
-    wait_until_done(&server, &job);
-    assert_eq!(stage_digest(&all_results(&server, &job)[0], "answer"), new);
+    wait_for_job(&server, &job);
+    assert_eq!(stage_digest(&job_results(&server, &job)[0], "answer"), new);
 }

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use stagehand_tests::{MockLlm, Server, client, eco_scan_pipeline, job_status, repo_root};
+use stagehand_tests::{
+    MockLlm, Server, client, eco_scan_pipeline, job_results, repo_root, submit_scan, wait_for_job,
+};
 
 const TOKEN: &str = "kv-admin-token";
 
@@ -22,30 +24,14 @@ fn catalog(plastic: &str) -> String {
 
 /// Scan a PET bottle; the name of the character the reward stage found.
 fn scanned_character(server: &Server) -> String {
-    let response = client()
-        .post(server.url("/v1/scans"))
-        .json(&json!({ "user_id": "u1", "image_url": "https://img.example/pet_bottle.jpg" }))
-        .send()
-        .unwrap();
-    assert_eq!(response.status(), 202);
-    let task = response.json::<Value>().unwrap()["task_id"]
+    let task = submit_scan(
+        server,
+        json!({ "user_id": "u1", "image_url": "https://img.example/pet_bottle.jpg" }),
+    );
+    wait_for_job(server, &task);
+    job_results(server, &task)[0]["output"]["reward"]["character"]["name"]
         .as_str()
-        .unwrap()
-        .to_string();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while job_status(server, &task)["state"] == "running" {
-        assert!(Instant::now() < deadline, "the scan never finished");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let results: Value = client()
-        .get(server.url(&format!("/v1/jobs/{task}/results")))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    results["results"][0]["output"]["reward"]["character"]["name"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no character in {results}"))
+        .expect("a character")
         .to_string()
 }
 

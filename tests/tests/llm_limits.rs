@@ -5,8 +5,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
-use stagehand_tests::{MockLlm, client, eco_items, eco_scan_pipeline, job_status, submit_job};
+use serde_json::json;
+use stagehand_tests::{MockLlm, eco_items, eco_scan_pipeline, job_status, submit_job, submit_scan};
 
 /// The eco-scan pipeline with at most two LLM requests in flight.
 fn pipeline(dir: &Path) -> std::path::PathBuf {
@@ -37,16 +37,10 @@ fn a_scan_is_not_starved_by_a_large_job() {
     }
 
     let before = succeeded(&server, &big);
-    let response = client()
-        .post(server.url("/v1/scans"))
-        .json(&json!({ "user_id": "u-late", "image_url": "https://img.example/pet_bottle.jpg" }))
-        .send()
-        .unwrap();
-    assert_eq!(response.status(), 202);
-    let scan = response.json::<Value>().unwrap()["task_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let scan = submit_scan(
+        &server,
+        json!({ "user_id": "u-late", "image_url": "https://img.example/pet_bottle.jpg" }),
+    );
     let scan_state = loop {
         let status = job_status(&server, &scan);
         if status["state"] != "running" {

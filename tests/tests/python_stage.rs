@@ -3,11 +3,9 @@
 //! it reads the envelope, calls the host's `kv` and `log`, and fails an item with a fatal
 //! `stage-error` exactly as the Rust stage does.
 
-use std::time::{Duration, Instant};
-
 use serde_json::{Value, json};
 use stagehand_tests::{
-    MockLlm, client, eco_items, eco_scan_pipeline, job_status, repo_root, submit_job,
+    MockLlm, eco_items, eco_scan_pipeline, job_results, repo_root, submit_job, wait_for_job,
 };
 
 #[test]
@@ -27,18 +25,8 @@ fn a_python_rule_stage_runs_in_the_eco_scan_pipeline() {
     let mut items = eco_items(12);
     items.push(json!({ "user_id": "u1", "image_url": "https://images.example/alien_thing.jpg" }));
     let job = submit_job(&server, items, json!({}));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while job_status(&server, &job)["state"] == "running" {
-        assert!(Instant::now() < deadline, "the job never finished");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let page: Value = client()
-        .get(server.url(&format!("/v1/jobs/{job}/results?limit=100")))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    let results = page["results"].as_array().unwrap();
+    wait_for_job(&server, &job);
+    let results = job_results(&server, &job);
     let rules: Value = serde_json::from_str(
         &std::fs::read_to_string(repo_root().join("examples/eco-scan/disposal_rules.json"))
             .unwrap(),

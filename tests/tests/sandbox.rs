@@ -3,10 +3,8 @@
 //! well-behaved items. Each bad item fails alone with a clear error; the others succeed, and
 //! the server keeps serving another job meanwhile.
 
-use std::time::{Duration, Instant};
-
 use serde_json::{Value, json};
-use stagehand_tests::{client, job_status, repo_root, submit_job};
+use stagehand_tests::{client, job_results, repo_root, submit_job, wait_for_job};
 
 fn pipeline(dir: &std::path::Path) -> std::path::PathBuf {
     let wasm = repo_root().join("target/wasm32-wasip2/release/hostile.wasm");
@@ -35,18 +33,8 @@ component = "{}"
 }
 
 fn results(server: &stagehand_tests::Server, job: &str) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while job_status(server, job)["state"] == "running" {
-        assert!(Instant::now() < deadline, "job {job} did not end");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let page: Value = client()
-        .get(server.url(&format!("/v1/jobs/{job}/results?limit=100")))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    page["results"].as_array().unwrap().clone()
+    wait_for_job(server, job);
+    job_results(server, job)
 }
 
 #[test]

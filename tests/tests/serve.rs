@@ -429,17 +429,10 @@ fn a_streamed_answer_reaches_followers_token_by_token() {
     let mock = MockLlm::start(&["--vision-latency-ms", "500", "--token-delay-ms", "5"]);
     let data = tempfile::tempdir().unwrap();
     let server = serve(&mock, data.path(), &[]);
-    let scan = json!({ "user_id": "u1", "image_url": "https://images.example/battery_1.jpg" });
-    let response = client()
-        .post(server.url("/v1/scans"))
-        .json(&scan)
-        .send()
-        .unwrap();
-    assert_eq!(response.status(), 202);
-    let task = response.json::<Value>().unwrap()["task_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let task = stagehand_tests::submit_scan(
+        &server,
+        json!({ "user_id": "u1", "image_url": "https://images.example/battery_1.jpg" }),
+    );
 
     let plain = {
         let stream = events(&server, &task, "", None);
@@ -502,20 +495,8 @@ fn images_come_as_urls_base64_or_multipart_and_are_checked() {
     let data = tempfile::tempdir().unwrap();
     let server = serve(&mock, data.path(), &["--max-image-mib", "1"]);
     let minor = |job: &str| -> Vec<Value> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while stagehand_tests::job_status(&server, job)["state"] == "running" {
-            assert!(Instant::now() < deadline, "job {job} never finished");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let results: Value = client()
-            .get(server.url(&format!("/v1/jobs/{job}/results")))
-            .send()
-            .unwrap()
-            .json()
-            .unwrap();
-        results["results"]
-            .as_array()
-            .unwrap()
+        stagehand_tests::wait_for_job(&server, job);
+        stagehand_tests::job_results(&server, job)
             .iter()
             .map(|r| r["output"]["vision"]["category"]["minor"].clone())
             .collect()

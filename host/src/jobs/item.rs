@@ -74,24 +74,9 @@ pub struct ItemLimits {
 /// stored by an earlier, interrupted run and reuses them. A stage that fails in a way that may
 /// pass (see [`Failure::retryable`]) is tried again, up to its `max_attempts`, after an
 /// exponential back-off with jitter, or after the provider's `Retry-After` if that is longer.
+// Log lines of the item (the host's, and the guest's `log.write`) carry its ids.
+#[tracing::instrument(name = "item", skip_all, fields(job = %item.job_id, item = %item.item_id, index = item.index))]
 pub async fn run_item(
-    pipeline: &Pipeline,
-    item: ItemRef,
-    input: IVec,
-    resume: bool,
-    limits: ItemLimits,
-    cancel: &CancellationToken,
-    hooks: &ItemHooks,
-) -> Result<ItemResult> {
-    // Log lines of the item (the host's, and the guest's `log.write`) carry its ids.
-    let span =
-        tracing::info_span!("item", job = %item.job_id, item = %item.item_id, index = item.index);
-    run_item_traced(pipeline, item, input, resume, limits, cancel, hooks)
-        .instrument(span)
-        .await
-}
-
-async fn run_item_traced(
     pipeline: &Pipeline,
     item: ItemRef,
     input: IVec,

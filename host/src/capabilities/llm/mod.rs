@@ -331,6 +331,18 @@ struct CompletionUsage {
     completion_tokens: u32,
 }
 
+/// What the provider said it used; nothing said counts as nothing used.
+fn usage_of(reported: Option<CompletionUsage>) -> Usage {
+    let reported = reported.unwrap_or(CompletionUsage {
+        prompt_tokens: 0,
+        completion_tokens: 0,
+    });
+    Usage {
+        prompt_tokens: reported.prompt_tokens,
+        completion_tokens: reported.completion_tokens,
+    }
+}
+
 fn parse_completion(body: &str) -> Result<ChatResponse, LlmError> {
     let completion: Completion = serde_json::from_str(body).map_err(|e| {
         LlmError::BadResponse(format!(
@@ -344,20 +356,10 @@ fn parse_completion(body: &str) -> Result<ChatResponse, LlmError> {
         .next()
         .and_then(|c| c.message.content)
         .ok_or_else(|| LlmError::BadResponse("no message content in the first choice".into()))?;
-    let usage = completion.usage.map_or(
-        Usage {
-            prompt_tokens: 0,
-            completion_tokens: 0,
-        },
-        |u| Usage {
-            prompt_tokens: u.prompt_tokens,
-            completion_tokens: u.completion_tokens,
-        },
-    );
     Ok(ChatResponse {
         text,
         model: completion.model,
-        usage,
+        usage: usage_of(completion.usage),
     })
 }
 

@@ -7,8 +7,8 @@ use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{CompletionUsage, LlmClient, MAX_QUOTED_BODY, describe};
-use crate::runtime::bindings::llm::{ChatRequest, ChatResponse, LlmError, Usage};
+use super::{CompletionUsage, LlmClient, MAX_QUOTED_BODY, describe, usage_of};
+use crate::runtime::bindings::llm::{ChatRequest, ChatResponse, LlmError};
 
 /// A streamed answer longer than this is refused rather than held in memory.
 const MAX_STREAMED_TEXT: usize = 4 << 20;
@@ -100,16 +100,10 @@ impl LlmClient {
                 "the stream ended before `[DONE]`".into(),
             ));
         }
-        let usage = usage.map_or(
-            Usage {
-                prompt_tokens: 0,
-                completion_tokens: 0,
-            },
-            |u| Usage {
-                prompt_tokens: u.prompt_tokens,
-                completion_tokens: u.completion_tokens,
-            },
-        );
-        Ok(ChatResponse { text, model, usage })
+        Ok(ChatResponse {
+            text,
+            model,
+            usage: usage_of(usage),
+        })
     }
 }
