@@ -2,7 +2,6 @@
 //! restart serves the same versions: the `.wasm` files in `<data-dir>/stages/<sha256>.wasm`, and
 //! per stage the current digest and the ones before it in the sled tree `stage_versions`.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -12,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::pipeline::{Canary, KEPT_VERSIONS, Pipeline, Stage};
 use crate::runtime::StageComponent;
 use crate::store::Store;
-use crate::watch::{FileChanges, canonical};
+use crate::watch::FileChanges;
 
 /// What an install did.
 pub struct Installed {
@@ -231,22 +230,16 @@ impl StageVersions {
         pipeline: Arc<Pipeline>,
         stop: tokio_util::sync::CancellationToken,
     ) -> Result<tokio::task::JoinHandle<()>> {
-        let stages: HashMap<PathBuf, String> = pipeline
+        let files = pipeline
             .stages
             .iter()
-            .map(|s| (canonical(&s.config.component), s.config.name.clone()))
-            .collect();
-        let mut changes = FileChanges::watch(stages.keys().map(PathBuf::as_path))
-            .context("cannot watch the component files")?;
+            .map(|s| (s.config.component.as_path(), s.config.name.as_str()));
+        let mut changes = FileChanges::watch(files).context("cannot watch the component files")?;
         let versions = self.clone();
         Ok(tokio::spawn(async move {
-            loop {
-                let changed = tokio::select! {
-                    changed = changes.next() => match changed { Some(c) => c, None => return },
-                    () = stop.cancelled() => return,
-                };
-                for name in changed.iter().filter_map(|path| stages.get(path)) {
-                    versions.reload(&pipeline, name).await;
+            while let Some(changed) = changes.next(&stop).await {
+                for name in changed {
+                    versions.reload(&pipeline, &name).await;
                 }
             }
         }))

@@ -5,19 +5,21 @@
 //! save is several events), so they are collected until the directory has been quiet for
 //! [`SETTLE`] and handed over once.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use notify::Watcher;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 /// Quiet time that ends a burst of changes.
 pub const SETTLE: Duration = Duration::from_millis(300);
 
+/// Named files being watched; [`FileChanges::next`] gives the names of those that changed.
 pub struct FileChanges {
-    files: BTreeSet<PathBuf>,
+    names: HashMap<PathBuf, String>,
     changes: mpsc::UnboundedReceiver<PathBuf>,
     _watcher: notify::RecommendedWatcher,
 }
@@ -28,8 +30,12 @@ pub fn canonical(path: &Path) -> PathBuf {
 }
 
 impl FileChanges {
-    pub fn watch<'a>(files: impl IntoIterator<Item = &'a Path>) -> Result<Self> {
-        let files: BTreeSet<PathBuf> = files.into_iter().map(canonical).collect();
+    /// Watch each `(file, name)`.
+    pub fn watch<'a>(files: impl IntoIterator<Item = (&'a Path, &'a str)>) -> Result<Self> {
+        let names: HashMap<PathBuf, String> = files
+            .into_iter()
+            .map(|(path, name)| (canonical(path), name.to_string()))
+            .collect();
         let (changed, changes) = mpsc::unbounded_channel();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -42,31 +48,34 @@ impl FileChanges {
                 }
             })
             .context("cannot start a file watcher")?;
-        let dirs: BTreeSet<&Path> = files.iter().filter_map(|p| p.parent()).collect();
+        let dirs: BTreeSet<&Path> = names.keys().filter_map(|p| p.parent()).collect();
         for dir in dirs {
             watcher
                 .watch(dir, notify::RecursiveMode::NonRecursive)
                 .with_context(|| format!("cannot watch {}", dir.display()))?;
         }
         Ok(Self {
-            files,
+            names,
             changes,
             _watcher: watcher,
         })
     }
 
-    /// The next settled burst of changes to the watched files (canonical paths), skipping
-    /// bursts that touched only their neighbours.
-    pub async fn next(&mut self) -> Option<BTreeSet<PathBuf>> {
+    /// The names of the watched files changed in the next settled burst (bursts that touched
+    /// only their neighbours are skipped); `None` once `stop` is cancelled.
+    pub async fn next(&mut self, stop: &CancellationToken) -> Option<BTreeSet<String>> {
         loop {
-            let mut touched = BTreeSet::from([self.changes.recv().await?]);
+            let first = tokio::select! {
+                path = self.changes.recv() => path?,
+                () = stop.cancelled() => return None,
+            };
+            let mut touched = BTreeSet::from([first]);
             while let Ok(Some(path)) = tokio::time::timeout(SETTLE, self.changes.recv()).await {
                 touched.insert(path);
             }
-            let ours: BTreeSet<PathBuf> = touched
+            let ours: BTreeSet<String> = touched
                 .iter()
-                .map(|p| canonical(p))
-                .filter(|p| self.files.contains(p))
+                .filter_map(|p| self.names.get(&canonical(p)).cloned())
                 .collect();
             if !ours.is_empty() {
                 return Some(ours);

@@ -467,13 +467,8 @@ fn a_streamed_answer_reaches_followers_token_by_token() {
         .map(|t| t.data["text"].as_str().unwrap())
         .collect();
     let streamed: Value = serde_json::from_str(&text).unwrap();
-    let results: Value = client()
-        .get(server.url(&format!("/v1/jobs/{task}/results")))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    let answer = &results["results"][0]["output"]["answer"];
+    let results = stagehand_tests::job_results(&server, &task);
+    let answer = &results[0]["output"]["answer"];
     assert_eq!(streamed["answer"], answer["answer"]);
     assert_eq!(streamed["steps"], answer["steps"]);
     assert!(

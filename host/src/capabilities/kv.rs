@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 
 use super::HostState;
 use crate::runtime::bindings::kv::{Host, KvError};
-use crate::watch::{FileChanges, canonical};
+use crate::watch::FileChanges;
 
 /// One loaded version of a namespace: key -> JSON value as text, ready to hand to a guest.
 struct Entries {
@@ -109,21 +109,15 @@ impl KvNamespaces {
         self: Arc<Self>,
         stop: tokio_util::sync::CancellationToken,
     ) -> Result<tokio::task::JoinHandle<()>> {
-        let files: HashMap<PathBuf, String> = self
+        let files = self
             .namespaces
             .iter()
-            .map(|(name, n)| (canonical(&n.file), name.clone()))
-            .collect();
-        let mut changes = FileChanges::watch(files.keys().map(PathBuf::as_path))
-            .context("cannot watch the kv files")?;
+            .map(|(name, n)| (n.file.as_path(), name.as_str()));
+        let mut changes = FileChanges::watch(files).context("cannot watch the kv files")?;
         Ok(tokio::spawn(async move {
-            loop {
-                let changed = tokio::select! {
-                    changed = changes.next() => match changed { Some(c) => c, None => return },
-                    () = stop.cancelled() => return,
-                };
-                for name in changed.iter().filter_map(|path| files.get(path)) {
-                    match self.reload(name) {
+            while let Some(changed) = changes.next(&stop).await {
+                for name in changed {
+                    match self.reload(&name) {
                         Ok(info) => {
                             tracing::info!(namespace = %name, entries = info.entries, digest = %info.digest, "kv namespace reloaded (file changed)")
                         }
