@@ -22,9 +22,14 @@ fn pipeline(dir: &Path) -> String {
     .to_string()
 }
 
+/// Discarding and reprocessing dead letters are admin routes.
+const ADMIN: &str = "dead-letter-admin";
+
 fn serve(mock: &MockLlm, data: &Path, extra: &[&str]) -> Server {
     let pipeline = pipeline(data);
-    stagehand_tests::serve(Path::new(&pipeline), data, Some(mock), extra)
+    let mut flags = vec!["--admin-token", ADMIN];
+    flags.extend_from_slice(extra);
+    stagehand_tests::serve(Path::new(&pipeline), data, Some(mock), &flags)
 }
 
 /// Make the mock answer at once, without faults.
@@ -46,7 +51,7 @@ fn get(server: &Server, path: &str) -> (StatusCode, Value) {
 }
 
 fn post(server: &Server, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-    let mut request = client().post(server.url(path));
+    let mut request = client().post(server.url(path)).bearer_auth(ADMIN);
     if let Some(body) = body {
         request = request.json(&body);
     }
@@ -151,16 +156,18 @@ fn dead_letters_are_listed_inspected_discarded_and_reprocessed_from_the_failed_s
         .collect();
     assert_eq!(stages, ["rule", "vision"]);
 
-    // Discarded: gone, and a second discard is a 404.
-    let discard = || {
+    // Discarded: gone, and a second discard is a 404; without the admin token, nothing happens.
+    let discard = |token: &str| {
         client()
             .delete(server.url(&format!("/v1/dead-letters/{job}/3")))
+            .bearer_auth(token)
             .send()
             .unwrap()
             .status()
     };
-    assert_eq!(discard(), StatusCode::NO_CONTENT);
-    assert_eq!(discard(), StatusCode::NOT_FOUND);
+    assert_eq!(discard("not-the-token"), StatusCode::UNAUTHORIZED);
+    assert_eq!(discard(ADMIN), StatusCode::NO_CONTENT);
+    assert_eq!(discard(ADMIN), StatusCode::NOT_FOUND);
 
     // The provider recovers; all of the job's dead letters run again from `answer`.
     recover(&mock);

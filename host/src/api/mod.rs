@@ -23,7 +23,7 @@
 //! | `GET /v1/kv`                       | kv namespaces: file, entries, digest, load time   |
 //! | `POST /v1/kv/{namespace}/reload`   | admin: read the namespace's file again            |
 
-mod auth;
+pub mod auth;
 mod dead_letters;
 mod error;
 mod events;
@@ -36,7 +36,8 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::middleware::from_fn_with_state;
+use axum::routing::{delete, get, post, put};
 
 pub use error::ApiError;
 
@@ -58,13 +59,28 @@ pub struct App {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Stage versions installed while serving.
     pub versions: StageVersions,
-    /// Bearer token of the admin routes; `None` turns them off.
-    pub admin_token: Option<String>,
+    /// Bearer tokens of the admin routes and of the rest (see [`auth`]).
+    pub tokens: auth::Tokens,
 }
 
 pub fn router(app: Arc<App>) -> Router {
     let limit = app.max_body_bytes;
-    Router::new()
+    let admin = Router::new()
+        .route("/v1/stages/{name}", put(stages::install))
+        .route("/v1/stages/{name}/rollback", post(stages::rollback))
+        .route("/v1/stages/{name}/promote", post(stages::promote))
+        .route("/v1/kv/{namespace}/reload", post(kv::reload))
+        .route("/v1/jobs/{id}/reprocess", post(dead_letters::reprocess))
+        .route(
+            "/v1/dead-letters/{job}/{index}",
+            delete(dead_letters::discard),
+        )
+        .route(
+            "/v1/dead-letters/{job}/{index}/reprocess",
+            post(dead_letters::reprocess_one),
+        )
+        .route_layer(from_fn_with_state(app.clone(), auth::require_admin_token));
+    let api = Router::new()
         .route("/v1/jobs", post(jobs::submit).get(jobs::list))
         .route("/v1/scans", post(jobs::scan))
         .route("/v1/jobs/{id}", get(jobs::status))
@@ -72,24 +88,15 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/events", get(events::stream))
         .route("/v1/jobs/{id}/watch", get(watch_page))
-        .route("/v1/jobs/{id}/reprocess", post(dead_letters::reprocess))
         .route("/v1/dead-letters", get(dead_letters::list))
+        .route("/v1/dead-letters/{job}/{index}", get(dead_letters::inspect))
         .route("/v1/stages", get(stages::list))
         .route("/v1/kv", get(kv::list))
         .route("/metrics", get(metrics))
-        .route("/v1/kv/{namespace}/reload", post(kv::reload))
-        .route("/v1/stages/{name}", axum::routing::put(stages::install))
-        .route("/v1/stages/{name}/rollback", post(stages::rollback))
-        .route("/v1/stages/{name}/promote", post(stages::promote))
-        .route(
-            "/v1/dead-letters/{job}/{index}",
-            get(dead_letters::inspect).delete(dead_letters::discard),
-        )
-        .route(
-            "/v1/dead-letters/{job}/{index}/reprocess",
-            post(dead_letters::reprocess_one),
-        )
-        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        // Admin routes need the API token too when there is one (the admin token passes both).
+        .merge(admin)
+        .route_layer(from_fn_with_state(app.clone(), auth::require_api_token));
+    api.fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(app)
 }

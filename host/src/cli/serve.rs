@@ -55,9 +55,13 @@ pub struct ServeArgs {
     /// Install a stage's component file as its new version whenever the file changes.
     #[arg(long)]
     watch: bool,
-    /// Bearer token of the admin routes (stage upload and rollback); they are off without one.
+    /// Bearer token of the admin routes (stages, kv reload, dead-letter discard and reprocess);
+    /// they are off without one.
     #[arg(long, env = "STAGEHAND_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// Bearer token every other route needs (`/metrics` included); open without one.
+    #[arg(long, env = "STAGEHAND_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
     /// Reprocess dead letters whose failure may pass (outages, timeouts) this often
     /// (seed 002 used 300); off when absent.
     #[arg(long)]
@@ -127,7 +131,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
         max_image_bytes: args.max_image_mib << 20,
         metrics: Some(crate::metrics::install()?),
         versions,
-        admin_token: args.admin_token.filter(|t| !t.is_empty()),
+        tokens: crate::api::auth::Tokens::new(args.admin_token, args.api_token),
     });
 
     let listener = tokio::net::TcpListener::bind(args.addr)
