@@ -10,11 +10,11 @@
 //! | `GET /v1/jobs/{id}/results`        | `?after=&limit=` (keyset) or `?page=&page_size=`  |
 //! | `POST /v1/jobs/{id}/cancel`        | idempotent                                        |
 //! | `GET /v1/jobs/{id}/watch`          | a page that follows the job live (EventSource)    |
-//! | `POST /v1/jobs/{id}/reprocess`     | run dead letters again: `{"indices": [...]}` or all |
+//! | `POST /v1/jobs/{id}/reprocess`     | admin: run dead letters again: `{"indices": [...]}` or all |
 //! | `GET /v1/dead-letters`             | `?job=&stage=&after=&limit=`                      |
 //! | `GET /v1/dead-letters/{job}/{i}`   | one, with the failed stage's input                |
-//! | `DELETE /v1/dead-letters/{job}/{i}`| discard                                           |
-//! | `POST /v1/dead-letters/{job}/{i}/reprocess` | run one again                            |
+//! | `DELETE /v1/dead-letters/{job}/{i}`| admin: discard                                           |
+//! | `POST /v1/dead-letters/{job}/{i}/reprocess` | admin: run one again                            |
 //! | `GET /v1/stages`                   | current and previous versions of each stage       |
 //! | `PUT /v1/stages/{name}`            | admin: hot swap to the `.wasm` in the body; `?canary=P` for P % of items |
 //! | `POST /v1/stages/{name}/rollback`  | admin: end a canary, else back to the previous one |

@@ -1,9 +1,13 @@
 //! The `stagehand` command: one subcommand per file.
 
+mod dlq;
 mod inspect;
+mod jobs;
 mod plugin;
+mod remote;
 mod run;
 mod serve;
+mod submit;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,6 +45,16 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Tools for plugin authors: `plugin check <file.wasm>`.
     Plugin(plugin::PluginArgs),
+    /// Send a JSONL file of items to a running server as one job; `--follow` draws its progress.
+    Submit(submit::SubmitArgs),
+    /// A running server's jobs, newest first.
+    Jobs(jobs::JobsArgs),
+    /// A job's results as JSON lines (stdout or `--out`).
+    Results(jobs::ResultsArgs),
+    /// Cancel a job on a running server.
+    Cancel(jobs::CancelArgs),
+    /// A running server's dead letters: list, show, discard, reprocess.
+    Dlq(dlq::DlqArgs),
 }
 
 /// Exit status when the run finished but some items failed.
@@ -58,6 +72,11 @@ impl Cli {
             Command::Inspect(args) => inspect::inspect(args),
             Command::Serve(args) => serve::serve(args).await,
             Command::Plugin(args) => plugin::plugin(args).await,
+            Command::Submit(args) => submit::submit(args).await,
+            Command::Jobs(args) => jobs::jobs(args).await,
+            Command::Results(args) => jobs::results(args).await,
+            Command::Cancel(args) => jobs::cancel(args).await,
+            Command::Dlq(args) => dlq::dlq(args).await,
         }
     }
 }
