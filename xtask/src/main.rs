@@ -8,7 +8,7 @@
 //!   `stagehand run`; `demo prompt-eval`: the same through `stagehand serve`, following the job
 //!   over SSE and paging through its results.
 //! - `test`: formatting, clippy, the plugins, the binaries, then every test (installing
-//!   Debian's chromium for the browser test if it is missing).
+//!   Debian's chromium and chromium-driver for the browser tests if they are missing).
 //! - `bench`: the benchmarks of docs/BENCHMARKS.md.
 
 use std::path::{Path, PathBuf};
@@ -244,16 +244,17 @@ fn demo(root: &Path, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// The browser tests use Debian's chromium; install it when it is missing.
+/// The browser tests use Debian's chromium, the dashboard test drives it through
+/// chromium-driver (WebDriver); install them when they are missing.
 fn ensure_chromium() -> Result<()> {
-    if Path::new("/usr/bin/chromium").is_file() {
+    if Path::new("/usr/bin/chromium").is_file() && Path::new("/usr/bin/chromedriver").is_file() {
         return Ok(());
     }
     run(Path::new("."), "apt-get", &["update", "-q"])?;
     run(
         Path::new("."),
         "apt-get",
-        &["install", "-y", "-q", "chromium"],
+        &["install", "-y", "-q", "chromium", "chromium-driver"],
     )
 }
 

@@ -296,3 +296,67 @@ pub async fn cancel(
         CancelOutcome::Unknown => Err(ApiError::NotFound(format!("no job {id}"))),
     }
 }
+
+/// One stage's share of a job's time.
+#[derive(Serialize, Default)]
+struct StageTime {
+    stage: String,
+    /// Items that passed the stage (a try that failed for good is in the item's error, not here);
+    /// outputs reused after a restart are not counted.
+    runs: u64,
+    total_ms: f64,
+    mean_ms: f64,
+    /// Of the time of all stages, 0 to 1.
+    share: f64,
+}
+
+/// `GET /v1/jobs/{id}/stages`: where the job's finished items spent their time, per stage (seed
+/// 003's vision / rule / answer / reward shares). Read from the stored results one at a time, so
+/// memory does not grow with the job.
+pub async fn stage_times(
+    State(app): State<Arc<App>>,
+    Path(raw): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = job_id(&raw)?;
+    if app.store.job(id)?.is_none() {
+        return Err(ApiError::NotFound(format!("no job {id}")));
+    }
+    let mut stages: Vec<StageTime> = app
+        .jobs
+        .pipeline()
+        .stages
+        .iter()
+        .map(|s| StageTime {
+            stage: s.config.name.clone(),
+            ..StageTime::default()
+        })
+        .collect();
+    let store = app.store.clone();
+    let (stages, items) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let mut items = 0u64;
+        for result in store.results(id, None) {
+            items += 1;
+            for run in result?.stages.iter().filter(|run| !run.reused) {
+                if let Some(time) = stages.iter_mut().find(|t| t.stage == run.stage) {
+                    time.runs += 1;
+                    time.total_ms += run.duration_ms;
+                }
+            }
+        }
+        let all: f64 = stages.iter().map(|t| t.total_ms).sum();
+        for time in &mut stages {
+            time.mean_ms = if time.runs == 0 {
+                0.0
+            } else {
+                time.total_ms / time.runs as f64
+            };
+            time.share = if all > 0.0 { time.total_ms / all } else { 0.0 };
+        }
+        Ok((stages, items))
+    })
+    .await
+    .map_err(anyhow::Error::from)??;
+    Ok(Json(
+        json!({ "job_id": id, "items": items, "stages": stages }),
+    ))
+}

@@ -2,12 +2,14 @@
 //!
 //! | route                              | what                                              |
 //! |------------------------------------|---------------------------------------------------|
+//! | `GET /`                            | the dashboard (see [`dashboard`])                 |
 //! | `POST /v1/jobs`                    | submit `{"items": [...], "options": {...}}` -> 202 |
 //! | `GET /v1/jobs`                     | newest first; `?state=&before=&limit=`            |
 //! | `POST /v1/scans`                   | one item (seed 001's scan) -> 202 with `task_id`  |
 //! | `GET /v1/jobs/{id}`                | state and counts                                  |
 //! | `GET /v1/jobs/{id}/events`         | SSE: the job's log, resumable with Last-Event-ID  |
 //! | `GET /v1/jobs/{id}/results`        | `?after=&limit=` (keyset) or `?page=&page_size=`  |
+//! | `GET /v1/jobs/{id}/stages`         | time per stage over the finished items             |
 //! | `POST /v1/jobs/{id}/cancel`        | idempotent                                        |
 //! | `GET /v1/jobs/{id}/watch`          | a page that follows the job live (EventSource)    |
 //! | `POST /v1/jobs/{id}/reprocess`     | admin: run dead letters again: `{"indices": [...]}` or all |
@@ -24,6 +26,7 @@
 //! | `POST /v1/kv/{namespace}/reload`   | admin: read the namespace's file again            |
 
 pub mod auth;
+mod dashboard;
 mod dead_letters;
 mod error;
 mod events;
@@ -85,6 +88,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/scans", post(jobs::scan))
         .route("/v1/jobs/{id}", get(jobs::status))
         .route("/v1/jobs/{id}/results", get(jobs::results))
+        .route("/v1/jobs/{id}/stages", get(jobs::stage_times))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/events", get(events::stream))
         .route("/v1/jobs/{id}/watch", get(watch_page))
@@ -96,7 +100,12 @@ pub fn router(app: Arc<App>) -> Router {
         // Admin routes need the API token too when there is one (the admin token passes both).
         .merge(admin)
         .route_layer(from_fn_with_state(app.clone(), auth::require_api_token));
-    api.fallback(|| async { ApiError::NotFound("no such route".into()) })
+    let dashboard = Router::new()
+        .route("/", get(dashboard::page))
+        .route("/dashboard/app.js", get(dashboard::script))
+        .route("/dashboard/app.css", get(dashboard::stylesheet));
+    api.merge(dashboard)
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(app)
 }
