@@ -91,9 +91,13 @@ pub struct ModelLimits {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
-    /// Items in flight at once.
+    /// Items in flight at once, per job (a job's `options.concurrency` overrides it).
     #[serde(default = "defaults::concurrency")]
     pub concurrency: usize,
+    /// Stage calls alive at once across every job: each holds a component instance, so this
+    /// sizes the instance pool; more wait in line (FIFO) instead of failing.
+    #[serde(default = "defaults::max_stage_calls")]
+    pub max_stage_calls: usize,
     /// Effects (emitted dispatches) running at once.
     #[serde(default = "defaults::effect_concurrency")]
     pub effect_concurrency: usize,
@@ -112,6 +116,7 @@ impl Default for RunConfig {
     fn default() -> Self {
         Self {
             concurrency: defaults::concurrency(),
+            max_stage_calls: defaults::max_stage_calls(),
             effect_concurrency: defaults::effect_concurrency(),
             checkpoint_after_ms: defaults::checkpoint_after_ms(),
             item_timeout_ms: None,
@@ -225,6 +230,9 @@ mod defaults {
     }
     pub fn concurrency() -> usize {
         64
+    }
+    pub fn max_stage_calls() -> usize {
+        256
     }
     pub fn effect_concurrency() -> usize {
         8
@@ -425,7 +433,10 @@ impl PipelineConfig {
             check_name(name, "kv namespace")?;
             kv.insert(name.get_ref().clone(), file(&k.file, "file")?);
         }
-        if raw.run.concurrency == 0 || raw.run.effect_concurrency == 0 {
+        if raw.run.concurrency == 0
+            || raw.run.effect_concurrency == 0
+            || raw.run.max_stage_calls == 0
+        {
             bail!(
                 "{}: `[run]` concurrencies must be at least 1",
                 path.display()

@@ -19,6 +19,9 @@ pub struct Pipeline {
     pub config: PipelineConfig,
     pub caps: Arc<Capabilities>,
     pub stages: Vec<Stage>,
+    /// `[run] max_stage_calls`: a stage call holds one while its instance is alive, so the
+    /// instance pool is never exhausted however many jobs run (waiting beats failing).
+    stage_calls: Semaphore,
 }
 
 /// One stage of the pipeline: its configuration and the version new items get.
@@ -121,11 +124,11 @@ impl Stage {
 }
 
 impl Pipeline {
-    /// The runtime sized for `config`: enough instance slots for every item in flight (a
-    /// stage plus the handler it calls) and every running effect.
+    /// The runtime sized for `config`: enough instance slots for every stage call (a stage
+    /// plus the handler it calls) and every running effect.
     pub fn runtime_for(config: &PipelineConfig, data_dir: &Path) -> Result<Arc<Runtime>> {
         let max_instances =
-            (config.run.concurrency * 2 + config.run.effect_concurrency + 16) as u32;
+            (config.run.max_stage_calls * 2 + config.run.effect_concurrency + 16) as u32;
         Runtime::new(RuntimeOptions {
             max_instances,
             max_memory_bytes: config.max_memory_bytes(),
@@ -182,10 +185,20 @@ impl Pipeline {
             tokens: TokenHub::default(),
         });
         Ok(Arc::new(Self {
+            stage_calls: Semaphore::new(config.run.max_stage_calls),
             config,
             caps,
             stages,
         }))
+    }
+
+    /// Wait for room for one more stage call (after the stage's own limit, so a call waiting
+    /// here never holds back another stage).
+    pub async fn stage_call_slot(&self) -> SemaphorePermit<'_> {
+        self.stage_calls
+            .acquire()
+            .await
+            .expect("the stage-call semaphore is never closed")
     }
 
     pub fn store(&self) -> &Store {

@@ -9,7 +9,8 @@
 //!   over SSE and paging through its results.
 //! - `test`: formatting, clippy, the plugins, the binaries, then every test (installing
 //!   Debian's chromium and chromium-driver for the browser tests if they are missing).
-//! - `bench`: the benchmarks of docs/BENCHMARKS.md.
+//! - `bench`: the benchmarks of docs/BENCHMARKS.md; `load` (or `bench load`): the seed-style
+//!   load test, with thresholds.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -31,9 +32,11 @@ fn main() -> Result<()> {
         Some("demo") => demo(&root, args.get(1).map(String::as_str).unwrap_or("eco-scan")),
         Some("test") => test(&root),
         Some("bench") => bench(&root, &args[1..]),
+        // The seed-style load test (tests/benches/load.rs) is a benchmark with thresholds.
+        Some("load") => bench(&root, &args),
         _ => {
             eprintln!(
-                "usage: cargo xtask <plugins | demo [eco-scan | prompt-eval] | test | bench [server]>"
+                "usage: cargo xtask <plugins | demo [eco-scan | prompt-eval] | test | bench [server | load] | load>"
             );
             std::process::exit(2);
         }
@@ -426,6 +429,7 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
     // goes to the pipeline benchmarks (host/benches/pipeline.rs).
     let (package, name, rest) = match args.first().map(String::as_str) {
         Some("server") => ("stagehand-tests", "server", &args[1..]),
+        Some("load") => ("stagehand-tests", "load", &args[1..]),
         _ => ("stagehand", "pipeline", args),
     };
     let mut cargo = vec!["bench", "--package", package, "--bench", name, "--"];

@@ -99,6 +99,26 @@ struct Stats {
     hung: AtomicU64,
     bad_requests: AtomicU64,
     streamed: AtomicU64,
+    /// Requests being answered now, and the most there ever were at once.
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
+}
+
+/// Counts a request in flight until it is answered (or its client goes away).
+struct InFlight<'a>(&'a Stats);
+
+impl<'a> InFlight<'a> {
+    fn new(stats: &'a Stats) -> Self {
+        let now = stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        stats.max_in_flight.fetch_max(now, Ordering::Relaxed);
+        InFlight(stats)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 struct Mock {
@@ -156,6 +176,7 @@ enum Task {
 
 async fn chat(State(mock): State<Arc<Mock>>, body: axum::body::Bytes) -> Response {
     mock.stats.requests.fetch_add(1, Ordering::Relaxed);
+    let _in_flight = InFlight::new(&mock.stats);
     let request: Value = match serde_json::from_slice(&body) {
         Ok(value) => value,
         Err(e) => {

@@ -158,6 +158,7 @@ pub async fn run_item(
                 )
             } else {
                 let _permit = stage.enter().await;
+                let _slot = pipeline.stage_call_slot().await;
                 let component = stage.version_for(item.item_id);
                 let call = Call {
                     caps: Arc::clone(&pipeline.caps),

@@ -1,0 +1,58 @@
+//! Many jobs at once: stage calls past `[run] max_stage_calls` wait for a slot instead of
+//! failing. (The load test found it: with one-item scans from 300 users, the items of all jobs
+//! together outgrew the component-instance pool, sized from the per-job concurrency, and failed
+//! with "maximum concurrent limit ... reached".)
+
+use serde_json::json;
+use stagehand_tests::{
+    MockLlm, client, eco_items, eco_scan_pipeline, job_results, serve, wait_for_job,
+};
+
+#[test]
+fn jobs_beyond_the_instance_pool_wait_for_a_slot_and_all_succeed() {
+    let mock = MockLlm::start(&["--latency-ms", "100", "--vision-latency-ms", "100"]);
+    let dir = tempfile::tempdir().unwrap();
+    // A pool for 2 stage calls (2 x 2 + 8 effects + 16 spare = 28 instances); 40 jobs of one
+    // item each would need 40 at once. (The per-job concurrency is 2 as well, so a pool sized
+    // from it, as it was, is as small.)
+    let pipeline = eco_scan_pipeline(dir.path(), |text| {
+        text.replace("concurrency = 64 ", "concurrency = 2\nmax_stage_calls = 2 ")
+    });
+    assert!(
+        std::fs::read_to_string(&pipeline)
+            .unwrap()
+            .contains("max_stage_calls = 2")
+    );
+    let server = serve(&pipeline, &dir.path().join("data"), Some(&mock), &[]);
+
+    let http = client();
+    let jobs: Vec<String> = std::thread::scope(|scope| {
+        let submits: Vec<_> = eco_items(40)
+            .into_iter()
+            .map(|item| {
+                let (http, server) = (&http, &server);
+                scope.spawn(move || {
+                    let answer: serde_json::Value = http
+                        .post(server.url("/v1/scans"))
+                        .json(&item)
+                        .send()
+                        .unwrap()
+                        .json()
+                        .unwrap();
+                    answer["job_id"].as_str().unwrap().to_string()
+                })
+            })
+            .collect();
+        submits.into_iter().map(|s| s.join().unwrap()).collect()
+    });
+    for job in &jobs {
+        let status = wait_for_job(&server, job);
+        assert_eq!(status["state"], "completed", "{status}");
+        let results = job_results(&server, job);
+        assert_eq!(results[0]["status"], "succeeded", "{}", results[0]);
+    }
+    // Never more than two stages (so two LLM calls) at once.
+    let stats = mock.stats();
+    assert!(stats["max_in_flight"].as_u64().unwrap() <= 2, "{stats}");
+    assert_eq!(stats["vision"], json!(40), "{stats}");
+}
