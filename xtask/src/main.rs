@@ -9,6 +9,7 @@
 //!   over SSE and paging through its results.
 //! - `test`: formatting, clippy, the plugins, the binaries, then every test (installing
 //!   Debian's chromium and chromium-driver for the browser tests if they are missing).
+//! - `schemathesis`: the live server against its own OpenAPI document (part of `test`).
 //! - `bench`: the benchmarks of docs/BENCHMARKS.md; `load` (or `bench load`): the seed-style
 //!   load test, with thresholds.
 
@@ -31,12 +32,13 @@ fn main() -> Result<()> {
         Some("plugins") => plugins(&root),
         Some("demo") => demo(&root, args.get(1).map(String::as_str).unwrap_or("eco-scan")),
         Some("test") => test(&root),
+        Some("schemathesis") => schemathesis(&root),
         Some("bench") => bench(&root, &args[1..]),
         // The seed-style load test (tests/benches/load.rs) is a benchmark with thresholds.
         Some("load") => bench(&root, &args),
         _ => {
             eprintln!(
-                "usage: cargo xtask <plugins | demo [eco-scan | prompt-eval] | test | bench [server | load] | load>"
+                "usage: cargo xtask <plugins | demo [eco-scan | prompt-eval] | test | schemathesis | bench [server | load] | load>"
             );
             std::process::exit(2);
         }
@@ -419,7 +421,73 @@ fn test(root: &Path) -> Result<()> {
     if !status.success() {
         bail!("tests failed ({status})");
     }
-    Ok(())
+    schemathesis(root)
+}
+
+/// schemathesis from PyPI, pinned, in the project's virtualenv.
+const SCHEMATHESIS: &str = "schemathesis==4.32.5";
+
+/// Check the live server against its own `/openapi.json` with schemathesis: generated and
+/// fuzzed requests to every operation (with the admin token, so admin routes are reached too)
+/// must get no 5xx and no response outside the documented schema.
+fn schemathesis(root: &Path) -> Result<()> {
+    let venv = root.join("target/python/venv");
+    let tool = venv.join("bin/schemathesis");
+    if !tool.is_file() {
+        if !venv.join("bin/pip").is_file() {
+            ensure_python_venv(&venv)?;
+        }
+        run(
+            root,
+            path(&venv.join("bin/pip")),
+            &["install", "--quiet", SCHEMATHESIS],
+        )?;
+    }
+    build_binaries(root)?;
+    let mock = MockLlm::start_binary(
+        &root.join("target/release/stagehand-mock-llm"),
+        &["--latency-ms", "0"],
+    )?;
+    let data = root.join("target/schemathesis");
+    let _ = std::fs::remove_dir_all(&data);
+    let pipeline = root.join("examples/eco-scan/pipeline.toml");
+    let llm = mock.base_url();
+    let server = Server::start(
+        &root.join("target/release/stagehand"),
+        &[
+            "serve",
+            path(&pipeline),
+            "--addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            path(&data),
+            "--llm-base-url",
+            &llm,
+            "--api-token",
+            "schemathesis-api",
+            "--admin-token",
+            "schemathesis-admin",
+        ],
+    )?;
+    let seed = std::env::var("SCHEMATHESIS_SEED").unwrap_or_else(|_| "1".into());
+    run(
+        root,
+        path(&tool),
+        &[
+            "run",
+            &server.url("/openapi.json"),
+            "--header",
+            "Authorization: Bearer schemathesis-admin",
+            "--checks",
+            "not_a_server_error,response_schema_conformance",
+            "--max-examples",
+            "30",
+            "--seed",
+            &seed,
+            "--report-dir",
+            path(&root.join("target/test-artifacts/schemathesis")),
+        ],
+    )
 }
 
 fn bench(root: &Path, args: &[String]) -> Result<()> {

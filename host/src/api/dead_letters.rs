@@ -16,7 +16,8 @@ use super::{ApiError, App, job_id, page_limit};
 use crate::jobs::{ItemRef, Reprocess, stage_input};
 use crate::store::item_id;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     job: Option<Uuid>,
@@ -33,6 +34,8 @@ fn cursor(raw: &str) -> Result<(Uuid, u64), ApiError> {
 }
 
 /// `GET /v1/dead-letters?job=&stage=&after=&limit=`, in (job, index) order.
+#[utoipa::path(get, path = "/v1/dead-letters", tag = "dead letters", security((), ("api_token" = []), ("admin_token" = [])), params(ListQuery),
+    responses((status = 200, description = "in (job, index) order", body = super::openapi::DeadLetterList), (status = 400, description = "bad query", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong token", body = super::openapi::ErrorBody)))]
 pub async fn list(
     State(app): State<Arc<App>>,
     query: Result<Query<ListQuery>, QueryRejection>,
@@ -65,6 +68,8 @@ fn index_of(raw: &str) -> Result<u64, ApiError> {
 }
 
 /// `GET /v1/dead-letters/{job}/{index}`: the letter and the failed stage's input.
+#[utoipa::path(get, path = "/v1/dead-letters/{job}/{index}", tag = "dead letters", security((), ("api_token" = []), ("admin_token" = [])), params(("job" = uuid::Uuid, Path, description = "job id"), ("index" = u64, Path, description = "item index")),
+    responses((status = 200, description = "the letter and the failed stage's input", body = super::openapi::DeadLetterDetail), (status = 404, description = "no such dead letter", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong token", body = super::openapi::ErrorBody)))]
 pub async fn inspect(
     State(app): State<Arc<App>>,
     Path((raw_job, raw_index)): Path<(String, String)>,
@@ -88,6 +93,8 @@ pub async fn inspect(
 }
 
 /// `DELETE /v1/dead-letters/{job}/{index}`: give up on the item (its failed result stays).
+#[utoipa::path(delete, path = "/v1/dead-letters/{job}/{index}", tag = "dead letters", security(("admin_token" = [])), params(("job" = uuid::Uuid, Path, description = "job id"), ("index" = u64, Path, description = "item index")),
+    responses((status = 204, description = "discarded"), (status = 404, description = "no such dead letter", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong admin token", body = super::openapi::ErrorBody), (status = 403, description = "admin routes are off (no --admin-token)", body = super::openapi::ErrorBody)))]
 pub async fn discard(
     State(app): State<Arc<App>>,
     Path((raw_job, raw_index)): Path<(String, String)>,
@@ -110,6 +117,9 @@ pub struct ReprocessRequest {
 }
 
 /// `POST /v1/jobs/{id}/reprocess` with `{"indices": [...]}` or `{}` for all.
+#[utoipa::path(post, path = "/v1/jobs/{id}/reprocess", tag = "dead letters", security(("admin_token" = [])), params(("id" = uuid::Uuid, Path, description = "job id")),
+    request_body(content = Option<super::openapi::ReprocessBody>, description = "the items; none for all"),
+    responses((status = 202, description = "reprocessing", body = super::openapi::ReprocessAnswer), (status = 400, description = "bad body", body = super::openapi::ErrorBody), (status = 404, description = "no such job", body = super::openapi::ErrorBody), (status = 409, description = "the job is running", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong admin token", body = super::openapi::ErrorBody), (status = 403, description = "admin routes are off (no --admin-token)", body = super::openapi::ErrorBody)))]
 pub async fn reprocess(
     State(app): State<Arc<App>>,
     Path(raw): Path<String>,
@@ -130,6 +140,8 @@ pub async fn reprocess(
 }
 
 /// `POST /v1/dead-letters/{job}/{index}/reprocess`: one item.
+#[utoipa::path(post, path = "/v1/dead-letters/{job}/{index}/reprocess", tag = "dead letters", security(("admin_token" = [])), params(("job" = uuid::Uuid, Path, description = "job id"), ("index" = u64, Path, description = "item index")),
+    responses((status = 202, description = "reprocessing", body = super::openapi::ReprocessAnswer), (status = 404, description = "no such dead letter", body = super::openapi::ErrorBody), (status = 409, description = "the job is running", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong admin token", body = super::openapi::ErrorBody), (status = 403, description = "admin routes are off (no --admin-token)", body = super::openapi::ErrorBody)))]
 pub async fn reprocess_one(
     State(app): State<Arc<App>>,
     Path((raw_job, raw_index)): Path<(String, String)>,

@@ -24,7 +24,8 @@ use super::{ApiError, App, job_id};
 use crate::events::view::{Coalescing, JobView};
 use crate::events::{Token, TokenSubscription};
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EventsQuery {
     last_event_id: Option<u64>,
@@ -40,6 +41,10 @@ pub struct EventsQuery {
 const RETRY: Duration = Duration::from_secs(3);
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
+#[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", security((), ("api_token" = []), ("admin_token" = [])), params(("id" = uuid::Uuid, Path, description = "job id"), EventsQuery,
+      ("Last-Event-ID" = Option<u64>, Header, description = "resume after this event number")),
+    responses((status = 200, description = "Server-Sent Events: `job.started`, `job.progress`, `item.stage`, `item.token`, `job.completed`, `job.cancelled`, `job.failed`", content_type = "text/event-stream", body = serde_json::Value),
+              (status = 400, description = "bad query or Last-Event-ID", body = super::openapi::ErrorBody), (status = 404, description = "no such job", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong token", body = super::openapi::ErrorBody)))]
 pub async fn stream(
     State(app): State<Arc<App>>,
     Path(raw): Path<String>,

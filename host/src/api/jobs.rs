@@ -83,6 +83,12 @@ fn links(id: uuid::Uuid) -> Value {
     })
 }
 
+#[utoipa::path(post, path = "/v1/jobs", tag = "jobs", security((), ("api_token" = []), ("admin_token" = [])),
+    request_body = super::openapi::SubmissionBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "a repeat with the same key returns the same job")),
+    responses((status = 202, description = "accepted and durable", body = super::openapi::JobLinks),
+              (status = 200, description = "the job an earlier submission with this key created", body = super::openapi::JobLinks),
+              (status = 400, description = "malformed JSON", body = super::openapi::ErrorBody), (status = 409, description = "key used with another body", body = super::openapi::ErrorBody), (status = 413, description = "body or image too large", body = super::openapi::ErrorBody), (status = 415, description = "not JSON", body = super::openapi::ErrorBody), (status = 422, description = "not a valid job", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong token", body = super::openapi::ErrorBody)))]
 pub async fn submit(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
@@ -118,6 +124,10 @@ pub async fn submit(
 
 /// Seed 001's scan: one item in, its id out at once; its stream shows every stage. The item is
 /// a JSON object, or a multipart form with the photo as a file part named `image`.
+#[utoipa::path(post, path = "/v1/scans", tag = "jobs", security((), ("api_token" = []), ("admin_token" = [])),
+    request_body(content((Object = "application/json"), (Object = "multipart/form-data")), description = "one item, or a form with an `image` file part"),
+    responses((status = 202, description = "accepted", body = super::openapi::ScanAccepted),
+              (status = 400, description = "malformed body", body = super::openapi::ErrorBody), (status = 413, description = "too large", body = super::openapi::ErrorBody), (status = 415, description = "unsupported type", body = super::openapi::ErrorBody), (status = 422, description = "not a scan", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong token", body = super::openapi::ErrorBody)))]
 pub async fn scan(State(app): State<Arc<App>>, request: Request) -> Result<Response, ApiError> {
     let multipart = request
         .headers()
@@ -154,7 +164,8 @@ pub async fn scan(State(app): State<Arc<App>>, request: Request) -> Result<Respo
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     state: Option<JobState>,
@@ -164,6 +175,8 @@ pub struct ListQuery {
 }
 
 /// Jobs, newest first.
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs", security((), ("api_token" = []), ("admin_token" = [])), params(ListQuery),
+    responses((status = 200, description = "newest first", body = super::openapi::JobList), (status = 400, description = "bad query", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong token", body = super::openapi::ErrorBody)))]
 pub async fn list(
     State(app): State<Arc<App>>,
     query: Result<Query<ListQuery>, QueryRejection>,
@@ -192,6 +205,8 @@ pub async fn list(
     Ok(Json(json!({ "jobs": jobs, "next_before": next_before })))
 }
 
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", security((), ("api_token" = []), ("admin_token" = [])), params(("id" = uuid::Uuid, Path, description = "job id")),
+    responses((status = 200, description = "state and counts", body = super::openapi::JobStatus), (status = 404, description = "no such job", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong token", body = super::openapi::ErrorBody)))]
 pub async fn status(
     State(app): State<Arc<App>>,
     Path(raw): Path<String>,
@@ -220,7 +235,8 @@ pub async fn status(
     Ok(Json(body))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ResultsQuery {
     /// Keyset: results with an index above this.
@@ -231,6 +247,8 @@ pub struct ResultsQuery {
     page_size: Option<usize>,
 }
 
+#[utoipa::path(get, path = "/v1/jobs/{id}/results", tag = "jobs", security((), ("api_token" = []), ("admin_token" = [])), params(("id" = uuid::Uuid, Path, description = "job id"), ResultsQuery),
+    responses((status = 200, description = "a page of results", body = super::openapi::ResultsPage), (status = 400, description = "bad query", body = super::openapi::ErrorBody), (status = 404, description = "no such job", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong token", body = super::openapi::ErrorBody)))]
 pub async fn results(
     State(app): State<Arc<App>>,
     Path(raw): Path<String>,
@@ -279,6 +297,9 @@ pub async fn results(
     ))
 }
 
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", security((), ("api_token" = []), ("admin_token" = [])), params(("id" = uuid::Uuid, Path, description = "job id")),
+    responses((status = 202, description = "cancelling", body = super::openapi::CancelAnswer),
+              (status = 200, description = "it had ended: its final state", body = super::openapi::CancelAnswer), (status = 404, description = "no such job", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong token", body = super::openapi::ErrorBody)))]
 pub async fn cancel(
     State(app): State<Arc<App>>,
     Path(raw): Path<String>,
@@ -313,6 +334,8 @@ struct StageTime {
 /// `GET /v1/jobs/{id}/stages`: where the job's finished items spent their time, per stage (seed
 /// 003's vision / rule / answer / reward shares). Read from the stored results one at a time, so
 /// memory does not grow with the job.
+#[utoipa::path(get, path = "/v1/jobs/{id}/stages", tag = "jobs", security((), ("api_token" = []), ("admin_token" = [])), params(("id" = uuid::Uuid, Path, description = "job id")),
+    responses((status = 200, description = "time per stage", body = super::openapi::StageTimes), (status = 404, description = "no such job", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong token", body = super::openapi::ErrorBody)))]
 pub async fn stage_times(
     State(app): State<Arc<App>>,
     Path(raw): Path<String>,

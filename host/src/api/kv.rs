@@ -11,12 +11,16 @@ use super::{ApiError, App};
 use crate::capabilities::ReloadError;
 
 /// `GET /v1/kv`: each namespace's file, entry count, content digest and load time.
+#[utoipa::path(get, path = "/v1/kv", tag = "operations", security((), ("api_token" = []), ("admin_token" = [])),
+    responses((status = 200, description = "kv namespaces", body = super::openapi::KvList), (status = 401, description = "missing or wrong token", body = super::openapi::ErrorBody)))]
 pub async fn list(State(app): State<Arc<App>>) -> Json<Value> {
     Json(json!({ "namespaces": app.jobs.pipeline().caps.kv.list() }))
 }
 
 /// `POST /v1/kv/{namespace}/reload` (admin): read the file again; a file that does not parse is
 /// a 422 and the old entries stay in use.
+#[utoipa::path(post, path = "/v1/kv/{namespace}/reload", tag = "operations", security(("admin_token" = [])), params(("namespace" = String, Path, description = "kv namespace")),
+    responses((status = 200, description = "reloaded", body = crate::capabilities::NamespaceInfo), (status = 404, description = "no such namespace", body = super::openapi::ErrorBody), (status = 422, description = "the file does not parse; the old entries stay", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong admin token", body = super::openapi::ErrorBody), (status = 403, description = "admin routes are off (no --admin-token)", body = super::openapi::ErrorBody)))]
 pub async fn reload(
     State(app): State<Arc<App>>,
     Path(name): Path<String>,

@@ -3,6 +3,7 @@
 //! | route                              | what                                              |
 //! |------------------------------------|---------------------------------------------------|
 //! | `GET /`                            | the dashboard (see [`dashboard`])                 |
+//! | `GET /openapi.json`                | the OpenAPI 3 document (see [`openapi`])          |
 //! | `POST /v1/jobs`                    | submit `{"items": [...], "options": {...}}` -> 202 |
 //! | `GET /v1/jobs`                     | newest first; `?state=&before=&limit=`            |
 //! | `POST /v1/scans`                   | one item (seed 001's scan) -> 202 with `task_id`  |
@@ -33,6 +34,7 @@ mod events;
 mod images;
 mod jobs;
 mod kv;
+mod openapi;
 mod stages;
 
 use std::sync::Arc;
@@ -40,7 +42,10 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::middleware::from_fn_with_state;
-use axum::routing::{delete, get, post, put};
+use axum::routing::get;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub use error::ApiError;
 
@@ -68,49 +73,57 @@ pub struct App {
 
 pub fn router(app: Arc<App>) -> Router {
     let limit = app.max_body_bytes;
-    let admin = Router::new()
-        .route("/v1/stages/{name}", put(stages::install))
-        .route("/v1/stages/{name}/rollback", post(stages::rollback))
-        .route("/v1/stages/{name}/promote", post(stages::promote))
-        .route("/v1/kv/{namespace}/reload", post(kv::reload))
-        .route("/v1/jobs/{id}/reprocess", post(dead_letters::reprocess))
-        .route(
-            "/v1/dead-letters/{job}/{index}",
-            delete(dead_letters::discard),
-        )
-        .route(
-            "/v1/dead-letters/{job}/{index}/reprocess",
-            post(dead_letters::reprocess_one),
-        )
+    let admin = OpenApiRouter::new()
+        .routes(routes!(stages::install))
+        .routes(routes!(stages::rollback))
+        .routes(routes!(stages::promote))
+        .routes(routes!(kv::reload))
+        .routes(routes!(dead_letters::reprocess))
+        .routes(routes!(dead_letters::discard))
+        .routes(routes!(dead_letters::reprocess_one))
         .route_layer(from_fn_with_state(app.clone(), auth::require_admin_token));
-    let api = Router::new()
-        .route("/v1/jobs", post(jobs::submit).get(jobs::list))
-        .route("/v1/scans", post(jobs::scan))
-        .route("/v1/jobs/{id}", get(jobs::status))
-        .route("/v1/jobs/{id}/results", get(jobs::results))
-        .route("/v1/jobs/{id}/stages", get(jobs::stage_times))
-        .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
-        .route("/v1/jobs/{id}/events", get(events::stream))
-        .route("/v1/jobs/{id}/watch", get(watch_page))
-        .route("/v1/dead-letters", get(dead_letters::list))
-        .route("/v1/dead-letters/{job}/{index}", get(dead_letters::inspect))
-        .route("/v1/stages", get(stages::list))
-        .route("/v1/kv", get(kv::list))
-        .route("/metrics", get(metrics))
+    let (api, document) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(jobs::submit, jobs::list))
+        .routes(routes!(jobs::scan))
+        .routes(routes!(jobs::status))
+        .routes(routes!(jobs::results))
+        .routes(routes!(jobs::stage_times))
+        .routes(routes!(jobs::cancel))
+        .routes(routes!(events::stream))
+        .routes(routes!(watch_page))
+        .routes(routes!(dead_letters::list))
+        .routes(routes!(dead_letters::inspect))
+        .routes(routes!(stages::list))
+        .routes(routes!(kv::list))
+        .routes(routes!(metrics))
         // Admin routes need the API token too when there is one (the admin token passes both).
         .merge(admin)
-        .route_layer(from_fn_with_state(app.clone(), auth::require_api_token));
-    let dashboard = Router::new()
+        .route_layer(from_fn_with_state(app.clone(), auth::require_api_token))
+        .split_for_parts();
+    let document = Arc::new(
+        document
+            .to_pretty_json()
+            .expect("the OpenAPI document serialises"),
+    );
+    // Public: the dashboard's files and the API's description hold no data.
+    let public = Router::new()
         .route("/", get(dashboard::page))
         .route("/dashboard/app.js", get(dashboard::script))
-        .route("/dashboard/app.css", get(dashboard::stylesheet));
-    api.merge(dashboard)
+        .route("/dashboard/app.css", get(dashboard::stylesheet))
+        .route("/openapi.json", get(openapi::document))
+        .layer(axum::Extension(document));
+    api.merge(public)
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(app)
 }
 
 /// Prometheus text exposition of [`crate::metrics`].
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    security((), ("api_token" = []), ("admin_token" = [])),
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String),
+              (status = 401, description = "missing or wrong token", body = openapi::ErrorBody),
+              (status = 404, description = "metrics are off", body = openapi::ErrorBody)))]
 async fn metrics(
     axum::extract::State(app): axum::extract::State<Arc<App>>,
 ) -> Result<axum::response::Response, ApiError> {
@@ -133,6 +146,11 @@ async fn metrics(
 }
 
 /// A self-contained page (no CDN) that follows one job with `EventSource`.
+#[utoipa::path(get, path = "/v1/jobs/{id}/watch", tag = "jobs",
+    security((), ("api_token" = []), ("admin_token" = [])),
+    params(("id" = uuid::Uuid, Path, description = "job id")),
+    responses((status = 200, description = "an HTML page", content_type = "text/html", body = String),
+              (status = 401, description = "missing or wrong token", body = openapi::ErrorBody)))]
 async fn watch_page() -> axum::response::Html<&'static str> {
     axum::response::Html(include_str!("assets/watch.html"))
 }

@@ -19,6 +19,8 @@ fn version(v: &StageComponent) -> Value {
 }
 
 /// `GET /v1/stages`: each stage's current version and the ones it can roll back to.
+#[utoipa::path(get, path = "/v1/stages", tag = "stages", security((), ("api_token" = []), ("admin_token" = [])),
+    responses((status = 200, description = "each stage's versions", body = super::openapi::StageList), (status = 401, description = "missing or wrong token", body = super::openapi::ErrorBody)))]
 pub async fn list(State(app): State<Arc<App>>) -> Json<Value> {
     let stages: Vec<Value> = app
         .jobs
@@ -53,7 +55,8 @@ impl From<InstallError> for ApiError {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct InstallQuery {
     /// Put the version on trial for this share (1 to 99 %) of the items instead.
@@ -63,6 +66,10 @@ pub struct InstallQuery {
 /// `PUT /v1/stages/{name}` with a `.wasm` body: validated against the `stage` world and
 /// compiled, then new entries of the stage use it (or, with `?canary=P`, P % of them); items in
 /// the stage finish on the version they entered with.
+#[utoipa::path(put, path = "/v1/stages/{name}", tag = "stages", security(("admin_token" = [])),
+    params(("name" = String, Path, description = "stage name"), InstallQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the component (`application/wasm` too; any type is read as the bytes)"),
+    responses((status = 200, description = "installed", body = super::openapi::StageChange), (status = 400, description = "empty body", body = super::openapi::ErrorBody), (status = 404, description = "no such stage", body = super::openapi::ErrorBody), (status = 413, description = "too large", body = super::openapi::ErrorBody), (status = 422, description = "not a valid stage component, or a bad canary share", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong admin token", body = super::openapi::ErrorBody), (status = 403, description = "admin routes are off (no --admin-token)", body = super::openapi::ErrorBody)))]
 pub async fn install(
     State(app): State<Arc<App>>,
     Path(name): Path<String>,
@@ -112,6 +119,8 @@ pub async fn install(
 
 /// `POST /v1/stages/{name}/rollback`: end the canary trial if there is one, else back to the
 /// version before the current one.
+#[utoipa::path(post, path = "/v1/stages/{name}/rollback", tag = "stages", security(("admin_token" = [])), params(("name" = String, Path, description = "stage name")),
+    responses((status = 200, description = "rolled back or canary dropped", body = super::openapi::StageChange), (status = 404, description = "no such stage", body = super::openapi::ErrorBody), (status = 409, description = "nothing to roll back to", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong admin token", body = super::openapi::ErrorBody), (status = 403, description = "admin routes are off (no --admin-token)", body = super::openapi::ErrorBody)))]
 pub async fn rollback(
     State(app): State<Arc<App>>,
     Path(name): Path<String>,
@@ -131,6 +140,8 @@ pub async fn rollback(
 }
 
 /// `POST /v1/stages/{name}/promote`: the canary becomes the version every item gets.
+#[utoipa::path(post, path = "/v1/stages/{name}/promote", tag = "stages", security(("admin_token" = [])), params(("name" = String, Path, description = "stage name")),
+    responses((status = 200, description = "promoted", body = super::openapi::StageChange), (status = 404, description = "no such stage", body = super::openapi::ErrorBody), (status = 409, description = "no canary", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong admin token", body = super::openapi::ErrorBody), (status = 403, description = "admin routes are off (no --admin-token)", body = super::openapi::ErrorBody)))]
 pub async fn promote(
     State(app): State<Arc<App>>,
     Path(name): Path<String>,

@@ -26,9 +26,10 @@ struct Entries {
 }
 
 /// What `GET /v1/kv` shows of a namespace.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct NamespaceInfo {
     pub name: String,
+    #[schema(value_type = String)]
     pub file: PathBuf,
     pub entries: usize,
     /// sha256 of the file's bytes, to tell which content is in use.

@@ -17,10 +17,11 @@ use crate::pipeline::Pipeline;
 use crate::store::{ItemResult, ItemStatus, JobRecord, JobState};
 
 /// Per-job settings a client may give at submission.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobOptions {
     /// Items in flight for this job (default: the pipeline's `[run] concurrency`).
+    #[schema(minimum = 1)]
     pub concurrency: Option<usize>,
     /// Run the items one at a time (seed 000: a model server that cannot take bursts).
     #[serde(default)]
@@ -42,7 +43,7 @@ pub struct JobOptions {
     pub item_timeout_ms: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Detail {
     #[default]

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::{ItemError, Store, json, keys, parse};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeadLetter {
     pub job_id: Uuid,
     pub index: u64,

@@ -14,7 +14,7 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     Running,
@@ -23,7 +23,7 @@ pub enum JobState {
     Cancelled,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobRecord {
     pub id: Uuid,
     pub pipeline: String,
@@ -84,7 +84,7 @@ pub fn item_id(job: Uuid, index: u64) -> Uuid {
     Uuid::new_v5(&job, &index.to_be_bytes())
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ItemStatus {
     Succeeded,
@@ -92,7 +92,7 @@ pub enum ItemStatus {
 }
 
 /// Why an item failed: which stage, what kind of failure, and the message.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ItemError {
     pub stage: String,
     pub kind: String,
@@ -104,7 +104,7 @@ pub struct ItemError {
 }
 
 /// One failed try of a stage.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Attempt {
     pub attempt: u32,
     pub kind: String,
@@ -117,7 +117,7 @@ pub struct Attempt {
 }
 
 /// One stage's run for an item, as recorded in its result.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StageRun {
     pub stage: String,
     /// sha256 of the component version that ran.
@@ -131,13 +131,14 @@ pub struct StageRun {
     pub reused: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ItemResult {
     pub index: u64,
     pub item_id: Uuid,
     pub status: ItemStatus,
     /// Every stage's output by stage name, in pipeline order, for a succeeded item.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     pub output: Option<Box<RawValue>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ItemError>,

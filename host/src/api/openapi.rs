@@ -1,0 +1,233 @@
+//! `GET /openapi.json`: the OpenAPI 3 document, generated from the handlers' `#[utoipa::path]`
+//! annotations and registered together with the routes (`utoipa_axum::routes!`), so a route
+//! cannot exist without being documented, nor be documented without existing.
+//!
+//! The bodies handlers build with `json!` are described here by the shapes below; a schema test
+//! (`cargo xtask schemathesis`, part of `cargo xtask test`) checks the server against them.
+
+use serde::Serialize;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+use uuid::Uuid;
+
+use crate::store::{DeadLetter, ItemResult, JobRecord};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Stagehand",
+        description = "Multi-step LLM pipelines of WebAssembly stages: submit jobs, follow them \
+                       over SSE, read results, cancel, manage dead letters and stage versions."
+    ),
+    modifiers(&BearerTokens),
+    tags(
+        (name = "jobs", description = "Submit, follow, page through and cancel jobs"),
+        (name = "dead letters", description = "Items that failed for good, to inspect or run again"),
+        (name = "stages", description = "Stage versions: hot swap, canary, rollback"),
+        (name = "operations", description = "kv namespaces and metrics"),
+    )
+)]
+pub struct ApiDoc;
+
+/// Two bearer schemes: `api_token` (`--api-token`, every route when set) and `admin_token`
+/// (`--admin-token`, the admin routes; it passes wherever the API token does).
+struct BearerTokens;
+
+impl Modify for BearerTokens {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        for name in ["api_token", "admin_token"] {
+            components.add_security_scheme(
+                name,
+                SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+            );
+        }
+    }
+}
+
+pub async fn document(
+    openapi: axum::Extension<std::sync::Arc<String>>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        openapi.0.as_str().to_owned(),
+    )
+        .into_response()
+}
+
+/// Every error: `{"error": {"code", "message"}}`.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// `bad_request`, `not_found`, `invalid`, `conflict`, `unauthorized`, `forbidden`,
+    /// `too_large`, `unsupported_media_type` or `internal`.
+    pub code: String,
+    pub message: String,
+}
+
+/// Where to follow a job.
+#[derive(Serialize, ToSchema)]
+pub struct JobLinks {
+    pub job_id: Uuid,
+    pub status_url: String,
+    pub events_url: String,
+    pub results_url: String,
+}
+
+/// A scan's answer: the job's links, plus seed 001's `task_id` and `status`.
+#[derive(Serialize, ToSchema)]
+pub struct ScanAccepted {
+    pub job_id: Uuid,
+    pub task_id: Uuid,
+    /// Always `processing`.
+    pub status: String,
+    pub status_url: String,
+    pub events_url: String,
+    pub results_url: String,
+}
+
+/// A submission: `items` are any JSON values (the first stage's input).
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmissionBody {
+    #[schema(value_type = Vec<Object>, min_items = 1)]
+    pub items: Vec<serde_json::Value>,
+    pub options: Option<crate::jobs::JobOptions>,
+    /// Or the `Idempotency-Key` header.
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct JobList {
+    pub jobs: Vec<JobRecord>,
+    /// Pass as `before` for the next page; `null` on the last.
+    pub next_before: Option<Uuid>,
+}
+
+/// A job's record with its live counts, duration, the stage versions new entries get, links.
+#[derive(Serialize, ToSchema)]
+pub struct JobStatus {
+    #[serde(flatten)]
+    pub job: JobRecord,
+    pub duration_ms: u64,
+    pub stage_versions: Vec<StageDigest>,
+    pub links: JobLinks,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct StageDigest {
+    pub stage: String,
+    pub digest: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ResultsPage {
+    pub job_id: Uuid,
+    pub results: Vec<ItemResult>,
+    /// Keyset paging: pass as `after`; `null` on the last page (absent with `page`).
+    pub next_after: Option<u64>,
+    /// With `page`/`page_size` (seed 000's paging).
+    pub page: Option<u64>,
+    pub page_size: Option<u64>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct StageTimes {
+    pub job_id: Uuid,
+    /// Finished items read.
+    pub items: u64,
+    pub stages: Vec<StageTime>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct StageTime {
+    pub stage: String,
+    pub runs: u64,
+    pub total_ms: f64,
+    pub mean_ms: f64,
+    /// Of all stages' time, 0 to 1.
+    pub share: f64,
+}
+
+/// `202` while it runs (`cancelling`), `200` with the final state after.
+#[derive(Serialize, ToSchema)]
+pub struct CancelAnswer {
+    pub job_id: Uuid,
+    pub state: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct DeadLetterList {
+    pub dead_letters: Vec<DeadLetter>,
+    /// `JOB/INDEX`: pass as `after`; `null` on the last page.
+    pub next_after: Option<String>,
+}
+
+/// A dead letter and `input`, the envelope the failed stage got.
+#[derive(Serialize, ToSchema)]
+pub struct DeadLetterDetail {
+    #[serde(flatten)]
+    pub letter: DeadLetter,
+    #[schema(value_type = Option<Object>)]
+    pub input: Option<serde_json::Value>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ReprocessAnswer {
+    pub job_id: Uuid,
+    pub reprocessing: u64,
+    pub events_url: String,
+}
+
+/// Optional body of a job's reprocess: the items, or all dead letters when absent.
+#[derive(Serialize, ToSchema)]
+pub struct ReprocessBody {
+    pub indices: Option<Vec<u64>>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Version {
+    /// sha256 of the component.
+    pub digest: String,
+    pub loaded_in_ms: f64,
+    /// For a canary: its share of the items, in %.
+    pub percent: Option<u8>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct StageVersions {
+    pub name: String,
+    pub current: Version,
+    pub canary: Option<Version>,
+    /// Newest first.
+    pub previous: Vec<Version>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct StageList {
+    pub stages: Vec<StageVersions>,
+}
+
+/// The result of a stage change.
+#[derive(Serialize, ToSchema)]
+pub struct StageChange {
+    pub name: String,
+    /// After a canary upload, only the unchanged current digest.
+    #[schema(value_type = Object)]
+    pub current: serde_json::Value,
+    pub canary: Option<Version>,
+    pub canary_dropped: Option<Version>,
+    pub compile_ms: Option<f64>,
+    /// The digest it replaced.
+    pub replaced: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct KvList {
+    pub namespaces: Vec<crate::capabilities::NamespaceInfo>,
+}
