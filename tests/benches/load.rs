@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::Value;
-use stagehand_tests::measure::{percentile, rss_kib};
+use stagehand_tests::measure::{arg, percentile, rss_kib};
 use stagehand_tests::{MockLlm, Server, eco_items};
 
 struct Options {
@@ -38,14 +38,6 @@ struct Options {
     token: Option<String>,
     /// The LLM concurrency cap of the server this tool starts (the example's is 64).
     llm_concurrency: Option<usize>,
-}
-
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
 }
 
 fn number(name: &str, default: f64) -> f64 {

@@ -17,17 +17,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use stagehand_tests::measure::{cpu_secs, now_ms, percentile, rss_kib};
+use stagehand_tests::measure::{arg, cpu_secs, now_ms, percentile, rss_kib};
 use stagehand_tests::{MockLlm, repo_root, serve};
 use tokio::sync::Barrier;
-
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-}
 
 fn number(name: &str, default: usize) -> usize {
     arg(name).and_then(|v| v.parse().ok()).unwrap_or(default)

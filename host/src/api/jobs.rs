@@ -319,8 +319,8 @@ pub async fn cancel(
 }
 
 /// One stage's share of a job's time.
-#[derive(Serialize, Default)]
-struct StageTime {
+#[derive(Serialize, Default, utoipa::ToSchema)]
+pub struct StageTime {
     stage: String,
     /// Items that passed the stage (a try that failed for good is in the item's error, not here);
     /// outputs reused after a restart are not counted.

@@ -141,17 +141,7 @@ pub struct StageTimes {
     pub job_id: Uuid,
     /// Finished items read.
     pub items: u64,
-    pub stages: Vec<StageTime>,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct StageTime {
-    pub stage: String,
-    pub runs: u64,
-    pub total_ms: f64,
-    pub mean_ms: f64,
-    /// Of all stages' time, 0 to 1.
-    pub share: f64,
+    pub stages: Vec<super::jobs::StageTime>,
 }
 
 /// `202` while it runs (`cancelling`), `200` with the final state after.
