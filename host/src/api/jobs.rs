@@ -13,6 +13,7 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+use super::openapi::{JobLinks, ScanAccepted};
 use super::{ApiError, App, MAX_PAGE, images, job_id, page_limit};
 use crate::jobs::{CancelOutcome, Idempotency, JobOptions, Submitted};
 use crate::store::{JobRecord, JobState};
@@ -74,15 +75,6 @@ fn answer(submitted: Submitted) -> Result<(StatusCode, JobRecord), ApiError> {
     }
 }
 
-fn links(id: uuid::Uuid) -> Value {
-    json!({
-        "job_id": id,
-        "status_url": format!("/v1/jobs/{id}"),
-        "events_url": format!("/v1/jobs/{id}/events"),
-        "results_url": format!("/v1/jobs/{id}/results"),
-    })
-}
-
 #[utoipa::path(post, path = "/v1/jobs", tag = "jobs", security((), ("api_token" = []), ("admin_token" = [])),
     request_body = super::openapi::SubmissionBody,
     params(("Idempotency-Key" = Option<String>, Header, description = "a repeat with the same key returns the same job")),
@@ -119,7 +111,7 @@ pub async fn submit(
             .submit(items, submission.options, idempotency)
             .await?,
     )?;
-    Ok((status, Json(links(job.id))).into_response())
+    Ok((status, Json(JobLinks::new(job.id))).into_response())
 }
 
 /// Seed 001's scan: one item in, its id out at once; its stream shows every stage. The item is
@@ -158,9 +150,11 @@ pub async fn scan(State(app): State<Arc<App>>, request: Request) -> Result<Respo
             .submit(vec![item.into_bytes()], JobOptions::default(), None)
             .await?,
     )?;
-    let mut body = links(job.id);
-    body["task_id"] = json!(job.id);
-    body["status"] = json!("processing");
+    let body = ScanAccepted {
+        links: JobLinks::new(job.id),
+        task_id: job.id,
+        status: "processing",
+    };
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
 
@@ -231,7 +225,7 @@ pub async fn status(
         .map(|s| json!({ "stage": s.config.name, "digest": s.current().meta.digest }))
         .collect();
     body["stage_versions"] = json!(stages);
-    body["links"] = links(id);
+    body["links"] = json!(JobLinks::new(id));
     Ok(Json(body))
 }
 

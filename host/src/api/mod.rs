@@ -100,7 +100,7 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(admin)
         .route_layer(from_fn_with_state(app.clone(), auth::require_api_token))
         .split_for_parts();
-    let document = Arc::new(
+    let document = axum::body::Bytes::from(
         document
             .to_pretty_json()
             .expect("the OpenAPI document serialises"),

@@ -45,13 +45,14 @@ impl Modify for BearerTokens {
     }
 }
 
+/// The document, serialised once at start-up; `Bytes` clones share it.
 pub async fn document(
-    openapi: axum::Extension<std::sync::Arc<String>>,
+    axum::Extension(openapi): axum::Extension<axum::body::Bytes>,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
-        openapi.0.as_str().to_owned(),
+        openapi,
     )
         .into_response()
 }
@@ -79,16 +80,25 @@ pub struct JobLinks {
     pub results_url: String,
 }
 
+impl JobLinks {
+    pub fn new(id: Uuid) -> Self {
+        JobLinks {
+            job_id: id,
+            status_url: format!("/v1/jobs/{id}"),
+            events_url: format!("/v1/jobs/{id}/events"),
+            results_url: format!("/v1/jobs/{id}/results"),
+        }
+    }
+}
+
 /// A scan's answer: the job's links, plus seed 001's `task_id` and `status`.
 #[derive(Serialize, ToSchema)]
 pub struct ScanAccepted {
-    pub job_id: Uuid,
+    #[serde(flatten)]
+    pub links: JobLinks,
     pub task_id: Uuid,
     /// Always `processing`.
-    pub status: String,
-    pub status_url: String,
-    pub events_url: String,
-    pub results_url: String,
+    pub status: &'static str,
 }
 
 /// A submission: `items` are any JSON values (the first stage's input).
