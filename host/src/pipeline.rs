@@ -13,7 +13,8 @@ use crate::capabilities::{Capabilities, KvNamespaces, LlmClient};
 use crate::config::{PipelineConfig, StageConfig};
 use crate::events::TokenHub;
 use crate::runtime::{HandlerComponent, Runtime, RuntimeOptions, StageComponent};
-use crate::store::Store;
+use crate::capabilities::EffectKeys;
+use crate::store::{ItemStore, Store};
 
 pub struct Pipeline {
     pub config: PipelineConfig,
@@ -123,6 +124,14 @@ impl Stage {
     }
 }
 
+/// Backends for the state that several nodes share (Redis mode); what is `None` stays in the
+/// embedded store.
+#[derive(Clone, Default)]
+pub struct Shared {
+    pub items: Option<Arc<dyn ItemStore>>,
+    pub effect_keys: Option<Arc<dyn EffectKeys>>,
+}
+
 impl Pipeline {
     /// The runtime sized for `config`: enough instance slots for every stage call (a stage
     /// plus the handler it calls) and every running effect.
@@ -136,11 +145,21 @@ impl Pipeline {
         })
     }
 
-    /// Load every component (in parallel) and the capabilities.
+    /// Load every component (in parallel) and the capabilities, on the embedded store alone.
     pub async fn load(
         config: PipelineConfig,
         runtime: Arc<Runtime>,
         store: Store,
+    ) -> Result<Arc<Self>> {
+        Self::load_shared(config, runtime, store, Shared::default()).await
+    }
+
+    /// [`Pipeline::load`], with the state several nodes share kept in `shared` (Redis mode).
+    pub async fn load_shared(
+        config: PipelineConfig,
+        runtime: Arc<Runtime>,
+        store: Store,
+        shared: Shared,
     ) -> Result<Arc<Self>> {
         let handlers = try_join_all(config.handlers.iter().map(|(name, h)| {
             let runtime = &runtime;
@@ -180,6 +199,8 @@ impl Pipeline {
             llm,
             kv,
             handlers,
+            items: shared.items.unwrap_or_else(|| Arc::new(store.clone())),
+            effect_keys: shared.effect_keys,
             store,
             effects_waiting: Notify::new(),
             tokens: TokenHub::default(),
@@ -203,6 +224,11 @@ impl Pipeline {
 
     pub fn store(&self) -> &Store {
         &self.caps.store
+    }
+
+    /// Where items keep their checkpoints, results and dead letters.
+    pub fn items(&self) -> &dyn ItemStore {
+        self.caps.items.as_ref()
     }
 
     pub fn stage(&self, name: &str) -> Option<&Stage> {

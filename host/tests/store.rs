@@ -88,15 +88,22 @@ async fn views_of_finished_jobs_release_their_wake_up_channel() {
     assert_eq!(events.heads_in_memory(), 1);
 
     // To the end, and stopped half-way (a client that disconnects).
-    let mut view = JobView::new(events.clone(), finished, 0, 0, Coalescing::default()).unwrap();
+    let source: stagehand::events::Events = std::sync::Arc::new(events.clone());
+    let mut view = JobView::new(source.clone(), finished, 0, 0, Coalescing::default())
+        .await
+        .unwrap();
     while view.next().await.unwrap().is_some() {}
     drop(view);
-    let half = JobView::new(events.clone(), finished, 0, 1, Coalescing::default()).unwrap();
+    let half = JobView::new(source.clone(), finished, 0, 1, Coalescing::default())
+        .await
+        .unwrap();
     assert_eq!(events.heads_in_memory(), 2);
     drop(half);
     assert_eq!(events.heads_in_memory(), 1, "only the running job's");
 
-    let view = JobView::new(events.clone(), running, 1, 0, Coalescing::default()).unwrap();
+    let view = JobView::new(source.clone(), running, 1, 0, Coalescing::default())
+        .await
+        .unwrap();
     drop(view);
     assert_eq!(events.heads_in_memory(), 1);
     assert_eq!(

@@ -8,7 +8,7 @@
 //!   `stagehand run`; `demo prompt-eval`: the same through `stagehand serve`, following the job
 //!   over SSE and paging through its results.
 //! - `test`: formatting, clippy, the plugins, the binaries, then every test (installing
-//!   Debian's chromium and chromium-driver for the browser tests if they are missing).
+//!   Debian's chromium, chromium-driver and redis-server for the tests if they are missing).
 //! - `schemathesis`: the live server against its own OpenAPI document (part of `test`).
 //! - `bench`: the benchmarks of docs/BENCHMARKS.md; `load` (or `bench load`): the seed-style
 //!   load test, with thresholds.
@@ -249,18 +249,26 @@ fn demo(root: &Path, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// The browser tests use Debian's chromium, the dashboard test drives it through
-/// chromium-driver (WebDriver); install them when they are missing.
-fn ensure_chromium() -> Result<()> {
-    if Path::new("/usr/bin/chromium").is_file() && Path::new("/usr/bin/chromedriver").is_file() {
+/// Debian packages the tests drive: chromium (browser tests), chromium-driver (the dashboard
+/// test's WebDriver) and redis-server (Redis mode); installed when one is missing.
+fn ensure_test_packages() -> Result<()> {
+    let needed = [
+        ("/usr/bin/chromium", "chromium"),
+        ("/usr/bin/chromedriver", "chromium-driver"),
+        ("/usr/bin/redis-server", "redis-server"),
+    ];
+    let missing: Vec<&str> = needed
+        .iter()
+        .filter(|(file, _)| !Path::new(file).is_file())
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
         return Ok(());
     }
     run(Path::new("."), "apt-get", &["update", "-q"])?;
-    run(
-        Path::new("."),
-        "apt-get",
-        &["install", "-y", "-q", "chromium", "chromium-driver"],
-    )
+    let mut args = vec!["install", "-y", "-q"];
+    args.extend(missing);
+    run(Path::new("."), "apt-get", &args)
 }
 
 /// Seed 000's batch tester through the server: submit the 100 cases over HTTP, follow the
@@ -391,7 +399,7 @@ fn test(root: &Path) -> Result<()> {
             "plugins/Cargo.toml",
         ],
     )?;
-    ensure_chromium()?;
+    ensure_test_packages()?;
     plugins(root)?;
     build_binaries(root)?;
     run(

@@ -54,8 +54,9 @@ pub async fn stream(
     let Query(q) = query?;
     let id = job_id(&raw)?;
     let job = app
-        .store
-        .job(id)?
+        .backend
+        .job(id)
+        .await?
         .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
     let after = match headers.get("last-event-id") {
         Some(value) => value
@@ -78,7 +79,7 @@ pub async fn stream(
     let tokens = q
         .tokens
         .then(|| app.jobs.pipeline().caps.tokens.subscribe(id));
-    let view = JobView::new(app.events.clone(), id, job.total, after, coalescing)?;
+    let view = JobView::new(app.backend.events(), id, job.total, after, coalescing).await?;
     // Counted while the stream lives: the guard goes with the stream's state.
     let subscriber = crate::metrics::sse_subscriber();
     let frames = futures::stream::unfold(

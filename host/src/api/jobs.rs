@@ -107,7 +107,7 @@ pub async fn submit(
         .map(|item| item.get().as_bytes().to_vec())
         .collect();
     let (status, job) = answer(
-        app.jobs
+        app.backend
             .submit(items, submission.options, idempotency)
             .await?,
     )?;
@@ -146,7 +146,7 @@ pub async fn scan(State(app): State<Arc<App>>, request: Request) -> Result<Respo
         item.get().to_string()
     };
     let (_, job) = answer(
-        app.jobs
+        app.backend
             .submit(vec![item.into_bytes()], JobOptions::default(), None)
             .await?,
     )?;
@@ -177,20 +177,7 @@ pub async fn list(
 ) -> Result<Json<Value>, ApiError> {
     let Query(q) = query?;
     let limit = page_limit(q.limit, 50)?;
-    let mut jobs = Vec::with_capacity(limit);
-    for job in app.store.jobs_before(q.before) {
-        let mut job = job?;
-        if q.state.is_some_and(|state| state != job.state) {
-            continue;
-        }
-        if job.state == JobState::Running {
-            (job.succeeded, job.failed) = app.events.counts(job.id)?;
-        }
-        jobs.push(job);
-        if jobs.len() == limit {
-            break;
-        }
-    }
+    let jobs = app.backend.jobs(q.before, q.state, limit).await?;
     let next_before = if jobs.len() == limit {
         jobs.last().map(|j| j.id)
     } else {
@@ -206,13 +193,11 @@ pub async fn status(
     Path(raw): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let id = job_id(&raw)?;
-    let mut job = app
-        .store
-        .job(id)?
+    let job = app
+        .backend
+        .job(id)
+        .await?
         .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
-    if job.state == JobState::Running {
-        (job.succeeded, job.failed) = app.events.counts(id)?;
-    }
     let mut body = serde_json::to_value(&job).map_err(anyhow::Error::from)?;
     let end = job.finished_at.unwrap_or_else(crate::store::now_ms);
     body["duration_ms"] = json!(end.saturating_sub(job.created_at));
@@ -250,7 +235,7 @@ pub async fn results(
 ) -> Result<Json<Value>, ApiError> {
     let Query(q) = query?;
     let id = job_id(&raw)?;
-    if app.store.job(id)?.is_none() {
+    if app.backend.job(id).await?.is_none() {
         return Err(ApiError::NotFound(format!("no job {id}")));
     }
     let size = q.limit.or(q.page_size).unwrap_or(100);
@@ -266,21 +251,22 @@ pub async fn results(
             ));
         }
         // Offset paging walks the skipped results; `after` is the fast way.
-        let results = app
-            .store
-            .results(id, None)
-            .skip((page - 1).saturating_mul(size))
-            .take(size)
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let results = if app.backend.is_shared() {
+            return Err(ApiError::BadRequest(
+                "`page` is not available in Redis mode: page with `after`".into(),
+            ));
+        } else {
+            app.store
+                .results(id, None)
+                .skip((page - 1).saturating_mul(size))
+                .take(size)
+                .collect::<anyhow::Result<Vec<_>>>()?
+        };
         return Ok(Json(
             json!({ "job_id": id, "page": page, "page_size": size, "results": results }),
         ));
     }
-    let results = app
-        .store
-        .results(id, q.after)
-        .take(size)
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let results = app.backend.results(id, q.after, size).await?;
     let next_after = if results.len() == size {
         results.last().map(|r| r.index)
     } else {
@@ -299,7 +285,7 @@ pub async fn cancel(
     Path(raw): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = job_id(&raw)?;
-    match app.jobs.cancel(id)? {
+    match app.backend.cancel(id).await? {
         CancelOutcome::Cancelling => Ok((
             StatusCode::ACCEPTED,
             Json(json!({ "job_id": id, "state": "cancelling" })),

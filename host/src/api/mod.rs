@@ -50,15 +50,18 @@ use utoipa_axum::routes;
 pub use error::ApiError;
 
 use crate::events::EventLog;
-use crate::jobs::JobManager;
+use crate::jobs::{JobBackend, JobManager};
 use crate::store::Store;
 use crate::versions::StageVersions;
 
 /// What the handlers share.
 pub struct App {
+    /// This node's embedded store (in Redis mode: stage versions and handler records only).
     pub store: Store,
     pub events: EventLog,
     pub jobs: Arc<JobManager>,
+    /// Where jobs live: [`crate::jobs::Embedded`], or Redis shared by several nodes.
+    pub backend: Arc<dyn JobBackend>,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
     /// Largest image an item may carry, decoded.

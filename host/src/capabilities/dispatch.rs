@@ -46,6 +46,17 @@ impl Host for HostState {
                 "the idempotency key is empty".into(),
             )));
         }
+        if let Some(keys) = &self.caps.effect_keys {
+            match keys.claim(&handler, &key).await {
+                Ok(true) => {}
+                Ok(false) => return Ok(Ok(EmitOutcome::Duplicate)),
+                Err(e) => {
+                    return Ok(Err(DispatchError::Host(format!(
+                        "cannot claim the effect key: {e:#}"
+                    ))));
+                }
+            }
+        }
         let c = &self.context;
         let record = EffectRecord {
             handler,

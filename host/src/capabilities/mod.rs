@@ -39,10 +39,22 @@ pub struct Capabilities {
     pub kv: Arc<KvNamespaces>,
     pub handlers: BTreeMap<String, Arc<HandlerComponent>>,
     pub store: Store,
+    /// Checkpoints, results and dead letters of items: `store`, or a shared backend.
+    pub items: Arc<dyn crate::store::ItemStore>,
+    /// Where effect keys are claimed across nodes (Redis mode), before `store` records them.
+    pub effect_keys: Option<Arc<dyn EffectKeys>>,
     /// Woken when an effect is recorded, so the effect runner need not poll.
     pub effects_waiting: Notify,
     /// Where `llm.chat-stream` sends the pieces of an answer as they arrive.
     pub tokens: TokenHub,
+}
+
+/// Claims of effect keys that several nodes see: the first claim of (handler, key) wins, so an
+/// effect runs at most once whichever node's item emits it.
+#[async_trait::async_trait]
+pub trait EffectKeys: Send + Sync {
+    /// `true` when this claim is the first.
+    async fn claim(&self, handler: &str, key: &str) -> anyhow::Result<bool>;
 }
 
 /// Bytes of a guest's stderr kept for its error message.

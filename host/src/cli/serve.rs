@@ -19,7 +19,7 @@ use super::default_data_dir;
 use crate::api::{App, router};
 use crate::config::PipelineConfig;
 use crate::events::EventLog;
-use crate::jobs::{EffectRunner, JobManager};
+use crate::jobs::{EffectRunner, Embedded, JobManager};
 use crate::pipeline::Pipeline;
 use crate::store::Store;
 use crate::versions::StageVersions;
@@ -123,10 +123,16 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     };
     // kv files are always watched: refreshing a lookup table must not need a restart.
     let kv_watcher = pipeline.caps.kv.clone().watch(stop_effects.clone())?;
+    let backend = Arc::new(Embedded {
+        manager: jobs.clone(),
+        store: store.clone(),
+        events: events.clone(),
+    });
     let app = Arc::new(App {
         store: store.clone(),
         events,
         jobs: jobs.clone(),
+        backend,
         max_body_bytes: args.max_body_mib << 20,
         max_image_bytes: args.max_image_mib << 20,
         metrics: Some(crate::metrics::install()?),

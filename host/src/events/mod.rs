@@ -6,12 +6,14 @@
 //! after N. Coalescing of progress happens in the view ([`view`]), so the log keeps every event.
 
 mod log;
+mod source;
 mod tokens;
 pub mod view;
 
 use serde::{Deserialize, Serialize};
 
 pub use log::{Entry, EventLog};
+pub use source::{EventSource, Events};
 pub use tokens::{Token, TokenHub, TokenSubscription};
 
 /// What happened. Serialised as `{"type": "...", ...fields}`.

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::{Entry, Event, EventLog};
+use super::{Entry, Event, Events};
 
 /// When progress frames go out.
 #[derive(Debug, Clone, Copy)]
@@ -47,7 +47,7 @@ const READ_AHEAD: usize = 256;
 /// A cursor over one job's log. Memory: the pending progress items (at most `max_items`) and
 /// the frames of one read-ahead, whatever the job's size.
 pub struct JobView {
-    log: EventLog,
+    log: Events,
     job: Uuid,
     total: u64,
     coalescing: Coalescing,
@@ -60,20 +60,23 @@ pub struct JobView {
     ready: VecDeque<Frame>,
     wake: watch::Receiver<u64>,
     ended: bool,
+    /// The job had ended when the view was opened.
+    finished_job: bool,
 }
 
 impl JobView {
     /// A view of `job` (which has `total` items) starting after event `after`.
-    pub fn new(
-        log: EventLog,
+    pub async fn new(
+        log: Events,
         job: Uuid,
         total: u64,
         after: u64,
         coalescing: Coalescing,
     ) -> Result<Self> {
         let wake = log.watch(job)?;
+        let end = log.ended_at(job).await?;
         // A client resuming after the job's last event gets nothing more: end at once.
-        let ended = log.ended_at(job)?.is_some_and(|end| after >= end);
+        let ended = end.is_some_and(|end| after >= end);
         Ok(Self {
             log,
             job,
@@ -90,6 +93,7 @@ impl JobView {
             ready: VecDeque::new(),
             wake,
             ended,
+            finished_job: end.is_some(),
         })
     }
 
@@ -106,14 +110,20 @@ impl JobView {
             // read wakes us; read only what is durable.
             let durable = *self.wake.borrow_and_update();
             let mut read = 0;
-            for entry in self
+            let entries = self
                 .log
-                .read(self.job, self.cursor, durable)
-                .take(READ_AHEAD)
-            {
-                let (seq, entry) = entry?;
+                .read(self.job, self.cursor, durable, READ_AHEAD)
+                .await?;
+            for (seq, entry) in entries {
                 self.cursor = seq;
-                self.take(seq, entry);
+                // A job's log can go on after its end (reprocessed dead letters append to
+                // it): only the log's last event ends a view.
+                let last = if entry.event.is_terminal() {
+                    self.log.ended_at(self.job).await?.is_none_or(|end| end == seq)
+                } else {
+                    false
+                };
+                self.take(seq, entry, last);
                 read += 1;
                 if self.ended {
                     break;
@@ -136,7 +146,8 @@ impl JobView {
         }
     }
 
-    fn take(&mut self, seq: u64, Entry { at, event }: Entry) {
+    /// Take one event; `last`: it is a terminal event that ends the log.
+    fn take(&mut self, seq: u64, Entry { at, event }: Entry, last: bool) {
         match event {
             Event::ItemFinished {
                 index,
@@ -157,13 +168,7 @@ impl JobView {
             }
             other => {
                 self.flush();
-                // A job's log can go on after its end (reprocessed dead letters append to
-                // it): only the log's last event ends a view.
-                self.ended = other.is_terminal()
-                    && self
-                        .log
-                        .ended_at(self.job)
-                        .map_or(true, |end| end == Some(seq));
+                self.ended = last;
                 let (event, mut data) = frame_of(&other);
                 data["at"] = at.into();
                 self.ready.push_back(Frame {
@@ -200,8 +205,7 @@ impl Drop for JobView {
     /// A view of a finished job is the only reason its wake-up channel is in memory (after a
     /// restart, or once the job ended): let it go with the last view.
     fn drop(&mut self) {
-        let finished = self.ended || matches!(self.log.ended_at(self.job), Ok(Some(_)));
-        if finished {
+        if self.ended || self.finished_job {
             // Drop our receiver first: `release` keeps channels somebody still watches.
             self.wake = watch::Sender::new(0).subscribe();
             self.log.release(self.job);

@@ -104,7 +104,7 @@ pub async fn run_item(
         }
     };
     let _in_flight = crate::metrics::item_in_flight();
-    let store = pipeline.store();
+    let store = pipeline.items();
     let checkpoint_after = Duration::from_millis(pipeline.config.run.checkpoint_after_ms);
     // The whole item, retries and back-off included, ends by this time.
     let item_deadline = limits
@@ -118,7 +118,7 @@ pub async fn run_item(
         let name = stage.config.name.as_str();
         if resume
             && position < last
-            && let Some(output) = store.stage_output(item.job_id, item.index, name)?
+            && let Some(output) = store.stage_output(item.job_id, item.index, name).await?
         {
             runs.push(StageRun {
                 stage: name.into(),
@@ -128,7 +128,7 @@ pub async fn run_item(
                 cpu_ms: 0.0,
                 reused: true,
             });
-            outputs.push((name, output.to_vec()));
+            outputs.push((name, output));
             checkpointed.push(name);
             continue;
         }
@@ -232,11 +232,9 @@ pub async fn run_item(
                     reused: false,
                 });
                 if position < last && stats.duration >= checkpoint_after {
-                    store.put_stage_outputs(
-                        item.job_id,
-                        item.index,
-                        [(name, output.as_bytes())],
-                    )?;
+                    store
+                        .put_stage_outputs(item.job_id, item.index, &[(name, output.as_bytes())])
+                        .await?;
                     checkpointed.push(name);
                 }
                 outputs.push((name, output.into_bytes()));
@@ -250,15 +248,17 @@ pub async fn run_item(
                     retryable: failure.retryable(),
                     attempts,
                 };
-                let unsaved = outputs.iter().filter(|(n, _)| !checkpointed.contains(n));
-                store.put_stage_outputs(
-                    item.job_id,
-                    item.index,
-                    unsaved.map(|(n, o)| (*n, o.as_slice())),
-                )?;
+                let unsaved: Vec<(&str, &[u8])> = outputs
+                    .iter()
+                    .filter(|(n, _)| !checkpointed.contains(n))
+                    .map(|(n, o)| (*n, o.as_slice()))
+                    .collect();
+                store
+                    .put_stage_outputs(item.job_id, item.index, &unsaved)
+                    .await?;
                 if failure.kind() != FailureKind::Cancelled {
                     crate::metrics::dead_letter(name);
-                    let earlier = store.dead_letter(item.job_id, item.index)?;
+                    let earlier = store.dead_letter(item.job_id, item.index).await?;
                     store.put_dead_letter(&DeadLetter {
                         job_id: item.job_id,
                         index: item.index,
@@ -267,9 +267,10 @@ pub async fn run_item(
                         error: error.clone(),
                         created_at: earlier.as_ref().map_or_else(now_ms, |l| l.created_at),
                         reprocessed: earlier.map_or(0, |l| l.reprocessed + u32::from(resume)),
-                    })?;
+                    })
+                    .await?;
                 }
-                return finish(pipeline, item, ItemStatus::Failed, None, Some(error), runs);
+                return finish(pipeline, item, ItemStatus::Failed, None, Some(error), runs).await;
             }
         }
     }
@@ -282,13 +283,16 @@ pub async fn run_item(
         Some(output),
         None,
         runs,
-    )?;
+    )
+    .await?;
     if !checkpointed.is_empty() {
-        store.remove_stage_outputs(item.job_id, item.index, checkpointed)?;
+        store
+            .remove_stage_outputs(item.job_id, item.index, &checkpointed)
+            .await?;
     }
     if resume {
         // A reprocessed dead letter that passed now.
-        store.remove_dead_letter(item.job_id, item.index)?;
+        store.remove_dead_letter(item.job_id, item.index).await?;
     }
     Ok(result)
 }
@@ -307,7 +311,7 @@ fn next_try_delay(pipeline: &Pipeline, policy: &RetryPolicy, item: ItemRef, next
         .map_or(backoff, |pause| pause.max(backoff))
 }
 
-fn finish(
+async fn finish(
     pipeline: &Pipeline,
     item: ItemRef,
     status: ItemStatus,
@@ -324,7 +328,7 @@ fn finish(
         stages,
         finished_at: now_ms(),
     };
-    pipeline.store().put_result(item.job_id, &result)?;
+    pipeline.items().put_result(item.job_id, &result).await?;
     crate::metrics::item_finished(match result.status {
         ItemStatus::Succeeded => "succeeded",
         ItemStatus::Failed => "failed",

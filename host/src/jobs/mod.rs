@@ -3,12 +3,14 @@
 //! on a timer ([`auto_reprocess`]), old jobs removed ([`retention`]).
 
 pub mod auto_reprocess;
+pub mod backend;
 pub mod batch;
 pub mod effects;
 pub mod item;
 pub mod manager;
 pub mod retention;
 
+pub use backend::{Embedded, JobBackend};
 pub use batch::{JobOutcome, RunSettings, run_job};
 pub use effects::EffectRunner;
 pub use item::{ItemHooks, ItemLimits, ItemRef, StageSink, StageUpdate, run_item, stage_input};

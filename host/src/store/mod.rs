@@ -18,6 +18,7 @@
 
 mod dead_letters;
 mod effects;
+mod item_store;
 pub(crate) mod keys;
 mod model;
 
@@ -32,6 +33,7 @@ use uuid::Uuid;
 
 pub use dead_letters::DeadLetter;
 pub use effects::{EffectRecord, EffectState, EmitOutcome};
+pub use item_store::ItemStore;
 pub use model::{
     Attempt, ItemError, ItemResult, ItemStatus, JobRecord, JobState, StageRun, item_id, now_ms,
 };
