@@ -23,6 +23,8 @@
 //! - [`versions`]: stage versions installed while serving (hot swap), kept across restarts.
 //! - [`watch`]: settled file-change bursts, for `serve --watch` and kv namespace reloads.
 //! - [`metrics`]: every Prometheus metric, named in one place.
+//! - [`cluster`]: Redis mode: jobs, items, results, event logs, work and cancels shared by
+//!   several nodes (`serve --redis`, `worker --redis`).
 //! - [`api`]: the HTTP API (axum).
 //! - [`cli`]: the `stagehand` command.
 //!
@@ -36,6 +38,7 @@
 pub mod api;
 pub mod capabilities;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod events;
 pub mod jobs;

@@ -107,3 +107,8 @@ pub fn stage_change(stage: &str, change: &'static str) {
 pub fn job(event: &'static str) {
     counter!("stagehand_jobs_total", "event" => event).increment(1);
 }
+
+/// Redis mode: work entries this node took over from a node that stopped answering.
+pub fn items_reclaimed(entries: u64) {
+    counter!("stagehand_items_reclaimed_total").increment(entries);
+}

@@ -40,6 +40,7 @@ pub async fn list(
     State(app): State<Arc<App>>,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    app.embedded_only("listing dead letters")?;
     let Query(q) = query?;
     let limit = page_limit(q.limit, 100)?;
     let after = q.after.as_deref().map(cursor).transpose()?;
@@ -74,6 +75,7 @@ pub async fn inspect(
     State(app): State<Arc<App>>,
     Path((raw_job, raw_index)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
+    app.embedded_only("reading a dead letter")?;
     let (job, index) = (job_id(&raw_job)?, index_of(&raw_index)?);
     let letter = app.store.dead_letter(job, index)?.ok_or_else(|| {
         ApiError::NotFound(format!("no dead letter for item {index} of job {job}"))
@@ -99,6 +101,7 @@ pub async fn discard(
     State(app): State<Arc<App>>,
     Path((raw_job, raw_index)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
+    app.embedded_only("discarding a dead letter")?;
     let (job, index) = (job_id(&raw_job)?, index_of(&raw_index)?);
     if app.store.remove_dead_letter(job, index)? {
         Ok(StatusCode::NO_CONTENT)
@@ -125,6 +128,7 @@ pub async fn reprocess(
     Path(raw): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
+    app.embedded_only("reprocessing")?;
     let job = job_id(&raw)?;
     // The body is optional: none at all means every dead letter of the job.
     let request: ReprocessRequest = if body.iter().all(u8::is_ascii_whitespace) {
@@ -146,6 +150,7 @@ pub async fn reprocess_one(
     State(app): State<Arc<App>>,
     Path((raw_job, raw_index)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
+    app.embedded_only("reprocessing")?;
     let (job, index) = (job_id(&raw_job)?, index_of(&raw_index)?);
     if app.store.dead_letter(job, index)?.is_none() {
         return Err(ApiError::NotFound(format!(

@@ -24,6 +24,9 @@ pub enum ApiError {
     TooLarge(String),
     #[error("unsupported content type: {0}")]
     UnsupportedMedia(String),
+    /// The route reads this node's embedded store, which in Redis mode is not the truth.
+    #[error("{0}")]
+    NotAvailable(String),
     #[error("internal error: {0:#}")]
     Internal(anyhow::Error),
 }
@@ -41,6 +44,7 @@ impl ApiError {
             ApiError::UnsupportedMedia(_) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }
+            ApiError::NotAvailable(_) => (StatusCode::NOT_IMPLEMENTED, "not_available"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

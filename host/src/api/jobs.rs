@@ -320,6 +320,7 @@ pub async fn stage_times(
     State(app): State<Arc<App>>,
     Path(raw): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    app.embedded_only("time per stage")?;
     let id = job_id(&raw)?;
     if app.store.job(id)?.is_none() {
         return Err(ApiError::NotFound(format!("no job {id}")));

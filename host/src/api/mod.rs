@@ -74,6 +74,19 @@ pub struct App {
     pub tokens: auth::Tokens,
 }
 
+impl App {
+    /// Refuse a route that reads or changes this node's embedded store when the jobs live in
+    /// Redis (the node's store does not have them).
+    fn embedded_only(&self, what: &str) -> Result<(), ApiError> {
+        if self.backend.is_shared() {
+            return Err(ApiError::NotAvailable(format!(
+                "{what} is not available in Redis mode yet"
+            )));
+        }
+        Ok(())
+    }
+}
+
 pub fn router(app: Arc<App>) -> Router {
     let limit = app.max_body_bytes;
     let admin = OpenApiRouter::new()

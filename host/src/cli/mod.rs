@@ -8,6 +8,7 @@ mod remote;
 mod run;
 mod serve;
 mod submit;
+mod worker;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,8 +40,11 @@ pub enum LogFormat {
 enum Command {
     /// Run every item of a JSONL file through a pipeline, offline, and store the results.
     Run(run::RunArgs),
-    /// Serve the HTTP API: submit jobs, follow them over SSE, read results, cancel.
+    /// Serve the HTTP API: submit jobs, follow them over SSE, read results, cancel. With
+    /// `--redis`, also a node of a Redis cluster.
     Serve(serve::ServeArgs),
+    /// Run items from the Redis work stream, without HTTP (a node of a Redis cluster).
+    Worker(worker::WorkerArgs),
     /// Print what the store holds (jobs, results, effects, handler records) as JSON lines.
     Inspect(inspect::InspectArgs),
     /// Tools for plugin authors: `plugin check <file.wasm>`.
@@ -71,6 +75,7 @@ impl Cli {
             Command::Run(args) => run::run(args).await,
             Command::Inspect(args) => inspect::inspect(args),
             Command::Serve(args) => serve::serve(args).await,
+            Command::Worker(args) => worker::worker(args).await,
             Command::Plugin(args) => plugin::plugin(args).await,
             Command::Submit(args) => submit::submit(args).await,
             Command::Jobs(args) => jobs::jobs(args).await,

@@ -19,7 +19,8 @@ use super::default_data_dir;
 use crate::api::{App, router};
 use crate::config::PipelineConfig;
 use crate::events::EventLog;
-use crate::jobs::{EffectRunner, Embedded, JobManager};
+use super::worker::{Node, RedisArgs};
+use crate::jobs::{EffectRunner, Embedded, JobBackend, JobManager};
 use crate::pipeline::Pipeline;
 use crate::store::Store;
 use crate::versions::StageVersions;
@@ -62,6 +63,8 @@ pub struct ServeArgs {
     /// Bearer token every other route needs (`/metrics` included); open without one.
     #[arg(long, env = "STAGEHAND_API_TOKEN", hide_env_values = true)]
     api_token: Option<String>,
+    #[command(flatten)]
+    redis: RedisArgs,
     /// Reprocess dead letters whose failure may pass (outages, timeouts) this often
     /// (seed 002 used 300); off when absent.
     #[arg(long)]
@@ -73,39 +76,71 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     if let Some(url) = args.llm_base_url {
         config.llm.base_url = url;
     }
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
-    let store = Store::open(&args.data_dir.join("store"))?;
-    let runtime = Pipeline::runtime_for(&config, &args.data_dir)?;
-    let pipeline = Pipeline::load(config, runtime, store.clone()).await?;
-    let versions = StageVersions::open(&store, &args.data_dir)?;
-    let restored = versions.restore(&pipeline).await?;
-    if restored > 0 {
-        tracing::info!(
-            restored,
-            "stages run the versions installed before the restart"
-        );
-    }
+    let retention = Duration::from_secs(args.retention_secs);
+    let drain = Duration::from_secs(args.drain_secs);
+    // In Redis mode the node (pipeline on the shared backends, effect runner, work loop) is
+    // the one `stagehand worker` runs; HTTP comes on top.
+    let node = match &args.redis.redis {
+        Some(url) => Some(
+            Node::start(
+                config.clone(),
+                url,
+                &args.redis,
+                &args.data_dir,
+                retention,
+                drain,
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let (store, pipeline, versions) = match &node {
+        Some(node) => (
+            node.store.clone(),
+            node.pipeline.clone(),
+            node.versions.clone(),
+        ),
+        None => {
+            std::fs::create_dir_all(&args.data_dir)
+                .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+            let store = Store::open(&args.data_dir.join("store"))?;
+            let runtime = Pipeline::runtime_for(&config, &args.data_dir)?;
+            let pipeline = Pipeline::load(config, runtime, store.clone()).await?;
+            let versions = StageVersions::open(&store, &args.data_dir)?;
+            let restored = versions.restore(&pipeline).await?;
+            if restored > 0 {
+                tracing::info!(
+                    restored,
+                    "stages run the versions installed before the restart"
+                );
+            }
+            // Effects cut short by a crash may have happened: not run again (at most once).
+            let interrupted = store.interrupt_running_effects()?;
+            if interrupted > 0 {
+                tracing::warn!(
+                    interrupted,
+                    "effects were running when the server stopped; marked interrupted"
+                );
+            }
+            (store, pipeline, versions)
+        }
+    };
     let events = EventLog::new(&store)?;
     let jobs = JobManager::new(pipeline.clone(), events.clone());
-    // Effects cut short by a crash may have happened: they are not run again (at most once).
-    let interrupted = store.interrupt_running_effects()?;
-    if interrupted > 0 {
-        tracing::warn!(
-            interrupted,
-            "effects were running when the server stopped; marked interrupted"
-        );
-    }
     let stop_effects = CancellationToken::new();
-    let (_effects, effects_task) = EffectRunner::spawn(
-        pipeline.caps.clone(),
-        pipeline.config.run.effect_concurrency,
-        stop_effects.clone(),
-    );
+    // A node runs its own effect runner.
+    let effects_task = node.is_none().then(|| {
+        EffectRunner::spawn(
+            pipeline.caps.clone(),
+            pipeline.config.run.effect_concurrency,
+            stop_effects.clone(),
+        )
+        .1
+    });
     let sweeper = crate::jobs::retention::spawn_sweeper(
         store.clone(),
         events.clone(),
-        Duration::from_secs(args.retention_secs),
+        retention,
         Duration::from_secs(args.sweep_interval_secs.max(1)),
         stop_effects.clone(),
     );
@@ -123,11 +158,14 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     };
     // kv files are always watched: refreshing a lookup table must not need a restart.
     let kv_watcher = pipeline.caps.kv.clone().watch(stop_effects.clone())?;
-    let backend = Arc::new(Embedded {
-        manager: jobs.clone(),
-        store: store.clone(),
-        events: events.clone(),
-    });
+    let backend: Arc<dyn JobBackend> = match &node {
+        Some(node) => Arc::new(node.cluster.clone()),
+        None => Arc::new(Embedded {
+            manager: jobs.clone(),
+            store: store.clone(),
+            events: events.clone(),
+        }),
+    };
     let app = Arc::new(App {
         store: store.clone(),
         events,
@@ -156,15 +194,20 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
         .with_graceful_shutdown(shutdown_signal())
         .await?;
 
-    let still_running = jobs.wait(Duration::from_secs(args.drain_secs)).await;
+    let still_running = jobs.wait(drain).await;
     if still_running > 0 {
         tracing::warn!(
             still_running,
             "jobs still running at shutdown; they stay `running` in the store"
         );
     }
+    if let Some(node) = node {
+        node.stop().await?;
+    }
     stop_effects.cancel();
-    effects_task.await??;
+    if let Some(effects_task) = effects_task {
+        effects_task.await??;
+    }
     let _ = sweeper.await;
     for task in [auto_reprocess, watcher, Some(kv_watcher)]
         .into_iter()
@@ -176,7 +219,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn shutdown_signal() {
+pub(super) async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

@@ -51,7 +51,7 @@ pub enum Detail {
     Stages,
 }
 
-const DEFAULT_PREVIEW_CHARS: usize = 3000;
+pub(crate) const DEFAULT_PREVIEW_CHARS: usize = 3000;
 
 /// A client's idempotency key for a submission, and a digest of what it submitted.
 #[derive(Debug, Clone)]
@@ -81,11 +81,22 @@ pub enum Submitted {
 }
 
 /// The start of a result's output or error, for its `item.finished` event.
-fn preview(result: &ItemResult, chars: usize) -> String {
+pub(crate) fn preview(result: &ItemResult, chars: usize) -> String {
     match (&result.output, &result.error) {
         (Some(output), _) => crate::text::truncate(output.get(), chars).into_owned(),
         (None, Some(error)) => crate::text::truncate(&error.message, chars).into_owned(),
         (None, None) => String::new(),
+    }
+}
+
+/// Time limits of a job's items: the job's `options` over the pipeline's settings.
+pub(crate) fn item_limits(run: &crate::config::RunConfig, options: &JobOptions) -> ItemLimits {
+    ItemLimits {
+        stage_timeout: options.stage_timeout_ms.map(Duration::from_millis),
+        item_timeout: options
+            .item_timeout_ms
+            .or(run.item_timeout_ms)
+            .map(Duration::from_millis),
     }
 }
 
@@ -283,14 +294,7 @@ impl JobManager {
         } else {
             options.concurrency.unwrap_or(run.concurrency)
         };
-        let limits = ItemLimits {
-            stage_timeout: options.stage_timeout_ms.map(Duration::from_millis),
-            item_timeout: options
-                .item_timeout_ms
-                .or(run.item_timeout_ms)
-                .map(Duration::from_millis),
-        };
-        (concurrency, limits)
+        (concurrency, item_limits(run, options))
     }
 
     /// A crash can fall between an item's result and its `item.finished` event: before a job

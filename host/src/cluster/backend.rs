@@ -1,0 +1,274 @@
+//! Jobs in Redis as the HTTP API sees them: any node accepts a job, answers for it, and
+//! cancels it, whichever nodes run its items.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use async_trait::async_trait;
+use redis::AsyncCommands;
+use uuid::Uuid;
+
+use super::{Cluster, keys, keys::JobKeys};
+use crate::events::{Entry, Event, Events};
+use crate::jobs::{CancelOutcome, Idempotency, JobBackend, JobOptions, Submitted};
+use crate::store::{ItemResult, JobRecord, JobState, now_ms};
+
+/// Items per `HSET` of a submission.
+const ITEMS_PER_COMMAND: usize = 1000;
+
+/// How long an idempotency claim without a job is taken for a submission in progress.
+const CLAIM_GRACE: Duration = Duration::from_secs(5);
+
+impl Cluster {
+    /// Claim `key` for job `id`: `None` when the claim is ours, else the job that has it.
+    async fn claim_idempotency_key(&self, key: &str, id: Uuid) -> Result<Option<JobRecord>> {
+        let mut conn = self.conn();
+        let name = keys::idempotency(key);
+        let ttl = self.inner.retention.as_secs().max(1);
+        loop {
+            let claimed: Option<String> = redis::cmd("SET")
+                .arg(&name)
+                .arg(id.to_string())
+                .arg("NX")
+                .arg("EX")
+                .arg(ttl)
+                .query_async(&mut conn)
+                .await?;
+            if claimed.is_some() {
+                return Ok(None);
+            }
+            let Some(holder) = conn.get::<_, Option<String>>(&name).await? else {
+                continue;
+            };
+            let holder: Uuid = holder.parse().context("corrupt idempotency key in Redis")?;
+            let deadline = tokio::time::Instant::now() + CLAIM_GRACE;
+            while tokio::time::Instant::now() < deadline {
+                if let Some(job) = self.job_record(holder).await? {
+                    return Ok(Some(job));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // The holder's submission never finished (its node died): take the key over.
+            conn.set_ex::<_, _, ()>(&name, id.to_string(), ttl).await?;
+            return Ok(None);
+        }
+    }
+
+    /// A job with its counts and state from Redis.
+    async fn job_record(&self, id: Uuid) -> Result<Option<JobRecord>> {
+        let keys = JobKeys::new(id);
+        let (record, counts): (Option<Vec<u8>>, HashMap<String, String>) = redis::pipe()
+            .get(&keys.record)
+            .hgetall(&keys.counts)
+            .query_async(&mut self.conn())
+            .await
+            .context("cannot read a job from Redis")?;
+        let Some(record) = record else {
+            return Ok(None);
+        };
+        let mut job: JobRecord =
+            serde_json::from_slice(&record).context("corrupt job record in Redis")?;
+        let number = |field: &str| counts.get(field).and_then(|v| v.parse::<u64>().ok());
+        job.succeeded = number("succeeded").unwrap_or(0);
+        job.failed = number("failed").unwrap_or(0);
+        job.finished_at = number("finished_at");
+        if let Some(state) = counts.get("state") {
+            job.state = serde_json::from_value(serde_json::Value::String(state.clone()))
+                .context("corrupt job state in Redis")?;
+        }
+        Ok(Some(job))
+    }
+}
+
+#[async_trait]
+impl JobBackend for Cluster {
+    async fn submit(
+        &self,
+        items: Vec<Vec<u8>>,
+        options: JobOptions,
+        idempotency: Option<Idempotency>,
+    ) -> Result<Submitted> {
+        let mut job = JobRecord::new(&self.inner.pipeline);
+        if let Some(Idempotency {
+            key,
+            request_digest,
+        }) = idempotency
+        {
+            if let Some(existing) = self.claim_idempotency_key(&key, job.id).await? {
+                return Ok(if existing.request_digest == request_digest {
+                    Submitted::Existing(existing)
+                } else {
+                    Submitted::Conflict(existing)
+                });
+            }
+            job.idempotency_key = Some(key);
+            job.request_digest = request_digest;
+        }
+        job.labels = options.labels.clone();
+        job.options = options;
+        job.total = items.len() as u64;
+        let id = job.id;
+        let keys = JobKeys::new(id);
+        let started = serde_json::to_vec(&Entry {
+            at: now_ms(),
+            event: Event::JobStarted { total: job.total },
+        })?;
+        // One transaction: a job is in Redis with all its items and work entries, or not at all.
+        let mut tx = redis::pipe();
+        tx.atomic()
+            .set(&keys.record, serde_json::to_vec(&job)?)
+            .ignore()
+            .cmd("HSET")
+            .arg(&keys.counts)
+            .arg(&[("total", job.total), ("seq", 1), ("succeeded", 0)])
+            .arg(&[("failed", 0), ("not_run", 0)])
+            .arg(("state", "running"))
+            .ignore()
+            .cmd("XADD")
+            .arg(&keys.events)
+            .arg("1-0")
+            .arg("e")
+            .arg(started)
+            .ignore();
+        for (chunk_number, chunk) in items.chunks(ITEMS_PER_COMMAND).enumerate() {
+            let first = chunk_number * ITEMS_PER_COMMAND;
+            let mut hset = redis::cmd("HSET");
+            hset.arg(&keys.items);
+            for (offset, item) in chunk.iter().enumerate() {
+                hset.arg(first + offset).arg(item.as_slice());
+            }
+            tx.add_command(hset).ignore();
+        }
+        let id_text = id.to_string();
+        for index in 0..job.total {
+            tx.cmd("XADD")
+                .arg(keys::WORK)
+                .arg("*")
+                .arg("j")
+                .arg(&id_text)
+                .arg("i")
+                .arg(index)
+                .ignore();
+        }
+        tx.zadd(keys::JOBS, &id_text, 0).ignore();
+        tx.query_async::<()>(&mut self.conn())
+            .await
+            .context("cannot store the job in Redis")?;
+        crate::metrics::job("submitted");
+        Ok(Submitted::New(job))
+    }
+
+    async fn job(&self, id: Uuid) -> Result<Option<JobRecord>> {
+        self.job_record(id).await
+    }
+
+    async fn jobs(
+        &self,
+        before: Option<Uuid>,
+        state: Option<JobState>,
+        limit: usize,
+    ) -> Result<Vec<JobRecord>> {
+        let mut conn = self.conn();
+        let mut jobs = Vec::with_capacity(limit);
+        let mut max = before.map_or_else(|| "+".to_string(), |id| format!("({id}"));
+        loop {
+            let ids: Vec<String> = redis::cmd("ZRANGE")
+                .arg(keys::JOBS)
+                .arg(&max)
+                .arg("-")
+                .arg("BYLEX")
+                .arg("REV")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(limit.max(50))
+                .query_async(&mut conn)
+                .await
+                .context("cannot list jobs in Redis")?;
+            let Some(last) = ids.last() else {
+                return Ok(jobs);
+            };
+            max = format!("({last}");
+            for id in &ids {
+                let Some(job) = self.job_record(id.parse()?).await? else {
+                    // Expired after its retention: forget it in the list too.
+                    conn.zrem::<_, _, ()>(keys::JOBS, id).await?;
+                    continue;
+                };
+                if state.is_some_and(|state| state != job.state) {
+                    continue;
+                }
+                jobs.push(job);
+                if jobs.len() == limit {
+                    return Ok(jobs);
+                }
+            }
+        }
+    }
+
+    async fn results(
+        &self,
+        id: Uuid,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<ItemResult>> {
+        let keys = JobKeys::new(id);
+        let mut conn = self.conn();
+        let min = after.map_or_else(|| "-inf".to_string(), |after| format!("({after}"));
+        let indexes: Vec<u64> = redis::cmd("ZRANGE")
+            .arg(&keys.order)
+            .arg(min)
+            .arg("+inf")
+            .arg("BYSCORE")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut conn)
+            .await
+            .context("cannot page results in Redis")?;
+        if indexes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let results: Vec<Option<Vec<u8>>> = redis::cmd("HMGET")
+            .arg(&keys.results)
+            .arg(&indexes)
+            .query_async(&mut conn)
+            .await
+            .context("cannot read results from Redis")?;
+        results
+            .into_iter()
+            .flatten()
+            .map(|json| serde_json::from_slice(&json).context("corrupt result in Redis"))
+            .collect()
+    }
+
+    async fn cancel(&self, id: Uuid) -> Result<CancelOutcome> {
+        let Some(job) = self.job_record(id).await? else {
+            return Ok(CancelOutcome::Unknown);
+        };
+        if job.state != JobState::Running {
+            return Ok(CancelOutcome::Finished(job.state));
+        }
+        let keys = JobKeys::new(id);
+        // The flag is the truth every node checks; the message makes them check at once.
+        redis::pipe()
+            .set_ex(&keys.cancel, 1, self.inner.retention.as_secs().max(1))
+            .ignore()
+            .publish(keys::CANCEL_CHANNEL, id.to_string())
+            .ignore()
+            .query_async::<()>(&mut self.conn())
+            .await
+            .context("cannot cancel in Redis")?;
+        self.cancel_here(id);
+        Ok(CancelOutcome::Cancelling)
+    }
+
+    fn events(&self) -> Events {
+        Arc::new(self.clone())
+    }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
+}

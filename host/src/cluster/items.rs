@@ -1,0 +1,104 @@
+//! What an item run keeps in Redis: checkpoints in `sh:{job}:ckpt` (field `<index>:<stage>`),
+//! dead letters in `sh:{job}:dead`; and effect claims, `SET NX` on `sh:effect:...`.
+//!
+//! Results are not written here: the worker records each with its event and the job's counts
+//! in one script (`FINISH`), so that a result and its `item.finished` event cannot part.
+
+use anyhow::{Context, Result};
+use async_trait::async_trait;
+use redis::AsyncCommands;
+use uuid::Uuid;
+
+use super::{Cluster, keys};
+use crate::capabilities::EffectKeys;
+use crate::store::{DeadLetter, ItemResult, ItemStore};
+
+fn field(index: u64, stage: &str) -> String {
+    format!("{index}:{stage}")
+}
+
+#[async_trait]
+impl ItemStore for Cluster {
+    async fn stage_output(&self, job: Uuid, index: u64, stage: &str) -> Result<Option<Vec<u8>>> {
+        self.conn()
+            .hget(keys::JobKeys::new(job).checkpoints, field(index, stage))
+            .await
+            .context("cannot read a checkpoint from Redis")
+    }
+
+    async fn put_stage_outputs(
+        &self,
+        job: Uuid,
+        index: u64,
+        outputs: &[(&str, &[u8])],
+    ) -> Result<()> {
+        if outputs.is_empty() {
+            return Ok(());
+        }
+        let fields: Vec<(String, &[u8])> = outputs
+            .iter()
+            .map(|(stage, output)| (field(index, stage), *output))
+            .collect();
+        self.conn()
+            .hset_multiple::<_, _, _, ()>(keys::JobKeys::new(job).checkpoints, &fields)
+            .await
+            .context("cannot checkpoint in Redis")
+    }
+
+    async fn remove_stage_outputs(&self, job: Uuid, index: u64, stages: &[&str]) -> Result<()> {
+        if stages.is_empty() {
+            return Ok(());
+        }
+        let fields: Vec<String> = stages.iter().map(|stage| field(index, stage)).collect();
+        self.conn()
+            .hdel::<_, _, ()>(keys::JobKeys::new(job).checkpoints, fields)
+            .await
+            .context("cannot remove checkpoints from Redis")
+    }
+
+    async fn put_result(&self, _job: Uuid, _result: &ItemResult) -> Result<()> {
+        Ok(())
+    }
+
+    async fn dead_letter(&self, job: Uuid, index: u64) -> Result<Option<DeadLetter>> {
+        let json: Option<Vec<u8>> = self
+            .conn()
+            .hget(keys::JobKeys::new(job).dead_letters, index)
+            .await
+            .context("cannot read a dead letter from Redis")?;
+        json.map(|j| serde_json::from_slice(&j).context("corrupt dead letter in Redis"))
+            .transpose()
+    }
+
+    async fn put_dead_letter(&self, letter: &DeadLetter) -> Result<()> {
+        self.conn()
+            .hset::<_, _, _, ()>(
+                keys::JobKeys::new(letter.job_id).dead_letters,
+                letter.index,
+                serde_json::to_vec(letter)?,
+            )
+            .await
+            .context("cannot store a dead letter in Redis")
+    }
+
+    async fn remove_dead_letter(&self, job: Uuid, index: u64) -> Result<()> {
+        self.conn()
+            .hdel::<_, _, ()>(keys::JobKeys::new(job).dead_letters, index)
+            .await
+            .context("cannot remove a dead letter from Redis")
+    }
+}
+
+#[async_trait]
+impl EffectKeys for Cluster {
+    async fn claim(&self, handler: &str, key: &str) -> Result<bool> {
+        let claimed: Option<String> = redis::cmd("SET")
+            .arg(keys::effect(handler, key))
+            .arg(self.node())
+            .arg("NX")
+            .query_async(&mut self.conn())
+            .await
+            .context("cannot claim an effect key in Redis")?;
+        Ok(claimed.is_some())
+    }
+}

@@ -1,0 +1,88 @@
+//! Every Redis key and channel of Redis mode, named in one place.
+//!
+//! A job's keys share the hash tag `{<job id>}`, so on Redis Cluster they live in one slot and
+//! the scripts, which touch several of them at once, stay single-slot.
+
+use uuid::Uuid;
+
+/// The work stream: one entry per item to run, `j` = job id, `i` = index.
+pub const WORK: &str = "sh:work";
+/// The consumer group every node reads [`WORK`] through.
+pub const GROUP: &str = "workers";
+/// Job ids, all with score 0, so that `ZRANGE BYLEX` lists them in id (= creation) order.
+pub const JOBS: &str = "sh:jobs";
+/// Pub/sub: `<job id> <number>` after each event (a wake-up, at most once).
+pub const WAKE_CHANNEL: &str = "sh:wake";
+/// Pub/sub: `<job id>` when a job is cancelled (the flag itself is [`JobKeys::cancel`]).
+pub const CANCEL_CHANNEL: &str = "sh:cancel";
+
+/// The keys of one job.
+#[derive(Debug, Clone)]
+pub struct JobKeys {
+    /// String: the [`crate::store::JobRecord`] as submitted (JSON).
+    pub record: String,
+    /// Hash: `seq` (last event number), `total`, `succeeded`, `failed`, `not_run`, `state`,
+    /// `finished_at`.
+    pub counts: String,
+    /// Hash: item index -> the item's JSON.
+    pub items: String,
+    /// Hash: `<index>:<stage>` -> a checkpointed stage output.
+    pub checkpoints: String,
+    /// Hash: item index -> [`crate::store::ItemResult`] JSON.
+    pub results: String,
+    /// Sorted set: indexes of the items with a result, scored by index (keyset paging).
+    pub order: String,
+    /// Hash: item index -> [`crate::store::DeadLetter`] JSON.
+    pub dead_letters: String,
+    /// Stream: the event log, entry id `<number>-0`, field `e` = the event's JSON.
+    pub events: String,
+    /// String, present once the job is cancelled.
+    pub cancel: String,
+    /// Set: indexes of the items that are settled (a result, or not run after a cancel), so
+    /// that an item run twice (reclaimed from a node that was slow, not dead) counts once.
+    pub settled: String,
+}
+
+impl JobKeys {
+    pub fn new(job: Uuid) -> Self {
+        let key = |what: &str| format!("sh:{{{job}}}:{what}");
+        Self {
+            record: key("job"),
+            counts: key("n"),
+            items: key("items"),
+            checkpoints: key("ckpt"),
+            results: key("results"),
+            order: key("order"),
+            dead_letters: key("dead"),
+            events: key("events"),
+            cancel: key("cancel"),
+            settled: key("settled"),
+        }
+    }
+
+    /// Every key of the job, in the order the scripts expect them.
+    pub fn all(&self) -> [&str; 10] {
+        [
+            &self.record,
+            &self.counts,
+            &self.items,
+            &self.checkpoints,
+            &self.results,
+            &self.order,
+            &self.dead_letters,
+            &self.events,
+            &self.cancel,
+            &self.settled,
+        ]
+    }
+}
+
+/// String: the job a client's idempotency key names.
+pub fn idempotency(key: &str) -> String {
+    format!("sh:idem:{key}")
+}
+
+/// String: the claim of an effect (handler, key); set once, never reset.
+pub fn effect(handler: &str, key: &str) -> String {
+    format!("sh:effect:{handler}\u{0}{key}")
+}

@@ -1,0 +1,190 @@
+//! Redis mode: several nodes share one work queue, one set of jobs, results and event logs,
+//! and one cancel registry, all in Redis (docs/REDIS.md).
+//!
+//! - [`keys`]: every key and channel, with a job's keys in one Cluster hash slot.
+//! - [`scripts`]: the Lua that numbers events and settles items and jobs atomically.
+//! - [`backend`]: the jobs as the HTTP API sees them ([`crate::jobs::JobBackend`]).
+//! - [`events`]: each job's log as a Redis stream ([`crate::events::EventSource`]).
+//! - [`items`]: checkpoints and dead letters ([`crate::store::ItemStore`]) and effect claims
+//!   ([`crate::capabilities::EffectKeys`]).
+//! - [`signals`]: pub/sub wake-ups and cancels, and the poll that backs them up.
+//! - [`worker`]: the loop that takes items from the `sh:work` stream through the consumer group,
+//!   runs them, acknowledges them, and reclaims the items of nodes that died.
+//!
+//! Redis is the shared truth; pub/sub only speeds things up. A lost wake-up delays a follower
+//! until the next poll, a lost cancel message until the next check of the cancel key.
+
+mod backend;
+mod events;
+mod items;
+pub mod keys;
+mod scripts;
+mod signals;
+mod worker;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub use worker::{WorkerSettings, run_worker};
+
+use crate::pipeline::Shared;
+
+/// A node's handle on the shared state. Cheap to clone.
+#[derive(Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: redis::Client,
+    conn: ConnectionManager,
+    /// This node's consumer name in the work group.
+    node: String,
+    /// The pipeline's name, for the jobs submitted here.
+    pipeline: String,
+    /// How long a finished job's keys are kept.
+    retention: Duration,
+    /// Wake-up channels of the jobs followed on this node.
+    followers: Mutex<HashMap<Uuid, watch::Sender<u64>>>,
+    /// Jobs with items running on this node: their cancel token, and how many items.
+    running: Mutex<HashMap<Uuid, (CancellationToken, usize)>>,
+}
+
+impl Cluster {
+    /// Connect to Redis at `url` (`redis://host:port/db`), make sure the work group exists,
+    /// and start listening for wake-ups and cancels (until `shutdown`).
+    pub async fn connect(
+        url: &str,
+        pipeline: &str,
+        retention: Duration,
+        shutdown: CancellationToken,
+    ) -> Result<Self> {
+        let client = redis::Client::open(url).with_context(|| format!("bad Redis URL `{url}`"))?;
+        // A submission is one transaction; a large one takes Redis a while.
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(Duration::from_secs(30)))
+            .set_connection_timeout(Some(Duration::from_secs(5)));
+        let conn = ConnectionManager::new_with_config(client.clone(), config)
+            .await
+            .with_context(|| format!("cannot connect to Redis at {url}"))?;
+        let node = format!(
+            "{}-{}",
+            std::process::id(),
+            &Uuid::new_v4().simple().to_string()[..8]
+        );
+        let cluster = Self {
+            inner: Arc::new(Inner {
+                client,
+                conn,
+                node,
+                pipeline: pipeline.to_string(),
+                retention,
+                followers: Mutex::default(),
+                running: Mutex::default(),
+            }),
+        };
+        cluster.create_group().await?;
+        tokio::spawn(signals::listen(cluster.clone(), shutdown.clone()));
+        tokio::spawn(signals::poll(cluster.clone(), shutdown));
+        tracing::info!(node = %cluster.inner.node, "joined the Redis cluster");
+        Ok(cluster)
+    }
+
+    /// The shared backends a pipeline runs its items on.
+    pub fn shared(&self) -> Shared {
+        Shared {
+            items: Some(Arc::new(self.clone())),
+            effect_keys: Some(Arc::new(self.clone())),
+        }
+    }
+
+    /// This node's name in the work group.
+    pub fn node(&self) -> &str {
+        &self.inner.node
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.inner.conn.clone()
+    }
+
+    async fn create_group(&self) -> Result<()> {
+        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(keys::WORK)
+            .arg(keys::GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut self.conn())
+            .await;
+        match created {
+            Ok(()) => Ok(()),
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            Err(e) => Err(e).context("cannot create the work group"),
+        }
+    }
+
+    /// Run `script` over `job`'s keys with the common arguments and `extra` ones.
+    async fn run_script<T: redis::FromRedisValue>(
+        &self,
+        script: &redis::Script,
+        job: Uuid,
+        extra: &[&[u8]],
+    ) -> Result<T> {
+        let keys = keys::JobKeys::new(job);
+        let mut invocation = script.prepare_invoke();
+        for key in keys.all() {
+            invocation.key(key);
+        }
+        invocation
+            .arg(job.to_string())
+            .arg(crate::store::now_ms())
+            .arg(self.inner.retention.as_secs().max(1));
+        for arg in extra {
+            invocation.arg(*arg);
+        }
+        invocation
+            .invoke_async(&mut self.conn())
+            .await
+            .context("a Redis script failed")
+    }
+
+    /// Count an item running on this node under `job`'s cancel token.
+    fn enter(&self, job: Uuid) -> CancellationToken {
+        let mut running = self.inner.running.lock().expect("not poisoned");
+        let entry = running
+            .entry(job)
+            .or_insert_with(|| (CancellationToken::new(), 0));
+        entry.1 += 1;
+        entry.0.clone()
+    }
+
+    fn leave(&self, job: Uuid) {
+        let mut running = self.inner.running.lock().expect("not poisoned");
+        if let Some(entry) = running.get_mut(&job) {
+            entry.1 -= 1;
+            if entry.1 == 0 {
+                running.remove(&job);
+            }
+        }
+    }
+
+    /// Interrupt `job`'s items running on this node.
+    fn cancel_here(&self, job: Uuid) {
+        if let Some((token, _)) = self.inner.running.lock().expect("not poisoned").get(&job) {
+            token.cancel();
+        }
+    }
+
+    /// Jobs with items running on this node.
+    fn running_jobs(&self) -> Vec<Uuid> {
+        let running = self.inner.running.lock().expect("not poisoned");
+        running.keys().copied().collect()
+    }
+}

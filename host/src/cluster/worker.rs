@@ -1,0 +1,410 @@
+//! The work loop of a node in Redis mode.
+//!
+//! Items are entries of the `sh:work` stream, read through the consumer group `workers`
+//! (`XREADGROUP ... >`), as many at a time as the node has free slots. An entry is acknowledged
+//! (`XACK`, then `XDEL`: the stream holds only work not yet done) once its result is recorded,
+//! never before, so an item of a node that dies stays pending in the group. Every node
+//! reclaims entries pending longer than `reclaim_idle` (`XAUTOCLAIM`) and runs them again from
+//! their checkpoints; a live node keeps its own entries fresh (`XCLAIM ... JUSTID`, which resets
+//! their idle time) so that a slow item is not taken from it. An item run twice (a node thought
+//! dead was only slow) is settled once: the `FINISH` script records the first result only.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use redis::AsyncConnectionConfig;
+use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
+use sled::IVec;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use super::{Cluster, keys, keys::JobKeys, scripts};
+use crate::events::{Entry, Event};
+use crate::jobs::manager::{DEFAULT_PREVIEW_CHARS, item_limits, preview};
+use crate::jobs::manager::Detail;
+use crate::jobs::{ItemHooks, ItemRef, StageUpdate, run_item};
+use crate::pipeline::Pipeline;
+use crate::store::{ItemStatus, JobRecord, item_id, now_ms};
+
+/// How a node takes work.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerSettings {
+    /// Items this node runs at once.
+    pub slots: usize,
+    /// An entry pending this long on another node is taken over: that node is taken for dead.
+    pub reclaim_idle: Duration,
+    /// On shutdown, how long items in flight get to finish (the rest are reclaimed by others).
+    pub drain: Duration,
+}
+
+/// How long one `XREADGROUP` waits for work.
+const READ_BLOCK: Duration = Duration::from_secs(1);
+
+/// Entries read or reclaimed at most at once.
+const MAX_BATCH: usize = 64;
+
+struct Worker {
+    cluster: Cluster,
+    pipeline: Arc<Pipeline>,
+    slots: Arc<Semaphore>,
+    /// Ids of the entries this node is running, kept fresh by the heartbeat.
+    in_flight: Mutex<HashSet<String>>,
+    tasks: TaskTracker,
+    settings: WorkerSettings,
+}
+
+/// Take and run items until `shutdown`, then give the items in flight `settings.drain`.
+pub async fn run_worker(
+    cluster: Cluster,
+    pipeline: Arc<Pipeline>,
+    settings: WorkerSettings,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    // Blocking reads get a connection of their own: on a shared one they would hold up
+    // every other command behind them.
+    let config = AsyncConnectionConfig::new().set_response_timeout(Some(READ_BLOCK * 5));
+    let mut reader = cluster
+        .inner
+        .client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .context("cannot connect to Redis")?;
+    let worker = Arc::new(Worker {
+        cluster,
+        pipeline,
+        slots: Arc::new(Semaphore::new(settings.slots.max(1))),
+        in_flight: Mutex::default(),
+        tasks: TaskTracker::new(),
+        settings,
+    });
+    tokio::spawn(worker.clone().heartbeat(shutdown.clone()));
+    tokio::spawn(worker.clone().reclaim(shutdown.clone()));
+    loop {
+        let Some(permits) = worker.free_slots(&shutdown).await else {
+            break;
+        };
+        let mut read = redis::cmd("XREADGROUP");
+        read.arg("GROUP")
+            .arg(keys::GROUP)
+            .arg(worker.cluster.node())
+            .arg("COUNT")
+            .arg(permits.len())
+            .arg("BLOCK")
+            .arg(READ_BLOCK.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(keys::WORK)
+            .arg(">");
+        let reply = tokio::select! {
+            reply = read.query_async::<Option<StreamReadReply>>(&mut reader) => reply,
+            () = shutdown.cancelled() => break,
+        };
+        let entries = match reply {
+            Ok(reply) => reply.map(|r| r.keys).unwrap_or_default(),
+            Err(error) => {
+                tracing::warn!(error = %error, "cannot read work from Redis; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        let entries = entries.into_iter().flat_map(|key| key.ids);
+        for (entry, permit) in entries.zip(permits) {
+            worker.start(entry, false, permit);
+        }
+    }
+    worker.tasks.close();
+    if tokio::time::timeout(settings.drain, worker.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            still_running = worker.tasks.len(),
+            "items still running at shutdown; other nodes will reclaim them"
+        );
+    }
+    Ok(())
+}
+
+impl Worker {
+    /// Wait for one free slot, then take every other free one (up to [`MAX_BATCH`]).
+    async fn free_slots(&self, shutdown: &CancellationToken) -> Option<Vec<OwnedSemaphorePermit>> {
+        let first = tokio::select! {
+            permit = self.slots.clone().acquire_owned() => permit.expect("never closed"),
+            () = shutdown.cancelled() => return None,
+        };
+        let mut permits = vec![first];
+        while permits.len() < MAX_BATCH {
+            match self.slots.clone().try_acquire_owned() {
+                Ok(permit) => permits.push(permit),
+                Err(_) => break,
+            }
+        }
+        Some(permits)
+    }
+
+    fn start(self: &Arc<Self>, entry: StreamId, reclaimed: bool, permit: OwnedSemaphorePermit) {
+        let worker = self.clone();
+        self.tasks.spawn(async move {
+            let id = entry.id.clone();
+            worker
+                .in_flight
+                .lock()
+                .expect("not poisoned")
+                .insert(id.clone());
+            match worker.run_entry(&entry, reclaimed).await {
+                Ok(()) => {
+                    let acked = redis::pipe()
+                        .cmd("XACK")
+                        .arg(keys::WORK)
+                        .arg(keys::GROUP)
+                        .arg(&id)
+                        .ignore()
+                        .cmd("XDEL")
+                        .arg(keys::WORK)
+                        .arg(&id)
+                        .ignore()
+                        .query_async::<()>(&mut worker.cluster.conn())
+                        .await;
+                    if let Err(error) = acked {
+                        // Still pending: it will be reclaimed, and settled once.
+                        tracing::warn!(entry = %id, error = %error, "cannot acknowledge work");
+                    }
+                }
+                // Left pending: another try comes with the reclaim.
+                Err(error) => {
+                    tracing::error!(entry = %id, error = %format!("{error:#}"), "cannot run a work entry");
+                }
+            }
+            worker.in_flight.lock().expect("not poisoned").remove(&id);
+            drop(permit);
+        });
+    }
+
+    /// Run the item of one work entry and record its result; `Ok` means it may be acknowledged.
+    async fn run_entry(&self, entry: &StreamId, reclaimed: bool) -> Result<()> {
+        let job: Uuid = entry
+            .get::<String>("j")
+            .and_then(|j| j.parse().ok())
+            .context("a work entry without a job")?;
+        let index: u64 = entry.get("i").context("a work entry without an index")?;
+        let cluster = &self.cluster;
+        let keys = JobKeys::new(job);
+        let (record, cancelled, input, settled): (Option<Vec<u8>>, bool, Option<Vec<u8>>, bool) =
+            redis::pipe()
+                .get(&keys.record)
+                .exists(&keys.cancel)
+                .hget(&keys.items, index)
+                .sismember(&keys.settled, index)
+                .query_async(&mut cluster.conn())
+                .await
+                .context("cannot read a work item from Redis")?;
+        let Some(record) = record else {
+            // The job is gone (expired or removed): nothing to do.
+            return Ok(());
+        };
+        if settled {
+            return Ok(());
+        }
+        let record: JobRecord =
+            serde_json::from_slice(&record).context("corrupt job record in Redis")?;
+        let running = Running::enter(cluster, job);
+        let cancel = running.cancel.clone();
+        if cancelled || cancel.is_cancelled() {
+            cluster
+                .run_script::<i64>(&scripts::SKIP, job, &[index.to_string().as_bytes()])
+                .await?;
+            return Ok(());
+        }
+        let Some(input) = input else {
+            bail!("item {index} of job {job} is not in Redis");
+        };
+        let options = &record.options;
+        let every_stage = options.detail == Detail::Stages || record.total == 1;
+        let (events, mut logged) = tokio::sync::mpsc::unbounded_channel::<Event>();
+        let mut hooks = ItemHooks::default();
+        hooks.stages = Some(Arc::new(move |update: StageUpdate| {
+            if every_stage || update.status == "retrying" {
+                let _ = events.send(Event::ItemStage {
+                    index: update.index,
+                    stage: update.stage,
+                    status: update.status.to_string(),
+                    attempt: update.attempt,
+                    duration_ms: update.duration_ms,
+                    error: update.error,
+                    retry_in_ms: update.retry_in_ms,
+                });
+            }
+        }));
+        let item = ItemRef {
+            job_id: job,
+            item_id: item_id(job, index),
+            index,
+        };
+        let limits = item_limits(&self.pipeline.config.run, options);
+        let run = async {
+            let result = run_item(
+                &self.pipeline,
+                item,
+                IVec::from(input),
+                reclaimed,
+                limits,
+                &cancel,
+                &hooks,
+            )
+            .await;
+            // Closes the stage-event channel: the logger below ends.
+            drop(hooks);
+            result
+        };
+        // Stage events are logged in order, and all before the item's `item.finished`.
+        let log_stages = async {
+            while let Some(event) = logged.recv().await {
+                let json = serde_json::to_vec(&Entry { at: now_ms(), event })?;
+                cluster
+                    .run_script::<u64>(&scripts::APPEND, job, &[&json])
+                    .await?;
+            }
+            anyhow::Ok(())
+        };
+        let (result, logged) = tokio::join!(run, log_stages);
+        if let Err(error) = logged {
+            tracing::error!(job = %job, error = %format!("{error:#}"), "cannot log a stage event");
+        }
+        let result = result?;
+        let status = match result.status {
+            ItemStatus::Succeeded => "succeeded",
+            ItemStatus::Failed => "failed",
+        };
+        let chars = options.preview_chars.unwrap_or(DEFAULT_PREVIEW_CHARS);
+        let event = format!(
+            r#"{{"at":{},"type":"item.finished","index":{index},"status":"{status}","preview":{}"#,
+            now_ms(),
+            serde_json::to_string(&preview(&result, chars))?,
+        );
+        cluster
+            .run_script::<i64>(
+                &scripts::FINISH,
+                job,
+                &[
+                    index.to_string().as_bytes(),
+                    &serde_json::to_vec(&result)?,
+                    status.as_bytes(),
+                    event.as_bytes(),
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Keep this node's entries from looking abandoned: reset their idle time.
+    async fn heartbeat(self: Arc<Self>, shutdown: CancellationToken) {
+        let every = self.settings.reclaim_idle / 4;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = shutdown.cancelled() => return,
+            }
+            let ids: Vec<String> = self
+                .in_flight
+                .lock()
+                .expect("not poisoned")
+                .iter()
+                .cloned()
+                .collect();
+            if ids.is_empty() {
+                continue;
+            }
+            let claimed = redis::cmd("XCLAIM")
+                .arg(keys::WORK)
+                .arg(keys::GROUP)
+                .arg(self.cluster.node())
+                .arg(0)
+                .arg(&ids)
+                .arg("JUSTID")
+                .query_async::<redis::Value>(&mut self.cluster.conn())
+                .await;
+            if let Err(error) = claimed {
+                tracing::warn!(error = %error, "cannot refresh this node's work in Redis");
+            }
+        }
+    }
+
+    /// Take over entries pending longer than `reclaim_idle` on any node (a dead one).
+    async fn reclaim(self: Arc<Self>, shutdown: CancellationToken) {
+        let every = self.settings.reclaim_idle / 2;
+        let mut cursor = "0-0".to_string();
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = shutdown.cancelled() => return,
+            }
+            let mut permits = Vec::new();
+            while permits.len() < MAX_BATCH {
+                match self.slots.clone().try_acquire_owned() {
+                    Ok(permit) => permits.push(permit),
+                    Err(_) => break,
+                }
+            }
+            if permits.is_empty() {
+                continue;
+            }
+            let reply = redis::cmd("XAUTOCLAIM")
+                .arg(keys::WORK)
+                .arg(keys::GROUP)
+                .arg(self.cluster.node())
+                .arg(self.settings.reclaim_idle.as_millis() as u64)
+                .arg(&cursor)
+                .arg("COUNT")
+                .arg(permits.len())
+                .query_async::<StreamAutoClaimReply>(&mut self.cluster.conn())
+                .await;
+            let reply = match reply {
+                Ok(reply) => reply,
+                Err(error) => {
+                    tracing::warn!(error = %error, "cannot reclaim work in Redis");
+                    continue;
+                }
+            };
+            cursor = reply.next_stream_id;
+            if !reply.claimed.is_empty() {
+                tracing::warn!(
+                    entries = reply.claimed.len(),
+                    "reclaimed work a node left unfinished"
+                );
+                crate::metrics::items_reclaimed(reply.claimed.len() as u64);
+            }
+            for (entry, permit) in reply.claimed.into_iter().zip(permits) {
+                self.start(entry, true, permit);
+            }
+        }
+    }
+}
+
+/// An item of `job` running on this node, counted while it lives (cancel tokens are kept per
+/// job while it has items here).
+struct Running<'a> {
+    cluster: &'a Cluster,
+    job: Uuid,
+    /// The job's cancel token on this node.
+    cancel: CancellationToken,
+}
+
+impl<'a> Running<'a> {
+    fn enter(cluster: &'a Cluster, job: Uuid) -> Self {
+        let cancel = cluster.enter(job);
+        Self {
+            cluster,
+            job,
+            cancel,
+        }
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.cluster.leave(self.job);
+    }
+}
