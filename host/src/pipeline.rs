@@ -9,11 +9,11 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use futures::future::try_join_all;
 use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 
+use crate::capabilities::EffectKeys;
 use crate::capabilities::{Capabilities, KvNamespaces, LlmClient};
 use crate::config::{PipelineConfig, StageConfig};
 use crate::events::TokenHub;
 use crate::runtime::{HandlerComponent, Runtime, RuntimeOptions, StageComponent};
-use crate::capabilities::EffectKeys;
 use crate::store::{ItemStore, Store};
 
 pub struct Pipeline {

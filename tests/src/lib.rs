@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
+pub mod cluster;
 pub mod measure;
 
 /// The workspace root.

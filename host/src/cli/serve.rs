@@ -16,10 +16,10 @@ use clap::Args;
 use tokio_util::sync::CancellationToken;
 
 use super::default_data_dir;
+use super::worker::{Node, RedisArgs};
 use crate::api::{App, router};
 use crate::config::PipelineConfig;
 use crate::events::EventLog;
-use super::worker::{Node, RedisArgs};
 use crate::jobs::{EffectRunner, Embedded, JobBackend, JobManager};
 use crate::pipeline::Pipeline;
 use crate::store::Store;

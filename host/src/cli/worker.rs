@@ -99,8 +99,8 @@ impl Node {
         let store = Store::open(&data_dir.join("store"))?;
         let settings = redis.settings(&config, drain);
         let runtime = Pipeline::runtime_for(&config, data_dir)?;
-        let pipeline = Pipeline::load_shared(config, runtime, store.clone(), cluster.shared())
-            .await?;
+        let pipeline =
+            Pipeline::load_shared(config, runtime, store.clone(), cluster.shared()).await?;
         let versions = StageVersions::open(&store, data_dir)?;
         versions.restore(&pipeline).await?;
         store.interrupt_running_effects()?;

@@ -207,12 +207,7 @@ impl JobBackend for Cluster {
         }
     }
 
-    async fn results(
-        &self,
-        id: Uuid,
-        after: Option<u64>,
-        limit: usize,
-    ) -> Result<Vec<ItemResult>> {
+    async fn results(&self, id: Uuid, after: Option<u64>, limit: usize) -> Result<Vec<ItemResult>> {
         let keys = JobKeys::new(id);
         let mut conn = self.conn();
         let min = after.map_or_else(|| "-inf".to_string(), |after| format!("({after}"));

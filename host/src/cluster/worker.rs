@@ -24,8 +24,8 @@ use uuid::Uuid;
 
 use super::{Cluster, keys, keys::JobKeys, scripts};
 use crate::events::{Entry, Event};
-use crate::jobs::manager::{DEFAULT_PREVIEW_CHARS, item_limits, preview};
 use crate::jobs::manager::Detail;
+use crate::jobs::manager::{DEFAULT_PREVIEW_CHARS, item_limits, preview};
 use crate::jobs::{ItemHooks, ItemRef, StageUpdate, run_item};
 use crate::pipeline::Pipeline;
 use crate::store::{ItemStatus, JobRecord, item_id, now_ms};
@@ -44,8 +44,11 @@ pub struct WorkerSettings {
 /// How long one `XREADGROUP` waits for work.
 const READ_BLOCK: Duration = Duration::from_secs(1);
 
-/// Entries read or reclaimed at most at once.
+/// Entries read at most at once.
 const MAX_BATCH: usize = 64;
+
+/// Entries reclaimed at most per round.
+const RECLAIM_BATCH: usize = 32;
 
 struct Worker {
     cluster: Cluster,
@@ -224,20 +227,22 @@ impl Worker {
         let options = &record.options;
         let every_stage = options.detail == Detail::Stages || record.total == 1;
         let (events, mut logged) = tokio::sync::mpsc::unbounded_channel::<Event>();
-        let mut hooks = ItemHooks::default();
-        hooks.stages = Some(Arc::new(move |update: StageUpdate| {
-            if every_stage || update.status == "retrying" {
-                let _ = events.send(Event::ItemStage {
-                    index: update.index,
-                    stage: update.stage,
-                    status: update.status.to_string(),
-                    attempt: update.attempt,
-                    duration_ms: update.duration_ms,
-                    error: update.error,
-                    retry_in_ms: update.retry_in_ms,
-                });
-            }
-        }));
+        let hooks = ItemHooks {
+            stages: Some(Arc::new(move |update: StageUpdate| {
+                if every_stage || update.status == "retrying" {
+                    let _ = events.send(Event::ItemStage {
+                        index: update.index,
+                        stage: update.stage,
+                        status: update.status.to_string(),
+                        attempt: update.attempt,
+                        duration_ms: update.duration_ms,
+                        error: update.error,
+                        retry_in_ms: update.retry_in_ms,
+                    });
+                }
+            })),
+            ..ItemHooks::default()
+        };
         let item = ItemRef {
             job_id: job,
             item_id: item_id(job, index),
@@ -262,7 +267,10 @@ impl Worker {
         // Stage events are logged in order, and all before the item's `item.finished`.
         let log_stages = async {
             while let Some(event) = logged.recv().await {
-                let json = serde_json::to_vec(&Entry { at: now_ms(), event })?;
+                let json = serde_json::to_vec(&Entry {
+                    at: now_ms(),
+                    event,
+                })?;
                 cluster
                     .run_script::<u64>(&scripts::APPEND, job, &[&json])
                     .await?;
@@ -341,16 +349,6 @@ impl Worker {
                 () = tokio::time::sleep(every) => {}
                 () = shutdown.cancelled() => return,
             }
-            let mut permits = Vec::new();
-            while permits.len() < MAX_BATCH {
-                match self.slots.clone().try_acquire_owned() {
-                    Ok(permit) => permits.push(permit),
-                    Err(_) => break,
-                }
-            }
-            if permits.is_empty() {
-                continue;
-            }
             let reply = redis::cmd("XAUTOCLAIM")
                 .arg(keys::WORK)
                 .arg(keys::GROUP)
@@ -358,7 +356,7 @@ impl Worker {
                 .arg(self.settings.reclaim_idle.as_millis() as u64)
                 .arg(&cursor)
                 .arg("COUNT")
-                .arg(permits.len())
+                .arg(RECLAIM_BATCH)
                 .query_async::<StreamAutoClaimReply>(&mut self.cluster.conn())
                 .await;
             let reply = match reply {
@@ -369,14 +367,25 @@ impl Worker {
                 }
             };
             cursor = reply.next_stream_id;
-            if !reply.claimed.is_empty() {
-                tracing::warn!(
-                    entries = reply.claimed.len(),
-                    "reclaimed work a node left unfinished"
-                );
-                crate::metrics::items_reclaimed(reply.claimed.len() as u64);
+            if reply.claimed.is_empty() {
+                continue;
             }
-            for (entry, permit) in reply.claimed.into_iter().zip(permits) {
+            tracing::warn!(
+                entries = reply.claimed.len(),
+                "reclaimed work a node left unfinished"
+            );
+            crate::metrics::items_reclaimed(reply.claimed.len() as u64);
+            // Ours now: the heartbeat keeps them, and they wait for slots in line with new
+            // work instead of after all of it.
+            self.in_flight
+                .lock()
+                .expect("not poisoned")
+                .extend(reply.claimed.iter().map(|entry| entry.id.clone()));
+            for entry in reply.claimed {
+                let permit = tokio::select! {
+                    permit = self.slots.clone().acquire_owned() => permit.expect("never closed"),
+                    () = shutdown.cancelled() => return,
+                };
                 self.start(entry, true, permit);
             }
         }

@@ -17,8 +17,13 @@ pub trait EventSource: Send + Sync {
     fn watch(&self, job: Uuid) -> Result<watch::Receiver<u64>>;
 
     /// Up to `limit` events numbered above `after` and up to `upto`, in order.
-    async fn read(&self, job: Uuid, after: u64, upto: u64, limit: usize)
-    -> Result<Vec<(u64, Entry)>>;
+    async fn read(
+        &self,
+        job: Uuid,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Entry)>>;
 
     /// The number of `job`'s last event if that event ends the job.
     async fn ended_at(&self, job: Uuid) -> Result<Option<u64>>;

@@ -119,7 +119,10 @@ impl JobView {
                 // A job's log can go on after its end (reprocessed dead letters append to
                 // it): only the log's last event ends a view.
                 let last = if entry.event.is_terminal() {
-                    self.log.ended_at(self.job).await?.is_none_or(|end| end == seq)
+                    self.log
+                        .ended_at(self.job)
+                        .await?
+                        .is_none_or(|end| end == seq)
                 } else {
                     false
                 };

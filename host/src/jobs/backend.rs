@@ -34,8 +34,7 @@ pub trait JobBackend: Send + Sync {
     ) -> Result<Vec<JobRecord>>;
 
     /// Up to `limit` results with an index above `after` (all, for `None`), in index order.
-    async fn results(&self, id: Uuid, after: Option<u64>, limit: usize)
-    -> Result<Vec<ItemResult>>;
+    async fn results(&self, id: Uuid, after: Option<u64>, limit: usize) -> Result<Vec<ItemResult>>;
 
     /// Stop a job wherever its items run.
     async fn cancel(&self, id: Uuid) -> Result<CancelOutcome>;
@@ -100,12 +99,7 @@ impl JobBackend for Embedded {
         Ok(jobs)
     }
 
-    async fn results(
-        &self,
-        id: Uuid,
-        after: Option<u64>,
-        limit: usize,
-    ) -> Result<Vec<ItemResult>> {
+    async fn results(&self, id: Uuid, after: Option<u64>, limit: usize) -> Result<Vec<ItemResult>> {
         self.store.results(id, after).take(limit).collect()
     }
 

@@ -259,16 +259,17 @@ pub async fn run_item(
                 if failure.kind() != FailureKind::Cancelled {
                     crate::metrics::dead_letter(name);
                     let earlier = store.dead_letter(item.job_id, item.index).await?;
-                    store.put_dead_letter(&DeadLetter {
-                        job_id: item.job_id,
-                        index: item.index,
-                        item_id: item.item_id,
-                        stage: name.into(),
-                        error: error.clone(),
-                        created_at: earlier.as_ref().map_or_else(now_ms, |l| l.created_at),
-                        reprocessed: earlier.map_or(0, |l| l.reprocessed + u32::from(resume)),
-                    })
-                    .await?;
+                    store
+                        .put_dead_letter(&DeadLetter {
+                            job_id: item.job_id,
+                            index: item.index,
+                            item_id: item.item_id,
+                            stage: name.into(),
+                            error: error.clone(),
+                            created_at: earlier.as_ref().map_or_else(now_ms, |l| l.created_at),
+                            reprocessed: earlier.map_or(0, |l| l.reprocessed + u32::from(resume)),
+                        })
+                        .await?;
                 }
                 return finish(pipeline, item, ItemStatus::Failed, None, Some(error), runs).await;
             }

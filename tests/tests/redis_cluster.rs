@@ -1,0 +1,248 @@
+//! Redis mode end to end: a real `redis-server` on a free port and three Stagehand nodes
+//! (two `serve --redis`, one `worker --redis`) sharing one job.
+//!
+//! - a 2,000-item job submitted to node 1 is followed over SSE on node 2 to its end, and
+//!   resumed with `Last-Event-ID` on node 1;
+//! - node 3 is killed with SIGKILL while it holds items: the others reclaim and finish them;
+//! - every item has exactly one result, and each `item.finished` is in the log once;
+//! - a cancel sent to node 2 stops work on every node: no LLM request starts 200 ms after it.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use redis::streams::StreamPendingReply;
+use serde_json::{Value, json};
+use stagehand_tests::cluster::{RedisServer, Worker};
+use stagehand_tests::{
+    MockLlm, Server, client, eco_items, eco_scan_pipeline, job_status, read_frames, serve,
+    submit_job, wait_for_job,
+};
+
+const ITEMS: u64 = 2000;
+
+/// Work entries pending per node, from the consumer group.
+fn pending_per_node(redis: &RedisServer) -> Vec<(String, usize)> {
+    let reply: StreamPendingReply = redis::cmd("XPENDING")
+        .arg("sh:work")
+        .arg("workers")
+        .query(&mut redis.connection())
+        .expect("XPENDING answers");
+    match reply {
+        StreamPendingReply::Data(data) => data
+            .consumers
+            .into_iter()
+            .map(|c| (c.name, c.pending))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Wait (at most 60 s) until `ready` holds.
+fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ready() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn finished(status: &Value) -> u64 {
+    status["succeeded"].as_u64().unwrap() + status["failed"].as_u64().unwrap()
+}
+
+/// The item indexes in the `job.progress` frames of a stream.
+fn indexes(frames: &[stagehand_tests::Frame]) -> Vec<u64> {
+    frames
+        .iter()
+        .filter(|f| f.event == "job.progress")
+        .flat_map(|f| f.data["items"].as_array().unwrap().clone())
+        .map(|item| item["index"].as_u64().unwrap())
+        .collect()
+}
+
+fn follow(server: &Server, job: &str, last_event_id: Option<u64>) -> Vec<stagehand_tests::Frame> {
+    let mut request = client().get(server.url(&format!("/v1/jobs/{job}/events")));
+    if let Some(id) = last_event_id {
+        request = request.header("Last-Event-ID", id.to_string());
+    }
+    let response = request.send().expect("the node answers");
+    assert_eq!(response.status(), 200);
+    read_frames(response, |f| {
+        f.event.starts_with("job.") && f.event != "job.progress" && f.event != "job.started"
+    })
+}
+
+#[test]
+fn three_nodes_share_a_job_survive_a_kill_and_cancel_together() {
+    let redis = RedisServer::start().expect("redis-server starts");
+    let mock = MockLlm::start(&["--latency-ms", "100"]);
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = eco_scan_pipeline(dir.path(), |text| text);
+    let url = redis.url();
+    let node_flags = ["--slots", "16", "--reclaim-idle-ms", "1500"];
+    let serve_flags: Vec<&str> = ["--redis", url.as_str()]
+        .into_iter()
+        .chain(node_flags)
+        .collect();
+    let node1 = serve(&pipeline, &dir.path().join("n1"), Some(&mock), &serve_flags);
+    let node2 = serve(&pipeline, &dir.path().join("n2"), Some(&mock), &serve_flags);
+    let mut node3 = Worker::start(
+        &pipeline,
+        &dir.path().join("n3"),
+        &mock,
+        &redis,
+        &node_flags,
+    )
+    .expect("the worker starts");
+
+    // Submitted to node 1, followed on node 2.
+    let job = submit_job(&node1, eco_items(ITEMS as usize), json!({}));
+    let follower = {
+        let (address, job) = (node2.address.clone(), job.clone());
+        std::thread::spawn(move || {
+            let response = client()
+                .get(format!("http://{address}/v1/jobs/{job}/events"))
+                .send()
+                .expect("node 2 answers");
+            read_frames(response, |f| {
+                f.event == "job.completed" || f.event == "job.cancelled"
+            })
+        })
+    };
+
+    // Node 3 dies (SIGKILL) while it holds items and the job is under way.
+    wait_until("node 3 holds items", || {
+        pending_per_node(&redis)
+            .iter()
+            .any(|(node, pending)| *node == node3.node && *pending > 0)
+            && finished(&job_status(&node2, &job)) >= 200
+    });
+    node3.child().kill().unwrap();
+    node3.child().wait().unwrap();
+    let at_kill = finished(&job_status(&node2, &job));
+    assert!(at_kill < ITEMS, "the job was over before the kill");
+
+    let end = wait_for_job(&node2, &job);
+    assert_eq!(end["state"], "completed", "{end}");
+    assert_eq!(end["succeeded"], ITEMS, "{end}");
+
+    // Node 2's stream told every item once, and ended with the job.
+    let frames = follower.join().unwrap();
+    assert_eq!(frames.last().unwrap().event, "job.completed");
+    let told = indexes(&frames);
+    assert_eq!(told.len() as u64, ITEMS, "each item.finished once");
+    assert_eq!(
+        told.iter().copied().collect::<BTreeSet<_>>().len() as u64,
+        ITEMS
+    );
+
+    // Resuming on node 1 from the middle of node 2's stream gives exactly the rest.
+    let middle = frames
+        .iter()
+        .filter(|f| f.event == "job.progress")
+        .nth(frames.len() / 4)
+        .unwrap();
+    let resumed = follow(&node1, &job, middle.id);
+    let before: usize = frames
+        .iter()
+        .take_while(|f| f.id != middle.id)
+        .chain(std::iter::once(middle))
+        .filter(|f| f.event == "job.progress")
+        .map(|f| f.data["items"].as_array().unwrap().len())
+        .sum();
+    assert_eq!(indexes(&resumed).len() + before, ITEMS as usize);
+    assert!(resumed[0].id > middle.id);
+
+    // Exactly one result per item, read from node 1.
+    let mut seen = BTreeSet::new();
+    let mut after: Option<u64> = None;
+    loop {
+        let query = after.map_or(String::new(), |a| format!("&after={a}"));
+        let page: Value = client()
+            .get(node1.url(&format!("/v1/jobs/{job}/results?limit=500{query}")))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        for result in page["results"].as_array().unwrap() {
+            assert_eq!(result["status"], "succeeded", "{result}");
+            assert!(
+                seen.insert(result["index"].as_u64().unwrap()),
+                "a second result"
+            );
+        }
+        match page["next_after"].as_u64() {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(seen, (0..ITEMS).collect::<BTreeSet<_>>());
+
+    // Node 3's items were reclaimed by the others, and nothing is left in the queue.
+    let metrics = |node: &Server| -> String {
+        client()
+            .get(node.url("/metrics"))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap()
+    };
+    let reclaimed: f64 = [&node1, &node2]
+        .iter()
+        .flat_map(|node| {
+            metrics(node)
+                .lines()
+                .filter_map(|l| l.strip_prefix("stagehand_items_reclaimed_total "))
+                .map(|v| v.trim().parse::<f64>().unwrap())
+                .collect::<Vec<_>>()
+        })
+        .sum();
+    assert!(reclaimed >= 1.0, "no node reclaimed node 3's work");
+    assert!(pending_per_node(&redis).iter().all(|(_, p)| *p == 0));
+
+    // A new node joins; a second job runs on all three; a cancel on node 2 stops them all.
+    let node3 = Worker::start(
+        &pipeline,
+        &dir.path().join("n3b"),
+        &mock,
+        &redis,
+        &node_flags,
+    )
+    .expect("the worker starts");
+    let job = submit_job(&node1, eco_items(3000), json!({}));
+    wait_until("all three nodes run items", || {
+        let busy: Vec<String> = pending_per_node(&redis)
+            .into_iter()
+            .filter(|(_, pending)| *pending > 0)
+            .map(|(node, _)| node)
+            .collect();
+        busy.len() == 3 && busy.contains(&node3.node)
+    });
+    let answer = client()
+        .post(node2.url(&format!("/v1/jobs/{job}/cancel")))
+        .send()
+        .unwrap();
+    assert_eq!(answer.status(), 202);
+    std::thread::sleep(Duration::from_millis(200));
+    let requests_then = mock.stats()["requests"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let requests_later = mock.stats()["requests"].as_u64().unwrap();
+    assert_eq!(
+        requests_then, requests_later,
+        "LLM requests started more than 200 ms after the cancel"
+    );
+    let end = wait_for_job(&node1, &job);
+    assert_eq!(end["state"], "cancelled", "{end}");
+    let told = follow(&node1, &job, None);
+    let last = told.last().unwrap();
+    assert_eq!(last.event, "job.cancelled");
+    let counts = &last.data;
+    assert_eq!(
+        counts["succeeded"].as_u64().unwrap()
+            + counts["failed"].as_u64().unwrap()
+            + counts["not_run"].as_u64().unwrap(),
+        3000,
+        "{counts}"
+    );
+    assert!(counts["not_run"].as_u64().unwrap() > 0, "{counts}");
+}
