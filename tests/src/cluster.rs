@@ -49,6 +49,10 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// A connection for looking at what the nodes wrote.
     pub fn connection(&self) -> redis::Connection {
         redis::Client::open(self.url())

@@ -10,8 +10,9 @@
 //! - `test`: formatting, clippy, the plugins, the binaries, then every test (installing
 //!   Debian's chromium, chromium-driver and redis-server for the tests if they are missing).
 //! - `schemathesis`: the live server against its own OpenAPI document (part of `test`).
-//! - `bench`: the benchmarks of docs/BENCHMARKS.md; `load` (or `bench load`): the seed-style
-//!   load test, with thresholds.
+//! - `bench`: the benchmarks of docs/BENCHMARKS.md (`bench cluster`: Redis mode with 1-3
+//!   nodes against embedded mode); `load` (or `bench load`): the seed-style load test, with
+//!   thresholds.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -38,7 +39,7 @@ fn main() -> Result<()> {
         Some("load") => bench(&root, &args),
         _ => {
             eprintln!(
-                "usage: cargo xtask <plugins | demo [eco-scan | prompt-eval] | test | schemathesis | bench [server | load] | load>"
+                "usage: cargo xtask <plugins | demo [eco-scan | prompt-eval] | test | schemathesis | bench [server | load | cluster] | load>"
             );
             std::process::exit(2);
         }
@@ -506,6 +507,7 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
     let (package, name, rest) = match args.first().map(String::as_str) {
         Some("server") => ("stagehand-tests", "server", &args[1..]),
         Some("load") => ("stagehand-tests", "load", &args[1..]),
+        Some("cluster") => ("stagehand-tests", "cluster", &args[1..]),
         _ => ("stagehand", "pipeline", args),
     };
     let mut cargo = vec!["bench", "--package", package, "--bench", name, "--"];
