@@ -74,7 +74,12 @@ fn main() {
         let redis = RedisServer::start().expect("redis-server starts");
         let url = redis.url();
         let flags = ["--redis", url.as_str(), "--slots", slots.as_str()];
-        let mut entry = serve(&pipeline, &dir.path().join(format!("r{nodes}-0")), Some(&mock), &flags);
+        let mut entry = serve(
+            &pipeline,
+            &dir.path().join(format!("r{nodes}-0")),
+            Some(&mock),
+            &flags,
+        );
         let mut workers: Vec<Worker> = (1..nodes)
             .map(|n| {
                 Worker::start(

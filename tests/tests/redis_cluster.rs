@@ -5,6 +5,7 @@
 //!   resumed with `Last-Event-ID` on node 1;
 //! - node 3 is killed with SIGKILL while it holds items: the others reclaim and finish them;
 //! - every item has exactly one result, and each `item.finished` is in the log once;
+//! - each effect key is accepted once at most, whichever nodes' items emit it;
 //! - a cancel sent to node 2 stops work on every node: no LLM request starts 200 ms after it.
 
 use std::collections::BTreeSet;
@@ -153,8 +154,10 @@ fn three_nodes_share_a_job_survive_a_kill_and_cancel_together() {
     assert_eq!(indexes(&resumed).len() + before, ITEMS as usize);
     assert!(resumed[0].id > middle.id);
 
-    // Exactly one result per item, read from node 1.
+    // Exactly one result per item, read from node 1; and each effect key (user, character)
+    // (per handler) accepted once at most, though items emitting it ran on three nodes.
     let mut seen = BTreeSet::new();
+    let mut accepted = std::collections::BTreeMap::<String, u32>::new();
     let mut after: Option<u64> = None;
     loop {
         let query = after.map_or(String::new(), |a| format!("&after={a}"));
@@ -170,6 +173,12 @@ fn three_nodes_share_a_job_survive_a_kill_and_cancel_together() {
                 seen.insert(result["index"].as_u64().unwrap()),
                 "a second result"
             );
+            for effect in result["output"]["reward"]["effects"].as_array().unwrap() {
+                if effect["outcome"] == "accepted" {
+                    let key = format!("{}/{}", effect["handler"], effect["key"]);
+                    *accepted.entry(key).or_default() += 1;
+                }
+            }
         }
         match page["next_after"].as_u64() {
             Some(next) => after = Some(next),
@@ -177,6 +186,11 @@ fn three_nodes_share_a_job_survive_a_kill_and_cancel_together() {
         }
     }
     assert_eq!(seen, (0..ITEMS).collect::<BTreeSet<_>>());
+    assert!(!accepted.is_empty(), "no effect was accepted");
+    assert!(
+        accepted.values().all(|&n| n == 1),
+        "an effect key accepted on two nodes: {accepted:?}"
+    );
 
     // Node 3's items were reclaimed by the others, and nothing is left in the queue.
     let metrics = |node: &Server| -> String {
