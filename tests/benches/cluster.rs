@@ -4,8 +4,11 @@
 //! `cargo xtask bench cluster [--items 2000] [--latency-ms 50] [--slots 32]`.
 //!
 //! Setups: embedded (one `serve`), then Redis with one node (`serve --redis`), two and three
-//! (plus `worker --redis` nodes). Measured: items/s from the `POST` to the job's end (polled
-//! every 10 ms), and CPU ms per item of every Stagehand process plus redis-server.
+//! (plus `worker --redis` nodes), Redis writing its append-only file with `appendfsync
+//! everysec`; and one node with `appendfsync always` (every write fsync'ed, as embedded mode
+//! does before it answers) and with no persistence. Measured: items/s from the `POST` to the
+//! job's end (polled every 10 ms), and CPU ms per item of every Stagehand process plus
+//! redis-server.
 
 use std::time::{Duration, Instant};
 
@@ -70,34 +73,40 @@ fn main() {
         });
     }
 
-    for nodes in 1..=3 {
-        let redis = RedisServer::start().expect("redis-server starts");
+    let setups: [(usize, &str); 5] = [
+        (1, "everysec"),
+        (2, "everysec"),
+        (3, "everysec"),
+        (1, "always"),
+        (1, "no persistence"),
+    ];
+    for (nodes, fsync) in setups {
+        let redis = match fsync {
+            "no persistence" => RedisServer::start(),
+            fsync => RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", fsync]),
+        }
+        .expect("redis-server starts");
         let url = redis.url();
         let flags = ["--redis", url.as_str(), "--slots", slots.as_str()];
-        let mut entry = serve(
-            &pipeline,
-            &dir.path().join(format!("r{nodes}-0")),
-            Some(&mock),
-            &flags,
-        );
+        let data = |n: usize| dir.path().join(format!("r{nodes}-{fsync}-{n}"));
+        let mut entry = serve(&pipeline, &data(0), Some(&mock), &flags);
         let mut workers: Vec<Worker> = (1..nodes)
             .map(|n| {
-                Worker::start(
-                    &pipeline,
-                    &dir.path().join(format!("r{nodes}-{n}")),
-                    &mock,
-                    &redis,
-                    &["--slots", &slots],
-                )
-                .expect("a worker starts")
+                Worker::start(&pipeline, &data(n), &mock, &redis, &["--slots", &slots])
+                    .expect("a worker starts")
             })
             .collect();
         let mut pids = vec![entry.child().id(), redis.pid()];
         pids.extend(workers.iter_mut().map(|w| w.child().id()));
         run_job(&entry, 100, &pids);
         let (seconds, cpu) = run_job(&entry, items, &pids);
+        let plural = if nodes > 1 { "s" } else { "" };
+        let fsync = match fsync {
+            "no persistence" => fsync.to_string(),
+            fsync => format!("appendfsync {fsync}"),
+        };
         figures.push(Figures {
-            setup: format!("Redis, {nodes} node{}", if nodes > 1 { "s" } else { "" }),
+            setup: format!("Redis ({fsync}), {nodes} node{plural}"),
             seconds,
             items,
             cpu_secs: cpu,

@@ -19,12 +19,22 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub fn start() -> Result<Self> {
+        Self::start_with(&["--appendonly", "no"])
+    }
+
+    /// With extra `redis-server` flags, e.g. `--appendonly yes --appendfsync always`; its files
+    /// go to a fresh temporary directory.
+    pub fn start_with(flags: &[&str]) -> Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(["--save", "", "--protected-mode", "no"])
+            .args(["--dir", &std::env::temp_dir().display().to_string()])
+            .args(["--appendfilename", &format!("stagehand-{port}.aof")])
+            .args(["--appenddirname", &format!("stagehand-{port}")])
+            .args(flags)
             .stdout(Stdio::null())
             .spawn()
             .context("cannot start redis-server (Debian package `redis-server`)")?;
