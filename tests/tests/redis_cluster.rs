@@ -260,3 +260,147 @@ fn three_nodes_share_a_job_survive_a_kill_and_cancel_together() {
     );
     assert!(counts["not_run"].as_u64().unwrap() > 0, "{counts}");
 }
+
+/// The API of Redis mode, on two nodes: idempotent submission across nodes, counts and errors
+/// of failed items, replay and resume of a finished job's log, cancel of an ended job, a scan's
+/// stage events, and a clear 501 for what is not shared yet.
+#[test]
+fn any_node_answers_for_any_job() {
+    let redis = RedisServer::start().expect("redis-server starts");
+    let mock = MockLlm::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = eco_scan_pipeline(dir.path(), |text| text);
+    let url = redis.url();
+    let flags = ["--redis", url.as_str(), "--slots", "8"];
+    let node1 = serve(&pipeline, &dir.path().join("n1"), Some(&mock), &flags);
+    let node2 = serve(&pipeline, &dir.path().join("n2"), Some(&mock), &flags);
+
+    // The same key on either node names one job; another body with it is a conflict.
+    let mut items = eco_items(20);
+    items.push(json!({ "user_id": "u1", "image_url": "https://images.example/alien_thing.jpg" }));
+    let body = json!({ "items": items });
+    let send = |node: &Server, body: &Value| {
+        client()
+            .post(node.url("/v1/jobs"))
+            .header("Idempotency-Key", "batch-7")
+            .json(body)
+            .send()
+            .unwrap()
+    };
+    let first = send(&node1, &body);
+    assert_eq!(first.status(), 202);
+    let job = first.json::<Value>().unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let again = send(&node2, &body);
+    assert_eq!(again.status(), 200);
+    assert_eq!(again.json::<Value>().unwrap()["job_id"], job.as_str());
+    assert_eq!(
+        send(&node2, &json!({ "items": [{"user_id": "u2"}] })).status(),
+        409
+    );
+
+    // Counts, and the failed item's error, whichever node ran it.
+    let end = wait_for_job(&node2, &job);
+    assert_eq!(end["state"], "completed", "{end}");
+    assert_eq!(
+        (end["succeeded"].as_u64(), end["failed"].as_u64()),
+        (Some(20), Some(1))
+    );
+    let page: Value = client()
+        .get(node1.url(&format!("/v1/jobs/{job}/results?after=19")))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let failed = &page["results"][0];
+    assert_eq!(failed["index"], 20);
+    assert_eq!(failed["status"], "failed");
+    assert!(
+        failed["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown category"),
+        "{failed}"
+    );
+
+    // A finished job's log replays on any node and ends; resuming after its end ends at once.
+    let frames = follow(&node2, &job, None);
+    assert_eq!(frames[0].event, "job.started");
+    let last = frames.last().unwrap();
+    assert_eq!(last.event, "job.completed");
+    assert_eq!(indexes(&frames).len(), 21);
+    assert!(follow(&node1, &job, last.id).is_empty());
+
+    // Cancelling an ended job says how it ended; an unknown job is 404 on every node.
+    let cancel = client()
+        .post(node1.url(&format!("/v1/jobs/{job}/cancel")))
+        .send()
+        .unwrap();
+    assert_eq!(cancel.status(), 200);
+    assert_eq!(cancel.json::<Value>().unwrap()["state"], "completed");
+    let unknown = uuid::Uuid::now_v7();
+    for node in [&node1, &node2] {
+        let status = client()
+            .get(node.url(&format!("/v1/jobs/{unknown}")))
+            .send()
+            .unwrap()
+            .status();
+        assert_eq!(status, 404);
+    }
+
+    // A scan (one item) gets its stage events, in order, before its end.
+    let scan: Value = client()
+        .post(node2.url("/v1/scans"))
+        .json(&eco_items(1)[0])
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let frames = follow(&node1, scan["task_id"].as_str().unwrap(), None);
+    let stages: Vec<(String, String)> = frames
+        .iter()
+        .filter(|f| f.event == "item.stage")
+        .map(|f| {
+            let stage = f.data["stage"].as_str().unwrap().to_string();
+            (stage, f.data["status"].as_str().unwrap().to_string())
+        })
+        .collect();
+    let expected: Vec<(String, String)> = ["vision", "rule", "answer", "reward"]
+        .into_iter()
+        .flat_map(|s| [(s.into(), "running".into()), (s.into(), "succeeded".into())])
+        .collect();
+    assert_eq!(stages, expected);
+    assert_eq!(frames.last().unwrap().event, "job.completed");
+
+    // The job list is the same on both nodes, newest first.
+    let list = |node: &Server| -> Vec<Value> {
+        let body: Value = client()
+            .get(node.url("/v1/jobs"))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        body["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["id"].clone())
+            .collect()
+    };
+    assert_eq!(list(&node1), vec![scan["task_id"].clone(), json!(job)]);
+    assert_eq!(list(&node1), list(&node2));
+
+    // What reads one node's embedded store says so, instead of answering for one node.
+    let dead = client().get(node1.url("/v1/dead-letters")).send().unwrap();
+    assert_eq!(dead.status(), 501);
+    let error: Value = dead.json().unwrap();
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Redis mode"),
+        "{error}"
+    );
+}

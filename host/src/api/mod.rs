@@ -25,6 +25,9 @@
 //! | `GET /metrics`                     | Prometheus metrics (see [`crate::metrics`])        |
 //! | `GET /v1/kv`                       | kv namespaces: file, entries, digest, load time   |
 //! | `POST /v1/kv/{namespace}/reload`   | admin: read the namespace's file again            |
+//!
+//! In Redis mode ([`crate::cluster`]) the job routes answer for every node's jobs; the dead
+//! letter routes, reprocessing and `/stages` of a job answer 501 (they read the embedded store).
 
 pub mod auth;
 mod dashboard;
