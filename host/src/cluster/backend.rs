@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use super::{Cluster, keys, keys::JobKeys};
 use crate::events::{Entry, Event, Events};
+use crate::jobs::manager::new_job;
 use crate::jobs::{CancelOutcome, Idempotency, JobBackend, JobOptions, Submitted};
 use crate::store::{ItemResult, JobRecord, JobState, now_ms};
 
@@ -90,24 +91,12 @@ impl JobBackend for Cluster {
         options: JobOptions,
         idempotency: Option<Idempotency>,
     ) -> Result<Submitted> {
-        let mut job = JobRecord::new(&self.inner.pipeline);
-        if let Some(Idempotency {
-            key,
-            request_digest,
-        }) = idempotency
+        let mut job = new_job(&self.inner.pipeline, options, idempotency.as_ref());
+        if let Some(idempotency) = &idempotency
+            && let Some(existing) = self.claim_idempotency_key(&idempotency.key, job.id).await?
         {
-            if let Some(existing) = self.claim_idempotency_key(&key, job.id).await? {
-                return Ok(if existing.request_digest == request_digest {
-                    Submitted::Existing(existing)
-                } else {
-                    Submitted::Conflict(existing)
-                });
-            }
-            job.idempotency_key = Some(key);
-            job.request_digest = request_digest;
+            return Ok(idempotency.repeat_of(existing));
         }
-        job.labels = options.labels.clone();
-        job.options = options;
         job.total = items.len() as u64;
         let id = job.id;
         let keys = JobKeys::new(id);

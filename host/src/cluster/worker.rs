@@ -229,16 +229,8 @@ impl Worker {
         let (events, mut logged) = tokio::sync::mpsc::unbounded_channel::<Event>();
         let hooks = ItemHooks {
             stages: Some(Arc::new(move |update: StageUpdate| {
-                if every_stage || update.status == "retrying" {
-                    let _ = events.send(Event::ItemStage {
-                        index: update.index,
-                        stage: update.stage,
-                        status: update.status.to_string(),
-                        attempt: update.attempt,
-                        duration_ms: update.duration_ms,
-                        error: update.error,
-                        retry_in_ms: update.retry_in_ms,
-                    });
+                if update.is_logged(every_stage) {
+                    let _ = events.send(update.into_event());
                 }
             })),
             ..ItemHooks::default()

@@ -51,6 +51,28 @@ pub struct StageUpdate {
     pub retry_in_ms: Option<u64>,
 }
 
+impl StageUpdate {
+    /// Whether a job's log tells this update: every one with `every_stage` (the job asked for
+    /// `detail: "stages"`, or has one item), else retries only, the story of a slow or failed
+    /// item.
+    pub fn is_logged(&self, every_stage: bool) -> bool {
+        every_stage || self.status == "retrying"
+    }
+
+    /// The `item.stage` event telling it.
+    pub fn into_event(self) -> crate::events::Event {
+        crate::events::Event::ItemStage {
+            index: self.index,
+            stage: self.stage,
+            status: self.status.to_string(),
+            attempt: self.attempt,
+            duration_ms: self.duration_ms,
+            error: self.error,
+            retry_in_ms: self.retry_in_ms,
+        }
+    }
+}
+
 pub type StageSink = Arc<dyn Fn(StageUpdate) + Send + Sync>;
 
 /// What identifies an item for a run.

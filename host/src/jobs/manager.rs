@@ -60,6 +60,34 @@ pub struct Idempotency {
     pub request_digest: String,
 }
 
+impl Idempotency {
+    /// The answer to a submission whose key `existing` holds already: that job, or a conflict
+    /// if it was asked for with another request.
+    pub(crate) fn repeat_of(&self, existing: JobRecord) -> Submitted {
+        if existing.request_digest == self.request_digest {
+            Submitted::Existing(existing)
+        } else {
+            Submitted::Conflict(existing)
+        }
+    }
+}
+
+/// The record of a new job of `pipeline` as submitted: options, labels, idempotency key.
+pub(crate) fn new_job(
+    pipeline: &str,
+    options: JobOptions,
+    idempotency: Option<&Idempotency>,
+) -> JobRecord {
+    let mut job = JobRecord::new(pipeline);
+    if let Some(idempotency) = idempotency {
+        job.idempotency_key = Some(idempotency.key.clone());
+        job.request_digest = idempotency.request_digest.clone();
+    }
+    job.labels = options.labels.clone();
+    job.options = options;
+    job
+}
+
 /// What a reprocess request did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reprocess {
@@ -138,24 +166,14 @@ impl JobManager {
         idempotency: Option<Idempotency>,
     ) -> Result<Submitted> {
         let store = self.pipeline.store();
-        let mut job = JobRecord::new(&self.pipeline.config.name);
-        if let Some(Idempotency {
-            key,
-            request_digest,
-        }) = idempotency
+        let job = new_job(&self.pipeline.config.name, options, idempotency.as_ref());
+        if let Some(idempotency) = &idempotency
+            && let Some(existing) = store
+                .claim_idempotency_key(&idempotency.key, job.id)
+                .await?
         {
-            if let Some(existing) = store.claim_idempotency_key(&key, job.id).await? {
-                return Ok(if existing.request_digest == request_digest {
-                    Submitted::Existing(existing)
-                } else {
-                    Submitted::Conflict(existing)
-                });
-            }
-            job.idempotency_key = Some(key);
-            job.request_digest = request_digest;
+            return Ok(idempotency.repeat_of(existing));
         }
-        job.labels = options.labels.clone();
-        job.options = options;
         self.events.append(
             job.id,
             &Event::JobStarted {
@@ -214,22 +232,12 @@ impl JobManager {
         let (concurrency, limits) = self.run_settings(&options);
         let every_stage = options.detail == Detail::Stages || job.total == 1;
         let (events, id) = (self.events.clone(), job.id);
-        // Retries are always told: they are the story of a slow or failed item.
         let hooks = ItemHooks {
             stages: Some(Arc::new(move |update: StageUpdate| {
-                if !every_stage && update.status != "retrying" {
+                if !update.is_logged(every_stage) {
                     return;
                 }
-                let event = Event::ItemStage {
-                    index: update.index,
-                    stage: update.stage,
-                    status: update.status.to_string(),
-                    attempt: update.attempt,
-                    duration_ms: update.duration_ms,
-                    error: update.error,
-                    retry_in_ms: update.retry_in_ms,
-                };
-                if let Err(error) = events.append(id, &event) {
+                if let Err(error) = events.append(id, &update.into_event()) {
                     tracing::error!(job = %id, error = %format!("{error:#}"), "cannot append a stage event");
                 }
             })),
