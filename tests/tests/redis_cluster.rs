@@ -404,3 +404,69 @@ fn any_node_answers_for_any_job() {
         "{error}"
     );
 }
+
+/// An item on which every node running it dies fails as abandoned after three reclaims,
+/// instead of taking the nodes down one after another; an API node (`--slots 0`) runs nothing.
+#[test]
+fn an_item_whose_nodes_keep_dying_is_abandoned() {
+    let redis = RedisServer::start().expect("redis-server starts");
+    // The item's LLM call never answers while a node holds it.
+    let mock = MockLlm::start(&["--latency-ms", "60000"]);
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = eco_scan_pipeline(dir.path(), |text| text);
+    let url = redis.url();
+    let reclaim = ["--reclaim-idle-ms", "300"];
+    let api_flags: Vec<&str> = ["--redis", url.as_str(), "--slots", "0"]
+        .into_iter()
+        .chain(reclaim)
+        .collect();
+    let api = serve(&pipeline, &dir.path().join("api"), Some(&mock), &api_flags);
+    let job = submit_job(&api, eco_items(1), json!({}));
+    // The first run, then three reclaims: each node dies holding the item.
+    for _ in 0..4 {
+        let mut worker = Worker::start(&pipeline, &dir.path().join("w"), &mock, &redis, &reclaim)
+            .expect("the worker starts");
+        wait_until("the worker holds the item", || {
+            let pending = pending_per_node(&redis);
+            assert!(
+                pending.iter().all(|(node, _)| *node != api.address),
+                "{pending:?}"
+            );
+            pending
+                .iter()
+                .any(|(node, pending)| *node == worker.node && *pending > 0)
+        });
+        worker.child().kill().unwrap();
+        worker.child().wait().unwrap();
+        assert_eq!(job_status(&api, &job)["state"], "running");
+    }
+    let _last = Worker::start(&pipeline, &dir.path().join("w"), &mock, &redis, &reclaim)
+        .expect("the worker starts");
+    let end = wait_for_job(&api, &job);
+    assert_eq!(end["state"], "completed", "{end}");
+    assert_eq!(end["failed"], 1, "{end}");
+    let page: Value = client()
+        .get(api.url(&format!("/v1/jobs/{job}/results")))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let error = &page["results"][0]["error"];
+    assert_eq!(error["kind"], "abandoned", "{error}");
+    assert!(
+        error["message"].as_str().unwrap().contains("after 4 runs"),
+        "{error}"
+    );
+    // The API node never read work.
+    let consumers: Vec<redis::Value> = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg("sh:work")
+        .arg("workers")
+        .query(&mut redis.connection())
+        .unwrap();
+    assert_eq!(
+        consumers.len(),
+        5,
+        "one consumer per worker, none for the API node"
+    );
+}

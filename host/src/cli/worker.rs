@@ -32,7 +32,8 @@ pub struct RedisArgs {
     /// process's embedded store.
     #[arg(long, env = "STAGEHAND_REDIS_URL")]
     pub redis: Option<String>,
-    /// Items this node runs at once (default: the pipeline's `[run] concurrency`).
+    /// Items this node runs at once (default: the pipeline's `[run] concurrency`); `serve`
+    /// with 0 is an API node that runs none.
     #[arg(long)]
     pub slots: Option<usize>,
     /// Work pending this long on a node that stopped refreshing it is taken over (ms).
@@ -43,7 +44,7 @@ pub struct RedisArgs {
 impl RedisArgs {
     pub fn settings(&self, config: &PipelineConfig, drain: Duration) -> WorkerSettings {
         WorkerSettings {
-            slots: self.slots.unwrap_or(config.run.concurrency).max(1),
+            slots: self.slots.unwrap_or(config.run.concurrency),
             reclaim_idle: Duration::from_millis(self.reclaim_idle_ms.max(100)),
             drain,
         }
@@ -77,7 +78,8 @@ pub struct Node {
     pub pipeline: Arc<Pipeline>,
     pub store: Store,
     pub versions: StageVersions,
-    worker: tokio::task::JoinHandle<Result<()>>,
+    /// The work loop; `None` on an API node (`--slots 0`).
+    worker: Option<tokio::task::JoinHandle<Result<()>>>,
     effects: tokio::task::JoinHandle<Result<()>>,
     stop: CancellationToken,
 }
@@ -109,12 +111,14 @@ impl Node {
             pipeline.config.run.effect_concurrency,
             stop.clone(),
         );
-        let worker = tokio::spawn(run_worker(
-            cluster.clone(),
-            pipeline.clone(),
-            settings,
-            stop.clone(),
-        ));
+        let worker = (settings.slots > 0).then(|| {
+            tokio::spawn(run_worker(
+                cluster.clone(),
+                pipeline.clone(),
+                settings,
+                stop.clone(),
+            ))
+        });
         Ok(Self {
             cluster,
             pipeline,
@@ -129,7 +133,9 @@ impl Node {
     /// Stop taking work, let items in flight finish (up to the drain time), flush.
     pub async fn stop(self) -> Result<()> {
         self.stop.cancel();
-        self.worker.await.context("the work loop panicked")??;
+        if let Some(worker) = self.worker {
+            worker.await.context("the work loop panicked")??;
+        }
         self.effects.await.context("the effect runner panicked")??;
         self.store.flush().await
     }
@@ -145,6 +151,9 @@ pub async fn worker(args: WorkerArgs) -> Result<ExitCode> {
         .redis
         .clone()
         .context("`stagehand worker` needs `--redis URL` (or STAGEHAND_REDIS_URL)")?;
+    if args.redis.slots == Some(0) {
+        anyhow::bail!("a worker with `--slots 0` would run nothing");
+    }
     let node = Node::start(
         config,
         &url,

@@ -8,6 +8,7 @@
 //! their checkpoints; a live node keeps its own entries fresh (`XCLAIM ... JUSTID`, which resets
 //! their idle time) so that a slow item is not taken from it. An item run twice (a node thought
 //! dead was only slow) is settled once: the `FINISH` script records the first result only.
+//! An entry handed out more than [`MAX_RECLAIMS`] + 1 times fails as abandoned.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -15,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use redis::AsyncConnectionConfig;
-use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
+use redis::streams::{StreamAutoClaimReply, StreamId, StreamPendingCountReply, StreamReadReply};
 use sled::IVec;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -28,7 +29,7 @@ use crate::jobs::manager::Detail;
 use crate::jobs::manager::{DEFAULT_PREVIEW_CHARS, item_limits, preview};
 use crate::jobs::{ItemHooks, ItemRef, StageUpdate, run_item};
 use crate::pipeline::Pipeline;
-use crate::store::{ItemStatus, JobRecord, item_id, now_ms};
+use crate::store::{ItemError, ItemResult, ItemStatus, JobRecord, item_id, now_ms};
 
 /// How a node takes work.
 #[derive(Debug, Clone, Copy)]
@@ -49,6 +50,11 @@ const MAX_BATCH: usize = 64;
 
 /// Entries reclaimed at most per round.
 const RECLAIM_BATCH: usize = 32;
+
+/// An item whose work was reclaimed more often than this (every node that ran it stopped)
+/// fails as abandoned instead of taking down one node after another. Counted by Redis, as the
+/// entry's deliveries.
+pub const MAX_RECLAIMS: usize = 3;
 
 struct Worker {
     cluster: Cluster,
@@ -79,7 +85,7 @@ pub async fn run_worker(
     let worker = Arc::new(Worker {
         cluster,
         pipeline,
-        slots: Arc::new(Semaphore::new(settings.slots.max(1))),
+        slots: Arc::new(Semaphore::new(settings.slots)),
         in_flight: Mutex::default(),
         tasks: TaskTracker::new(),
         settings,
@@ -115,7 +121,7 @@ pub async fn run_worker(
         };
         let entries = entries.into_iter().flat_map(|key| key.ids);
         for (entry, permit) in entries.zip(permits) {
-            worker.start(entry, false, permit);
+            worker.start(entry, 1, permit);
         }
     }
     worker.tasks.close();
@@ -148,7 +154,7 @@ impl Worker {
         Some(permits)
     }
 
-    fn start(self: &Arc<Self>, entry: StreamId, reclaimed: bool, permit: OwnedSemaphorePermit) {
+    fn start(self: &Arc<Self>, entry: StreamId, deliveries: usize, permit: OwnedSemaphorePermit) {
         let worker = self.clone();
         self.tasks.spawn(async move {
             let id = entry.id.clone();
@@ -157,7 +163,7 @@ impl Worker {
                 .lock()
                 .expect("not poisoned")
                 .insert(id.clone());
-            match worker.run_entry(&entry, reclaimed).await {
+            match worker.run_entry(&entry, deliveries).await {
                 Ok(()) => {
                     let acked = redis::pipe()
                         .cmd("XACK")
@@ -186,8 +192,10 @@ impl Worker {
         });
     }
 
-    /// Run the item of one work entry and record its result; `Ok` means it may be acknowledged.
-    async fn run_entry(&self, entry: &StreamId, reclaimed: bool) -> Result<()> {
+    /// Run the item of one work entry, handed out `deliveries` times (1: fresh, more: reclaimed),
+    /// and record its result; `Ok` means it may be acknowledged.
+    async fn run_entry(&self, entry: &StreamId, deliveries: usize) -> Result<()> {
+        let reclaimed = deliveries > 1;
         let job: Uuid = entry
             .get::<String>("j")
             .and_then(|j| j.parse().ok())
@@ -220,6 +228,11 @@ impl Worker {
                 .run_script::<i64>(&scripts::SKIP, job, &[index.to_string().as_bytes()])
                 .await?;
             return Ok(());
+        }
+        if deliveries > MAX_RECLAIMS + 1 {
+            tracing::error!(job = %job, index, deliveries, "item abandoned: every node that ran it stopped");
+            let result = abandoned(job, index, deliveries - 1);
+            return self.record(job, &result, &record).await;
         }
         let Some(input) = input else {
             bail!("item {index} of job {job} is not in Redis");
@@ -273,30 +286,61 @@ impl Worker {
         if let Err(error) = logged {
             tracing::error!(job = %job, error = %format!("{error:#}"), "cannot log a stage event");
         }
-        let result = result?;
+        self.record(job, &result?, &record).await
+    }
+
+    /// Record an item's result, its `item.finished` event and the job's counts, once per item.
+    async fn record(&self, job: Uuid, result: &ItemResult, record: &JobRecord) -> Result<()> {
+        let index = result.index;
         let status = match result.status {
             ItemStatus::Succeeded => "succeeded",
             ItemStatus::Failed => "failed",
         };
-        let chars = options.preview_chars.unwrap_or(DEFAULT_PREVIEW_CHARS);
+        let chars = record
+            .options
+            .preview_chars
+            .unwrap_or(DEFAULT_PREVIEW_CHARS);
         let event = format!(
             r#"{{"at":{},"type":"item.finished","index":{index},"status":"{status}","preview":{}"#,
             now_ms(),
-            serde_json::to_string(&preview(&result, chars))?,
+            serde_json::to_string(&preview(result, chars))?,
         );
-        cluster
+        self.cluster
             .run_script::<i64>(
                 &scripts::FINISH,
                 job,
                 &[
                     index.to_string().as_bytes(),
-                    &serde_json::to_vec(&result)?,
+                    &serde_json::to_vec(result)?,
                     status.as_bytes(),
                     event.as_bytes(),
                 ],
             )
             .await?;
         Ok(())
+    }
+
+    /// How many times each of `entries` was handed out, this time included (Redis counts a
+    /// delivery when an entry is read or claimed, so a node killed right after its claim counts).
+    async fn deliveries(&self, entries: &[StreamId]) -> Result<Vec<usize>> {
+        let mut query = redis::pipe();
+        for entry in entries {
+            query
+                .cmd("XPENDING")
+                .arg(keys::WORK)
+                .arg(keys::GROUP)
+                .arg(&entry.id)
+                .arg(&entry.id)
+                .arg(1);
+        }
+        let replies: Vec<StreamPendingCountReply> = query
+            .query_async(&mut self.cluster.conn())
+            .await
+            .context("cannot read delivery counts")?;
+        Ok(replies
+            .into_iter()
+            .map(|reply| reply.ids.first().map_or(1, |id| id.times_delivered))
+            .collect())
     }
 
     /// Keep this node's entries from looking abandoned: reset their idle time.
@@ -373,14 +417,44 @@ impl Worker {
                 .lock()
                 .expect("not poisoned")
                 .extend(reply.claimed.iter().map(|entry| entry.id.clone()));
-            for entry in reply.claimed {
+            let deliveries = match self.deliveries(&reply.claimed).await {
+                Ok(deliveries) => deliveries,
+                Err(error) => {
+                    // Left to the heartbeat's care; the next round of some node takes them.
+                    tracing::warn!(error = %format!("{error:#}"), "cannot count deliveries in Redis");
+                    continue;
+                }
+            };
+            for (entry, deliveries) in reply.claimed.into_iter().zip(deliveries) {
                 let permit = tokio::select! {
                     permit = self.slots.clone().acquire_owned() => permit.expect("never closed"),
                     () = shutdown.cancelled() => return,
                 };
-                self.start(entry, true, permit);
+                self.start(entry, deliveries, permit);
             }
         }
+    }
+}
+
+/// The result of an item given up after `runs` runs that never finished.
+fn abandoned(job: Uuid, index: u64, runs: usize) -> ItemResult {
+    ItemResult {
+        index,
+        item_id: item_id(job, index),
+        status: ItemStatus::Failed,
+        output: None,
+        error: Some(ItemError {
+            stage: String::new(),
+            kind: "abandoned".into(),
+            message: format!(
+                "abandoned after {runs} runs that never finished: the nodes running it \
+                 stopped (or lost Redis) each time"
+            ),
+            retryable: false,
+            attempts: Vec::new(),
+        }),
+        stages: Vec::new(),
+        finished_at: now_ms(),
     }
 }
 
