@@ -6,7 +6,8 @@
 //! - node 3 is killed with SIGKILL while it holds items: the others reclaim and finish them;
 //! - every item has exactly one result, and each `item.finished` is in the log once;
 //! - each effect key is accepted once at most, whichever nodes' items emit it;
-//! - a cancel sent to node 2 stops work on every node: no LLM request starts 200 ms after it.
+//! - a cancel sent to node 2 stops work on every node: no LLM request starts 200 ms after it;
+//! - an item every node dies on is given up after three reclaims.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -427,12 +428,7 @@ fn an_item_whose_nodes_keep_dying_is_abandoned() {
         let mut worker = Worker::start(&pipeline, &dir.path().join("w"), &mock, &redis, &reclaim)
             .expect("the worker starts");
         wait_until("the worker holds the item", || {
-            let pending = pending_per_node(&redis);
-            assert!(
-                pending.iter().all(|(node, _)| *node != api.address),
-                "{pending:?}"
-            );
-            pending
+            pending_per_node(&redis)
                 .iter()
                 .any(|(node, pending)| *node == worker.node && *pending > 0)
         });
