@@ -393,6 +393,20 @@ fn any_node_answers_for_any_job() {
     assert_eq!(list(&node1), vec![scan["task_id"].clone(), json!(job)]);
     assert_eq!(list(&node1), list(&node2));
 
+    // Time per stage, summed over the results in Redis.
+    let times: Value = client()
+        .get(node2.url(&format!("/v1/jobs/{job}/stages")))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(times["items"], 21, "{times}");
+    let vision = &times["stages"][0];
+    assert_eq!(
+        (vision["stage"].as_str(), vision["runs"].as_u64()),
+        (Some("vision"), Some(21))
+    );
+
     // What reads one node's embedded store says so, instead of answering for one node.
     let dead = client().get(node1.url("/v1/dead-letters")).send().unwrap();
     assert_eq!(dead.status(), 501);

@@ -312,17 +312,16 @@ pub struct StageTime {
 }
 
 /// `GET /v1/jobs/{id}/stages`: where the job's finished items spent their time, per stage (seed
-/// 003's vision / rule / answer / reward shares). Read from the stored results one at a time, so
-/// memory does not grow with the job.
+/// 003's vision / rule / answer / reward shares). Read from the stored results a page at a time
+/// (in either mode), so memory does not grow with the job.
 #[utoipa::path(get, path = "/v1/jobs/{id}/stages", tag = "jobs", security((), ("api_token" = []), ("admin_token" = [])), params(("id" = uuid::Uuid, Path, description = "job id")),
     responses((status = 200, description = "time per stage", body = super::openapi::StageTimes), (status = 404, description = "no such job", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong token", body = super::openapi::ErrorBody)))]
 pub async fn stage_times(
     State(app): State<Arc<App>>,
     Path(raw): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    app.embedded_only("time per stage")?;
     let id = job_id(&raw)?;
-    if app.store.job(id)?.is_none() {
+    if app.backend.job(id).await?.is_none() {
         return Err(ApiError::NotFound(format!("no job {id}")));
     }
     let mut stages: Vec<StageTime> = app
@@ -335,31 +334,32 @@ pub async fn stage_times(
             ..StageTime::default()
         })
         .collect();
-    let store = app.store.clone();
-    let (stages, items) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let mut items = 0u64;
-        for result in store.results(id, None) {
-            items += 1;
-            for run in result?.stages.iter().filter(|run| !run.reused) {
-                if let Some(time) = stages.iter_mut().find(|t| t.stage == run.stage) {
-                    time.runs += 1;
-                    time.total_ms += run.duration_ms;
-                }
+    let (mut items, mut after) = (0u64, None);
+    loop {
+        let page = app.backend.results(id, after, MAX_PAGE).await?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.index);
+        items += page.len() as u64;
+        for run in page
+            .iter()
+            .flat_map(|r| &r.stages)
+            .filter(|run| !run.reused)
+        {
+            if let Some(time) = stages.iter_mut().find(|t| t.stage == run.stage) {
+                time.runs += 1;
+                time.total_ms += run.duration_ms;
             }
         }
-        let all: f64 = stages.iter().map(|t| t.total_ms).sum();
-        for time in &mut stages {
-            time.mean_ms = if time.runs == 0 {
-                0.0
-            } else {
-                time.total_ms / time.runs as f64
-            };
-            time.share = if all > 0.0 { time.total_ms / all } else { 0.0 };
-        }
-        Ok((stages, items))
-    })
-    .await
-    .map_err(anyhow::Error::from)??;
+    }
+    let all: f64 = stages.iter().map(|t| t.total_ms).sum();
+    for time in &mut stages {
+        time.mean_ms = if time.runs == 0 {
+            0.0
+        } else {
+            time.total_ms / time.runs as f64
+        };
+        time.share = if all > 0.0 { time.total_ms / all } else { 0.0 };
+    }
     Ok(Json(
         json!({ "job_id": id, "items": items, "stages": stages }),
     ))

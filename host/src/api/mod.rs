@@ -27,7 +27,7 @@
 //! | `POST /v1/kv/{namespace}/reload`   | admin: read the namespace's file again            |
 //!
 //! In Redis mode ([`crate::cluster`]) the job routes answer for every node's jobs; the dead
-//! letter routes, reprocessing and `/stages` of a job answer 501 (they read the embedded store).
+//! letter routes and reprocessing answer 501 (they read the embedded store).
 
 pub mod auth;
 mod dashboard;
