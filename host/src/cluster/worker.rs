@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use redis::AsyncConnectionConfig;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamPendingCountReply, StreamReadReply};
 use sled::IVec;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -74,12 +74,9 @@ pub async fn run_worker(
     shutdown: CancellationToken,
 ) -> Result<()> {
     // Blocking reads get a connection of their own: on a shared one they would hold up
-    // every other command behind them.
-    let config = AsyncConnectionConfig::new().set_response_timeout(Some(READ_BLOCK * 5));
-    let mut reader = cluster
-        .inner
-        .client
-        .get_multiplexed_async_connection_with_config(&config)
+    // every other command behind them. A manager reconnects after Redis comes back.
+    let config = ConnectionManagerConfig::new().set_response_timeout(Some(READ_BLOCK * 5));
+    let mut reader = ConnectionManager::new_with_config(cluster.inner.client.clone(), config)
         .await
         .context("cannot connect to Redis")?;
     let worker = Arc::new(Worker {
@@ -115,6 +112,10 @@ pub async fn run_worker(
             Ok(reply) => reply.map(|r| r.keys).unwrap_or_default(),
             Err(error) => {
                 tracing::warn!(error = %error, "cannot read work from Redis; retrying");
+                if error.code() == Some("NOGROUP") {
+                    // Redis restarted without its data: the group goes with the stream.
+                    let _ = worker.cluster.create_group().await;
+                }
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }
