@@ -81,7 +81,7 @@ fn three_nodes_share_a_job_survive_a_kill_and_cancel_together() {
     let dir = tempfile::tempdir().unwrap();
     let pipeline = eco_scan_pipeline(dir.path(), |text| text);
     let url = redis.url();
-    let node_flags = ["--slots", "16", "--reclaim-idle-ms", "1500"];
+    let node_flags = ["--slots", "16", "--reclaim-idle-ms", "3000"];
     let serve_flags: Vec<&str> = ["--redis", url.as_str()]
         .into_iter()
         .chain(node_flags)

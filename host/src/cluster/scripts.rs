@@ -83,3 +83,22 @@ return settle()
 "#,
     )
 });
+
+/// A node's heartbeat: reset the idle time of the work entries it still owns, and only those
+/// (an entry another node reclaimed stays with that node). `KEYS[1]` = the work stream,
+/// `ARGV[1]` = group, `ARGV[2]` = this node, `ARGV[3..]` = entry ids. Returns how many.
+pub static REFRESH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local refreshed = 0
+for i = 3, #ARGV do
+  local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if pending[1] and pending[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    refreshed = refreshed + 1
+  end
+end
+return refreshed
+"#,
+    )
+});

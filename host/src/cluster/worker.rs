@@ -5,8 +5,9 @@
 //! (`XACK`, then `XDEL`: the stream holds only work not yet done) once its result is recorded,
 //! never before, so an item of a node that dies stays pending in the group. Every node
 //! reclaims entries pending longer than `reclaim_idle` (`XAUTOCLAIM`) and runs them again from
-//! their checkpoints; a live node keeps its own entries fresh (`XCLAIM ... JUSTID`, which resets
-//! their idle time) so that a slow item is not taken from it. An item run twice (a node thought
+//! their checkpoints; a live node keeps the entries it still owns fresh (`XCLAIM ... JUSTID` in
+//! the `REFRESH` script, which resets their idle time and never takes an entry back from a node
+//! that reclaimed it) so that a slow item is not taken from it. An item run twice (a node thought
 //! dead was only slow) is settled once: the `FINISH` script records the first result only.
 //! An entry handed out more than [`MAX_RECLAIMS`] + 1 times fails as abandoned.
 
@@ -362,15 +363,9 @@ impl Worker {
             if ids.is_empty() {
                 continue;
             }
-            let claimed = redis::cmd("XCLAIM")
-                .arg(keys::WORK)
-                .arg(keys::GROUP)
-                .arg(self.cluster.node())
-                .arg(0)
-                .arg(&ids)
-                .arg("JUSTID")
-                .query_async::<redis::Value>(&mut self.cluster.conn())
-                .await;
+            let mut refresh = scripts::REFRESH.key(keys::WORK);
+            refresh.arg(keys::GROUP).arg(self.cluster.node()).arg(&ids);
+            let claimed = refresh.invoke_async::<u64>(&mut self.cluster.conn()).await;
             if let Err(error) = claimed {
                 tracing::warn!(error = %error, "cannot refresh this node's work in Redis");
             }
