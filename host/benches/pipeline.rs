@@ -89,6 +89,7 @@ async fn runtime_floor(calls: u64) {
                 limits: stage.config.limits,
                 cancel: CancellationToken::new(),
                 progress: None,
+                job_max_tokens: None,
             };
             stage.current().run(call, input).await.0.unwrap();
         }

@@ -14,6 +14,8 @@ use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::limits::{Budgets, BudgetsSpec, JobLimits};
+
 /// A pipeline as the operator wrote it, paths resolved against the file's folder.
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
@@ -25,6 +27,8 @@ pub struct PipelineConfig {
     pub stages: Vec<StageConfig>,
     pub handlers: BTreeMap<String, HandlerConfig>,
     pub kv: BTreeMap<String, PathBuf>,
+    /// What one job may ask for (`[limits]`).
+    pub limits: JobLimits,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -49,6 +53,10 @@ pub struct LlmConfig {
     /// Limits of single models, on top of the provider's: `[llm.models."gpt-4o"]`.
     #[serde(default)]
     pub models: BTreeMap<String, ModelLimits>,
+    /// LLM tokens (prompt and completion) one job may use, unless its `max_tokens` option
+    /// says otherwise; none by default.
+    #[serde(default)]
+    pub max_tokens_per_job: Option<u64>,
 }
 
 impl LlmConfig {
@@ -135,6 +143,8 @@ pub struct Limits {
     pub timeout: Duration,
     /// Largest output accepted from the guest.
     pub max_output_bytes: usize,
+    /// What one try may do through its host calls.
+    pub budgets: Budgets,
 }
 
 /// Optional overrides of [`Limits`], as written in `[defaults]`, a stage or a handler.
@@ -145,6 +155,7 @@ pub struct LimitsSpec {
     pub cpu_ms: Option<u64>,
     pub timeout_ms: Option<u64>,
     pub max_output_kib: Option<usize>,
+    pub budgets: Option<BudgetsSpec>,
 }
 
 impl LimitsSpec {
@@ -156,6 +167,7 @@ impl LimitsSpec {
             max_output_bytes: self
                 .max_output_kib
                 .map_or(base.max_output_bytes, |k| k << 10),
+            budgets: self.budgets.map_or(base.budgets, |b| b.over(base.budgets)),
         }
     }
 }
@@ -167,6 +179,7 @@ impl Default for Limits {
             cpu: Duration::from_secs(2),
             timeout: Duration::from_secs(300),
             max_output_bytes: 1 << 20,
+            budgets: Budgets::default(),
         }
     }
 }
@@ -258,6 +271,8 @@ struct RawPipeline {
     handlers: BTreeMap<Spanned<String>, RawHandler>,
     #[serde(default)]
     kv: BTreeMap<Spanned<String>, RawKv>,
+    #[serde(default)]
+    limits: JobLimits,
 }
 
 #[derive(Deserialize)]
@@ -273,6 +288,7 @@ struct RawStage {
     cpu_ms: Option<u64>,
     timeout_ms: Option<u64>,
     max_output_kib: Option<usize>,
+    budgets: Option<BudgetsSpec>,
     max_attempts: Option<u32>,
     backoff_ms: Option<u64>,
     max_backoff_ms: Option<u64>,
@@ -286,6 +302,7 @@ struct RawDefaults {
     cpu_ms: Option<u64>,
     timeout_ms: Option<u64>,
     max_output_kib: Option<usize>,
+    budgets: Option<BudgetsSpec>,
     max_attempts: Option<u32>,
     backoff_ms: Option<u64>,
     max_backoff_ms: Option<u64>,
@@ -299,6 +316,7 @@ struct RawHandler {
     cpu_ms: Option<u64>,
     timeout_ms: Option<u64>,
     max_output_kib: Option<usize>,
+    budgets: Option<BudgetsSpec>,
 }
 
 macro_rules! limits_of {
@@ -308,6 +326,7 @@ macro_rules! limits_of {
             cpu_ms: $raw.cpu_ms,
             timeout_ms: $raw.timeout_ms,
             max_output_kib: $raw.max_output_kib,
+            budgets: $raw.budgets,
         }
     };
 }
@@ -445,6 +464,32 @@ impl PipelineConfig {
         raw.llm
             .check()
             .with_context(|| format!("{}: `[llm]`", path.display()))?;
+        let limits = raw.limits;
+        if limits.max_items == 0
+            || limits.max_item_kib == 0
+            || limits.max_concurrency == 0
+            || limits.max_timeout_ms == 0
+            || limits.max_job_tokens == 0
+        {
+            bail!("{}: `[limits]` must be at least 1", path.display());
+        }
+        if raw.run.concurrency > limits.max_concurrency {
+            bail!(
+                "{}: `[run] concurrency` ({}) is over `[limits] max_concurrency` ({})",
+                path.display(),
+                raw.run.concurrency,
+                limits.max_concurrency
+            );
+        }
+        if let Some(tokens) = raw.llm.max_tokens_per_job
+            && (tokens == 0 || tokens > limits.max_job_tokens)
+        {
+            bail!(
+                "{}: `[llm] max_tokens_per_job` must be 1 to `[limits] max_job_tokens` ({})",
+                path.display(),
+                limits.max_job_tokens
+            );
+        }
         Ok(Self {
             name: raw.name.into_inner(),
             source: path.to_path_buf(),
@@ -453,6 +498,7 @@ impl PipelineConfig {
             stages,
             handlers,
             kv,
+            limits: raw.limits,
         })
     }
 

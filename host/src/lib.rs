@@ -8,6 +8,7 @@
 //! # Layout
 //!
 //! - [`config`]: the pipeline file (TOML) into a checked [`config::PipelineConfig`].
+//! - [`limits`]: every bound on what a client or a guest controls, checked where it enters.
 //! - [`runtime`]: wasmtime, set up once: engine with the pooling allocator, epoch ticker for
 //!   CPU budgets and cancellation, compile cache, loading components and invoking them in
 //!   fresh stores with memory caps.
@@ -42,6 +43,7 @@ pub mod cluster;
 pub mod config;
 pub mod events;
 pub mod jobs;
+pub mod limits;
 pub mod metrics;
 pub mod pipeline;
 pub mod runtime;

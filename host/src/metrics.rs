@@ -112,3 +112,20 @@ pub fn job(event: &'static str) {
 pub fn items_reclaimed(entries: u64) {
     counter!("stagehand_items_reclaimed_total").increment(entries);
 }
+
+/// A try of `stage` (a stage, or a handler's name) went past `budget` (`llm_calls`, `emits`,
+/// `max_tokens`, ...) and failed with kind `budget`.
+pub fn budget_exceeded(stage: &str, budget: &'static str) {
+    counter!("stagehand_budget_exceeded_total", "stage" => stage.to_string(), "budget" => budget)
+        .increment(1);
+}
+
+/// A guest's `log.write` line was dropped: its try had used its log budget.
+pub fn guest_log_dropped(stage: &str) {
+    counter!("stagehand_guest_log_dropped_total", "stage" => stage.to_string()).increment(1);
+}
+
+/// An HTTP handler panicked; the request was answered with a 500.
+pub fn handler_panic() {
+    counter!("stagehand_http_panics_total").increment(1);
+}

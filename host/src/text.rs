@@ -13,3 +13,12 @@ pub fn truncate(text: &str, max: usize) -> Cow<'_, str> {
     }
     Cow::Owned(format!("{}...", &text[..cut]))
 }
+
+/// The message a panic was raised with (`panic!("...")`), or a placeholder.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&'static str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message")
+}

@@ -83,7 +83,7 @@ async fn outputs_must_be_json_within_the_size_limit() {
         failure_of("max_output_kib = 1", r#"{"do":"big-output","size":5000}"#).await;
     assert_eq!(kind, "invalid_output");
     assert!(
-        message.contains("5000 bytes, more than the limit of 1024 bytes"),
+        message.contains("5000 bytes, over the limit of 1024 bytes"),
         "{message}"
     );
     // "xxx" is not JSON.

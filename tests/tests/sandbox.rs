@@ -83,7 +83,7 @@ fn each_hostile_item_fails_alone_and_the_server_keeps_serving() {
         (1, "cpu_budget", "CPU budget of 300ms"),
         (2, "memory_cap", "memory cap of 16 MiB"),
         (3, "trap", "hostile stage asked to trap"),
-        (4, "invalid_output", "more than the limit of 4096 bytes"),
+        (4, "invalid_output", "over the limit of 4096 bytes"),
     ] {
         let (status, got_kind, message) = outcome(index);
         assert_eq!(

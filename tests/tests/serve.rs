@@ -343,8 +343,17 @@ fn bad_requests_get_a_clear_4xx() {
     assert_eq!(status, 404);
     let job = submit(&server, items(1), json!({}));
     let (status, body) = get(&format!("/v1/jobs/{job}/results?limit=0"));
-    assert_eq!(status, 400, "{body}");
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`limit` is 0; it must be 1 to 1000"),
+        "{body}"
+    );
     let (status, _) = get(&format!("/v1/jobs/{job}/results?page=0"));
+    assert_eq!(status, 422);
+    let (status, _) = get(&format!("/v1/jobs/{job}/results?page=1&after=3"));
     assert_eq!(status, 400);
     let (status, _) = get("/v2/nothing");
     assert_eq!(status, 404);

@@ -21,9 +21,13 @@ use crate::store::item_id;
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     job: Option<Uuid>,
+    #[param(max_length = 64)]
     stage: Option<String>,
     /// Keyset: the `next_after` of the previous page (`JOB/INDEX`).
+    #[param(max_length = 64)]
     after: Option<String>,
+    /// Dead letters per page (100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
 }
 
@@ -140,6 +144,15 @@ pub async fn reprocess(
             ))
         })?
     };
+    if let Some(indices) = &request.indices
+        && indices.len() > crate::limits::MAX_PAGE
+    {
+        return Err(ApiError::Unprocessable(format!(
+            "`indices` has {} entries, over the limit of {} (leave it out for every dead letter)",
+            indices.len(),
+            crate::limits::MAX_PAGE
+        )));
+    }
     start(&app, job, request.indices)
 }
 

@@ -89,3 +89,24 @@ impl From<QueryRejection> for ApiError {
         ApiError::BadRequest(rejection.body_text())
     }
 }
+
+impl From<crate::limits::OutOfBounds> for ApiError {
+    fn from(error: crate::limits::OutOfBounds) -> Self {
+        ApiError::Unprocessable(error.0)
+    }
+}
+
+/// The answer to a request whose handler panicked: a 500 like any internal error, and the
+/// panic's message in the log (not in the answer).
+pub(super) fn panicked(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    crate::metrics::handler_panic();
+    tracing::error!(
+        panic = crate::text::panic_message(panic.as_ref()),
+        "a request handler panicked"
+    );
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        Json(json!({ "error": { "code": "internal", "message": "internal error: the request's handler failed; the server's log says why" } })),
+    )
+        .into_response()
+}

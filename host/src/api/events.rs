@@ -23,6 +23,9 @@ use serde::Deserialize;
 use super::{ApiError, App, job_id};
 use crate::events::view::{Coalescing, JobView};
 use crate::events::{Token, TokenSubscription};
+use crate::limits::{
+    MAX_PROGRESS_INTERVAL_MS, MAX_PROGRESS_ITEMS, MIN_PROGRESS_INTERVAL_MS, in_range,
+};
 
 #[derive(Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -30,8 +33,10 @@ use crate::events::{Token, TokenSubscription};
 pub struct EventsQuery {
     last_event_id: Option<u64>,
     /// Progress frames carry at most this many items (default 10).
+    #[param(minimum = 1, maximum = 1000)]
     max_items: Option<usize>,
     /// ... and go out at least this often while items finish (default 3000 ms).
+    #[param(minimum = 100, maximum = 600000)]
     interval_ms: Option<u64>,
     /// Also send `item.token` messages while stages stream LLM answers.
     #[serde(default)]
@@ -68,6 +73,17 @@ pub async fn stream(
             })?,
         None => q.last_event_id.unwrap_or(0),
     };
+    if let Some(max_items) = q.max_items {
+        in_range("max_items", max_items, 1, MAX_PROGRESS_ITEMS)?;
+    }
+    if let Some(interval) = q.interval_ms {
+        in_range(
+            "interval_ms",
+            interval,
+            MIN_PROGRESS_INTERVAL_MS,
+            MAX_PROGRESS_INTERVAL_MS,
+        )?;
+    }
     let defaults = Coalescing::default();
     let coalescing = Coalescing {
         max_items: q.max_items.unwrap_or(defaults.max_items),

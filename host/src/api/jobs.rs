@@ -13,9 +13,10 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use super::openapi::{JobLinks, ScanAccepted};
-use super::{ApiError, App, MAX_PAGE, images, job_id, page_limit};
+use super::openapi::{JobLinks, ResultsPage, ScanAccepted};
+use super::{ApiError, App, images, job_id, page_limit};
 use crate::jobs::{CancelOutcome, Idempotency, JobOptions, Submitted};
+use crate::limits::{MAX_PAGE, MAX_PAGE_NUMBER};
 use crate::store::{JobRecord, JobState};
 
 #[derive(Deserialize, Serialize)]
@@ -50,7 +51,7 @@ fn idempotency(
         return Ok(None);
     };
     if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
-        return Err(ApiError::BadRequest(format!(
+        return Err(ApiError::Unprocessable(format!(
             "an idempotency key is 1 to {MAX_IDEMPOTENCY_KEY} bytes"
         )));
     }
@@ -60,6 +61,13 @@ fn idempotency(
         key,
         request_digest: format!("{:x}", Sha256::digest(&canonical)),
     }))
+}
+
+/// An item within `[limits] max_item_kib` and the JSON depth limit, with valid images.
+fn check_item(app: &App, item: &str, what: &str) -> Result<(), ApiError> {
+    let limits = app.jobs.pipeline().config.limits;
+    crate::limits::check_size_and_depth(item, what, limits.max_item_bytes())?;
+    images::check_item(item, what, app.max_image_bytes)
 }
 
 /// 202 with the links of a new job, 200 with those of the job a repeated key names, 409 if
@@ -92,13 +100,17 @@ pub async fn submit(
             "`items` is empty: a job needs at least one item".into(),
         ));
     }
-    if submission.options.concurrency == Some(0) {
-        return Err(ApiError::Unprocessable(
-            "`options.concurrency` must be at least 1".into(),
-        ));
+    let limits = app.jobs.pipeline().config.limits;
+    if submission.items.len() as u64 > limits.max_items {
+        return Err(ApiError::Unprocessable(format!(
+            "`items` has {} items, over the limit of {} (`[limits] max_items`)",
+            submission.items.len(),
+            limits.max_items
+        )));
     }
+    submission.options.check(&limits)?;
     for (index, item) in submission.items.iter().enumerate() {
-        images::check_item(item.get(), &format!("item {index}"), app.max_image_bytes)?;
+        check_item(&app, item.get(), &format!("item {index}"))?;
     }
     let idempotency = idempotency(&headers, &submission)?;
     let items = submission
@@ -142,9 +154,9 @@ pub async fn scan(State(app): State<Arc<App>>, request: Request) -> Result<Respo
                     .into(),
             ));
         }
-        images::check_item(item.get(), "the scan", app.max_image_bytes)?;
         item.get().to_string()
     };
+    check_item(&app, &item, "the scan")?;
     let (_, job) = answer(
         app.backend
             .submit(vec![item.into_bytes()], JobOptions::default(), None)
@@ -165,6 +177,8 @@ pub struct ListQuery {
     state: Option<JobState>,
     /// Keyset: jobs created before this job id.
     before: Option<uuid::Uuid>,
+    /// Jobs per page (50).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
 }
 
@@ -201,6 +215,8 @@ pub async fn status(
     let mut body = serde_json::to_value(&job).map_err(anyhow::Error::from)?;
     let end = job.finished_at.unwrap_or_else(crate::store::now_ms);
     body["duration_ms"] = json!(end.saturating_sub(job.created_at));
+    let config = &app.jobs.pipeline().config;
+    body["max_tokens"] = json!(job.options.max_tokens.or(config.llm.max_tokens_per_job));
     // The versions new stage entries use now; each result records the ones it ran.
     let stages: Vec<Value> = app
         .jobs
@@ -220,9 +236,13 @@ pub async fn status(
 pub struct ResultsQuery {
     /// Keyset: results with an index above this.
     after: Option<u64>,
+    /// Results per page (100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
     /// Seed 000's API: 1-based page of `page_size`.
+    #[param(minimum = 1, maximum = 100000)]
     page: Option<usize>,
+    #[param(minimum = 1, maximum = 1000)]
     page_size: Option<usize>,
 }
 
@@ -232,22 +252,24 @@ pub async fn results(
     State(app): State<Arc<App>>,
     Path(raw): Path<String>,
     query: Result<Query<ResultsQuery>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ResultsPage>, ApiError> {
     let Query(q) = query?;
     let id = job_id(&raw)?;
     if app.backend.job(id).await?.is_none() {
         return Err(ApiError::NotFound(format!("no job {id}")));
     }
+    let field = if q.limit.is_some() {
+        "limit"
+    } else {
+        "page_size"
+    };
     let size = q.limit.or(q.page_size).unwrap_or(100);
-    if size == 0 || size > MAX_PAGE {
-        return Err(ApiError::BadRequest(format!(
-            "page size must be 1 to {MAX_PAGE}, not {size}"
-        )));
-    }
+    crate::limits::in_range(field, size, 1, MAX_PAGE)?;
     if let Some(page) = q.page {
-        if page == 0 || q.after.is_some() {
+        crate::limits::in_range("page", page, 1, MAX_PAGE_NUMBER)?;
+        if q.after.is_some() {
             return Err(ApiError::BadRequest(
-                "`page` starts at 1 and does not go with `after`".into(),
+                "`page` does not go with `after`".into(),
             ));
         }
         // Offset paging walks the skipped results; `after` is the fast way.
@@ -262,9 +284,13 @@ pub async fn results(
                 .take(size)
                 .collect::<anyhow::Result<Vec<_>>>()?
         };
-        return Ok(Json(
-            json!({ "job_id": id, "page": page, "page_size": size, "results": results }),
-        ));
+        return Ok(Json(ResultsPage {
+            job_id: id,
+            results,
+            page: Some(page as u64),
+            page_size: Some(size as u64),
+            next_after: None,
+        }));
     }
     let results = app.backend.results(id, q.after, size).await?;
     let next_after = if results.len() == size {
@@ -272,9 +298,13 @@ pub async fn results(
     } else {
         None
     };
-    Ok(Json(
-        json!({ "job_id": id, "results": results, "next_after": next_after }),
-    ))
+    Ok(Json(ResultsPage {
+        job_id: id,
+        results,
+        page: None,
+        page_size: None,
+        next_after,
+    }))
 }
 
 #[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", security((), ("api_token" = []), ("admin_token" = [])), params(("id" = uuid::Uuid, Path, description = "job id")),

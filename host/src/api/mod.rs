@@ -52,6 +52,8 @@ use utoipa_axum::routes;
 
 pub use error::ApiError;
 
+use crate::limits::MAX_PAGE;
+
 use crate::events::EventLog;
 use crate::jobs::{JobBackend, JobManager};
 use crate::store::Store;
@@ -134,6 +136,11 @@ pub fn router(app: Arc<App>) -> Router {
     api.merge(public)
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(DefaultBodyLimit::max(limit))
+        // A bug in a handler is a 500 with a JSON body and a logged error, never a dropped
+        // connection (nor, with the tokio runtime, a dead server).
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            error::panicked,
+        ))
         .with_state(app)
 }
 
@@ -174,17 +181,10 @@ async fn watch_page() -> axum::response::Html<&'static str> {
     axum::response::Html(include_str!("assets/watch.html"))
 }
 
-/// Most entries a listing returns per page.
-const MAX_PAGE: usize = 1000;
-
-/// A page size from a query (`default` when absent), or a 400 that says the range.
+/// A page size from a query (`default` when absent), or a 422 that says the range.
 fn page_limit(limit: Option<usize>, default: usize) -> Result<usize, ApiError> {
     let limit = limit.unwrap_or(default);
-    if limit == 0 || limit > MAX_PAGE {
-        return Err(ApiError::BadRequest(format!(
-            "`limit` must be 1 to {MAX_PAGE}, not {limit}"
-        )));
-    }
+    crate::limits::in_range("limit", limit, 1, MAX_PAGE)?;
     Ok(limit)
 }
 

@@ -105,10 +105,13 @@ pub struct ScanAccepted {
 #[derive(Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubmissionBody {
-    #[schema(value_type = Vec<Object>, min_items = 1)]
+    /// At most `[limits] max_items` (1,000,000), each at most `[limits] max_item_kib` (16 MiB)
+    /// and 64 levels deep.
+    #[schema(value_type = Vec<Object>, min_items = 1, max_items = 1000000)]
     pub items: Vec<serde_json::Value>,
     pub options: Option<crate::jobs::JobOptions>,
     /// Or the `Idempotency-Key` header.
+    #[schema(min_length = 1, max_length = 256)]
     pub idempotency_key: Option<String>,
 }
 
@@ -125,6 +128,9 @@ pub struct JobStatus {
     #[serde(flatten)]
     pub job: JobRecord,
     pub duration_ms: u64,
+    /// The job's LLM token budget (its `max_tokens`, else the pipeline's), if it has one;
+    /// `llm_tokens` is what it has used.
+    pub max_tokens: Option<u64>,
     pub stage_versions: Vec<StageDigest>,
     pub links: JobLinks,
 }
@@ -135,14 +141,18 @@ pub struct StageDigest {
     pub digest: String,
 }
 
+/// A page of results. Handlers serialise it as it is, so stored outputs go out as the JSON
+/// text they are, never parsed into a value on the way (which once made a deep output panic).
 #[derive(Serialize, ToSchema)]
 pub struct ResultsPage {
     pub job_id: Uuid,
     pub results: Vec<ItemResult>,
-    /// Keyset paging: pass as `after`; `null` on the last page (absent with `page`).
+    /// Keyset paging: pass as `after`; `null` on the last page (and with `page`).
     pub next_after: Option<u64>,
     /// With `page`/`page_size` (seed 000's paging).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub page: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub page_size: Option<u64>,
 }
 
@@ -187,6 +197,7 @@ pub struct ReprocessAnswer {
 /// Optional body of a job's reprocess: the items, or all dead letters when absent.
 #[derive(Serialize, ToSchema)]
 pub struct ReprocessBody {
+    #[schema(max_items = 1000)]
     pub indices: Option<Vec<u64>>,
 }
 

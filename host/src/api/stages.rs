@@ -60,6 +60,7 @@ impl From<InstallError> for ApiError {
 #[serde(deny_unknown_fields)]
 pub struct InstallQuery {
     /// Put the version on trial for this share (1 to 99 %) of the items instead.
+    #[param(minimum = 1, maximum = 99)]
     canary: Option<u8>,
 }
 

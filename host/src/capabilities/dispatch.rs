@@ -1,6 +1,8 @@
-//! `dispatch`: a synchronous `call` to a handler, or a durable, idempotent `emit`.
+//! `dispatch`: a synchronous `call` to a handler, or a durable, idempotent `emit`; both counted
+//! and sized against the try's budgets (`calls`, `call_kib`, `emits`, `emit_kib`).
 
-use super::HostState;
+use super::{Counted, HostState};
+use crate::limits::MAX_EFFECT_KEY;
 use crate::runtime::Failure;
 use crate::runtime::bindings::dispatch::{DispatchError, EmitOutcome, Host};
 use crate::runtime::bindings::types::HandlerError;
@@ -12,6 +14,14 @@ impl Host for HostState {
         handler: String,
         payload: String,
     ) -> wasmtime::Result<Result<String, DispatchError>> {
+        self.spend(Counted::Calls)?;
+        let limit = self.budgets.call_bytes;
+        self.fits(
+            "call_kib",
+            "a `dispatch.call` payload",
+            payload.len(),
+            limit,
+        )?;
         let Some(component) = self.caps.handlers.get(&handler).cloned() else {
             return Ok(Err(DispatchError::NoSuchHandler(handler)));
         };
@@ -38,13 +48,22 @@ impl Host for HostState {
         payload: String,
         key: String,
     ) -> wasmtime::Result<Result<EmitOutcome, DispatchError>> {
+        self.spend(Counted::Emits)?;
+        let limit = self.budgets.emit_bytes;
+        self.fits(
+            "emit_kib",
+            "a `dispatch.emit` payload",
+            payload.len(),
+            limit,
+        )?;
         if !self.caps.handlers.contains_key(&handler) {
             return Ok(Err(DispatchError::NoSuchHandler(handler)));
         }
-        if key.is_empty() {
-            return Ok(Err(DispatchError::Host(
-                "the idempotency key is empty".into(),
-            )));
+        if key.is_empty() || key.len() > MAX_EFFECT_KEY {
+            return Ok(Err(DispatchError::Host(format!(
+                "an idempotency key is 1 to {MAX_EFFECT_KEY} bytes, not {}",
+                key.len()
+            ))));
         }
         if let Some(keys) = &self.caps.effect_keys {
             match keys.claim(&handler, &key).await {

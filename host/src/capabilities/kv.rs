@@ -16,6 +16,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::HostState;
+use crate::limits::MAX_KV_KEY;
 use crate::runtime::bindings::kv::{Host, KvError};
 use crate::watch::FileChanges;
 
@@ -166,6 +167,8 @@ impl Host for HostState {
         namespace: String,
         key: String,
     ) -> wasmtime::Result<Result<Option<String>, KvError>> {
+        let name = namespace.len().max(key.len());
+        self.fits("kv_key", "a kv namespace or key", name, MAX_KV_KEY)?;
         Ok(self.caps.kv.get(&namespace, &key))
     }
 }

@@ -1,4 +1,5 @@
-//! `log`: guest messages into the host's tracing, tagged with where they came from.
+//! `log`: guest messages into the host's tracing, tagged with where they came from, within the
+//! try's log budget (`log_lines`, `log_kib`).
 
 use super::HostState;
 use crate::runtime::bindings::log::{Host, Level};
@@ -9,6 +10,9 @@ const MAX_MESSAGE: usize = 4096;
 impl Host for HostState {
     async fn write(&mut self, level: Level, message: String) -> wasmtime::Result<()> {
         let message = crate::text::truncate(&message, MAX_MESSAGE);
+        if !self.log_allowed(message.len()) {
+            return Ok(());
+        }
         let c = &self.context;
         macro_rules! emit {
             ($level:ident) => {

@@ -7,6 +7,7 @@
 //! ([`FrozenClock`]), and stderr is captured so that a panicking guest's message ends up in the
 //! item's error. Random bytes are the one thing WASI gives as it is. docs/SANDBOX.md lists it all.
 
+mod budget;
 mod dispatch;
 mod kv;
 mod llm;
@@ -24,6 +25,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+pub(crate) use self::budget::Counted;
 pub use self::kv::{KvNamespaces, NamespaceInfo, ReloadError};
 pub use self::llm::{LlmClient, LlmUsage};
 pub use self::progress::{ProgressSink, ProgressUpdate};
@@ -72,6 +74,13 @@ pub struct HostState {
     pub(crate) meter: CpuMeter,
     /// Set by the epoch callback when it stops the guest, to say why.
     pub(crate) interrupted: Option<Interrupt>,
+    /// What this try may do through host calls, and what it has used.
+    pub(crate) budgets: crate::limits::Budgets,
+    pub(crate) spent: budget::Spent,
+    /// Set by a host call that found a budget used up: why the try failed.
+    pub(crate) exceeded: Option<String>,
+    /// The job's LLM token budget, if it has one.
+    pub(crate) job_max_tokens: Option<u64>,
     stderr: MemoryOutputPipe,
 }
 
@@ -119,6 +128,7 @@ impl HostState {
         limits: &crate::config::Limits,
         cancel: CancellationToken,
         progress: Option<ProgressSink>,
+        job_max_tokens: Option<u64>,
     ) -> Self {
         let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
         let frozen = FrozenClock::at_creation_of(&context.job_id);
@@ -149,6 +159,10 @@ impl HostState {
             cancel,
             progress,
             interrupted: None,
+            budgets: limits.budgets,
+            spent: budget::Spent::default(),
+            exceeded: None,
+            job_max_tokens,
             stderr,
         }
     }

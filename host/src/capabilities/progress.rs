@@ -17,10 +17,10 @@ pub struct ProgressUpdate {
 /// Where reports go (the job's event log, a progress bar); `None` drops them.
 pub type ProgressSink = Arc<dyn Fn(ProgressUpdate) + Send + Sync>;
 
-const MAX_MESSAGE: usize = 500;
-
 impl Host for HostState {
     async fn report(&mut self, fraction: f32, message: String) -> wasmtime::Result<()> {
+        let limit = self.budgets.progress_bytes;
+        self.fits("progress_bytes", "a progress message", message.len(), limit)?;
         if let Some(sink) = &self.progress {
             let fraction = if fraction.is_nan() {
                 0.0
@@ -31,7 +31,7 @@ impl Host for HostState {
                 item_index: self.context.item_index,
                 stage: self.context.stage.clone(),
                 fraction,
-                message: crate::text::truncate(&message, MAX_MESSAGE).into_owned(),
+                message,
             });
         }
         Ok(())

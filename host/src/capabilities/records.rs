@@ -1,6 +1,7 @@
 //! `records`: durable collections that handlers write (ownership, awards...).
 
-use super::HostState;
+use super::{Counted, HostState};
+use crate::limits::MAX_KV_KEY;
 use crate::runtime::bindings::records::Host;
 
 impl Host for HostState {
@@ -10,6 +11,11 @@ impl Host for HostState {
         key: String,
         value: String,
     ) -> wasmtime::Result<Result<(), String>> {
+        self.spend(Counted::RecordWrites)?;
+        let limit = self.budgets.record_bytes;
+        self.fits("record_kib", "a record", value.len(), limit)?;
+        let name = collection.len().max(key.len());
+        self.fits("kv_key", "a record's collection or key", name, MAX_KV_KEY)?;
         if serde_json::from_str::<serde::de::IgnoredAny>(&value).is_err() {
             return Ok(Err(format!("record `{collection}/{key}` is not JSON")));
         }
@@ -25,6 +31,8 @@ impl Host for HostState {
         collection: String,
         key: String,
     ) -> wasmtime::Result<Result<Option<String>, String>> {
+        let name = collection.len().max(key.len());
+        self.fits("kv_key", "a record's collection or key", name, MAX_KV_KEY)?;
         let found = self
             .caps
             .store

@@ -28,6 +28,28 @@ pub struct Cli {
     /// with the job, item and stage spans) for log collectors. The level is `RUST_LOG`'s.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Colours in text logs: `auto` (only when stderr is a terminal), `always` or `never`.
+    #[arg(long, global = true, value_enum, default_value_t = LogColor::Auto)]
+    pub log_color: LogColor,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogColor {
+    Auto,
+    Always,
+    Never,
+}
+
+impl LogColor {
+    /// Whether log lines carry ANSI colour codes: a file or a pipe gets plain text.
+    pub fn ansi(self) -> bool {
+        use std::io::IsTerminal;
+        match self {
+            LogColor::Auto => std::io::stderr().is_terminal(),
+            LogColor::Always => true,
+            LogColor::Never => false,
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

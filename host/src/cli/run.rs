@@ -92,7 +92,13 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     let outcome = run_job(
         pipeline.clone(),
         job,
-        RunSettings::fresh(concurrency),
+        RunSettings {
+            limits: crate::jobs::ItemLimits {
+                max_tokens: pipeline.config.llm.max_tokens_per_job,
+                ..Default::default()
+            },
+            ..RunSettings::fresh(concurrency)
+        },
         cancel,
         crate::jobs::ItemHooks::default(),
         show,

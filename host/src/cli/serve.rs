@@ -182,7 +182,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
         .await
         .with_context(|| format!("cannot listen on {}", args.addr))?;
     // Jobs a crash or an impatient shutdown left running go on where they stopped.
-    let resumed = jobs.resume_unfinished()?;
+    let resumed = jobs.resume_unfinished().await?;
     if resumed > 0 {
         tracing::info!(resumed, "resumed unfinished jobs");
     }

@@ -75,6 +75,7 @@ impl Cluster {
         job.succeeded = number("succeeded").unwrap_or(0);
         job.failed = number("failed").unwrap_or(0);
         job.finished_at = number("finished_at");
+        job.llm_tokens = number("llm_tokens").unwrap_or(0);
         if let Some(state) = counts.get("state") {
             job.state = serde_json::from_value(serde_json::Value::String(state.clone()))
                 .context("corrupt job state in Redis")?;
@@ -220,11 +221,11 @@ impl JobBackend for Cluster {
             .query_async(&mut conn)
             .await
             .context("cannot read results from Redis")?;
-        results
+        Ok(indexes
             .into_iter()
-            .flatten()
-            .map(|json| serde_json::from_slice(&json).context("corrupt result in Redis"))
-            .collect()
+            .zip(results)
+            .filter_map(|(index, json)| Some(ItemResult::read(id, index, &json?)))
+            .collect())
     }
 
     async fn cancel(&self, id: Uuid) -> Result<CancelOutcome> {

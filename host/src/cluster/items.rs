@@ -1,5 +1,5 @@
 //! What an item run keeps in Redis: checkpoints in `sh:{job}:ckpt` (field `<index>:<stage>`),
-//! dead letters in `sh:{job}:dead`; and effect claims, `SET NX` on `sh:effect:...`.
+//! dead letters in `sh:{job}:dead`, the job's LLM tokens in `sh:{job}:n` (`llm_tokens`); and effect claims, `SET NX` on `sh:effect:...`.
 //!
 //! Results are not written here: the worker records each with its event and the job's counts
 //! in one script (`FINISH`), so that a result and its `item.finished` event cannot part.
@@ -86,6 +86,22 @@ impl ItemStore for Cluster {
             .hdel::<_, _, ()>(keys::JobKeys::new(job).dead_letters, index)
             .await
             .context("cannot remove a dead letter from Redis")
+    }
+
+    async fn llm_tokens(&self, job: Uuid) -> Result<u64> {
+        let tokens: Option<u64> = self
+            .conn()
+            .hget(keys::JobKeys::new(job).counts, "llm_tokens")
+            .await
+            .context("cannot read a job's token count from Redis")?;
+        Ok(tokens.unwrap_or(0))
+    }
+
+    async fn add_llm_tokens(&self, job: Uuid, tokens: u64) -> Result<u64> {
+        self.conn()
+            .hincr(keys::JobKeys::new(job).counts, "llm_tokens", tokens)
+            .await
+            .context("cannot count a job's tokens in Redis")
     }
 }
 

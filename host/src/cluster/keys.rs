@@ -22,7 +22,7 @@ pub struct JobKeys {
     /// String: the [`crate::store::JobRecord`] as submitted (JSON).
     pub record: String,
     /// Hash: `seq` (last event number), `total`, `succeeded`, `failed`, `not_run`, `state`,
-    /// `finished_at`.
+    /// `finished_at`, `llm_tokens` (used by the job's items so far).
     pub counts: String,
     /// Hash: item index -> the item's JSON.
     pub items: String,

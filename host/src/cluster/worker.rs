@@ -27,7 +27,7 @@ use uuid::Uuid;
 use super::{Cluster, keys, keys::JobKeys, scripts};
 use crate::events::{Entry, Event};
 use crate::jobs::manager::Detail;
-use crate::jobs::manager::{DEFAULT_PREVIEW_CHARS, item_limits, preview};
+use crate::jobs::manager::{DEFAULT_PREVIEW_CHARS, item_limits, preview, unrunnable};
 use crate::jobs::{ItemHooks, ItemRef, StageUpdate, run_item};
 use crate::pipeline::Pipeline;
 use crate::store::{ItemError, ItemResult, ItemStatus, JobRecord, item_id, now_ms};
@@ -236,6 +236,10 @@ impl Worker {
             let result = abandoned(job, index, deliveries - 1);
             return self.record(job, &result, &record).await;
         }
+        if let Some(reason) = unrunnable(&self.pipeline.config, &record) {
+            let result = not_run(job, index, "unrunnable", reason);
+            return self.record(job, &result, &record).await;
+        }
         let Some(input) = input else {
             bail!("item {index} of job {job} is not in Redis");
         };
@@ -255,7 +259,7 @@ impl Worker {
             item_id: item_id(job, index),
             index,
         };
-        let limits = item_limits(&self.pipeline.config.run, options);
+        let limits = item_limits(&self.pipeline.config, options);
         let run = async {
             let result = run_item(
                 &self.pipeline,
@@ -434,6 +438,19 @@ impl Worker {
 
 /// The result of an item given up after `runs` runs that never finished.
 fn abandoned(job: Uuid, index: u64, runs: usize) -> ItemResult {
+    not_run(
+        job,
+        index,
+        "abandoned",
+        format!(
+            "abandoned after {runs} runs that never finished: the nodes running it \
+             stopped (or lost Redis) each time"
+        ),
+    )
+}
+
+/// The failed result of an item that was not run, with the kind and reason.
+fn not_run(job: Uuid, index: u64, kind: &str, message: String) -> ItemResult {
     ItemResult {
         index,
         item_id: item_id(job, index),
@@ -441,11 +458,8 @@ fn abandoned(job: Uuid, index: u64, runs: usize) -> ItemResult {
         output: None,
         error: Some(ItemError {
             stage: String::new(),
-            kind: "abandoned".into(),
-            message: format!(
-                "abandoned after {runs} runs that never finished: the nodes running it \
-                 stopped (or lost Redis) each time"
-            ),
+            kind: kind.into(),
+            message,
             retryable: false,
             attempts: Vec::new(),
         }),

@@ -73,6 +73,7 @@ impl JobBackend for Embedded {
         if job.state == JobState::Running {
             (job.succeeded, job.failed) = self.events.counts(id)?;
         }
+        job.llm_tokens = self.store.llm_tokens(id)?;
         Ok(Some(job))
     }
 
@@ -91,6 +92,7 @@ impl JobBackend for Embedded {
             if job.state == JobState::Running {
                 (job.succeeded, job.failed) = self.events.counts(job.id)?;
             }
+            job.llm_tokens = self.store.llm_tokens(job.id)?;
             jobs.push(job);
             if jobs.len() == limit {
                 break;

@@ -81,7 +81,10 @@ pub async fn run_job(
     let on_result = Arc::new(on_result);
     let job_id = job.id;
     let mut workers: JoinSet<Result<()>> = JoinSet::new();
-    for _ in 0..concurrency.max(1) {
+    // Never more workers than items: a job's `concurrency` is a cap, not a number of tasks.
+    let workers_wanted =
+        concurrency.clamp(1, usize::try_from(job.total).unwrap_or(usize::MAX).max(1));
+    for _ in 0..workers_wanted {
         let (pipeline, shared, cancel, hooks, on_result) = (
             pipeline.clone(),
             shared.clone(),

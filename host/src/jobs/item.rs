@@ -83,13 +83,15 @@ pub struct ItemRef {
     pub index: u64,
 }
 
-/// Time limits a job may set over the pipeline's.
+/// Limits a job may set over the pipeline's.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ItemLimits {
     /// Every stage try's wall-clock limit, instead of the stage's own.
     pub stage_timeout: Option<Duration>,
     /// The whole item's, retries and back-off included.
     pub item_timeout: Option<Duration>,
+    /// LLM tokens the whole job may use.
+    pub max_tokens: Option<u64>,
 }
 
 /// Run `item` through every stage and store its result. `resume` looks for stage outputs
@@ -194,6 +196,7 @@ pub async fn run_item(
                     limits: stage_limits,
                     cancel: cancel.clone(),
                     progress: hooks.progress.clone(),
+                    job_max_tokens: limits.max_tokens,
                 };
                 tell(name, "running", attempt, None, None, None);
                 let (tried, used) = component

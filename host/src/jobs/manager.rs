@@ -6,52 +6,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Result;
-use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{ItemHooks, ItemLimits, ItemRef, RunSettings, StageUpdate, run_item, run_job};
+use crate::config::PipelineConfig;
 use crate::events::{Entry, Event, EventLog};
 use crate::pipeline::Pipeline;
+pub use crate::store::{DEFAULT_PREVIEW_CHARS, Detail, JobOptions};
 use crate::store::{ItemResult, ItemStatus, JobRecord, JobState};
-
-/// Per-job settings a client may give at submission.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct JobOptions {
-    /// Items in flight for this job (default: the pipeline's `[run] concurrency`).
-    #[schema(minimum = 1)]
-    pub concurrency: Option<usize>,
-    /// Run the items one at a time (seed 000: a model server that cannot take bursts).
-    #[serde(default)]
-    pub sequential: bool,
-    /// Characters of output or error kept in `item.finished` previews (default 3,000).
-    pub preview_chars: Option<usize>,
-    /// `items` (default): one event per finished item. `stages`: also one as each stage of
-    /// each item starts and ends. One-item jobs always get `stages`.
-    #[serde(default)]
-    pub detail: Detail,
-    /// Free-form labels kept with the job.
-    #[serde(default)]
-    pub labels: std::collections::BTreeMap<String, String>,
-    /// Wall-clock limit of every stage try for this job (default: each stage's `timeout_ms`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stage_timeout_ms: Option<u64>,
-    /// Wall-clock limit of one item, retries included (default: `[run] item_timeout_ms`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub item_timeout_ms: Option<u64>,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Detail {
-    #[default]
-    Items,
-    Stages,
-}
-
-pub(crate) const DEFAULT_PREVIEW_CHARS: usize = 3000;
 
 /// A client's idempotency key for a submission, and a digest of what it submitted.
 #[derive(Debug, Clone)]
@@ -117,15 +81,32 @@ pub(crate) fn preview(result: &ItemResult, chars: usize) -> String {
     }
 }
 
-/// Time limits of a job's items: the job's `options` over the pipeline's settings.
-pub(crate) fn item_limits(run: &crate::config::RunConfig, options: &JobOptions) -> ItemLimits {
+/// Limits of a job's items: the job's `options` over the pipeline's settings.
+pub(crate) fn item_limits(config: &PipelineConfig, options: &JobOptions) -> ItemLimits {
     ItemLimits {
         stage_timeout: options.stage_timeout_ms.map(Duration::from_millis),
         item_timeout: options
             .item_timeout_ms
-            .or(run.item_timeout_ms)
+            .or(config.run.item_timeout_ms)
             .map(Duration::from_millis),
+        max_tokens: options.max_tokens.or(config.llm.max_tokens_per_job),
     }
+}
+
+/// Why a stored job cannot run on this pipeline, if it cannot: it names another pipeline, or
+/// its options (from another version, or from before a limit was lowered) are out of bounds.
+/// Such a job fails with this reason instead of being run.
+pub(crate) fn unrunnable(config: &PipelineConfig, job: &JobRecord) -> Option<String> {
+    if job.pipeline != config.name {
+        return Some(format!(
+            "the job belongs to pipeline `{}`, which this server does not run (it runs `{}`)",
+            job.pipeline, config.name
+        ));
+    }
+    job.options
+        .check(&config.limits)
+        .err()
+        .map(|e| format!("the job cannot run: {e}"))
 }
 
 /// What became of a cancel request.
@@ -187,18 +168,58 @@ impl JobManager {
     }
 
     /// Start every job the store says is running: after a restart (a crash, or a shutdown
-    /// that did not wait for them) they go on from what was stored.
-    pub fn resume_unfinished(self: &Arc<Self>) -> Result<usize> {
+    /// that did not wait for them) they go on from what was stored. A job that cannot run
+    /// (see [`unrunnable`]) or whose record cannot be read fails with the reason, once: a
+    /// restart never runs into it again.
+    pub async fn resume_unfinished(self: &Arc<Self>) -> Result<usize> {
         let mut resumed = 0;
-        for job in self.pipeline.store().jobs() {
-            let job = job?;
-            if job.state == JobState::Running && !self.is_running(job.id) {
-                tracing::info!(job = %job.id, "resuming an unfinished job");
-                self.start(job, true);
-                resumed += 1;
+        let store = self.pipeline.store().clone();
+        for (id, job) in store.job_entries() {
+            let job = match job {
+                Ok(job) => job,
+                Err(error) => {
+                    let reason = format!("the stored job record cannot be read: {error:#}");
+                    tracing::error!(job = %id, reason, "failing a job that cannot be read");
+                    store.put_job(&JobRecord::unreadable(id, reason.clone()))?;
+                    self.events
+                        .append(id, &Event::JobFailed { error: reason })?;
+                    continue;
+                }
+            };
+            if job.state != JobState::Running || self.is_running(job.id) {
+                continue;
             }
+            if let Some(reason) = unrunnable(&self.pipeline.config, &job) {
+                tracing::error!(job = %job.id, reason, "failing a job that cannot run");
+                self.fail(job.id, &reason)?;
+                continue;
+            }
+            tracing::info!(job = %job.id, "resuming an unfinished job");
+            self.start(job, true);
+            resumed += 1;
         }
+        store.flush().await?;
         Ok(resumed)
+    }
+
+    /// End a job as `failed` with `reason`, its counts as far as it came, and log `job.failed`.
+    fn fail(&self, id: Uuid, reason: &str) -> Result<()> {
+        crate::metrics::job("failed");
+        let store = self.pipeline.store();
+        if let Some(mut job) = store.job(id)? {
+            (job.succeeded, job.failed) = self.events.counts(id)?;
+            job.state = JobState::Failed;
+            job.error = Some(reason.to_string());
+            job.finished_at = Some(crate::store::now_ms());
+            store.put_job(&job)?;
+        }
+        self.events.append(
+            id,
+            &Event::JobFailed {
+                error: reason.to_string(),
+            },
+        )?;
+        Ok(())
     }
 
     fn start(self: &Arc<Self>, job: JobRecord, resume: bool) {
@@ -211,16 +232,26 @@ impl JobManager {
         let mut tasks = self.tasks.lock().expect("not poisoned");
         while tasks.try_join_next().is_some() {}
         tasks.spawn(async move {
+            use futures::FutureExt;
             let id = job.id;
-            if let Err(error) = manager.run(job, resume, cancel).await {
-                tracing::error!(job = %id, error = %format!("{error:#}"), "job failed");
-                crate::metrics::job("failed");
-                let _ = manager.events.append(
-                    id,
-                    &Event::JobFailed {
-                        error: format!("{error:#}"),
-                    },
-                );
+            // A panic in a job must end that job, not leave it `running` for the next start.
+            let outcome = std::panic::AssertUnwindSafe(manager.run(job, resume, cancel))
+                .catch_unwind()
+                .await;
+            let error = match outcome {
+                Ok(Ok(())) => None,
+                Ok(Err(error)) => Some(format!("{error:#}")),
+                Err(panic) => Some(format!(
+                    "the job's task panicked: {}",
+                    crate::text::panic_message(panic.as_ref())
+                )),
+            };
+            if let Some(error) = error {
+                tracing::error!(job = %id, error, "job failed");
+                if let Err(e) = manager.fail(id, &error) {
+                    tracing::error!(job = %id, error = %format!("{e:#}"), "cannot record a job's failure");
+                }
+                let _ = manager.pipeline.store().flush().await;
             }
             manager.running.lock().expect("not poisoned").remove(&id);
             manager.events.release(id);
@@ -296,13 +327,16 @@ impl JobManager {
 
     /// Items in flight and time limits for a job's `options` over the pipeline's settings.
     fn run_settings(&self, options: &JobOptions) -> (usize, ItemLimits) {
-        let run = &self.pipeline.config.run;
+        let config = &self.pipeline.config;
         let concurrency = if options.sequential {
             1
         } else {
-            options.concurrency.unwrap_or(run.concurrency)
+            options
+                .concurrency
+                .unwrap_or(config.run.concurrency)
+                .min(config.limits.max_concurrency)
         };
-        (concurrency, item_limits(run, options))
+        (concurrency, item_limits(config, options))
     }
 
     /// A crash can fall between an item's result and its `item.finished` event: before a job

@@ -33,6 +33,9 @@ pub enum Failure {
     InvalidOutput(String),
     #[error("host error: {0}")]
     Host(String),
+    /// A host call went past one of the try's budgets (or the job's token budget).
+    #[error("over budget: {0}")]
+    Budget(String),
 }
 
 fn stderr_suffix(stderr: &str) -> String {
@@ -55,6 +58,7 @@ pub enum FailureKind {
     Cancelled,
     InvalidOutput,
     Host,
+    Budget,
 }
 
 impl FailureKind {
@@ -69,6 +73,7 @@ impl FailureKind {
             FailureKind::Cancelled => "cancelled",
             FailureKind::InvalidOutput => "invalid_output",
             FailureKind::Host => "host",
+            FailureKind::Budget => "budget",
         }
     }
 }
@@ -85,6 +90,7 @@ impl Failure {
             Failure::Cancelled => FailureKind::Cancelled,
             Failure::InvalidOutput(_) => FailureKind::InvalidOutput,
             Failure::Host(_) => FailureKind::Host,
+            Failure::Budget(_) => FailureKind::Budget,
         }
     }
 
@@ -113,6 +119,8 @@ pub struct Call {
     pub limits: Limits,
     pub cancel: CancellationToken,
     pub progress: Option<ProgressSink>,
+    /// The job's LLM token budget, if it has one.
+    pub job_max_tokens: Option<u64>,
 }
 
 impl StageComponent {
@@ -152,6 +160,7 @@ impl HandlerComponent {
             limits,
             cancel: cancel.clone(),
             progress: None,
+            job_max_tokens: None,
         });
         let started = Instant::now();
         let key = key.map(str::to_string);
@@ -196,6 +205,7 @@ fn new_store(call: Call) -> Store<HostState> {
         &call.limits,
         call.cancel,
         call.progress,
+        call.job_max_tokens,
     );
     let mut store = Store::new(&engine, state);
     store.limiter(|state| &mut state.limiter);
@@ -232,6 +242,9 @@ async fn bounded<T>(
 }
 
 fn classify(store: &Store<HostState>, error: wasmtime::Error, limits: &Limits) -> Failure {
+    if let Some(budget) = &store.data().exceeded {
+        return Failure::Budget(budget.clone());
+    }
     match store.data().interrupted {
         Some(Interrupt::Cancelled) => return Failure::Cancelled,
         Some(Interrupt::CpuBudget) => return Failure::CpuBudget(limits.cpu),
@@ -249,21 +262,11 @@ fn classify(store: &Store<HostState>, error: wasmtime::Error, limits: &Limits) -
     Failure::Host(format!("{error:#}"))
 }
 
+/// An output is JSON within the size limit and [`crate::limits::MAX_JSON_DEPTH`], so that every
+/// reader (the next stage, the results API, the CLI) can read it.
 fn check_output(output: &str, limits: &Limits) -> Result<(), Failure> {
-    if output.len() > limits.max_output_bytes {
-        return Err(Failure::InvalidOutput(format!(
-            "{} bytes, more than the limit of {} bytes",
-            output.len(),
-            limits.max_output_bytes
-        )));
-    }
-    if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(output) {
-        return Err(Failure::InvalidOutput(format!(
-            "not JSON ({e}): {}",
-            crate::text::truncate(output, 200)
-        )));
-    }
-    Ok(())
+    crate::limits::check_json(output, "the output", limits.max_output_bytes)
+        .map_err(|e| Failure::InvalidOutput(e.0))
 }
 
 fn stats(store: &Store<HostState>, started: Instant) -> CallStats {

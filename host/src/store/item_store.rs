@@ -35,6 +35,12 @@ pub trait ItemStore: Send + Sync {
     async fn put_dead_letter(&self, letter: &DeadLetter) -> Result<()>;
 
     async fn remove_dead_letter(&self, job: Uuid, index: u64) -> Result<()>;
+
+    /// LLM tokens (prompt and completion) the job's items have used so far.
+    async fn llm_tokens(&self, job: Uuid) -> Result<u64>;
+
+    /// Count `tokens` more for the job; the new total.
+    async fn add_llm_tokens(&self, job: Uuid, tokens: u64) -> Result<u64>;
 }
 
 #[async_trait]
@@ -70,5 +76,13 @@ impl ItemStore for Store {
 
     async fn remove_dead_letter(&self, job: Uuid, index: u64) -> Result<()> {
         Store::remove_dead_letter(self, job, index).map(drop)
+    }
+
+    async fn llm_tokens(&self, job: Uuid) -> Result<u64> {
+        Store::llm_tokens(self, job)
+    }
+
+    async fn add_llm_tokens(&self, job: Uuid, tokens: u64) -> Result<u64> {
+        Store::add_llm_tokens(self, job, tokens)
     }
 }

@@ -12,6 +12,7 @@
 //! | `records`         | collection, 0, key                | a handler's record JSON       |
 //! | `idempotency`     | a client's idempotency key        | the job id it names           |
 //! | `dead_letters`    | job id, index                     | [`DeadLetter`] JSON           |
+//! | `job_tokens`      | job id                            | LLM tokens used (u64 BE)      |
 //!
 //! Big-endian indexes make sled's key order the item order, so results stream in order and a
 //! page after index N is a range scan, whatever the job's size.
@@ -21,6 +22,7 @@ mod effects;
 mod item_store;
 pub(crate) mod keys;
 mod model;
+mod options;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -37,6 +39,7 @@ pub use item_store::ItemStore;
 pub use model::{
     Attempt, ItemError, ItemResult, ItemStatus, JobRecord, JobState, StageRun, item_id, now_ms,
 };
+pub use options::{DEFAULT_PREVIEW_CHARS, Detail, JobOptions};
 
 /// Items are written in batches of this many, so a large job neither holds all its items in
 /// one sled batch nor pays a write per item.
@@ -59,6 +62,7 @@ pub struct Store {
     records: Tree,
     idempotency: Tree,
     dead_letters: Tree,
+    job_tokens: Tree,
     flusher: Arc<Flusher>,
 }
 
@@ -97,6 +101,7 @@ impl Store {
             records: tree("records")?,
             idempotency: tree("idempotency")?,
             dead_letters: tree("dead_letters")?,
+            job_tokens: tree("job_tokens")?,
             flusher: Arc::default(),
             db,
         })
@@ -161,6 +166,16 @@ impl Store {
     /// Every job, oldest first (job ids are time-ordered UUIDs).
     pub fn jobs(&self) -> impl Iterator<Item = Result<JobRecord>> + use<> {
         self.jobs.iter().values().map(|v| parse(&v?))
+    }
+
+    /// Every job record with its id, oldest first; a record that cannot be read is an error
+    /// next to its id, so that a caller can tell which job it was.
+    pub fn job_entries(&self) -> impl Iterator<Item = (Uuid, Result<JobRecord>)> + use<> {
+        self.jobs.iter().filter_map(|entry| {
+            let (key, value) = entry.ok()?;
+            let id = Uuid::from_slice(&key).ok()?;
+            Some((id, parse(&value)))
+        })
     }
 
     /// Jobs created before `before` (all, for `None`), newest first.
@@ -233,14 +248,16 @@ impl Store {
         Ok(())
     }
 
+    /// A result as readers may show it (see [`ItemResult::read`]).
     pub fn result(&self, job: Uuid, index: u64) -> Result<Option<ItemResult>> {
-        self.results
+        Ok(self
+            .results
             .get(keys::item(job, index))?
-            .map(|v| parse(&v))
-            .transpose()
+            .map(|v| ItemResult::read(job, index, &v)))
     }
 
-    /// Results of a job with an index greater than `after` (all, for `None`), in index order.
+    /// Results of a job with an index greater than `after` (all, for `None`), in index order,
+    /// as readers may show them (see [`ItemResult::read`]).
     pub fn results(
         &self,
         job: Uuid,
@@ -251,7 +268,28 @@ impl Store {
             None => keys::item(job, 0).to_vec(),
         };
         let end = keys::job_end(job);
-        self.results.range(start..end).map(|entry| parse(&entry?.1))
+        self.results.range(start..end).map(move |entry| {
+            let (key, value) = entry?;
+            Ok(ItemResult::read(job, keys::index_of(&key)?, &value))
+        })
+    }
+
+    /// LLM tokens a job's items have used so far.
+    pub fn llm_tokens(&self, job: Uuid) -> Result<u64> {
+        Ok(self
+            .job_tokens
+            .get(job.as_bytes())?
+            .map_or(0, |v| tokens_of(&v)))
+    }
+
+    /// Count `tokens` more for a job (atomically: items of a job run at once); the new total.
+    /// Not flushed by itself: a crash may forget the last few calls' tokens.
+    pub fn add_llm_tokens(&self, job: Uuid, tokens: u64) -> Result<u64> {
+        let total = self.job_tokens.update_and_fetch(job.as_bytes(), |old| {
+            let sum = old.map_or(0, tokens_of).saturating_add(tokens);
+            Some(sum.to_be_bytes().to_vec())
+        })?;
+        Ok(total.map_or(0, |v| tokens_of(&v)))
     }
 
     /// Remove a job and everything stored under it (items, checkpoints, results, dead letters). Effects and
@@ -269,6 +307,7 @@ impl Store {
         ] {
             remove_prefix(tree, job.as_bytes())?;
         }
+        self.job_tokens.remove(job.as_bytes())?;
         self.jobs.remove(job.as_bytes())?;
         Ok(())
     }
@@ -350,6 +389,10 @@ pub(crate) fn remove_prefix(tree: &Tree, prefix: &[u8]) -> Result<()> {
         keys.into_iter().for_each(|k| batch.remove(k));
         tree.apply_batch(batch)?;
     }
+}
+
+fn tokens_of(bytes: &[u8]) -> u64 {
+    bytes.try_into().map_or(0, u64::from_be_bytes)
 }
 
 fn json<T: Serialize>(value: &T) -> Result<Vec<u8>> {

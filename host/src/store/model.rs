@@ -21,6 +21,9 @@ pub enum JobState {
     /// Every item has a result (some may have failed).
     Completed,
     Cancelled,
+    /// The job could not run (options past the limits, a pipeline not served here, a store
+    /// error): `error` says why. Its items are not run again.
+    Failed,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -36,8 +39,14 @@ pub struct JobRecord {
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub labels: std::collections::BTreeMap<String, String>,
     /// What the client asked for, kept so that a job resumed after a restart runs the same way.
+    #[serde(default, deserialize_with = "super::JobOptions::lenient")]
+    pub options: super::JobOptions,
+    /// Why a `failed` job could not run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// LLM tokens (prompt and completion) the job's items have used so far.
     #[serde(default)]
-    pub options: crate::jobs::JobOptions,
+    pub llm_tokens: u64,
     /// The client's key for this submission, and a digest of its body: the same key with
     /// another body is a conflict.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -60,8 +69,26 @@ impl JobRecord {
             finished_at: None,
             labels: Default::default(),
             options: Default::default(),
+            error: None,
+            llm_tokens: 0,
             idempotency_key: None,
             request_digest: String::new(),
+        }
+    }
+
+    /// The record that replaces one that cannot be read: a failed job saying why.
+    pub fn unreadable(id: Uuid, reason: String) -> Self {
+        let created_at = id.get_timestamp().map_or(0, |t| {
+            let (secs, nanos) = t.to_unix();
+            secs * 1000 + u64::from(nanos / 1_000_000)
+        });
+        Self {
+            id,
+            state: JobState::Failed,
+            error: Some(reason),
+            created_at,
+            finished_at: Some(now_ms()),
+            ..Self::new("")
         }
     }
 
@@ -144,4 +171,50 @@ pub struct ItemResult {
     pub error: Option<ItemError>,
     pub stages: Vec<StageRun>,
     pub finished_at: u64,
+}
+
+impl ItemResult {
+    /// A stored result as any reader may show it. One that cannot be read (written by another
+    /// version, or damaged), or whose output nests deeper than readers take (stored before
+    /// outputs were bounded), becomes a failed entry of kind `unreadable` that says why, so
+    /// the rest of its page is still served.
+    pub fn read(job: Uuid, index: u64, bytes: &[u8]) -> Self {
+        let result = match serde_json::from_slice::<ItemResult>(bytes) {
+            Ok(result) => result,
+            Err(error) => {
+                return Self::unreadable(job, index, format!("it cannot be read: {error}"));
+            }
+        };
+        // The output is every stage's output in one object: one level more than a stage's.
+        let limit = crate::limits::MAX_JSON_DEPTH + 1;
+        if let Some(output) = &result.output {
+            let depth = crate::limits::json_depth(output.get().as_bytes());
+            if depth > limit {
+                return Self::unreadable(
+                    job,
+                    index,
+                    format!("its output nests {depth} levels deep, over the limit of {limit}"),
+                );
+            }
+        }
+        result
+    }
+
+    fn unreadable(job: Uuid, index: u64, why: String) -> Self {
+        Self {
+            index,
+            item_id: item_id(job, index),
+            status: ItemStatus::Failed,
+            output: None,
+            error: Some(ItemError {
+                stage: String::new(),
+                kind: "unreadable".into(),
+                message: format!("the stored result of item {index} is not shown: {why}"),
+                retryable: false,
+                attempts: Vec::new(),
+            }),
+            stages: Vec::new(),
+            finished_at: 0,
+        }
+    }
 }

@@ -1,8 +1,13 @@
-//! A stage that misbehaves on request, for the runtime's tests: the item's `do` field says how
-//! (`flaky` fails retryably until try `until`).
+//! A stage that misbehaves on request, for the runtime's tests and the hostile suite: the item's
+//! `do` field says how (`flaky` fails retryably until try `until`). The floods do what an
+//! attacker's stage would within one try: `size` log lines, emits, LLM calls, `dispatch.call`s
+//! or kv key bytes, an output `size` levels deep, or recursion until the stack runs out.
 
 use serde::Deserialize;
-use stagehand_sdk::{Context, Envelope, StageError, fatal, log, output, retryable, stage::Guest};
+use stagehand_sdk::{
+    Context, Envelope, StageError, dispatch, fatal, kv, llm, log, output, progress, retryable,
+    stage::Guest, text_message,
+};
 
 #[derive(Deserialize)]
 struct Item {
@@ -13,9 +18,21 @@ struct Item {
     /// For `flaky`: the first try that succeeds.
     #[serde(default)]
     until: u32,
-    /// For `socket`: the address to connect to.
+    /// For `socket`: the address to connect to; for `emit-flood` and `call-flood`: the handler.
     #[serde(default)]
     target: String,
+}
+
+/// A guest-side stack overflow: each frame keeps a little memory alive.
+#[inline(never)]
+fn recurse(depth: u64, pad: &mut [u8; 256]) -> u64 {
+    if depth == u64::MAX {
+        return 0;
+    }
+    pad[(depth % 256) as usize] = depth as u8;
+    let mut next = [0u8; 256];
+    next.copy_from_slice(pad);
+    recurse(std::hint::black_box(depth + 1), &mut next) + u64::from(next[0])
 }
 
 struct Hostile;
@@ -73,6 +90,64 @@ impl Guest for Hostile {
             "log" => {
                 stagehand_sdk::log(log::Level::Info, "hello from a guest");
                 output(&serde_json::json!({ "logged": true }))
+            }
+            "log-flood" => {
+                let line = "x".repeat(1024);
+                for _ in 0..item.size {
+                    stagehand_sdk::log(log::Level::Warn, &line);
+                }
+                output(&serde_json::json!({ "logged": item.size }))
+            }
+            "emit-flood" => {
+                let payload = serde_json::json!({ "pad": "x".repeat(10_000) }).to_string();
+                for n in 0..item.size {
+                    let key = format!("{}:{n}", ctx.item_id);
+                    dispatch::emit(&item.target, &payload, &key)?;
+                }
+                output(&serde_json::json!({ "emitted": item.size }))
+            }
+            "call-flood" => {
+                for _ in 0..item.size {
+                    dispatch::call(&item.target, "{}")?;
+                }
+                output(&serde_json::json!({ "called": item.size }))
+            }
+            "llm-loop" => {
+                let request = llm::ChatRequest {
+                    model: None,
+                    messages: vec![text_message(llm::Role::User, "say something")],
+                    max_tokens: Some(16),
+                    temperature: None,
+                    json_mode: false,
+                };
+                for _ in 0..item.size {
+                    llm::chat(&request)?;
+                }
+                output(&serde_json::json!({ "calls": item.size }))
+            }
+            "llm-once" => {
+                let request = llm::ChatRequest {
+                    model: None,
+                    messages: vec![text_message(llm::Role::User, "x".repeat(item.size))],
+                    max_tokens: Some(16),
+                    temperature: None,
+                    json_mode: false,
+                };
+                let answer = llm::chat(&request)?;
+                output(&serde_json::json!({ "tokens": answer.usage.prompt_tokens + answer.usage.completion_tokens }))
+            }
+            "deep-output" => Ok(format!("{}{}", "[".repeat(item.size), "]".repeat(item.size))),
+            "huge-kv-key" => {
+                let found = kv::get("rules", &"k".repeat(item.size))?;
+                output(&serde_json::json!({ "found": found.is_some() }))
+            }
+            "big-progress" => {
+                progress::report(0.5, &"p".repeat(item.size));
+                output(&serde_json::json!({ "reported": item.size }))
+            }
+            "deep-recursion" => {
+                let mut pad = [0u8; 256];
+                output(&serde_json::json!({ "depth": recurse(0, &mut pad) }))
             }
             "retryable" => Err(retryable("asked to fail, retryably")),
             "flaky" if ctx.attempt < item.until => {

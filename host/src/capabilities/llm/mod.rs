@@ -3,7 +3,8 @@
 //! The guest describes a request; the host adds the URL, the model default and the API key
 //! (read from the environment variable the pipeline names, never shown to a guest), admits
 //! requests through the provider's and the model's limits ([`limits`]), and sorts failures into
-//! what is worth retrying and what is not.
+//! what is worth retrying and what is not. Each try may make `llm_calls` calls of at most
+//! `llm_request_kib`, and a job stops starting calls once its `max_tokens` are used.
 
 mod limits;
 mod stream;
@@ -14,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use self::limits::{Gate, Limits};
-use super::HostState;
+use super::{Counted, HostState};
 use crate::config::LlmConfig;
 use crate::events::Token;
 use crate::runtime::bindings::llm::{
@@ -363,20 +364,83 @@ fn parse_completion(body: &str) -> Result<ChatResponse, LlmError> {
     })
 }
 
+/// Bytes of a request a guest controls: the model name, texts and image URLs.
+fn request_size(request: &ChatRequest) -> usize {
+    let parts: usize = request
+        .messages
+        .iter()
+        .flat_map(|m| &m.content)
+        .map(|part| match part {
+            ContentPart::Text(text) => text.len(),
+            ContentPart::ImageUrl(url) => url.len(),
+        })
+        .sum();
+    parts + request.model.as_ref().map_or(0, String::len)
+}
+
+impl HostState {
+    /// Before an LLM call: count it against the try's budget, size its request, and check the
+    /// job's token budget. Past any of them the try fails (kind `budget`).
+    async fn admit_llm_call(&mut self, request: &ChatRequest) -> wasmtime::Result<()> {
+        self.spend(Counted::LlmCalls)?;
+        let limit = self.budgets.llm_request_bytes;
+        self.fits(
+            "llm_request_kib",
+            "an LLM request",
+            request_size(request),
+            limit,
+        )?;
+        if let (Some(max), Some(job)) = (self.job_max_tokens, self.job()) {
+            let used = (self.caps.items.llm_tokens(job).await)
+                .map_err(|e| wasmtime::Error::msg(format!("{e:#}")))?;
+            if used >= max {
+                return Err(self.over_budget(
+                    "max_tokens",
+                    format!(
+                        "the job's LLM token budget of {max} is used up ({used} tokens used): \
+                         no more LLM calls start for it"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Count what an answered call used against its job.
+    async fn count_tokens(&mut self, result: &Result<ChatResponse, LlmError>) {
+        let (Ok(response), Some(job)) = (result, self.job()) else {
+            return;
+        };
+        let used =
+            u64::from(response.usage.prompt_tokens) + u64::from(response.usage.completion_tokens);
+        if let Err(error) = self.caps.items.add_llm_tokens(job, used).await {
+            tracing::error!(job = %job, error = %format!("{error:#}"), "cannot count a job's LLM tokens");
+        }
+    }
+
+    fn job(&self) -> Option<uuid::Uuid> {
+        self.context.job_id.parse().ok()
+    }
+}
+
 impl Host for HostState {
     async fn chat(
         &mut self,
         request: ChatRequest,
     ) -> wasmtime::Result<Result<ChatResponse, LlmError>> {
+        self.admit_llm_call(&request).await?;
         let caps = self.caps.clone();
         let job = self.context.job_id.clone();
-        Ok(self.meter.host_call(caps.llm.chat(&job, request)).await)
+        let result = self.meter.host_call(caps.llm.chat(&job, request)).await;
+        self.count_tokens(&result).await;
+        Ok(result)
     }
 
     async fn chat_stream(
         &mut self,
         request: ChatRequest,
     ) -> wasmtime::Result<Result<ChatResponse, LlmError>> {
+        self.admit_llm_call(&request).await?;
         let caps = self.caps.clone();
         let job = self.context.job_id.clone();
         let job_id = uuid::Uuid::parse_str(&job).ok();
@@ -394,10 +458,12 @@ impl Host for HostState {
                 );
             }
         };
-        Ok(self
+        let result = self
             .meter
             .host_call(caps.llm.chat_stream(&job, request, on_text))
-            .await)
+            .await;
+        self.count_tokens(&result).await;
+        Ok(result)
     }
 }
 
