@@ -45,10 +45,15 @@ pub struct Server {
 impl Server {
     /// Start `binary` with `args` and wait for its `listening on` line.
     pub fn start(binary: &Path, args: &[&str]) -> Result<Self> {
+        Self::start_with_stderr(binary, args, Stdio::inherit())
+    }
+
+    /// [`Server::start`] with the process' stderr (its log) going to `stderr`.
+    pub fn start_with_stderr(binary: &Path, args: &[&str], stderr: Stdio) -> Result<Self> {
         let mut child = Command::new(binary)
             .args(args)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .with_context(|| format!("cannot start {}", binary.display()))?;
         let mut line = String::new();
@@ -73,6 +78,11 @@ impl Server {
     /// The process, e.g. to signal it.
     pub fn child(&mut self) -> &mut Child {
         &mut self.child
+    }
+
+    /// The most memory the process has held at once (its peak resident set), in bytes.
+    pub fn peak_memory(&self) -> u64 {
+        measure::peak_rss_kib(self.child.id()) * 1024
     }
 }
 

@@ -102,13 +102,13 @@ impl Guest for Hostile {
                 let payload = serde_json::json!({ "pad": "x".repeat(10_000) }).to_string();
                 for n in 0..item.size {
                     let key = format!("{}:{n}", ctx.item_id);
-                    dispatch::emit(&item.target, &payload, &key)?;
+                    let _ = dispatch::emit(&item.target, &payload, &key);
                 }
                 output(&serde_json::json!({ "emitted": item.size }))
             }
             "call-flood" => {
                 for _ in 0..item.size {
-                    dispatch::call(&item.target, "{}")?;
+                    let _ = dispatch::call(&item.target, "{}");
                 }
                 output(&serde_json::json!({ "called": item.size }))
             }
@@ -121,7 +121,7 @@ impl Guest for Hostile {
                     json_mode: false,
                 };
                 for _ in 0..item.size {
-                    llm::chat(&request)?;
+                    let _ = llm::chat(&request);
                 }
                 output(&serde_json::json!({ "calls": item.size }))
             }
