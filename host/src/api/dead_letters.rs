@@ -13,6 +13,11 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::{ApiError, App, job_id, page_limit};
+use crate::limits::in_range;
+
+/// Longest `stage` or `after` of a listing: a stage name is at most 64 characters, and so is a
+/// `JOB/INDEX` cursor.
+const MAX_NAME: usize = 64;
 use crate::jobs::{ItemRef, Reprocess, stage_input};
 use crate::store::item_id;
 
@@ -47,6 +52,11 @@ pub async fn list(
     app.embedded_only("listing dead letters")?;
     let Query(q) = query?;
     let limit = page_limit(q.limit, 100)?;
+    for (field, value) in [("stage", &q.stage), ("after", &q.after)] {
+        if let Some(value) = value {
+            in_range(&format!("length of `{field}`"), value.len(), 1, MAX_NAME)?;
+        }
+    }
     let after = q.after.as_deref().map(cursor).transpose()?;
     let mut letters = Vec::with_capacity(limit);
     for letter in app.store.dead_letters(q.job, after) {

@@ -133,15 +133,18 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/dashboard/app.css", get(dashboard::stylesheet))
         .route("/openapi.json", get(openapi::document))
         .layer(axum::Extension(document));
-    api.merge(public)
+    let routes = api
+        .merge(public)
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
-        .layer(DefaultBodyLimit::max(limit))
-        // A bug in a handler is a 500 with a JSON body and a logged error, never a dropped
-        // connection (nor, with the tokio runtime, a dead server).
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
-            error::panicked,
-        ))
-        .with_state(app)
+        .layer(DefaultBodyLimit::max(limit));
+    panic_guard(routes).with_state(app)
+}
+
+/// A bug in a handler is a 500 with a JSON body and a logged error, never a dropped connection.
+fn panic_guard<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Router<S> {
+    router.layer(tower_http::catch_panic::CatchPanicLayer::custom(
+        error::panicked,
+    ))
 }
 
 /// Prometheus text exposition of [`crate::metrics`].
@@ -192,4 +195,41 @@ fn page_limit(limit: Option<usize>, default: usize) -> Result<usize, ApiError> {
 fn job_id(raw: &str) -> Result<uuid::Uuid, ApiError> {
     raw.parse()
         .map_err(|_| ApiError::NotFound(format!("no job `{raw}` (job ids are UUIDs)")))
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::routing::get;
+
+    async fn boom() -> &'static str {
+        panic!("a bug")
+    }
+
+    /// A handler that panics answers 500 with the usual JSON error, and the server goes on.
+    #[tokio::test]
+    async fn a_panicking_handler_is_a_json_500() {
+        let router = super::panic_guard(
+            axum::Router::new()
+                .route("/boom", get(boom))
+                .route("/fine", get(|| async { "fine" })),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        let http = reqwest::Client::new();
+        let boom = http
+            .get(format!("http://{address}/boom"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(boom.status(), 500);
+        let body: serde_json::Value = boom.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "internal");
+        let fine = http
+            .get(format!("http://{address}/fine"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(fine.text().await.unwrap(), "fine");
+    }
 }

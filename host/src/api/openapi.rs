@@ -107,7 +107,7 @@ pub struct ScanAccepted {
 pub struct SubmissionBody {
     /// At most `[limits] max_items` (1,000,000), each at most `[limits] max_item_kib` (16 MiB)
     /// and 64 levels deep.
-    #[schema(value_type = Vec<Object>, min_items = 1, max_items = 1000000)]
+    #[schema(value_type = Vec<serde_json::Value>, min_items = 1, max_items = 1000000)]
     pub items: Vec<serde_json::Value>,
     pub options: Option<crate::jobs::JobOptions>,
     /// Or the `Idempotency-Key` header.
