@@ -35,6 +35,10 @@ pub const MAX_PROGRESS_ITEMS: usize = 1000;
 pub const MIN_PROGRESS_INTERVAL_MS: u64 = 100;
 pub const MAX_PROGRESS_INTERVAL_MS: u64 = 600_000;
 
+/// The largest event number or item index a client may name (`after`, `last_event_id`,
+/// `indices`): the largest signed 64-bit integer, which every client language can hold.
+pub const MAX_POSITION: u64 = i64::MAX as u64;
+
 /// Longest kv namespace or key (and records collection or key) a guest may name, in bytes;
 /// past it the try fails with budget `kv_key`.
 pub const MAX_KV_KEY: usize = 4096;

@@ -154,14 +154,18 @@ pub async fn reprocess(
             ))
         })?
     };
-    if let Some(indices) = &request.indices
-        && indices.len() > crate::limits::MAX_PAGE
-    {
-        return Err(ApiError::Unprocessable(format!(
-            "`indices` has {} entries, over the limit of {} (leave it out for every dead letter)",
-            indices.len(),
-            crate::limits::MAX_PAGE
-        )));
+    if let Some(indices) = &request.indices {
+        if indices.len() > crate::limits::MAX_PAGE {
+            return Err(ApiError::Unprocessable(format!(
+                "`indices` has {} entries, over the limit of {} (leave it out for every dead \
+                 letter)",
+                indices.len(),
+                crate::limits::MAX_PAGE
+            )));
+        }
+        for &index in indices {
+            in_range("indices", index, 0, crate::limits::MAX_POSITION)?;
+        }
     }
     start(&app, job, request.indices)
 }

@@ -24,13 +24,14 @@ use super::{ApiError, App, job_id};
 use crate::events::view::{Coalescing, JobView};
 use crate::events::{Token, TokenSubscription};
 use crate::limits::{
-    MAX_PROGRESS_INTERVAL_MS, MAX_PROGRESS_ITEMS, MIN_PROGRESS_INTERVAL_MS, in_range,
+    MAX_POSITION, MAX_PROGRESS_INTERVAL_MS, MAX_PROGRESS_ITEMS, MIN_PROGRESS_INTERVAL_MS, in_range,
 };
 
 #[derive(Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EventsQuery {
+    #[param(minimum = 0, maximum = 9223372036854775807i64)]
     last_event_id: Option<u64>,
     /// Progress frames carry at most this many items (default 10).
     #[param(minimum = 1, maximum = 1000)]
@@ -47,7 +48,7 @@ const RETRY: Duration = Duration::from_secs(3);
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 #[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", security((), ("api_token" = []), ("admin_token" = [])), params(("id" = uuid::Uuid, Path, description = "job id"), EventsQuery,
-      ("Last-Event-ID" = Option<u64>, Header, description = "resume after this event number")),
+      ("Last-Event-ID" = Option<u64>, Header, minimum = 0, maximum = 9223372036854775807i64, description = "resume after this event number")),
     responses((status = 200, description = "Server-Sent Events: `job.started`, `job.progress`, `item.stage`, `item.token`, `job.completed`, `job.cancelled`, `job.failed`", content_type = "text/event-stream", body = serde_json::Value),
               (status = 400, description = "bad query or Last-Event-ID", body = super::openapi::ErrorBody), (status = 404, description = "no such job", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong token", body = super::openapi::ErrorBody)))]
 pub async fn stream(
@@ -73,6 +74,9 @@ pub async fn stream(
             })?,
         None => q.last_event_id.unwrap_or(0),
     };
+    for number in [Some(after), q.last_event_id].into_iter().flatten() {
+        in_range("last_event_id", number, 0, MAX_POSITION)?;
+    }
     if let Some(max_items) = q.max_items {
         in_range("max_items", max_items, 1, MAX_PROGRESS_ITEMS)?;
     }

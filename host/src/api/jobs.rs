@@ -235,6 +235,7 @@ pub async fn status(
 #[serde(deny_unknown_fields)]
 pub struct ResultsQuery {
     /// Keyset: results with an index above this.
+    #[param(minimum = 0, maximum = 9223372036854775807i64)]
     after: Option<u64>,
     /// Results per page (100).
     #[param(minimum = 1, maximum = 1000)]
@@ -257,6 +258,9 @@ pub async fn results(
     let id = job_id(&raw)?;
     if app.backend.job(id).await?.is_none() {
         return Err(ApiError::NotFound(format!("no job {id}")));
+    }
+    if let Some(after) = q.after {
+        crate::limits::in_range("after", after, 0, crate::limits::MAX_POSITION)?;
     }
     let field = if q.limit.is_some() {
         "limit"

@@ -179,9 +179,13 @@ async fn metrics(
     security((), ("api_token" = []), ("admin_token" = [])),
     params(("id" = uuid::Uuid, Path, description = "job id")),
     responses((status = 200, description = "an HTML page", content_type = "text/html", body = String),
+              (status = 404, description = "not a job id", body = openapi::ErrorBody),
               (status = 401, description = "missing or wrong token", body = openapi::ErrorBody)))]
-async fn watch_page() -> axum::response::Html<&'static str> {
-    axum::response::Html(include_str!("assets/watch.html"))
+async fn watch_page(
+    axum::extract::Path(raw): axum::extract::Path<String>,
+) -> Result<axum::response::Html<&'static str>, ApiError> {
+    job_id(&raw)?;
+    Ok(axum::response::Html(include_str!("assets/watch.html")))
 }
 
 /// A page size from a query (`default` when absent), or a 422 that says the range.
