@@ -436,3 +436,41 @@ fn pipeline_file_mistakes_name_the_key_and_line() {
     let typo = error(&format!("[llm.models.\"m\"]\nrpm = 5\n{stage}"));
     assert!(typo.contains("unknown field `rpm`"), "{typo}");
 }
+
+/// Budgets and job limits come from `[defaults.budgets]`, a stage's own `budgets` and
+/// `[limits]`; a typo among them names the key, and `[run] concurrency` must fit the limit.
+#[test]
+fn budgets_and_limits_are_read_from_the_pipeline_file() {
+    let fixture = Fixture::new();
+    let wasm = fixture.write("a.wasm", "");
+    let base = "name = \"t\"\n[llm]\nbase_url = \"http://x/v1\"\nmodel = \"m\"\n";
+    let stages = format!(
+        "[[stage]]\nname = \"a\"\ncomponent = \"{0}\"\n[stage.budgets]\nllm_calls = 2\n\
+         [[stage]]\nname = \"b\"\ncomponent = \"{0}\"\nbudgets = {{ emit_kib = 1 }}\n",
+        wasm.display()
+    );
+    let text = format!(
+        "{base}[defaults.budgets]\nllm_calls = 5\nlog_lines = 7\n[limits]\nmax_items = 10\n{stages}"
+    );
+    let config = PipelineConfig::load(&fixture.write("p.toml", &text)).unwrap();
+    let (a, b) = (
+        &config.stages[0].limits.budgets,
+        &config.stages[1].limits.budgets,
+    );
+    assert_eq!((a.llm_calls, a.log_lines), (2, 7));
+    assert_eq!((b.llm_calls, b.emit_bytes, b.emits), (5, 1024, 64));
+    assert_eq!(config.limits.max_items, 10);
+    assert_eq!(config.limits.max_concurrency, 1024);
+
+    let error = |body: &str| {
+        let path = fixture.write("q.toml", &format!("{base}{body}{stages}"));
+        format!("{:#}", PipelineConfig::load(&path).expect_err("invalid"))
+    };
+    let typo = error("[defaults.budgets]\nllm_call = 3\n");
+    assert!(typo.contains("unknown field `llm_call`"), "{typo}");
+    let over = error("[run]\nconcurrency = 2000\n");
+    assert!(
+        over.contains("`[run] concurrency` (2000) is over `[limits] max_concurrency` (1024)"),
+        "{over}"
+    );
+}
