@@ -134,9 +134,15 @@ impl Guest for Hostile {
                     json_mode: false,
                 };
                 let answer = llm::chat(&request)?;
-                output(&serde_json::json!({ "tokens": answer.usage.prompt_tokens + answer.usage.completion_tokens }))
+                output(
+                    &serde_json::json!({ "tokens": answer.usage.prompt_tokens + answer.usage.completion_tokens }),
+                )
             }
-            "deep-output" => Ok(format!("{}{}", "[".repeat(item.size), "]".repeat(item.size))),
+            "deep-output" => Ok(format!(
+                "{}{}",
+                "[".repeat(item.size),
+                "]".repeat(item.size)
+            )),
             "huge-kv-key" => {
                 let found = kv::get("rules", &"k".repeat(item.size))?;
                 output(&serde_json::json!({ "found": found.is_some() }))
