@@ -221,6 +221,12 @@ async fn the_dashboard_follows_cancels_pages_reprocesses_and_swaps() {
     )
     .await;
     assert_eq!(text_of(&browser, "#job-counts").await, "26 / 26 (1 failed)");
+    until(
+        &browser,
+        "the job's LLM tokens",
+        "/^[1-9][0-9]* LLM tokens$/.test(document.querySelector('#job-tokens').textContent)",
+    )
+    .await;
     until(&browser, "stage times", "document.querySelectorAll('#stage-times tbody tr').length === 4 && document.querySelector('#stage-times tr[data-stage=vision] td:nth-child(2)').textContent === '26'").await;
     let shares: f64 = browser
         .execute("return [...document.querySelectorAll('#stage-times td.share')].reduce((s, td) => s + parseFloat(td.textContent), 0);", vec![])

@@ -139,6 +139,8 @@ const PAGE_SIZE = 20;
 function jobView(view, id) {
   const stateEl = stateSpan("…", "job-state");
   const counts = h("span", { id: "job-counts" }, "");
+  const tokens = h("span", { id: "job-tokens" }, "");
+  const failure = h("p", { id: "job-error", class: "status-failed" });
   const bar = h("progress", { id: "job-progress", max: 100, value: 0 });
   const cancel = h("button", { id: "cancel", class: "danger", onclick: cancelJob }, "Cancel");
   const stageBar = h("div", { class: "bar", id: "stage-bar" });
@@ -149,8 +151,9 @@ function jobView(view, id) {
   const pageLabel = h("span", { id: "results-page", class: "muted" });
   view.append(
     h("h1", {}, "Job ", h("code", {}, id)),
-    h("p", {}, "State: ", stateEl, " · ", counts, " · ",
+    h("p", {}, "State: ", stateEl, " · ", counts, " · ", tokens, " · ",
       h("a", { href: `#/dead-letters?job=${id}` }, "dead letters"), " ", cancel),
+    failure,
     bar,
     h("h2", {}, "Time per stage"),
     stageBar,
@@ -223,8 +226,15 @@ function jobView(view, id) {
     } catch (error) { say(error.message); }
   }
 
+  // The job's LLM tokens so far, against its budget if it has one; why it failed, if it did.
+  function showUsage(job) {
+    tokens.textContent = `${job.llm_tokens} LLM tokens` + (job.max_tokens ? ` of ${job.max_tokens}` : "");
+    failure.textContent = job.error || "";
+  }
+
   api("GET", `/v1/jobs/${id}`).then((job) => {
     show(job.state, job.succeeded, job.failed, job.total);
+    showUsage(job);
     follow();
   }, (error) => say(error.message));
   loadStages();
@@ -246,6 +256,7 @@ function jobView(view, id) {
         const d = JSON.parse(e.data);
         events.close();
         show(end.slice(4), d.succeeded || 0, d.failed || 0, d.total || total);
+        api("GET", `/v1/jobs/${id}`).then(showUsage, (error) => say(error.message));
         loadStages();
         loadResults();
       });
