@@ -6,9 +6,9 @@
 
 mod support;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use stagehand::store::{ItemResult, ItemStatus, JobOptions, JobRecord, JobState, Store};
-use stagehand_tests::{client, job_results, job_status, serve, wait_for_job};
+use stagehand_tests::{client, get_json, job_results, job_status, serve, wait_for_job};
 use uuid::Uuid;
 
 fn pipeline(dir: &std::path::Path) -> std::path::PathBuf {
@@ -158,12 +158,7 @@ fn a_store_of_jobs_that_cannot_run_starts_serves_and_restarts() {
         assert!(message.contains("nests 200 levels deep"), "{message}");
         assert_eq!(results[1]["output"]["hostile"]["ok"], true);
 
-        let listed: Value = client()
-            .get(server.url("/v1/jobs?state=failed"))
-            .send()
-            .unwrap()
-            .json()
-            .unwrap();
+        let listed = get_json(&server, "/v1/jobs?state=failed");
         assert_eq!(listed["jobs"].as_array().unwrap().len(), 4, "{listed}");
         // Dropping the server kills it (SIGKILL); the next round starts on the same store.
     }

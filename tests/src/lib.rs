@@ -274,8 +274,13 @@ pub fn job_results(server: &Server, job: &str) -> Vec<serde_json::Value> {
 
 /// `GET /v1/jobs/{job}`.
 pub fn job_status(server: &Server, job: &str) -> serde_json::Value {
+    get_json(server, &format!("/v1/jobs/{job}"))
+}
+
+/// `GET path`, answered with JSON (whatever the status).
+pub fn get_json(server: &Server, path: &str) -> serde_json::Value {
     client()
-        .get(server.url(&format!("/v1/jobs/{job}")))
+        .get(server.url(path))
         .send()
         .expect("the server answers")
         .json()

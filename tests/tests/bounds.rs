@@ -5,7 +5,9 @@
 //! SIGKILL, starts again on the same store.
 
 use serde_json::{Value, json};
-use stagehand_tests::{MockLlm, client, eco_items, serve_eco_scan, submit_job, wait_for_job};
+use stagehand_tests::{
+    MockLlm, client, eco_items, get_json, job_status, serve_eco_scan, submit_job, wait_for_job,
+};
 
 /// Values just past a schema's bounds, and one past any integer's.
 fn out_of_bounds(schema: &Value) -> Vec<String> {
@@ -41,12 +43,7 @@ fn out_of_bound_values_are_refused_by_name_and_the_server_survives_them() {
     let job = submit_job(&server, eco_items(2), json!({}));
     wait_for_job(&server, &job);
     let http = client();
-    let document: Value = http
-        .get(server.url("/openapi.json"))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let document = get_json(&server, "/openapi.json");
 
     // Query parameters.
     let mut checked = Vec::new();
@@ -164,20 +161,10 @@ fn out_of_bound_values_are_refused_by_name_and_the_server_survives_them() {
     assert_eq!(scan.status(), 422);
 
     // Nothing was accepted; the server answers, and starts again on the same store.
-    let listed: Value = http
-        .get(server.url("/v1/jobs"))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let listed = get_json(&server, "/v1/jobs");
     assert_eq!(listed["jobs"].as_array().unwrap().len(), 1, "{listed}");
     drop(server);
     let server = serve_eco_scan(&mock, data.path(), &admin);
-    let again: Value = http
-        .get(server.url(&format!("/v1/jobs/{job}")))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let again = job_status(&server, &job);
     assert_eq!(again["state"], "completed", "{again}");
 }

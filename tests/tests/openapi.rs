@@ -3,8 +3,7 @@
 //! security schemes. (`cargo xtask schemathesis` then checks the answers against the schemas.)
 
 use reqwest::Method;
-use serde_json::Value;
-use stagehand_tests::{MockLlm, client, serve_eco_scan};
+use stagehand_tests::{MockLlm, client, get_json, serve_eco_scan};
 
 #[test]
 fn every_documented_operation_is_a_real_route() {
@@ -12,12 +11,7 @@ fn every_documented_operation_is_a_real_route() {
     let data = tempfile::tempdir().unwrap();
     let server = serve_eco_scan(&mock, data.path(), &["--admin-token", "openapi-admin"]);
     let http = client();
-    let document: Value = http
-        .get(server.url("/openapi.json"))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let document = get_json(&server, "/openapi.json");
     assert!(document["openapi"].as_str().unwrap().starts_with("3."));
     let schemes = &document["components"]["securitySchemes"];
     assert_eq!(schemes["api_token"]["scheme"], "bearer", "{schemes}");

@@ -30,7 +30,7 @@ use crate::jobs::manager::Detail;
 use crate::jobs::manager::{DEFAULT_PREVIEW_CHARS, item_limits, preview, unrunnable};
 use crate::jobs::{ItemHooks, ItemRef, StageUpdate, run_item};
 use crate::pipeline::Pipeline;
-use crate::store::{ItemError, ItemResult, ItemStatus, JobRecord, item_id, now_ms};
+use crate::store::{ItemResult, ItemStatus, JobRecord, item_id, now_ms};
 
 /// How a node takes work.
 #[derive(Debug, Clone, Copy)]
@@ -237,7 +237,7 @@ impl Worker {
             return self.record(job, &result, &record).await;
         }
         if let Some(reason) = unrunnable(&self.pipeline.config, &record) {
-            let result = not_run(job, index, "unrunnable", reason);
+            let result = ItemResult::not_run(job, index, "unrunnable", reason);
             return self.record(job, &result, &record).await;
         }
         let Some(input) = input else {
@@ -438,7 +438,7 @@ impl Worker {
 
 /// The result of an item given up after `runs` runs that never finished.
 fn abandoned(job: Uuid, index: u64, runs: usize) -> ItemResult {
-    not_run(
+    ItemResult::not_run(
         job,
         index,
         "abandoned",
@@ -447,25 +447,6 @@ fn abandoned(job: Uuid, index: u64, runs: usize) -> ItemResult {
              stopped (or lost Redis) each time"
         ),
     )
-}
-
-/// The failed result of an item that was not run, with the kind and reason.
-fn not_run(job: Uuid, index: u64, kind: &str, message: String) -> ItemResult {
-    ItemResult {
-        index,
-        item_id: item_id(job, index),
-        status: ItemStatus::Failed,
-        output: None,
-        error: Some(ItemError {
-            stage: String::new(),
-            kind: kind.into(),
-            message,
-            retryable: false,
-            attempts: Vec::new(),
-        }),
-        stages: Vec::new(),
-        finished_at: now_ms(),
-    }
 }
 
 /// An item of `job` running on this node, counted while it lives (cancel tokens are kept per

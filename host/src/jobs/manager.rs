@@ -181,8 +181,7 @@ impl JobManager {
                     let reason = format!("the stored job record cannot be read: {error:#}");
                     tracing::error!(job = %id, reason, "failing a job that cannot be read");
                     store.put_job(&JobRecord::unreadable(id, reason.clone()))?;
-                    self.events
-                        .append(id, &Event::JobFailed { error: reason })?;
+                    self.fail(id, &reason)?;
                     continue;
                 }
             };

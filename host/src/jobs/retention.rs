@@ -17,8 +17,12 @@ use crate::store::{JobState, Store, now_ms};
 pub fn sweep(store: &Store, events: &EventLog, ttl: Duration) -> Result<usize> {
     let cutoff = now_ms().saturating_sub(ttl.as_millis() as u64);
     let mut removed = 0;
-    for job in store.jobs() {
-        let job = job?;
+    for (id, job) in store.job_entries() {
+        // A record that cannot be read is failed (and rewritten) when the server starts.
+        let Ok(job) = job else {
+            tracing::warn!(job = %id, "retention: passing over a job record that cannot be read");
+            continue;
+        };
         if job.created_at > cutoff {
             break;
         }

@@ -201,6 +201,16 @@ impl ItemResult {
     }
 
     fn unreadable(job: Uuid, index: u64, why: String) -> Self {
+        let message = format!("the stored result of item {index} is not shown: {why}");
+        Self {
+            finished_at: 0,
+            ..Self::not_run(job, index, "unreadable", message)
+        }
+    }
+
+    /// The failed result of an item that ran no stage (not runnable, abandoned...): `kind` and
+    /// `message` say why; not retryable.
+    pub fn not_run(job: Uuid, index: u64, kind: &str, message: String) -> Self {
         Self {
             index,
             item_id: item_id(job, index),
@@ -208,13 +218,13 @@ impl ItemResult {
             output: None,
             error: Some(ItemError {
                 stage: String::new(),
-                kind: "unreadable".into(),
-                message: format!("the stored result of item {index} is not shown: {why}"),
+                kind: kind.into(),
+                message,
                 retryable: false,
                 attempts: Vec::new(),
             }),
             stages: Vec::new(),
-            finished_at: 0,
+            finished_at: now_ms(),
         }
     }
 }
