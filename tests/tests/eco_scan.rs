@@ -90,7 +90,8 @@ fn ownership_key(user: &str, character: &str) -> String {
 
 #[test]
 fn the_example_batch_runs_end_to_end() {
-    let mock = MockLlm::start(&[]);
+    // As strict as llama.cpp's server: text-only content must be a string.
+    let mock = MockLlm::start(&["--string-content"]);
     let data = tempfile::tempdir().unwrap();
     let out = data.path().join("results.jsonl");
     let run = stagehand(
@@ -234,6 +235,7 @@ fn the_example_batch_runs_end_to_end() {
         keys
     );
     assert_eq!(mock.stats()["vision"], items.len() as u64);
+    assert_eq!(mock.stats()["bad_requests"], 0, "{}", mock.stats());
 }
 
 #[test]

@@ -11,7 +11,8 @@ use stagehand_tests::{MockLlm, binary, repo_root};
 fn every_case_is_generated_and_graded() {
     let example = repo_root().join("examples/prompt-eval");
     let answers = example.join("answers.json").display().to_string();
-    let mock = MockLlm::start(&["--answers", &answers]);
+    // As strict as llama.cpp's server: text-only content must be a string.
+    let mock = MockLlm::start(&["--answers", &answers, "--string-content"]);
     let data = tempfile::tempdir().unwrap();
     let out = data.path().join("results.jsonl");
     let run = Command::new(binary("stagehand"))

@@ -17,7 +17,8 @@
 //! `--retry-after-s`, `--rate-500`, `--rate-hang`) are set by flags, or changed while running
 //! with `POST /admin/config`; `GET /admin/stats` counts what happened. `"stream": true` gets
 //! OpenAI's streamed chunks, one per word, `--token-delay-ms` apart (usage in a last chunk with
-//! `stream_options.include_usage`). The first line on stdout is `listening on http://ADDR`, so
+//! `stream_options.include_usage`). `--string-content` imitates servers that take a message's
+//! content as a string only (llama.cpp's). The first line on stdout is `listening on http://ADDR`, so
 //! a parent process can find an ephemeral port.
 
 use std::io::Write;
@@ -85,6 +86,12 @@ struct Behaviour {
     #[arg(long, default_value_t = 0)]
     #[serde(default)]
     token_delay_ms: u64,
+    /// Answer like a server whose request schema takes a message's content as a string only
+    /// (llama.cpp's server through llama-cpp-python): content sent as an array of parts with
+    /// no image in it is a 500 carrying the schema's validation error.
+    #[arg(long)]
+    #[serde(default)]
+    string_content: bool,
 }
 
 #[derive(Default, Serialize)]
@@ -196,6 +203,23 @@ async fn chat(State(mock): State<Arc<Mock>>, body: axum::body::Bytes) -> Respons
             "`messages` must be an array",
         );
     };
+    let string_content = mock
+        .behaviour
+        .lock()
+        .expect("not poisoned")
+        .0
+        .string_content;
+    if string_content && let Some(index) = messages.iter().position(parts_without_image) {
+        mock.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!(
+                "1 validation error for ChatCompletionRequest\nmessages.{index}.content\n  \
+                 Input should be a valid string [type=string_type]"
+            ),
+        )
+            .into_response();
+    }
     let task = classify(messages, &mock.answers);
 
     // Draw the fault and the delay under one lock, then act without it.
@@ -358,6 +382,15 @@ fn streamed(
         },
     );
     axum::response::sse::Sse::new(events).into_response()
+}
+
+/// A message whose content is an array of parts none of which is an image: what a server
+/// that wants string content refuses.
+fn parts_without_image(message: &Value) -> bool {
+    message
+        .get("content")
+        .and_then(Value::as_array)
+        .is_some_and(|parts| parts.iter().all(|p| p.get("image_url").is_none()))
 }
 
 /// The texts and image URLs of all messages, in order.

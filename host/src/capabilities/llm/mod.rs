@@ -228,17 +228,7 @@ impl LlmClient {
                     Role::User => "user",
                     Role::Assistant => "assistant",
                 };
-                let parts: Vec<Value> = m
-                    .content
-                    .into_iter()
-                    .map(|part| match part {
-                        ContentPart::Text(text) => json!({ "type": "text", "text": text }),
-                        ContentPart::ImageUrl(url) => {
-                            json!({ "type": "image_url", "image_url": { "url": url } })
-                        }
-                    })
-                    .collect();
-                json!({ "role": role, "content": parts })
+                json!({ "role": role, "content": content(m.content) })
             })
             .collect();
         let mut body = json!({
@@ -248,14 +238,44 @@ impl LlmClient {
         if let Some(max_tokens) = request.max_tokens {
             body["max_tokens"] = json!(max_tokens);
         }
-        if let Some(temperature) = request.temperature {
-            body["temperature"] = json!(temperature);
+        // As the guest wrote it: 0.2, not the f32's 0.20000000298023224.
+        if let Some(temperature) = request
+            .temperature
+            .and_then(|t| t.to_string().parse::<serde_json::Number>().ok())
+        {
+            body["temperature"] = Value::Number(temperature);
         }
         if request.json_mode {
             body["response_format"] = json!({ "type": "json_object" });
         }
         body
     }
+}
+
+/// A message's content as every OpenAI-compatible server takes it: a string when it is text
+/// only (servers such as llama.cpp's refuse or drop an array there), an array of parts only
+/// when it carries an image.
+fn content(parts: Vec<ContentPart>) -> Value {
+    if !parts.iter().any(|p| matches!(p, ContentPart::ImageUrl(_))) {
+        let texts: Vec<String> = parts
+            .into_iter()
+            .map(|part| match part {
+                ContentPart::Text(text) => text,
+                ContentPart::ImageUrl(url) => url,
+            })
+            .collect();
+        return Value::String(texts.join("\n"));
+    }
+    let parts: Vec<Value> = parts
+        .into_iter()
+        .map(|part| match part {
+            ContentPart::Text(text) => json!({ "type": "text", "text": text }),
+            ContentPart::ImageUrl(url) => {
+                json!({ "type": "image_url", "image_url": { "url": url } })
+            }
+        })
+        .collect();
+    Value::Array(parts)
 }
 
 /// Tokens counted for an image part before the provider says (OpenAI's price of a
@@ -479,6 +499,37 @@ mod tests {
         assert_eq!(retry_after_ms(&headers), Some(2000));
         headers.insert("retry-after-ms", "150".parse().unwrap());
         assert_eq!(retry_after_ms(&headers), Some(150));
+    }
+
+    #[test]
+    fn requests_are_written_as_compatible_servers_take_them() {
+        let config: crate::config::LlmConfig =
+            toml::from_str("base_url = \"http://x/v1\"\nmodel = \"m\"").unwrap();
+        let client = LlmClient::new(&config).unwrap();
+        let text = |t: &str| ContentPart::Text(t.into());
+        let message = |role, content| crate::runtime::bindings::llm::Message { role, content };
+        let body = client.body(ChatRequest {
+            model: None,
+            messages: vec![
+                message(Role::System, vec![text("be brief")]),
+                message(
+                    Role::User,
+                    vec![
+                        text("what is"),
+                        ContentPart::ImageUrl("data:image/png;base64,AA".into()),
+                    ],
+                ),
+                message(Role::User, vec![text("a"), text("b")]),
+            ],
+            max_tokens: Some(5),
+            temperature: Some(0.2),
+            json_mode: false,
+        });
+        assert_eq!(body["messages"][0]["content"], "be brief");
+        assert_eq!(body["messages"][1]["content"][1]["type"], "image_url");
+        assert_eq!(body["messages"][2]["content"], "a\nb");
+        assert_eq!(body["temperature"].to_string(), "0.2");
+        assert!(body.get("response_format").is_none());
     }
 
     #[test]
