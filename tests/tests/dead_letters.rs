@@ -290,6 +290,31 @@ fn retryable_dead_letters_are_reprocessed_on_a_timer() {
 }
 
 #[test]
+fn automatic_reprocessing_gives_a_dead_letter_up_after_its_rounds() {
+    // Answers never come in time: every round fails again, retryably.
+    let mock = MockLlm::start(&["--latency-ms", "1000", "--vision-latency-ms", "0"]);
+    let data = tempfile::tempdir().unwrap();
+    let flags = ["--reprocess-every-secs", "1", "--reprocess-max-rounds", "2"];
+    let server = serve(&mock, data.path(), &flags);
+    let (_, body) = post(&server, "/v1/jobs", Some(json!({ "items": eco_items(1) })));
+    let job = body["job_id"].as_str().unwrap().to_string();
+    wait_until_ended(&server, &job);
+    let rounds = || {
+        let (_, letters) = get(&server, &format!("/v1/dead-letters?job={job}"));
+        letters["dead_letters"][0]["reprocessed"].as_u64().unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rounds() < 2 {
+        assert!(Instant::now() < deadline, "not reprocessed twice");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Three more timer ticks: no third round, and the letter stays for a person.
+    std::thread::sleep(Duration::from_secs(3));
+    wait_until_ended(&server, &job);
+    assert_eq!(rounds(), 2);
+}
+
+#[test]
 fn a_job_can_shorten_its_stage_and_item_time_limits() {
     // Text answers take 1 s; the pipeline's stages would wait for them (vision answers at once).
     let mock = MockLlm::start(&["--latency-ms", "1000", "--vision-latency-ms", "0"]);

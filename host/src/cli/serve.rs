@@ -69,6 +69,10 @@ pub struct ServeArgs {
     /// (seed 002 used 300); off when absent.
     #[arg(long)]
     reprocess_every_secs: Option<u64>,
+    /// ... at most this many times each: then a dead letter waits for a person (its failure
+    /// only looked retryable).
+    #[arg(long, default_value_t = 5)]
+    reprocess_max_rounds: u32,
 }
 
 pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
@@ -148,6 +152,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
         crate::jobs::auto_reprocess::spawn(
             jobs.clone(),
             Duration::from_secs(secs.max(1)),
+            args.reprocess_max_rounds,
             stop_effects.clone(),
         )
     });

@@ -1,5 +1,7 @@
 //! Seed 002's replay: every so often, dead letters whose failure may pass (a provider outage,
-//! a timeout) are run again; fatal ones wait for a person.
+//! a timeout) are run again; fatal ones wait for a person, and so does a letter that has been
+//! run again `max_rounds` times without passing (a failure that only looked retryable must not
+//! be replayed forever).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,12 +14,13 @@ use uuid::Uuid;
 
 use super::{JobManager, Reprocess};
 
-/// Reprocess the retryable dead letters of every finished job, once; how many were started.
-pub fn reprocess_retryable(jobs: &Arc<JobManager>) -> Result<usize> {
+/// Reprocess the retryable dead letters of every finished job that have been reprocessed fewer
+/// than `max_rounds` times, once; how many were started.
+pub fn reprocess_retryable(jobs: &Arc<JobManager>, max_rounds: u32) -> Result<usize> {
     let mut by_job: BTreeMap<Uuid, Vec<u64>> = BTreeMap::new();
     for letter in jobs.pipeline().store().dead_letters(None, None) {
         let letter = letter?;
-        if letter.error.retryable {
+        if letter.error.retryable && letter.reprocessed < max_rounds {
             by_job.entry(letter.job_id).or_default().push(letter.index);
         }
     }
@@ -31,14 +34,19 @@ pub fn reprocess_retryable(jobs: &Arc<JobManager>) -> Result<usize> {
 }
 
 /// Run [`reprocess_retryable`] every `interval` until `stop`.
-pub fn spawn(jobs: Arc<JobManager>, interval: Duration, stop: CancellationToken) -> JoinHandle<()> {
+pub fn spawn(
+    jobs: Arc<JobManager>,
+    interval: Duration,
+    max_rounds: u32,
+    stop: CancellationToken,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 () = tokio::time::sleep(interval) => {}
                 () = stop.cancelled() => return,
             }
-            match reprocess_retryable(&jobs) {
+            match reprocess_retryable(&jobs, max_rounds) {
                 Ok(0) => {}
                 Ok(started) => tracing::info!(started, "reprocessing retryable dead letters"),
                 Err(error) => {
