@@ -9,7 +9,7 @@
 use super::HostState;
 use crate::limits::Budgets;
 
-/// Counted host calls of a try.
+/// Counted host calls of a try, each with a budget on its count and one on its size.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Counted {
     Emits,
@@ -19,13 +19,33 @@ pub(crate) enum Counted {
 }
 
 impl Counted {
-    /// The budget's key in the pipeline file, and what it counts.
-    fn describe(self) -> (&'static str, &'static str) {
+    /// The budgets' keys in the pipeline file, what they count and what they size.
+    fn describe(self) -> [&'static str; 4] {
         match self {
-            Counted::Emits => ("emits", "`dispatch.emit` calls"),
-            Counted::Calls => ("calls", "`dispatch.call` calls"),
-            Counted::LlmCalls => ("llm_calls", "LLM calls"),
-            Counted::RecordWrites => ("record_writes", "`records.put` calls"),
+            Counted::Emits => [
+                "emits",
+                "`dispatch.emit` calls",
+                "emit_kib",
+                "a `dispatch.emit` payload",
+            ],
+            Counted::Calls => [
+                "calls",
+                "`dispatch.call` calls",
+                "call_kib",
+                "a `dispatch.call` payload",
+            ],
+            Counted::LlmCalls => [
+                "llm_calls",
+                "LLM calls",
+                "llm_request_kib",
+                "an LLM request",
+            ],
+            Counted::RecordWrites => [
+                "record_writes",
+                "`records.put` calls",
+                "record_kib",
+                "a record",
+            ],
         }
     }
 }
@@ -43,21 +63,32 @@ pub(crate) struct Spent {
 }
 
 impl HostState {
-    /// Count one more `call`, or fail the try if that is one past its budget.
-    pub(crate) fn spend(&mut self, call: Counted) -> wasmtime::Result<()> {
+    /// Count one more `call` of `size` bytes, or fail the try if that is one past its count
+    /// budget or larger than its size budget.
+    pub(crate) fn spend(&mut self, call: Counted, size: usize) -> wasmtime::Result<()> {
         let budgets = self.budgets;
-        let (used, limit) = match call {
-            Counted::Emits => (&mut self.spent.emits, budgets.emits),
-            Counted::Calls => (&mut self.spent.calls, budgets.calls),
-            Counted::LlmCalls => (&mut self.spent.llm_calls, budgets.llm_calls),
-            Counted::RecordWrites => (&mut self.spent.record_writes, budgets.record_writes),
+        let (used, limit, max_size) = match call {
+            Counted::Emits => (&mut self.spent.emits, budgets.emits, budgets.emit_bytes),
+            Counted::Calls => (&mut self.spent.calls, budgets.calls, budgets.call_bytes),
+            Counted::LlmCalls => (
+                &mut self.spent.llm_calls,
+                budgets.llm_calls,
+                budgets.llm_request_bytes,
+            ),
+            Counted::RecordWrites => (
+                &mut self.spent.record_writes,
+                budgets.record_writes,
+                budgets.record_bytes,
+            ),
         };
         *used = used.saturating_add(1);
+        let [count_key, counts, size_key, sized] = call.describe();
         if *used > limit {
-            let (key, what) = call.describe();
-            return Err(self.over_budget(key, format!("more than {limit} {what} in one try")));
+            return Err(
+                self.over_budget(count_key, format!("more than {limit} {counts} in one try"))
+            );
         }
-        Ok(())
+        self.fits(size_key, sized, size, max_size)
     }
 
     /// `size` bytes of `what` fit `limit` (budget `key`), or the try fails.

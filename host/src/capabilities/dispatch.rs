@@ -14,14 +14,7 @@ impl Host for HostState {
         handler: String,
         payload: String,
     ) -> wasmtime::Result<Result<String, DispatchError>> {
-        self.spend(Counted::Calls)?;
-        let limit = self.budgets.call_bytes;
-        self.fits(
-            "call_kib",
-            "a `dispatch.call` payload",
-            payload.len(),
-            limit,
-        )?;
+        self.spend(Counted::Calls, payload.len())?;
         let Some(component) = self.caps.handlers.get(&handler).cloned() else {
             return Ok(Err(DispatchError::NoSuchHandler(handler)));
         };
@@ -48,14 +41,7 @@ impl Host for HostState {
         payload: String,
         key: String,
     ) -> wasmtime::Result<Result<EmitOutcome, DispatchError>> {
-        self.spend(Counted::Emits)?;
-        let limit = self.budgets.emit_bytes;
-        self.fits(
-            "emit_kib",
-            "a `dispatch.emit` payload",
-            payload.len(),
-            limit,
-        )?;
+        self.spend(Counted::Emits, payload.len())?;
         if !self.caps.handlers.contains_key(&handler) {
             return Ok(Err(DispatchError::NoSuchHandler(handler)));
         }

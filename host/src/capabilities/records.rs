@@ -11,9 +11,7 @@ impl Host for HostState {
         key: String,
         value: String,
     ) -> wasmtime::Result<Result<(), String>> {
-        self.spend(Counted::RecordWrites)?;
-        let limit = self.budgets.record_bytes;
-        self.fits("record_kib", "a record", value.len(), limit)?;
+        self.spend(Counted::RecordWrites, value.len())?;
         let name = collection.len().max(key.len());
         self.fits("kv_key", "a record's collection or key", name, MAX_KV_KEY)?;
         if serde_json::from_str::<serde::de::IgnoredAny>(&value).is_err() {
