@@ -185,7 +185,7 @@ async fn eco_scan(items: u64) {
     let dir = tempfile::tempdir().unwrap();
     let mut config =
         PipelineConfig::load(&repo_root().join("examples/eco-scan/pipeline.toml")).unwrap();
-    config.llm.base_url = mock.base_url();
+    config.llm.point_all_at(&mock.base_url());
     let pipeline = load(config, dir.path()).await;
     let example =
         std::fs::read_to_string(repo_root().join("examples/eco-scan/items.jsonl")).unwrap();

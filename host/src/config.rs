@@ -31,35 +31,63 @@ pub struct PipelineConfig {
     pub limits: JobLimits,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Where LLM calls go: `[llm]` and `[providers.NAME]`.
+#[derive(Debug, Clone)]
 pub struct LlmConfig {
-    /// The OpenAI-compatible API root, e.g. `https://api.openai.com/v1`.
-    pub base_url: String,
-    /// Model used when a stage does not name one.
-    pub model: String,
-    /// Name of the environment variable that holds the API key (never the key itself).
-    #[serde(default)]
-    pub api_key_env: Option<String>,
-    #[serde(default = "defaults::llm_timeout_ms")]
-    pub timeout_ms: u64,
-    #[serde(default = "defaults::llm_max_concurrent_requests")]
-    pub max_concurrent_requests: usize,
-    /// The provider's rate limits (token buckets); none by default.
-    #[serde(default)]
-    pub requests_per_minute: Option<u32>,
-    #[serde(default)]
-    pub tokens_per_minute: Option<u32>,
-    /// Limits of single models, on top of the provider's: `[llm.models."gpt-4o"]`.
-    #[serde(default)]
-    pub models: BTreeMap<String, ModelLimits>,
+    /// Every provider by name; an `[llm]` table with a `base_url` is the one named `default`.
+    pub providers: BTreeMap<String, ProviderConfig>,
+    /// The providers a stage without its own `providers` uses, in failover order.
+    pub route: Vec<String>,
     /// LLM tokens (prompt and completion) one job may use, unless its `max_tokens` option
     /// says otherwise; none by default.
-    #[serde(default)]
     pub max_tokens_per_job: Option<u64>,
 }
 
 impl LlmConfig {
+    /// Send every provider's requests to `base_url` (`--llm-url`: a pipeline tried against a
+    /// mock or a local server).
+    pub fn point_all_at(&mut self, base_url: &str) {
+        for provider in self.providers.values_mut() {
+            provider.base_url = base_url.to_string();
+        }
+    }
+}
+
+/// One OpenAI-compatible endpoint: a hosted API, a vLLM, llama.cpp or Ollama server, a gateway.
+#[derive(Debug, Clone)]
+pub struct ProviderConfig {
+    /// The OpenAI-compatible API root, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// Model used when a stage does not name one.
+    pub model: String,
+    /// The API keys, used in turn (round-robin), each with its own limits. Empty: no key sent.
+    pub keys: Vec<KeyConfig>,
+    /// A model name a stage asks for -> the name this provider knows it by.
+    pub model_map: BTreeMap<String, String>,
+    pub timeout_ms: u64,
+    pub max_concurrent_requests: usize,
+    /// The provider's rate limits (token buckets); none by default.
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u32>,
+    /// Limits of single models (by this provider's name for them), on top of the provider's.
+    pub models: BTreeMap<String, ModelLimits>,
+}
+
+/// One API key: the environment variable that holds it (never the key itself) and the limits
+/// the provider gives that key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    pub env: String,
+    #[serde(default)]
+    pub max_concurrent_requests: Option<usize>,
+    #[serde(default)]
+    pub requests_per_minute: Option<u32>,
+    #[serde(default)]
+    pub tokens_per_minute: Option<u32>,
+}
+
+impl ProviderConfig {
     /// Zero limits would stop every request forever.
     fn check(&self) -> Result<()> {
         let limits = std::iter::once((
@@ -75,6 +103,14 @@ impl LlmConfig {
                 m.requests_per_minute,
                 m.tokens_per_minute,
             )
+        }))
+        .chain(self.keys.iter().map(|k| {
+            (
+                format!("key ${}", k.env),
+                k.max_concurrent_requests,
+                k.requests_per_minute,
+                k.tokens_per_minute,
+            )
         }));
         for (whose, concurrent, rpm, tpm) in limits {
             if concurrent == Some(0) || rpm == Some(0) || tpm == Some(0) {
@@ -82,6 +118,15 @@ impl LlmConfig {
                     "a limit of {whose} is 0; limits must be at least 1 (leave one out for none)"
                 );
             }
+        }
+        if self.timeout_ms == 0 {
+            bail!("`timeout_ms` must be at least 1");
+        }
+        if !(self.base_url.starts_with("http://") || self.base_url.starts_with("https://")) {
+            bail!(
+                "`base_url` {:?} must start with http:// or https://",
+                self.base_url
+            );
         }
         Ok(())
     }
@@ -192,6 +237,8 @@ pub struct StageConfig {
     pub concurrency: Option<usize>,
     pub limits: Limits,
     pub retry: RetryPolicy,
+    /// The LLM providers its calls go to, in failover order.
+    pub providers: Vec<String>,
 }
 
 /// How often a stage is tried for an item, and how long to wait between tries.
@@ -260,7 +307,10 @@ mod defaults {
 #[serde(deny_unknown_fields)]
 struct RawPipeline {
     name: Spanned<String>,
-    llm: LlmConfig,
+    #[serde(default)]
+    llm: Option<RawProvider>,
+    #[serde(default)]
+    providers: BTreeMap<Spanned<String>, RawProvider>,
     #[serde(default)]
     run: RunConfig,
     #[serde(default)]
@@ -292,6 +342,79 @@ struct RawStage {
     max_attempts: Option<u32>,
     backoff_ms: Option<u64>,
     max_backoff_ms: Option<u64>,
+    providers: Option<Vec<Spanned<String>>>,
+}
+
+/// `[llm]` or `[providers.NAME]`, before the checks.
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    base_url: Option<String>,
+    model: Option<String>,
+    api_key_env: Option<String>,
+    #[serde(default)]
+    keys: Vec<KeyConfig>,
+    #[serde(default)]
+    model_map: BTreeMap<String, String>,
+    timeout_ms: Option<u64>,
+    max_concurrent_requests: Option<usize>,
+    requests_per_minute: Option<u32>,
+    tokens_per_minute: Option<u32>,
+    #[serde(default)]
+    models: BTreeMap<String, ModelLimits>,
+    // `[llm]` only: the default route and the job budget.
+    providers: Option<Spanned<Vec<Spanned<String>>>>,
+    max_tokens_per_job: Option<u64>,
+}
+
+impl RawProvider {
+    /// Whether a provider is described here (and not only `[llm]`'s own keys).
+    fn describes_provider(&self) -> bool {
+        self.base_url.is_some()
+            || self.model.is_some()
+            || self.api_key_env.is_some()
+            || !self.keys.is_empty()
+            || !self.model_map.is_empty()
+            || self.timeout_ms.is_some()
+            || self.max_concurrent_requests.is_some()
+            || self.requests_per_minute.is_some()
+            || self.tokens_per_minute.is_some()
+            || !self.models.is_empty()
+    }
+
+    fn into_provider(self) -> Result<ProviderConfig> {
+        let base_url = self.base_url.context("`base_url` is missing")?;
+        let model = self
+            .model
+            .context("`model` (the default model) is missing")?;
+        let keys = match (self.api_key_env, self.keys) {
+            (Some(_), keys) if !keys.is_empty() => {
+                bail!("give `api_key_env` (one key) or `keys` (several), not both")
+            }
+            (Some(env), _) => vec![KeyConfig {
+                env,
+                max_concurrent_requests: None,
+                requests_per_minute: None,
+                tokens_per_minute: None,
+            }],
+            (None, keys) => keys,
+        };
+        let provider = ProviderConfig {
+            base_url,
+            model,
+            keys,
+            model_map: self.model_map,
+            timeout_ms: self.timeout_ms.unwrap_or_else(defaults::llm_timeout_ms),
+            max_concurrent_requests: self
+                .max_concurrent_requests
+                .unwrap_or_else(defaults::llm_max_concurrent_requests),
+            requests_per_minute: self.requests_per_minute,
+            tokens_per_minute: self.tokens_per_minute,
+            models: self.models,
+        };
+        provider.check()?;
+        Ok(provider)
+    }
 }
 
 /// `[defaults]`: limits for every stage and handler, retries for every stage.
@@ -394,6 +517,7 @@ impl PipelineConfig {
         };
 
         check_name(&raw.name, "pipeline")?;
+        let llm = Self::llm(&raw, path, &at, &check_name)?;
         if raw.stage.is_empty() {
             bail!("{}: the pipeline has no `[[stage]]`", path.display());
         }
@@ -427,12 +551,50 @@ impl PipelineConfig {
                     ),
                 ));
             }
+            let providers = match &s.providers {
+                Some(names) => {
+                    for name in names {
+                        if !llm.providers.contains_key(name.get_ref()) {
+                            return Err(at(
+                                name.span(),
+                                format!(
+                                    "stage `{}`: no provider `{}` (there are: {})",
+                                    s.name.get_ref(),
+                                    name.get_ref(),
+                                    names_of(&llm.providers)
+                                ),
+                            ));
+                        }
+                    }
+                    if names.is_empty() {
+                        return Err(at(
+                            s.name.span(),
+                            format!("stage `{}`: `providers` is empty", s.name.get_ref()),
+                        ));
+                    }
+                    names.iter().map(|n| n.get_ref().clone()).collect()
+                }
+                None if llm.route.is_empty() => {
+                    return Err(at(
+                        s.name.span(),
+                        format!(
+                            "stage `{}`: the pipeline has several providers ({}) and no \
+                             default: give the stage `providers = [...]` or set \
+                             `[llm] providers = [...]`",
+                            s.name.get_ref(),
+                            names_of(&llm.providers)
+                        ),
+                    ));
+                }
+                None => llm.route.clone(),
+            };
             stages.push(StageConfig {
                 name: s.name.get_ref().clone(),
                 component: file(&s.component, "component")?,
                 concurrency: s.concurrency,
                 limits: limits_of!(s).over(base),
                 retry,
+                providers,
             });
         }
         let mut handlers = BTreeMap::new();
@@ -461,9 +623,6 @@ impl PipelineConfig {
                 path.display()
             );
         }
-        raw.llm
-            .check()
-            .with_context(|| format!("{}: `[llm]`", path.display()))?;
         let limits = raw.limits;
         if limits.max_items == 0
             || limits.max_item_kib == 0
@@ -481,7 +640,7 @@ impl PipelineConfig {
                 limits.max_concurrency
             );
         }
-        if let Some(tokens) = raw.llm.max_tokens_per_job
+        if let Some(tokens) = llm.max_tokens_per_job
             && (tokens == 0 || tokens > limits.max_job_tokens)
         {
             bail!(
@@ -493,12 +652,85 @@ impl PipelineConfig {
         Ok(Self {
             name: raw.name.into_inner(),
             source: path.to_path_buf(),
-            llm: raw.llm,
+            llm,
             run: raw.run,
             stages,
             handlers,
             kv,
             limits: raw.limits,
+        })
+    }
+
+    /// `[llm]` and `[providers.NAME]`: the providers by name and the default route.
+    fn llm(
+        raw: &RawPipeline,
+        path: &Path,
+        at: &dyn Fn(Range<usize>, String) -> anyhow::Error,
+        check_name: &dyn Fn(&Spanned<String>, &str) -> Result<()>,
+    ) -> Result<LlmConfig> {
+        let mut providers = BTreeMap::new();
+        for (name, p) in &raw.providers {
+            check_name(name, "provider")?;
+            let whose = format!("{}: `[providers.{}]`", path.display(), name.get_ref());
+            if p.providers.is_some() || p.max_tokens_per_job.is_some() {
+                bail!("{whose}: `providers` and `max_tokens_per_job` belong in `[llm]`");
+            }
+            let provider = p.clone().into_provider().context(whose)?;
+            providers.insert(name.get_ref().clone(), provider);
+        }
+        let llm = raw.llm.as_ref();
+        if let Some(llm) = llm.filter(|l| l.describes_provider()) {
+            if providers.contains_key("default") {
+                bail!(
+                    "{}: `[llm]` describes the provider `default`, and so does \
+                     `[providers.default]`",
+                    path.display()
+                );
+            }
+            let provider = llm
+                .clone()
+                .into_provider()
+                .with_context(|| format!("{}: `[llm]`", path.display()))?;
+            providers.insert("default".to_string(), provider);
+        }
+        if providers.is_empty() {
+            bail!(
+                "{}: no LLM provider: add `[llm]` with `base_url` and `model`, or \
+                 `[providers.NAME]` tables",
+                path.display()
+            );
+        }
+        let route = match llm.and_then(|l| l.providers.as_ref()) {
+            Some(names) => {
+                for name in names.get_ref() {
+                    if !providers.contains_key(name.get_ref()) {
+                        return Err(at(
+                            name.span(),
+                            format!(
+                                "`[llm] providers`: no provider `{}` (there are: {})",
+                                name.get_ref(),
+                                names_of(&providers)
+                            ),
+                        ));
+                    }
+                }
+                if names.get_ref().is_empty() {
+                    return Err(at(names.span(), "`[llm] providers` is empty".into()));
+                }
+                names
+                    .get_ref()
+                    .iter()
+                    .map(|n| n.get_ref().clone())
+                    .collect()
+            }
+            None if providers.contains_key("default") => vec!["default".to_string()],
+            None if providers.len() == 1 => providers.keys().cloned().collect(),
+            None => Vec::new(),
+        };
+        Ok(LlmConfig {
+            providers,
+            route,
+            max_tokens_per_job: llm.and_then(|l| l.max_tokens_per_job),
         })
     }
 
@@ -511,4 +743,11 @@ impl PipelineConfig {
             .max()
             .unwrap_or(Limits::default().memory_bytes)
     }
+}
+
+fn names_of<T>(map: &BTreeMap<String, T>) -> String {
+    map.keys()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
 }

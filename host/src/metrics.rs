@@ -72,18 +72,31 @@ impl Drop for InFlight {
 
 /// An LLM request ended: `outcome` is `ok`, `rate_limited`, `unavailable`, `rejected` or
 /// `bad_response`; tokens as the provider reported them.
-pub fn llm_request(model: &str, outcome: &str, latency: Duration, tokens: Option<(u32, u32)>) {
-    let model = model.to_string();
-    counter!("stagehand_llm_requests_total", "model" => model.clone(), "outcome" => outcome.to_string())
+pub fn llm_request(call: &crate::store::LlmCall, latency: Duration) {
+    let (provider, model) = (call.provider.clone(), call.model.clone());
+    counter!("stagehand_llm_requests_total", "provider" => provider.clone(), "model" => model.clone(), "outcome" => call.outcome.clone())
         .increment(1);
-    histogram!("stagehand_llm_request_duration_seconds", "model" => model.clone())
+    histogram!("stagehand_llm_request_duration_seconds", "provider" => provider.clone(), "model" => model.clone())
         .record(latency.as_secs_f64());
-    if let Some((prompt, completion)) = tokens {
-        counter!("stagehand_llm_tokens_total", "model" => model.clone(), "kind" => "prompt")
-            .increment(prompt.into());
-        counter!("stagehand_llm_tokens_total", "model" => model, "kind" => "completion")
-            .increment(completion.into());
+    if let Some(finish) = &call.finish_reason {
+        // An estimate is counted apart, so that a dashboard can tell it from a report.
+        let estimated = if call.usage_estimated {
+            "true"
+        } else {
+            "false"
+        };
+        counter!("stagehand_llm_tokens_total", "provider" => provider.clone(), "model" => model.clone(), "kind" => "prompt", "estimated" => estimated)
+            .increment(call.prompt_tokens.into());
+        counter!("stagehand_llm_tokens_total", "provider" => provider.clone(), "model" => model.clone(), "kind" => "completion", "estimated" => estimated)
+            .increment(call.completion_tokens.into());
+        counter!("stagehand_llm_finish_reasons_total", "provider" => provider, "model" => model, "reason" => finish.clone())
+            .increment(1);
     }
+}
+
+/// A stage's LLM call left `provider` for the next one of its route.
+pub fn llm_failover(provider: &str) {
+    counter!("stagehand_llm_failovers_total", "provider" => provider.to_string()).increment(1);
 }
 
 /// Items of running jobs not finished yet, set when metrics are scraped.

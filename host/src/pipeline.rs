@@ -4,13 +4,13 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use futures::future::try_join_all;
 use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 
 use crate::capabilities::EffectKeys;
-use crate::capabilities::{Capabilities, KvNamespaces, LlmClient};
+use crate::capabilities::{Capabilities, KvNamespaces, LlmProviders};
 use crate::config::{PipelineConfig, StageConfig};
 use crate::events::TokenHub;
 use crate::runtime::{HandlerComponent, Runtime, RuntimeOptions, StageComponent};
@@ -192,7 +192,13 @@ impl Pipeline {
                 permits: config.concurrency.map(Semaphore::new),
             })
             .collect();
-        let llm = LlmClient::new(&config.llm).context("`[llm]`")?;
+        let llm = LlmProviders::new(
+            &config.llm,
+            config
+                .stages
+                .iter()
+                .map(|s| (s.name.as_str(), s.providers.as_slice())),
+        )?;
         let kv = Arc::new(KvNamespaces::load(&config.kv)?);
         let caps = Arc::new(Capabilities {
             runtime,

@@ -340,7 +340,7 @@ async fn a_component_of_the_wrong_world_is_refused_at_load() {
         Err(e) => format!("{e:#}"),
     };
     assert!(error.contains("stage `oops`"), "{error}");
-    assert!(error.contains("does not implement world `stage` of stagehand:pipeline@0.1.0: missing export `run` (it exports: handle)"), "{error}");
+    assert!(error.contains("does not implement world `stage` of stagehand:pipeline@0.2.0: missing export `run` (it exports: handle)"), "{error}");
 }
 
 #[tokio::test]
@@ -437,6 +437,92 @@ fn pipeline_file_mistakes_name_the_key_and_line() {
     assert!(typo.contains("unknown field `rpm`"), "{typo}");
 }
 
+/// Providers: `[llm]` is the one named `default`; `[providers.NAME]` add more; a stage names
+/// its route or takes `[llm] providers`; every mistake names what is wrong.
+#[test]
+fn providers_and_routes_are_read_from_the_pipeline_file() {
+    let fixture = Fixture::new();
+    let wasm = fixture.write("a.wasm", "");
+    let stage = |extra: &str| {
+        format!(
+            "[[stage]]\nname = \"a\"\ncomponent = \"{}\"\n{extra}",
+            wasm.display()
+        )
+    };
+    let load = |text: &str| PipelineConfig::load(&fixture.write("p.toml", text));
+    let error = |text: &str| format!("{:#}", load(text).expect_err("invalid"));
+    let two = "[providers.local]\nbase_url = \"http://l/v1\"\nmodel = \"q\"\n\
+               [providers.hosted]\nbase_url = \"https://h/v1\"\nmodel = \"g\"\n\
+               api_key_env = \"HOME\"\nmodel_map = { \"g-big\" = \"g\" }\n";
+
+    let routed = load(&format!(
+        "name = \"t\"\n[llm]\nproviders = [\"local\", \"hosted\"]\n{two}{}",
+        stage("")
+    ))
+    .unwrap();
+    assert_eq!(routed.llm.route, ["local", "hosted"]);
+    assert_eq!(routed.stages[0].providers, ["local", "hosted"]);
+    assert_eq!(routed.llm.providers["hosted"].keys[0].env, "HOME");
+    assert_eq!(routed.llm.providers["hosted"].model_map["g-big"], "g");
+
+    let own = load(&format!(
+        "name = \"t\"\n{two}{}",
+        stage("providers = [\"hosted\"]\n")
+    ))
+    .unwrap();
+    assert_eq!(own.stages[0].providers, ["hosted"]);
+
+    let no_route = error(&format!("name = \"t\"\n{two}{}", stage("")));
+    assert!(
+        no_route.contains(
+            "stage `a`: the pipeline has several providers (hosted, local) and no default"
+        ),
+        "{no_route}"
+    );
+    let unknown = error(&format!(
+        "name = \"t\"\n{two}{}",
+        stage("providers = [\"nope\"]\n")
+    ));
+    assert!(
+        unknown.contains("p.toml:13: stage `a`: no provider `nope` (there are: hosted, local)"),
+        "{unknown}"
+    );
+    let both_keys = error(&format!(
+        "name = \"t\"\n[providers.x]\nbase_url = \"http://x\"\nmodel = \"m\"\n\
+         api_key_env = \"A\"\nkeys = [{{ env = \"B\" }}]\n{}",
+        stage("")
+    ));
+    assert!(
+        both_keys.contains("`[providers.x]`: give `api_key_env` (one key) or `keys`"),
+        "{both_keys}"
+    );
+    let twice = error(&format!(
+        "name = \"t\"\n[llm]\nbase_url = \"http://x\"\nmodel = \"m\"\n\
+         [providers.default]\nbase_url = \"http://y\"\nmodel = \"m\"\n{}",
+        stage("")
+    ));
+    assert!(
+        twice.contains("and so does `[providers.default]`"),
+        "{twice}"
+    );
+    let none = error(&format!("name = \"t\"\n{}", stage("")));
+    assert!(none.contains("no LLM provider"), "{none}");
+    let zero_key = error(&format!(
+        "name = \"t\"\n[providers.x]\nbase_url = \"http://x\"\nmodel = \"m\"\n\
+         keys = [{{ env = \"B\", requests_per_minute = 0 }}]\n{}",
+        stage("")
+    ));
+    assert!(zero_key.contains("a limit of key $B is 0"), "{zero_key}");
+    let scheme = error(&format!(
+        "name = \"t\"\n[llm]\nbase_url = \"localhost:8080\"\nmodel = \"m\"\n{}",
+        stage("")
+    ));
+    assert!(
+        scheme.contains("must start with http:// or https://"),
+        "{scheme}"
+    );
+}
+
 /// Budgets and job limits come from `[defaults.budgets]`, a stage's own `budgets` and
 /// `[limits]`; a typo among them names the key, and `[run] concurrency` must fit the limit.
 #[test]
@@ -472,5 +558,29 @@ fn budgets_and_limits_are_read_from_the_pipeline_file() {
     assert!(
         over.contains("`[run] concurrency` (2000) is over `[limits] max_concurrency` (1024)"),
         "{over}"
+    );
+}
+
+#[tokio::test]
+async fn a_component_built_against_another_wit_version_is_told_to_rebuild() {
+    let fixture = Fixture::new();
+    let runtime = Runtime::new(RuntimeOptions {
+        max_instances: 4,
+        max_memory_bytes: 16 << 20,
+        cache_dir: fixture.dir.path().join("c"),
+    })
+    .unwrap();
+    let old = wat::parse_str(r#"(component (import "stagehand:pipeline/log@0.1.0" (instance)))"#)
+        .unwrap();
+    let error = StageComponent::from_bytes(&runtime, "x", old)
+        .await
+        .err()
+        .expect("refused");
+    let error = format!("{error:#}");
+    assert!(
+        error.contains(
+            "was built against stagehand:pipeline@0.1.0; this host speaks stagehand:pipeline@0.2.0"
+        ),
+        "{error}"
     );
 }

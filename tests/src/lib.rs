@@ -50,10 +50,16 @@ impl Server {
 
     /// [`Server::start`] with the process' stderr (its log) going to `stderr`.
     pub fn start_with_stderr(binary: &Path, args: &[&str], stderr: Stdio) -> Result<Self> {
-        let mut child = Command::new(binary)
-            .args(args)
+        let mut command = Command::new(binary);
+        command.args(args).stderr(stderr);
+        Self::start_command(command)
+    }
+
+    /// Start `command` (its arguments and environment set by the caller), stdout piped.
+    pub fn start_command(mut command: Command) -> Result<Self> {
+        let binary = PathBuf::from(command.get_program());
+        let mut child = command
             .stdout(Stdio::piped())
-            .stderr(stderr)
             .spawn()
             .with_context(|| format!("cannot start {}", binary.display()))?;
         let mut line = String::new();

@@ -24,13 +24,13 @@ fn a_stage_and_a_handler_are_told_apart_with_their_imports_and_exports() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(
-        text.contains("    stagehand:pipeline/llm@0.1.0\n"),
+        text.contains("    stagehand:pipeline/llm@0.2.0\n"),
         "{text}"
     );
     assert!(text.contains("  exports\n    run\n"), "{text}");
     assert!(text.contains("world `stage`: ok"), "{text}");
     assert!(
-        text.contains("world `handler`: no: does not implement world `handler` of stagehand:pipeline@0.1.0: missing export `handle` (it exports: run)"),
+        text.contains("world `handler`: no: does not implement world `handler` of stagehand:pipeline@0.2.0: missing export `handle` (it exports: run)"),
         "{text}"
     );
 

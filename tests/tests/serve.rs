@@ -667,12 +667,20 @@ fn metrics_count_stages_items_llm_calls_and_subscribers() {
     assert_eq!(value("stagehand_jobs_total{event=\"submitted\"}"), 1.0);
     assert_eq!(value("stagehand_jobs_total{event=\"completed\"}"), 1.0);
     assert_eq!(
-        value("stagehand_llm_requests_total{model=\"gpt-4o-mini\",outcome=\"ok\"}"),
+        value(
+            "stagehand_llm_requests_total{provider=\"default\",model=\"gpt-4o-mini\",outcome=\"ok\"}"
+        ),
         12.0
     );
-    assert!(value("stagehand_llm_tokens_total{model=\"gpt-4o-mini\",kind=\"prompt\"}") > 0.0);
+    assert!(
+        value(
+            "stagehand_llm_tokens_total{provider=\"default\",model=\"gpt-4o-mini\",kind=\"prompt\",estimated=\"false\"}"
+        ) > 0.0
+    );
     assert_eq!(
-        value("stagehand_llm_request_duration_seconds_count{model=\"gpt-4o-mini\"}"),
+        value(
+            "stagehand_llm_request_duration_seconds_count{provider=\"default\",model=\"gpt-4o-mini\"}"
+        ),
         12.0
     );
     assert_eq!(value("stagehand_llm_waiting_requests"), 0.0);

@@ -422,15 +422,47 @@ fn test(root: &Path) -> Result<()> {
         "+ STAGEHAND_PLUGINS_DIR={} cargo test --release --workspace",
         plugins_dir.display()
     );
+    let compat_python = compat_python(root)?;
     let status = Command::new("cargo")
         .args(["test", "--release", "--workspace"])
         .env("STAGEHAND_PLUGINS_DIR", &plugins_dir)
+        .env("STAGEHAND_COMPAT_PYTHON", &compat_python)
         .current_dir(root)
         .status()?;
     if !status.success() {
         bail!("tests failed ({status})");
     }
     schemathesis(root)
+}
+
+/// The compatibility suite's servers (llama-cpp-python, LiteLLM's proxy, `gguf`), pinned in
+/// tests/compat/requirements.txt, in a virtualenv of their own under `target/python/compat`:
+/// installed once (llama.cpp is compiled from source, about five minutes on two cores) and
+/// again only when the requirements change. Returns its interpreter.
+fn compat_python(root: &Path) -> Result<PathBuf> {
+    let venv = root.join("target/python/compat");
+    let requirements = root.join("tests/compat/requirements.txt");
+    let wanted = std::fs::read_to_string(&requirements)?;
+    let stamp = venv.join("installed-requirements.txt");
+    let python = venv.join("bin/python");
+    if std::fs::read_to_string(&stamp).is_ok_and(|installed| installed == wanted) {
+        return Ok(python);
+    }
+    if !venv.join("bin/pip").is_file() {
+        ensure_python_venv(&venv)?;
+    }
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    eprintln!("+ pip install -r tests/compat/requirements.txt (llama.cpp builds from source)");
+    let status = Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "-r", path(&requirements)])
+        .env("CMAKE_BUILD_PARALLEL_LEVEL", cores.to_string())
+        .current_dir(root)
+        .status()?;
+    if !status.success() {
+        bail!("installing the compatibility suite's servers failed ({status})");
+    }
+    std::fs::write(&stamp, wanted)?;
+    Ok(python)
 }
 
 /// schemathesis from PyPI, pinned, in the project's virtualenv.

@@ -17,8 +17,12 @@
 //! `--retry-after-s`, `--rate-500`, `--rate-hang`) are set by flags, or changed while running
 //! with `POST /admin/config`; `GET /admin/stats` counts what happened. `"stream": true` gets
 //! OpenAI's streamed chunks, one per word, `--token-delay-ms` apart (usage in a last chunk with
-//! `stream_options.include_usage`). `--string-content` imitates servers that take a message's
-//! content as a string only (llama.cpp's). The first line on stdout is `listening on http://ADDR`, so
+//! `stream_options.include_usage`). Modes imitate what real servers do differently:
+//! `--string-content` (content as a string only, a 500 with a validation error otherwise, as
+//! llama.cpp's server through llama-cpp-python), `--no-usage` (no `usage`, streamed or not),
+//! `--max-completion-tokens` (answers cut with `finish_reason: "length"`; the request's
+//! `max_tokens` always cuts too), `--models` (other models are a 404) and `--limited-keys`
+//! (keys that always get 429; `/admin/stats` counts requests per key). The first line on stdout is `listening on http://ADDR`, so
 //! a parent process can find an ephemeral port.
 
 use std::io::Write;
@@ -92,6 +96,25 @@ struct Behaviour {
     #[arg(long)]
     #[serde(default)]
     string_content: bool,
+    /// Answer without `usage`, and ignore `stream_options.include_usage`, as some servers and
+    /// gateways do.
+    #[arg(long)]
+    #[serde(default)]
+    no_usage: bool,
+    /// The server's own cap on an answer's tokens (about 4 bytes each): a longer answer is cut
+    /// and finishes with `length`, as one cut by the request's `max_tokens` does.
+    #[arg(long)]
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
+    /// The models the server has (comma-separated); a request for another is a 404. Empty:
+    /// every model name is taken.
+    #[arg(long, value_delimiter = ',')]
+    #[serde(default)]
+    models: Vec<String>,
+    /// API keys (bearer tokens) that always get 429, as a key past its quota does.
+    #[arg(long, value_delimiter = ',')]
+    #[serde(default)]
+    limited_keys: Vec<String>,
 }
 
 #[derive(Default, Serialize)]
@@ -106,6 +129,12 @@ struct Stats {
     hung: AtomicU64,
     bad_requests: AtomicU64,
     streamed: AtomicU64,
+    /// Answers cut at `max_tokens` or `--max-completion-tokens`.
+    cut: AtomicU64,
+    /// Requests by API key (bearer token; `-` for none).
+    keys: Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Requests by model asked for.
+    models: Mutex<std::collections::BTreeMap<String, u64>>,
     /// Requests being answered now, and the most there ever were at once.
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
@@ -181,9 +210,26 @@ enum Task {
     Echo(String),
 }
 
-async fn chat(State(mock): State<Arc<Mock>>, body: axum::body::Bytes) -> Response {
+async fn chat(
+    State(mock): State<Arc<Mock>>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
     mock.stats.requests.fetch_add(1, Ordering::Relaxed);
     let _in_flight = InFlight::new(&mock.stats);
+    let key = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("-")
+        .to_string();
+    *mock
+        .stats
+        .keys
+        .lock()
+        .expect("not poisoned")
+        .entry(key.clone())
+        .or_default() += 1;
     let request: Value = match serde_json::from_slice(&body) {
         Ok(value) => value,
         Err(e) => {
@@ -203,12 +249,46 @@ async fn chat(State(mock): State<Arc<Mock>>, body: axum::body::Bytes) -> Respons
             "`messages` must be an array",
         );
     };
-    let string_content = mock
-        .behaviour
+    let asked_model = request
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock-1")
+        .to_string();
+    *mock
+        .stats
+        .models
         .lock()
         .expect("not poisoned")
-        .0
-        .string_content;
+        .entry(asked_model.clone())
+        .or_default() += 1;
+    let (string_content, known_models, limited) = {
+        let guard = mock.behaviour.lock().expect("not poisoned");
+        (
+            guard.0.string_content,
+            guard.0.models.clone(),
+            guard.0.limited_keys.contains(&key),
+        )
+    };
+    if limited {
+        mock.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+        let mut response = openai_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_exceeded",
+            "You exceeded your current quota (mock: a limited key)",
+        );
+        response
+            .headers_mut()
+            .insert("retry-after", HeaderValue::from(1));
+        return response;
+    }
+    if !known_models.is_empty() && !known_models.contains(&asked_model) {
+        mock.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+        return openai_error(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            &format!("The model `{asked_model}` does not exist or you do not have access to it."),
+        );
+    }
     if string_content && let Some(index) = messages.iter().position(parts_without_image) {
         mock.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
         return (
@@ -223,7 +303,7 @@ async fn chat(State(mock): State<Arc<Mock>>, body: axum::body::Bytes) -> Respons
     let task = classify(messages, &mock.answers);
 
     // Draw the fault and the delay under one lock, then act without it.
-    let (fault, delay, retry_after, token_delay) = {
+    let (fault, delay, retry_after, token_delay, no_usage, server_cap) = {
         let mut guard = mock.behaviour.lock().expect("not poisoned");
         let (behaviour, rng) = &mut *guard;
         let draw = rng.f64();
@@ -250,6 +330,8 @@ async fn chat(State(mock): State<Arc<Mock>>, body: axum::body::Bytes) -> Respons
             Duration::from_millis(base + jitter),
             behaviour.retry_after_s,
             Duration::from_millis(behaviour.token_delay_ms),
+            behaviour.no_usage,
+            behaviour.max_completion_tokens,
         )
     };
     match fault {
@@ -309,11 +391,26 @@ async fn chat(State(mock): State<Arc<Mock>>, body: axum::body::Bytes) -> Respons
             text
         }
     };
-    let model = request
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or("mock-1")
-        .to_string();
+    let model = asked_model;
+    // A real server stops at the request's `max_tokens` or at its own limit.
+    let cap = [
+        request.get("max_tokens").and_then(Value::as_u64),
+        server_cap,
+    ]
+    .into_iter()
+    .flatten()
+    .min();
+    let (content, finish_reason) = match cap {
+        Some(cap) if content.len().div_ceil(4) as u64 > cap => {
+            mock.stats.cut.fetch_add(1, Ordering::Relaxed);
+            let mut end = (cap as usize * 4).min(content.len());
+            while !content.is_char_boundary(end) {
+                end -= 1;
+            }
+            (content[..end].to_string(), "length")
+        }
+        _ => (content, "stop"),
+    };
     let prompt_tokens = (body.len() / 4) as u64;
     let completion_tokens = (content.len() / 4).max(1) as u64;
     let usage = json!({ "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -329,19 +426,22 @@ async fn chat(State(mock): State<Arc<Mock>>, body: axum::body::Bytes) -> Respons
             id,
             model,
             content,
-            include_usage.then_some(usage),
+            finish_reason,
+            (include_usage && !no_usage).then_some(usage),
             token_delay,
         );
     }
-    Json(json!({
+    let mut answer = json!({
         "id": id,
         "object": "chat.completion",
         "created": 0,
         "model": model,
-        "choices": [{ "index": 0, "message": { "role": "assistant", "content": content }, "finish_reason": "stop" }],
-        "usage": usage,
-    }))
-    .into_response()
+        "choices": [{ "index": 0, "message": { "role": "assistant", "content": content }, "finish_reason": finish_reason }],
+    });
+    if !no_usage {
+        answer["usage"] = usage;
+    }
+    Json(answer).into_response()
 }
 
 /// OpenAI's streamed answer: Server-Sent Events of `chat.completion.chunk` objects, one per
@@ -350,6 +450,7 @@ fn streamed(
     id: String,
     model: String,
     content: String,
+    finish_reason: &str,
     usage: Option<Value>,
     delay: Duration,
 ) -> Response {
@@ -363,7 +464,7 @@ fn streamed(
         .map(|piece| chunk(json!([{ "index": 0, "delta": { "content": piece } }]), None))
         .collect();
     messages.push(chunk(
-        json!([{ "index": 0, "delta": {}, "finish_reason": "stop" }]),
+        json!([{ "index": 0, "delta": {}, "finish_reason": finish_reason }]),
         None,
     ));
     if let Some(usage) = &usage {

@@ -27,7 +27,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 pub(crate) use self::budget::Counted;
 pub use self::kv::{KvNamespaces, NamespaceInfo, ReloadError};
-pub use self::llm::{LlmClient, LlmUsage};
+pub use self::llm::{LlmProviders, LlmUsage, Provider};
 pub use self::progress::{ProgressSink, ProgressUpdate};
 use crate::events::TokenHub;
 use crate::runtime::bindings::types::Context;
@@ -37,7 +37,7 @@ use crate::store::Store;
 /// What the imports reach: shared by every invocation of a pipeline.
 pub struct Capabilities {
     pub runtime: Arc<Runtime>,
-    pub llm: LlmClient,
+    pub llm: LlmProviders,
     pub kv: Arc<KvNamespaces>,
     pub handlers: BTreeMap<String, Arc<HandlerComponent>>,
     pub store: Store,
@@ -81,6 +81,10 @@ pub struct HostState {
     pub(crate) exceeded: Option<String>,
     /// The job's LLM token budget, if it has one.
     pub(crate) job_max_tokens: Option<u64>,
+    /// The LLM requests this try made, for its result.
+    pub(crate) llm_calls: Vec<crate::store::LlmCall>,
+    /// Why the last LLM answer is incomplete, when it was cut at `max_tokens`.
+    pub(crate) cut_answer: Option<String>,
     stderr: MemoryOutputPipe,
 }
 
@@ -163,6 +167,8 @@ impl HostState {
             spent: budget::Spent::default(),
             exceeded: None,
             job_max_tokens,
+            llm_calls: Vec::new(),
+            cut_answer: None,
             stderr,
         }
     }

@@ -32,7 +32,7 @@ pub struct RunArgs {
     /// Items in flight at once (default: the pipeline's `[run] concurrency`).
     #[arg(long)]
     concurrency: Option<usize>,
-    /// Use this LLM API root instead of the pipeline's `llm.base_url`.
+    /// Send every provider's requests to this LLM API root instead of its `base_url`.
     #[arg(long, env = "STAGEHAND_LLM_BASE_URL")]
     llm_base_url: Option<String>,
 }
@@ -40,7 +40,7 @@ pub struct RunArgs {
 pub async fn run(args: RunArgs) -> Result<ExitCode> {
     let mut config = PipelineConfig::load(&args.pipeline)?;
     if let Some(url) = args.llm_base_url {
-        config.llm.base_url = url;
+        config.llm.point_all_at(&url);
     }
     let concurrency = args.concurrency.unwrap_or(config.run.concurrency);
     if concurrency == 0 {
@@ -219,15 +219,22 @@ fn print_summary(
             );
         }
     }
-    let usage = &pipeline.caps.llm.usage;
     let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-    println!(
-        "  llm: {} requests, {} rate-limited, {} failed, {} prompt + {} completion tokens",
-        load(&usage.requests),
-        load(&usage.rate_limited),
-        load(&usage.failures),
-        load(&usage.prompt_tokens),
-        load(&usage.completion_tokens)
-    );
+    for provider in pipeline.caps.llm.providers() {
+        let usage = &provider.usage;
+        let estimated = match load(&usage.estimated) {
+            0 => String::new(),
+            n => format!(" ({n} answers without usage: estimated)"),
+        };
+        println!(
+            "  llm {}: {} requests, {} rate-limited, {} failed, {} prompt + {} completion tokens{estimated}",
+            provider.name,
+            load(&usage.requests),
+            load(&usage.rate_limited),
+            load(&usage.failures),
+            load(&usage.prompt_tokens),
+            load(&usage.completion_tokens)
+        );
+    }
     Ok(())
 }

@@ -35,7 +35,7 @@ pub struct ServeArgs {
     /// Where the store and the compiled components are kept.
     #[arg(long, default_value_os_t = default_data_dir())]
     data_dir: PathBuf,
-    /// Use this LLM API root instead of the pipeline's `llm.base_url`.
+    /// Send every provider's requests to this LLM API root instead of its `base_url`.
     #[arg(long, env = "STAGEHAND_LLM_BASE_URL")]
     llm_base_url: Option<String>,
     /// Largest request body accepted, in MiB.
@@ -78,7 +78,7 @@ pub struct ServeArgs {
 pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let mut config = PipelineConfig::load(&args.pipeline)?;
     if let Some(url) = args.llm_base_url {
-        config.llm.base_url = url;
+        config.llm.point_all_at(&url);
     }
     let retention = Duration::from_secs(args.retention_secs);
     let drain = Duration::from_secs(args.drain_secs);

@@ -60,7 +60,7 @@ pub struct WorkerArgs {
     /// Where this node keeps compiled components, stage versions and its handlers' records.
     #[arg(long, default_value_os_t = default_data_dir())]
     data_dir: PathBuf,
-    /// Use this LLM API root instead of the pipeline's `llm.base_url`.
+    /// Send every provider's requests to this LLM API root instead of its `base_url`.
     #[arg(long, env = "STAGEHAND_LLM_BASE_URL")]
     llm_base_url: Option<String>,
     /// On shutdown, how long items in flight get to finish.
@@ -144,7 +144,7 @@ impl Node {
 pub async fn worker(args: WorkerArgs) -> Result<ExitCode> {
     let mut config = PipelineConfig::load(&args.pipeline)?;
     if let Some(url) = args.llm_base_url {
-        config.llm.base_url = url;
+        config.llm.point_all_at(&url);
     }
     let url = args
         .redis

@@ -151,6 +151,7 @@ pub async fn run_item(
                 duration_ms: 0.0,
                 cpu_ms: 0.0,
                 reused: true,
+                llm: Vec::new(),
             });
             outputs.push((name, output));
             checkpointed.push(name);
@@ -224,10 +225,11 @@ pub async fn run_item(
                 kind: failure.kind().as_str().into(),
                 message: failure.to_string(),
                 at: now_ms(),
-                cpu_ms: used.map(|used| used.cpu.as_secs_f64() * 1e3),
+                cpu_ms: used.as_ref().map(|used| used.cpu.as_secs_f64() * 1e3),
+                llm: used.map(|used| used.llm).unwrap_or_default(),
             });
             let retry_in = (failure.retryable() && attempt < policy.max_attempts)
-                .then(|| next_try_delay(pipeline, &policy, item, attempt + 1));
+                .then(|| next_try_delay(pipeline, name, &policy, item, attempt + 1));
             let in_time = |wait: Duration| {
                 item_deadline
                     .is_none_or(|(deadline, _)| tokio::time::Instant::now() + wait < deadline)
@@ -255,6 +257,7 @@ pub async fn run_item(
                     duration_ms,
                     cpu_ms: stats.cpu.as_secs_f64() * 1000.0,
                     reused: false,
+                    llm: stats.llm,
                 });
                 if position < last && stats.duration >= checkpoint_after {
                     store
@@ -326,14 +329,20 @@ pub async fn run_item(
 /// The wait before try `next` of a stage: the policy's back-off, jittered by the item's id
 /// (items failing together spread out, and a rerun waits the same), or the provider's
 /// `Retry-After` when that is longer.
-fn next_try_delay(pipeline: &Pipeline, policy: &RetryPolicy, item: ItemRef, next: u32) -> Duration {
+fn next_try_delay(
+    pipeline: &Pipeline,
+    stage: &str,
+    policy: &RetryPolicy,
+    item: ItemRef,
+    next: u32,
+) -> Duration {
     let bits = Uuid::new_v5(&item.item_id, &next.to_be_bytes()).as_u128() as u64;
     let spread = (bits >> 11) as f64 / (1u64 << 53) as f64;
     let backoff = policy.delay(next, spread);
     pipeline
         .caps
         .llm
-        .paused_for()
+        .paused_for(stage)
         .map_or(backoff, |pause| pause.max(backoff))
 }
 

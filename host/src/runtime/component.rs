@@ -192,6 +192,10 @@ async fn compile(runtime: &Runtime, bytes: Vec<u8>) -> Result<(String, Component
     Ok((digest, component, outcome))
 }
 
+/// The version of `wit/pipeline.wit` this host implements.
+pub const WIT_VERSION: &str = "0.2.0";
+const WIT_PACKAGE: &str = "stagehand:pipeline@0.2.0";
+
 /// Check that `component` exports its world's function, then link its imports. Both failures
 /// say what is missing, in the words of the WIT file, before anything runs.
 fn pre_instantiate(
@@ -206,6 +210,20 @@ fn pre_instantiate(
         .exports(engine)
         .map(|(name, _)| name.to_string())
         .collect();
+    let other_version = component
+        .component_type()
+        .imports(engine)
+        .filter_map(|(name, _)| {
+            let version = name.strip_prefix("stagehand:pipeline/")?.split_once('@')?.1;
+            (version != WIT_VERSION).then(|| version.to_string())
+        })
+        .next();
+    if let Some(version) = other_version {
+        bail!(
+            "was built against stagehand:pipeline@{version}; this host speaks {WIT_PACKAGE}: \
+             rebuild it against this release's wit/pipeline.wit (or its SDK)"
+        );
+    }
     let export = world.export();
     let exports_it = component
         .component_type()
@@ -213,7 +231,7 @@ fn pre_instantiate(
         .any(|(name, item)| name == export && matches!(item.ty, ComponentItem::ComponentFunc(_)));
     if !exports_it {
         bail!(
-            "does not implement world `{}` of stagehand:pipeline@0.1.0: missing export `{export}` (it exports: {})",
+            "does not implement world `{}` of {WIT_PACKAGE}: missing export `{export}` (it exports: {})",
             world.name(),
             if exports.is_empty() {
                 "nothing".to_string()
@@ -227,7 +245,7 @@ fn pre_instantiate(
         .map_err(anyhow::Error::from)
         .with_context(|| {
             format!(
-                "its imports do not match world `{}` of stagehand:pipeline@0.1.0",
+                "its imports do not match world `{}` of {WIT_PACKAGE}",
                 world.name()
             )
         })

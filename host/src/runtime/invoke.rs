@@ -36,6 +36,10 @@ pub enum Failure {
     /// A host call went past one of the try's budgets (or the job's token budget).
     #[error("over budget: {0}")]
     Budget(String),
+    /// The guest gave up after an LLM answer cut at `max_tokens`: the same request would be
+    /// cut again, so it is not retried.
+    #[error("{message} ({cut})")]
+    Length { message: String, cut: String },
 }
 
 fn stderr_suffix(stderr: &str) -> String {
@@ -59,6 +63,7 @@ pub enum FailureKind {
     InvalidOutput,
     Host,
     Budget,
+    Length,
 }
 
 impl FailureKind {
@@ -74,6 +79,7 @@ impl FailureKind {
             FailureKind::InvalidOutput => "invalid_output",
             FailureKind::Host => "host",
             FailureKind::Budget => "budget",
+            FailureKind::Length => "length",
         }
     }
 }
@@ -91,6 +97,7 @@ impl Failure {
             Failure::InvalidOutput(_) => FailureKind::InvalidOutput,
             Failure::Host(_) => FailureKind::Host,
             Failure::Budget(_) => FailureKind::Budget,
+            Failure::Length { .. } => FailureKind::Length,
         }
     }
 
@@ -105,11 +112,13 @@ impl Failure {
 }
 
 /// Resources one invocation used.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct CallStats {
     pub duration: Duration,
     /// Time the guest ran (or was instantiating): the duration less time in async host calls.
     pub cpu: Duration,
+    /// The LLM requests it made.
+    pub llm: Vec<crate::store::LlmCall>,
 }
 
 /// Everything an invocation needs besides the component and its input.
@@ -139,7 +148,7 @@ impl StageComponent {
             StageError::Retryable(m) => Failure::Retryable(m),
             StageError::Fatal(m) => Failure::Fatal(m),
         };
-        settle(result, guest_said, &store, &limits, started)
+        settle(result, guest_said, &mut store, &limits, started)
     }
 }
 
@@ -175,7 +184,7 @@ impl HandlerComponent {
             HandlerError::Retryable(m) => Failure::Retryable(m),
             HandlerError::Fatal(m) => Failure::Fatal(m),
         };
-        let (output, stats) = settle(result, guest_said, &store, &limits, started);
+        let (output, stats) = settle(result, guest_said, &mut store, &limits, started);
         output.map(|output| (output, stats))
     }
 }
@@ -184,13 +193,19 @@ impl HandlerComponent {
 fn settle<E>(
     result: Result<wasmtime::Result<Result<String, E>>, Failure>,
     guest_said: impl FnOnce(E) -> Failure,
-    store: &Store<HostState>,
+    store: &mut Store<HostState>,
     limits: &Limits,
     started: Instant,
 ) -> (Result<String, Failure>, CallStats) {
     let output = match result {
         Ok(Ok(Ok(output))) => check_output(&output, limits).map(|()| output),
-        Ok(Ok(Err(error))) => Err(guest_said(error)),
+        Ok(Ok(Err(error))) => Err(match (guest_said(error), &store.data().cut_answer) {
+            (Failure::Retryable(message) | Failure::Fatal(message), Some(cut)) => Failure::Length {
+                message,
+                cut: cut.clone(),
+            },
+            (failure, _) => failure,
+        }),
         Ok(Err(error)) => Err(classify(store, error, limits)),
         Err(failure) => Err(failure),
     };
@@ -269,9 +284,10 @@ fn check_output(output: &str, limits: &Limits) -> Result<(), Failure> {
         .map_err(|e| Failure::InvalidOutput(e.0))
 }
 
-fn stats(store: &Store<HostState>, started: Instant) -> CallStats {
+fn stats(store: &mut Store<HostState>, started: Instant) -> CallStats {
     CallStats {
         duration: started.elapsed(),
         cpu: store.data().meter.guest_time(),
+        llm: std::mem::take(&mut store.data_mut().llm_calls),
     }
 }

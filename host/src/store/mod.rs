@@ -37,7 +37,8 @@ pub use dead_letters::DeadLetter;
 pub use effects::{EffectRecord, EffectState, EmitOutcome};
 pub use item_store::ItemStore;
 pub use model::{
-    Attempt, ItemError, ItemResult, ItemStatus, JobRecord, JobState, StageRun, item_id, now_ms,
+    Attempt, ItemError, ItemResult, ItemStatus, JobRecord, JobState, LlmCall, StageRun, item_id,
+    now_ms,
 };
 pub use options::{DEFAULT_PREVIEW_CHARS, Detail, JobOptions};
 

@@ -141,6 +141,30 @@ pub struct Attempt {
     /// Guest CPU this try used (absent if it never started).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_ms: Option<f64>,
+    /// The LLM requests this try made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub llm: Vec<LlmCall>,
+}
+
+/// One request to an LLM provider during a try: which provider (with failover, each one
+/// tried is a request of its own), what came of it, and what it used.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct LlmCall {
+    pub provider: String,
+    /// The model as the provider was asked for it.
+    pub model: String,
+    /// `ok`, `rate_limited`, `unavailable`, `rejected` or `bad_response`.
+    pub outcome: String,
+    /// Why the model stopped (`stop`, `length`, `content_filter`...), for an answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<String>,
+    #[serde(default)]
+    pub prompt_tokens: u32,
+    #[serde(default)]
+    pub completion_tokens: u32,
+    /// The provider reported no usage: the tokens are the host's estimate.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub usage_estimated: bool,
 }
 
 /// One stage's run for an item, as recorded in its result.
@@ -156,6 +180,9 @@ pub struct StageRun {
     /// The output was found in the store (a resumed item) and not computed again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reused: bool,
+    /// The LLM requests of the try that succeeded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub llm: Vec<LlmCall>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]

@@ -49,12 +49,9 @@ impl Guest for AnswerStage {
         {
             return Err(retryable("model gave empty steps or an empty answer"));
         }
-        output(&serde_json::json!({
-            "steps": answer.steps,
-            "answer": answer.answer,
-            "model": response.model,
-            "tokens": response.usage.prompt_tokens + response.usage.completion_tokens,
-        }))
+        let mut answer = serde_json::json!({ "steps": answer.steps, "answer": answer.answer });
+        stagehand_sdk::add_usage(&mut answer, &response);
+        output(&answer)
     }
 }
 

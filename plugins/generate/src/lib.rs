@@ -11,6 +11,9 @@ struct Case {
     system: Option<String>,
     #[serde(default)]
     model: Option<String>,
+    /// Stream the answer (`llm.chat-stream`): followers of the job see it being written.
+    #[serde(default)]
+    stream: bool,
 }
 
 struct Generate;
@@ -34,12 +37,14 @@ impl Guest for Generate {
             temperature: Some(0.0),
             json_mode: false,
         };
-        let response = stagehand_sdk::llm::chat(&request)?;
-        output(&serde_json::json!({
-            "answer": response.text.trim(),
-            "model": response.model,
-            "tokens": response.usage.prompt_tokens + response.usage.completion_tokens,
-        }))
+        let response = if case.stream {
+            stagehand_sdk::llm::chat_stream(&request)?
+        } else {
+            stagehand_sdk::llm::chat(&request)?
+        };
+        let mut answer = serde_json::json!({ "answer": response.text.trim() });
+        stagehand_sdk::add_usage(&mut answer, &response);
+        output(&answer)
     }
 }
 

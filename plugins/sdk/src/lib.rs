@@ -44,9 +44,9 @@ pub mod handler {
         export_macro_name: "export_handler",
         default_bindings_module: "stagehand_sdk::handler",
         with: {
-            "stagehand:pipeline/types@0.1.0": crate::stage::stagehand::pipeline::types,
-            "stagehand:pipeline/kv@0.1.0": crate::stage::stagehand::pipeline::kv,
-            "stagehand:pipeline/log@0.1.0": crate::stage::stagehand::pipeline::log,
+            "stagehand:pipeline/types@0.2.0": crate::stage::stagehand::pipeline::types,
+            "stagehand:pipeline/kv@0.2.0": crate::stage::stagehand::pipeline::kv,
+            "stagehand:pipeline/log@0.2.0": crate::stage::stagehand::pipeline::log,
         },
     });
 }
@@ -141,7 +141,8 @@ pub fn text_message(role: llm::Role, text: impl Into<String>) -> llm::Message {
 }
 
 /// Ask the model for a JSON object and deserialise it. An answer that is not the JSON asked for
-/// is retryable: models are sometimes wrong once and right the next time.
+/// is retryable: models are sometimes wrong once and right the next time. One cut at
+/// `max_tokens` is not: the host fails such a try with kind `length`, without retrying it.
 pub fn chat_json<T: DeserializeOwned>(
     request: &llm::ChatRequest,
 ) -> Result<(T, llm::ChatResponse), StageError> {
@@ -160,12 +161,29 @@ fn parse_json_answer<T: DeserializeOwned>(
     response: llm::ChatResponse,
 ) -> Result<(T, llm::ChatResponse), StageError> {
     let parsed = serde_json::from_str(strip_code_fence(&response.text)).map_err(|e| {
+        let cut = match response.finish_reason {
+            llm::FinishReason::Length => ", cut short at max_tokens",
+            _ => "",
+        };
         retryable(format!(
-            "model answer is not the JSON asked for ({e}): {}",
+            "model answer is not the JSON asked for ({e}{cut}): {}",
             preview(&response.text)
         ))
     })?;
     Ok((parsed, response))
+}
+
+/// Add what an answer cost to a stage's output object: `model`, `provider` (the one that
+/// answered), `tokens`, and `tokens_estimated: true` when the provider reported no usage and
+/// the tokens are the host's estimate.
+pub fn add_usage(output: &mut Value, response: &llm::ChatResponse) {
+    let usage = &response.usage;
+    output["model"] = response.model.clone().into();
+    output["provider"] = response.provider.clone().into();
+    output["tokens"] = (usage.prompt_tokens + usage.completion_tokens).into();
+    if usage.estimated {
+        output["tokens_estimated"] = true.into();
+    }
 }
 
 /// Models like to wrap JSON in ```json fences even in JSON mode.

@@ -1,14 +1,17 @@
 //! Streamed completions (`stream: true`): the provider sends Server-Sent Events of text deltas;
 //! each delta goes to a callback as it arrives (the job's `item.token` followers) and the whole
-//! text is returned, as `chat` would.
+//! text is returned, as `chat` would. Servers that ignore `stream_options.include_usage` send
+//! no usage: it is then estimated ([`wire::usage`]).
 
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{CompletionUsage, LlmClient, MAX_QUOTED_BODY, describe, usage_of};
-use crate::runtime::bindings::llm::{ChatRequest, ChatResponse, LlmError};
+use super::provider::Provider;
+use super::status::{describe, quoted};
+use super::wire::{self, CompletionUsage};
+use crate::runtime::bindings::llm::{ChatResponse, LlmError};
 
 /// A streamed answer longer than this is refused rather than held in memory.
 const MAX_STREAMED_TEXT: usize = 4 << 20;
@@ -27,6 +30,8 @@ struct Chunk {
 struct ChunkChoice {
     #[serde(default)]
     delta: Delta,
+    #[serde(default)]
+    finish_reason: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -35,31 +40,21 @@ struct Delta {
     content: Option<String>,
 }
 
-impl LlmClient {
-    /// [`LlmClient::chat`], streamed: `on_text` gets each piece of the answer as it arrives.
-    pub async fn chat_stream(
+impl Provider {
+    pub(super) async fn send_streamed(
         &self,
-        job: &str,
-        request: ChatRequest,
-        on_text: impl FnMut(&str),
+        mut body: Value,
+        key: Option<&str>,
+        prompt_estimate: u32,
+        on_text: &mut (dyn FnMut(&str) + Send),
     ) -> Result<ChatResponse, LlmError> {
-        self.limited(job, request, |mut body| async move {
-            body["stream"] = json!(true);
-            // Ask for the usage in a last chunk, so the token buckets can be settled.
-            body["stream_options"] = json!({ "include_usage": true });
-            self.send_streamed(body, on_text).await
-        })
-        .await
-    }
-
-    async fn send_streamed(
-        &self,
-        body: Value,
-        mut on_text: impl FnMut(&str),
-    ) -> Result<ChatResponse, LlmError> {
-        let response = self.post(&body).await?;
+        body["stream"] = json!(true);
+        // Ask for the usage in a last chunk, so the token buckets can be settled.
+        body["stream_options"] = json!({ "include_usage": true });
+        let response = self.post(&body, key).await?;
         let mut events = response.bytes_stream().eventsource();
         let (mut text, mut model, mut usage) = (String::new(), String::new(), None);
+        let mut finish = None;
         let mut done = false;
         while let Some(event) = events.next().await {
             let event = event.map_err(|e| match e {
@@ -72,19 +67,21 @@ impl LlmClient {
                 done = true;
                 break;
             }
-            let chunk: Chunk = serde_json::from_str(&event.data).map_err(|e| {
-                LlmError::BadResponse(format!(
-                    "{e}: {}",
-                    crate::text::truncate(&event.data, MAX_QUOTED_BODY)
-                ))
-            })?;
+            let chunk: Chunk = serde_json::from_str(&event.data)
+                .map_err(|e| LlmError::BadResponse(format!("{e}: {}", quoted(&event.data))))?;
             if model.is_empty() {
                 model = chunk.model;
             }
             if chunk.usage.is_some() {
                 usage = chunk.usage;
             }
-            for piece in chunk.choices.into_iter().filter_map(|c| c.delta.content) {
+            for choice in chunk.choices {
+                if choice.finish_reason.is_some() {
+                    finish = choice.finish_reason;
+                }
+                let Some(piece) = choice.delta.content else {
+                    continue;
+                };
                 if text.len() + piece.len() > MAX_STREAMED_TEXT {
                     return Err(LlmError::BadResponse(format!(
                         "the streamed answer passed {} MiB",
@@ -101,9 +98,11 @@ impl LlmClient {
             ));
         }
         Ok(ChatResponse {
+            usage: wire::usage(usage, prompt_estimate, &text),
             text,
             model,
-            usage: usage_of(usage),
+            finish_reason: wire::finish_reason(finish.as_deref()),
+            provider: String::new(),
         })
     }
 }
