@@ -8,7 +8,8 @@
 //!   `stagehand run`; `demo prompt-eval`: the same through `stagehand serve`, following the job
 //!   over SSE and paging through its results.
 //! - `test`: formatting, clippy, the plugins, the binaries, then every test (installing
-//!   Debian's chromium, chromium-driver and redis-server for the tests if they are missing).
+//!   Debian's chromium, chromium-driver and redis-server for the tests if they are missing, and
+//!   the compatibility suite's servers, llama-cpp-python and LiteLLM, from PyPI).
 //! - `schemathesis`: the live server against its own OpenAPI document (part of `test`).
 //! - `bench`: the benchmarks of docs/BENCHMARKS.md (`bench cluster`: Redis mode with 1-3
 //!   nodes against embedded mode); `load` (or `bench load`): the seed-style load test, with
