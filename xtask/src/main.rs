@@ -438,7 +438,7 @@ fn test(root: &Path) -> Result<()> {
 
 /// The compatibility suite's servers (llama-cpp-python, LiteLLM's proxy, `gguf`), pinned in
 /// tests/compat/requirements.txt, in a virtualenv of their own under `target/python/compat`:
-/// installed once (llama.cpp is compiled from source, about five minutes on two cores) and
+/// installed once (llama.cpp's libraries are compiled from source, a few minutes on two cores) and
 /// again only when the requirements change. Returns its interpreter.
 fn compat_python(root: &Path) -> Result<PathBuf> {
     let venv = root.join("target/python/compat");
@@ -457,6 +457,9 @@ fn compat_python(root: &Path) -> Result<PathBuf> {
     let status = Command::new(venv.join("bin/pip"))
         .args(["install", "--quiet", "-r", path(&requirements)])
         .env("CMAKE_BUILD_PARALLEL_LEVEL", cores.to_string())
+        // Only the text model's libraries: the suite needs no multimodal (mtmd/llava) library,
+        // which llama-cpp-python loads only for a vision chat format.
+        .env("CMAKE_ARGS", "-DLLAVA_BUILD=OFF")
         .current_dir(root)
         .status()?;
     if !status.success() {
