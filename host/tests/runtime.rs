@@ -274,6 +274,38 @@ async fn cancelling_interrupts_a_running_guest() {
     );
 }
 
+/// Four guests looping on the CPU at once all stop when their token is cancelled, well before
+/// their CPU budget (60 s) or wall clock (300 s) would stop them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_stops_every_looping_guest() {
+    let fixture = Fixture::new();
+    let pipeline = fixture
+        .load(fixture.config(&hostile("cpu_ms = 60000")))
+        .await;
+    let cancel = CancellationToken::new();
+    let runs: Vec<_> = (0..4)
+        .map(|_| {
+            let (pipeline, cancel) = (pipeline.clone(), cancel.clone());
+            tokio::spawn(async move {
+                let result = run_one(&pipeline, r#"{"do":"loop"}"#, &cancel).await;
+                (result, Instant::now())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cancelled_at = Instant::now();
+    cancel.cancel();
+    let mut last_stopped = cancelled_at;
+    for run in runs {
+        let (result, stopped) = run.await.unwrap();
+        assert_eq!(result.error.expect("cancelled").kind, "cancelled");
+        last_stopped = last_stopped.max(stopped);
+    }
+    let took = last_stopped - cancelled_at;
+    eprintln!("cancel to the last of 4 looping guests stopped: {took:?}");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+}
+
 #[tokio::test]
 async fn guests_see_no_environment_files_sockets_or_clock() {
     let fixture = Fixture::new();

@@ -286,6 +286,62 @@ fn cancel_stops_a_running_job_at_once() {
     );
 }
 
+/// Cancel with exactly `concurrency` items in flight, each waiting on an LLM answer that never
+/// comes: those items, and only those, fail `cancelled`; the host drops their requests (the
+/// mock sees its in-flight count fall to 0) and sends none after the cancel is answered.
+#[test]
+fn cancel_fails_the_items_in_flight_and_drops_their_llm_requests() {
+    let mock = MockLlm::start(&["--rate-hang", "1.0"]);
+    let data = tempfile::tempdir().unwrap();
+    let server = serve(&mock, data.path(), &[]);
+    let job = submit(&server, items(10), json!({ "concurrency": 4 }));
+    let in_flight = || mock.stats()["in_flight"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while in_flight() < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "4 requests never reached the mock"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let response = client()
+        .post(server.url(&format!("/v1/jobs/{job}/cancel")))
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let requests_at_cancel = mock.stats()["requests"].as_u64().unwrap();
+    assert_eq!(requests_at_cancel, 4, "only the 4 items in flight asked");
+    let cancelled_at = Instant::now();
+    while in_flight() > 0 {
+        assert!(
+            cancelled_at.elapsed() < Duration::from_secs(10),
+            "the host kept {} requests open after the cancel",
+            in_flight()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    eprintln!(
+        "cancel to the last LLM request dropped: {:?}",
+        cancelled_at.elapsed()
+    );
+    let status = stagehand_tests::wait_for_job(&server, &job);
+    assert_eq!(status["state"], "cancelled", "{status}");
+    assert_eq!(
+        (&status["succeeded"], &status["failed"], &status["total"]),
+        (&json!(0), &json!(4), &json!(10)),
+        "six items never started: {status}"
+    );
+    let results = stagehand_tests::job_results(&server, &job);
+    assert_eq!(results.len(), 4);
+    for result in &results {
+        assert_eq!(result["error"]["kind"], "cancelled", "{result}");
+        assert_eq!(result["error"]["stage"], "vision", "{result}");
+    }
+    // The job has ended (no worker is left to send anything): nothing was sent after the cancel.
+    assert_eq!(mock.stats()["requests"], requests_at_cancel);
+}
+
 #[test]
 fn bad_requests_get_a_clear_4xx() {
     let mock = MockLlm::start(&[]);
