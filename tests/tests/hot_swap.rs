@@ -186,6 +186,73 @@ fn the_answer_stage_is_swapped_mid_job_without_failing_an_item_and_rolled_back()
     assert_eq!(status, StatusCode::CONFLICT);
 }
 
+fn stage_run<'a>(result: &'a Value, stage: &str) -> &'a Value {
+    result["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stage"] == stage)
+        .unwrap()
+}
+
+/// Eight items are inside a slow `answer` try (their LLM requests held by the mock) when the
+/// swap is acknowledged: all eight finish on the old version in their first try. Items that
+/// enter after it run the new version.
+#[test]
+fn items_inside_a_stage_at_the_swap_finish_on_the_old_version_in_their_first_try() {
+    let mock = MockLlm::start(&["--latency-ms", "1500", "--vision-latency-ms", "0"]);
+    let data = tempfile::tempdir().unwrap();
+    let server = serve_eco_scan(&mock, data.path(), &["--admin-token", TOKEN]);
+    let (old, _) = versions(&server, "answer");
+    let before = submit_job(
+        &server,
+        eco_items(8),
+        json!({ "concurrency": 8, "detail": "stages" }),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // 16 requests arrived (each item's vision, then its answer) and 8 are held: the answers.
+    loop {
+        let stats = mock.stats();
+        if stats["requests"] == 16 && stats["in_flight"] == 8 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the answer tries did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let (status, body) = put_stage(
+        &server,
+        "answer",
+        Some(TOKEN),
+        with_custom_section(plugin("answer"), "v2"),
+    );
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let new = body["current"]["digest"].as_str().unwrap().to_string();
+    assert_ne!(new, old);
+    assert_eq!(
+        mock.stats()["in_flight"],
+        8,
+        "the swap left the tries alone"
+    );
+    let after = submit_job(&server, eco_items(4), json!({ "detail": "stages" }));
+
+    assert_eq!(wait_for_job(&server, &before)["succeeded"], 8);
+    for result in job_results(&server, &before) {
+        let answer = stage_run(&result, "answer");
+        assert_eq!(answer["digest"], old.as_str(), "{result}");
+        assert_eq!(answer["attempt"], 1, "{result}");
+    }
+    assert_eq!(wait_for_job(&server, &after)["succeeded"], 4);
+    for result in job_results(&server, &after) {
+        assert_eq!(
+            stage_run(&result, "answer")["digest"],
+            new.as_str(),
+            "{result}"
+        );
+    }
+    assert_eq!(mock.stats()["answer"], 12, "no answer was asked for twice");
+}
+
 fn admin_post(server: &Server, path: &str) -> (StatusCode, Value) {
     let response = client()
         .post(server.url(path))
