@@ -206,17 +206,28 @@ fn kill_9_at_random_moments_loses_nothing_and_repeats_no_effect() {
     }
 }
 
+/// The store's background flush is off and the mock holds every request (so no item writes
+/// anything): only the flush of the submit path can make the job durable before the kill.
 #[test]
 fn a_job_answered_202_survives_a_kill_9_right_after_the_answer() {
     const ITEMS: usize = 50;
-    let mock = MockLlm::start(&[]);
+    let mock = MockLlm::start(&["--rate-hang", "1.0"]);
     let data = tempfile::tempdir().unwrap();
-    let mut server = serve_eco_scan(&mock, data.path(), &[]);
+    let mut server = serve_eco_scan(&mock, data.path(), &["--explicit-flushes-only"]);
     let job = submit_job(&server, eco_items(ITEMS), json!({}));
+    let scan = stagehand_tests::submit_scan(&server, eco_items(1).remove(0));
     server.child().kill().unwrap();
     server.child().wait().unwrap();
 
+    let config = client()
+        .post(format!("http://{}/admin/config", mock.address))
+        .json(&json!({ "rate_hang": 0.0 }))
+        .send()
+        .unwrap();
+    assert!(config.status().is_success());
     let server = serve_eco_scan(&mock, data.path(), &[]);
+    let status = job_status(&server, &scan);
+    assert_eq!(status["total"], 1, "the accepted scan is there: {status}");
     let (total, state) = {
         let status = job_status(&server, &job);
         (status["total"].as_u64(), status["state"].clone())

@@ -29,6 +29,10 @@ use crate::versions::StageVersions;
 pub struct ServeArgs {
     /// The pipeline file.
     pipeline: PathBuf,
+    /// Testing only: no background flush of the store, so that only the flushes the code
+    /// makes (before each acknowledgement) make writes durable.
+    #[arg(long, hide = true)]
+    explicit_flushes_only: bool,
     /// Address to listen on; port 0 picks a free one.
     #[arg(long, default_value = "127.0.0.1:8080")]
     addr: SocketAddr,
@@ -107,7 +111,8 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
         None => {
             std::fs::create_dir_all(&args.data_dir)
                 .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
-            let store = Store::open(&args.data_dir.join("store"))?;
+            let store =
+                Store::open_with(&args.data_dir.join("store"), !args.explicit_flushes_only)?;
             let runtime = Pipeline::runtime_for(&config, &args.data_dir)?;
             let pipeline = Pipeline::load(config, runtime, store.clone()).await?;
             let versions = StageVersions::open(&store, &args.data_dir)?;

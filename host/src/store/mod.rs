@@ -82,9 +82,17 @@ struct Flusher {
 
 impl Store {
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, true)
+    }
+
+    /// [`Store::open`], with sled's background flush (every 500 ms) on or off. Off, nothing is
+    /// durable until [`Store::flush`]: how the tests show that an acknowledgement is durable by
+    /// itself and not saved by a background flush that happened to come first.
+    pub fn open_with(path: &Path, background_flush: bool) -> Result<Self> {
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(64 << 20)
+            .flush_every_ms(background_flush.then_some(500))
             .open()
             .with_context(|| format!("cannot open the store at {}", path.display()))?;
         let tree = |name: &str| {
