@@ -17,6 +17,67 @@ fn with_tokens(mock: &MockLlm, data: &std::path::Path) -> Server {
     serve_eco_scan(mock, data, &["--api-token", API, "--admin-token", ADMIN])
 }
 
+/// Every operation of `/openapi.json`, walked: each declares a security requirement; without a
+/// token each is a 401; with the API token each admin operation is a 401 or 403 and every
+/// other passes the guard. A route added without the guard, or documented without security,
+/// fails here.
+#[test]
+fn every_documented_operation_is_guarded_as_its_document_says() {
+    let mock = MockLlm::start(&["--latency-ms", "0"]);
+    let data = tempfile::tempdir().unwrap();
+    let server = with_tokens(&mock, data.path());
+    let http = client();
+    let document: serde_json::Value = http
+        .get(server.url("/openapi.json"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let job = uuid::Uuid::now_v7().to_string();
+    let mut checked = 0;
+    for (path, item) in document["paths"].as_object().unwrap() {
+        let concrete = path
+            .replace("{id}", &job)
+            .replace("{job}", &job)
+            .replace("{index}", "0")
+            .replace("{name}", "answer")
+            .replace("{namespace}", "characters");
+        for (method, operation) in item.as_object().unwrap() {
+            let what = format!("{} {path}", method.to_uppercase());
+            let schemes: Vec<&str> = operation["security"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{what} declares no security"))
+                .iter()
+                .flat_map(|requirement| requirement.as_object().unwrap().keys())
+                .map(String::as_str)
+                .collect();
+            assert!(schemes.contains(&"admin_token"), "{what}: {schemes:?}");
+            let admin_only = !schemes.contains(&"api_token");
+            let method: reqwest::Method = method.to_uppercase().parse().unwrap();
+            let request = || http.request(method.clone(), server.url(&concrete));
+            assert_eq!(
+                status(request()),
+                StatusCode::UNAUTHORIZED,
+                "{what} without a token"
+            );
+            let with_api = status(request().bearer_auth(API));
+            if admin_only {
+                assert!(
+                    [StatusCode::UNAUTHORIZED, StatusCode::FORBIDDEN].contains(&with_api),
+                    "{what} with the API token: {with_api}"
+                );
+            } else {
+                assert!(
+                    ![StatusCode::UNAUTHORIZED, StatusCode::FORBIDDEN].contains(&with_api),
+                    "{what} with the API token: {with_api}"
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 21, "{checked} operations");
+}
+
 #[test]
 fn every_route_needs_the_api_token_and_changes_need_the_admin_token() {
     let mock = MockLlm::start(&["--latency-ms", "0"]);
