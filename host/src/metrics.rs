@@ -116,6 +116,13 @@ pub fn stage_change(stage: &str, change: &'static str) {
         .increment(1);
 }
 
+/// A watched file changed and what it now holds was refused (`kind`: `stage` or `kv`), so the
+/// old version or entries stay in use.
+pub fn watched_change_refused(kind: &'static str, name: &str) {
+    counter!("stagehand_watched_changes_refused_total", "kind" => kind, "name" => name.to_string())
+        .increment(1);
+}
+
 /// Jobs by what became of them: `submitted`, `completed`, `cancelled`, `failed`.
 pub fn job(event: &'static str) {
     counter!("stagehand_jobs_total", "event" => event).increment(1);

@@ -264,7 +264,8 @@ impl StageVersions {
                 tracing::info!(stage = %name, digest = %installed.version.meta.digest, replaced = %installed.replaced, "stage swapped (file changed)")
             }
             Err(error) => {
-                tracing::warn!(stage = %name, error = %error, "the changed component is refused; the old version keeps serving")
+                tracing::warn!(stage = %name, error = %error, "the changed component is refused; the old version keeps serving");
+                crate::metrics::watched_change_refused("stage", name);
             }
         }
     }

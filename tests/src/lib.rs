@@ -283,6 +283,32 @@ pub fn job_status(server: &Server, job: &str) -> serde_json::Value {
     get_json(server, &format!("/v1/jobs/{job}"))
 }
 
+/// Wait (at most 30 s) until the metric `series` (name and labels as `/metrics` writes them)
+/// reaches `at_least`: a visible sign that something asynchronous has happened.
+pub fn wait_for_metric(server: &Server, series: &str, at_least: f64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let text = client()
+            .get(server.url("/metrics"))
+            .send()
+            .expect("the server answers")
+            .text()
+            .expect("metrics are text");
+        let value = text.lines().find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse::<f64>().ok())?
+        });
+        if value.is_some_and(|v| v >= at_least) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{series} did not reach {at_least} (it is {value:?})"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// `GET path`, answered with JSON (whatever the status).
 pub fn get_json(server: &Server, path: &str) -> serde_json::Value {
     client()

@@ -413,7 +413,11 @@ fn with_watch_a_changed_component_file_becomes_the_new_version() {
 
     // A broken file is refused and the running version stays.
     std::fs::write(&answer, b"\0asm but not really").unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    stagehand_tests::wait_for_metric(
+        &server,
+        "stagehand_watched_changes_refused_total{kind=\"stage\",name=\"answer\"}",
+        1.0,
+    );
     assert_eq!(versions(&server, "answer").0, new);
     let job = submit_job(&server, eco_items(1), json!({}));
     wait_for_job(&server, &job);

@@ -106,7 +106,12 @@ fn the_character_catalog_reloads_on_file_change_and_on_request() {
         message.contains("is not JSON") && message.contains("the old entries stay in use"),
         "{message}"
     );
-    std::thread::sleep(Duration::from_millis(800)); // the watcher's turn
+    // The watcher's refusal is counted: wait for it, then check that nothing changed.
+    stagehand_tests::wait_for_metric(
+        &server,
+        "stagehand_watched_changes_refused_total{kind=\"kv\",name=\"characters\"}",
+        1.0,
+    );
     assert_eq!(characters_namespace(&server)["digest"], before["digest"]);
     assert_eq!(scanned_character(&server), "Petty II");
 

@@ -124,7 +124,8 @@ impl KvNamespaces {
                             tracing::info!(namespace = %name, entries = info.entries, digest = %info.digest, "kv namespace reloaded (file changed)")
                         }
                         Err(error) => {
-                            tracing::warn!(namespace = %name, %error, "the changed kv file is refused; the old entries stay")
+                            tracing::warn!(namespace = %name, %error, "the changed kv file is refused; the old entries stay");
+                            crate::metrics::watched_change_refused("kv", &name);
                         }
                     }
                 }
