@@ -45,7 +45,6 @@ pub struct EventsQuery {
 }
 
 const RETRY: Duration = Duration::from_secs(3);
-const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 #[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", security((), ("api_token" = []), ("admin_token" = [])), params(("id" = uuid::Uuid, Path, description = "job id"), EventsQuery,
       ("Last-Event-ID" = Option<u64>, Header, minimum = 0, maximum = 9223372036854775807i64, description = "resume after this event number")),
@@ -146,7 +145,7 @@ pub async fn stream(
     ];
     Ok((
         headers,
-        Sse::new(frames).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)),
+        Sse::new(frames).keep_alive(KeepAlive::new().interval(app.sse_keep_alive)),
     )
         .into_response())
 }

@@ -77,6 +77,8 @@ pub struct App {
     pub versions: StageVersions,
     /// Bearer tokens of the admin routes and of the rest (see [`auth`]).
     pub tokens: auth::Tokens,
+    /// How often an idle event stream gets a keep-alive comment.
+    pub sse_keep_alive: std::time::Duration,
 }
 
 impl App {

@@ -29,6 +29,10 @@ use crate::versions::StageVersions;
 pub struct ServeArgs {
     /// The pipeline file.
     pipeline: PathBuf,
+    /// Seconds between keep-alive comments on an idle event stream (proxies close idle
+    /// connections; 1 to 3,600).
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    sse_keep_alive_secs: u64,
     /// Testing only: no background flush of the store, so that only the flushes the code
     /// makes (before each acknowledgement) make writes durable.
     #[arg(long, hide = true)]
@@ -186,6 +190,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
         metrics: Some(crate::metrics::install()?),
         versions,
         tokens: crate::api::auth::Tokens::new(args.admin_token, args.api_token),
+        sse_keep_alive: Duration::from_secs(args.sse_keep_alive_secs),
     });
 
     let listener = tokio::net::TcpListener::bind(args.addr)

@@ -1,0 +1,223 @@
+//! Small promises of the README, each held to a test: the command line's exit status on a bad
+//! argument, 415 and 409 answers, the event stream's `retry:` and keep-alive comment, five
+//! earlier stage versions kept for rollback, and an idempotency key released by retention.
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use stagehand_tests::{
+    MockLlm, Server, binary, client, eco_items, plugin_bytes, serve_eco_scan, submit_job,
+    wait_for_job, with_custom_section,
+};
+
+const TOKEN: &str = "promises-admin";
+
+#[test]
+fn a_bad_command_line_exits_2_with_a_message() {
+    for args in [
+        vec!["run"],
+        vec![
+            "run",
+            "examples/eco-scan/pipeline.toml",
+            "--concurrency",
+            "many",
+        ],
+        vec!["serve", "p.toml", "--sse-keep-alive-secs", "0"],
+        vec!["no-such-command"],
+    ] {
+        let out = std::process::Command::new(binary("stagehand"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("error:"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn a_body_that_is_not_json_is_a_415_and_reprocessing_a_running_job_a_409() {
+    let mock = MockLlm::start(&["--rate-hang", "1.0"]);
+    let data = tempfile::tempdir().unwrap();
+    let server = serve_eco_scan(&mock, data.path(), &["--admin-token", TOKEN]);
+    let response = client()
+        .post(server.url("/v1/jobs"))
+        .header("content-type", "text/plain")
+        .body(json!({ "items": eco_items(1) }).to_string())
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let body: Value = response.json().unwrap();
+    assert!(body["error"]["message"].is_string(), "{body}");
+
+    let job = submit_job(&server, eco_items(2), json!({}));
+    let response = client()
+        .post(server.url(&format!("/v1/jobs/{job}/reprocess")))
+        .bearer_auth(TOKEN)
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CONFLICT);
+    let body: Value = response.json().unwrap();
+    assert_eq!(body["error"]["code"], "conflict", "{body}");
+}
+
+/// The first message sets `retry:`; an idle stream gets a keep-alive comment every
+/// `--sse-keep-alive-secs`.
+#[test]
+fn an_event_stream_sets_retry_and_keeps_alive_when_idle() {
+    let mock = MockLlm::start(&["--rate-hang", "1.0"]);
+    let data = tempfile::tempdir().unwrap();
+    let server = serve_eco_scan(&mock, data.path(), &["--sse-keep-alive-secs", "1"]);
+    let job = submit_job(&server, eco_items(1), json!({}));
+    let mut stream = client()
+        .get(server.url(&format!("/v1/jobs/{job}/events")))
+        .send()
+        .unwrap();
+    // The job is stuck on its LLM call: after job.started, only keep-alives come.
+    let mut text = String::new();
+    let started = Instant::now();
+    let mut buffer = [0u8; 256];
+    while text.lines().filter(|l| l.starts_with(':')).count() < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no keep-alive: {text:?}"
+        );
+        let n = stream.read(&mut buffer).unwrap();
+        assert!(n > 0, "the stream ended: {text:?}");
+        text.push_str(&String::from_utf8_lossy(&buffer[..n]));
+    }
+    assert!(text.starts_with("retry: 3000\n"), "{text:?}");
+    assert!(text.contains("event: job.started"), "{text:?}");
+    eprintln!(
+        "two keep-alives within {:?} at one a second",
+        started.elapsed()
+    );
+}
+
+fn versions(server: &Server) -> (String, Vec<String>) {
+    let stages: Value = client()
+        .get(server.url("/v1/stages"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let answer = stages["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "answer")
+        .unwrap()
+        .clone();
+    let previous = answer["previous"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["digest"].as_str().unwrap().to_string())
+        .collect();
+    (
+        answer["current"]["digest"].as_str().unwrap().to_string(),
+        previous,
+    )
+}
+
+/// Seven installs: the five versions before the current one are kept, newest first, and
+/// rollback walks back through exactly those five.
+#[test]
+fn five_earlier_stage_versions_are_kept_for_rollback() {
+    let mock = MockLlm::start(&[]);
+    let data = tempfile::tempdir().unwrap();
+    let server = serve_eco_scan(&mock, data.path(), &["--admin-token", TOKEN]);
+    let mut installed = vec![versions(&server).0];
+    for n in 1..=6 {
+        let response = client()
+            .put(server.url("/v1/stages/answer"))
+            .bearer_auth(TOKEN)
+            .body(with_custom_section(
+                plugin_bytes("answer"),
+                &format!("v{n}"),
+            ))
+            .send()
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        installed.push(versions(&server).0);
+    }
+    let (current, previous) = versions(&server);
+    assert_eq!(current, installed[6]);
+    let expected: Vec<String> = installed[1..6].iter().rev().cloned().collect();
+    assert_eq!(
+        previous, expected,
+        "the five before the current, newest first"
+    );
+    for back in expected {
+        let response = client()
+            .post(server.url("/v1/stages/answer/rollback"))
+            .bearer_auth(TOKEN)
+            .send()
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(versions(&server).0, back);
+    }
+    let response = client()
+        .post(server.url("/v1/stages/answer/rollback"))
+        .bearer_auth(TOKEN)
+        .send()
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::CONFLICT,
+        "nothing older is kept"
+    );
+}
+
+/// Retention removes a finished job and releases its idempotency key: the same key then
+/// starts a new job, even with another body.
+#[test]
+fn retention_releases_a_jobs_idempotency_key() {
+    let mock = MockLlm::start(&[]);
+    let data = tempfile::tempdir().unwrap();
+    let server = serve_eco_scan(
+        &mock,
+        data.path(),
+        &["--retention-secs", "1", "--sweep-interval-secs", "1"],
+    );
+    let submit = |items: usize| {
+        client()
+            .post(server.url("/v1/jobs"))
+            .header("idempotency-key", "nightly-batch")
+            .json(&json!({ "items": eco_items(items) }))
+            .send()
+            .unwrap()
+    };
+    let first = submit(1);
+    assert_eq!(first.status(), StatusCode::ACCEPTED);
+    let job = first.json::<Value>().unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_for_job(&server, &job);
+    assert_eq!(
+        submit(2).status(),
+        StatusCode::CONFLICT,
+        "held while the job is kept"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client()
+        .get(server.url(&format!("/v1/jobs/{job}")))
+        .send()
+        .unwrap()
+        .status()
+        != StatusCode::NOT_FOUND
+    {
+        assert!(
+            Instant::now() < deadline,
+            "retention did not remove the job"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let again = submit(2);
+    assert_eq!(again.status(), StatusCode::ACCEPTED, "the key was released");
+    assert_ne!(again.json::<Value>().unwrap()["job_id"], job.as_str());
+}
