@@ -422,3 +422,52 @@ fn a_provider_that_never_answers_times_out_as_retryable() {
     assert_retryable_vision_error(&error, "LLM unavailable: request timed out");
     attempt_times(&error, 3);
 }
+
+/// Ctrl-C (SIGINT) while items wait on the LLM: the run stops at once, the interrupted items
+/// are `cancelled` in the results file, the rest not run, and the exit status is 3.
+#[test]
+fn ctrl_c_cancels_the_run_and_exits_3() {
+    let mock = MockLlm::start(&["--rate-hang", "1.0"]);
+    let data = tempfile::tempdir().unwrap();
+    let out = data.path().join("results.jsonl");
+    let items = data.path().join("items.jsonl");
+    let lines: Vec<String> = stagehand_tests::eco_items(6)
+        .iter()
+        .map(Value::to_string)
+        .collect();
+    std::fs::write(&items, lines.join("\n")).unwrap();
+    let mut child = Command::new(binary("stagehand"))
+        .args(["run", &example("pipeline.toml")])
+        .arg(&items)
+        .args(["--concurrency", "2", "--out"])
+        .arg(&out)
+        .args([
+            "--data-dir",
+            &data.path().join("store").display().to_string(),
+        ])
+        .args(["--llm-base-url", &mock.base_url()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while mock.stats()["in_flight"].as_u64().unwrap() < 2 {
+        assert!(std::time::Instant::now() < deadline, "the run never asked");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let interrupt = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(interrupt.success());
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("cancelling"), "{stderr}");
+    let results = read_jsonl(&out);
+    assert_eq!(results.len(), 2, "{results:?}");
+    for result in &results {
+        assert_eq!(result["error"]["kind"], "cancelled", "{result}");
+    }
+    assert_eq!(mock.stats()["in_flight"], 0, "the requests were dropped");
+}
