@@ -221,3 +221,60 @@ fn retention_releases_a_jobs_idempotency_key() {
     assert_eq!(again.status(), StatusCode::ACCEPTED, "the key was released");
     assert_ne!(again.json::<Value>().unwrap()["job_id"], job.as_str());
 }
+
+/// A follower that stops reading falls behind the tokens of a job's streamed answers: it is
+/// told how many it missed (`tokens.dropped`) instead of holding the server's memory, and the
+/// job does not wait for it.
+#[test]
+fn a_slow_follower_is_told_how_many_tokens_it_missed() {
+    let mock_dir = tempfile::tempdir().unwrap();
+    let answers = mock_dir.path().join("answers.json");
+    std::fs::write(
+        &answers,
+        json!({ "long": "word ".repeat(12_000) }).to_string(),
+    )
+    .unwrap();
+    let mock = MockLlm::start(&["--answers", &answers.display().to_string()]);
+    let dir = tempfile::tempdir().unwrap();
+    let root = stagehand_tests::repo_root().display().to_string();
+    let text = std::fs::read_to_string(
+        stagehand_tests::repo_root().join("examples/prompt-eval/pipeline.toml"),
+    )
+    .unwrap()
+    .replace("\"../../target/", &format!("\"{root}/target/"));
+    let pipeline = dir.path().join("pipeline.toml");
+    std::fs::write(&pipeline, text).unwrap();
+    let server = stagehand_tests::serve(&pipeline, dir.path(), Some(&mock), &[]);
+
+    let cases: Vec<Value> = (0..20)
+        .map(|i| {
+            json!({ "id": format!("c{i}"), "prompt": "long", "expected": "word",
+                "match": "contains", "stream": true, "max_tokens": 20_000 })
+        })
+        .collect();
+    let job = submit_job(&server, cases, json!({ "concurrency": 4 }));
+    let mut stream = client()
+        .get(server.url(&format!("/v1/jobs/{job}/events?tokens=true")))
+        .send()
+        .unwrap();
+    let mut first = [0u8; 64];
+    assert!(stream.read(&mut first).unwrap() > 0);
+    // Not reading: the job goes on without this follower.
+    let status = wait_for_job(&server, &job);
+    assert_eq!(status["succeeded"], 20, "{status}");
+
+    let frames = stagehand_tests::read_frames(stream, |_| false);
+    let dropped: u64 = frames
+        .iter()
+        .filter(|f| f.event == "tokens.dropped")
+        .map(|f| f.data["missed"].as_u64().unwrap())
+        .sum();
+    let received = frames.iter().filter(|f| f.event == "item.token").count() as u64;
+    eprintln!("the follower received {received} tokens and was told of {dropped} missed");
+    assert!(
+        dropped > 0,
+        "no tokens.dropped among {} frames",
+        frames.len()
+    );
+    assert_eq!(frames.last().unwrap().event, "job.completed");
+}

@@ -14,6 +14,9 @@ struct Case {
     /// Stream the answer (`llm.chat-stream`): followers of the job see it being written.
     #[serde(default)]
     stream: bool,
+    /// The answer's length limit, in tokens (default 256).
+    #[serde(default)]
+    max_tokens: Option<u32>,
 }
 
 struct Generate;
@@ -33,7 +36,7 @@ impl Guest for Generate {
                 text_message(Role::System, system),
                 text_message(Role::User, case.prompt),
             ],
-            max_tokens: Some(256),
+            max_tokens: Some(case.max_tokens.unwrap_or(256)),
             temperature: Some(0.0),
             json_mode: false,
         };
