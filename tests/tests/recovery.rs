@@ -265,3 +265,72 @@ fn sigterm_mid_job_then_restart_loses_nothing() {
     wait_until_done(&server, &job, Duration::from_secs(120));
     assert_nothing_lost_nothing_twice(&server, &job, ITEMS);
 }
+
+/// Checkpoints across a kill -9: vision's and rule's outputs are checkpointed while the mock
+/// holds every answer request; after the kill and a restart, vision is not asked again (its
+/// checkpoints are reused), and once the items finish their checkpoints are gone.
+#[test]
+fn checkpoints_are_reused_after_a_kill_9_and_removed_when_items_finish() {
+    const ITEMS: usize = 4;
+    let mock = MockLlm::start(&["--latency-ms", "600000", "--vision-latency-ms", "0"]);
+    let data = tempfile::tempdir().unwrap();
+    let pipeline = stagehand_tests::eco_scan_pipeline(data.path(), |text| {
+        text.replace("[run]\n", "[run]\ncheckpoint_after_ms = 0\n")
+    });
+    let store = data.path().join("data");
+    let mut server = stagehand_tests::serve(&pipeline, &store, Some(&mock), &[]);
+    let job = submit_job(&server, eco_items(ITEMS), json!({ "concurrency": ITEMS }));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let stats = mock.stats();
+        if stats["requests"] == 2 * ITEMS && stats["in_flight"] == ITEMS {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the answers were never asked for"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Checkpoints are not flushed one by one (a quick stage just runs again after a crash);
+    // sled's background flush (every 500 ms) makes these durable.
+    std::thread::sleep(Duration::from_millis(1500));
+    server.child().kill().unwrap();
+    server.child().wait().unwrap();
+    let saved = inspect(&store, &["checkpoints", &job]);
+    for index in 0..ITEMS as u64 {
+        assert!(
+            saved
+                .iter()
+                .any(|c| c["index"] == index && c["stage"] == "vision"),
+            "item {index}: {saved:?}"
+        );
+    }
+
+    let config = client()
+        .post(format!("http://{}/admin/config", mock.address))
+        .json(&json!({ "latency_ms": 0 }))
+        .send()
+        .unwrap();
+    assert!(config.status().is_success());
+    let server = stagehand_tests::serve(&pipeline, &store, Some(&mock), &[]);
+    wait_until_done(&server, &job, Duration::from_secs(60));
+    assert_eq!(job_status(&server, &job)["succeeded"], ITEMS);
+    assert_eq!(mock.stats()["vision"], ITEMS, "vision was not asked again");
+    for result in stagehand_tests::job_results(&server, &job) {
+        let vision = result["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["stage"] == "vision")
+            .unwrap()
+            .clone();
+        assert_eq!(vision["reused"], true, "{result}");
+    }
+    drop(server);
+    assert_eq!(
+        inspect(&store, &["checkpoints", &job]),
+        Vec::<Value>::new(),
+        "finished items keep no checkpoints"
+    );
+}

@@ -1,4 +1,4 @@
-//! `stagehand inspect jobs|results|effects|records`: the store's contents as JSON lines, for
+//! `stagehand inspect jobs|results|checkpoints|effects|records`: the store's contents as JSON lines, for
 //! operators and scripts. (The store is opened exclusively: not while a server uses it.)
 
 use std::io::Write;
@@ -27,6 +27,8 @@ enum What {
     Jobs,
     /// A job's results in item order.
     Results { job: uuid::Uuid },
+    /// A job's checkpointed stage outputs (of items not finished), as {"index", "stage", "bytes"}.
+    Checkpoints { job: uuid::Uuid },
     /// Every emitted effect with its state.
     Effects,
     /// The records handlers wrote in a collection, as {"key", "value"}.
@@ -44,6 +46,10 @@ pub fn inspect(args: InspectArgs) -> Result<ExitCode> {
     match args.what {
         What::Jobs => store.jobs().try_for_each(|j| line(&j?))?,
         What::Results { job } => store.results(job, None).try_for_each(|r| line(&r?))?,
+        What::Checkpoints { job } => store.checkpoints(job).try_for_each(|entry| {
+            let (index, stage, bytes) = entry?;
+            line(&serde_json::json!({ "index": index, "stage": stage, "bytes": bytes }))
+        })?,
         What::Effects => store.effects().try_for_each(|e| line(&e?))?,
         What::Records { collection } => store.records(&collection).try_for_each(|entry| {
             let (key, value) = entry?;

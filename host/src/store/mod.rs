@@ -221,6 +221,18 @@ impl Store {
             .get(keys::stage_output(job, index, stage))?)
     }
 
+    /// A job's checkpoints: (item index, stage, bytes of the output), in item order.
+    pub fn checkpoints(
+        &self,
+        job: Uuid,
+    ) -> impl Iterator<Item = Result<(u64, String, usize)>> + use<> {
+        self.stage_outputs.scan_prefix(job.as_bytes()).map(|entry| {
+            let (key, value) = entry?;
+            let stage = String::from_utf8_lossy(key.get(24..).unwrap_or_default()).into_owned();
+            Ok((keys::index_of(&key)?, stage, value.len()))
+        })
+    }
+
     /// Checkpoint several stage outputs of one item at once.
     pub fn put_stage_outputs<'a>(
         &self,
