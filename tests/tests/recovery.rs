@@ -334,3 +334,70 @@ fn checkpoints_are_reused_after_a_kill_9_and_removed_when_items_finish() {
         "finished items keep no checkpoints"
     );
 }
+
+/// A kill -9 that lands while an effect's handler works (the handler logs that it started,
+/// the test waits for that line): after the restart the effect is `interrupted`, it ran once
+/// and is not run again (at most once), and its record exists at most once.
+#[test]
+fn an_effect_cut_by_a_kill_9_is_interrupted_and_never_run_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = std::env::var("STAGEHAND_PLUGINS_DIR").map_or_else(
+        |_| stagehand_tests::repo_root().join("target/wasm32-wasip2/release"),
+        std::path::PathBuf::from,
+    );
+    let wasm = |name: &str| plugins.join(name).display().to_string();
+    let pipeline = dir.path().join("pipeline.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "name = \"effects\"\n[llm]\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"m\"\n\
+             [[stage]]\nname = \"hostile\"\ncomponent = \"{}\"\n\
+             [handlers.slow]\ncomponent = \"{}\"\ncpu_ms = 600000\ntimeout_ms = 600000\n",
+            wasm("hostile.wasm"),
+            wasm("slow_effect.wasm")
+        ),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let log_path = dir.path().join("server.log");
+    let start = |log: std::process::Stdio| {
+        let args = [
+            "serve",
+            pipeline.to_str().unwrap(),
+            "--addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ];
+        Server::start_with_stderr(&stagehand_tests::binary("stagehand"), &args, log).unwrap()
+    };
+    let mut server = start(std::fs::File::create(&log_path).unwrap().into());
+    let item = json!({ "do": "emit-flood", "size": 1, "target": "slow" });
+    let job = submit_job(&server, vec![item], json!({}));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&log_path)
+        .unwrap()
+        .contains("slow effect")
+    {
+        assert!(Instant::now() < deadline, "the effect never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    server.child().kill().unwrap();
+    server.child().wait().unwrap();
+    let running = inspect(&data, &["effects"]);
+    assert_eq!(running.len(), 1, "{running:?}");
+    assert_eq!(running[0]["state"], "running", "{running:?}");
+
+    let server = start(std::process::Stdio::inherit());
+    wait_until_done(&server, &job, Duration::from_secs(30));
+    drop(server);
+    let effects = inspect(&data, &["effects"]);
+    assert_eq!(effects.len(), 1, "{effects:?}");
+    assert_eq!(effects[0]["handler"], "slow");
+    assert_eq!(effects[0]["state"], "interrupted", "{effects:?}");
+    assert_eq!(effects[0]["runs"], 1, "{effects:?}");
+    let records = inspect(&data, &["records", "slow"]);
+    assert!(records.len() <= 1, "{records:?}");
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert_eq!(log.matches("slow effect").count(), 1, "{log}");
+}
