@@ -44,7 +44,7 @@ fn cursor(raw: &str) -> Result<(Uuid, u64), ApiError> {
 
 /// `GET /v1/dead-letters?job=&stage=&after=&limit=`, in (job, index) order.
 #[utoipa::path(get, path = "/v1/dead-letters", tag = "dead letters", security((), ("api_token" = []), ("admin_token" = [])), params(ListQuery),
-    responses((status = 200, description = "in (job, index) order", body = super::openapi::DeadLetterList), (status = 400, description = "bad query", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong token", body = super::openapi::ErrorBody)))]
+    responses((status = 200, description = "in (job, index) order", body = super::openapi::DeadLetterList), (status = 400, description = "bad query", body = super::openapi::ErrorBody), (status = 422, description = "a value past its limit (the message names it)", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong token", body = super::openapi::ErrorBody)))]
 pub async fn list(
     State(app): State<Arc<App>>,
     query: Result<Query<ListQuery>, QueryRejection>,
@@ -136,7 +136,7 @@ pub struct ReprocessRequest {
 /// `POST /v1/jobs/{id}/reprocess` with `{"indices": [...]}` or `{}` for all.
 #[utoipa::path(post, path = "/v1/jobs/{id}/reprocess", tag = "dead letters", security(("admin_token" = [])), params(("id" = uuid::Uuid, Path, description = "job id")),
     request_body(content = Option<super::openapi::ReprocessBody>, description = "the items; none for all"),
-    responses((status = 202, description = "reprocessing", body = super::openapi::ReprocessAnswer), (status = 400, description = "bad body", body = super::openapi::ErrorBody), (status = 404, description = "no such job", body = super::openapi::ErrorBody), (status = 409, description = "the job is running", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong admin token", body = super::openapi::ErrorBody), (status = 403, description = "admin routes are off (no --admin-token)", body = super::openapi::ErrorBody)))]
+    responses((status = 202, description = "reprocessing", body = super::openapi::ReprocessAnswer), (status = 400, description = "bad body", body = super::openapi::ErrorBody), (status = 422, description = "a value past its limit (the message names it)", body = super::openapi::ErrorBody), (status = 404, description = "no such job", body = super::openapi::ErrorBody), (status = 409, description = "the job is running", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong admin token", body = super::openapi::ErrorBody), (status = 403, description = "admin routes are off (no --admin-token)", body = super::openapi::ErrorBody)))]
 pub async fn reprocess(
     State(app): State<Arc<App>>,
     Path(raw): Path<String>,

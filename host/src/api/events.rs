@@ -49,7 +49,7 @@ const RETRY: Duration = Duration::from_secs(3);
 #[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", security((), ("api_token" = []), ("admin_token" = [])), params(("id" = uuid::Uuid, Path, description = "job id"), EventsQuery,
       ("Last-Event-ID" = Option<u64>, Header, minimum = 0, maximum = 9223372036854775807i64, description = "resume after this event number")),
     responses((status = 200, description = "Server-Sent Events: `job.started`, `job.progress`, `item.stage`, `item.token`, `job.completed`, `job.cancelled`, `job.failed`", content_type = "text/event-stream", body = serde_json::Value),
-              (status = 400, description = "bad query or Last-Event-ID", body = super::openapi::ErrorBody), (status = 404, description = "no such job", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong token", body = super::openapi::ErrorBody)))]
+              (status = 400, description = "bad query or Last-Event-ID", body = super::openapi::ErrorBody), (status = 422, description = "a value past its limit (the message names it)", body = super::openapi::ErrorBody), (status = 404, description = "no such job", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong token", body = super::openapi::ErrorBody)))]
 pub async fn stream(
     State(app): State<Arc<App>>,
     Path(raw): Path<String>,

@@ -184,7 +184,7 @@ pub struct ListQuery {
 
 /// Jobs, newest first.
 #[utoipa::path(get, path = "/v1/jobs", tag = "jobs", security((), ("api_token" = []), ("admin_token" = [])), params(ListQuery),
-    responses((status = 200, description = "newest first", body = super::openapi::JobList), (status = 400, description = "bad query", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong token", body = super::openapi::ErrorBody)))]
+    responses((status = 200, description = "newest first", body = super::openapi::JobList), (status = 400, description = "bad query", body = super::openapi::ErrorBody), (status = 422, description = "a value past its limit (the message names it)", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong token", body = super::openapi::ErrorBody)))]
 pub async fn list(
     State(app): State<Arc<App>>,
     query: Result<Query<ListQuery>, QueryRejection>,
@@ -248,7 +248,7 @@ pub struct ResultsQuery {
 }
 
 #[utoipa::path(get, path = "/v1/jobs/{id}/results", tag = "jobs", security((), ("api_token" = []), ("admin_token" = [])), params(("id" = uuid::Uuid, Path, description = "job id"), ResultsQuery),
-    responses((status = 200, description = "a page of results", body = super::openapi::ResultsPage), (status = 400, description = "bad query", body = super::openapi::ErrorBody), (status = 404, description = "no such job", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong token", body = super::openapi::ErrorBody)))]
+    responses((status = 200, description = "a page of results", body = super::openapi::ResultsPage), (status = 400, description = "bad query", body = super::openapi::ErrorBody), (status = 422, description = "a value past its limit (the message names it)", body = super::openapi::ErrorBody), (status = 404, description = "no such job", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong token", body = super::openapi::ErrorBody)))]
 pub async fn results(
     State(app): State<Arc<App>>,
     Path(raw): Path<String>,
