@@ -278,3 +278,36 @@ fn a_slow_follower_is_told_how_many_tokens_it_missed() {
     );
     assert_eq!(frames.last().unwrap().event, "job.completed");
 }
+
+/// A job that cannot go on after a restart (here: the server now serves another pipeline)
+/// fails with its reason, and its event stream ends with `job.failed`.
+#[test]
+fn a_failed_job_ends_its_event_stream_with_job_failed() {
+    let mock = MockLlm::start(&["--rate-hang", "1.0"]);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let eco = stagehand_tests::eco_scan_pipeline(dir.path(), |text| text);
+    let mut server = stagehand_tests::serve(&eco, &data, Some(&mock), &[]);
+    let job = submit_job(&server, eco_items(2), json!({}));
+    server.child().kill().unwrap();
+    server.child().wait().unwrap();
+
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = stagehand_tests::eco_scan_pipeline(other_dir.path(), |text| {
+        text.replace("name = \"eco-scan\"", "name = \"eco-scan-2\"")
+    });
+    let server = stagehand_tests::serve(&other, &data, Some(&mock), &[]);
+    let stream = client()
+        .get(server.url(&format!("/v1/jobs/{job}/events")))
+        .send()
+        .unwrap();
+    let frames = stagehand_tests::read_frames(stream, |_| false);
+    let end = frames.last().unwrap();
+    assert_eq!(end.event, "job.failed", "{frames:?}");
+    let status = stagehand_tests::job_status(&server, &job);
+    assert_eq!(status["state"], "failed", "{status}");
+    assert!(
+        status["error"].as_str().unwrap().contains("eco-scan"),
+        "{status}"
+    );
+}

@@ -528,7 +528,10 @@ fn schemathesis(root: &Path) -> Result<()> {
         .send()?
         .error_for_status()?
         .json()?;
-    let job = submitted["job_id"].as_str().context("a job id")?.to_string();
+    let job = submitted["job_id"]
+        .as_str()
+        .context("a job id")?
+        .to_string();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         let status: serde_json::Value = http
