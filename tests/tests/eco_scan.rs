@@ -436,7 +436,7 @@ fn ctrl_c_cancels_the_run_and_exits_3() {
         .map(Value::to_string)
         .collect();
     std::fs::write(&items, lines.join("\n")).unwrap();
-    let mut child = Command::new(binary("stagehand"))
+    let child = Command::new(binary("stagehand"))
         .args(["run", &example("pipeline.toml")])
         .arg(&items)
         .args(["--concurrency", "2", "--out"])
