@@ -154,6 +154,26 @@ pub fn serve(pipeline: &Path, data: &Path, mock: Option<&MockLlm>, extra: &[&str
     Server::start(&binary("stagehand"), &args).expect("stagehand serve starts")
 }
 
+/// `stagehand serve <pipeline>` with `env` set, its LLM calls wherever the pipeline says.
+pub fn serve_with_env(pipeline: &Path, data: &Path, env: &[(&str, &str)]) -> Server {
+    let mut command = Command::new(binary("stagehand"));
+    command.args(["serve", &pipeline.display().to_string()]);
+    command.args(["--addr", "127.0.0.1:0", "--data-dir"]);
+    command.arg(data);
+    command.envs(env.iter().copied());
+    Server::start_command(command).expect("stagehand serve starts")
+}
+
+/// The run of `stage` in an item's result (`stages[]`).
+pub fn stage_run<'a>(result: &'a serde_json::Value, stage: &str) -> &'a serde_json::Value {
+    result["stages"]
+        .as_array()
+        .expect("a result has stage runs")
+        .iter()
+        .find(|run| run["stage"] == stage)
+        .unwrap_or_else(|| panic!("no run of {stage} in {result}"))
+}
+
 /// [`serve`] of the eco-scan example.
 pub fn serve_eco_scan(mock: &MockLlm, data: &Path, extra: &[&str]) -> Server {
     let pipeline = repo_root().join("examples/eco-scan/pipeline.toml");

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use stagehand_tests::{
-    Server, binary, client, eco_items, eco_scan_pipeline, job_results, repo_root, submit_job,
-    wait_for_job,
+    client, eco_items, eco_scan_pipeline, job_results, repo_root, serve_with_env as serve,
+    stage_run, submit_job, wait_for_job,
 };
 
 /// The compat virtualenv's interpreter.
@@ -90,24 +90,6 @@ impl Drop for Foreign {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn serve(pipeline: &Path, data: &Path, env: &[(&str, &str)]) -> Server {
-    let mut command = Command::new(binary("stagehand"));
-    command.args(["serve", &pipeline.display().to_string()]);
-    command.args(["--addr", "127.0.0.1:0", "--data-dir"]);
-    command.arg(data);
-    command.envs(env.iter().copied());
-    Server::start_command(command).expect("stagehand serve starts")
-}
-
-fn stage_run<'a>(result: &'a Value, stage: &str) -> &'a Value {
-    result["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|run| run["stage"] == stage)
-        .unwrap_or_else(|| panic!("no run of {stage} in {result}"))
 }
 
 #[test]

@@ -3,12 +3,11 @@
 //! mock plays each server over HTTP; the host is a real `stagehand serve`.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use stagehand_tests::{
-    MockLlm, Server, binary, client, eco_items, eco_scan_pipeline, job_results, repo_root,
-    submit_job, wait_for_job,
+    MockLlm, Server, client, eco_items, eco_scan_pipeline, job_results, repo_root,
+    serve_with_env as serve, stage_run, submit_job, wait_for_job,
 };
 
 /// The eco-scan pipeline in `dir` with its `[llm]` table replaced by `llm` (which may add
@@ -25,25 +24,6 @@ fn provider(name: &str, mock: &MockLlm, extra: &str) -> String {
         "[providers.{name}]\nbase_url = \"{}\"\nmodel = \"gpt-4o-mini\"\n{extra}\n",
         mock.base_url()
     )
-}
-
-/// `stagehand serve` of `pipeline` with `env` set, its LLM calls where the pipeline says.
-fn serve(pipeline: &Path, data: &Path, env: &[(&str, &str)]) -> Server {
-    let mut command = Command::new(binary("stagehand"));
-    command.args(["serve", &pipeline.display().to_string()]);
-    command.args(["--addr", "127.0.0.1:0", "--data-dir"]);
-    command.arg(data);
-    command.envs(env.iter().copied());
-    Server::start_command(command).expect("stagehand serve starts")
-}
-
-fn stage_run<'a>(result: &'a Value, stage: &str) -> &'a Value {
-    result["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|run| run["stage"] == stage)
-        .unwrap_or_else(|| panic!("no run of {stage} in {result}"))
 }
 
 fn metrics(server: &Server) -> String {
