@@ -8,7 +8,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use stagehand_tests::{
     MockLlm, Server, client, eco_items, job_results, job_status, plugin_bytes as plugin,
-    serve_eco_scan, submit_job, wait_for_job, with_custom_section,
+    serve_eco_scan, stage_run, submit_job, wait_for_job, with_custom_section,
 };
 
 const TOKEN: &str = "s3cret-admin-token";
@@ -184,15 +184,6 @@ fn the_answer_stage_is_swapped_mid_job_without_failing_an_item_and_rolled_back()
     assert_eq!(stage_digest(&job_results(&server, &one)[0], "answer"), old);
     let (status, _) = rollback();
     assert_eq!(status, StatusCode::CONFLICT);
-}
-
-fn stage_run<'a>(result: &'a Value, stage: &str) -> &'a Value {
-    result["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["stage"] == stage)
-        .unwrap()
 }
 
 /// Eight items are inside a slow `answer` try (their LLM requests held by the mock) when the

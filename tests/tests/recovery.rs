@@ -318,13 +318,7 @@ fn checkpoints_are_reused_after_a_kill_9_and_removed_when_items_finish() {
     assert_eq!(job_status(&server, &job)["succeeded"], ITEMS);
     assert_eq!(mock.stats()["vision"], ITEMS, "vision was not asked again");
     for result in stagehand_tests::job_results(&server, &job) {
-        let vision = result["stages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["stage"] == "vision")
-            .unwrap()
-            .clone();
+        let vision = stagehand_tests::stage_run(&result, "vision");
         assert_eq!(vision["reused"], true, "{result}");
     }
     drop(server);

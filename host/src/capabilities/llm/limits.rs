@@ -26,6 +26,17 @@ pub struct Limits {
     pub tokens_per_minute: Option<u32>,
 }
 
+/// How long until the first of `pauses` ends, when every one of them is paused; `None` as
+/// soon as one is free (a key or provider that can take a request now).
+pub fn all_paused(pauses: impl IntoIterator<Item = Option<Duration>>) -> Option<Duration> {
+    pauses
+        .into_iter()
+        .try_fold(None, |shortest: Option<Duration>, pause| {
+            pause.map(|p| Some(shortest.map_or(p, |s| s.min(p))))
+        })
+        .flatten()
+}
+
 /// A bucket holds this much of a minute's budget, so a quiet provider can take a short burst.
 const BURST: Duration = Duration::from_secs(10);
 /// A 429 without `Retry-After` pauses the gate this long.
@@ -428,5 +439,18 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(1), gate.admit("c", 0))
             .await
             .expect("the slot went to a dropped request");
+    }
+}
+
+#[cfg(test)]
+mod all_paused_tests {
+    use super::*;
+
+    #[test]
+    fn paused_only_when_every_one_is() {
+        let s = Duration::from_secs;
+        assert_eq!(all_paused([Some(s(3)), Some(s(1))]), Some(s(1)));
+        assert_eq!(all_paused([Some(s(3)), None]), None);
+        assert_eq!(all_paused(std::iter::empty()), None);
     }
 }

@@ -85,10 +85,7 @@ impl LlmProviders {
     /// How long `stage` should wait before its next try because its providers asked for a
     /// pause: none while any provider of its route is free.
     pub fn paused_for(&self, stage: &str) -> Option<Duration> {
-        self.route(stage)
-            .iter()
-            .map(|p| p.paused_for())
-            .try_fold(Duration::MAX, |min, pause| pause.map(|p| min.min(p)))
+        limits::all_paused(self.route(stage).iter().map(|p| p.paused_for()))
     }
 
     /// Send `request` from an item of `job` at `stage` to the first provider of the stage's

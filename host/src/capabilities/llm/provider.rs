@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use super::limits::{Gate, Limits};
+use super::limits::{Gate, Limits, all_paused};
 use super::status::{describe, refusal, retry_after_ms};
 use super::wire;
 use crate::config::ProviderConfig;
@@ -128,11 +128,7 @@ impl Provider {
     /// How long the provider asked us to wait (its last `Retry-After`), if that is not over.
     /// With several keys, only when every key is paused.
     pub fn paused_for(&self) -> Option<Duration> {
-        let keys = self
-            .keys
-            .iter()
-            .map(|k| k.gate.paused_for())
-            .try_fold(Duration::MAX, |min, p| p.map(|p| min.min(p)))
+        let keys = all_paused(self.keys.iter().map(|k| k.gate.paused_for()))
             .filter(|_| self.keys.len() > 1);
         std::iter::once(&self.gate)
             .chain(self.models.values())

@@ -52,9 +52,10 @@ pub(super) fn quoted(body: &str) -> String {
             .iter()
             .find_map(|at| match json.pointer(at)? {
                 Value::String(s) if !s.is_empty() => Some(s.clone()),
-                Value::Null => None,
-                Value::String(_) => None,
-                other if *at == "/detail" => Some(other.to_string()),
+                // FastAPI's validation errors: a list of objects.
+                detail @ (Value::Array(_) | Value::Object(_)) if *at == "/detail" => {
+                    Some(detail.to_string())
+                }
                 _ => None,
             })
     });
