@@ -1,6 +1,7 @@
 //! Small promises of the README, each held to a test: the command line's exit status on a bad
 //! argument, 415 and 409 answers, the event stream's `retry:` and keep-alive comment, five
-//! earlier stage versions kept for rollback, and an idempotency key released by retention.
+//! earlier stage versions kept for rollback, an idempotency key released by retention, and
+//! progress frames paced by `?interval_ms=`.
 
 use std::io::Read;
 use std::time::{Duration, Instant};
@@ -310,4 +311,43 @@ fn a_failed_job_ends_its_event_stream_with_job_failed() {
         status["error"].as_str().unwrap().contains("eco-scan"),
         "{status}"
     );
+}
+
+/// Two followers of one job whose items finish about a second apart: with `interval_ms=100`
+/// every item gets a frame of its own as it finishes; with the largest interval all of them
+/// wait for the one frame flushed before `job.completed`. The default (3 s) gives neither.
+#[test]
+fn interval_ms_paces_progress_frames() {
+    let mock = MockLlm::start(&["--latency-ms", "500"]);
+    let data = tempfile::tempdir().unwrap();
+    let server = serve_eco_scan(&mock, data.path(), &[]);
+    const ITEMS: usize = 6;
+    let job = submit_job(&server, eco_items(ITEMS), json!({ "concurrency": 1 }));
+    let follow = |interval_ms: u64| {
+        let stream = client()
+            .get(server.url(&format!(
+                "/v1/jobs/{job}/events?max_items=1000&interval_ms={interval_ms}"
+            )))
+            .send()
+            .unwrap();
+        assert_eq!(stream.status(), StatusCode::OK);
+        stream
+    };
+    let (fast, slow) = (follow(100), follow(600_000));
+    let progress_sizes = |stream| {
+        let frames = stagehand_tests::read_frames(stream, |_| false);
+        assert_eq!(frames.last().unwrap().event, "job.completed", "{frames:?}");
+        frames
+            .iter()
+            .filter(|f| f.event == "job.progress")
+            .map(|f| f.data["items"].as_array().unwrap().len())
+            .collect::<Vec<_>>()
+    };
+    let (fast, slow) = std::thread::scope(|scope| {
+        let fast = scope.spawn(|| progress_sizes(fast));
+        let slow = scope.spawn(|| progress_sizes(slow));
+        (fast.join().unwrap(), slow.join().unwrap())
+    });
+    assert_eq!(fast, vec![1; ITEMS], "interval_ms=100");
+    assert_eq!(slow, vec![ITEMS], "interval_ms=600000");
 }
