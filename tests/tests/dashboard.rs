@@ -1,7 +1,9 @@
 //! The dashboard at `/`, driven in headless Chromium through WebDriver (Debian's `chromium` and
 //! `chromium-driver`, which `cargo xtask test` installs): the jobs list, a job followed live
 //! and cancelled, results paged, the time per stage, a dead letter reprocessed and discarded, a
-//! stage uploaded and rolled back; all with tokens, and nothing loaded from outside the server.
+//! stage uploaded and rolled back, another tried as a canary and promoted, the jobs list paged
+//! older and newer and filtered by state; all with tokens, and nothing loaded from outside the
+//! server.
 //! Screenshots are kept in `target/test-artifacts/`.
 
 use std::path::{Path, PathBuf};
@@ -323,6 +325,123 @@ async fn the_dashboard_follows_cancels_pages_reprocesses_and_swaps() {
     .await;
     assert_eq!(current_digest(&server, "answer"), original);
 
+    // A canary: upload another `answer` on trial for 30 %, then promote it.
+    let canary_wasm = dir.path().join("answer-v3.wasm");
+    std::fs::write(
+        &canary_wasm,
+        with_custom_section(plugin_bytes("answer"), "dashboard-v3"),
+    )
+    .unwrap();
+    browser
+        .find(Locator::Css(&format!("{answer_row} input.upload-file")))
+        .await
+        .unwrap()
+        .send_keys(canary_wasm.to_str().unwrap())
+        .await
+        .unwrap();
+    browser
+        .find(Locator::Css(&format!("{answer_row} input.canary-percent")))
+        .await
+        .unwrap()
+        .send_keys("30")
+        .await
+        .unwrap();
+    click(&browser, &format!("{answer_row} button.upload")).await;
+    until(
+        &browser,
+        "on trial",
+        &format!("document.querySelector('{answer_row} code.canary') !== null"),
+    )
+    .await;
+    let answer = stage(&server, "answer");
+    assert_eq!(answer["current"]["digest"], original.as_str(), "{answer}");
+    assert_eq!(answer["canary"]["percent"], 30, "{answer}");
+    let trial = answer["canary"]["digest"].as_str().unwrap().to_string();
+    assert_ne!(trial, original);
+    assert_eq!(
+        text_of(&browser, &format!("{answer_row} code.canary")).await,
+        trial[..12]
+    );
+    screenshot(&browser, "dashboard-canary.png").await;
+    click(&browser, &format!("{answer_row} button.promote")).await;
+    until(
+        &browser,
+        "promoted",
+        &format!(
+            "document.querySelector('{answer_row} code.current').title === '{trial}' \
+             && document.querySelector('{answer_row} code.canary') === null"
+        ),
+    )
+    .await;
+    let answer = stage(&server, "answer");
+    assert_eq!(answer["current"]["digest"], trial.as_str(), "{answer}");
+    assert!(answer["canary"].is_null(), "{answer}");
+
+    // The jobs list: 28 more jobs make 30, two pages of 25 newest first; the state filter.
+    // Blocking requests inside this async test spend tokio's cooperative budget, and once it is
+    // spent reqwest's blocking wait spins forever: yield after each one to renew it.
+    let mut quick = Vec::new();
+    for _ in 0..28 {
+        quick.push(submit(&server, eco_items(1), json!({})));
+        tokio::task::yield_now().await;
+    }
+    for id in &quick {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while http_get(&server, &format!("/v1/jobs/{id}"))["state"] == "running" {
+            assert!(Instant::now() < deadline, "job {id} did not end");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::task::yield_now().await;
+    }
+    browser.goto(&server.url("/#/jobs")).await.unwrap();
+    let rows = "[...document.querySelectorAll('#jobs tbody tr[data-job]')].map(r => r.dataset.job)";
+    let newest: Vec<&str> = quick.iter().rev().map(String::as_str).take(25).collect();
+    until(
+        &browser,
+        "the newest 25",
+        &format!("JSON.stringify({rows}) === '{}'", json!(newest)),
+    )
+    .await;
+    assert!(
+        browser
+            .execute(
+                "return document.querySelector('#jobs-newer').disabled;",
+                vec![]
+            )
+            .await
+            .unwrap()
+            == Value::Bool(true)
+    );
+    click(&browser, "#jobs-older").await;
+    let oldest = json!([quick[2], quick[1], quick[0], job, long]);
+    until(
+        &browser,
+        "the older page",
+        &format!("JSON.stringify({rows}) === '{oldest}' && document.querySelector('#jobs-older').disabled"),
+    )
+    .await;
+    click(&browser, "#jobs-newer").await;
+    until(
+        &browser,
+        "back to the newest",
+        &format!("JSON.stringify({rows}) === '{}'", json!(newest)),
+    )
+    .await;
+    browser
+        .find(Locator::Css("#state-filter"))
+        .await
+        .unwrap()
+        .select_by_value("cancelled")
+        .await
+        .unwrap();
+    until(
+        &browser,
+        "only the cancelled job",
+        &format!("JSON.stringify({rows}) === '{}'", json!([long])),
+    )
+    .await;
+    screenshot(&browser, "dashboard-jobs-cancelled.png").await;
+
     // Offline: every resource the page loaded came from the server itself.
     let foreign = browser
         .execute("return performance.getEntriesByType('resource').map(e => e.name).filter(n => !n.startsWith(location.origin));", vec![])
@@ -332,14 +451,19 @@ async fn the_dashboard_follows_cancels_pages_reprocesses_and_swaps() {
     browser.close().await.unwrap();
 }
 
-fn current_digest(server: &Server, stage: &str) -> String {
+fn stage(server: &Server, name: &str) -> Value {
     let stages = http_get(server, "/v1/stages");
     stages["stages"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|s| s["name"] == stage)
-        .unwrap()["current"]["digest"]
+        .find(|s| s["name"] == name)
+        .unwrap()
+        .clone()
+}
+
+fn current_digest(server: &Server, name: &str) -> String {
+    stage(server, name)["current"]["digest"]
         .as_str()
         .unwrap()
         .to_string()
