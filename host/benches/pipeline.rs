@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use stagehand::config::PipelineConfig;
 use stagehand::jobs::{EffectRunner, ItemHooks, ItemRef, RunSettings, run_item, run_job};
 use stagehand::pipeline::Pipeline;
-use stagehand::runtime::Call;
 use stagehand::runtime::bindings::types::Context;
 use stagehand::store::{JobRecord, Store};
 use stagehand_tests::{MockLlm, repo_root};
@@ -77,20 +76,14 @@ async fn runtime_floor(calls: u64) {
         let input = r#"{"item":{"n":1,"text":"an item of modest size"},"stages":{}}"#;
         let stage = &pipeline.stages[0];
         for index in 0..n {
-            let call = Call {
-                caps: pipeline.caps.clone(),
-                context: Context {
-                    job_id: "j".into(),
-                    item_id: "i".into(),
-                    item_index: index,
-                    attempt: 1,
-                    stage: "pass1".into(),
-                },
-                limits: stage.config.limits,
-                cancel: CancellationToken::new(),
-                progress: None,
-                job_max_tokens: None,
+            let context = Context {
+                job_id: "j".into(),
+                item_id: "i".into(),
+                item_index: index,
+                attempt: 1,
+                stage: "pass1".into(),
             };
+            let call = pipeline.stage_call(context, stage.config.limits);
             stage.current().run(call, input).await.0.unwrap();
         }
     };

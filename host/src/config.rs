@@ -147,10 +147,16 @@ pub struct RunConfig {
     /// Items in flight at once, per job (a job's `options.concurrency` overrides it).
     #[serde(default = "defaults::concurrency")]
     pub concurrency: usize,
-    /// Stage calls alive at once across every job: each holds a component instance, so this
-    /// sizes the instance pool; more wait in line (FIFO) instead of failing.
+    /// Stage instances alive at once across every job, so this sizes the instance pool; more
+    /// wait in line (FIFO) instead of failing. A stage waiting on the LLM or a handler past
+    /// `evict_after_ms` holds none.
     #[serde(default = "defaults::max_stage_calls")]
     pub max_stage_calls: usize,
+    /// How long a host call (the LLM, `dispatch.call`) may keep a stage's instance waiting;
+    /// past it the instance is dropped and the stage resumes by replay when the answer is in
+    /// (see `capabilities/journal.rs`). Up to [`MAX_EVICT_AFTER_MS`].
+    #[serde(default = "defaults::evict_after_ms")]
+    pub evict_after_ms: u64,
     /// Effects (emitted dispatches) running at once.
     #[serde(default = "defaults::effect_concurrency")]
     pub effect_concurrency: usize,
@@ -165,11 +171,28 @@ pub struct RunConfig {
     pub item_timeout_ms: Option<u64>,
 }
 
+/// The most `[run] max_stage_calls`: the pool reserves slots for twice as many instances
+/// (stages and the handlers they call), and 10,000 stage calls made the process abort when it
+/// later could not map a thread's stack (docs/BENCHMARKS.md); 2,000 were measured to work.
+pub const MAX_STAGE_CALLS: usize = 2048;
+
+/// The longest `[run] evict_after_ms`: a minute of a live instance per waiting call is as long
+/// as keeping instances can be worth.
+pub const MAX_EVICT_AFTER_MS: u64 = 60_000;
+
+impl RunConfig {
+    /// What [`crate::runtime::Call::evict_after`] gets.
+    pub fn evict_after(&self) -> Option<std::time::Duration> {
+        Some(std::time::Duration::from_millis(self.evict_after_ms))
+    }
+}
+
 impl Default for RunConfig {
     fn default() -> Self {
         Self {
             concurrency: defaults::concurrency(),
             max_stage_calls: defaults::max_stage_calls(),
+            evict_after_ms: defaults::evict_after_ms(),
             effect_concurrency: defaults::effect_concurrency(),
             checkpoint_after_ms: defaults::checkpoint_after_ms(),
             item_timeout_ms: None,
@@ -293,6 +316,9 @@ mod defaults {
     }
     pub fn max_stage_calls() -> usize {
         256
+    }
+    pub fn evict_after_ms() -> u64 {
+        10
     }
     pub fn effect_concurrency() -> usize {
         8
@@ -621,6 +647,22 @@ impl PipelineConfig {
             bail!(
                 "{}: `[run]` concurrencies must be at least 1",
                 path.display()
+            );
+        }
+        if raw.run.max_stage_calls > MAX_STAGE_CALLS {
+            bail!(
+                "{}: `[run] max_stage_calls` is at most {MAX_STAGE_CALLS}, not {}: it sizes the \
+                 instance pool, whose memory mappings a larger one would outgrow; a stage \
+                 waiting on the LLM holds no instance, so more are rarely needed",
+                path.display(),
+                raw.run.max_stage_calls
+            );
+        }
+        if raw.run.evict_after_ms > MAX_EVICT_AFTER_MS {
+            bail!(
+                "{}: `[run] evict_after_ms` is at most {MAX_EVICT_AFTER_MS}, not {}",
+                path.display(),
+                raw.run.evict_after_ms
             );
         }
         let limits = raw.limits;

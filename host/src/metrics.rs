@@ -61,6 +61,24 @@ pub fn llm_waiting() -> InFlight {
     InFlight("stagehand_llm_waiting_requests")
 }
 
+/// Stage instances alive right now (each holds a `[run] max_stage_calls` slot).
+pub fn stage_instance_running() -> InFlight {
+    gauge!("stagehand_stage_instances_running").increment(1.0);
+    InFlight("stagehand_stage_instances_running")
+}
+
+/// Stage tries waiting on a host call without an instance (evicted), right now.
+pub fn stage_call_waiting() -> InFlight {
+    gauge!("stagehand_stage_calls_waiting").increment(1.0);
+    InFlight("stagehand_stage_calls_waiting")
+}
+
+/// A stage run gave up its instance because a host call kept it waiting past
+/// `[run] evict_after_ms`; it resumes by replay when the answer is in.
+pub fn stage_evicted(stage: &str) {
+    counter!("stagehand_stage_evictions_total", "stage" => stage.to_string()).increment(1);
+}
+
 /// Decrements its gauge when dropped, however the scope ends.
 pub struct InFlight(&'static str);
 

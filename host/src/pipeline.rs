@@ -9,6 +9,10 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use futures::future::try_join_all;
 use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 
+use crate::capabilities::Journal;
+use crate::runtime::Call;
+use crate::runtime::bindings::types::Context;
+
 use crate::capabilities::EffectKeys;
 use crate::capabilities::{Capabilities, KvNamespaces, LlmProviders};
 use crate::config::{PipelineConfig, StageConfig};
@@ -20,9 +24,9 @@ pub struct Pipeline {
     pub config: PipelineConfig,
     pub caps: Arc<Capabilities>,
     pub stages: Vec<Stage>,
-    /// `[run] max_stage_calls`: a stage call holds one while its instance is alive, so the
+    /// `[run] max_stage_calls`: a stage run holds one while its instance is alive, so the
     /// instance pool is never exhausted however many jobs run (waiting beats failing).
-    stage_calls: Semaphore,
+    stage_calls: Arc<Semaphore>,
 }
 
 /// One stage of the pipeline: its configuration and the version new items get.
@@ -133,8 +137,8 @@ pub struct Shared {
 }
 
 impl Pipeline {
-    /// The runtime sized for `config`: enough instance slots for every stage call (a stage
-    /// plus the handler it calls) and every running effect.
+    /// The runtime sized for `config`: enough instance slots for every stage run, as many
+    /// `dispatch.call` handlers (`Capabilities::handler_calls`) and every running effect.
     pub fn runtime_for(config: &PipelineConfig, data_dir: &Path) -> Result<Arc<Runtime>> {
         let max_instances =
             (config.run.max_stage_calls * 2 + config.run.effect_concurrency + 16) as u32;
@@ -210,22 +214,30 @@ impl Pipeline {
             store,
             effects_waiting: Notify::new(),
             tokens: TokenHub::default(),
+            handler_calls: Arc::new(Semaphore::new(config.run.max_stage_calls)),
         });
         Ok(Arc::new(Self {
-            stage_calls: Semaphore::new(config.run.max_stage_calls),
+            stage_calls: Arc::new(Semaphore::new(config.run.max_stage_calls)),
             config,
             caps,
             stages,
         }))
     }
 
-    /// Wait for room for one more stage call (after the stage's own limit, so a call waiting
-    /// here never holds back another stage).
-    pub async fn stage_call_slot(&self) -> SemaphorePermit<'_> {
-        self.stage_calls
-            .acquire()
-            .await
-            .expect("the stage-call semaphore is never closed")
+    /// A call of a stage of this pipeline in `context`, with the pipeline's instance slots and
+    /// eviction; the other fields are the job's.
+    pub fn stage_call(&self, context: Context, limits: crate::config::Limits) -> Call {
+        Call {
+            caps: self.caps.clone(),
+            context,
+            limits,
+            cancel: tokio_util::sync::CancellationToken::new(),
+            progress: None,
+            job_max_tokens: None,
+            slots: Some(self.stage_calls.clone()),
+            evict_after: self.config.run.evict_after(),
+            journal: Journal::default(),
+        }
     }
 
     pub fn store(&self) -> &Store {

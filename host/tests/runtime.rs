@@ -467,6 +467,16 @@ fn pipeline_file_mistakes_name_the_key_and_line() {
     );
     let typo = error(&format!("[llm.models.\"m\"]\nrpm = 5\n{stage}"));
     assert!(typo.contains("unknown field `rpm`"), "{typo}");
+    let pool = error(&format!("[run]\nmax_stage_calls = 10000\n{stage}"));
+    assert!(
+        pool.contains("`[run] max_stage_calls` is at most 2048, not 10000"),
+        "{pool}"
+    );
+    let evict = error(&format!("[run]\nevict_after_ms = 60001\n{stage}"));
+    assert!(
+        evict.contains("`[run] evict_after_ms` is at most 60000, not 60001"),
+        "{evict}"
+    );
 }
 
 /// Providers: `[llm]` is the one named `default`; `[providers.NAME]` add more; a stage names
@@ -614,5 +624,172 @@ async fn a_component_built_against_another_wit_version_is_told_to_rebuild() {
             "was built against stagehand:pipeline@0.1.0; this host speaks stagehand:pipeline@0.2.0"
         ),
         "{error}"
+    );
+}
+
+/// The stage's call for item 0 of one fixed job, try `attempt`.
+fn hostile_call(
+    pipeline: &stagehand::pipeline::Pipeline,
+    attempt: u32,
+) -> stagehand::runtime::Call {
+    let context = stagehand::runtime::bindings::types::Context {
+        job_id: "0190a5b2-7c3d-7e4f-8a9b-0c1d2e3f4a5b".into(),
+        item_id: "5d3c0a9e-1b2f-5c4d-8e7f-6a5b4c3d2e1f".into(),
+        item_index: 0,
+        attempt,
+        stage: "hostile".into(),
+    };
+    pipeline.stage_call(context, pipeline.stages[0].config.limits)
+}
+
+async fn hostile_run(
+    pipeline: &stagehand::pipeline::Pipeline,
+    call: stagehand::runtime::Call,
+    item: &str,
+) -> (
+    Result<String, stagehand::runtime::Failure>,
+    stagehand::runtime::CallStats,
+) {
+    let input = format!(r#"{{"item":{item},"stages":{{}}}}"#);
+    pipeline.stages[0].current().run(call, &input).await
+}
+
+#[tokio::test]
+async fn random_bytes_are_the_same_for_a_try_and_new_for_the_next() {
+    let fixture = Fixture::new();
+    let pipeline = fixture.load(fixture.config(&hostile(""))).await;
+    let random = |attempt| {
+        let pipeline = pipeline.clone();
+        async move {
+            let (output, _) = hostile_run(
+                &pipeline,
+                hostile_call(&pipeline, attempt),
+                r#"{"do":"random"}"#,
+            )
+            .await;
+            output.expect("runs")
+        }
+    };
+    let (first, again, next_try) = (random(1).await, random(1).await, random(2).await);
+    assert_eq!(first, again, "one try run twice must see the same bytes");
+    assert_ne!(first, next_try, "the next try sees other bytes");
+}
+
+/// What hostile's `llm-once` asks for, with a prompt of `size` bytes.
+fn llm_once_request(size: usize) -> stagehand::runtime::bindings::llm::ChatRequest {
+    use stagehand::runtime::bindings::llm::{ChatRequest, ContentPart, Message, Role};
+    ChatRequest {
+        model: None,
+        messages: vec![Message {
+            role: Role::User,
+            content: vec![ContentPart::Text("x".repeat(size))],
+        }],
+        max_tokens: Some(16),
+        temperature: None,
+        json_mode: false,
+    }
+}
+
+fn journaled_answer(
+    request: &stagehand::runtime::bindings::llm::ChatRequest,
+    tokens: u32,
+) -> (
+    stagehand::capabilities::Request,
+    stagehand::capabilities::Answer,
+) {
+    use stagehand::capabilities::{Answer, CallKind, Request};
+    use stagehand::runtime::bindings::llm::{ChatResponse, FinishReason, Usage};
+    let response = ChatResponse {
+        text: "from the journal".into(),
+        model: "m".into(),
+        usage: Usage {
+            prompt_tokens: tokens,
+            completion_tokens: 1,
+            estimated: false,
+        },
+        finish_reason: FinishReason::Stop,
+        provider: "default".into(),
+    };
+    (
+        Request::new(CallKind::Chat, request),
+        Answer::Llm(Ok(response)),
+    )
+}
+
+#[tokio::test]
+async fn a_journaled_answer_is_replayed_without_asking_the_provider() {
+    let fixture = Fixture::new();
+    // The fixture's provider points at a closed port: only the journal can answer.
+    let pipeline = fixture
+        .load(fixture.config(&hostile("max_attempts = 1")))
+        .await;
+    let call = stagehand::runtime::Call {
+        journal: stagehand::capabilities::Journal::with_answers([journaled_answer(
+            &llm_once_request(5),
+            41,
+        )]),
+        ..hostile_call(&pipeline, 1)
+    };
+    let (output, stats) = hostile_run(&pipeline, call, r#"{"do":"llm-once","size":5}"#).await;
+    assert_eq!(
+        output.expect("answered from the journal"),
+        r#"{"tokens":42}"#
+    );
+    assert!(stats.llm.is_empty(), "no request went out: {:?}", stats.llm);
+
+    // Without the journal the same call goes to the provider, and fails there.
+    let (output, stats) = hostile_run(
+        &pipeline,
+        hostile_call(&pipeline, 1),
+        r#"{"do":"llm-once","size":5}"#,
+    )
+    .await;
+    assert!(output.is_err(), "{output:?}");
+    assert_eq!(stats.llm.len(), 1);
+}
+
+#[tokio::test]
+async fn a_guest_asking_for_another_call_than_its_journal_holds_diverged() {
+    let fixture = Fixture::new();
+    let pipeline = fixture
+        .load(fixture.config(&hostile("max_attempts = 1")))
+        .await;
+    let diverged = |journal: Vec<_>, item: &'static str| {
+        let pipeline = pipeline.clone();
+        async move {
+            let call = stagehand::runtime::Call {
+                journal: stagehand::capabilities::Journal::with_answers(journal),
+                ..hostile_call(&pipeline, 1)
+            };
+            let (output, stats) = hostile_run(&pipeline, call, item).await;
+            let failure = output.expect_err("diverged");
+            assert_eq!(failure.kind().as_str(), "diverged", "{failure}");
+            assert!(!failure.retryable());
+            assert!(stats.llm.is_empty(), "nothing went out: {:?}", stats.llm);
+            failure.to_string()
+        }
+    };
+    // Another prompt than the journaled one.
+    let other = diverged(
+        vec![journaled_answer(&llm_once_request(5), 1)],
+        r#"{"do":"llm-once","size":6}"#,
+    )
+    .await;
+    assert!(
+        other.contains("host call 1 is `llm.chat` with other arguments than before"),
+        "{other}"
+    );
+    // The same first call, then the guest ends where its journal holds a second one.
+    let early = diverged(
+        vec![
+            journaled_answer(&llm_once_request(5), 1),
+            journaled_answer(&llm_once_request(7), 1),
+        ],
+        r#"{"do":"llm-once","size":5}"#,
+    )
+    .await;
+    assert!(
+        early.contains("ended before host call 2 (`llm.chat`)"),
+        "{early}"
     );
 }

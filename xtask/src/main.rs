@@ -592,6 +592,7 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
         Some("server") => ("stagehand-tests", "server", &args[1..]),
         Some("load") => ("stagehand-tests", "load", &args[1..]),
         Some("cluster") => ("stagehand-tests", "cluster", &args[1..]),
+        Some("inflight") => ("stagehand-tests", "inflight", &args[1..]),
         _ => ("stagehand", "pipeline", args),
     };
     let mut cargo = vec!["bench", "--package", package, "--bench", name, "--"];

@@ -169,6 +169,8 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    // One connection per request in flight: benchmarks hold ten thousand.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
     let rng = fastrand::Rng::with_seed(args.behaviour.seed);
     let answers = match &args.answers {
         Some(path) => serde_json::from_str(&std::fs::read_to_string(path)?)?,

@@ -68,15 +68,23 @@ impl HostState {
     pub(crate) fn spend(&mut self, call: Counted, size: usize) -> wasmtime::Result<()> {
         let budgets = self.budgets;
         let (used, limit, max_size) = match call {
-            Counted::Emits => (&mut self.spent.emits, budgets.emits, budgets.emit_bytes),
-            Counted::Calls => (&mut self.spent.calls, budgets.calls, budgets.call_bytes),
+            Counted::Emits => (
+                &mut self.journal.spent.emits,
+                budgets.emits,
+                budgets.emit_bytes,
+            ),
+            Counted::Calls => (
+                &mut self.journal.spent.calls,
+                budgets.calls,
+                budgets.call_bytes,
+            ),
             Counted::LlmCalls => (
-                &mut self.spent.llm_calls,
+                &mut self.journal.spent.llm_calls,
                 budgets.llm_calls,
                 budgets.llm_request_bytes,
             ),
             Counted::RecordWrites => (
-                &mut self.spent.record_writes,
+                &mut self.journal.spent.record_writes,
                 budgets.record_writes,
                 budgets.record_bytes,
             ),
@@ -124,7 +132,7 @@ impl HostState {
             log_bytes,
             ..
         } = self.budgets;
-        let spent = &mut self.spent;
+        let spent = &mut self.journal.spent;
         if spent.log_lines < log_lines && spent.log_bytes.saturating_add(bytes) <= log_bytes {
             spent.log_lines += 1;
             spent.log_bytes += bytes;

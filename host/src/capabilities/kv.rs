@@ -21,7 +21,7 @@ use crate::runtime::bindings::kv::{Host, KvError};
 use crate::watch::FileChanges;
 
 /// One loaded version of a namespace: key -> JSON value as text, ready to hand to a guest.
-struct Entries {
+pub(crate) struct Entries {
     entries: HashMap<String, String>,
     info: NamespaceInfo,
 }
@@ -78,12 +78,10 @@ impl KvNamespaces {
         Ok(Self { namespaces })
     }
 
-    pub fn get(&self, namespace: &str, key: &str) -> Result<Option<String>, KvError> {
-        let namespace = self
-            .namespaces
-            .get(namespace)
-            .ok_or_else(|| KvError::NoSuchNamespace(namespace.to_string()))?;
-        Ok(namespace.current.load().entries.get(key).cloned())
+    /// The version of namespace `name` in use now; a try keeps the one it read first (see
+    /// `journal`).
+    pub(crate) fn snapshot(&self, name: &str) -> Option<Arc<Entries>> {
+        self.namespaces.get(name).map(|n| n.current.load_full())
     }
 
     /// Read the namespace's file again and swap its entries in; on error the old ones stay.
@@ -170,6 +168,13 @@ impl Host for HostState {
     ) -> wasmtime::Result<Result<Option<String>, KvError>> {
         let name = namespace.len().max(key.len());
         self.fits("kv_key", "a kv namespace or key", name, MAX_KV_KEY)?;
-        Ok(self.caps.kv.get(&namespace, &key))
+        let kv = &self.caps.kv;
+        let Some(entries) = self
+            .journal
+            .kv_pinned(&namespace, || kv.snapshot(&namespace))
+        else {
+            return Ok(Err(KvError::NoSuchNamespace(namespace)));
+        };
+        Ok(Ok(entries.entries.get(&key).cloned()))
     }
 }

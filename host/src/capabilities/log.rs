@@ -1,5 +1,5 @@
 //! `log`: guest messages into the host's tracing, tagged with where they came from, within the
-//! try's log budget (`log_lines`, `log_kib`).
+//! try's log budget (`log_lines`, `log_kib`); once per try, not again when the try is replayed.
 
 use super::HostState;
 use crate::runtime::bindings::log::{Host, Level};
@@ -9,6 +9,10 @@ const MAX_MESSAGE: usize = 4096;
 
 impl Host for HostState {
     async fn write(&mut self, level: Level, message: String) -> wasmtime::Result<()> {
+        // A replay says again what its first run said: it was logged then.
+        if self.journal.replaying() {
+            return Ok(());
+        }
         let message = crate::text::truncate(&message, MAX_MESSAGE);
         if !self.log_allowed(message.len()) {
             return Ok(());

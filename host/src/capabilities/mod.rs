@@ -5,10 +5,16 @@
 //! and for handlers `records`. WASI is linked only because Rust's std imports it; its context
 //! is empty (no files, sockets, name lookups, environment or arguments), its clocks are frozen
 //! ([`FrozenClock`]), and stderr is captured so that a panicking guest's message ends up in the
-//! item's error. Random bytes are the one thing WASI gives as it is. docs/SANDBOX.md lists it all.
+//! item's error. Its random bytes are seeded per job, item, stage and try, so that a try run
+//! again gives the same answers; a seed is no secret from the guest's own operator, so stages
+//! must not mint credentials from it. docs/SANDBOX.md lists it all.
+//!
+//! The answers a try's host calls got are kept in its [`Journal`], which is what lets a try
+//! waiting on the LLM give up its instance (see `journal.rs`).
 
 mod budget;
 mod dispatch;
+mod journal;
 mod kv;
 mod llm;
 mod log;
@@ -19,19 +25,24 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use sha2::{Digest, Sha256};
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 pub(crate) use self::budget::Counted;
+pub use self::journal::{Answer, CallKind, Diverged, Journal, Request};
 pub use self::kv::{KvNamespaces, NamespaceInfo, ReloadError};
 pub use self::llm::{LlmProviders, LlmUsage, Provider};
 pub use self::progress::{ProgressSink, ProgressUpdate};
 use crate::events::TokenHub;
 use crate::runtime::bindings::types::Context;
-use crate::runtime::{EpochClock, HandlerComponent, Runtime};
+use crate::runtime::{Call, EpochClock, HandlerComponent, Runtime};
 use crate::store::Store;
 
 /// What the imports reach: shared by every invocation of a pipeline.
@@ -49,6 +60,9 @@ pub struct Capabilities {
     pub effects_waiting: Notify,
     /// Where `llm.chat-stream` sends the pieces of an answer as they arrive.
     pub tokens: TokenHub,
+    /// Handlers running for `dispatch.call` at once: each holds an instance, which the pool
+    /// keeps room for (see `Pipeline::runtime_for`).
+    pub handler_calls: Arc<Semaphore>,
 }
 
 /// Claims of effect keys that several nodes see: the first claim of (handler, key) wins, so an
@@ -74,15 +88,19 @@ pub struct HostState {
     pub(crate) meter: CpuMeter,
     /// Set by the epoch callback when it stops the guest, to say why.
     pub(crate) interrupted: Option<Interrupt>,
-    /// What this try may do through host calls, and what it has used.
+    /// What this try may do through host calls (what it used is in the journal).
     pub(crate) budgets: crate::limits::Budgets,
-    pub(crate) spent: budget::Spent,
     /// Set by a host call that found a budget used up: why the try failed.
     pub(crate) exceeded: Option<String>,
+    /// Set by a host call that found the guest asking for another call than its journal holds.
+    pub(crate) diverged: Option<Diverged>,
     /// The job's LLM token budget, if it has one.
     pub(crate) job_max_tokens: Option<u64>,
-    /// The LLM requests this try made, for its result.
-    pub(crate) llm_calls: Vec<crate::store::LlmCall>,
+    /// The try's host calls and their answers, carried from run to run.
+    pub(crate) journal: Journal,
+    /// How long a host call may keep the instance waiting before the run is evicted; `None`
+    /// waits as long as the call takes (handlers, which are never replayed).
+    evict_after: Option<Duration>,
     /// Why the last LLM answer is incomplete, when it was cut at `max_tokens`.
     pub(crate) cut_answer: Option<String>,
     stderr: MemoryOutputPipe,
@@ -126,20 +144,20 @@ impl CpuMeter {
 }
 
 impl HostState {
-    pub(crate) fn new(
-        caps: Arc<Capabilities>,
-        context: Context,
-        limits: &crate::config::Limits,
-        cancel: CancellationToken,
-        progress: Option<ProgressSink>,
-        job_max_tokens: Option<u64>,
-    ) -> Self {
+    /// The state of one run of `call`, going on from `journal`.
+    pub(crate) fn new(call: &Call, journal: Journal) -> Self {
+        let (caps, context, limits) = (call.caps.clone(), call.context.clone(), &call.limits);
         let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
         let frozen = FrozenClock::at_creation_of(&context.job_id);
+        let seed = random_seed(&context);
+        let insecure_seed = u128::from_le_bytes(seed[..16].try_into().expect("16 bytes"));
         let wasi = wasmtime_wasi::WasiCtxBuilder::new()
             .stderr(stderr.clone())
             .wall_clock(frozen)
             .monotonic_clock(frozen)
+            .secure_random(StdRng::from_seed(seed))
+            .insecure_random(StdRng::from_seed(Sha256::digest(seed).into()))
+            .insecure_random_seed(insecure_seed)
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
@@ -160,17 +178,56 @@ impl HostState {
             },
             caps,
             context,
-            cancel,
-            progress,
+            cancel: call.cancel.clone(),
+            progress: call.progress.clone(),
             interrupted: None,
             budgets: limits.budgets,
-            spent: budget::Spent::default(),
             exceeded: None,
-            job_max_tokens,
-            llm_calls: Vec::new(),
+            diverged: None,
+            job_max_tokens: call.job_max_tokens,
+            journal,
+            evict_after: call.evict_after,
             cut_answer: None,
             stderr,
         }
+    }
+
+    /// The journaled answer to `request` when this run replays an earlier one's calls, `None`
+    /// when the call is to be made; another call than the journaled one fails the try.
+    pub(crate) fn replayed(&mut self, request: &Request) -> wasmtime::Result<Option<Answer>> {
+        self.journal.replay(request).map_err(|diverged| {
+            let error = wasmtime::Error::msg(diverged.to_string());
+            self.diverged = Some(diverged);
+            error
+        })
+    }
+
+    /// The answer of a call started in `task`, if it comes within `evict_after`. Past that the
+    /// task is left in the journal and the guest is stopped, so that its instance can go; the
+    /// runner awaits the answer and runs the stage again (`runtime::invoke`).
+    pub(crate) async fn answer_of(
+        &mut self,
+        request: Request,
+        mut task: AbortOnDropHandle<journal::Answered>,
+    ) -> wasmtime::Result<Answer> {
+        let joined = match self.evict_after {
+            None => Some(self.meter.host_call(&mut task).await),
+            Some(after) => (self.meter)
+                .host_call(tokio::time::timeout(after, &mut task))
+                .await
+                .ok(),
+        };
+        let Some(joined) = joined else {
+            self.journal.waiting = Some(journal::Waiting { request, task });
+            return Err(wasmtime::Error::msg(
+                "evicted while a host call waits (not a failure: the stage runs again)",
+            ));
+        };
+        let answered =
+            joined.map_err(|e| wasmtime::Error::msg(format!("a host call failed: {e}")))?;
+        self.journal.llm_calls.extend(answered.llm_calls);
+        self.journal.record(request, answered.answer.clone());
+        Ok(answered.answer)
     }
 
     /// What the guest wrote to stderr (a Rust panic message, typically), trimmed.
@@ -179,6 +236,19 @@ impl HostState {
             .trim()
             .to_string()
     }
+}
+
+/// The seed of a try's random bytes: the same for every run of the try (a replay must see the
+/// bytes its first run saw), another for every try, item and stage.
+fn random_seed(context: &Context) -> [u8; 32] {
+    let mut seed = Sha256::new();
+    for part in [&context.job_id, &context.item_id, &context.stage] {
+        seed.update((part.len() as u64).to_le_bytes());
+        seed.update(part.as_bytes());
+    }
+    seed.update(context.item_index.to_le_bytes());
+    seed.update(context.attempt.to_le_bytes());
+    seed.finalize().into()
 }
 
 /// The only clock a guest sees: the job's creation time (from its UUIDv7 id), frozen, and a

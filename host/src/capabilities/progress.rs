@@ -1,4 +1,5 @@
-//! `progress`: a running stage says how far it has come.
+//! `progress`: a running stage says how far it has come (once: a replay's reports were made
+//! by its first run).
 
 use std::sync::Arc;
 
@@ -21,6 +22,9 @@ impl Host for HostState {
     async fn report(&mut self, fraction: f32, message: String) -> wasmtime::Result<()> {
         let limit = self.budgets.progress_bytes;
         self.fits("progress_bytes", "a progress message", message.len(), limit)?;
+        if self.journal.replaying() {
+            return Ok(());
+        }
         if let Some(sink) = &self.progress {
             let fraction = if fraction.is_nan() {
                 0.0

@@ -183,21 +183,19 @@ pub async fn run_item(
                 )
             } else {
                 let _permit = stage.enter().await;
-                let _slot = pipeline.stage_call_slot().await;
                 let component = stage.version_for(item.item_id);
+                let context = Context {
+                    job_id: item.job_id.to_string(),
+                    item_id: item.item_id.to_string(),
+                    item_index: item.index,
+                    attempt,
+                    stage: name.to_string(),
+                };
                 let call = Call {
-                    caps: Arc::clone(&pipeline.caps),
-                    context: Context {
-                        job_id: item.job_id.to_string(),
-                        item_id: item.item_id.to_string(),
-                        item_index: item.index,
-                        attempt,
-                        stage: name.to_string(),
-                    },
-                    limits: stage_limits,
                     cancel: cancel.clone(),
                     progress: hooks.progress.clone(),
                     job_max_tokens: limits.max_tokens,
+                    ..pipeline.stage_call(context, stage_limits)
                 };
                 tell(name, "running", attempt, None, None, None);
                 let (tried, used) = component

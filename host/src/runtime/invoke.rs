@@ -1,15 +1,22 @@
 //! One invocation: a fresh store with the item's limits, instantiate, call, classify failures.
+//!
+//! A stage try may take several *runs*: when a host call keeps it waiting past
+//! `evict_after`, the run is stopped and its store (the instance, its pool slot and its
+//! `max_stage_calls` slot) dropped; once the answer is in, the stage runs again from its start
+//! and its journal answers the calls it made before (`capabilities/journal.rs`). The try's
+//! wall-clock limit and cancel token cover every run and the waits between them.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use wasmtime::{Store, Trap, UpdateDeadline};
 
 use super::bindings::types::{Context, HandlerError, StageError};
 use super::limiter::MemoryCapExceeded;
 use super::{HandlerComponent, StageComponent};
-use crate::capabilities::{Capabilities, HostState, Interrupt, ProgressSink};
+use crate::capabilities::{Capabilities, HostState, Interrupt, Journal, ProgressSink};
 use crate::config::Limits;
 
 /// Why an invocation produced no output.
@@ -40,6 +47,9 @@ pub enum Failure {
     /// cut again, so it is not retried.
     #[error("{message} ({cut})")]
     Length { message: String, cut: String },
+    /// Run again after a wait, the guest made other host calls than the first time.
+    #[error("{0}")]
+    Diverged(String),
 }
 
 fn stderr_suffix(stderr: &str) -> String {
@@ -64,6 +74,7 @@ pub enum FailureKind {
     Host,
     Budget,
     Length,
+    Diverged,
 }
 
 impl FailureKind {
@@ -80,6 +91,7 @@ impl FailureKind {
             FailureKind::Host => "host",
             FailureKind::Budget => "budget",
             FailureKind::Length => "length",
+            FailureKind::Diverged => "diverged",
         }
     }
 }
@@ -98,6 +110,7 @@ impl Failure {
             Failure::Host(_) => FailureKind::Host,
             Failure::Budget(_) => FailureKind::Budget,
             Failure::Length { .. } => FailureKind::Length,
+            Failure::Diverged(_) => FailureKind::Diverged,
         }
     }
 
@@ -115,10 +128,14 @@ impl Failure {
 #[derive(Debug, Clone, Default)]
 pub struct CallStats {
     pub duration: Duration,
-    /// Time the guest ran (or was instantiating): the duration less time in async host calls.
+    /// Time the guest ran (or was instantiating) in its last run, which went through the whole
+    /// try (earlier runs stopped at a call that had to wait): the duration less time in host
+    /// calls and less the waits between runs.
     pub cpu: Duration,
     /// The LLM requests it made.
     pub llm: Vec<crate::store::LlmCall>,
+    /// Runs of the guest: 1, plus one for each time it waited without its instance.
+    pub runs: u32,
 }
 
 /// Everything an invocation needs besides the component and its input.
@@ -130,30 +147,84 @@ pub struct Call {
     pub progress: Option<ProgressSink>,
     /// The job's LLM token budget, if it has one.
     pub job_max_tokens: Option<u64>,
+    /// A run holds one of these while its instance is alive (`[run] max_stage_calls`).
+    pub slots: Option<Arc<Semaphore>>,
+    /// How long a host call may keep an instance waiting before the run gives it up and
+    /// resumes by replay once the answer is in (`[run] evict_after_ms`); `None` never does.
+    pub evict_after: Option<Duration>,
+    /// Answers the try's calls already have: replayed before any call goes out.
+    pub journal: Journal,
 }
 
 impl StageComponent {
-    /// Run this stage once for one item, in a fresh store. What it used is measured whether it
-    /// succeeds or not.
-    pub async fn run(&self, call: Call, input: &str) -> (Result<String, Failure>, CallStats) {
-        let (limits, cancel, context) = (call.limits, call.cancel.clone(), call.context.clone());
-        let mut store = new_store(call);
+    /// Run this stage once for one item: a fresh store per run, runs repeated while host calls
+    /// make it wait (see the module's doc). What it used is measured whether it succeeds or
+    /// not.
+    pub async fn run(&self, mut call: Call, input: &str) -> (Result<String, Failure>, CallStats) {
         let started = Instant::now();
-        let result = bounded(&limits, &cancel, async {
-            let stage = self.pre.instantiate_async(&mut store).await?;
-            stage.call_run(&mut store, &context, input).await
+        let mut journal = std::mem::take(&mut call.journal);
+        let mut run_store: Option<Store<HostState>> = None;
+        let mut last_cpu = Duration::ZERO;
+        let stage = call.context.stage.clone();
+        let result = bounded(&call.limits, &call.cancel, async {
+            loop {
+                let slot = match &call.slots {
+                    Some(slots) => Some(slots.acquire().await.expect("never closed")),
+                    None => None,
+                };
+                let running = crate::metrics::stage_instance_running();
+                journal.start_run();
+                let store = run_store.insert(new_store(&call, std::mem::take(&mut journal)));
+                let outcome = async {
+                    let stage = self.pre.instantiate_async(&mut *store).await?;
+                    stage.call_run(&mut *store, &call.context, input).await
+                }
+                .await;
+                let Some(waiting) = store.data_mut().journal.waiting.take() else {
+                    return Ok(outcome);
+                };
+                // Evicted: the instance and its slots go while the call waits.
+                last_cpu = store.data().meter.guest_time();
+                journal = std::mem::take(&mut store.data_mut().journal);
+                drop((outcome, slot, running));
+                crate::metrics::stage_evicted(&stage);
+                let _waiting = crate::metrics::stage_call_waiting();
+                let answered = waiting
+                    .task
+                    .await
+                    .map_err(|e| Failure::Host(format!("a host call failed: {e}")))?;
+                journal.answered(waiting.request, answered);
+                journal.rewind();
+            }
         })
-        .await;
+        .await
+        .and_then(|outcome| outcome);
         let guest_said = |error| match error {
             StageError::Retryable(m) => Failure::Retryable(m),
             StageError::Fatal(m) => Failure::Fatal(m),
         };
-        settle(result, guest_said, &mut store, &limits, started)
+        let output = match (result, &mut run_store) {
+            (Ok(outcome), Some(store)) => settle(outcome, guest_said, store, &call.limits),
+            (Ok(_), None) => unreachable!("a run ended, so there is its store"),
+            (Err(failure), _) => Err(failure),
+        };
+        if let Some(store) = &mut run_store {
+            last_cpu = store.data().meter.guest_time();
+            journal = std::mem::take(&mut store.data_mut().journal);
+        }
+        let stats = CallStats {
+            duration: started.elapsed(),
+            cpu: last_cpu,
+            runs: journal.runs(),
+            llm: journal.llm_calls,
+        };
+        (output, stats)
     }
 }
 
 impl HandlerComponent {
-    /// Run this handler once, in a fresh store, with its own limits.
+    /// Run this handler once, in a fresh store, with its own limits. A handler is never
+    /// evicted: it waits on its host calls with its instance.
     pub async fn handle(
         &self,
         caps: Arc<Capabilities>,
@@ -162,21 +233,24 @@ impl HandlerComponent {
         payload: &str,
         cancel: CancellationToken,
     ) -> Result<(String, CallStats), Failure> {
-        let limits = self.limits;
-        let mut store = new_store(Call {
+        let started = Instant::now();
+        let call = Call {
             caps,
-            context: context.clone(),
-            limits,
-            cancel: cancel.clone(),
+            context,
+            limits: self.limits,
+            cancel,
             progress: None,
             job_max_tokens: None,
-        });
-        let started = Instant::now();
+            slots: None,
+            evict_after: None,
+            journal: Journal::default(),
+        };
+        let mut store = new_store(&call, Journal::default());
         let key = key.map(str::to_string);
-        let result = bounded(&limits, &cancel, async {
+        let result = bounded(&call.limits, &call.cancel, async {
             let handler = self.pre.instantiate_async(&mut store).await?;
             handler
-                .call_handle(&mut store, &context, key.as_deref(), payload)
+                .call_handle(&mut store, &call.context, key.as_deref(), payload)
                 .await
         })
         .await;
@@ -184,44 +258,51 @@ impl HandlerComponent {
             HandlerError::Retryable(m) => Failure::Retryable(m),
             HandlerError::Fatal(m) => Failure::Fatal(m),
         };
-        let (output, stats) = settle(result, guest_said, &mut store, &limits, started);
+        let output =
+            result.and_then(|outcome| settle(outcome, guest_said, &mut store, &call.limits));
+        let state = store.data_mut();
+        let stats = CallStats {
+            duration: started.elapsed(),
+            cpu: state.meter.guest_time(),
+            llm: std::mem::take(&mut state.journal.llm_calls),
+            runs: 1,
+        };
         output.map(|output| (output, stats))
     }
 }
 
-/// Turn a bounded call's outcome into the output or the failure, and what the call used.
+/// The output of a run that ended, or why it failed.
 fn settle<E>(
-    result: Result<wasmtime::Result<Result<String, E>>, Failure>,
+    outcome: wasmtime::Result<Result<String, E>>,
     guest_said: impl FnOnce(E) -> Failure,
     store: &mut Store<HostState>,
     limits: &Limits,
-    started: Instant,
-) -> (Result<String, Failure>, CallStats) {
-    let output = match result {
-        Ok(Ok(Ok(output))) => check_output(&output, limits).map(|()| output),
-        Ok(Ok(Err(error))) => Err(match (guest_said(error), &store.data().cut_answer) {
+) -> Result<String, Failure> {
+    let state = store.data();
+    if let Some(diverged) = &state.diverged {
+        return Err(Failure::Diverged(diverged.to_string()));
+    }
+    if outcome.is_ok()
+        && let Err(diverged) = state.journal.check_complete()
+    {
+        return Err(Failure::Diverged(diverged.to_string()));
+    }
+    match outcome {
+        Ok(Ok(output)) => check_output(&output, limits).map(|()| output),
+        Ok(Err(error)) => Err(match (guest_said(error), &state.cut_answer) {
             (Failure::Retryable(message) | Failure::Fatal(message), Some(cut)) => Failure::Length {
                 message,
                 cut: cut.clone(),
             },
             (failure, _) => failure,
         }),
-        Ok(Err(error)) => Err(classify(store, error, limits)),
-        Err(failure) => Err(failure),
-    };
-    (output, stats(store, started))
+        Err(error) => Err(classify(store, error, limits)),
+    }
 }
 
-fn new_store(call: Call) -> Store<HostState> {
+fn new_store(call: &Call, journal: Journal) -> Store<HostState> {
     let engine = call.caps.runtime.engine().clone();
-    let state = HostState::new(
-        call.caps,
-        call.context,
-        &call.limits,
-        call.cancel,
-        call.progress,
-        call.job_max_tokens,
-    );
+    let state = HostState::new(call, journal);
     let mut store = Store::new(&engine, state);
     store.limiter(|state| &mut state.limiter);
     // Called at every tick while guest code runs: stop a cancelled or over-budget guest, else
@@ -282,12 +363,4 @@ fn classify(store: &Store<HostState>, error: wasmtime::Error, limits: &Limits) -
 fn check_output(output: &str, limits: &Limits) -> Result<(), Failure> {
     crate::limits::check_json(output, "the output", limits.max_output_bytes)
         .map_err(|e| Failure::InvalidOutput(e.0))
-}
-
-fn stats(store: &mut Store<HostState>, started: Instant) -> CallStats {
-    CallStats {
-        duration: started.elapsed(),
-        cpu: store.data().meter.guest_time(),
-        llm: std::mem::take(&mut store.data_mut().llm_calls),
-    }
 }

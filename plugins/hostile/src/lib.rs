@@ -35,6 +35,52 @@ fn recurse(depth: u64, pad: &mut [u8; 256]) -> u64 {
     recurse(std::hint::black_box(depth + 1), &mut next) + u64::from(next[0])
 }
 
+/// Numbers from both of WASI's random sources: `insecure-seed` (std seeds hash maps with it)
+/// and `random` (what `getrandom`, so UUIDs and keys, read).
+fn random_number() -> u64 {
+    use std::hash::BuildHasher;
+    let hashed = std::collections::hash_map::RandomState::new().hash_one("seeded");
+    hashed ^ getrandom::u64().unwrap_or(0)
+}
+
+/// Every kind of host call, in an order where each depends on the one before: what a replay
+/// must reproduce exactly. Its output shows everything the stage saw.
+fn journal(ctx: &Context, handler: &str) -> Result<String, StageError> {
+    let ask = |text: String| llm::ChatRequest {
+        model: None,
+        messages: vec![text_message(llm::Role::User, text)],
+        max_tokens: Some(32),
+        temperature: None,
+        json_mode: false,
+    };
+    let random = random_number();
+    stagehand_sdk::log(log::Level::Info, "journal: starting");
+    progress::report(0.1, "starting");
+    let rule = kv::get("disposal_rules", "glass").map_err(|e| fatal(format!("{e:?}")))?;
+    let first = llm::chat(&ask(format!("first question, random {random}")))?;
+    progress::report(0.5, "asked once");
+    let second = llm::chat_stream(&ask(format!("second question after {:?}", first.text)))?;
+    let payload = serde_json::json!({ "category": { "major": "glass", "middle": "bottle", "minor": "clear" }, "text": second.text });
+    let emitted = dispatch::emit(
+        handler,
+        &payload.to_string(),
+        &format!("{}:journal", ctx.item_id),
+    );
+    let called = dispatch::call(handler, &payload.to_string());
+    let third = llm::chat(&ask(format!("third question after {called:?}")))?;
+    stagehand_sdk::log(log::Level::Info, "journal: done");
+    output(&serde_json::json!({
+        "random": random,
+        "random_after": random_number(),
+        "rule": rule,
+        "first": first.text,
+        "second": second.text,
+        "third": third.text,
+        "emitted": format!("{emitted:?}"),
+        "called": format!("{called:?}"),
+    }))
+}
+
 struct Hostile;
 
 impl Guest for Hostile {
@@ -155,6 +201,11 @@ impl Guest for Hostile {
                 let mut pad = [0u8; 256];
                 output(&serde_json::json!({ "depth": recurse(0, &mut pad) }))
             }
+            "random" => output(&serde_json::json!({
+                "hashed": std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 1),
+                "random": getrandom::u64().map_err(fatal)?,
+            })),
+            "journal" => journal(&ctx, &item.target),
             "retryable" => Err(retryable("asked to fail, retryably")),
             "flaky" if ctx.attempt < item.until => {
                 Err(retryable(format!("try {} fails", ctx.attempt)))

@@ -28,7 +28,11 @@ use anyhow::{Context, Result};
 use self::provider::Delivery;
 pub use self::provider::{LlmUsage, Provider};
 use self::wire::finish_reason_name;
-use super::{Counted, HostState};
+use tokio_util::task::AbortOnDropHandle;
+use tracing::Instrument;
+
+use super::journal::Answered;
+use super::{Answer, CallKind, Counted, HostState, Request};
 use crate::config::LlmConfig;
 use crate::events::Token;
 use crate::runtime::bindings::llm::{ChatRequest, ChatResponse, FinishReason, Host, LlmError};
@@ -196,75 +200,105 @@ impl HostState {
         Ok(())
     }
 
-    /// After an answered call: count its tokens against the job, and remember whether it was
-    /// cut at `max_tokens` (a try that fails after a cut answer is not retried unchanged).
-    async fn settle_llm_call(
-        &mut self,
-        request_max_tokens: Option<u32>,
-        result: &Result<ChatResponse, LlmError>,
-    ) {
-        let Ok(response) = result else {
-            return;
-        };
-        self.cut_answer = matches!(response.finish_reason, FinishReason::Length).then(|| {
-            let limit = match request_max_tokens {
-                Some(max) => format!("the request's max_tokens: {max}"),
-                None => "no max_tokens: the model's own limit".to_string(),
-            };
-            format!(
-                "the LLM's answer was cut short (finish_reason `length`, {limit}), and the \
-                 same request would be cut again: not retried"
-            )
-        });
-        let Some(job) = self.job() else {
-            return;
-        };
-        let used =
-            u64::from(response.usage.prompt_tokens) + u64::from(response.usage.completion_tokens);
-        if let Err(error) = self.caps.items.add_llm_tokens(job, used).await {
-            tracing::error!(job = %job, error = %format!("{error:#}"), "cannot count a job's LLM tokens");
-        }
-    }
-
     fn job(&self) -> Option<uuid::Uuid> {
         self.context.job_id.parse().ok()
     }
 
+    /// A chat call: the journal's answer on a replay, else admitted and started on its own
+    /// task, which the run waits on or leaves to wait without it ([`HostState::answer_of`]).
     async fn llm_call(
         &mut self,
         request: ChatRequest,
         streamed: bool,
     ) -> wasmtime::Result<Result<ChatResponse, LlmError>> {
-        self.admit_llm_call(&request).await?;
-        let caps = self.caps.clone();
-        let job = self.context.job_id.clone();
-        let job_id = uuid::Uuid::parse_str(&job).ok();
-        let (index, stage): (u64, Arc<str>) =
-            (self.context.item_index, self.context.stage.as_str().into());
-        let mut publish = |text: &str| {
-            if let Some(job_id) = job_id {
-                caps.tokens.publish(
-                    job_id,
-                    Token {
-                        index,
-                        stage: stage.clone(),
-                        text: text.to_string(),
-                    },
-                );
+        let kind = if streamed {
+            CallKind::ChatStream
+        } else {
+            CallKind::Chat
+        };
+        let journaled = Request::new(kind, &request);
+        let max_tokens = request.max_tokens;
+        let answer = match self.replayed(&journaled)? {
+            Some(answer) => answer,
+            None => {
+                self.admit_llm_call(&request).await?;
+                let task = self.start_chat(request, streamed);
+                self.answer_of(journaled, task).await?
             }
         };
-        let max_tokens = request.max_tokens;
-        let mut calls = std::mem::take(&mut self.llm_calls);
-        let on_text: Option<&mut (dyn FnMut(&str) + Send)> =
-            if streamed { Some(&mut publish) } else { None };
-        let result = self
-            .meter
-            .host_call(caps.llm.chat(&job, &stage, request, on_text, &mut calls))
-            .await;
-        self.llm_calls = calls;
-        self.settle_llm_call(max_tokens, &result).await;
+        let Answer::Llm(result) = answer else {
+            return Err(wasmtime::Error::msg(
+                "the journal holds another kind of answer",
+            ));
+        };
+        self.cut_answer = cut_short(max_tokens, &result);
         Ok(result)
     }
+
+    /// The call, on a task of its own: it goes on while the run waits without its instance.
+    /// Streamed pieces go to the job's followers as they arrive; the answer's tokens are
+    /// counted against the job when it is complete.
+    fn start_chat(&self, request: ChatRequest, streamed: bool) -> AbortOnDropHandle<Answered> {
+        let caps = self.caps.clone();
+        let job = self.context.job_id.clone();
+        let job_id = self.job();
+        let (index, stage): (u64, Arc<str>) =
+            (self.context.item_index, self.context.stage.as_str().into());
+        let call = async move {
+            let tokens = &caps.tokens;
+            let mut publish = |text: &str| {
+                if let Some(job_id) = job_id {
+                    tokens.publish(
+                        job_id,
+                        Token {
+                            index,
+                            stage: stage.clone(),
+                            text: text.to_string(),
+                        },
+                    );
+                }
+            };
+            let on_text: Option<&mut (dyn FnMut(&str) + Send)> =
+                if streamed { Some(&mut publish) } else { None };
+            let mut llm_calls = Vec::new();
+            let result = (caps.llm)
+                .chat(&job, &stage, request, on_text, &mut llm_calls)
+                .await;
+            if let (Ok(response), Some(job_id)) = (&result, job_id) {
+                let used = u64::from(response.usage.prompt_tokens)
+                    + u64::from(response.usage.completion_tokens);
+                if let Err(error) = caps.items.add_llm_tokens(job_id, used).await {
+                    tracing::error!(job = %job_id, error = %format!("{error:#}"), "cannot count a job's LLM tokens");
+                }
+            }
+            Answered {
+                answer: Answer::Llm(result),
+                llm_calls,
+            }
+        };
+        AbortOnDropHandle::new(tokio::spawn(call.in_current_span()))
+    }
+}
+
+/// Why an answer is incomplete, when it was cut at `max_tokens`: a try that fails after such
+/// an answer is not retried unchanged.
+fn cut_short(
+    request_max_tokens: Option<u32>,
+    result: &Result<ChatResponse, LlmError>,
+) -> Option<String> {
+    let Ok(response) = result else {
+        return None;
+    };
+    matches!(response.finish_reason, FinishReason::Length).then(|| {
+        let limit = match request_max_tokens {
+            Some(max) => format!("the request's max_tokens: {max}"),
+            None => "no max_tokens: the model's own limit".to_string(),
+        };
+        format!(
+            "the LLM's answer was cut short (finish_reason `length`, {limit}), and the same \
+             request would be cut again: not retried"
+        )
+    })
 }
 
 impl Host for HostState {
