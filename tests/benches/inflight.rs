@@ -68,7 +68,17 @@ async fn main() {
     let elapsed = started.elapsed();
     let cpu = cpu_secs(pid) - cpu_before;
     assert_eq!(status["state"], "completed", "{status}");
-    assert_eq!(status["succeeded"], items, "every item succeeded: {status}");
+    if status["succeeded"] != items {
+        let failed: Value = http
+            .get(format!("{url}/v1/dead-letters?job={job}&limit=2"))
+            .send()
+            .await
+            .expect("results")
+            .json()
+            .await
+            .expect("JSON");
+        panic!("not every item succeeded: {status}\nfor instance: {failed}");
+    }
 
     let per_item = Duration::from_millis(vision_ms + answer_ms);
     let in_flight = (items as u64).min(concurrency) as f64;

@@ -149,17 +149,18 @@ fn replayed_stages_give_the_same_outputs_and_ask_the_llm_once_per_call() {
     assert_eq!(without_random(&evicting.1), without_random(&keeping.1));
 }
 
-/// More items wait on the LLM than there are instance slots: they wait without instances, and
-/// a cancel drops their requests.
+/// More items wait on the LLM than the instance pool has room for (2 stage calls: 2 x 2 + 8
+/// effects + 16 = 28 instances): they wait without instances, and a cancel drops their
+/// requests.
 #[test]
 fn items_waiting_without_instances_are_cancelled_with_their_llm_requests() {
     let mock = MockLlm::start(&["--vision-latency-ms", "60000"]);
     let dir = tempfile::tempdir().unwrap();
     let pipeline = eco_scan_with(dir.path(), "max_stage_calls = 2");
     let server = serve(&pipeline, &dir.path().join("data"), Some(&mock), &[]);
-    let job = submit_job(&server, eco_items(20), json!({ "concurrency": 20 }));
-    wait_for_metric(&server, "stagehand_stage_calls_waiting", 20.0);
-    assert_eq!(mock.stats()["in_flight"], 20, "20 requests out on 2 slots");
+    let job = submit_job(&server, eco_items(40), json!({ "concurrency": 40 }));
+    wait_for_metric(&server, "stagehand_stage_calls_waiting", 40.0);
+    assert_eq!(mock.stats()["in_flight"], 40, "40 requests out on 2 slots");
     assert_eq!(metric(&server, "stagehand_stage_instances_running"), 0.0);
 
     let response = client()
@@ -185,13 +186,13 @@ fn items_waiting_without_instances_are_cancelled_with_their_llm_requests() {
 /// each item ends once, succeeded.
 #[test]
 fn a_kill_9_while_items_wait_without_instances_loses_nothing() {
-    let mock = MockLlm::start(&["--vision-latency-ms", "2000", "--latency-ms", "5"]);
+    let mock = MockLlm::start(&["--vision-latency-ms", "3000", "--latency-ms", "5"]);
     let dir = tempfile::tempdir().unwrap();
     let pipeline = eco_scan_with(dir.path(), "max_stage_calls = 2");
     let data = dir.path().join("data");
     let mut server = serve(&pipeline, &data, Some(&mock), &[]);
-    let job = submit_job(&server, eco_items(20), json!({ "concurrency": 20 }));
-    wait_for_metric(&server, "stagehand_stage_calls_waiting", 20.0);
+    let job = submit_job(&server, eco_items(40), json!({ "concurrency": 40 }));
+    wait_for_metric(&server, "stagehand_stage_calls_waiting", 40.0);
     server.child().kill().unwrap(); // SIGKILL
     server.child().wait().unwrap();
 
@@ -203,10 +204,10 @@ fn a_kill_9_while_items_wait_without_instances_loses_nothing() {
         .iter()
         .map(|r| r["index"].as_u64().unwrap())
         .collect();
-    assert_eq!(indices, (0..20).collect::<Vec<_>>());
+    assert_eq!(indices, (0..40).collect::<Vec<_>>());
     assert!(
         results.iter().all(|r| r["status"] == "succeeded"),
         "{results:?}"
     );
-    assert_eq!(job_status(&server, &job)["succeeded"], 20);
+    assert_eq!(job_status(&server, &job)["succeeded"], 40);
 }

@@ -186,7 +186,7 @@ impl StageComponent {
                 // Evicted: the instance and its slots go while the call waits.
                 last_cpu = store.data().meter.guest_time();
                 journal = std::mem::take(&mut store.data_mut().journal);
-                drop((outcome, slot, running));
+                drop((outcome, run_store.take(), slot, running));
                 crate::metrics::stage_evicted(&stage);
                 let _waiting = crate::metrics::stage_call_waiting();
                 let answered = waiting
