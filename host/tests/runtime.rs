@@ -793,3 +793,29 @@ async fn a_guest_asking_for_another_call_than_its_journal_holds_diverged() {
         "{early}"
     );
 }
+
+/// Guests that share one thread wait for each other; that wait is not their CPU. Sixteen guests
+/// needing ~150 ms each run interleaved on one thread for ~2 s of wall clock: charged by wall
+/// clock, every one would pass its 1 s budget.
+#[tokio::test]
+async fn guests_waiting_for_the_thread_are_not_charged_for_it() {
+    let fixture = Fixture::new();
+    let pipeline = fixture
+        .load(fixture.config(&hostile("cpu_ms = 1000\nmax_attempts = 1")))
+        .await;
+    let runs = (0..16).map(|_| {
+        hostile_run(
+            &pipeline,
+            hostile_call(&pipeline, 1),
+            r#"{"do":"spin","size":150}"#,
+        )
+    });
+    let started = Instant::now();
+    let outcomes = futures::future::join_all(runs).await;
+    eprintln!("16 spinning guests on one thread: {:?}", started.elapsed());
+    for (output, stats) in outcomes {
+        output.expect("within its CPU budget");
+        assert!(stats.cpu < Duration::from_millis(1000), "{:?}", stats.cpu);
+        assert!(stats.cpu > Duration::ZERO);
+    }
+}

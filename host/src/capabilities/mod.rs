@@ -23,7 +23,7 @@ mod records;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -42,7 +42,7 @@ pub use self::llm::{LlmProviders, LlmUsage, Provider};
 pub use self::progress::{ProgressSink, ProgressUpdate};
 use crate::events::TokenHub;
 use crate::runtime::bindings::types::Context;
-use crate::runtime::{Call, EpochClock, HandlerComponent, Runtime};
+use crate::runtime::{Call, CpuMeter, HandlerComponent, Runtime};
 use crate::store::Store;
 
 /// What the imports reach: shared by every invocation of a pipeline.
@@ -85,7 +85,8 @@ pub struct HostState {
     pub(crate) context: Context,
     pub(crate) cancel: CancellationToken,
     pub(crate) progress: Option<ProgressSink>,
-    pub(crate) meter: CpuMeter,
+    pub(crate) meter: Arc<CpuMeter>,
+    pub(crate) cpu_budget: Duration,
     /// Set by the epoch callback when it stops the guest, to say why.
     pub(crate) interrupted: Option<Interrupt>,
     /// What this try may do through host calls (what it used is in the journal).
@@ -112,37 +113,6 @@ pub enum Interrupt {
     CpuBudget,
 }
 
-/// Guest time accounting: elapsed time minus the time spent awaiting async host calls (the
-/// LLM, handlers). Kept twice: in epoch ticks, which the epoch callback reads cheaply to enforce
-/// the budget, and precisely, for what results report.
-pub(crate) struct CpuMeter {
-    clock: Arc<EpochClock>,
-    started_tick: u64,
-    host_ticks: u64,
-    started: Instant,
-    host_time: Duration,
-    pub(crate) budget_ticks: u64,
-}
-
-impl CpuMeter {
-    pub(crate) fn guest_ticks(&self) -> u64 {
-        (self.clock.now() - self.started_tick).saturating_sub(self.host_ticks)
-    }
-
-    pub(crate) fn guest_time(&self) -> Duration {
-        self.started.elapsed().saturating_sub(self.host_time)
-    }
-
-    /// Time spent awaiting `future` is not the guest's.
-    pub(crate) async fn host_call<F: Future>(&mut self, future: F) -> F::Output {
-        let (tick, instant) = (self.clock.now(), Instant::now());
-        let output = future.await;
-        self.host_ticks += self.clock.now() - tick;
-        self.host_time += instant.elapsed();
-        output
-    }
-}
-
 impl HostState {
     /// The state of one run of `call`, going on from `journal`.
     pub(crate) fn new(call: &Call, journal: Journal) -> Self {
@@ -162,20 +132,12 @@ impl HostState {
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .build();
-        let clock = caps.runtime.clock().clone();
-        let budget = (limits.cpu.as_millis() / crate::runtime::TICK.as_millis()).max(1) as u64;
         Self {
             wasi,
             table: ResourceTable::new(),
             limiter: crate::runtime::Limiter::new(limits.memory_bytes),
-            meter: CpuMeter {
-                started_tick: clock.now(),
-                clock,
-                host_ticks: 0,
-                started: Instant::now(),
-                host_time: Duration::ZERO,
-                budget_ticks: budget,
-            },
+            meter: Arc::default(),
+            cpu_budget: limits.cpu,
             caps,
             context,
             cancel: call.cancel.clone(),
@@ -211,11 +173,8 @@ impl HostState {
         mut task: AbortOnDropHandle<journal::Answered>,
     ) -> wasmtime::Result<Answer> {
         let joined = match self.evict_after {
-            None => Some(self.meter.host_call(&mut task).await),
-            Some(after) => (self.meter)
-                .host_call(tokio::time::timeout(after, &mut task))
-                .await
-                .ok(),
+            None => Some((&mut task).await),
+            Some(after) => tokio::time::timeout(after, &mut task).await.ok(),
         };
         let Some(joined) = joined else {
             self.journal.waiting = Some(journal::Waiting { request, task });

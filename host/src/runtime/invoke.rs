@@ -175,16 +175,17 @@ impl StageComponent {
                 let running = crate::metrics::stage_instance_running();
                 journal.start_run();
                 let store = run_store.insert(new_store(&call, std::mem::take(&mut journal)));
-                let outcome = async {
+                let meter = store.data().meter.clone();
+                let outcome = super::measured(meter, async {
                     let stage = self.pre.instantiate_async(&mut *store).await?;
                     stage.call_run(&mut *store, &call.context, input).await
-                }
+                })
                 .await;
                 let Some(waiting) = store.data_mut().journal.waiting.take() else {
                     return Ok(outcome);
                 };
                 // Evicted: the instance and its slots go while the call waits.
-                last_cpu = store.data().meter.guest_time();
+                last_cpu = store.data().meter.used();
                 journal = std::mem::take(&mut store.data_mut().journal);
                 drop((outcome, run_store.take(), slot, running));
                 crate::metrics::stage_evicted(&stage);
@@ -209,7 +210,7 @@ impl StageComponent {
             (Err(failure), _) => Err(failure),
         };
         if let Some(store) = &mut run_store {
-            last_cpu = store.data().meter.guest_time();
+            last_cpu = store.data().meter.used();
             journal = std::mem::take(&mut store.data_mut().journal);
         }
         let stats = CallStats {
@@ -247,12 +248,17 @@ impl HandlerComponent {
         };
         let mut store = new_store(&call, Journal::default());
         let key = key.map(str::to_string);
-        let result = bounded(&call.limits, &call.cancel, async {
-            let handler = self.pre.instantiate_async(&mut store).await?;
-            handler
-                .call_handle(&mut store, &call.context, key.as_deref(), payload)
-                .await
-        })
+        let meter = store.data().meter.clone();
+        let result = bounded(
+            &call.limits,
+            &call.cancel,
+            super::measured(meter, async {
+                let handler = self.pre.instantiate_async(&mut store).await?;
+                handler
+                    .call_handle(&mut store, &call.context, key.as_deref(), payload)
+                    .await
+            }),
+        )
         .await;
         let guest_said = |error| match error {
             HandlerError::Retryable(m) => Failure::Retryable(m),
@@ -263,7 +269,7 @@ impl HandlerComponent {
         let state = store.data_mut();
         let stats = CallStats {
             duration: started.elapsed(),
-            cpu: state.meter.guest_time(),
+            cpu: state.meter.used(),
             llm: std::mem::take(&mut state.journal.llm_calls),
             runs: 1,
         };
@@ -313,7 +319,7 @@ fn new_store(call: &Call, journal: Journal) -> Store<HostState> {
             state.interrupted = Some(Interrupt::Cancelled);
             return Ok(UpdateDeadline::Interrupt);
         }
-        if state.meter.guest_ticks() >= state.meter.budget_ticks {
+        if state.meter.used() >= state.cpu_budget {
             state.interrupted = Some(Interrupt::CpuBudget);
             return Ok(UpdateDeadline::Interrupt);
         }

@@ -3,22 +3,23 @@
 //!
 //! - One [`Engine`] with the pooling allocator and copy-on-write memory images: a fresh
 //!   instance per item per stage costs tens of microseconds, so no state leaks between items.
-//! - Guest CPU is bounded by epoch interruption: a ticker advances the epoch every
-//!   [`TICK`]; the store's callback charges ticks to the guest only while the guest (not a host
-//!   call such as the LLM) is running, and yields to tokio every tick so a busy guest cannot
-//!   starve the executor.
+//! - Guest CPU is measured with the thread's CPU clock around each poll of an invocation
+//!   ([`cpu`]) and enforced by epoch interruption: a ticker advances the epoch every [`TICK`];
+//!   the store's callback stops a guest past its budget, and otherwise yields to tokio, so a
+//!   busy guest cannot starve the executor.
 //! - Compiled components are cached on disk by content hash ([`cache`]).
 
 pub mod bindings;
 pub mod cache;
 mod component;
+mod cpu;
 mod invoke;
 mod limiter;
 
 pub(crate) use limiter::Limiter;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -29,6 +30,7 @@ pub use cache::{CacheOutcome, CompileCache, digest};
 pub use component::{
     Description, HandlerComponent, LoadedComponent, StageComponent, World, describe,
 };
+pub use cpu::{CpuMeter, measured};
 pub use invoke::{Call, CallStats, Failure, FailureKind};
 pub use limiter::MemoryCapExceeded;
 
@@ -51,33 +53,21 @@ pub struct RuntimeOptions {
 pub struct Runtime {
     engine: Engine,
     cache: CompileCache,
-    clock: Arc<EpochClock>,
+    /// Set when the runtime is dropped, to end the epoch ticker.
+    ticker_stop: Arc<AtomicBool>,
     options: RuntimeOptions,
-}
-
-/// Epoch ticks since the runtime started, readable without touching the engine.
-#[derive(Default)]
-pub struct EpochClock {
-    ticks: AtomicU64,
-    stop: AtomicBool,
-}
-
-impl EpochClock {
-    pub fn now(&self) -> u64 {
-        self.ticks.load(Ordering::Relaxed)
-    }
 }
 
 impl Runtime {
     pub fn new(options: RuntimeOptions) -> Result<Arc<Self>> {
         let engine = Engine::new(&engine_config(&options))?;
         let cache = CompileCache::new(&engine, &options.cache_dir)?;
-        let clock = Arc::new(EpochClock::default());
-        spawn_ticker(engine.weak(), Arc::downgrade(&clock));
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        spawn_ticker(engine.weak(), Arc::downgrade(&ticker_stop));
         Ok(Arc::new(Self {
             engine,
             cache,
-            clock,
+            ticker_stop,
             options,
         }))
     }
@@ -90,10 +80,6 @@ impl Runtime {
         &self.cache
     }
 
-    pub fn clock(&self) -> &Arc<EpochClock> {
-        &self.clock
-    }
-
     pub fn options(&self) -> &RuntimeOptions {
         &self.options
     }
@@ -101,7 +87,7 @@ impl Runtime {
 
 impl Drop for Runtime {
     fn drop(&mut self) {
-        self.clock.stop.store(true, Ordering::Relaxed);
+        self.ticker_stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -138,20 +124,19 @@ fn engine_config(options: &RuntimeOptions) -> Config {
 }
 
 /// Advance the epoch every [`TICK`] until the runtime is dropped.
-fn spawn_ticker(engine: wasmtime::EngineWeak, clock: Weak<EpochClock>) {
+fn spawn_ticker(engine: wasmtime::EngineWeak, stop: Weak<AtomicBool>) {
     std::thread::Builder::new()
         .name("stagehand-epoch".into())
         .spawn(move || {
             loop {
                 std::thread::sleep(TICK);
-                let (Some(engine), Some(clock)) = (engine.upgrade(), clock.upgrade()) else {
+                let (Some(engine), Some(stop)) = (engine.upgrade(), stop.upgrade()) else {
                     return;
                 };
-                if clock.stop.load(Ordering::Relaxed) {
+                if stop.load(Ordering::Relaxed) {
                     return;
                 }
                 engine.increment_epoch();
-                clock.ticks.fetch_add(1, Ordering::Relaxed);
             }
         })
         .expect("spawn the epoch ticker thread");

@@ -95,6 +95,14 @@ impl Guest for Hostile {
                     n = std::hint::black_box(n.wrapping_add(1));
                 }
             }
+            "spin" => {
+                // `size` million steps of busy work, then done: a guest that needs some CPU.
+                let mut n: u64 = 0;
+                for _ in 0..item.size as u64 * 1_000_000 {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+                output(&serde_json::json!({ "spun": n }))
+            }
             "alloc" => {
                 let mut hoard: Vec<Vec<u8>> = Vec::new();
                 loop {
