@@ -11,8 +11,10 @@
 //! - [`limits`]: every bound on what a client or a guest controls, checked where it enters.
 //! - [`runtime`]: wasmtime, set up once: engine with the pooling allocator, epoch ticker for
 //!   CPU budgets and cancellation, compile cache, loading components and invoking them in
-//!   fresh stores with memory caps.
-//! - [`capabilities`]: the host side of every WIT import, and the per-invocation store data.
+//!   fresh stores with memory caps; a try waiting on a host call gives up its store and is run
+//!   again from its journal when the answer is in.
+//! - [`capabilities`]: the host side of every WIT import, the per-invocation store data, and
+//!   the journal of a try's host-call answers.
 //! - [`store`]: everything durable, in sled: jobs, items, stage outputs, results, effects,
 //!   idempotency keys, dead letters; flushes are group-committed.
 //! - [`pipeline`]: a loaded pipeline: components, capabilities, per-stage limits.

@@ -303,21 +303,27 @@ pub fn job_status(server: &Server, job: &str) -> serde_json::Value {
     get_json(server, &format!("/v1/jobs/{job}"))
 }
 
-/// Wait (at most 30 s) until the metric `series` (name and labels as `/metrics` writes them)
-/// reaches `at_least`: a visible sign that something asynchronous has happened.
+/// The value of the metric `series` (name and labels as `/metrics` writes them), if the server
+/// shows it.
+pub fn metric(server: &Server, series: &str) -> Option<f64> {
+    let text = client()
+        .get(server.url("/metrics"))
+        .send()
+        .expect("the server answers")
+        .text()
+        .expect("metrics are text");
+    text.lines().find_map(|line| {
+        let (name, value) = line.rsplit_once(' ')?;
+        (name == series).then(|| value.parse::<f64>().ok())?
+    })
+}
+
+/// Wait (at most 30 s) until the metric `series` reaches `at_least`: a visible sign that
+/// something asynchronous has happened.
 pub fn wait_for_metric(server: &Server, series: &str, at_least: f64) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
-        let text = client()
-            .get(server.url("/metrics"))
-            .send()
-            .expect("the server answers")
-            .text()
-            .expect("metrics are text");
-        let value = text.lines().find_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            (name == series).then(|| value.parse::<f64>().ok())?
-        });
+        let value = metric(server, series);
         if value.is_some_and(|v| v >= at_least) {
             return;
         }

@@ -6,7 +6,7 @@
 
 use serde_json::json;
 use stagehand_tests::{
-    MockLlm, client, eco_items, eco_scan_pipeline, job_results, serve, wait_for_job,
+    MockLlm, client, eco_items, eco_scan_pipeline, job_results, metric, serve, wait_for_job,
 };
 
 #[test]
@@ -52,16 +52,7 @@ fn jobs_beyond_the_instance_pool_wait_for_a_slot_and_all_succeed() {
         let sampler = scope.spawn(|| {
             let mut most = 0.0f64;
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                let text = http
-                    .get(server.url("/metrics"))
-                    .send()
-                    .unwrap()
-                    .text()
-                    .unwrap();
-                let running = text.lines().find_map(|line| {
-                    let value = line.strip_prefix("stagehand_stage_instances_running ")?;
-                    value.parse::<f64>().ok()
-                });
+                let running = metric(&server, "stagehand_stage_instances_running");
                 most = most.max(running.unwrap_or(0.0));
                 std::thread::sleep(std::time::Duration::from_millis(2));
             }

@@ -37,18 +37,7 @@ fn journal_pipeline(dir: &Path, run: &str) -> std::path::PathBuf {
 
 /// The value of `series` on the server's `/metrics`, 0 when it is not there.
 fn metric(server: &Server, series: &str) -> f64 {
-    let text = client()
-        .get(server.url("/metrics"))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
-    text.lines()
-        .find_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok())?
-        })
-        .unwrap_or(0.0)
+    stagehand_tests::metric(server, series).unwrap_or(0.0)
 }
 
 /// Every item's output (with the usage figures and ids that differ from job to job taken out),
