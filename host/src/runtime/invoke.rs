@@ -128,9 +128,9 @@ impl Failure {
 #[derive(Debug, Clone, Default)]
 pub struct CallStats {
     pub duration: Duration,
-    /// Time the guest ran (or was instantiating) in its last run, which went through the whole
-    /// try (earlier runs stopped at a call that had to wait): the duration less time in host
-    /// calls and less the waits between runs.
+    /// CPU time of the last run's polls (instantiation, guest code, host calls' synchronous
+    /// part; see `cpu.rs`): the last run went through the whole try, earlier runs stopped at a
+    /// call that had to wait.
     pub cpu: Duration,
     /// The LLM requests it made.
     pub llm: Vec<crate::store::LlmCall>,
