@@ -79,6 +79,15 @@ pub fn stage_evicted(stage: &str) {
     counter!("stagehand_stage_evictions_total", "stage" => stage.to_string()).increment(1);
 }
 
+/// A stage try took `answers` host call answers from its journal (kept by an earlier try or
+/// before a restart) instead of asking again.
+pub fn journal_answers_reused(stage: &str, answers: u32) {
+    if answers > 0 {
+        counter!("stagehand_journal_answers_reused_total", "stage" => stage.to_string())
+            .increment(u64::from(answers));
+    }
+}
+
 /// Decrements its gauge when dropped, however the scope ends.
 pub struct InFlight(&'static str);
 

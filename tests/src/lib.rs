@@ -193,6 +193,20 @@ pub fn eco_scan_pipeline(dir: &Path, edit: impl FnOnce(String) -> String) -> Pat
     path
 }
 
+/// A pipeline of one `hostile` stage (with `stage` settings added to it) next to eco-scan's
+/// handlers and kv, which the `journal` action reaches; `run` is added to `[run]`.
+pub fn hostile_pipeline(dir: &Path, run: &str, stage: &str) -> PathBuf {
+    eco_scan_pipeline(dir, |text| {
+        let (head, rest) = text.split_once("[[stage]]").expect("stages");
+        let handlers = &rest[rest.find("[handlers.").expect("handlers")..];
+        format!(
+            "{}[[stage]]\nname = \"hostile\"\ncomponent = \"{}\"\n{stage}\n\n{handlers}",
+            head.replace("[run]\n", &format!("[run]\n{run}\n")),
+            plugin_path("hostile").display()
+        )
+    })
+}
+
 /// `stagehand inspect <what>` of the store in `data` (which no server may hold): its JSON lines.
 pub fn inspect(data: &Path, what: &[&str]) -> Vec<serde_json::Value> {
     let out = Command::new(binary("stagehand"))
@@ -345,13 +359,18 @@ pub fn get_json(server: &Server, path: &str) -> serde_json::Value {
         .expect("a JSON answer")
 }
 
-/// The bytes of a built plugin (`STAGEHAND_PLUGINS_DIR`, else the workspace's target dir).
-pub fn plugin_bytes(name: &str) -> Vec<u8> {
+/// Where a built plugin is (`STAGEHAND_PLUGINS_DIR`, else the workspace's target dir).
+pub fn plugin_path(name: &str) -> PathBuf {
     let dir = std::env::var("STAGEHAND_PLUGINS_DIR").map_or_else(
         |_| repo_root().join("target/wasm32-wasip2/release"),
         PathBuf::from,
     );
-    let path = dir.join(format!("{name}.wasm"));
+    dir.join(format!("{name}.wasm"))
+}
+
+/// The bytes of a built plugin.
+pub fn plugin_bytes(name: &str) -> Vec<u8> {
+    let path = plugin_path(name);
     std::fs::read(&path)
         .unwrap_or_else(|e| panic!("{}: {e}; run `cargo xtask plugins`", path.display()))
 }

@@ -7,31 +7,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use stagehand_tests::{
-    MockLlm, Server, client, eco_items, eco_scan_pipeline, job_results, job_status, serve,
-    submit_job, wait_for_job, wait_for_metric,
+    MockLlm, Server, client, eco_items, eco_scan_pipeline, hostile_pipeline, job_results,
+    job_status, serve, submit_job, wait_for_job, wait_for_metric,
 };
 
 /// The eco-scan pipeline with `[run]` settings added.
 fn eco_scan_with(dir: &Path, run: &str) -> std::path::PathBuf {
     eco_scan_pipeline(dir, |text| {
         text.replace("[run]\n", &format!("[run]\n{run}\n"))
-    })
-}
-
-/// A pipeline of one `hostile` stage next to eco-scan's handlers and kv (the journal action
-/// reaches them all).
-fn journal_pipeline(dir: &Path, run: &str) -> std::path::PathBuf {
-    eco_scan_pipeline(dir, |text| {
-        let (head, rest) = text.split_once("[[stage]]").expect("stages");
-        let handlers = &rest[rest.find("[handlers.").expect("handlers")..];
-        let hostile = stagehand_tests::repo_root()
-            .join("target/wasm32-wasip2/release/hostile.wasm")
-            .display()
-            .to_string();
-        format!(
-            "{}[[stage]]\nname = \"hostile\"\ncomponent = \"{hostile}\"\nmax_attempts = 1\n\n{handlers}",
-            head.replace("[run]\n", &format!("[run]\n{run}\n"))
-        )
     })
 }
 
@@ -88,7 +71,7 @@ fn replayed_stages_give_the_same_outputs_and_ask_the_llm_once_per_call() {
         }
         drop(server);
 
-        let pipeline = journal_pipeline(&journal_dir, &run);
+        let pipeline = hostile_pipeline(&journal_dir, &run, "max_attempts = 1");
         let server = serve(&pipeline, &journal_dir.join("data"), Some(&mock), &[]);
         let before = mock.stats()["requests"].as_u64().unwrap();
         let items: Vec<Value> = (0..8)

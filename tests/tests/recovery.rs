@@ -356,11 +356,11 @@ fn checkpoints_are_reused_after_a_kill_9_and_removed_when_items_finish() {
 #[test]
 fn an_effect_cut_by_a_kill_9_is_interrupted_and_never_run_again() {
     let dir = tempfile::tempdir().unwrap();
-    let plugins = std::env::var("STAGEHAND_PLUGINS_DIR").map_or_else(
-        |_| stagehand_tests::repo_root().join("target/wasm32-wasip2/release"),
-        std::path::PathBuf::from,
-    );
-    let wasm = |name: &str| plugins.join(name).display().to_string();
+    let wasm = |name: &str| {
+        stagehand_tests::plugin_path(name.trim_end_matches(".wasm"))
+            .display()
+            .to_string()
+    };
     let pipeline = dir.path().join("pipeline.toml");
     std::fs::write(
         &pipeline,

@@ -36,7 +36,7 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 pub(crate) use self::budget::Counted;
-pub use self::journal::{Answer, CallKind, Diverged, Journal, Request};
+pub use self::journal::{Answer, CallKind, Diverged, Durable, Journal, Request};
 pub use self::kv::{KvNamespaces, NamespaceInfo, ReloadError};
 pub use self::llm::{LlmProviders, LlmUsage, Provider};
 pub use self::progress::{ProgressSink, ProgressUpdate};
@@ -186,6 +186,11 @@ impl HostState {
             joined.map_err(|e| wasmtime::Error::msg(format!("a host call failed: {e}")))?;
         self.journal.llm_calls.extend(answered.llm_calls);
         self.journal.record(request, answered.answer.clone());
+        // An answer that cost something is kept before the guest sees it.
+        self.journal
+            .flush()
+            .await
+            .map_err(|e| wasmtime::Error::msg(format!("{e:#}")))?;
         Ok(answered.answer)
     }
 

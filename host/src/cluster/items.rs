@@ -1,5 +1,7 @@
 //! What an item run keeps in Redis: checkpoints in `sh:{job}:ckpt` (field `<index>:<stage>`),
-//! dead letters in `sh:{job}:dead`, the job's LLM tokens in `sh:{job}:n` (`llm_tokens`); and effect claims, `SET NX` on `sh:effect:...`.
+//! stage journals in `sh:{job}:journal` (scripts [`scripts::JOURNAL`], [`scripts::PUT_JOURNAL`]),
+//! dead letters in `sh:{job}:dead`, the job's LLM tokens in `sh:{job}:n` (`llm_tokens`); and
+//! effect claims, `SET NX` on `sh:effect:...`.
 //!
 //! Results are not written here: the worker records each with its event and the job's counts
 //! in one script (`FINISH`), so that a result and its `item.finished` event cannot part.
@@ -9,7 +11,7 @@ use async_trait::async_trait;
 use redis::AsyncCommands;
 use uuid::Uuid;
 
-use super::{Cluster, keys};
+use super::{Cluster, keys, scripts};
 use crate::capabilities::EffectKeys;
 use crate::store::{DeadLetter, ItemResult, ItemStore};
 
@@ -54,6 +56,43 @@ impl ItemStore for Cluster {
             .hdel::<_, _, ()>(keys::JobKeys::new(job).checkpoints, fields)
             .await
             .context("cannot remove checkpoints from Redis")
+    }
+
+    async fn journal(&self, job: Uuid, index: u64, stage: &str) -> Result<Vec<Vec<u8>>> {
+        let entries: Vec<Option<Vec<u8>>> = scripts::JOURNAL
+            .key(keys::JobKeys::new(job).journals)
+            .arg(field(index, stage))
+            .invoke_async(&mut self.conn())
+            .await
+            .context("cannot read a stage's journal from Redis")?;
+        // A missing entry (the hash expired with its job under the reader) ends the journal.
+        Ok(entries.into_iter().map_while(|entry| entry).collect())
+    }
+
+    async fn put_journal(
+        &self,
+        job: Uuid,
+        index: u64,
+        stage: &str,
+        from: usize,
+        entries: &[Vec<u8>],
+    ) -> Result<()> {
+        let mut invocation = scripts::PUT_JOURNAL.prepare_invoke();
+        invocation
+            .key(keys::JobKeys::new(job).journals)
+            .arg(field(index, stage))
+            .arg(from);
+        for entry in entries {
+            invocation.arg(entry.as_slice());
+        }
+        invocation
+            .invoke_async::<()>(&mut self.conn())
+            .await
+            .context("cannot write a stage's journal to Redis")
+    }
+
+    async fn remove_journal(&self, job: Uuid, index: u64, stage: &str) -> Result<()> {
+        self.put_journal(job, index, stage, 0, &[]).await
     }
 
     async fn put_result(&self, _job: Uuid, _result: &ItemResult) -> Result<()> {

@@ -41,6 +41,9 @@ pub struct JobKeys {
     /// Set: indexes of the items that are settled (a result, or not run after a cancel), so
     /// that an item run twice (reclaimed from a node that was slow, not dead) counts once.
     pub settled: String,
+    /// Hash: stage journals (`capabilities/journal.rs`): `<index>:<stage>` -> how many
+    /// entries, `<index>:<stage>#<position>` -> an entry.
+    pub journals: String,
 }
 
 impl JobKeys {
@@ -57,11 +60,12 @@ impl JobKeys {
             events: key("events"),
             cancel: key("cancel"),
             settled: key("settled"),
+            journals: key("journal"),
         }
     }
 
     /// Every key of the job, in the order the scripts expect them.
-    pub fn all(&self) -> [&str; 10] {
+    pub fn all(&self) -> [&str; 11] {
         [
             &self.record,
             &self.counts,
@@ -73,6 +77,7 @@ impl JobKeys {
             &self.events,
             &self.cancel,
             &self.settled,
+            &self.journals,
         ]
     }
 }

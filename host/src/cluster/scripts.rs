@@ -102,3 +102,35 @@ return refreshed
 "#,
     )
 });
+
+/// Stage journals live in one hash per job (`JobKeys::journals`, `KEYS[1]`); `ARGV[1]` =
+/// `<index>:<stage>`, the field of the journal's length, and entry `n` is field
+/// `<index>:<stage>#<n>`.
+///
+/// Read a journal: its entries in order.
+pub static JOURNAL: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local n = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if n == 0 then return {} end
+local fields = {}
+for i = 0, n - 1 do fields[#fields + 1] = ARGV[1] .. '#' .. i end
+return redis.call('HMGET', KEYS[1], unpack(fields))
+"#,
+    )
+});
+
+/// Make a journal's entries from `ARGV[2]` on be `ARGV[3..]`, dropping those past them.
+pub static PUT_JOURNAL: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local old = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+local from = tonumber(ARGV[2])
+local n = from + #ARGV - 2
+for i = n, old - 1 do redis.call('HDEL', KEYS[1], ARGV[1] .. '#' .. i) end
+for i = 3, #ARGV do redis.call('HSET', KEYS[1], ARGV[1] .. '#' .. (from + i - 3), ARGV[i]) end
+if n == 0 then redis.call('HDEL', KEYS[1], ARGV[1]) else redis.call('HSET', KEYS[1], ARGV[1], n) end
+return n
+"#,
+    )
+});

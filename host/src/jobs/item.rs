@@ -8,6 +8,11 @@
 //! not pay for it twice; a stage quicker than that is cheaper to run again than to write. When
 //! an item fails, every output it has is checkpointed, so reprocessing starts at the failed
 //! stage. When it succeeds, its result holds every stage's output and its checkpoints go.
+//!
+//! Journals: a stage's host call answers are kept in the store while the stage runs
+//! (`capabilities/journal.rs`), so that its next try, a restart or a reprocess does not ask
+//! the LLM again for what it answered; a stage's journal goes once its output is kept (a
+//! checkpoint or the result). A failed stage's journal stays for a reprocess.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::capabilities::ProgressSink;
+use crate::capabilities::{Durable, Journal, ProgressSink};
 use crate::config::RetryPolicy;
 use crate::pipeline::Pipeline;
 use crate::runtime::bindings::types::Context;
@@ -136,6 +141,8 @@ pub async fn run_item(
         .map(|limit| (tokio::time::Instant::now() + limit, limit));
     let mut outputs: Vec<(&str, Vec<u8>)> = Vec::with_capacity(pipeline.stages.len());
     let mut checkpointed: Vec<&str> = Vec::new();
+    // Stages that succeeded with a journal in the store, to remove once their output is kept.
+    let mut journaled: Vec<&str> = Vec::new();
     let mut runs = Vec::with_capacity(pipeline.stages.len());
     let last = pipeline.stages.len() - 1;
     for (position, stage) in pipeline.stages.iter().enumerate() {
@@ -152,12 +159,26 @@ pub async fn run_item(
                 cpu_ms: 0.0,
                 reused: true,
                 llm: Vec::new(),
+                runs: 0,
+                answers_reused: 0,
             });
             outputs.push((name, output));
             checkpointed.push(name);
             continue;
         }
         let envelope = envelope(&input, &outputs);
+        let durable = Durable {
+            items: pipeline.caps.items.clone(),
+            job: item.job_id,
+            index: item.index,
+            stage: name.to_string(),
+        };
+        // A fresh item has no journal yet: only a resumed one reads the store for it.
+        let mut journal = if resume {
+            Journal::load(durable).await?
+        } else {
+            Journal::durable(durable)
+        };
         let policy = stage.config.retry;
         let mut attempts: Vec<Attempt> = Vec::new();
         let mut attempt = 1;
@@ -195,6 +216,7 @@ pub async fn run_item(
                     cancel: cancel.clone(),
                     progress: hooks.progress.clone(),
                     job_max_tokens: limits.max_tokens,
+                    journal: std::mem::take(&mut journal),
                     ..pipeline.stage_call(context, stage_limits)
                 };
                 tell(name, "running", attempt, None, None, None);
@@ -207,8 +229,10 @@ pub async fn run_item(
                     Err(failure) => failure.kind().as_str(),
                 };
                 crate::metrics::stage_try(name, outcome, used.duration, used.cpu);
+                crate::metrics::journal_answers_reused(name, used.journal.reused());
                 (tried, Some(used), Some(component))
             };
+            let mut used = used;
             let failure = match tried {
                 Ok(output) => {
                     break Ok((output, used.expect("it ran"), component.expect("it ran")));
@@ -218,6 +242,12 @@ pub async fn run_item(
                 }
                 Err(failure) => failure,
             };
+            // The next try (or a reprocess) starts from this one's answers, less those that
+            // made it fail.
+            if let Some(used) = &mut used {
+                let tried = std::mem::take(&mut used.journal);
+                journal = tried.next_try(matches!(failure, Failure::Retryable(_)));
+            }
             attempts.push(Attempt {
                 attempt,
                 kind: failure.kind().as_str().into(),
@@ -256,16 +286,25 @@ pub async fn run_item(
                     cpu_ms: stats.cpu.as_secs_f64() * 1000.0,
                     reused: false,
                     llm: stats.llm,
+                    runs: stats.runs,
+                    answers_reused: stats.journal.reused(),
                 });
                 if position < last && stats.duration >= checkpoint_after {
                     store
                         .put_stage_outputs(item.job_id, item.index, &[(name, output.as_bytes())])
                         .await?;
                     checkpointed.push(name);
+                    if stats.journal.in_store() {
+                        store.remove_journal(item.job_id, item.index, name).await?;
+                    }
+                } else if stats.journal.in_store() {
+                    journaled.push(name);
                 }
                 outputs.push((name, output.into_bytes()));
             }
             Err(failure) => {
+                // Kept for a reprocess, without the answers a retry would not reuse.
+                journal.flush().await?;
                 tell(name, "failed", attempt, None, Some(&failure), None);
                 let error = ItemError {
                     stage: name.into(),
@@ -282,6 +321,7 @@ pub async fn run_item(
                 store
                     .put_stage_outputs(item.job_id, item.index, &unsaved)
                     .await?;
+                remove_journals(store, item, &journaled).await?;
                 if failure.kind() != FailureKind::Cancelled {
                     crate::metrics::dead_letter(name);
                     let earlier = store.dead_letter(item.job_id, item.index).await?;
@@ -317,11 +357,24 @@ pub async fn run_item(
             .remove_stage_outputs(item.job_id, item.index, &checkpointed)
             .await?;
     }
+    remove_journals(store, item, &journaled).await?;
     if resume {
         // A reprocessed dead letter that passed now.
         store.remove_dead_letter(item.job_id, item.index).await?;
     }
     Ok(result)
+}
+
+/// Drop the journals of stages whose output is now kept.
+async fn remove_journals(
+    store: &dyn crate::store::ItemStore,
+    item: ItemRef,
+    stages: &[&str],
+) -> Result<()> {
+    for stage in stages {
+        store.remove_journal(item.job_id, item.index, stage).await?;
+    }
+    Ok(())
 }
 
 /// The wait before try `next` of a stage: the policy's back-off, jittered by the item's id

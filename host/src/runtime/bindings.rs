@@ -11,6 +11,8 @@ pub mod stage {
         path: "../wit",
         imports: { default: async | trappable },
         exports: { default: async },
+        // Journaled answers (`capabilities/journal.rs`) are stored as JSON.
+        additional_derives: [serde::Serialize, serde::Deserialize],
     });
 }
 

@@ -125,7 +125,7 @@ impl Failure {
 }
 
 /// Resources one invocation used.
-#[derive(Debug, Clone, Default)]
+#[derive(Default)]
 pub struct CallStats {
     pub duration: Duration,
     /// CPU time of the last run's polls (instantiation, guest code, host calls' synchronous
@@ -136,6 +136,9 @@ pub struct CallStats {
     pub llm: Vec<crate::store::LlmCall>,
     /// Runs of the guest: 1, plus one for each time it waited without its instance.
     pub runs: u32,
+    /// The try's journal as it ended: what the stage's next try starts from
+    /// ([`Journal::next_try`]), and whether the store holds some of it.
+    pub journal: Journal,
 }
 
 /// Everything an invocation needs besides the component and its input.
@@ -167,6 +170,8 @@ impl StageComponent {
         let mut last_cpu = Duration::ZERO;
         let stage = call.context.stage.clone();
         let result = bounded(&call.limits, &call.cancel, async {
+            // What an earlier try left that this one does not reuse goes first.
+            journal.flush().await.map_err(host_failure)?;
             loop {
                 let slot = match &call.slots {
                     Some(slots) => Some(slots.acquire().await.expect("never closed")),
@@ -195,6 +200,7 @@ impl StageComponent {
                     .await
                     .map_err(|e| Failure::Host(format!("a host call failed: {e}")))?;
                 journal.answered(waiting.request, answered);
+                journal.flush().await.map_err(host_failure)?;
                 journal.rewind();
             }
         })
@@ -217,7 +223,8 @@ impl StageComponent {
             duration: started.elapsed(),
             cpu: last_cpu,
             runs: journal.runs(),
-            llm: journal.llm_calls,
+            llm: std::mem::take(&mut journal.llm_calls),
+            journal,
         };
         (output, stats)
     }
@@ -272,6 +279,7 @@ impl HandlerComponent {
             cpu: state.meter.used(),
             llm: std::mem::take(&mut state.journal.llm_calls),
             runs: 1,
+            journal: Journal::default(),
         };
         output.map(|output| (output, stats))
     }
@@ -284,7 +292,7 @@ fn settle<E>(
     store: &mut Store<HostState>,
     limits: &Limits,
 ) -> Result<String, Failure> {
-    let state = store.data();
+    let state = store.data_mut();
     if let Some(diverged) = &state.diverged {
         return Err(Failure::Diverged(diverged.to_string()));
     }
@@ -304,6 +312,10 @@ fn settle<E>(
         }),
         Err(error) => Err(classify(store, error, limits)),
     }
+}
+
+fn host_failure(error: anyhow::Error) -> Failure {
+    Failure::Host(format!("{error:#}"))
 }
 
 fn new_store(call: &Call, journal: Journal) -> Store<HostState> {

@@ -26,6 +26,23 @@ pub trait ItemStore: Send + Sync {
     /// Drop an item's checkpoints once its result holds them.
     async fn remove_stage_outputs(&self, job: Uuid, index: u64, stages: &[&str]) -> Result<()>;
 
+    /// The journal of `stage` for item `index` (`capabilities/journal.rs`): its entries in order.
+    async fn journal(&self, job: Uuid, index: u64, stage: &str) -> Result<Vec<Vec<u8>>>;
+
+    /// Make the journal's entries from position `from` on be `entries`; those the store holds
+    /// past them are dropped.
+    async fn put_journal(
+        &self,
+        job: Uuid,
+        index: u64,
+        stage: &str,
+        from: usize,
+        entries: &[Vec<u8>],
+    ) -> Result<()>;
+
+    /// Drop a journal once the stage's output is kept.
+    async fn remove_journal(&self, job: Uuid, index: u64, stage: &str) -> Result<()>;
+
     /// Store an item's result. A backend may leave this to whoever runs the item (Redis
     /// writes the result together with its event and the job's counts, in one step).
     async fn put_result(&self, job: Uuid, result: &ItemResult) -> Result<()>;
@@ -60,6 +77,25 @@ impl ItemStore for Store {
 
     async fn remove_stage_outputs(&self, job: Uuid, index: u64, stages: &[&str]) -> Result<()> {
         Store::remove_stage_outputs(self, job, index, stages.iter().copied())
+    }
+
+    async fn journal(&self, job: Uuid, index: u64, stage: &str) -> Result<Vec<Vec<u8>>> {
+        Store::journal(self, job, index, stage)
+    }
+
+    async fn put_journal(
+        &self,
+        job: Uuid,
+        index: u64,
+        stage: &str,
+        from: usize,
+        entries: &[Vec<u8>],
+    ) -> Result<()> {
+        Store::put_journal(self, job, index, stage, from, entries)
+    }
+
+    async fn remove_journal(&self, job: Uuid, index: u64, stage: &str) -> Result<()> {
+        Store::remove_journal(self, job, index, stage)
     }
 
     async fn put_result(&self, job: Uuid, result: &ItemResult) -> Result<()> {

@@ -31,6 +31,29 @@ pub fn stage_output(job: Uuid, index: u64, stage: &str) -> Vec<u8> {
     key
 }
 
+/// The prefix of a stage journal's entries: the stage output key, then a zero byte (so that
+/// stage `a`'s prefix is no prefix of stage `ab`'s).
+pub fn journal(job: Uuid, index: u64, stage: &str) -> Vec<u8> {
+    let mut key = stage_output(job, index, stage);
+    key.push(0);
+    key
+}
+
+/// Entry `position` of the journal under `prefix`, big-endian so that sled's order is the
+/// journal's.
+pub fn journal_entry(prefix: &[u8], position: usize) -> Vec<u8> {
+    let mut key = prefix.to_vec();
+    key.extend_from_slice(&(position as u64).to_be_bytes());
+    key
+}
+
+/// The first key after every entry of the journal under `prefix`.
+pub fn journal_end(prefix: &[u8]) -> Vec<u8> {
+    let mut key = prefix.to_vec();
+    key.extend_from_slice(&[0xff; 9]);
+    key
+}
+
 /// `scope`, a zero byte, then `name`: names never contain a zero byte in practice, and the
 /// scope prefix lets one collection be scanned alone.
 pub fn named(scope: &str, name: &str) -> Vec<u8> {

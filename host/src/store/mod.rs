@@ -5,6 +5,7 @@
 //! | `jobs`            | job id (16 bytes)                 | [`JobRecord`] JSON            |
 //! | `items`           | job id, item index (u64 BE)       | the item's JSON as submitted  |
 //! | `stage_outputs`   | job id, index, stage name         | a checkpointed stage output   |
+//! | `journals`        | job id, index, stage name, 0, position (u64 BE) | a journaled host call's answer |
 //! | `results`         | job id, index                     | [`ItemResult`] JSON           |
 //! | `effects`         | handler, 0, idempotency key       | [`EffectRecord`] JSON         |
 //! | `effects_pending` | same as `effects`                 | empty: effects not yet run    |
@@ -20,6 +21,7 @@
 mod dead_letters;
 mod effects;
 mod item_store;
+mod journals;
 pub(crate) mod keys;
 mod model;
 mod options;
@@ -56,6 +58,7 @@ pub struct Store {
     jobs: Tree,
     items: Tree,
     stage_outputs: Tree,
+    journals: Tree,
     results: Tree,
     effects: Tree,
     effects_pending: Tree,
@@ -103,6 +106,7 @@ impl Store {
             jobs: tree("jobs")?,
             items: tree("items")?,
             stage_outputs: tree("stage_outputs")?,
+            journals: tree("journals")?,
             results: tree("results")?,
             effects: tree("effects")?,
             effects_pending: tree("effects_pending")?,
@@ -313,7 +317,8 @@ impl Store {
         Ok(total.map_or(0, |v| tokens_of(&v)))
     }
 
-    /// Remove a job and everything stored under it (items, checkpoints, results, dead letters). Effects and
+    /// Remove a job and everything stored under it (items, checkpoints, journals, results, dead
+    /// letters). Effects and
     /// handler records stay: they belong to the domain (an ownership outlives the scan that
     /// granted it) and their keys keep effects idempotent.
     pub fn delete_job(&self, job: Uuid) -> Result<()> {
@@ -323,6 +328,7 @@ impl Store {
         for tree in [
             &self.items,
             &self.stage_outputs,
+            &self.journals,
             &self.results,
             &self.dead_letters,
         ] {

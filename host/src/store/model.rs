@@ -183,6 +183,22 @@ pub struct StageRun {
     /// The LLM requests of the try that succeeded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub llm: Vec<LlmCall>,
+    /// Runs of the try that succeeded, when more than one: it waited without its instance
+    /// (`[run] evict_after_ms`) and ran again from its start.
+    #[serde(default, skip_serializing_if = "at_most_one")]
+    pub runs: u32,
+    /// Host call answers the try took from the stage's journal, kept by an earlier try or
+    /// before a restart, instead of asking again.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub answers_reused: u32,
+}
+
+fn at_most_one(n: &u32) -> bool {
+    *n <= 1
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]

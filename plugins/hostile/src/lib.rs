@@ -15,7 +15,7 @@ struct Item {
     action: String,
     #[serde(default)]
     size: usize,
-    /// For `flaky`: the first try that succeeds.
+    /// For `flaky` and `questions`: the first try that succeeds.
     #[serde(default)]
     until: u32,
     /// For `socket`: the address to connect to; for `emit-flood` and `call-flood`: the handler.
@@ -79,6 +79,33 @@ fn journal(ctx: &Context, handler: &str) -> Result<String, StageError> {
         "emitted": format!("{emitted:?}"),
         "called": format!("{called:?}"),
     }))
+}
+
+/// `size` questions to the LLM, each after the answer to the one before, then a retryable
+/// failure while the try is before `until` (the guest did not like the answers): what a retry
+/// may reuse and what it must ask again. No randomness, so every try asks the same.
+fn questions(ctx: &Context, size: usize, until: u32) -> Result<String, StageError> {
+    let mut answers = Vec::with_capacity(size);
+    for question in 1..=size {
+        let request = llm::ChatRequest {
+            model: None,
+            messages: vec![text_message(
+                llm::Role::User,
+                format!("question {question} of item {}", ctx.item_index),
+            )],
+            max_tokens: Some(32),
+            temperature: None,
+            json_mode: false,
+        };
+        answers.push(llm::chat(&request)?.text);
+    }
+    if ctx.attempt < until {
+        return Err(retryable(format!(
+            "try {} does not like the answers",
+            ctx.attempt
+        )));
+    }
+    output(&serde_json::json!({ "answers": answers, "attempt": ctx.attempt }))
 }
 
 struct Hostile;
@@ -214,6 +241,7 @@ impl Guest for Hostile {
                 "random": getrandom::u64().map_err(fatal)?,
             })),
             "journal" => journal(&ctx, &item.target),
+            "questions" => questions(&ctx, item.size.min(16), item.until),
             "retryable" => Err(retryable("asked to fail, retryably")),
             "flaky" if ctx.attempt < item.until => {
                 Err(retryable(format!("try {} fails", ctx.attempt)))
