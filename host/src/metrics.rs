@@ -88,6 +88,11 @@ pub fn journal_answers_reused(stage: &str, answers: u32) {
     }
 }
 
+/// The embedded store made what was written durable (one sled flush: a write and a sync).
+pub fn store_flushed() {
+    counter!("stagehand_store_flushes_total").increment(1);
+}
+
 /// Decrements its gauge when dropped, however the scope ends.
 pub struct InFlight(&'static str);
 

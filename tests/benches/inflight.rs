@@ -60,6 +60,7 @@ async fn main() {
     let warm = submit(&http, &url, eco_items(1), 1).await;
     wait(&http, &url, &warm, |_| {}).await;
 
+    let flushes_before = metric(&http, &url, "stagehand_store_flushes_total").await;
     let (rss_before, cpu_before) = (rss_kib(pid), cpu_secs(pid));
     let started = Instant::now();
     let job = submit(&http, &url, eco_items(items), concurrency).await;
@@ -67,6 +68,7 @@ async fn main() {
     let status = wait(&http, &url, &job, |_| peak = peak.max(rss_kib(pid))).await;
     let elapsed = started.elapsed();
     let cpu = cpu_secs(pid) - cpu_before;
+    let flushes = metric(&http, &url, "stagehand_store_flushes_total").await - flushes_before;
     assert_eq!(status["state"], "completed", "{status}");
     if status["succeeded"] != items {
         let failed: Value = http
@@ -103,7 +105,29 @@ async fn main() {
         "inflight: server CPU {cpu:.1} s, {:.2} ms per item",
         cpu * 1e3 / items as f64
     );
+    println!(
+        "inflight: {flushes:.0} store flushes, {:.0} a second",
+        flushes / elapsed.as_secs_f64()
+    );
     println!("inflight: mock {}", mock.stats());
+}
+
+/// The value of `series` on the server's `/metrics`, 0 when it is not there.
+async fn metric(http: &reqwest::Client, url: &str, series: &str) -> f64 {
+    let text = http
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok())?
+        })
+        .unwrap_or(0.0)
 }
 
 async fn submit(http: &reqwest::Client, url: &str, items: Vec<Value>, concurrency: u64) -> String {

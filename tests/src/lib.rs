@@ -86,6 +86,16 @@ impl Server {
         &mut self.child
     }
 
+    /// Stop the process as an operator does (SIGTERM: a graceful shutdown) and wait for it.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let term = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(term.success(), "cannot signal the server");
+        self.child.wait().expect("the server exits")
+    }
+
     /// The most memory the process has held at once (its peak resident set), in bytes.
     pub fn peak_memory(&self) -> u64 {
         measure::peak_rss_kib(self.child.id()) * 1024

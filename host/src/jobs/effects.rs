@@ -46,15 +46,7 @@ impl EffectRunner {
         let store = self.caps.store.clone();
         while !shutdown.is_cancelled() {
             let pending = store.pending_effects(concurrency * 4)?;
-            if pending.is_empty() {
-                self.settled.notify_waiters();
-                tokio::select! {
-                    () = self.caps.effects_waiting.notified() => {}
-                    () = tokio::time::sleep(IDLE_POLL) => {}
-                    () = shutdown.cancelled() => {}
-                }
-                continue;
-            }
+            let mut claimed = 0;
             for key in pending {
                 let permit = permits.clone().acquire_owned().await.expect("never closed");
                 // Counted before the claim, so that `wait_idle` never sees an effect that is
@@ -64,6 +56,7 @@ impl EffectRunner {
                     self.in_flight.fetch_sub(1, Ordering::SeqCst);
                     continue;
                 };
+                claimed += 1;
                 let runner = self.clone();
                 let shutdown = shutdown.clone();
                 tokio::spawn(async move {
@@ -79,6 +72,16 @@ impl EffectRunner {
                     runner.settled.notify_waiters();
                     drop(permit);
                 });
+            }
+            // Nothing to claim (none pending, or only records still being written): wait for
+            // the next emit instead of scanning again at once.
+            if claimed == 0 {
+                self.settled.notify_waiters();
+                tokio::select! {
+                    () = self.caps.effects_waiting.notified() => {}
+                    () = tokio::time::sleep(IDLE_POLL) => {}
+                    () = shutdown.cancelled() => {}
+                }
             }
         }
         Ok(())

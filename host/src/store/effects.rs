@@ -1,16 +1,20 @@
 //! Durable effects: what `dispatch.emit` records and the effect runner executes.
 //!
-//! An effect is identified by (handler, idempotency key). Recording is a transaction over
-//! `effects` and `effects_pending`, so an effect is either unknown, or known and queued. Claiming
-//! moves it from pending to running in one transaction (and lists it in `effects_running`, so
-//! that start-up looks at the effects in flight, not at every effect ever recorded); an effect
-//! found running after a restart is marked interrupted and not run again: effects run *at most
-//! once* per key.
+//! An effect is identified by (handler, idempotency key). Its record in `effects` says its
+//! state; `effects_pending` and `effects_running` index the ones queued and in flight, so that
+//! the runner and start-up never scan every effect ever recorded. Every step is a single-key
+//! compare-and-swap on the record, with the index written around it in an order a crash cannot
+//! break (sled transactions and batches write and sync the log twice each, which under load was
+//! a large share of the server's CPU, docs/BENCHMARKS.md):
+//!
+//! - recording marks the key pending first, then creates the record only if there is none: an
+//!   effect is either unknown, known and queued, or a duplicate whose marker the runner drops;
+//! - claiming lists the key running, then swaps the record from pending to running, then drops
+//!   the pending marker; an effect found running after a restart is marked interrupted and not
+//!   run again: effects run *at most once* per key.
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
-use sled::Transactional;
-use sled::transaction::{ConflictableTransactionError, TransactionError};
 use uuid::Uuid;
 
 use super::{Store, json, keys, parse};
@@ -61,30 +65,21 @@ impl EffectRecord {
     }
 }
 
-type TxError = ConflictableTransactionError<anyhow::Error>;
-
-fn tx_result<T>(result: Result<T, TransactionError<anyhow::Error>>) -> Result<T> {
-    result.map_err(|e| match e {
-        TransactionError::Abort(e) => e,
-        TransactionError::Storage(e) => e.into(),
-    })
-}
-
 impl Store {
     /// Record an effect unless its (handler, key) is known already.
     pub fn emit_effect(&self, record: &EffectRecord) -> Result<EmitOutcome> {
         let key = record.store_key();
-        let value = json(record)?;
-        tx_result(
-            (&self.effects, &self.effects_pending).transaction(|(effects, pending)| {
-                if effects.get(&key)?.is_some() {
-                    return Ok(EmitOutcome::Duplicate);
-                }
-                effects.insert(key.as_slice(), value.as_slice())?;
-                pending.insert(key.as_slice(), &[])?;
-                Ok(EmitOutcome::Accepted)
-            }),
-        )
+        // The marker first: a record never exists without one while it is pending. A marker
+        // without a record (the record is being written, or a crash came between) is left to
+        // the writer, or dropped at start-up.
+        self.effects_pending.insert(key.as_slice(), &[])?;
+        let created = self
+            .effects
+            .compare_and_swap(&key, None::<&[u8]>, Some(json(record)?))?;
+        Ok(match created {
+            Ok(()) => EmitOutcome::Accepted,
+            Err(_) => EmitOutcome::Duplicate,
+        })
     }
 
     /// Keys of up to `limit` effects waiting to run, oldest key order first.
@@ -101,26 +96,31 @@ impl Store {
         !self.effects_pending.is_empty()
     }
 
-    /// Take a pending effect for running; `None` if it is no longer pending.
+    /// Take a pending effect for running; `None` if it is no longer pending (or its record is
+    /// still being written).
     pub fn claim_effect(&self, key: &[u8]) -> Result<Option<EffectRecord>> {
-        tx_result(
-            (&self.effects, &self.effects_pending, &self.effects_running).transaction(
-                |(effects, pending, running)| {
-                    if pending.remove(key)?.is_none() {
-                        return Ok(None);
-                    }
-                    let Some(value) = effects.get(key)? else {
-                        return Ok(None);
-                    };
-                    let mut record: EffectRecord = parse(&value).map_err(TxError::Abort)?;
-                    record.state = EffectState::Running;
-                    record.runs += 1;
-                    effects.insert(key, json(&record).map_err(TxError::Abort)?)?;
-                    running.insert(key, &[])?;
-                    Ok(Some(record))
-                },
-            ),
-        )
+        let Some(current) = self.effects.get(key)? else {
+            return Ok(None);
+        };
+        let mut record: EffectRecord = parse(&current)?;
+        if record.state != EffectState::Pending {
+            // A duplicate's marker, or one a crash left behind a claim.
+            self.effects_pending.remove(key)?;
+            return Ok(None);
+        }
+        record.state = EffectState::Running;
+        record.runs += 1;
+        // Listed running before it is: start-up finds every effect that may have started.
+        self.effects_running.insert(key, &[])?;
+        let swapped = self
+            .effects
+            .compare_and_swap(key, Some(current), Some(json(&record)?))?;
+        if swapped.is_err() {
+            // Another claim won.
+            return Ok(None);
+        }
+        self.effects_pending.remove(key)?;
+        Ok(Some(record))
     }
 
     /// Store the outcome of a claimed effect.
@@ -146,6 +146,13 @@ impl Store {
     /// After a restart: effects that were running when the process stopped may or may not have
     /// taken place; to keep "at most once" they are marked interrupted, never rerun.
     pub fn interrupt_running_effects(&self) -> Result<usize> {
+        // Markers whose record a crash kept from being written.
+        for key in self.effects_pending.iter().keys() {
+            let key = key?;
+            if !self.effects.contains_key(&key)? {
+                self.effects_pending.remove(key)?;
+            }
+        }
         let mut interrupted = 0;
         for key in self.effects_running.iter().keys() {
             let key = key?;
@@ -166,5 +173,64 @@ impl Store {
             }
         }
         Ok(interrupted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn effect(key: &str) -> EffectRecord {
+        EffectRecord {
+            handler: "save".into(),
+            key: key.into(),
+            payload: "{}".into(),
+            job_id: Uuid::nil(),
+            item_id: Uuid::nil(),
+            item_index: 0,
+            stage: "reward".into(),
+            state: EffectState::Pending,
+            created_at: 0,
+            finished_at: None,
+            output: None,
+            error: None,
+            runs: 0,
+        }
+    }
+
+    #[test]
+    fn a_duplicate_runs_once_and_stray_markers_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            store.emit_effect(&effect("a")).unwrap(),
+            EmitOutcome::Accepted
+        );
+        let key = effect("a").store_key();
+        let claimed = store.claim_effect(&key).unwrap().expect("pending");
+        assert_eq!((claimed.state, claimed.runs), (EffectState::Running, 1));
+        assert!(store.claim_effect(&key).unwrap().is_none(), "claimed once");
+
+        // A duplicate emit marks the key again; the runner drops the marker, runs nothing.
+        assert_eq!(
+            store.emit_effect(&effect("a")).unwrap(),
+            EmitOutcome::Duplicate
+        );
+        assert_eq!(store.pending_effects(10).unwrap(), vec![key.clone()]);
+        assert!(store.claim_effect(&key).unwrap().is_none());
+        assert!(!store.has_pending_effects());
+
+        // A marker whose record a crash kept from being written: left to its writer while
+        // running, dropped at start-up.
+        let stray = effect("b").store_key();
+        store.effects_pending.insert(&stray, &[]).unwrap();
+        assert!(store.claim_effect(&stray).unwrap().is_none());
+        assert!(store.has_pending_effects());
+        assert_eq!(
+            store.interrupt_running_effects().unwrap(),
+            1,
+            "`a` was running"
+        );
+        assert!(!store.has_pending_effects());
     }
 }

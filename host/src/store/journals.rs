@@ -3,7 +3,6 @@
 //! `capabilities/journal.rs`). Entries are opaque bytes here.
 
 use anyhow::Result;
-use sled::Batch;
 use uuid::Uuid;
 
 use super::{Store, keys};
@@ -19,7 +18,9 @@ impl Store {
     }
 
     /// Make the journal's entries from position `from` on be `entries`: those the store holds
-    /// past them are dropped.
+    /// past them are dropped. Plain inserts and removes, not a sled batch (each batch syncs the
+    /// log): a crash halfway leaves stale entries after new ones, which is harmless since each
+    /// entry answers only the very request it names (`capabilities/journal.rs`).
     pub fn put_journal(
         &self,
         job: Uuid,
@@ -29,22 +30,21 @@ impl Store {
         entries: &[Vec<u8>],
     ) -> Result<()> {
         let prefix = keys::journal(job, index, stage);
-        let mut batch = Batch::default();
+        for (position, entry) in (from..).zip(entries) {
+            self.journals
+                .insert(keys::journal_entry(&prefix, position), entry.as_slice())?;
+        }
         let stale = self
             .journals
-            .range(keys::journal_entry(&prefix, from)..keys::journal_end(&prefix));
+            .range(keys::journal_entry(&prefix, from + entries.len())..keys::journal_end(&prefix));
         for key in stale.keys() {
-            batch.remove(key?);
+            self.journals.remove(key?)?;
         }
-        for (position, entry) in (from..).zip(entries) {
-            batch.insert(keys::journal_entry(&prefix, position), entry.as_slice());
-        }
-        self.journals.apply_batch(batch)?;
         Ok(())
     }
 
     pub fn remove_journal(&self, job: Uuid, index: u64, stage: &str) -> Result<()> {
-        super::remove_prefix(&self.journals, &keys::journal(job, index, stage))
+        self.put_journal(job, index, stage, 0, &[])
     }
 }
 

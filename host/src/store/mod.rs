@@ -70,17 +70,26 @@ pub struct Store {
     flusher: Arc<Flusher>,
 }
 
-/// Group commit: one flush at a time, and a caller whose writes an already finished flush
-/// covered returns at once. sled 0.34's `flush_async` deadlocks when many run at once (its
-/// issue #1308; seen here with 1,000 concurrent submits), so flushes run `flush` on a blocking
-/// thread, one by one, and a burst of submits shares a few fsyncs instead of queueing one each.
+/// The shortest time between two flushes. Each flush writes and syncs sled's log buffer (a
+/// `sync_file_range` that waits for the disk), and at hundreds a second they were most of the
+/// server's CPU under load (docs/BENCHMARKS.md); a flush that waits for this shares the sync
+/// with every write made meanwhile. It is what an acknowledgement may wait at most, beyond the
+/// flush itself, when flushes are back to back.
+const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Group commit: one flush at a time, at most one per [`FLUSH_INTERVAL`], and a caller whose
+/// writes an already finished flush covered returns at once. sled 0.34's `flush_async`
+/// deadlocks when many run at once (its issue #1308; seen here with 1,000 concurrent submits),
+/// so flushes run `flush` on a blocking thread, one by one, and a burst of submits shares a few
+/// fsyncs instead of queueing one each.
 #[derive(Default)]
 struct Flusher {
     /// Tickets handed out: a caller takes one after its writes.
     requested: AtomicU64,
     /// Every ticket up to this one is durable.
     durable: AtomicU64,
-    turn: tokio::sync::Mutex<()>,
+    /// When the last flush started; held by the caller whose turn it is.
+    turn: tokio::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 impl Store {
@@ -131,10 +140,16 @@ impl Store {
     pub async fn flush(&self) -> Result<()> {
         let flusher = &self.flusher;
         let ticket = flusher.requested.fetch_add(1, Ordering::SeqCst) + 1;
-        let _turn = flusher.turn.lock().await;
+        let mut last_started = flusher.turn.lock().await;
         if flusher.durable.load(Ordering::SeqCst) >= ticket {
             return Ok(());
         }
+        // Under load, callers arriving within the interval share the next flush.
+        if let Some(last) = *last_started {
+            tokio::time::sleep_until(last + FLUSH_INTERVAL).await;
+        }
+        *last_started = Some(tokio::time::Instant::now());
+        crate::metrics::store_flushed();
         // Read before flushing: every ticket up to here was taken after its writes.
         let covered = flusher.requested.load(Ordering::SeqCst);
         let db = self.db.clone();
@@ -237,18 +252,19 @@ impl Store {
         })
     }
 
-    /// Checkpoint several stage outputs of one item at once.
+    /// Checkpoint several stage outputs of one item. One insert each, not a sled batch: each
+    /// checkpoint stands alone, and every sled batch writes and syncs the log buffer twice
+    /// (its `pin_log`), which under load was most of the server's CPU (docs/BENCHMARKS.md).
     pub fn put_stage_outputs<'a>(
         &self,
         job: Uuid,
         index: u64,
         outputs: impl IntoIterator<Item = (&'a str, &'a [u8])>,
     ) -> Result<()> {
-        let mut batch = Batch::default();
         for (stage, output) in outputs {
-            batch.insert(keys::stage_output(job, index, stage), output);
+            self.stage_outputs
+                .insert(keys::stage_output(job, index, stage), output)?;
         }
-        self.stage_outputs.apply_batch(batch)?;
         Ok(())
     }
 
@@ -259,11 +275,10 @@ impl Store {
         index: u64,
         stages: impl IntoIterator<Item = &'a str>,
     ) -> Result<()> {
-        let mut batch = Batch::default();
         for stage in stages {
-            batch.remove(keys::stage_output(job, index, stage));
+            self.stage_outputs
+                .remove(keys::stage_output(job, index, stage))?;
         }
-        self.stage_outputs.apply_batch(batch)?;
         Ok(())
     }
 
