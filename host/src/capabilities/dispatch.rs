@@ -151,7 +151,11 @@ impl HostState {
                 self.caps.effects_waiting.notify_one();
                 Ok(EmitOutcome::Accepted)
             }
-            Ok(Stored::Duplicate) => Ok(EmitOutcome::Duplicate),
+            Ok(Stored::Duplicate) => {
+                // The store marked the key again; the runner drops the marker.
+                self.caps.effects_waiting.notify_one();
+                Ok(EmitOutcome::Duplicate)
+            }
             Err(e) => Err(DispatchError::Host(format!(
                 "cannot record the effect: {e:#}"
             ))),
