@@ -122,12 +122,7 @@ async fn metric(http: &reqwest::Client, url: &str, series: &str) -> f64 {
         .text()
         .await
         .expect("text");
-    text.lines()
-        .find_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok())?
-        })
-        .unwrap_or(0.0)
+    stagehand_tests::metric_in(&text, series).unwrap_or(0.0)
 }
 
 async fn submit(http: &reqwest::Client, url: &str, items: Vec<Value>, concurrency: u64) -> String {

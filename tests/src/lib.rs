@@ -336,6 +336,11 @@ pub fn metric(server: &Server, series: &str) -> Option<f64> {
         .expect("the server answers")
         .text()
         .expect("metrics are text");
+    metric_in(&text, series)
+}
+
+/// The value of `series` in a Prometheus text page.
+pub fn metric_in(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|line| {
         let (name, value) = line.rsplit_once(' ')?;
         (name == series).then(|| value.parse::<f64>().ok())?
