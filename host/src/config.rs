@@ -157,6 +157,12 @@ pub struct RunConfig {
     /// (see `capabilities/journal.rs`). Up to [`MAX_EVICT_AFTER_MS`].
     #[serde(default = "defaults::evict_after_ms")]
     pub evict_after_ms: u64,
+    /// Memory the node's items in flight may take, in MiB, across every job: each item is
+    /// charged an estimate when it starts (see [`crate::memory`]) and waits while the budget is
+    /// spent. From [`crate::memory::MIN_MEMORY_BUDGET_MIB`] to
+    /// [`crate::memory::MAX_MEMORY_BUDGET_MIB`], and no more than the machine has.
+    #[serde(default = "defaults::memory_budget_mib")]
+    pub memory_budget_mib: u64,
     /// Effects (emitted dispatches) running at once.
     #[serde(default = "defaults::effect_concurrency")]
     pub effect_concurrency: usize,
@@ -193,6 +199,7 @@ impl Default for RunConfig {
             concurrency: defaults::concurrency(),
             max_stage_calls: defaults::max_stage_calls(),
             evict_after_ms: defaults::evict_after_ms(),
+            memory_budget_mib: defaults::memory_budget_mib(),
             effect_concurrency: defaults::effect_concurrency(),
             checkpoint_after_ms: defaults::checkpoint_after_ms(),
             item_timeout_ms: None,
@@ -304,6 +311,27 @@ pub struct HandlerConfig {
     pub limits: Limits,
 }
 
+/// `[run] memory_budget_mib` within its bounds and no more than `machine_mib`: a budget the
+/// machine cannot give would let items in flight grow until the kernel kills the node.
+fn check_memory_budget(mib: u64, machine_mib: Option<u64>) -> Result<()> {
+    use crate::memory::{MAX_MEMORY_BUDGET_MIB, MIN_MEMORY_BUDGET_MIB};
+    if !(MIN_MEMORY_BUDGET_MIB..=MAX_MEMORY_BUDGET_MIB).contains(&mib) {
+        bail!(
+            "`[run] memory_budget_mib` is {MIN_MEMORY_BUDGET_MIB} to {MAX_MEMORY_BUDGET_MIB}, \
+             not {mib}"
+        );
+    }
+    if let Some(machine) = machine_mib
+        && mib > machine
+    {
+        bail!(
+            "`[run] memory_budget_mib` ({mib}) is more than this machine's memory ({machine} \
+             MiB): items in flight would be killed by the kernel before they waited"
+        );
+    }
+    Ok(())
+}
+
 mod defaults {
     pub fn llm_timeout_ms() -> u64 {
         120_000
@@ -319,6 +347,9 @@ mod defaults {
     }
     pub fn evict_after_ms() -> u64 {
         10
+    }
+    pub fn memory_budget_mib() -> u64 {
+        crate::memory::default_budget_mib()
     }
     pub fn effect_concurrency() -> usize {
         8
@@ -665,6 +696,8 @@ impl PipelineConfig {
                 raw.run.evict_after_ms
             );
         }
+        check_memory_budget(raw.run.memory_budget_mib, crate::memory::machine_mib())
+            .with_context(|| path.display().to_string())?;
         let limits = raw.limits;
         if limits.max_items == 0
             || limits.max_item_kib == 0

@@ -17,6 +17,7 @@
 //!   the journal of a try's host-call answers.
 //! - [`store`]: everything durable, in sled: jobs, items, stage outputs, results, effects,
 //!   idempotency keys, dead letters; flushes are group-committed.
+//! - [`memory`]: the node's memory budget, which items in flight are charged against.
 //! - [`pipeline`]: a loaded pipeline: components, capabilities, per-stage limits.
 //! - [`jobs`]: running items through stages (retries, time limits, dead letters), jobs under a
 //!   concurrency limit, effects, and the [`jobs::JobManager`] that runs submitted jobs in the
@@ -46,6 +47,7 @@ pub mod config;
 pub mod events;
 pub mod jobs;
 pub mod limits;
+pub mod memory;
 pub mod metrics;
 pub mod pipeline;
 pub mod runtime;

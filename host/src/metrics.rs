@@ -67,6 +67,22 @@ pub fn stage_instance_running() -> InFlight {
     InFlight("stagehand_stage_instances_running")
 }
 
+/// `[run] memory_budget_mib`, in bytes: what items in flight may be charged at once.
+pub fn memory_budget(bytes: f64) {
+    gauge!("stagehand_items_memory_budget_bytes").set(bytes);
+}
+
+/// What the items in flight are charged against the memory budget, moved by `delta` bytes.
+pub fn memory_charged(delta: f64) {
+    gauge!("stagehand_items_memory_charged_bytes").increment(delta);
+}
+
+/// Items waiting for room in the memory budget before they start, right now.
+pub fn item_waiting_for_memory() -> InFlight {
+    gauge!("stagehand_items_waiting_for_memory").increment(1.0);
+    InFlight("stagehand_items_waiting_for_memory")
+}
+
 /// Stage tries waiting on a host call without an instance (evicted), right now.
 pub fn stage_call_waiting() -> InFlight {
     gauge!("stagehand_stage_calls_waiting").increment(1.0);

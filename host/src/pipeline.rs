@@ -17,6 +17,7 @@ use crate::capabilities::EffectKeys;
 use crate::capabilities::{Capabilities, KvNamespaces, LlmProviders};
 use crate::config::{PipelineConfig, StageConfig};
 use crate::events::TokenHub;
+use crate::memory::MemoryBudget;
 use crate::runtime::{HandlerComponent, Runtime, RuntimeOptions, StageComponent};
 use crate::store::{ItemStore, Store};
 
@@ -27,6 +28,8 @@ pub struct Pipeline {
     /// `[run] max_stage_calls`: a stage run holds one while its instance is alive, so the
     /// instance pool is never exhausted however many jobs run (waiting beats failing).
     stage_calls: Arc<Semaphore>,
+    /// `[run] memory_budget_mib`: what items in flight are charged against, across every job.
+    pub memory: MemoryBudget,
 }
 
 /// One stage of the pipeline: its configuration and the version new items get.
@@ -218,6 +221,7 @@ impl Pipeline {
         });
         Ok(Arc::new(Self {
             stage_calls: Arc::new(Semaphore::new(config.run.max_stage_calls)),
+            memory: MemoryBudget::new(config.run.memory_budget_mib),
             config,
             caps,
             stages,

@@ -477,6 +477,17 @@ fn pipeline_file_mistakes_name_the_key_and_line() {
         evict.contains("`[run] evict_after_ms` is at most 60000, not 60001"),
         "{evict}"
     );
+    let no_memory = error(&format!("[run]\nmemory_budget_mib = 0\n{stage}"));
+    assert!(
+        no_memory.contains("`[run] memory_budget_mib` is 1 to 1048576, not 0"),
+        "{no_memory}"
+    );
+    // 1 TiB is within the bounds, and more than this machine (or CI's) has.
+    let too_much = error(&format!("[run]\nmemory_budget_mib = 1048576\n{stage}"));
+    assert!(
+        too_much.contains("`[run] memory_budget_mib` (1048576) is more than this machine's memory"),
+        "{too_much}"
+    );
 }
 
 /// Providers: `[llm]` is the one named `default`; `[providers.NAME]` add more; a stage names

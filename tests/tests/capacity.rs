@@ -73,3 +73,80 @@ fn jobs_beyond_the_instance_pool_wait_for_a_slot_and_all_succeed() {
     assert!(stats["max_in_flight"].as_u64().unwrap() > 2, "{stats}");
     assert_eq!(stats["vision"], json!(40), "{stats}");
 }
+
+/// Items in flight are bounded by the node's memory budget, across jobs: with 1 MiB (sixteen
+/// items at 64 KiB each), 48 one-item jobs keep at most sixteen LLM requests in flight, the
+/// rest wait (and say so in /metrics), and every item succeeds.
+#[test]
+fn items_past_the_memory_budget_wait_for_room_across_jobs() {
+    let mock = MockLlm::start(&["--latency-ms", "300", "--vision-latency-ms", "300"]);
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = eco_scan_pipeline(dir.path(), |text| {
+        text.replace(
+            "concurrency = 64 ",
+            "concurrency = 64\nmemory_budget_mib = 1 ",
+        )
+    });
+    assert!(
+        std::fs::read_to_string(&pipeline)
+            .unwrap()
+            .contains("memory_budget_mib = 1")
+    );
+    let server = serve(&pipeline, &dir.path().join("data"), Some(&mock), &[]);
+    assert_eq!(
+        metric(&server, "stagehand_items_memory_budget_bytes"),
+        Some(1024.0 * 1024.0)
+    );
+
+    let http = client();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let most_waiting = std::thread::scope(|scope| {
+        let sampler = scope.spawn(|| {
+            let mut most = 0.0f64;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let waiting = metric(&server, "stagehand_items_waiting_for_memory");
+                most = most.max(waiting.unwrap_or(0.0));
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            most
+        });
+        let submits: Vec<_> = eco_items(48)
+            .into_iter()
+            .map(|item| {
+                let (http, server) = (&http, &server);
+                scope.spawn(move || {
+                    let answer: serde_json::Value = http
+                        .post(server.url("/v1/scans"))
+                        .json(&item)
+                        .send()
+                        .unwrap()
+                        .json()
+                        .unwrap();
+                    answer["job_id"].as_str().unwrap().to_string()
+                })
+            })
+            .collect();
+        let jobs: Vec<String> = submits.into_iter().map(|s| s.join().unwrap()).collect();
+        for job in &jobs {
+            let status = wait_for_job(&server, job);
+            assert_eq!(status["state"], "completed", "{status}");
+            let results = job_results(&server, job);
+            assert_eq!(results[0]["status"], "succeeded", "{}", results[0]);
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        sampler.join().unwrap()
+    });
+    let stats = mock.stats();
+    assert_eq!(stats["vision"], json!(48), "{stats}");
+    let most_in_flight = stats["max_in_flight"].as_u64().unwrap();
+    assert!(
+        (2..=16).contains(&most_in_flight),
+        "{most_in_flight} LLM requests at once with room for 16 items: {stats}"
+    );
+    assert!(most_waiting >= 1.0, "no item was seen waiting for memory");
+    assert_eq!(
+        metric(&server, "stagehand_items_memory_charged_bytes"),
+        Some(0.0),
+        "every charge is given back"
+    );
+}

@@ -90,6 +90,8 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     }
     let retention = Duration::from_secs(args.retention_secs);
     let drain = Duration::from_secs(args.drain_secs);
+    // Before anything is loaded, so that what loading records (the memory budget) is kept.
+    let metrics = crate::metrics::install()?;
     // In Redis mode the node (pipeline on the shared backends, effect runner, work loop) is
     // the one `stagehand worker` runs; HTTP comes on top.
     let node = match &args.redis.redis {
@@ -187,7 +189,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
         backend,
         max_body_bytes: args.max_body_mib << 20,
         max_image_bytes: args.max_image_mib << 20,
-        metrics: Some(crate::metrics::install()?),
+        metrics: Some(metrics),
         versions,
         tokens: crate::api::auth::Tokens::new(args.admin_token, args.api_token),
         sse_keep_alive: Duration::from_secs(args.sse_keep_alive_secs),

@@ -132,6 +132,12 @@ pub async fn run_item(
             });
         }
     };
+    // Past the node's memory budget an item waits here, before it holds anything else; a
+    // cancel ends the wait, and the first stage sees the cancel.
+    let _memory = tokio::select! {
+        charge = pipeline.memory.admit(input.len()) => Some(charge),
+        () = cancel.cancelled() => None,
+    };
     let _in_flight = crate::metrics::item_in_flight();
     let store = pipeline.items();
     let checkpoint_after = Duration::from_millis(pipeline.config.run.checkpoint_after_ms);
