@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use stagehand_tests::cluster::{RedisServer, Worker};
-use stagehand_tests::{MockLlm, hostile_pipeline, job_results, serve, submit_job, wait_for_job};
+use stagehand_tests::{
+    MockLlm, hostile_pipeline, inspect, job_results, serve, submit_job, wait_for_job,
+};
 
 /// Wait (at most 30 s) until the mock has seen `requests` requests.
 fn wait_for_requests(mock: &MockLlm, requests: u64) {
@@ -85,6 +87,11 @@ fn a_kill_9_after_two_answers_asks_only_the_third_again() {
             ),
             Some(4.0 * ITEMS as f64)
         );
+        // Each item's journal went with its result.
+        let mut server = server;
+        server.terminate();
+        let left = inspect(&data, &["journals", &job]);
+        assert!(left.is_empty(), "journal entries left: {left:?}");
     }
 }
 
@@ -102,8 +109,10 @@ fn a_retry_reuses_the_answers_that_did_not_make_its_try_fail() {
         "",
         "max_attempts = 2\nbackoff_ms = 10\ntimeout_ms = 5000",
     );
-    let server = serve(&pipeline, &dir.path().join("data"), Some(&mock), &[]);
-    let run = |item: Value| {
+    let data = dir.path().join("data");
+    let mut server = serve(&pipeline, &data, Some(&mock), &[]);
+    let mut jobs = Vec::new();
+    let mut run = |item: Value| {
         let before = mock.stats()["requests"].as_u64().unwrap();
         let job = submit_job(
             &server,
@@ -114,6 +123,7 @@ fn a_retry_reuses_the_answers_that_did_not_make_its_try_fail() {
         assert_eq!(status["state"], "completed", "{status}");
         let results = job_results(&server, &job);
         let asked = mock.stats()["requests"].as_u64().unwrap() - before;
+        jobs.push(job);
         (results, asked)
     };
 
@@ -144,6 +154,12 @@ fn a_retry_reuses_the_answers_that_did_not_make_its_try_fail() {
         );
         let answers = &result["output"]["hostile"]["answers"];
         assert_eq!(answers.as_array().map(Vec::len), Some(3), "{result}");
+    }
+    // Tries rewrote their journals and results removed them: nothing is left behind.
+    server.terminate();
+    for job in &jobs {
+        let left = inspect(&data, &["journals", job]);
+        assert!(left.is_empty(), "journal entries left: {left:?}");
     }
 }
 

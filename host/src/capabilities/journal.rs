@@ -294,6 +294,7 @@ impl Journal {
                 &durable.stage,
                 self.stored,
                 &fresh,
+                self.store_len,
             )
             .await
             .context("cannot write a stage's journal")?;
@@ -306,6 +307,11 @@ impl Journal {
     /// is kept).
     pub fn in_store(&self) -> bool {
         self.store_len > 0
+    }
+
+    /// Entries the store holds of this journal.
+    pub fn store_len(&self) -> usize {
+        self.store_len
     }
 
     /// Cached answers the try took instead of making the call.

@@ -1,4 +1,4 @@
-//! `stagehand inspect jobs|results|checkpoints|effects|records`: the store's contents as JSON lines, for
+//! `stagehand inspect jobs|results|checkpoints|journals|effects|records`: the store's contents as JSON lines, for
 //! operators and scripts. (The store is opened exclusively: not while a server uses it.)
 
 use std::io::Write;
@@ -29,6 +29,9 @@ enum What {
     Results { job: uuid::Uuid },
     /// A job's checkpointed stage outputs (of items not finished), as {"index", "stage", "bytes"}.
     Checkpoints { job: uuid::Uuid },
+    /// A job's journaled host-call answers (of stages with no output kept yet), as {"index",
+    /// "stage", "position", "bytes"}.
+    Journals { job: uuid::Uuid },
     /// Every emitted effect with its state.
     Effects,
     /// The records handlers wrote in a collection, as {"key", "value"}.
@@ -49,6 +52,12 @@ pub fn inspect(args: InspectArgs) -> Result<ExitCode> {
         What::Checkpoints { job } => store.checkpoints(job).try_for_each(|entry| {
             let (index, stage, bytes) = entry?;
             line(&serde_json::json!({ "index": index, "stage": stage, "bytes": bytes }))
+        })?,
+        What::Journals { job } => store.journal_entries(job).try_for_each(|entry| {
+            let (index, stage, position, bytes) = entry?;
+            line(&serde_json::json!({
+                "index": index, "stage": stage, "position": position, "bytes": bytes
+            }))
         })?,
         What::Effects => store.effects().try_for_each(|e| line(&e?))?,
         What::Records { collection } => store.records(&collection).try_for_each(|entry| {

@@ -76,7 +76,9 @@ impl ItemStore for Cluster {
         stage: &str,
         from: usize,
         entries: &[Vec<u8>],
+        _held: usize,
     ) -> Result<()> {
+        // The script reads how many entries the hash holds: other nodes may have written it.
         let mut invocation = scripts::PUT_JOURNAL.prepare_invoke();
         invocation
             .key(keys::JobKeys::new(job).journals)
@@ -91,8 +93,8 @@ impl ItemStore for Cluster {
             .context("cannot write a stage's journal to Redis")
     }
 
-    async fn remove_journal(&self, job: Uuid, index: u64, stage: &str) -> Result<()> {
-        self.put_journal(job, index, stage, 0, &[]).await
+    async fn remove_journal(&self, job: Uuid, index: u64, stage: &str, held: usize) -> Result<()> {
+        self.put_journal(job, index, stage, 0, &[], held).await
     }
 
     async fn put_result(&self, _job: Uuid, _result: &ItemResult) -> Result<()> {

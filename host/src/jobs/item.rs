@@ -148,7 +148,7 @@ pub async fn run_item(
     let mut outputs: Vec<(&str, Vec<u8>)> = Vec::with_capacity(pipeline.stages.len());
     let mut checkpointed: Vec<&str> = Vec::new();
     // Stages that succeeded with a journal in the store, to remove once their output is kept.
-    let mut journaled: Vec<&str> = Vec::new();
+    let mut journaled: Vec<(&str, usize)> = Vec::new();
     let mut runs = Vec::with_capacity(pipeline.stages.len());
     let last = pipeline.stages.len() - 1;
     for (position, stage) in pipeline.stages.iter().enumerate() {
@@ -301,10 +301,13 @@ pub async fn run_item(
                         .await?;
                     checkpointed.push(name);
                     if stats.journal.in_store() {
-                        store.remove_journal(item.job_id, item.index, name).await?;
+                        let held = stats.journal.store_len();
+                        store
+                            .remove_journal(item.job_id, item.index, name, held)
+                            .await?;
                     }
                 } else if stats.journal.in_store() {
-                    journaled.push(name);
+                    journaled.push((name, stats.journal.store_len()));
                 }
                 outputs.push((name, output.into_bytes()));
             }
@@ -375,10 +378,12 @@ pub async fn run_item(
 async fn remove_journals(
     store: &dyn crate::store::ItemStore,
     item: ItemRef,
-    stages: &[&str],
+    stages: &[(&str, usize)],
 ) -> Result<()> {
-    for stage in stages {
-        store.remove_journal(item.job_id, item.index, stage).await?;
+    for &(stage, held) in stages {
+        store
+            .remove_journal(item.job_id, item.index, stage, held)
+            .await?;
     }
     Ok(())
 }

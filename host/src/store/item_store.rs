@@ -30,7 +30,8 @@ pub trait ItemStore: Send + Sync {
     async fn journal(&self, job: Uuid, index: u64, stage: &str) -> Result<Vec<Vec<u8>>>;
 
     /// Make the journal's entries from position `from` on be `entries`; those the store holds
-    /// past them are dropped.
+    /// past them are dropped. `held` is how many entries the store holds, as the caller's
+    /// journal knows from reading or writing them (so that a backend need not look).
     async fn put_journal(
         &self,
         job: Uuid,
@@ -38,10 +39,11 @@ pub trait ItemStore: Send + Sync {
         stage: &str,
         from: usize,
         entries: &[Vec<u8>],
+        held: usize,
     ) -> Result<()>;
 
-    /// Drop a journal once the stage's output is kept.
-    async fn remove_journal(&self, job: Uuid, index: u64, stage: &str) -> Result<()>;
+    /// Drop a journal of `held` entries once the stage's output is kept.
+    async fn remove_journal(&self, job: Uuid, index: u64, stage: &str, held: usize) -> Result<()>;
 
     /// Store an item's result. A backend may leave this to whoever runs the item (Redis
     /// writes the result together with its event and the job's counts, in one step).
@@ -90,12 +92,13 @@ impl ItemStore for Store {
         stage: &str,
         from: usize,
         entries: &[Vec<u8>],
+        held: usize,
     ) -> Result<()> {
-        Store::put_journal(self, job, index, stage, from, entries)
+        Store::put_journal(self, job, index, stage, from, entries, held)
     }
 
-    async fn remove_journal(&self, job: Uuid, index: u64, stage: &str) -> Result<()> {
-        Store::remove_journal(self, job, index, stage)
+    async fn remove_journal(&self, job: Uuid, index: u64, stage: &str, held: usize) -> Result<()> {
+        Store::put_journal(self, job, index, stage, 0, &[], held)
     }
 
     async fn put_result(&self, job: Uuid, result: &ItemResult) -> Result<()> {

@@ -17,10 +17,36 @@ impl Store {
             .collect()
     }
 
-    /// Make the journal's entries from position `from` on be `entries`: those the store holds
-    /// past them are dropped. Plain inserts and removes, not a sled batch (each batch syncs the
-    /// log): a crash halfway leaves stale entries after new ones, which is harmless since each
-    /// entry answers only the very request it names (`capabilities/journal.rs`).
+    /// Every journal entry a job's items hold, as (index, stage, position, bytes): for
+    /// `stagehand inspect journals`.
+    pub fn journal_entries(
+        &self,
+        job: Uuid,
+    ) -> impl Iterator<Item = Result<(u64, String, u64, usize)>> + use<> {
+        self.journals.scan_prefix(job.as_bytes()).map(|entry| {
+            let (key, value) = entry?;
+            // job (16) + index (8) + stage + 0 + position (8)
+            let (head, position) = key.split_at(key.len().saturating_sub(8));
+            let stage = head
+                .get(24..head.len().saturating_sub(1))
+                .unwrap_or_default();
+            let position = u64::from_be_bytes(position.try_into()?);
+            Ok((
+                keys::index_of(&key)?,
+                String::from_utf8_lossy(stage).into_owned(),
+                position,
+                value.len(),
+            ))
+        })
+    }
+
+    /// Make the journal's entries from position `from` on be `entries`, and drop those past
+    /// them up to `held` (what the store holds, as the caller's journal knows: it read them at
+    /// stage entry or wrote them, and it alone writes them on this node), so that no range is
+    /// scanned. Plain inserts and removes, not a sled batch (each batch syncs the log): a
+    /// crash halfway leaves stale entries after new ones, which is harmless since each entry
+    /// answers only the very request it names (`capabilities/journal.rs`); the next load reads
+    /// them, so they are counted in the next `held`.
     pub fn put_journal(
         &self,
         job: Uuid,
@@ -28,23 +54,18 @@ impl Store {
         stage: &str,
         from: usize,
         entries: &[Vec<u8>],
+        held: usize,
     ) -> Result<()> {
         let prefix = keys::journal(job, index, stage);
         for (position, entry) in (from..).zip(entries) {
             self.journals
                 .insert(keys::journal_entry(&prefix, position), entry.as_slice())?;
         }
-        let stale = self
-            .journals
-            .range(keys::journal_entry(&prefix, from + entries.len())..keys::journal_end(&prefix));
-        for key in stale.keys() {
-            self.journals.remove(key?)?;
+        for position in from + entries.len()..held {
+            self.journals
+                .remove(keys::journal_entry(&prefix, position))?;
         }
         Ok(())
-    }
-
-    pub fn remove_journal(&self, job: Uuid, index: u64, stage: &str) -> Result<()> {
-        self.put_journal(job, index, stage, 0, &[])
     }
 }
 
@@ -64,24 +85,33 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         store
-            .put_journal(job, 3, "ab", 0, &entries(&["1", "2", "3"]))
+            .put_journal(job, 3, "ab", 0, &entries(&["1", "2", "3"]), 0)
             .unwrap();
         // A stage whose name starts like another's keeps its own journal.
         store
-            .put_journal(job, 3, "a", 0, &entries(&["other"]))
+            .put_journal(job, 3, "a", 0, &entries(&["other"]), 0)
             .unwrap();
         assert_eq!(
             store.journal(job, 3, "ab").unwrap(),
             entries(&["1", "2", "3"])
         );
         store
-            .put_journal(job, 3, "ab", 1, &entries(&["2b"]))
+            .put_journal(job, 3, "ab", 1, &entries(&["2b"]), 3)
             .unwrap();
         assert_eq!(store.journal(job, 3, "ab").unwrap(), entries(&["1", "2b"]));
-        store.put_journal(job, 3, "ab", 0, &[]).unwrap();
+        let listed: Vec<_> = store
+            .journal_entries(job)
+            .map(|entry| entry.map(|(index, stage, position, _)| (index, stage, position)))
+            .collect::<Result<_>>()
+            .unwrap();
+        assert_eq!(
+            listed,
+            [(3, "a".into(), 0), (3, "ab".into(), 0), (3, "ab".into(), 1)]
+        );
+        store.put_journal(job, 3, "ab", 0, &[], 2).unwrap();
         assert!(store.journal(job, 3, "ab").unwrap().is_empty());
         assert_eq!(store.journal(job, 3, "a").unwrap(), entries(&["other"]));
-        store.remove_journal(job, 3, "a").unwrap();
+        store.put_journal(job, 3, "a", 0, &[], 1).unwrap();
         assert!(store.journal(job, 3, "a").unwrap().is_empty());
     }
 }

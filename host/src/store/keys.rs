@@ -47,13 +47,6 @@ pub fn journal_entry(prefix: &[u8], position: usize) -> Vec<u8> {
     key
 }
 
-/// The first key after every entry of the journal under `prefix`.
-pub fn journal_end(prefix: &[u8]) -> Vec<u8> {
-    let mut key = prefix.to_vec();
-    key.extend_from_slice(&[0xff; 9]);
-    key
-}
-
 /// `scope`, a zero byte, then `name`: names never contain a zero byte in practice, and the
 /// scope prefix lets one collection be scanned alone.
 pub fn named(scope: &str, name: &str) -> Vec<u8> {
