@@ -4,9 +4,12 @@
 //! with "maximum concurrent limit ... reached".) A stage waiting on the LLM holds no slot, so
 //! the slots bound instances, not LLM requests.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
 use serde_json::json;
 use stagehand_tests::{
-    MockLlm, client, eco_items, eco_scan_pipeline, job_results, metric, serve, wait_for_job,
+    MockLlm, Server, client, eco_items, eco_scan_pipeline, job_results, metric, serve, wait_for_job,
 };
 
 #[test]
@@ -26,46 +29,10 @@ fn jobs_beyond_the_instance_pool_wait_for_a_slot_and_all_succeed() {
     );
     let server = serve(&pipeline, &dir.path().join("data"), Some(&mock), &[]);
 
-    let http = client();
-    let jobs: Vec<String> = std::thread::scope(|scope| {
-        let submits: Vec<_> = eco_items(40)
-            .into_iter()
-            .map(|item| {
-                let (http, server) = (&http, &server);
-                scope.spawn(move || {
-                    let answer: serde_json::Value = http
-                        .post(server.url("/v1/scans"))
-                        .json(&item)
-                        .send()
-                        .unwrap()
-                        .json()
-                        .unwrap();
-                    answer["job_id"].as_str().unwrap().to_string()
-                })
-            })
-            .collect();
-        submits.into_iter().map(|s| s.join().unwrap()).collect()
-    });
+    let jobs = scans_at_once(&server, 40);
     // Meanwhile, the instances alive, as /metrics shows them.
-    let done = std::sync::atomic::AtomicBool::new(false);
-    let most_instances = std::thread::scope(|scope| {
-        let sampler = scope.spawn(|| {
-            let mut most = 0.0f64;
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                let running = metric(&server, "stagehand_stage_instances_running");
-                most = most.max(running.unwrap_or(0.0));
-                std::thread::sleep(std::time::Duration::from_millis(2));
-            }
-            most
-        });
-        for job in &jobs {
-            let status = wait_for_job(&server, job);
-            assert_eq!(status["state"], "completed", "{status}");
-            let results = job_results(&server, job);
-            assert_eq!(results[0]["status"], "succeeded", "{}", results[0]);
-        }
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
-        sampler.join().unwrap()
+    let (most_instances, ()) = most_while(&server, "stagehand_stage_instances_running", || {
+        wait_until_all_succeed(&server, &jobs)
     });
     assert!(most_instances <= 2.0, "{most_instances} instances at once");
     // Two slots, and more LLM requests than that at once: the waiting ones held no instance.
@@ -98,43 +65,9 @@ fn items_past_the_memory_budget_wait_for_room_across_jobs() {
         Some(1024.0 * 1024.0)
     );
 
-    let http = client();
-    let done = std::sync::atomic::AtomicBool::new(false);
-    let most_waiting = std::thread::scope(|scope| {
-        let sampler = scope.spawn(|| {
-            let mut most = 0.0f64;
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                let waiting = metric(&server, "stagehand_items_waiting_for_memory");
-                most = most.max(waiting.unwrap_or(0.0));
-                std::thread::sleep(std::time::Duration::from_millis(5));
-            }
-            most
-        });
-        let submits: Vec<_> = eco_items(48)
-            .into_iter()
-            .map(|item| {
-                let (http, server) = (&http, &server);
-                scope.spawn(move || {
-                    let answer: serde_json::Value = http
-                        .post(server.url("/v1/scans"))
-                        .json(&item)
-                        .send()
-                        .unwrap()
-                        .json()
-                        .unwrap();
-                    answer["job_id"].as_str().unwrap().to_string()
-                })
-            })
-            .collect();
-        let jobs: Vec<String> = submits.into_iter().map(|s| s.join().unwrap()).collect();
-        for job in &jobs {
-            let status = wait_for_job(&server, job);
-            assert_eq!(status["state"], "completed", "{status}");
-            let results = job_results(&server, job);
-            assert_eq!(results[0]["status"], "succeeded", "{}", results[0]);
-        }
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
-        sampler.join().unwrap()
+    let (most_waiting, ()) = most_while(&server, "stagehand_items_waiting_for_memory", || {
+        let jobs = scans_at_once(&server, 48);
+        wait_until_all_succeed(&server, &jobs);
     });
     let stats = mock.stats();
     assert_eq!(stats["vision"], json!(48), "{stats}");
@@ -149,4 +82,55 @@ fn items_past_the_memory_budget_wait_for_room_across_jobs() {
         Some(0.0),
         "every charge is given back"
     );
+}
+
+/// `n` one-item scans submitted at once, each from its own thread: their job ids.
+fn scans_at_once(server: &Server, n: usize) -> Vec<String> {
+    let http = client();
+    std::thread::scope(|scope| {
+        let submits: Vec<_> = eco_items(n)
+            .into_iter()
+            .map(|item| {
+                let http = &http;
+                scope.spawn(move || {
+                    let answer: serde_json::Value = http
+                        .post(server.url("/v1/scans"))
+                        .json(&item)
+                        .send()
+                        .unwrap()
+                        .json()
+                        .unwrap();
+                    answer["job_id"].as_str().unwrap().to_string()
+                })
+            })
+            .collect();
+        submits.into_iter().map(|s| s.join().unwrap()).collect()
+    })
+}
+
+fn wait_until_all_succeed(server: &Server, jobs: &[String]) {
+    for job in jobs {
+        let status = wait_for_job(server, job);
+        assert_eq!(status["state"], "completed", "{status}");
+        let results = job_results(server, job);
+        assert_eq!(results[0]["status"], "succeeded", "{}", results[0]);
+    }
+}
+
+/// The highest value `/metrics` showed for `series` while `work` ran, and what `work` returned.
+fn most_while<T>(server: &Server, series: &str, work: impl FnOnce() -> T) -> (f64, T) {
+    let done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let sampler = scope.spawn(|| {
+            let mut most = 0.0f64;
+            while !done.load(Ordering::Relaxed) {
+                most = most.max(metric(server, series).unwrap_or(0.0));
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            most
+        });
+        let outcome = work();
+        done.store(true, Ordering::Relaxed);
+        (sampler.join().unwrap(), outcome)
+    })
 }
