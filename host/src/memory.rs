@@ -99,7 +99,8 @@ impl MemoryBudget {
     }
 
     /// KiB not charged to any item right now.
-    pub fn available_kib(&self) -> usize {
+    #[cfg(test)]
+    fn available_kib(&self) -> usize {
         self.permits.available_permits()
     }
 }

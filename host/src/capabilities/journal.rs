@@ -303,13 +303,8 @@ impl Journal {
         Ok(())
     }
 
-    /// Whether the store holds anything of this journal (to be removed when the stage's output
-    /// is kept).
-    pub fn in_store(&self) -> bool {
-        self.store_len > 0
-    }
-
-    /// Entries the store holds of this journal.
+    /// Entries the store holds of this journal (to be removed when the stage's output is
+    /// kept).
     pub fn store_len(&self) -> usize {
         self.store_len
     }

@@ -295,19 +295,19 @@ pub async fn run_item(
                     runs: stats.runs,
                     answers_reused: stats.journal.reused(),
                 });
+                let held = stats.journal.store_len();
                 if position < last && stats.duration >= checkpoint_after {
                     store
                         .put_stage_outputs(item.job_id, item.index, &[(name, output.as_bytes())])
                         .await?;
                     checkpointed.push(name);
-                    if stats.journal.in_store() {
-                        let held = stats.journal.store_len();
+                    if held > 0 {
                         store
                             .remove_journal(item.job_id, item.index, name, held)
                             .await?;
                     }
-                } else if stats.journal.in_store() {
-                    journaled.push((name, stats.journal.store_len()));
+                } else if held > 0 {
+                    journaled.push((name, held));
                 }
                 outputs.push((name, output.into_bytes()));
             }

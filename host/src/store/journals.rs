@@ -25,18 +25,8 @@ impl Store {
     ) -> impl Iterator<Item = Result<(u64, String, u64, usize)>> + use<> {
         self.journals.scan_prefix(job.as_bytes()).map(|entry| {
             let (key, value) = entry?;
-            // job (16) + index (8) + stage + 0 + position (8)
-            let (head, position) = key.split_at(key.len().saturating_sub(8));
-            let stage = head
-                .get(24..head.len().saturating_sub(1))
-                .unwrap_or_default();
-            let position = u64::from_be_bytes(position.try_into()?);
-            Ok((
-                keys::index_of(&key)?,
-                String::from_utf8_lossy(stage).into_owned(),
-                position,
-                value.len(),
-            ))
+            let (index, stage, position) = keys::journal_entry_of(&key)?;
+            Ok((index, stage, position, value.len()))
         })
     }
 

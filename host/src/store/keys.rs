@@ -39,6 +39,22 @@ pub fn journal(job: Uuid, index: u64, stage: &str) -> Vec<u8> {
     key
 }
 
+/// The item index and stage of a `stage_output` key.
+pub fn stage_output_of(key: &[u8]) -> Result<(u64, String)> {
+    let stage = String::from_utf8_lossy(key.get(24..).unwrap_or_default()).into_owned();
+    Ok((index_of(key)?, stage))
+}
+
+/// The item index, stage and position of a `journal_entry` key.
+pub fn journal_entry_of(key: &[u8]) -> Result<(u64, String, u64)> {
+    let Some((head, position)) = key.split_last_chunk::<8>() else {
+        bail!("malformed journal key of {} bytes", key.len());
+    };
+    // `head` is a `journal` prefix: a `stage_output` key and a zero byte.
+    let (index, stage) = stage_output_of(head.split_last().map_or(head, |(_, rest)| rest))?;
+    Ok((index, stage, u64::from_be_bytes(*position)))
+}
+
 /// Entry `position` of the journal under `prefix`, big-endian so that sled's order is the
 /// journal's.
 pub fn journal_entry(prefix: &[u8], position: usize) -> Vec<u8> {

@@ -247,8 +247,8 @@ impl Store {
     ) -> impl Iterator<Item = Result<(u64, String, usize)>> + use<> {
         self.stage_outputs.scan_prefix(job.as_bytes()).map(|entry| {
             let (key, value) = entry?;
-            let stage = String::from_utf8_lossy(key.get(24..).unwrap_or_default()).into_owned();
-            Ok((keys::index_of(&key)?, stage, value.len()))
+            let (index, stage) = keys::stage_output_of(&key)?;
+            Ok((index, stage, value.len()))
         })
     }
 
