@@ -3,6 +3,12 @@ use std::process::ExitCode;
 use clap::Parser;
 use stagehand::cli::{Cli, LogFormat};
 
+/// jemalloc instead of glibc's malloc: with thousands of items in flight the server spent a fifth
+/// of its CPU in malloc and free, part of it waiting on glibc's arena locks; jemalloc's
+/// per-thread caches took CPU per item down by a quarter (docs/BENCHMARKS.md, issue 17).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let logs = tracing_subscriber::fmt()

@@ -191,6 +191,7 @@ fn path(p: &Path) -> &str {
 }
 
 fn build_binaries(root: &Path) -> Result<()> {
+    ensure_make()?;
     run(
         root,
         "cargo",
@@ -249,6 +250,16 @@ fn demo(root: &Path, name: &str) -> Result<()> {
         bail!("the demo run failed ({status})");
     }
     Ok(())
+}
+
+/// The host links jemalloc, whose build (tikv-jemalloc-sys) runs `make`; a slim Debian with
+/// Rust has a C compiler (the linker needs one) but not always `make`.
+fn ensure_make() -> Result<()> {
+    if Command::new("make").arg("--version").output().is_ok() {
+        return Ok(());
+    }
+    run(Path::new("."), "apt-get", &["update", "-q"])?;
+    run(Path::new("."), "apt-get", &["install", "-y", "-q", "make"])
 }
 
 /// Debian packages the tests drive: chromium (browser tests), chromium-driver (the dashboard
