@@ -29,8 +29,26 @@
 //! - [`metrics`]: every Prometheus metric, named in one place.
 //! - [`cluster`]: Redis mode: jobs, items, results, event logs, work and cancels shared by
 //!   several nodes (`serve --redis`, `worker --redis`).
+//! - [`node`]: the composition root: a node (store, runtime, pipeline, backend, effect runner,
+//!   work loop, sweepers, watchers) built once for `serve`, `worker` and `run`, with one
+//!   shutdown.
 //! - [`api`]: the HTTP API (axum).
-//! - [`cli`]: the `stagehand` command.
+//! - [`cli`]: the `stagehand` command: arguments into [`node::NodeSettings`], and a front
+//!   (HTTP, none, a progress bar) on the node.
+//!
+//! # Life of a request
+//!
+//! Embedded mode (`stagehand serve`): `POST /v1/jobs` ([`api`]) checks the body against
+//! [`limits`] and hands it to the node's [`jobs::JobBackend`], here [`jobs::Embedded`]: the
+//! [`jobs::JobManager`] writes the job, its items and its `job.started` event to sled, flushes,
+//! answers 202, and runs the job in a task of this process. Each item's stage events go to the
+//! job's [`events::EventLog`], which SSE followers read from sled after a wake-up.
+//!
+//! Redis mode (`serve --redis`, `worker --redis`): the same route hands the job to
+//! [`cluster::Cluster`], which writes job, items and first event to Redis and puts the items on
+//! a shared work stream; every node's work loop ([`cluster::run_worker`]) takes items from it,
+//! runs them with the same [`jobs::run_item`], and writes results and events back to Redis,
+//! where any node's SSE route reads them. Cancels reach every node by pub/sub.
 //!
 //! # Flow of an item
 //!
@@ -49,6 +67,7 @@ pub mod jobs;
 pub mod limits;
 pub mod memory;
 pub mod metrics;
+pub mod node;
 pub mod pipeline;
 pub mod runtime;
 pub mod store;

@@ -7,7 +7,9 @@
 //! - every item has exactly one result, and each `item.finished` is in the log once;
 //! - each effect key is accepted once at most, whichever nodes' items emit it;
 //! - a cancel sent to node 2 stops work on every node: no LLM request starts 200 ms after it;
-//! - an item every node dies on is given up after three reclaims.
+//! - an item every node dies on is given up after three reclaims;
+//! - what is not shared yet says so: the dead-letter routes answer 501, and
+//!   `serve --redis --reprocess-every-secs` is refused at start.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -417,6 +419,36 @@ fn any_node_answers_for_any_job() {
             .unwrap()
             .contains("Redis mode"),
         "{error}"
+    );
+
+    // Reprocessing dead letters on a timer would reprocess nothing here: refused at start.
+    let mut refused = std::process::Command::new(stagehand_tests::binary("stagehand"))
+        .arg("serve")
+        .arg(&pipeline)
+        .args(["--addr", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("n3"))
+        .args(["--redis", url.as_str(), "--reprocess-every-secs", "60"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = refused.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            refused.kill().unwrap();
+            panic!("`serve --redis --reprocess-every-secs` started instead of refusing");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut refused.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("`--reprocess-every-secs` is not available in Redis mode"),
+        "{stderr}"
     );
 }
 

@@ -49,7 +49,7 @@ pub async fn list(
     State(app): State<Arc<App>>,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    app.embedded_only("listing dead letters")?;
+    app.embedded_jobs("listing dead letters")?;
     let Query(q) = query?;
     let limit = page_limit(q.limit, 100)?;
     for (field, value) in [("stage", &q.stage), ("after", &q.after)] {
@@ -89,7 +89,7 @@ pub async fn inspect(
     State(app): State<Arc<App>>,
     Path((raw_job, raw_index)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    app.embedded_only("reading a dead letter")?;
+    app.embedded_jobs("reading a dead letter")?;
     let (job, index) = (job_id(&raw_job)?, index_of(&raw_index)?);
     let letter = app.store.dead_letter(job, index)?.ok_or_else(|| {
         ApiError::NotFound(format!("no dead letter for item {index} of job {job}"))
@@ -99,7 +99,7 @@ pub async fn inspect(
         item_id: item_id(job, index),
         index,
     };
-    let input = stage_input(app.jobs.pipeline(), item, &letter.stage)?
+    let input = stage_input(&app.pipeline, item, &letter.stage)?
         .map(RawValue::from_string)
         .transpose()
         .map_err(anyhow::Error::from)?;
@@ -115,7 +115,7 @@ pub async fn discard(
     State(app): State<Arc<App>>,
     Path((raw_job, raw_index)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    app.embedded_only("discarding a dead letter")?;
+    app.embedded_jobs("discarding a dead letter")?;
     let (job, index) = (job_id(&raw_job)?, index_of(&raw_index)?);
     if app.store.remove_dead_letter(job, index)? {
         Ok(StatusCode::NO_CONTENT)
@@ -142,7 +142,7 @@ pub async fn reprocess(
     Path(raw): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    app.embedded_only("reprocessing")?;
+    app.embedded_jobs("reprocessing")?;
     let job = job_id(&raw)?;
     // The body is optional: none at all means every dead letter of the job.
     let request: ReprocessRequest = if body.iter().all(u8::is_ascii_whitespace) {
@@ -177,7 +177,7 @@ pub async fn reprocess_one(
     State(app): State<Arc<App>>,
     Path((raw_job, raw_index)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    app.embedded_only("reprocessing")?;
+    app.embedded_jobs("reprocessing")?;
     let (job, index) = (job_id(&raw_job)?, index_of(&raw_index)?);
     if app.store.dead_letter(job, index)?.is_none() {
         return Err(ApiError::NotFound(format!(
@@ -188,7 +188,7 @@ pub async fn reprocess_one(
 }
 
 fn start(app: &App, job: Uuid, indices: Option<Vec<u64>>) -> Result<Response, ApiError> {
-    match app.jobs.reprocess(job, indices)? {
+    match app.embedded_jobs("reprocessing")?.reprocess(job, indices)? {
         Reprocess::Started(n) => Ok((
             StatusCode::ACCEPTED,
             Json(json!({

@@ -65,7 +65,7 @@ fn idempotency(
 
 /// An item within `[limits] max_item_kib` and the JSON depth limit, with valid images.
 fn check_item(app: &App, item: &str, what: &str) -> Result<(), ApiError> {
-    let limits = app.jobs.pipeline().config.limits;
+    let limits = app.pipeline.config.limits;
     crate::limits::check_size_and_depth(item, what, limits.max_item_bytes())?;
     images::check_item(item, what, app.max_image_bytes)
 }
@@ -100,7 +100,7 @@ pub async fn submit(
             "`items` is empty: a job needs at least one item".into(),
         ));
     }
-    let limits = app.jobs.pipeline().config.limits;
+    let limits = app.pipeline.config.limits;
     if submission.items.len() as u64 > limits.max_items {
         return Err(ApiError::Unprocessable(format!(
             "`items` has {} items, over the limit of {} (`[limits] max_items`)",
@@ -215,12 +215,11 @@ pub async fn status(
     let mut body = serde_json::to_value(&job).map_err(anyhow::Error::from)?;
     let end = job.finished_at.unwrap_or_else(crate::store::now_ms);
     body["duration_ms"] = json!(end.saturating_sub(job.created_at));
-    let config = &app.jobs.pipeline().config;
+    let config = &app.pipeline.config;
     body["max_tokens"] = json!(job.options.max_tokens.or(config.llm.max_tokens_per_job));
     // The versions new stage entries use now; each result records the ones it ran.
     let stages: Vec<Value> = app
-        .jobs
-        .pipeline()
+        .pipeline
         .stages
         .iter()
         .map(|s| json!({ "stage": s.config.name, "digest": s.current().meta.digest }))
@@ -277,7 +276,7 @@ pub async fn results(
             ));
         }
         // Offset paging walks the skipped results; `after` is the fast way.
-        let results = if app.backend.is_shared() {
+        let results = if app.local_jobs.is_none() {
             return Err(ApiError::BadRequest(
                 "`page` is not available in Redis mode: page with `after`".into(),
             ));
@@ -359,8 +358,7 @@ pub async fn stage_times(
         return Err(ApiError::NotFound(format!("no job {id}")));
     }
     let mut stages: Vec<StageTime> = app
-        .jobs
-        .pipeline()
+        .pipeline
         .stages
         .iter()
         .map(|s| StageTime {

@@ -14,7 +14,7 @@ use crate::capabilities::ReloadError;
 #[utoipa::path(get, path = "/v1/kv", tag = "operations", security((), ("api_token" = []), ("admin_token" = [])),
     responses((status = 200, description = "kv namespaces", body = super::openapi::KvList), (status = 401, description = "missing or wrong token", body = super::openapi::ErrorBody)))]
 pub async fn list(State(app): State<Arc<App>>) -> Json<Value> {
-    Json(json!({ "namespaces": app.jobs.pipeline().caps.kv.list() }))
+    Json(json!({ "namespaces": app.pipeline.caps.kv.list() }))
 }
 
 /// `POST /v1/kv/{namespace}/reload` (admin): read the file again; a file that does not parse is
@@ -25,7 +25,7 @@ pub async fn reload(
     State(app): State<Arc<App>>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let kv = app.jobs.pipeline().caps.kv.clone();
+    let kv = app.pipeline.caps.kv.clone();
     // Reading and parsing a large file is blocking work.
     let reloaded = tokio::task::spawn_blocking(move || kv.reload(&name))
         .await

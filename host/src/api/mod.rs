@@ -54,17 +54,18 @@ pub use error::ApiError;
 
 use crate::limits::MAX_PAGE;
 
-use crate::events::EventLog;
 use crate::jobs::{JobBackend, JobManager};
+use crate::pipeline::Pipeline;
 use crate::store::Store;
 use crate::versions::StageVersions;
 
 /// What the handlers share.
 pub struct App {
+    pub pipeline: Arc<Pipeline>,
     /// This node's embedded store (in Redis mode: stage versions and handler records only).
     pub store: Store,
-    pub events: EventLog,
-    pub jobs: Arc<JobManager>,
+    /// The embedded mode's job manager; `None` in Redis mode.
+    pub local_jobs: Option<Arc<JobManager>>,
     /// Where jobs live: [`crate::jobs::Embedded`], or Redis shared by several nodes.
     pub backend: Arc<dyn JobBackend>,
     /// Largest accepted request body.
@@ -82,15 +83,12 @@ pub struct App {
 }
 
 impl App {
-    /// Refuse a route that reads or changes this node's embedded store when the jobs live in
-    /// Redis (the node's store does not have them).
-    fn embedded_only(&self, what: &str) -> Result<(), ApiError> {
-        if self.backend.is_shared() {
-            return Err(ApiError::NotAvailable(format!(
-                "{what} is not available in Redis mode yet"
-            )));
-        }
-        Ok(())
+    /// The embedded job manager, for a route that reads or changes this node's embedded
+    /// store; refused when the jobs live in Redis (the node's store does not have them).
+    fn embedded_jobs(&self, what: &str) -> Result<&Arc<JobManager>, ApiError> {
+        self.local_jobs.as_ref().ok_or_else(|| {
+            ApiError::NotAvailable(format!("{what} is not available in Redis mode yet"))
+        })
     }
 }
 
@@ -163,7 +161,9 @@ async fn metrics(
         .metrics
         .as_ref()
         .ok_or_else(|| ApiError::NotFound("metrics are off".into()))?;
-    crate::metrics::items_unfinished(app.jobs.unfinished_items()?);
+    if let Some(jobs) = &app.local_jobs {
+        crate::metrics::items_unfinished(jobs.unfinished_items()?);
+    }
     // Histograms are drained into their buckets on upkeep; once per scrape is often enough.
     handle.run_upkeep();
     Ok((

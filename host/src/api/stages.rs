@@ -23,8 +23,7 @@ fn version(v: &StageComponent) -> Value {
     responses((status = 200, description = "each stage's versions", body = super::openapi::StageList), (status = 401, description = "missing or wrong token", body = super::openapi::ErrorBody)))]
 pub async fn list(State(app): State<Arc<App>>) -> Json<Value> {
     let stages: Vec<Value> = app
-        .jobs
-        .pipeline()
+        .pipeline
         .stages
         .iter()
         .map(|stage| {
@@ -90,7 +89,7 @@ pub async fn install(
     }
     let installed = app
         .versions
-        .install(app.jobs.pipeline(), &name, body.to_vec(), canary)
+        .install(&app.pipeline, &name, body.to_vec(), canary)
         .await?;
     let new = version(&installed.version);
     let (current, trial) = match canary {
@@ -126,8 +125,8 @@ pub async fn rollback(
     State(app): State<Arc<App>>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let current = || version(&app.jobs.pipeline().stage(&name).expect("known").current());
-    match app.versions.rollback(app.jobs.pipeline(), &name).await? {
+    let current = || version(&app.pipeline.stage(&name).expect("known").current());
+    match app.versions.rollback(&app.pipeline, &name).await? {
         Rollback::CanaryDropped(dropped) => Ok(Json(json!({
             "name": name,
             "current": current(),
@@ -147,7 +146,7 @@ pub async fn promote(
     State(app): State<Arc<App>>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    match app.versions.promote(app.jobs.pipeline(), &name).await? {
+    match app.versions.promote(&app.pipeline, &name).await? {
         Some(promoted) => Ok(Json(json!({ "name": name, "current": version(&promoted) }))),
         None => Err(ApiError::Conflict(format!(
             "stage `{name}` has no canary to promote"

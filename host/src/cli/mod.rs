@@ -13,7 +13,10 @@ mod worker;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::PipelineConfig;
+use crate::node::{BackendSettings, RedisSettings};
 
 #[derive(Parser)]
 #[command(
@@ -89,6 +92,71 @@ pub const EXIT_ITEMS_FAILED: u8 = 3;
 /// Where the store and compiled components live unless `--data-dir` says otherwise.
 pub fn default_data_dir() -> PathBuf {
     PathBuf::from(".stagehand")
+}
+
+/// How a node joins the others through Redis (`serve` and `worker`).
+#[derive(Args, Clone)]
+pub struct RedisArgs {
+    /// Share jobs, items, results, event logs, work and cancels with other nodes through the
+    /// Redis at this URL (`redis://host:port/db`); without it, everything stays in this
+    /// process's embedded store.
+    #[arg(long, env = "STAGEHAND_REDIS_URL")]
+    pub redis: Option<String>,
+    /// Items this node runs at once (default: the pipeline's `[run] concurrency`); `serve`
+    /// with 0 is an API node that runs none.
+    #[arg(long)]
+    pub slots: Option<usize>,
+    /// Work pending this long on a node that stopped refreshing it is taken over (ms).
+    #[arg(long, default_value_t = 30_000)]
+    pub reclaim_idle_ms: u64,
+}
+
+impl RedisArgs {
+    /// Redis when `--redis` is given, else the embedded store.
+    pub fn backend(&self, config: &PipelineConfig, background_flush: bool) -> BackendSettings {
+        match &self.redis {
+            Some(url) => BackendSettings::Redis(RedisSettings {
+                url: url.clone(),
+                slots: self.slots.unwrap_or(config.run.concurrency),
+                reclaim_idle: std::time::Duration::from_millis(self.reclaim_idle_ms.max(100)),
+            }),
+            None => BackendSettings::Embedded { background_flush },
+        }
+    }
+}
+
+/// The pipeline file, with every provider pointed at `--llm-base-url` when one is given.
+fn load_pipeline(
+    path: &std::path::Path,
+    llm_base_url: Option<&str>,
+) -> anyhow::Result<PipelineConfig> {
+    let mut config = PipelineConfig::load(path)?;
+    if let Some(url) = llm_base_url {
+        config.llm.point_all_at(url);
+    }
+    Ok(config)
+}
+
+/// SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
 }
 
 impl Cli {

@@ -4,16 +4,16 @@ use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 
-use super::{EXIT_ITEMS_FAILED, default_data_dir};
-use crate::config::PipelineConfig;
-use crate::jobs::{EffectRunner, RunSettings, run_job};
+use super::{EXIT_ITEMS_FAILED, default_data_dir, load_pipeline};
+use crate::jobs::{RunSettings, run_job};
+use crate::node::{BackendSettings, Node, NodeSettings};
 use crate::pipeline::Pipeline;
 use crate::store::{ItemStatus, JobRecord, Store};
 
@@ -38,20 +38,27 @@ pub struct RunArgs {
 }
 
 pub async fn run(args: RunArgs) -> Result<ExitCode> {
-    let mut config = PipelineConfig::load(&args.pipeline)?;
-    if let Some(url) = args.llm_base_url {
-        config.llm.point_all_at(&url);
-    }
+    let mut config = load_pipeline(&args.pipeline, args.llm_base_url.as_deref())?;
     let concurrency = args.concurrency.unwrap_or(config.run.concurrency);
     if concurrency == 0 {
         bail!("--concurrency must be at least 1");
     }
     config.run.concurrency = concurrency;
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
-    let store = Store::open(&args.data_dir.join("store"))?;
-    let runtime = Pipeline::runtime_for(&config, &args.data_dir)?;
-    let pipeline = Pipeline::load(config, runtime, store.clone()).await?;
+    let node = Node::start(
+        config,
+        NodeSettings {
+            data_dir: args.data_dir.clone(),
+            backend: BackendSettings::Embedded {
+                background_flush: true,
+            },
+            drain: Duration::ZERO,
+            retention: Duration::MAX,
+            restore_versions: false,
+        },
+    )
+    .await?;
+    let pipeline = node.pipeline.clone();
+    let store = node.store.clone();
 
     let job = JobRecord::new(&pipeline.config.name);
     let job = store.create_job(job, read_items(&args.items)?).await?;
@@ -60,12 +67,6 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         job.id, job.pipeline, job.total
     );
 
-    let shutdown = CancellationToken::new();
-    let (effects, effects_task) = EffectRunner::spawn(
-        pipeline.caps.clone(),
-        pipeline.config.run.effect_concurrency,
-        shutdown.clone(),
-    );
     let cancel = CancellationToken::new();
     let on_ctrl_c = cancel.clone();
     tokio::spawn(async move {
@@ -105,10 +106,8 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     )
     .await?;
     bar.finish_and_clear();
-    effects.wait_idle().await;
-    shutdown.cancel();
-    effects_task.await??;
-    store.flush().await?;
+    node.effects.wait_idle().await;
+    node.shutdown().await?;
 
     let job = &outcome.job;
     if let Some(out) = &args.out {

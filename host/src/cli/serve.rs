@@ -13,17 +13,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use tokio_util::sync::CancellationToken;
 
-use super::default_data_dir;
-use super::worker::{Node, RedisArgs};
+use super::{RedisArgs, default_data_dir, load_pipeline, shutdown_signal};
 use crate::api::{App, router};
-use crate::config::PipelineConfig;
-use crate::events::EventLog;
-use crate::jobs::{EffectRunner, Embedded, JobBackend, JobManager};
-use crate::pipeline::Pipeline;
-use crate::store::Store;
-use crate::versions::StageVersions;
+use crate::node::{Node, NodeSettings};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -84,113 +77,38 @@ pub struct ServeArgs {
 }
 
 pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
-    let mut config = PipelineConfig::load(&args.pipeline)?;
-    if let Some(url) = args.llm_base_url {
-        config.llm.point_all_at(&url);
-    }
-    let retention = Duration::from_secs(args.retention_secs);
-    let drain = Duration::from_secs(args.drain_secs);
+    let config = load_pipeline(&args.pipeline, args.llm_base_url.as_deref())?;
     // Before anything is loaded, so that what loading records (the memory budget) is kept.
     let metrics = crate::metrics::install()?;
-    // In Redis mode the node (pipeline on the shared backends, effect runner, work loop) is
-    // the one `stagehand worker` runs; HTTP comes on top.
-    let node = match &args.redis.redis {
-        Some(url) => Some(
-            Node::start(
-                config.clone(),
-                url,
-                &args.redis,
-                &args.data_dir,
-                retention,
-                drain,
-            )
-            .await?,
-        ),
-        None => None,
-    };
-    let (store, pipeline, versions) = match &node {
-        Some(node) => (
-            node.store.clone(),
-            node.pipeline.clone(),
-            node.versions.clone(),
-        ),
-        None => {
-            std::fs::create_dir_all(&args.data_dir)
-                .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
-            let store =
-                Store::open_with(&args.data_dir.join("store"), !args.explicit_flushes_only)?;
-            let runtime = Pipeline::runtime_for(&config, &args.data_dir)?;
-            let pipeline = Pipeline::load(config, runtime, store.clone()).await?;
-            let versions = StageVersions::open(&store, &args.data_dir)?;
-            let restored = versions.restore(&pipeline).await?;
-            if restored > 0 {
-                tracing::info!(
-                    restored,
-                    "stages run the versions installed before the restart"
-                );
-            }
-            // Effects cut short by a crash may have happened: not run again (at most once).
-            let interrupted = store.interrupt_running_effects()?;
-            if interrupted > 0 {
-                tracing::warn!(
-                    interrupted,
-                    "effects were running when the server stopped; marked interrupted"
-                );
-            }
-            (store, pipeline, versions)
-        }
-    };
-    let events = EventLog::new(&store)?;
-    let jobs = JobManager::new(pipeline.clone(), events.clone());
-    let stop_effects = CancellationToken::new();
-    // A node runs its own effect runner.
-    let effects_task = node.is_none().then(|| {
-        EffectRunner::spawn(
-            pipeline.caps.clone(),
-            pipeline.config.run.effect_concurrency,
-            stop_effects.clone(),
-        )
-        .1
-    });
-    let sweeper = crate::jobs::retention::spawn_sweeper(
-        store.clone(),
-        events.clone(),
-        retention,
-        Duration::from_secs(args.sweep_interval_secs.max(1)),
-        stop_effects.clone(),
-    );
-    let auto_reprocess = args.reprocess_every_secs.map(|secs| {
-        crate::jobs::auto_reprocess::spawn(
-            jobs.clone(),
-            Duration::from_secs(secs.max(1)),
-            args.reprocess_max_rounds,
-            stop_effects.clone(),
-        )
-    });
-    let watcher = if args.watch {
-        Some(versions.watch(pipeline.clone(), stop_effects.clone())?)
-    } else {
-        None
-    };
-    // kv files are always watched: refreshing a lookup table must not need a restart.
-    let kv_watcher = pipeline.caps.kv.clone().watch(stop_effects.clone())?;
-    let backend: Arc<dyn JobBackend> = match &node {
-        Some(node) => Arc::new(node.cluster.clone()),
-        None => Arc::new(Embedded {
-            manager: jobs.clone(),
-            store: store.clone(),
-            events: events.clone(),
-        }),
-    };
+    let backend = args.redis.backend(&config, !args.explicit_flushes_only);
+    let mut node = Node::start(
+        config,
+        NodeSettings {
+            data_dir: args.data_dir,
+            backend,
+            drain: Duration::from_secs(args.drain_secs),
+            retention: Duration::from_secs(args.retention_secs),
+            restore_versions: true,
+        },
+    )
+    .await?;
+    node.watch_kv()?;
+    if args.watch {
+        node.watch_components()?;
+    }
+    node.sweep_finished_jobs(Duration::from_secs(args.sweep_interval_secs.max(1)));
+    if let Some(secs) = args.reprocess_every_secs {
+        node.reprocess_dead_letters(Duration::from_secs(secs.max(1)), args.reprocess_max_rounds)?;
+    }
     let app = Arc::new(App {
-        store: store.clone(),
-        events,
-        jobs: jobs.clone(),
-        backend,
+        pipeline: node.pipeline.clone(),
+        store: node.store.clone(),
+        local_jobs: node.embedded.as_ref().map(|embedded| embedded.jobs.clone()),
+        backend: node.backend.clone(),
         max_body_bytes: args.max_body_mib << 20,
         max_image_bytes: args.max_image_mib << 20,
         metrics: Some(metrics),
-        versions,
+        versions: node.versions.clone(),
         tokens: crate::api::auth::Tokens::new(args.admin_token, args.api_token),
         sse_keep_alive: Duration::from_secs(args.sse_keep_alive_secs),
     });
@@ -198,8 +116,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await
         .with_context(|| format!("cannot listen on {}", args.addr))?;
-    // Jobs a crash or an impatient shutdown left running go on where they stopped.
-    let resumed = jobs.resume_unfinished().await?;
+    let resumed = node.resume_unfinished_jobs().await?;
     if resumed > 0 {
         tracing::info!(resumed, "resumed unfinished jobs");
     }
@@ -210,49 +127,6 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     axum::serve(listener, router(app))
         .with_graceful_shutdown(shutdown_signal())
         .await?;
-
-    let still_running = jobs.wait(drain).await;
-    if still_running > 0 {
-        tracing::warn!(
-            still_running,
-            "jobs still running at shutdown; they stay `running` in the store"
-        );
-    }
-    if let Some(node) = node {
-        node.stop().await?;
-    }
-    stop_effects.cancel();
-    if let Some(effects_task) = effects_task {
-        effects_task.await??;
-    }
-    let _ = sweeper.await;
-    for task in [auto_reprocess, watcher, Some(kv_watcher)]
-        .into_iter()
-        .flatten()
-    {
-        let _ = task.await;
-    }
-    store.flush().await?;
+    node.shutdown().await?;
     Ok(ExitCode::SUCCESS)
-}
-
-pub(super) async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
-    }
 }

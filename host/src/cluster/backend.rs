@@ -252,8 +252,4 @@ impl JobBackend for Cluster {
     fn events(&self) -> Events {
         Arc::new(self.clone())
     }
-
-    fn is_shared(&self) -> bool {
-        true
-    }
 }

@@ -41,11 +41,6 @@ pub trait JobBackend: Send + Sync {
 
     /// The jobs' event logs.
     fn events(&self) -> Events;
-
-    /// `true` when the state is shared by several nodes (Redis), so that routes that read
-    /// this node's embedded store alone (dead letters, reprocessing, stage times) say they
-    /// are not available rather than answer for one node.
-    fn is_shared(&self) -> bool;
 }
 
 /// One process, one sled store: the default mode.
@@ -111,9 +106,5 @@ impl JobBackend for Embedded {
 
     fn events(&self) -> Events {
         Arc::new(self.events.clone())
-    }
-
-    fn is_shared(&self) -> bool {
-        false
     }
 }

@@ -1,0 +1,296 @@
+//! The composition root: a node is built here once, whatever command runs it.
+//!
+//! [`Node::start`] opens the store, sets up the runtime, loads the pipeline on the chosen
+//! backend (the embedded store, or Redis shared with other nodes), puts back the stage
+//! versions installed while serving, and starts what every mode needs: the effect runner, and
+//! either the embedded job manager or the Redis work loop. The services only some commands
+//! want (file watchers, the retention sweeper, dead-letter reprocessing) are added by the
+//! command with the `Node` methods of the same name, so a mode starts only what it uses.
+//!
+//! [`Node::shutdown`] stops everything in one order: no new work and the drain of items in
+//! flight first, then the services, then a flush of the store.
+//! Commands (`cli/`) parse their arguments into [`NodeSettings`] and put their own front on
+//! top: HTTP (`serve`), nothing (`worker`), one job and a progress bar (`run`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::{Cluster, WorkerSettings, run_worker};
+use crate::config::PipelineConfig;
+use crate::events::EventLog;
+use crate::jobs::{EffectRunner, Embedded, JobBackend, JobManager};
+use crate::pipeline::Pipeline;
+use crate::store::Store;
+use crate::versions::StageVersions;
+
+/// What a command decides about the node it runs.
+pub struct NodeSettings {
+    /// Where the store, compiled components and installed stage versions are kept.
+    pub data_dir: PathBuf,
+    pub backend: BackendSettings,
+    /// At shutdown, how long items in flight get to finish.
+    pub drain: Duration,
+    /// Finished jobs are removed (embedded) or expire from Redis this long after they end.
+    pub retention: Duration,
+    /// Run the stage versions installed while serving (hot swaps) instead of the pipeline
+    /// file's; `stagehand run` runs the file as written.
+    pub restore_versions: bool,
+}
+
+/// Where jobs, items, results and event logs live.
+pub enum BackendSettings {
+    /// This process's sled store; `background_flush: false` is for tests that check only the
+    /// flushes the code makes itself.
+    Embedded { background_flush: bool },
+    /// Redis, shared with other nodes.
+    Redis(RedisSettings),
+}
+
+/// How a node joins the others through Redis.
+pub struct RedisSettings {
+    /// `redis://host:port/db`.
+    pub url: String,
+    /// Items this node runs at once; 0 makes a node that serves the API and runs none.
+    pub slots: usize,
+    /// Work pending this long on a node that stopped refreshing it is taken over.
+    pub reclaim_idle: Duration,
+}
+
+/// The embedded backend's own parts: the sled event log and the manager that runs submitted
+/// jobs in this process.
+pub struct EmbeddedJobs {
+    pub events: EventLog,
+    pub jobs: Arc<JobManager>,
+}
+
+/// A running node: its pipeline, its backend, and the services started for it.
+pub struct Node {
+    pub pipeline: Arc<Pipeline>,
+    /// This node's embedded store (in Redis mode: stage versions, effects and handler records).
+    pub store: Store,
+    pub versions: StageVersions,
+    /// Where jobs live, for the API.
+    pub backend: Arc<dyn JobBackend>,
+    /// `Some` in embedded mode.
+    pub embedded: Option<EmbeddedJobs>,
+    /// `Some` in Redis mode.
+    pub cluster: Option<Cluster>,
+    pub effects: Arc<EffectRunner>,
+    drain: Duration,
+    retention: Duration,
+    /// Ends the Redis work loop (first, at shutdown).
+    stop_work: CancellationToken,
+    work: Option<JoinHandle<Result<()>>>,
+    /// Ends every other service.
+    stop_services: CancellationToken,
+    services: Vec<(&'static str, JoinHandle<Result<()>>)>,
+}
+
+impl Node {
+    /// Build the node and start what every mode needs; see the module's doc comment.
+    pub async fn start(config: PipelineConfig, settings: NodeSettings) -> Result<Self> {
+        let data_dir = &settings.data_dir;
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("cannot create {}", data_dir.display()))?;
+        let stop_work = CancellationToken::new();
+        let stop_services = CancellationToken::new();
+        let runtime = Pipeline::runtime_for(&config, data_dir)?;
+        let (store, pipeline, cluster) = match &settings.backend {
+            BackendSettings::Embedded { background_flush } => {
+                let store = Store::open_with(&data_dir.join("store"), *background_flush)?;
+                let pipeline = Pipeline::load(config, runtime, store.clone()).await?;
+                (store, pipeline, None)
+            }
+            BackendSettings::Redis(redis) => {
+                let cluster = Cluster::connect(
+                    &redis.url,
+                    &config.name,
+                    settings.retention,
+                    stop_work.clone(),
+                )
+                .await?;
+                let store = Store::open(&data_dir.join("store"))?;
+                let pipeline =
+                    Pipeline::load_shared(config, runtime, store.clone(), cluster.shared()).await?;
+                (store, pipeline, Some(cluster))
+            }
+        };
+        let versions = StageVersions::open(&store, data_dir)?;
+        if settings.restore_versions {
+            let restored = versions.restore(&pipeline).await?;
+            if restored > 0 {
+                tracing::info!(
+                    restored,
+                    "stages run the versions installed before the restart"
+                );
+            }
+        }
+        // Effects cut short by a crash may have happened: not run again (at most once).
+        let interrupted = store.interrupt_running_effects()?;
+        if interrupted > 0 {
+            tracing::warn!(
+                interrupted,
+                "effects were running when the node stopped; marked interrupted"
+            );
+        }
+        let (effects, effects_task) = EffectRunner::spawn(
+            pipeline.caps.clone(),
+            pipeline.config.run.effect_concurrency,
+            stop_services.clone(),
+        );
+        let mut work = None;
+        let (backend, embedded): (Arc<dyn JobBackend>, _) = match (&settings.backend, &cluster) {
+            (BackendSettings::Redis(redis), Some(cluster)) => {
+                if redis.slots > 0 {
+                    work = Some(tokio::spawn(run_worker(
+                        cluster.clone(),
+                        pipeline.clone(),
+                        WorkerSettings {
+                            slots: redis.slots,
+                            reclaim_idle: redis.reclaim_idle,
+                            drain: settings.drain,
+                        },
+                        stop_work.clone(),
+                    )));
+                }
+                (Arc::new(cluster.clone()), None)
+            }
+            _ => {
+                let events = EventLog::new(&store)?;
+                let jobs = JobManager::new(pipeline.clone(), events.clone());
+                let backend = Embedded {
+                    manager: jobs.clone(),
+                    store: store.clone(),
+                    events: events.clone(),
+                };
+                (Arc::new(backend), Some(EmbeddedJobs { events, jobs }))
+            }
+        };
+        Ok(Self {
+            pipeline,
+            store,
+            versions,
+            backend,
+            embedded,
+            cluster,
+            effects,
+            drain: settings.drain,
+            retention: settings.retention,
+            stop_work,
+            work,
+            stop_services,
+            services: vec![("the effect runner", effects_task)],
+        })
+    }
+
+    /// Reload each kv namespace when its file changes (refreshing a lookup table must not
+    /// need a restart).
+    pub fn watch_kv(&mut self) -> Result<()> {
+        let task = self
+            .pipeline
+            .caps
+            .kv
+            .clone()
+            .watch(self.stop_services.clone())?;
+        self.add_service("the kv watcher", task);
+        Ok(())
+    }
+
+    /// Install a stage's component file as its new version whenever the file changes.
+    pub fn watch_components(&mut self) -> Result<()> {
+        let task = self
+            .versions
+            .watch(self.pipeline.clone(), self.stop_services.clone())?;
+        self.add_service("the component watcher", task);
+        Ok(())
+    }
+
+    /// Remove finished jobs, their results and event logs `retention` after they end, checking
+    /// every `every`. Embedded mode only: in Redis mode a finished job's keys expire by
+    /// themselves, so nothing is started.
+    pub fn sweep_finished_jobs(&mut self, every: Duration) {
+        let Some(embedded) = &self.embedded else {
+            return;
+        };
+        let task = crate::jobs::retention::spawn_sweeper(
+            self.store.clone(),
+            embedded.events.clone(),
+            self.retention,
+            every,
+            self.stop_services.clone(),
+        );
+        self.add_service("the retention sweeper", task);
+    }
+
+    /// Reprocess dead letters whose failure may pass, every `every`, at most `max_rounds`
+    /// times each. Refused in Redis mode, where dead letters are not shared yet: running it
+    /// there would look like it works and reprocess nothing.
+    pub fn reprocess_dead_letters(&mut self, every: Duration, max_rounds: u32) -> Result<()> {
+        let Some(embedded) = &self.embedded else {
+            bail!(
+                "`--reprocess-every-secs` is not available in Redis mode yet: dead letters are \
+                 kept per node"
+            );
+        };
+        let task = crate::jobs::auto_reprocess::spawn(
+            embedded.jobs.clone(),
+            every,
+            max_rounds,
+            self.stop_services.clone(),
+        );
+        self.add_service("dead-letter reprocessing", task);
+        Ok(())
+    }
+
+    /// Jobs a crash or an impatient shutdown left running go on where they stopped (embedded
+    /// mode; in Redis mode other nodes reclaim them). Returns how many.
+    pub async fn resume_unfinished_jobs(&self) -> Result<usize> {
+        match &self.embedded {
+            Some(embedded) => embedded.jobs.resume_unfinished().await,
+            None => Ok(0),
+        }
+    }
+
+    /// Stop taking work and give items in flight the drain time, then stop every service
+    /// and flush the store.
+    pub async fn shutdown(self) -> Result<()> {
+        if let Some(embedded) = &self.embedded {
+            let still_running = embedded.jobs.wait(self.drain).await;
+            if still_running > 0 {
+                tracing::warn!(
+                    still_running,
+                    "jobs still running at shutdown; they stay `running` in the store"
+                );
+            }
+        }
+        self.stop_work.cancel();
+        if let Some(work) = self.work {
+            work.await.context("the work loop panicked")??;
+        }
+        self.stop_services.cancel();
+        let mut first_error = None;
+        for (name, task) in self.services {
+            let outcome = match task.await {
+                Ok(outcome) => outcome,
+                Err(panic) => Err(anyhow::anyhow!("{name} panicked: {panic}")),
+            };
+            if let Err(error) = outcome {
+                tracing::error!(error = format!("{error:#}"), "{name} failed");
+                first_error.get_or_insert(error.context(format!("{name} failed")));
+            }
+        }
+        self.store.flush().await?;
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Services that end with `()`; only whether they panicked is left to report.
+    fn add_service(&mut self, name: &'static str, task: JoinHandle<()>) {
+        let task = tokio::spawn(async move { task.await.map_err(anyhow::Error::from) });
+        self.services.push((name, task));
+    }
+}
