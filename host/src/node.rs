@@ -88,7 +88,9 @@ pub struct Node {
     work: Option<JoinHandle<Result<()>>>,
     /// Ends every other service.
     stop_services: CancellationToken,
-    services: Vec<(&'static str, JoinHandle<Result<()>>)>,
+    effects_task: JoinHandle<Result<()>>,
+    /// The services a command added, named for the log.
+    services: Vec<(&'static str, JoinHandle<()>)>,
 }
 
 impl Node {
@@ -100,11 +102,12 @@ impl Node {
         let stop_work = CancellationToken::new();
         let stop_services = CancellationToken::new();
         let runtime = Pipeline::runtime_for(&config, data_dir)?;
-        let (store, pipeline, cluster) = match &settings.backend {
+        // `work`: how the Redis work loop runs, when this node runs items.
+        let (store, pipeline, cluster, work) = match &settings.backend {
             BackendSettings::Embedded { background_flush } => {
                 let store = Store::open_with(&data_dir.join("store"), *background_flush)?;
                 let pipeline = Pipeline::load(config, runtime, store.clone()).await?;
-                (store, pipeline, None)
+                (store, pipeline, None, None)
             }
             BackendSettings::Redis(redis) => {
                 let cluster = Cluster::connect(
@@ -117,7 +120,12 @@ impl Node {
                 let store = Store::open(&data_dir.join("store"))?;
                 let pipeline =
                     Pipeline::load_shared(config, runtime, store.clone(), cluster.shared()).await?;
-                (store, pipeline, Some(cluster))
+                let work = (redis.slots > 0).then_some(WorkerSettings {
+                    slots: redis.slots,
+                    reclaim_idle: redis.reclaim_idle,
+                    drain: settings.drain,
+                });
+                (store, pipeline, Some(cluster), work)
             }
         };
         let versions = StageVersions::open(&store, data_dir)?;
@@ -143,24 +151,9 @@ impl Node {
             pipeline.config.run.effect_concurrency,
             stop_services.clone(),
         );
-        let mut work = None;
-        let (backend, embedded): (Arc<dyn JobBackend>, _) = match (&settings.backend, &cluster) {
-            (BackendSettings::Redis(redis), Some(cluster)) => {
-                if redis.slots > 0 {
-                    work = Some(tokio::spawn(run_worker(
-                        cluster.clone(),
-                        pipeline.clone(),
-                        WorkerSettings {
-                            slots: redis.slots,
-                            reclaim_idle: redis.reclaim_idle,
-                            drain: settings.drain,
-                        },
-                        stop_work.clone(),
-                    )));
-                }
-                (Arc::new(cluster.clone()), None)
-            }
-            _ => {
+        let (backend, embedded): (Arc<dyn JobBackend>, _) = match &cluster {
+            Some(cluster) => (Arc::new(cluster.clone()), None),
+            None => {
                 let events = EventLog::new(&store)?;
                 let jobs = JobManager::new(pipeline.clone(), events.clone());
                 let backend = Embedded {
@@ -171,6 +164,14 @@ impl Node {
                 (Arc::new(backend), Some(EmbeddedJobs { events, jobs }))
             }
         };
+        let work = work.zip(cluster.clone()).map(|(work, cluster)| {
+            tokio::spawn(run_worker(
+                cluster,
+                pipeline.clone(),
+                work,
+                stop_work.clone(),
+            ))
+        });
         Ok(Self {
             pipeline,
             store,
@@ -181,10 +182,11 @@ impl Node {
             effects,
             drain: settings.drain,
             retention: settings.retention,
-            stop_work,
             work,
+            stop_work,
+            effects_task,
             stop_services,
-            services: vec![("the effect runner", effects_task)],
+            services: Vec::new(),
         })
     }
 
@@ -273,24 +275,17 @@ impl Node {
             work.await.context("the work loop panicked")??;
         }
         self.stop_services.cancel();
-        let mut first_error = None;
+        let effects = self.effects_task.await;
         for (name, task) in self.services {
-            let outcome = match task.await {
-                Ok(outcome) => outcome,
-                Err(panic) => Err(anyhow::anyhow!("{name} panicked: {panic}")),
-            };
-            if let Err(error) = outcome {
-                tracing::error!(error = format!("{error:#}"), "{name} failed");
-                first_error.get_or_insert(error.context(format!("{name} failed")));
+            if let Err(panic) = task.await {
+                tracing::error!(%panic, "{name} panicked");
             }
         }
         self.store.flush().await?;
-        first_error.map_or(Ok(()), Err)
+        effects.context("the effect runner panicked")?
     }
 
-    /// Services that end with `()`; only whether they panicked is left to report.
     fn add_service(&mut self, name: &'static str, task: JoinHandle<()>) {
-        let task = tokio::spawn(async move { task.await.map_err(anyhow::Error::from) });
         self.services.push((name, task));
     }
 }

@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::PipelineConfig;
-use crate::node::{BackendSettings, RedisSettings};
+use crate::node::{BackendSettings, Node, NodeSettings, RedisSettings};
 
 #[derive(Parser)]
 #[command(
@@ -135,6 +135,30 @@ fn load_pipeline(
         config.llm.point_all_at(url);
     }
     Ok(config)
+}
+
+/// A long-running node (`serve`, `worker`): it runs the stage versions installed while
+/// serving, and reloads kv files when they change.
+async fn start_serving_node(
+    config: PipelineConfig,
+    data_dir: PathBuf,
+    backend: BackendSettings,
+    drain_secs: u64,
+    retention_secs: u64,
+) -> anyhow::Result<Node> {
+    let mut node = Node::start(
+        config,
+        NodeSettings {
+            data_dir,
+            backend,
+            drain: std::time::Duration::from_secs(drain_secs),
+            retention: std::time::Duration::from_secs(retention_secs),
+            restore_versions: true,
+        },
+    )
+    .await?;
+    node.watch_kv()?;
+    Ok(node)
 }
 
 /// SIGTERM or Ctrl-C.

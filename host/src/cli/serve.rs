@@ -14,9 +14,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use super::{RedisArgs, default_data_dir, load_pipeline, shutdown_signal};
+use super::{RedisArgs, default_data_dir, load_pipeline, shutdown_signal, start_serving_node};
 use crate::api::{App, router};
-use crate::node::{Node, NodeSettings};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -81,18 +80,14 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     // Before anything is loaded, so that what loading records (the memory budget) is kept.
     let metrics = crate::metrics::install()?;
     let backend = args.redis.backend(&config, !args.explicit_flushes_only);
-    let mut node = Node::start(
+    let mut node = start_serving_node(
         config,
-        NodeSettings {
-            data_dir: args.data_dir,
-            backend,
-            drain: Duration::from_secs(args.drain_secs),
-            retention: Duration::from_secs(args.retention_secs),
-            restore_versions: true,
-        },
+        args.data_dir,
+        backend,
+        args.drain_secs,
+        args.retention_secs,
     )
     .await?;
-    node.watch_kv()?;
     if args.watch {
         node.watch_components()?;
     }

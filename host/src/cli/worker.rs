@@ -8,13 +8,11 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
 
-use super::{RedisArgs, default_data_dir, load_pipeline, shutdown_signal};
-use crate::node::{Node, NodeSettings};
+use super::{RedisArgs, default_data_dir, load_pipeline, shutdown_signal, start_serving_node};
 
 #[derive(Args)]
 pub struct WorkerArgs {
@@ -47,24 +45,22 @@ pub async fn worker(args: WorkerArgs) -> Result<ExitCode> {
         anyhow::bail!("a worker with `--slots 0` would run nothing");
     }
     let backend = args.redis.backend(&config, true);
-    let mut node = Node::start(
+    let node = start_serving_node(
         config,
-        NodeSettings {
-            data_dir: args.data_dir,
-            backend,
-            drain: Duration::from_secs(args.drain_secs),
-            retention: Duration::from_secs(args.retention_secs),
-            restore_versions: true,
-        },
+        args.data_dir,
+        backend,
+        args.drain_secs,
+        args.retention_secs,
     )
     .await?;
-    node.watch_kv()?;
     let name = node
         .cluster
         .as_ref()
-        .map(|cluster| cluster.node().to_owned());
+        .expect("a worker is a Redis node")
+        .node()
+        .to_owned();
     let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "worker {} joined {url}", name.unwrap_or_default())?;
+    writeln!(stdout, "worker {} joined {url}", name)?;
     stdout.flush()?;
     drop(stdout);
     shutdown_signal().await;
