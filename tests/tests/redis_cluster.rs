@@ -132,7 +132,24 @@ fn three_nodes_share_a_job_survive_a_kill_and_cancel_together() {
 
     // Node 2's stream told every item once, and ended with the job.
     let frames = follower.join().unwrap();
-    assert_eq!(frames.last().unwrap().event, "job.completed");
+    let last = frames.last().unwrap();
+    assert_eq!(last.event, "job.completed");
+    assert_eq!(
+        (
+            &last.data["succeeded"],
+            &last.data["failed"],
+            &last.data["total"]
+        ),
+        (&json!(ITEMS), &json!(0), &json!(ITEMS)),
+        "{}",
+        last.data
+    );
+    let progress = frames.iter().rev().find(|f| f.event == "job.progress");
+    assert_eq!(
+        progress.unwrap().data["completed"],
+        ITEMS,
+        "counts of item events"
+    );
     let told = indexes(&frames);
     assert_eq!(told.len() as u64, ITEMS, "each item.finished once");
     assert_eq!(

@@ -1,6 +1,9 @@
 //! Each job's log as the Redis stream `sh:{job}:events`, entry ids `<number>-0`, so that
 //! `Last-Event-ID: N` reads the same events on every node (`XRANGE (N-0 +`).
 //!
+//! An entry is the event as Rust built it (field `e`) and, for an event that carries the job's
+//! counts, the counts the script that numbered it wrote (field `n`), filled in when read.
+//!
 //! Events in Redis are readable as soon as they are written, so a follower's watch value
 //! is always `u64::MAX` ("read all there is"); a change only says "read again".
 
@@ -11,7 +14,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::{Cluster, keys::JobKeys};
-use crate::events::{Entry, EventSource};
+use crate::events::{Counts, Entry, EventSource};
 
 impl Cluster {
     /// Tell this node's followers of `job` to read again.
@@ -43,10 +46,14 @@ impl Cluster {
                     .and_then(|n| n.parse().ok())
                     .with_context(|| format!("bad event id `{}`", entry.id))?;
                 let json: Vec<u8> = entry.get("e").context("an event without `e`")?;
-                Ok((
-                    seq,
-                    serde_json::from_slice(&json).context("corrupt event in Redis")?,
-                ))
+                let mut event: Entry =
+                    serde_json::from_slice(&json).context("corrupt event in Redis")?;
+                if let Some(counts) = entry.get::<String>("n") {
+                    let counts = Counts::parse(&counts)
+                        .with_context(|| format!("bad counts `{counts}` in event {seq}"))?;
+                    event.event = event.event.with_counts(counts);
+                }
+                Ok((seq, event))
             })
             .collect()
     }

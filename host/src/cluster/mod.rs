@@ -155,6 +155,27 @@ impl Cluster {
             .context("a Redis script failed")
     }
 
+    /// [`Self::run_script`] for the scripts that may end the job: the two events it may end
+    /// with go first (`ARGV[4]`, `ARGV[5]`; see [`scripts`]).
+    async fn run_settling_script<T: redis::FromRedisValue>(
+        &self,
+        script: &redis::Script,
+        job: Uuid,
+        extra: &[&[u8]],
+    ) -> Result<T> {
+        let at = crate::store::now_ms();
+        let ended = |cancelled| {
+            serde_json::to_vec(&crate::events::Entry {
+                at,
+                event: crate::events::Event::job_ended(cancelled),
+            })
+        };
+        let (completed, cancelled) = (ended(false)?, ended(true)?);
+        let mut args: Vec<&[u8]> = vec![&completed, &cancelled];
+        args.extend_from_slice(extra);
+        self.run_script(script, job, &args).await
+    }
+
     /// Count an item running on this node under `job`'s cancel token.
     fn enter(&self, job: Uuid) -> CancellationToken {
         let mut running = self.inner.running.lock().expect("not poisoned");

@@ -3,8 +3,11 @@
 //!
 //! Every script takes the job's keys in the order of [`super::keys::JobKeys::all`] and
 //! `ARGV[1]` = job id, `ARGV[2]` = now (ms since the epoch), `ARGV[3]` = retention (s).
-//! Events are built here as JSON text by concatenation: their fields are numbers and the
-//! pieces the caller serialised.
+//! Events are built in Rust (`crate::events`); a script only numbers them and, for an event
+//! that carries the job's counts, writes the counts next to it as stream field `n`
+//! (`"<succeeded> <failed> <not_run> <total>"`, read back by `crate::events::Counts::parse`).
+//! Scripts that may end the job ([`FINISH`], [`SKIP`]) take `ARGV[4]` and `ARGV[5]`: the
+//! `job.completed` and `job.cancelled` events it may end with.
 
 use std::sync::LazyLock;
 
@@ -13,9 +16,13 @@ use redis::Script;
 /// Functions the scripts share: `append` numbers an event and wakes the followers; `settle`
 /// ends the job once every item is settled (its last event, its state, its keys' expiry).
 const COMMON: &str = r#"
-local function append(event)
+local function append(event, counts)
   local seq = redis.call('HINCRBY', KEYS[2], 'seq', 1)
-  redis.call('XADD', KEYS[8], seq .. '-0', 'e', event)
+  if counts then
+    redis.call('XADD', KEYS[8], seq .. '-0', 'e', event, 'n', counts)
+  else
+    redis.call('XADD', KEYS[8], seq .. '-0', 'e', event)
+  end
   redis.call('PUBLISH', 'sh:wake', ARGV[1] .. ' ' .. seq)
   return seq
 end
@@ -24,23 +31,22 @@ local function count(field)
   return tonumber(redis.call('HGET', KEYS[2], field) or '0')
 end
 
+local function counts()
+  return count('succeeded') .. ' ' .. count('failed') .. ' ' .. count('not_run') .. ' ' ..
+    count('total')
+end
+
 local function settle()
   local c, f, s, total = count('succeeded'), count('failed'), count('not_run'), count('total')
   if c + f + s < total or redis.call('HGET', KEYS[2], 'state') ~= 'running' then
     return 0
   end
-  local state, event
+  local state, event = 'completed', ARGV[4]
   if redis.call('EXISTS', KEYS[9]) == 1 then
-    state = 'cancelled'
-    event = '{"at":' .. ARGV[2] .. ',"type":"job.cancelled","succeeded":' .. c ..
-      ',"failed":' .. f .. ',"not_run":' .. s .. ',"total":' .. total .. '}'
-  else
-    state = 'completed'
-    event = '{"at":' .. ARGV[2] .. ',"type":"job.completed","succeeded":' .. c ..
-      ',"failed":' .. f .. ',"total":' .. total .. '}'
+    state, event = 'cancelled', ARGV[5]
   end
   redis.call('HSET', KEYS[2], 'state', state, 'finished_at', ARGV[2])
-  append(event)
+  append(event, counts())
   for i = 1, #KEYS do
     redis.call('EXPIRE', KEYS[i], ARGV[3])
   end
@@ -56,28 +62,28 @@ fn script(body: &str) -> Script {
 pub static APPEND: LazyLock<Script> = LazyLock::new(|| script("return append(ARGV[4])"));
 
 /// Record an item's result and its `item.finished` event, once per item.
-/// `ARGV[4]` = index, `ARGV[5]` = the result's JSON, `ARGV[6]` = `succeeded` or `failed`,
-/// `ARGV[7]` = the event's JSON up to its counts (without the closing brace).
-/// Returns -1 if the item was settled already, else 1 if the job ended with it, 0 if not.
+/// `ARGV[6]` = index, `ARGV[7]` = the result's JSON, `ARGV[8]` = `succeeded` or `failed`,
+/// `ARGV[9]` = the event. Returns -1 if the item was settled already, else 1 if the job ended
+/// with it, 0 if not.
 pub static FINISH: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
-if redis.call('SADD', KEYS[10], ARGV[4]) == 0 then return -1 end
-redis.call('HSET', KEYS[5], ARGV[4], ARGV[5])
-redis.call('ZADD', KEYS[6], ARGV[4], ARGV[4])
-redis.call('HINCRBY', KEYS[2], ARGV[6], 1)
-append(ARGV[7] .. ',"completed":' .. count('succeeded') .. ',"failed":' .. count('failed') .. '}')
+if redis.call('SADD', KEYS[10], ARGV[6]) == 0 then return -1 end
+redis.call('HSET', KEYS[5], ARGV[6], ARGV[7])
+redis.call('ZADD', KEYS[6], ARGV[6], ARGV[6])
+redis.call('HINCRBY', KEYS[2], ARGV[8], 1)
+append(ARGV[9], counts())
 return settle()
 "#,
     )
 });
 
-/// Count an item of a cancelled job as not run, once per item. `ARGV[4]` = index.
+/// Count an item of a cancelled job as not run, once per item. `ARGV[6]` = index.
 /// Returns like [`FINISH`].
 pub static SKIP: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
-if redis.call('SADD', KEYS[10], ARGV[4]) == 0 then return -1 end
+if redis.call('SADD', KEYS[10], ARGV[6]) == 0 then return -1 end
 redis.call('HINCRBY', KEYS[2], 'not_run', 1)
 return settle()
 "#,

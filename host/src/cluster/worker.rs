@@ -227,7 +227,7 @@ impl Worker {
         let cancel = running.cancel.clone();
         if cancelled || cancel.is_cancelled() {
             cluster
-                .run_script::<i64>(&scripts::SKIP, job, &[index.to_string().as_bytes()])
+                .run_settling_script::<i64>(&scripts::SKIP, job, &[index.to_string().as_bytes()])
                 .await?;
             return Ok(());
         }
@@ -298,28 +298,25 @@ impl Worker {
     /// Record an item's result, its `item.finished` event and the job's counts, once per item.
     async fn record(&self, job: Uuid, result: &ItemResult, record: &JobRecord) -> Result<()> {
         let index = result.index;
-        let status = match result.status {
-            ItemStatus::Succeeded => "succeeded",
-            ItemStatus::Failed => "failed",
-        };
+        let succeeded = result.status == ItemStatus::Succeeded;
         let chars = record
             .options
             .preview_chars
             .unwrap_or(DEFAULT_PREVIEW_CHARS);
-        let event = format!(
-            r#"{{"at":{},"type":"item.finished","index":{index},"status":"{status}","preview":{}"#,
-            now_ms(),
-            serde_json::to_string(&preview(result, chars))?,
-        );
+        let event = Entry {
+            at: now_ms(),
+            event: Event::item_finished(index, succeeded, preview(result, chars)),
+        };
+        let counter = if succeeded { "succeeded" } else { "failed" };
         self.cluster
-            .run_script::<i64>(
+            .run_settling_script::<i64>(
                 &scripts::FINISH,
                 job,
                 &[
                     index.to_string().as_bytes(),
                     &serde_json::to_vec(result)?,
-                    status.as_bytes(),
-                    event.as_bytes(),
+                    counter.as_bytes(),
+                    &serde_json::to_vec(&event)?,
                 ],
             )
             .await?;

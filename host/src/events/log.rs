@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use serde::{Deserialize, Serialize};
 
-use super::Event;
+use super::{Counts, Event};
 use crate::store::{Store, keys, now_ms};
 
 /// An event as the log keeps it.
@@ -150,19 +150,13 @@ impl EventLog {
         } else {
             (tail.completed, failed_before + 1)
         };
-        let status = if succeeded { "succeeded" } else { "failed" }.to_string();
-        let seq = self.write(
-            job,
-            &head,
-            &mut tail,
-            &Event::ItemFinished {
-                index,
-                status,
-                preview,
-                completed,
-                failed,
-            },
-        )?;
+        let counts = Counts {
+            succeeded: completed,
+            failed,
+            ..Counts::default()
+        };
+        let event = Event::item_finished(index, succeeded, preview).with_counts(counts);
+        let seq = self.write(job, &head, &mut tail, &event)?;
         (tail.completed, tail.failed) = (completed, failed);
         Ok(seq)
     }

@@ -73,12 +73,141 @@ fn first_attempt() -> u32 {
     1
 }
 
+/// A job's item counts at one of its events. They are decided where the event is numbered
+/// (the sled log's tail, or the Redis script that appends it), so the event is built here
+/// without them and [`Event::with_counts`] fills them in there.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub succeeded: u64,
+    pub failed: u64,
+    pub not_run: u64,
+    pub total: u64,
+}
+
+impl Counts {
+    /// As Redis scripts write them next to an event: `"<succeeded> <failed> <not_run> <total>"`.
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut numbers = text.split(' ').map(str::parse::<u64>);
+        let mut next = || numbers.next()?.ok();
+        Some(Self {
+            succeeded: next()?,
+            failed: next()?,
+            not_run: next()?,
+            total: next()?,
+        })
+    }
+}
+
 impl Event {
+    /// Item `index` finished; the job's counts are filled in where it is logged.
+    pub fn item_finished(index: u64, succeeded: bool, preview: String) -> Self {
+        let status = if succeeded { "succeeded" } else { "failed" };
+        Event::ItemFinished {
+            index,
+            status: status.to_string(),
+            preview,
+            completed: 0,
+            failed: 0,
+        }
+    }
+
+    /// The job ended with every item settled (`cancelled`: some were not run because it was
+    /// cancelled); the counts are filled in where it is logged.
+    pub fn job_ended(cancelled: bool) -> Self {
+        let counts = Counts::default();
+        if cancelled {
+            Event::JobCancelled {
+                succeeded: counts.succeeded,
+                failed: counts.failed,
+                not_run: counts.not_run,
+                total: counts.total,
+            }
+        } else {
+            Event::JobCompleted {
+                succeeded: counts.succeeded,
+                failed: counts.failed,
+                total: counts.total,
+            }
+        }
+    }
+
+    /// This event with the job's counts written into the fields it has for them.
+    pub fn with_counts(mut self, counts: Counts) -> Self {
+        match &mut self {
+            Event::ItemFinished {
+                completed, failed, ..
+            } => (*completed, *failed) = (counts.succeeded, counts.failed),
+            Event::JobCompleted {
+                succeeded,
+                failed,
+                total,
+            } => (*succeeded, *failed, *total) = (counts.succeeded, counts.failed, counts.total),
+            Event::JobCancelled {
+                succeeded,
+                failed,
+                not_run,
+                total,
+            } => {
+                (*succeeded, *failed, *not_run, *total) = (
+                    counts.succeeded,
+                    counts.failed,
+                    counts.not_run,
+                    counts.total,
+                )
+            }
+            Event::JobStarted { .. } | Event::ItemStage { .. } | Event::JobFailed { .. } => {}
+        }
+        self
+    }
+
     /// The last event of a job: a stream that sent it closes.
     pub fn is_terminal(&self) -> bool {
         matches!(
             self,
             Event::JobCompleted { .. } | Event::JobCancelled { .. } | Event::JobFailed { .. }
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_are_written_into_the_fields_an_event_has_for_them() {
+        let counts = Counts::parse("3 2 1 6").unwrap();
+        assert_eq!(
+            Event::job_ended(true).with_counts(counts),
+            Event::JobCancelled {
+                succeeded: 3,
+                failed: 2,
+                not_run: 1,
+                total: 6
+            }
+        );
+        assert_eq!(
+            Event::job_ended(false).with_counts(counts),
+            Event::JobCompleted {
+                succeeded: 3,
+                failed: 2,
+                total: 6
+            }
+        );
+        let Event::ItemFinished {
+            completed, failed, ..
+        } = Event::item_finished(4, true, "ok".into()).with_counts(counts)
+        else {
+            panic!("not an item event")
+        };
+        assert_eq!((completed, failed), (3, 2));
+        let started = Event::JobStarted { total: 6 };
+        assert_eq!(started.clone().with_counts(counts), started);
+    }
+
+    #[test]
+    fn malformed_counts_are_refused() {
+        for text in ["", "1 2 3", "1 2 3 x", "1  2 3 4", "-1 2 3 4"] {
+            assert_eq!(Counts::parse(text), None, "{text:?}");
+        }
     }
 }

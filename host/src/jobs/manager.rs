@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::{ItemHooks, ItemLimits, ItemRef, RunSettings, StageUpdate, run_item, run_job};
 use crate::config::PipelineConfig;
-use crate::events::{Entry, Event, EventLog};
+use crate::events::{Counts, Entry, Event, EventLog};
 use crate::pipeline::Pipeline;
 pub use crate::store::{DEFAULT_PREVIEW_CHARS, Detail, JobOptions};
 use crate::store::{ItemResult, ItemStatus, JobRecord, JobState};
@@ -307,19 +307,12 @@ impl JobManager {
             JobState::Cancelled => "cancelled",
             _ => "completed",
         });
-        let end = match job.state {
-            JobState::Cancelled => Event::JobCancelled {
-                succeeded: job.succeeded,
-                failed: job.failed,
-                not_run: outcome.not_run,
-                total: job.total,
-            },
-            _ => Event::JobCompleted {
-                succeeded: job.succeeded,
-                failed: job.failed,
-                total: job.total,
-            },
-        };
+        let end = Event::job_ended(job.state == JobState::Cancelled).with_counts(Counts {
+            succeeded: job.succeeded,
+            failed: job.failed,
+            not_run: outcome.not_run,
+            total: job.total,
+        });
         self.events.append(id, &end)?;
         self.pipeline.store().flush().await
     }
@@ -480,14 +473,13 @@ impl JobManager {
         job.state = JobState::Completed;
         job.finished_at = Some(crate::store::now_ms());
         store.put_job(&job)?;
-        self.events.append(
-            job.id,
-            &Event::JobCompleted {
-                succeeded: job.succeeded,
-                failed: job.failed,
-                total: job.total,
-            },
-        )?;
+        let end = Event::job_ended(false).with_counts(Counts {
+            succeeded: job.succeeded,
+            failed: job.failed,
+            not_run: 0,
+            total: job.total,
+        });
+        self.events.append(job.id, &end)?;
         store.flush().await?;
         outcomes.into_iter().collect()
     }
