@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 
 use stagehand::config::PipelineConfig;
 use stagehand::jobs::{EffectRunner, ItemHooks, ItemRef, RunSettings, run_item, run_job};
+use stagehand::model::JobRecord;
 use stagehand::pipeline::Pipeline;
 use stagehand::runtime::bindings::types::Context;
-use stagehand::store::{JobRecord, Store};
+use stagehand::store::Store;
 use stagehand_tests::{MockLlm, repo_root};
 use tokio_util::sync::CancellationToken;
 

@@ -7,6 +7,8 @@
 //!
 //! # Layout
 //!
+//! - [`model`]: the job vocabulary every layer shares: jobs, options, item results, and what
+//!   a submission, a cancel or a reprocess came to.
 //! - [`config`]: the pipeline file (TOML) into a checked [`config::PipelineConfig`].
 //! - [`limits`]: every bound on what a client or a guest controls, checked where it enters.
 //! - [`runtime`]: wasmtime, set up once: engine with the pooling allocator, epoch ticker for
@@ -54,7 +56,7 @@
 //!
 //! [`jobs::run_item`] builds each stage's input envelope from the item and the stored outputs of
 //! earlier stages, takes the stage's current version at entry, runs it in a fresh store, checks
-//! and persists its output, and finally stores the item's [`store::ItemResult`] with the digest,
+//! and persists its output, and finally stores the item's [`model::ItemResult`] with the digest,
 //! duration and guest CPU of every stage that ran.
 
 pub mod api;
@@ -67,6 +69,7 @@ pub mod jobs;
 pub mod limits;
 pub mod memory;
 pub mod metrics;
+pub mod model;
 pub mod node;
 pub mod pipeline;
 pub mod runtime;

@@ -120,7 +120,7 @@ impl Drop for InFlight {
 
 /// An LLM request ended: `outcome` is `ok`, `rate_limited`, `unavailable`, `rejected` or
 /// `bad_response`; tokens as the provider reported them.
-pub fn llm_request(call: &crate::store::LlmCall, latency: Duration) {
+pub fn llm_request(call: &crate::model::LlmCall, latency: Duration) {
     let (provider, model) = (call.provider.clone(), call.model.clone());
     counter!("stagehand_llm_requests_total", "provider" => provider.clone(), "model" => model.clone(), "outcome" => call.outcome.clone())
         .increment(1);

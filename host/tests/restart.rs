@@ -7,7 +7,8 @@
 mod support;
 
 use serde_json::json;
-use stagehand::store::{ItemResult, ItemStatus, JobOptions, JobRecord, JobState, Store};
+use stagehand::model::{ItemResult, ItemStatus, JobOptions, JobRecord, JobState};
+use stagehand::store::Store;
 use stagehand_tests::{client, get_json, job_results, job_status, serve, wait_for_job};
 use uuid::Uuid;
 

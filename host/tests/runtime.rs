@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use stagehand::config::PipelineConfig;
 use stagehand::jobs::ItemLimits;
+use stagehand::model::ItemStatus;
 use stagehand::runtime::{CacheOutcome, Runtime, RuntimeOptions, StageComponent};
-use stagehand::store::ItemStatus;
 use support::{Fixture, plugin, run_one, run_one_with};
 use tokio_util::sync::CancellationToken;
 
@@ -92,7 +92,7 @@ async fn outputs_must_be_json_within_the_size_limit() {
 }
 
 /// The hostile stage with `retry` settings, run on `item` with `limits`.
-async fn tries_of(retry: &str, item: &str, limits: ItemLimits) -> stagehand::store::ItemResult {
+async fn tries_of(retry: &str, item: &str, limits: ItemLimits) -> stagehand::model::ItemResult {
     let fixture = Fixture::new();
     let pipeline = fixture.load(fixture.config(&hostile(retry))).await;
     run_one_with(&pipeline, item, limits, &CancellationToken::new()).await
@@ -345,9 +345,9 @@ async fn guests_see_no_environment_files_sockets_or_clock() {
     );
 
     // The clock: frozen at the job's creation, and no time passes on the monotonic one.
-    let before = stagehand::store::now_ms();
+    let before = stagehand::model::now_ms();
     let clock = run_one(&pipeline, r#"{"do":"clock"}"#, &cancel).await;
-    let after = stagehand::store::now_ms();
+    let after = stagehand::model::now_ms();
     let seen: serde_json::Value = serde_json::from_str(clock.output.unwrap().get()).unwrap();
     let (wall, elapsed) = (&seen["hostile"]["wall_ms"], &seen["hostile"]["elapsed_ns"]);
     assert_eq!(wall[0], wall[1], "the wall clock moved: {seen}");

@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use stagehand::events::view::{Coalescing, JobView};
 use stagehand::events::{Event, EventLog};
-use stagehand::store::{JobRecord, Store};
+use stagehand::model::JobRecord;
+use stagehand::store::Store;
 
 /// Many jobs created at once (batched writes, a flush each) while their event logs are read and
 /// appended: every flush returns. sled 0.34's own `flush_async` deadlocked here.

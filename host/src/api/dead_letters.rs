@@ -18,8 +18,9 @@ use crate::limits::in_range;
 /// Longest `stage` or `after` of a listing: a stage name is at most 64 characters, and so is a
 /// `JOB/INDEX` cursor.
 const MAX_NAME: usize = 64;
-use crate::jobs::{ItemRef, Reprocess, stage_input};
-use crate::store::item_id;
+use crate::jobs::{ItemRef, stage_input};
+use crate::model::Reprocess;
+use crate::model::item_id;
 
 #[derive(Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]

@@ -15,9 +15,9 @@ use sha2::{Digest, Sha256};
 
 use super::openapi::{JobLinks, ResultsPage, ScanAccepted};
 use super::{ApiError, App, images, job_id, page_limit};
-use crate::jobs::{CancelOutcome, Idempotency, JobOptions, Submitted};
 use crate::limits::{MAX_PAGE, MAX_PAGE_NUMBER};
-use crate::store::{JobRecord, JobState};
+use crate::model::{CancelOutcome, Idempotency, JobOptions, Submitted};
+use crate::model::{JobRecord, JobState};
 
 #[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -213,7 +213,7 @@ pub async fn status(
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
     let mut body = serde_json::to_value(&job).map_err(anyhow::Error::from)?;
-    let end = job.finished_at.unwrap_or_else(crate::store::now_ms);
+    let end = job.finished_at.unwrap_or_else(crate::model::now_ms);
     body["duration_ms"] = json!(end.saturating_sub(job.created_at));
     let config = &app.pipeline.config;
     body["max_tokens"] = json!(job.options.max_tokens.or(config.llm.max_tokens_per_job));

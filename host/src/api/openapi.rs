@@ -10,7 +10,8 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 use uuid::Uuid;
 
-use crate::store::{DeadLetter, ItemResult, JobRecord};
+use crate::model::{ItemResult, JobRecord};
+use crate::store::DeadLetter;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -109,7 +110,7 @@ pub struct SubmissionBody {
     /// and 64 levels deep.
     #[schema(value_type = Vec<serde_json::Value>, min_items = 1, max_items = 1000000)]
     pub items: Vec<serde_json::Value>,
-    pub options: Option<crate::jobs::JobOptions>,
+    pub options: Option<crate::model::JobOptions>,
     /// Or the `Idempotency-Key` header.
     #[schema(min_length = 1, max_length = 256)]
     pub idempotency_key: Option<String>,

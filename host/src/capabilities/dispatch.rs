@@ -11,11 +11,12 @@ use tracing::Instrument;
 use super::journal::Answered;
 use super::{Answer, CallKind, Counted, HostState, Request};
 use crate::limits::MAX_EFFECT_KEY;
+use crate::model::now_ms;
 use crate::runtime::Failure;
 use crate::runtime::HandlerComponent;
 use crate::runtime::bindings::dispatch::{DispatchError, EmitOutcome, Host};
 use crate::runtime::bindings::types::HandlerError;
-use crate::store::{EffectRecord, EffectState, EmitOutcome as Stored, now_ms};
+use crate::store::{EffectRecord, EffectState, EmitOutcome as Stored};
 
 impl Host for HostState {
     async fn call(

@@ -153,7 +153,7 @@ fn read(name: &str, path: &Path, reloads: u64) -> Result<Entries> {
             file: path.to_path_buf(),
             entries: entries.len(),
             digest: format!("{:x}", Sha256::digest(&bytes)),
-            loaded_at: crate::store::now_ms(),
+            loaded_at: crate::model::now_ms(),
             reloads,
         },
         entries,

@@ -79,7 +79,7 @@ pub async fn jobs(args: JobsArgs) -> Result<ExitCode> {
 
 /// "5 s ago", "3 min ago"... from ms since the epoch.
 fn ago(at_ms: u64) -> String {
-    let secs = crate::store::now_ms().saturating_sub(at_ms) / 1000;
+    let secs = crate::model::now_ms().saturating_sub(at_ms) / 1000;
     match secs {
         0..60 => format!("{secs} s ago"),
         60..3600 => format!("{} min ago", secs / 60),

@@ -13,9 +13,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::{EXIT_ITEMS_FAILED, default_data_dir, load_pipeline};
 use crate::jobs::{RunSettings, run_job};
+use crate::model::{ItemStatus, JobRecord};
 use crate::node::{BackendSettings, Node, NodeSettings};
 use crate::pipeline::Pipeline;
-use crate::store::{ItemStatus, JobRecord, Store};
+use crate::store::Store;
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -83,7 +84,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     let started = Instant::now();
     let failures = std::sync::atomic::AtomicU64::new(0);
     let progress_bar = bar.clone();
-    let show = move |result: &crate::store::ItemResult| {
+    let show = move |result: &crate::model::ItemResult| {
         progress_bar.inc(1);
         if result.status == ItemStatus::Failed {
             let failed = failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;

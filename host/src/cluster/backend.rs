@@ -12,9 +12,9 @@ use uuid::Uuid;
 
 use super::{Cluster, keys, keys::JobKeys};
 use crate::events::{Entry, Event, Events};
-use crate::jobs::manager::new_job;
-use crate::jobs::{CancelOutcome, Idempotency, JobBackend, JobOptions, Submitted};
-use crate::store::{ItemResult, JobRecord, JobState, now_ms};
+use crate::jobs::JobBackend;
+use crate::model::{CancelOutcome, Idempotency, JobOptions, Submitted};
+use crate::model::{ItemResult, JobRecord, JobState, now_ms};
 
 /// Items per `HSET` of a submission.
 const ITEMS_PER_COMMAND: usize = 1000;
@@ -92,7 +92,7 @@ impl JobBackend for Cluster {
         options: JobOptions,
         idempotency: Option<Idempotency>,
     ) -> Result<Submitted> {
-        let mut job = new_job(&self.inner.pipeline, options, idempotency.as_ref());
+        let mut job = JobRecord::submitted(&self.inner.pipeline, options, idempotency.as_ref());
         if let Some(idempotency) = &idempotency
             && let Some(existing) = self.claim_idempotency_key(&idempotency.key, job.id).await?
         {

@@ -13,7 +13,8 @@ use uuid::Uuid;
 
 use super::{Cluster, keys, scripts};
 use crate::capabilities::EffectKeys;
-use crate::store::{DeadLetter, ItemResult, ItemStore};
+use crate::model::ItemResult;
+use crate::store::{DeadLetter, ItemStore};
 
 fn field(index: u64, stage: &str) -> String {
     format!("{index}:{stage}")

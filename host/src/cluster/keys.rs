@@ -19,7 +19,7 @@ pub const CANCEL_CHANNEL: &str = "sh:cancel";
 /// The keys of one job.
 #[derive(Debug, Clone)]
 pub struct JobKeys {
-    /// String: the [`crate::store::JobRecord`] as submitted (JSON).
+    /// String: the [`crate::model::JobRecord`] as submitted (JSON).
     pub record: String,
     /// Hash: `seq` (last event number), `total`, `succeeded`, `failed`, `not_run`, `state`,
     /// `finished_at`, `llm_tokens` (used by the job's items so far).
@@ -28,7 +28,7 @@ pub struct JobKeys {
     pub items: String,
     /// Hash: `<index>:<stage>` -> a checkpointed stage output.
     pub checkpoints: String,
-    /// Hash: item index -> [`crate::store::ItemResult`] JSON.
+    /// Hash: item index -> [`crate::model::ItemResult`] JSON.
     pub results: String,
     /// Sorted set: indexes of the items with a result, scored by index (keyset paging).
     pub order: String,

@@ -144,7 +144,7 @@ impl Cluster {
         }
         invocation
             .arg(job.to_string())
-            .arg(crate::store::now_ms())
+            .arg(crate::model::now_ms())
             .arg(self.inner.retention.as_secs().max(1));
         for arg in extra {
             invocation.arg(*arg);
@@ -163,7 +163,7 @@ impl Cluster {
         job: Uuid,
         extra: &[&[u8]],
     ) -> Result<T> {
-        let at = crate::store::now_ms();
+        let at = crate::model::now_ms();
         let ended = |cancelled| {
             serde_json::to_vec(&crate::events::Entry {
                 at,

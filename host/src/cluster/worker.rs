@@ -26,11 +26,12 @@ use uuid::Uuid;
 
 use super::{Cluster, keys, keys::JobKeys, scripts};
 use crate::events::{Entry, Event};
-use crate::jobs::manager::Detail;
-use crate::jobs::manager::{DEFAULT_PREVIEW_CHARS, item_limits, preview, unrunnable};
 use crate::jobs::{ItemHooks, ItemRef, StageUpdate, run_item};
+use crate::jobs::{item_limits, unrunnable};
+use crate::model::DEFAULT_PREVIEW_CHARS;
+use crate::model::Detail;
+use crate::model::{ItemResult, ItemStatus, JobRecord, item_id, now_ms};
 use crate::pipeline::Pipeline;
-use crate::store::{ItemResult, ItemStatus, JobRecord, item_id, now_ms};
 
 /// How a node takes work.
 #[derive(Debug, Clone, Copy)]
@@ -305,7 +306,7 @@ impl Worker {
             .unwrap_or(DEFAULT_PREVIEW_CHARS);
         let event = Entry {
             at: now_ms(),
-            event: Event::item_finished(index, succeeded, preview(result, chars)),
+            event: Event::item_finished(index, succeeded, result.preview(chars)),
         };
         let counter = if succeeded { "succeeded" } else { "failed" };
         self.cluster

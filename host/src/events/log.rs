@@ -21,7 +21,8 @@ use uuid::Uuid;
 use serde::{Deserialize, Serialize};
 
 use super::{Counts, Event};
-use crate::store::{Store, keys, now_ms};
+use crate::model::now_ms;
+use crate::store::{Store, keys};
 
 /// An event as the log keeps it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -12,7 +12,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{JobManager, Reprocess};
+use super::JobManager;
+use crate::model::Reprocess;
 
 /// Reprocess the retryable dead letters of every finished job that have been reprocessed fewer
 /// than `max_rounds` times, once; how many were started.

@@ -7,9 +7,11 @@ use anyhow::Result;
 use async_trait::async_trait;
 use uuid::Uuid;
 
-use super::{CancelOutcome, Idempotency, JobManager, JobOptions, Submitted};
+use super::JobManager;
 use crate::events::{EventLog, Events};
-use crate::store::{ItemResult, JobRecord, JobState, Store};
+use crate::model::{CancelOutcome, Idempotency, JobOptions, Submitted};
+use crate::model::{ItemResult, JobRecord, JobState};
+use crate::store::Store;
 
 #[async_trait]
 pub trait JobBackend: Send + Sync {

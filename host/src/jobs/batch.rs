@@ -13,8 +13,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::item::{ItemHooks, ItemLimits, ItemRef, run_item};
+use crate::model::{ItemResult, JobRecord, JobState, item_id, now_ms};
 use crate::pipeline::Pipeline;
-use crate::store::{ItemResult, JobRecord, JobState, item_id, now_ms};
 
 /// How a job ended.
 #[derive(Debug, Clone)]

@@ -13,8 +13,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::capabilities::Capabilities;
+use crate::model::now_ms;
 use crate::runtime::bindings::types::Context;
-use crate::store::{EffectRecord, EffectState, now_ms};
+use crate::store::{EffectRecord, EffectState};
 
 pub struct EffectRunner {
     caps: Arc<Capabilities>,

@@ -26,10 +26,11 @@ use uuid::Uuid;
 
 use crate::capabilities::{Durable, Journal, ProgressSink};
 use crate::config::RetryPolicy;
+use crate::model::{Attempt, ItemError, ItemResult, ItemStatus, StageRun, now_ms};
 use crate::pipeline::Pipeline;
 use crate::runtime::bindings::types::Context;
 use crate::runtime::{Call, Failure, FailureKind};
-use crate::store::{Attempt, DeadLetter, ItemError, ItemResult, ItemStatus, StageRun, now_ms};
+use crate::store::DeadLetter;
 
 /// Where an item's live progress goes, besides its result.
 #[derive(Clone, Default)]

@@ -10,114 +10,15 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{ItemHooks, ItemLimits, ItemRef, RunSettings, StageUpdate, run_item, run_job};
-use crate::config::PipelineConfig;
+use super::{
+    ItemHooks, ItemLimits, ItemRef, RunSettings, StageUpdate, item_limits, run_item, run_job,
+    unrunnable,
+};
 use crate::events::{Counts, Entry, Event, EventLog};
+use crate::model::{CancelOutcome, Idempotency, Reprocess, Submitted};
+pub use crate::model::{DEFAULT_PREVIEW_CHARS, Detail, JobOptions};
+use crate::model::{ItemResult, ItemStatus, JobRecord, JobState};
 use crate::pipeline::Pipeline;
-pub use crate::store::{DEFAULT_PREVIEW_CHARS, Detail, JobOptions};
-use crate::store::{ItemResult, ItemStatus, JobRecord, JobState};
-
-/// A client's idempotency key for a submission, and a digest of what it submitted.
-#[derive(Debug, Clone)]
-pub struct Idempotency {
-    pub key: String,
-    pub request_digest: String,
-}
-
-impl Idempotency {
-    /// The answer to a submission whose key `existing` holds already: that job, or a conflict
-    /// if it was asked for with another request.
-    pub(crate) fn repeat_of(&self, existing: JobRecord) -> Submitted {
-        if existing.request_digest == self.request_digest {
-            Submitted::Existing(existing)
-        } else {
-            Submitted::Conflict(existing)
-        }
-    }
-}
-
-/// The record of a new job of `pipeline` as submitted: options, labels, idempotency key.
-pub(crate) fn new_job(
-    pipeline: &str,
-    options: JobOptions,
-    idempotency: Option<&Idempotency>,
-) -> JobRecord {
-    let mut job = JobRecord::new(pipeline);
-    if let Some(idempotency) = idempotency {
-        job.idempotency_key = Some(idempotency.key.clone());
-        job.request_digest = idempotency.request_digest.clone();
-    }
-    job.labels = options.labels.clone();
-    job.options = options;
-    job
-}
-
-/// What a reprocess request did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reprocess {
-    /// This many dead letters are being run again.
-    Started(usize),
-    /// The job is running (or being reprocessed): wait for it to end.
-    Running,
-    UnknownJob,
-}
-
-/// What a submission did.
-#[derive(Debug)]
-pub enum Submitted {
-    New(JobRecord),
-    /// The key was used before, for the same request: this is that job.
-    Existing(JobRecord),
-    /// The key was used before for another request.
-    Conflict(JobRecord),
-}
-
-/// The start of a result's output or error, for its `item.finished` event.
-pub(crate) fn preview(result: &ItemResult, chars: usize) -> String {
-    match (&result.output, &result.error) {
-        (Some(output), _) => crate::text::truncate(output.get(), chars).into_owned(),
-        (None, Some(error)) => crate::text::truncate(&error.message, chars).into_owned(),
-        (None, None) => String::new(),
-    }
-}
-
-/// Limits of a job's items: the job's `options` over the pipeline's settings.
-pub(crate) fn item_limits(config: &PipelineConfig, options: &JobOptions) -> ItemLimits {
-    ItemLimits {
-        stage_timeout: options.stage_timeout_ms.map(Duration::from_millis),
-        item_timeout: options
-            .item_timeout_ms
-            .or(config.run.item_timeout_ms)
-            .map(Duration::from_millis),
-        max_tokens: options.max_tokens.or(config.llm.max_tokens_per_job),
-    }
-}
-
-/// Why a stored job cannot run on this pipeline, if it cannot: it names another pipeline, or
-/// its options (from another version, or from before a limit was lowered) are out of bounds.
-/// Such a job fails with this reason instead of being run.
-pub(crate) fn unrunnable(config: &PipelineConfig, job: &JobRecord) -> Option<String> {
-    if job.pipeline != config.name {
-        return Some(format!(
-            "the job belongs to pipeline `{}`, which this server does not run (it runs `{}`)",
-            job.pipeline, config.name
-        ));
-    }
-    job.options
-        .check(&config.limits)
-        .err()
-        .map(|e| format!("the job cannot run: {e}"))
-}
-
-/// What became of a cancel request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CancelOutcome {
-    /// The job was running; it stops now.
-    Cancelling,
-    /// The job had already ended in this state.
-    Finished(JobState),
-    Unknown,
-}
 
 pub struct JobManager {
     pipeline: Arc<Pipeline>,
@@ -147,7 +48,7 @@ impl JobManager {
         idempotency: Option<Idempotency>,
     ) -> Result<Submitted> {
         let store = self.pipeline.store();
-        let job = new_job(&self.pipeline.config.name, options, idempotency.as_ref());
+        let job = JobRecord::submitted(&self.pipeline.config.name, options, idempotency.as_ref());
         if let Some(idempotency) = &idempotency
             && let Some(existing) = store
                 .claim_idempotency_key(&idempotency.key, job.id)
@@ -209,7 +110,7 @@ impl JobManager {
             (job.succeeded, job.failed) = self.events.counts(id)?;
             job.state = JobState::Failed;
             job.error = Some(reason.to_string());
-            job.finished_at = Some(crate::store::now_ms());
+            job.finished_at = Some(crate::model::now_ms());
             store.put_job(&job)?;
         }
         self.events.append(
@@ -283,7 +184,7 @@ impl JobManager {
                 id,
                 result.index,
                 result.status == ItemStatus::Succeeded,
-                preview(result, preview_chars),
+                result.preview(preview_chars),
                 false,
             ) {
                 tracing::error!(job = %id, error = %format!("{error:#}"), "cannot append an item event");
@@ -359,7 +260,7 @@ impl JobManager {
                     job.id,
                     result.index,
                     result.status == ItemStatus::Succeeded,
-                    preview(&result, preview_chars),
+                    result.preview(preview_chars),
                     false,
                 )?;
             }
@@ -458,7 +359,7 @@ impl JobManager {
                         job.id,
                         index,
                         succeeded,
-                        preview(&result, preview_chars),
+                        result.preview(preview_chars),
                         true,
                     )?;
                     anyhow::Ok(())
@@ -471,7 +372,7 @@ impl JobManager {
         job.succeeded += passed;
         job.failed = job.failed.saturating_sub(passed);
         job.state = JobState::Completed;
-        job.finished_at = Some(crate::store::now_ms());
+        job.finished_at = Some(crate::model::now_ms());
         store.put_job(&job)?;
         let end = Event::job_ended(false).with_counts(Counts {
             succeeded: job.succeeded,

@@ -11,7 +11,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::events::EventLog;
-use crate::store::{JobState, Store, now_ms};
+use crate::model::{JobState, now_ms};
+use crate::store::Store;
 
 /// Remove finished jobs that ended more than `ttl` ago; how many.
 pub fn sweep(store: &Store, events: &EventLog, ttl: Duration) -> Result<usize> {

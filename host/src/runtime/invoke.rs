@@ -133,7 +133,7 @@ pub struct CallStats {
     /// call that had to wait.
     pub cpu: Duration,
     /// The LLM requests it made.
-    pub llm: Vec<crate::store::LlmCall>,
+    pub llm: Vec<crate::model::LlmCall>,
     /// Runs of the guest: 1, plus one for each time it waited without its instance.
     pub runs: u32,
     /// The try's journal as it ended: what the stage's next try starts from

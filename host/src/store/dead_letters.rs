@@ -8,7 +8,8 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{ItemError, Store, json, keys, parse};
+use super::{Store, json, keys, parse};
+use crate::model::ItemError;
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeadLetter {

@@ -8,7 +8,8 @@ use anyhow::Result;
 use async_trait::async_trait;
 use uuid::Uuid;
 
-use super::{DeadLetter, ItemResult, Store};
+use super::{DeadLetter, Store};
+use crate::model::ItemResult;
 
 #[async_trait]
 pub trait ItemStore: Send + Sync {

@@ -23,13 +23,12 @@ mod effects;
 mod item_store;
 mod journals;
 pub(crate) mod keys;
-mod model;
-mod options;
 
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::model::{ItemResult, JobRecord};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use sled::{Batch, IVec, Tree};
@@ -38,11 +37,6 @@ use uuid::Uuid;
 pub use dead_letters::DeadLetter;
 pub use effects::{EffectRecord, EffectState, EmitOutcome};
 pub use item_store::ItemStore;
-pub use model::{
-    Attempt, ItemError, ItemResult, ItemStatus, JobRecord, JobState, LlmCall, StageRun, item_id,
-    now_ms,
-};
-pub use options::{DEFAULT_PREVIEW_CHARS, Detail, JobOptions};
 
 /// Items are written in batches of this many, so a large job neither holds all its items in
 /// one sled batch nor pays a write per item.

@@ -8,8 +8,9 @@ use std::sync::Arc;
 
 use stagehand::config::PipelineConfig;
 use stagehand::jobs::item::{ItemLimits, ItemRef, run_item};
+use stagehand::model::{ItemResult, JobRecord};
 use stagehand::pipeline::Pipeline;
-use stagehand::store::{ItemResult, JobRecord, Store};
+use stagehand::store::Store;
 use tokio_util::sync::CancellationToken;
 
 /// Where `cargo xtask plugins` puts the guests.

@@ -35,8 +35,8 @@ use super::journal::Answered;
 use super::{Answer, CallKind, Counted, HostState, Request};
 use crate::config::LlmConfig;
 use crate::events::Token;
+use crate::model::LlmCall;
 use crate::runtime::bindings::llm::{ChatRequest, ChatResponse, FinishReason, Host, LlmError};
-use crate::store::LlmCall;
 
 /// The pipeline's providers, and the route (providers in failover order) of each stage.
 pub struct LlmProviders {

@@ -18,8 +18,8 @@ use super::limits::{Gate, Limits, all_paused};
 use super::status::{describe, refusal, retry_after_ms};
 use super::wire;
 use crate::config::ProviderConfig;
+use crate::model::LlmCall;
 use crate::runtime::bindings::llm::{ChatRequest, ChatResponse, LlmError};
-use crate::store::LlmCall;
 
 /// Counters of one provider, for summaries and metrics.
 #[derive(Debug, Default)]

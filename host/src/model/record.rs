@@ -1,10 +1,12 @@
-//! What the store keeps about jobs and items.
+//! A job and its items as every layer records them: states, results, stage runs, errors.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use uuid::Uuid;
+
+use super::{Idempotency, JobOptions};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -56,6 +58,22 @@ pub struct JobRecord {
 }
 
 impl JobRecord {
+    /// The record of a new job of `pipeline` as submitted: options, labels, idempotency key.
+    pub fn submitted(
+        pipeline: &str,
+        options: JobOptions,
+        idempotency: Option<&Idempotency>,
+    ) -> Self {
+        let mut job = Self::new(pipeline);
+        if let Some(idempotency) = idempotency {
+            job.idempotency_key = Some(idempotency.key.clone());
+            job.request_digest = idempotency.request_digest.clone();
+        }
+        job.labels = options.labels.clone();
+        job.options = options;
+        job
+    }
+
     pub fn new(pipeline: &str) -> Self {
         Self {
             // Time-ordered, so the jobs tree lists jobs in creation order.
@@ -217,6 +235,15 @@ pub struct ItemResult {
 }
 
 impl ItemResult {
+    /// The start of the output or error, at most `chars` characters, for `item.finished`.
+    pub fn preview(&self, chars: usize) -> String {
+        match (&self.output, &self.error) {
+            (Some(output), _) => crate::text::truncate(output.get(), chars).into_owned(),
+            (None, Some(error)) => crate::text::truncate(&error.message, chars).into_owned(),
+            (None, None) => String::new(),
+        }
+    }
+
     /// A stored result as any reader may show it. One that cannot be read (written by another
     /// version, or damaged), or whose output nests deeper than readers take (stored before
     /// outputs were bounded), becomes a failed entry of kind `unreadable` that says why, so
