@@ -21,16 +21,19 @@
 //!   idempotency keys, dead letters; flushes are group-committed.
 //! - [`memory`]: the node's memory budget, which items in flight are charged against.
 //! - [`pipeline`]: a loaded pipeline: components, capabilities, per-stage limits.
-//! - [`jobs`]: running items through stages (retries, time limits, dead letters), jobs under a
-//!   concurrency limit, effects, and the [`jobs::JobManager`] that runs submitted jobs in the
-//!   background, resumes them after a restart and reprocesses dead letters.
-//! - [`events`]: each job's append-only event log in sled, published once durable, the SSE
-//!   view of it, and the live (unlogged) tokens of streamed LLM answers.
+//! - [`backend`]: where jobs live, behind four seams ([`backend::JobBackend`],
+//!   [`backend::ItemStore`], [`backend::EventSource`], [`backend::EffectKeys`]) and two
+//!   implementations: [`backend::embedded`] (sled; the [`backend::embedded::JobManager`] runs
+//!   submitted jobs in this process, resumes them after a restart, reprocesses dead letters)
+//!   and [`backend::redis`] (jobs, items, results, event logs, work and cancels shared by
+//!   several nodes: `serve --redis`, `worker --redis`).
+//! - [`jobs`]: running items through stages (retries, time limits, dead letters), items of a
+//!   job under a concurrency limit, effects; used by both backends.
+//! - [`events`]: what a job's events are, the SSE view of a log (from either backend), and the
+//!   live (unlogged) tokens of streamed LLM answers.
 //! - [`versions`]: stage versions installed while serving (hot swap), kept across restarts.
 //! - [`watch`]: settled file-change bursts, for `serve --watch` and kv namespace reloads.
 //! - [`metrics`]: every Prometheus metric, named in one place.
-//! - [`cluster`]: Redis mode: jobs, items, results, event logs, work and cancels shared by
-//!   several nodes (`serve --redis`, `worker --redis`).
 //! - [`node`]: the composition root: a node (store, runtime, pipeline, backend, effect runner,
 //!   work loop, sweepers, watchers) built once for `serve`, `worker` and `run`, with one
 //!   shutdown.
@@ -41,14 +44,14 @@
 //! # Life of a request
 //!
 //! Embedded mode (`stagehand serve`): `POST /v1/jobs` ([`api`]) checks the body against
-//! [`limits`] and hands it to the node's [`jobs::JobBackend`], here [`jobs::Embedded`]: the
-//! [`jobs::JobManager`] writes the job, its items and its `job.started` event to sled, flushes,
+//! [`limits`] and hands it to the node's [`backend::JobBackend`], here
+//! [`backend::embedded::Embedded`]: the [`backend::embedded::JobManager`] writes the job, its items and its `job.started` event to sled, flushes,
 //! answers 202, and runs the job in a task of this process. Each item's stage events go to the
-//! job's [`events::EventLog`], which SSE followers read from sled after a wake-up.
+//! job's [`backend::embedded::EventLog`], which SSE followers read from sled after a wake-up.
 //!
 //! Redis mode (`serve --redis`, `worker --redis`): the same route hands the job to
-//! [`cluster::Cluster`], which writes job, items and first event to Redis and puts the items on
-//! a shared work stream; every node's work loop ([`cluster::run_worker`]) takes items from it,
+//! [`backend::redis::Cluster`], which writes job, items and first event to Redis and puts the items on
+//! a shared work stream; every node's work loop ([`backend::redis::run_worker`]) takes items from it,
 //! runs them with the same [`jobs::run_item`], and writes results and events back to Redis,
 //! where any node's SSE route reads them. Cancels reach every node by pub/sub.
 //!
@@ -60,9 +63,9 @@
 //! duration and guest CPU of every stage that ran.
 
 pub mod api;
+pub mod backend;
 pub mod capabilities;
 pub mod cli;
-pub mod cluster;
 pub mod config;
 pub mod events;
 pub mod jobs;

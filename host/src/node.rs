@@ -20,10 +20,12 @@ use anyhow::{Context, Result, bail};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::cluster::{Cluster, WorkerSettings, run_worker};
+use crate::backend::JobBackend;
+use crate::backend::embedded::EventLog;
+use crate::backend::embedded::{Embedded, JobManager};
+use crate::backend::redis::{Cluster, WorkerSettings, run_worker};
 use crate::config::PipelineConfig;
-use crate::events::EventLog;
-use crate::jobs::{EffectRunner, Embedded, JobBackend, JobManager};
+use crate::jobs::EffectRunner;
 use crate::pipeline::Pipeline;
 use crate::store::Store;
 use crate::versions::StageVersions;
@@ -219,7 +221,7 @@ impl Node {
         let Some(embedded) = &self.embedded else {
             return;
         };
-        let task = crate::jobs::retention::spawn_sweeper(
+        let task = crate::backend::embedded::retention::spawn_sweeper(
             self.store.clone(),
             embedded.events.clone(),
             self.retention,
@@ -239,7 +241,7 @@ impl Node {
                  kept per node"
             );
         };
-        let task = crate::jobs::auto_reprocess::spawn(
+        let task = crate::backend::embedded::auto_reprocess::spawn(
             embedded.jobs.clone(),
             every,
             max_rounds,

@@ -13,13 +13,14 @@ use crate::capabilities::Journal;
 use crate::runtime::Call;
 use crate::runtime::bindings::types::Context;
 
-use crate::capabilities::EffectKeys;
+use crate::backend::EffectKeys;
+use crate::backend::ItemStore;
 use crate::capabilities::{Capabilities, KvNamespaces, LlmProviders};
 use crate::config::{PipelineConfig, StageConfig};
 use crate::events::TokenHub;
 use crate::memory::MemoryBudget;
 use crate::runtime::{HandlerComponent, Runtime, RuntimeOptions, StageComponent};
-use crate::store::{ItemStore, Store};
+use crate::store::Store;
 
 pub struct Pipeline {
     pub config: PipelineConfig,

@@ -2,8 +2,9 @@
 
 use std::time::Duration;
 
+use stagehand::backend::embedded::EventLog;
+use stagehand::events::Event;
 use stagehand::events::view::{Coalescing, JobView};
-use stagehand::events::{Event, EventLog};
 use stagehand::model::JobRecord;
 use stagehand::store::Store;
 
@@ -89,7 +90,7 @@ async fn views_of_finished_jobs_release_their_wake_up_channel() {
     assert_eq!(events.heads_in_memory(), 1);
 
     // To the end, and stopped half-way (a client that disconnects).
-    let source: stagehand::events::Events = std::sync::Arc::new(events.clone());
+    let source: stagehand::backend::Events = std::sync::Arc::new(events.clone());
     let mut view = JobView::new(source.clone(), finished, 0, 0, Coalescing::default())
         .await
         .unwrap();

@@ -26,7 +26,7 @@
 //! | `GET /v1/kv`                       | kv namespaces: file, entries, digest, load time   |
 //! | `POST /v1/kv/{namespace}/reload`   | admin: read the namespace's file again            |
 //!
-//! In Redis mode ([`crate::cluster`]) the job routes answer for every node's jobs; the dead
+//! In Redis mode ([`crate::backend::redis`]) the job routes answer for every node's jobs; the dead
 //! letter routes and reprocessing answer 501 (they read the embedded store).
 
 pub mod auth;
@@ -54,7 +54,8 @@ pub use error::ApiError;
 
 use crate::limits::MAX_PAGE;
 
-use crate::jobs::{JobBackend, JobManager};
+use crate::backend::JobBackend;
+use crate::backend::embedded::JobManager;
 use crate::pipeline::Pipeline;
 use crate::store::Store;
 use crate::versions::StageVersions;
@@ -66,7 +67,7 @@ pub struct App {
     pub store: Store,
     /// The embedded mode's job manager; `None` in Redis mode.
     pub local_jobs: Option<Arc<JobManager>>,
-    /// Where jobs live: [`crate::jobs::Embedded`], or Redis shared by several nodes.
+    /// Where jobs live: [`crate::backend::embedded::Embedded`], or Redis shared by several nodes.
     pub backend: Arc<dyn JobBackend>,
     /// Largest accepted request body.
     pub max_body_bytes: usize,

@@ -43,10 +43,10 @@ use uuid::Uuid;
 
 use super::budget::Spent;
 use super::kv::Entries;
+use crate::backend::ItemStore;
 use crate::model::LlmCall;
 use crate::runtime::bindings::dispatch::{DispatchError, EmitOutcome};
 use crate::runtime::bindings::llm::{ChatResponse, LlmError};
-use crate::store::ItemStore;
 
 /// The host calls a journal answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -53,9 +53,9 @@ pub struct Capabilities {
     pub handlers: BTreeMap<String, Arc<HandlerComponent>>,
     pub store: Store,
     /// Checkpoints, results and dead letters of items: `store`, or a shared backend.
-    pub items: Arc<dyn crate::store::ItemStore>,
+    pub items: Arc<dyn crate::backend::ItemStore>,
     /// Where effect keys are claimed across nodes (Redis mode), before `store` records them.
-    pub effect_keys: Option<Arc<dyn EffectKeys>>,
+    pub effect_keys: Option<Arc<dyn crate::backend::EffectKeys>>,
     /// Woken when an effect is recorded, so the effect runner need not poll.
     pub effects_waiting: Notify,
     /// Where `llm.chat-stream` sends the pieces of an answer as they arrive.
@@ -63,14 +63,6 @@ pub struct Capabilities {
     /// Handlers running for `dispatch.call` at once: each holds an instance, which the pool
     /// keeps room for (see `Pipeline::runtime_for`).
     pub handler_calls: Arc<Semaphore>,
-}
-
-/// Claims of effect keys that several nodes see: the first claim of (handler, key) wins, so an
-/// effect runs at most once whichever node's item emits it.
-#[async_trait::async_trait]
-pub trait EffectKeys: Send + Sync {
-    /// `true` when this claim is the first.
-    async fn claim(&self, handler: &str, key: &str) -> anyhow::Result<bool>;
 }
 
 /// Bytes of a guest's stderr kept for its error message.

@@ -1,19 +1,16 @@
-//! A job's events: an append-only log per job, numbered 1, 2, 3..., kept in sled.
+//! A job's events: what happened ([`Event`]), as a log keeps it ([`Entry`]): numbered 1, 2, 3...
+//! per job, in sled (`crate::backend::embedded::EventLog`) or a Redis stream.
 //!
-//! The log is the truth; an SSE stream is a view of it. A subscriber holds a cursor (the last
-//! number it sent) and a wake-up signal, never a buffer, so its memory does not grow with the
-//! rate of events, and a client that reconnects with `Last-Event-ID: N` gets exactly the events
-//! after N. Coalescing of progress happens in the view ([`view`]), so the log keeps every event.
+//! The log is the truth; an SSE stream is a view of it ([`view`]). A subscriber holds a cursor
+//! (the last number it sent) and a wake-up signal, never a buffer, so its memory does not grow
+//! with the rate of events, and a client that reconnects with `Last-Event-ID: N` gets exactly
+//! the events after N. Coalescing of progress happens in the view, so the log keeps every event.
 
-mod log;
-mod source;
 mod tokens;
 pub mod view;
 
 use serde::{Deserialize, Serialize};
 
-pub use log::{Entry, EventLog};
-pub use source::{EventSource, Events};
 pub use tokens::{Token, TokenHub, TokenSubscription};
 
 /// What happened. Serialised as `{"type": "...", ...fields}`.
@@ -67,6 +64,15 @@ pub enum Event {
     },
     #[serde(rename = "job.failed")]
     JobFailed { error: String },
+}
+
+/// An event as the log keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    /// When it was logged, ms since the Unix epoch: lets a client measure how late it hears of it.
+    pub at: u64,
+    #[serde(flatten)]
+    pub event: Event,
 }
 
 fn first_attempt() -> u32 {

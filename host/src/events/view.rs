@@ -15,7 +15,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::{Entry, Event, Events};
+use super::{Entry, Event};
+use crate::backend::Events;
 
 /// When progress frames go out.
 #[derive(Debug, Clone, Copy)]

@@ -377,7 +377,7 @@ pub async fn run_item(
 
 /// Drop the journals of stages whose output is now kept.
 async fn remove_journals(
-    store: &dyn crate::store::ItemStore,
+    store: &dyn crate::backend::ItemStore,
     item: ItemRef,
     stages: &[(&str, usize)],
 ) -> Result<()> {

@@ -20,7 +20,6 @@
 
 mod dead_letters;
 mod effects;
-mod item_store;
 mod journals;
 pub(crate) mod keys;
 
@@ -36,7 +35,6 @@ use uuid::Uuid;
 
 pub use dead_letters::DeadLetter;
 pub use effects::{EffectRecord, EffectState, EmitOutcome};
-pub use item_store::ItemStore;
 
 /// Items are written in batches of this many, so a large job neither holds all its items in
 /// one sled batch nor pays a write per item.

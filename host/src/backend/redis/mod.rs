@@ -3,10 +3,10 @@
 //!
 //! - [`keys`]: every key and channel, with a job's keys in one Cluster hash slot.
 //! - [`scripts`]: the Lua that numbers events and settles items and jobs atomically.
-//! - [`backend`]: the jobs as the HTTP API sees them ([`crate::jobs::JobBackend`]).
-//! - [`events`]: each job's log as a Redis stream ([`crate::events::EventSource`]).
-//! - [`items`]: checkpoints and dead letters ([`crate::store::ItemStore`]) and effect claims
-//!   ([`crate::capabilities::EffectKeys`]).
+//! - [`jobs`]: the jobs as the HTTP API sees them ([`crate::backend::JobBackend`]).
+//! - [`events`]: each job's log as a Redis stream ([`crate::backend::EventSource`]).
+//! - [`items`]: checkpoints and dead letters ([`crate::backend::ItemStore`]) and effect claims
+//!   ([`crate::backend::EffectKeys`]).
 //! - [`signals`]: pub/sub wake-ups and cancels, and the poll that backs them up.
 //! - [`worker`]: the loop that takes items from the `sh:work` stream through the consumer group,
 //!   runs them, acknowledges them, and reclaims the items of nodes that died.
@@ -14,9 +14,9 @@
 //! Redis is the shared truth; pub/sub only speeds things up. A lost wake-up delays a follower
 //! until the next poll, a lost cancel message until the next check of the cancel key.
 
-mod backend;
 mod events;
 mod items;
+mod jobs;
 pub mod keys;
 mod scripts;
 mod signals;

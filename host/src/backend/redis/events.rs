@@ -14,7 +14,8 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::{Cluster, keys::JobKeys};
-use crate::events::{Counts, Entry, EventSource};
+use crate::backend::EventSource;
+use crate::events::{Counts, Entry};
 
 impl Cluster {
     /// Tell this node's followers of `job` to read again.

@@ -11,8 +11,9 @@ use redis::AsyncCommands;
 use uuid::Uuid;
 
 use super::{Cluster, keys, keys::JobKeys};
-use crate::events::{Entry, Event, Events};
-use crate::jobs::JobBackend;
+use crate::backend::Events;
+use crate::backend::JobBackend;
+use crate::events::{Entry, Event};
 use crate::model::{CancelOutcome, Idempotency, JobOptions, Submitted};
 use crate::model::{ItemResult, JobRecord, JobState, now_ms};
 

@@ -10,7 +10,7 @@ use anyhow::Result;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::events::EventLog;
+use crate::backend::embedded::EventLog;
 use crate::model::{JobState, now_ms};
 use crate::store::Store;
 

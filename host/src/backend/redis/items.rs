@@ -12,9 +12,10 @@ use redis::AsyncCommands;
 use uuid::Uuid;
 
 use super::{Cluster, keys, scripts};
-use crate::capabilities::EffectKeys;
+use crate::backend::EffectKeys;
+use crate::backend::ItemStore;
 use crate::model::ItemResult;
-use crate::store::{DeadLetter, ItemStore};
+use crate::store::DeadLetter;
 
 fn field(index: u64, stage: &str) -> String {
     format!("{index}:{stage}")

@@ -10,13 +10,14 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{
+use super::EventLog;
+use crate::events::{Counts, Entry, Event};
+use crate::jobs::{
     ItemHooks, ItemLimits, ItemRef, RunSettings, StageUpdate, item_limits, run_item, run_job,
     unrunnable,
 };
-use crate::events::{Counts, Entry, Event, EventLog};
 use crate::model::{CancelOutcome, Idempotency, Reprocess, Submitted};
-pub use crate::model::{DEFAULT_PREVIEW_CHARS, Detail, JobOptions};
+use crate::model::{DEFAULT_PREVIEW_CHARS, Detail, JobOptions};
 use crate::model::{ItemResult, ItemStatus, JobRecord, JobState};
 use crate::pipeline::Pipeline;
 

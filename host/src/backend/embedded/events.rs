@@ -18,20 +18,12 @@ use anyhow::{Context, Result};
 use tokio::sync::{Notify, watch};
 use uuid::Uuid;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use super::{Counts, Event};
+use crate::backend::EventSource;
+use crate::events::{Counts, Entry, Event};
 use crate::model::now_ms;
 use crate::store::{Store, keys};
-
-/// An event as the log keeps it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Entry {
-    /// When it was logged, ms since the Unix epoch: lets a client measure how late it hears of it.
-    pub at: u64,
-    #[serde(flatten)]
-    pub event: Event,
-}
 
 /// [`Entry`] for writing, without copying the event.
 #[derive(Serialize)]
@@ -313,5 +305,30 @@ async fn publish(
                 newer
             });
         }
+    }
+}
+
+#[async_trait::async_trait]
+impl EventSource for EventLog {
+    fn watch(&self, job: Uuid) -> Result<watch::Receiver<u64>> {
+        EventLog::watch(self, job)
+    }
+
+    async fn read(
+        &self,
+        job: Uuid,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Entry)>> {
+        EventLog::read(self, job, after, upto).take(limit).collect()
+    }
+
+    async fn ended_at(&self, job: Uuid) -> Result<Option<u64>> {
+        EventLog::ended_at(self, job)
+    }
+
+    fn release(&self, job: Uuid) {
+        EventLog::release(self, job)
     }
 }

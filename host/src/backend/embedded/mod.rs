@@ -1,5 +1,17 @@
-//! What the HTTP API asks of jobs, apart from where they live: [`Embedded`] (sled, this
-//! process runs them) or Redis, where every node sees every job (`crate::cluster`).
+//! The embedded backend: one process, one sled store, the default mode.
+//!
+//! - [`manager`]: the [`JobManager`] that runs submitted jobs in tasks of this process, resumes
+//!   them after a restart and reprocesses dead letters.
+//! - [`events`]: each job's event log in sled, published once durable ([`EventLog`]).
+//! - [`items`]: [`crate::backend::ItemStore`] on the sled store.
+//! - [`retention`]: the sweeper that removes finished jobs.
+//! - [`auto_reprocess`]: dead letters run again on a timer.
+
+pub mod auto_reprocess;
+mod events;
+mod items;
+mod manager;
+pub mod retention;
 
 use std::sync::Arc;
 
@@ -7,43 +19,14 @@ use anyhow::Result;
 use async_trait::async_trait;
 use uuid::Uuid;
 
-use super::JobManager;
-use crate::events::{EventLog, Events};
-use crate::model::{CancelOutcome, Idempotency, JobOptions, Submitted};
-use crate::model::{ItemResult, JobRecord, JobState};
+pub use events::EventLog;
+pub use manager::JobManager;
+
+use crate::backend::{Events, JobBackend};
+use crate::model::{
+    CancelOutcome, Idempotency, ItemResult, JobOptions, JobRecord, JobState, Submitted,
+};
 use crate::store::Store;
-
-#[async_trait]
-pub trait JobBackend: Send + Sync {
-    /// Persist a job and queue its items; when this returns the job survives a crash.
-    async fn submit(
-        &self,
-        items: Vec<Vec<u8>>,
-        options: JobOptions,
-        idempotency: Option<Idempotency>,
-    ) -> Result<Submitted>;
-
-    /// A job with its counts up to now.
-    async fn job(&self, id: Uuid) -> Result<Option<JobRecord>>;
-
-    /// Up to `limit` jobs created before `before` (all, for `None`), newest first, in `state`
-    /// if given.
-    async fn jobs(
-        &self,
-        before: Option<Uuid>,
-        state: Option<JobState>,
-        limit: usize,
-    ) -> Result<Vec<JobRecord>>;
-
-    /// Up to `limit` results with an index above `after` (all, for `None`), in index order.
-    async fn results(&self, id: Uuid, after: Option<u64>, limit: usize) -> Result<Vec<ItemResult>>;
-
-    /// Stop a job wherever its items run.
-    async fn cancel(&self, id: Uuid) -> Result<CancelOutcome>;
-
-    /// The jobs' event logs.
-    fn events(&self) -> Events;
-}
 
 /// One process, one sled store: the default mode.
 pub struct Embedded {

@@ -1,0 +1,145 @@
+//! Where jobs live, and what the rest of the engine asks of that place: the seams, in one file.
+//!
+//! - [`JobBackend`]: jobs as the HTTP API sees them (submit, read, list, cancel, events).
+//! - [`ItemStore`]: what running one item reads and writes (checkpoints, journals, results,
+//!   dead letters, token counts).
+//! - [`EventSource`]: what a view of a job's log needs (read after a number, wake-ups).
+//! - [`EffectKeys`]: claims of effect keys that several nodes see.
+//!
+//! Two backends implement them: [`embedded`] (this process's sled store; this process runs
+//! the jobs) and [`redis`] (Redis shared by several nodes, each running items from a shared
+//! work stream). The seams sit below the job runner (`crate::jobs` imports them); the
+//! backends sit above it (each runs items with `crate::jobs::run_item`).
+
+pub mod embedded;
+pub mod redis;
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use async_trait::async_trait;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::events::Entry;
+use crate::model::{
+    CancelOutcome, Idempotency, ItemResult, JobOptions, JobRecord, JobState, Submitted,
+};
+use crate::store::DeadLetter;
+
+#[async_trait]
+pub trait JobBackend: Send + Sync {
+    /// Persist a job and queue its items; when this returns the job survives a crash.
+    async fn submit(
+        &self,
+        items: Vec<Vec<u8>>,
+        options: JobOptions,
+        idempotency: Option<Idempotency>,
+    ) -> Result<Submitted>;
+
+    /// A job with its counts up to now.
+    async fn job(&self, id: Uuid) -> Result<Option<JobRecord>>;
+
+    /// Up to `limit` jobs created before `before` (all, for `None`), newest first, in `state`
+    /// if given.
+    async fn jobs(
+        &self,
+        before: Option<Uuid>,
+        state: Option<JobState>,
+        limit: usize,
+    ) -> Result<Vec<JobRecord>>;
+
+    /// Up to `limit` results with an index above `after` (all, for `None`), in index order.
+    async fn results(&self, id: Uuid, after: Option<u64>, limit: usize) -> Result<Vec<ItemResult>>;
+
+    /// Stop a job wherever its items run.
+    async fn cancel(&self, id: Uuid) -> Result<CancelOutcome>;
+
+    /// The jobs' event logs.
+    fn events(&self) -> Events;
+}
+
+#[async_trait]
+pub trait ItemStore: Send + Sync {
+    /// A checkpointed output of `stage` for item `index`.
+    async fn stage_output(&self, job: Uuid, index: u64, stage: &str) -> Result<Option<Vec<u8>>>;
+
+    /// Checkpoint several stage outputs of one item at once.
+    async fn put_stage_outputs(
+        &self,
+        job: Uuid,
+        index: u64,
+        outputs: &[(&str, &[u8])],
+    ) -> Result<()>;
+
+    /// Drop an item's checkpoints once its result holds them.
+    async fn remove_stage_outputs(&self, job: Uuid, index: u64, stages: &[&str]) -> Result<()>;
+
+    /// The journal of `stage` for item `index` (`capabilities/journal.rs`): its entries in order.
+    async fn journal(&self, job: Uuid, index: u64, stage: &str) -> Result<Vec<Vec<u8>>>;
+
+    /// Make the journal's entries from position `from` on be `entries`; those the store holds
+    /// past them are dropped. `held` is how many entries the store holds, as the caller's
+    /// journal knows from reading or writing them (so that a backend need not look).
+    async fn put_journal(
+        &self,
+        job: Uuid,
+        index: u64,
+        stage: &str,
+        from: usize,
+        entries: &[Vec<u8>],
+        held: usize,
+    ) -> Result<()>;
+
+    /// Drop a journal of `held` entries once the stage's output is kept.
+    async fn remove_journal(&self, job: Uuid, index: u64, stage: &str, held: usize) -> Result<()>;
+
+    /// Store an item's result. A backend may leave this to whoever runs the item (Redis
+    /// writes the result together with its event and the job's counts, in one step).
+    async fn put_result(&self, job: Uuid, result: &ItemResult) -> Result<()>;
+
+    async fn dead_letter(&self, job: Uuid, index: u64) -> Result<Option<DeadLetter>>;
+
+    async fn put_dead_letter(&self, letter: &DeadLetter) -> Result<()>;
+
+    async fn remove_dead_letter(&self, job: Uuid, index: u64) -> Result<()>;
+
+    /// LLM tokens (prompt and completion) the job's items have used so far.
+    async fn llm_tokens(&self, job: Uuid) -> Result<u64>;
+
+    /// Count `tokens` more for the job; the new total.
+    async fn add_llm_tokens(&self, job: Uuid, tokens: u64) -> Result<u64>;
+}
+
+#[async_trait]
+pub trait EventSource: Send + Sync {
+    /// A receiver that changes when `job` gets new readable events; its value is the last
+    /// readable number, which readers must not read past.
+    fn watch(&self, job: Uuid) -> Result<watch::Receiver<u64>>;
+
+    /// Up to `limit` events numbered above `after` and up to `upto`, in order.
+    async fn read(
+        &self,
+        job: Uuid,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Entry)>>;
+
+    /// The number of `job`'s last event if that event ends the job.
+    async fn ended_at(&self, job: Uuid) -> Result<Option<u64>>;
+
+    /// The last view of a finished job went away: its wake-up channel may go.
+    fn release(&self, job: Uuid);
+}
+
+/// A shared event source.
+pub type Events = Arc<dyn EventSource>;
+
+/// Claims of effect keys that several nodes see: the first claim of (handler, key) wins, so an
+/// effect runs at most once whichever node's item emits it.
+#[async_trait::async_trait]
+pub trait EffectKeys: Send + Sync {
+    /// `true` when this claim is the first.
+    async fn claim(&self, handler: &str, key: &str) -> anyhow::Result<bool>;
+}
