@@ -20,9 +20,8 @@ use anyhow::{Context, Result, bail};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::JobBackend;
-use crate::backend::embedded::EventLog;
-use crate::backend::embedded::{Embedded, JobManager};
+use crate::backend::Backend;
+use crate::backend::embedded::{Embedded, EventLog, JobManager};
 use crate::backend::redis::{Cluster, WorkerSettings, run_worker};
 use crate::config::PipelineConfig;
 use crate::jobs::EffectRunner;
@@ -63,25 +62,14 @@ pub struct RedisSettings {
     pub reclaim_idle: Duration,
 }
 
-/// The embedded backend's own parts: the sled event log and the manager that runs submitted
-/// jobs in this process.
-pub struct EmbeddedJobs {
-    pub events: EventLog,
-    pub jobs: Arc<JobManager>,
-}
-
 /// A running node: its pipeline, its backend, and the services started for it.
 pub struct Node {
     pub pipeline: Arc<Pipeline>,
     /// This node's embedded store (in Redis mode: stage versions, effects and handler records).
     pub store: Store,
     pub versions: StageVersions,
-    /// Where jobs live, for the API.
-    pub backend: Arc<dyn JobBackend>,
-    /// `Some` in embedded mode.
-    pub embedded: Option<EmbeddedJobs>,
-    /// `Some` in Redis mode.
-    pub cluster: Option<Cluster>,
+    /// Where jobs live.
+    pub backend: Backend,
     pub effects: Arc<EffectRunner>,
     drain: Duration,
     retention: Duration,
@@ -153,34 +141,31 @@ impl Node {
             pipeline.config.run.effect_concurrency,
             stop_services.clone(),
         );
-        let (backend, embedded): (Arc<dyn JobBackend>, _) = match &cluster {
-            Some(cluster) => (Arc::new(cluster.clone()), None),
+        let backend = match cluster {
+            Some(cluster) => Backend::Redis(cluster),
             None => {
                 let events = EventLog::new(&store)?;
-                let jobs = JobManager::new(pipeline.clone(), events.clone());
-                let backend = Embedded {
-                    manager: jobs.clone(),
+                Backend::Embedded(Arc::new(Embedded {
+                    manager: JobManager::new(pipeline.clone(), events.clone()),
                     store: store.clone(),
-                    events: events.clone(),
-                };
-                (Arc::new(backend), Some(EmbeddedJobs { events, jobs }))
+                    events,
+                }))
             }
         };
-        let work = work.zip(cluster.clone()).map(|(work, cluster)| {
-            tokio::spawn(run_worker(
-                cluster,
+        let work = match (&backend, work) {
+            (Backend::Redis(cluster), Some(work)) => Some(tokio::spawn(run_worker(
+                cluster.clone(),
                 pipeline.clone(),
                 work,
                 stop_work.clone(),
-            ))
-        });
+            ))),
+            _ => None,
+        };
         Ok(Self {
             pipeline,
             store,
             versions,
             backend,
-            embedded,
-            cluster,
             effects,
             drain: settings.drain,
             retention: settings.retention,
@@ -218,7 +203,7 @@ impl Node {
     /// every `every`. Embedded mode only: in Redis mode a finished job's keys expire by
     /// themselves, so nothing is started.
     pub fn sweep_finished_jobs(&mut self, every: Duration) {
-        let Some(embedded) = &self.embedded else {
+        let Backend::Embedded(embedded) = &self.backend else {
             return;
         };
         let task = crate::backend::embedded::retention::spawn_sweeper(
@@ -235,14 +220,14 @@ impl Node {
     /// times each. Refused in Redis mode, where dead letters are not shared yet: running it
     /// there would look like it works and reprocess nothing.
     pub fn reprocess_dead_letters(&mut self, every: Duration, max_rounds: u32) -> Result<()> {
-        let Some(embedded) = &self.embedded else {
+        let Backend::Embedded(embedded) = &self.backend else {
             bail!(
                 "`--reprocess-every-secs` is not available in Redis mode yet: dead letters are \
                  kept per node"
             );
         };
         let task = crate::backend::embedded::auto_reprocess::spawn(
-            embedded.jobs.clone(),
+            embedded.manager.clone(),
             every,
             max_rounds,
             self.stop_services.clone(),
@@ -254,17 +239,17 @@ impl Node {
     /// Jobs a crash or an impatient shutdown left running go on where they stopped (embedded
     /// mode; in Redis mode other nodes reclaim them). Returns how many.
     pub async fn resume_unfinished_jobs(&self) -> Result<usize> {
-        match &self.embedded {
-            Some(embedded) => embedded.jobs.resume_unfinished().await,
-            None => Ok(0),
+        match &self.backend {
+            Backend::Embedded(embedded) => embedded.manager.resume_unfinished().await,
+            Backend::Redis(_) => Ok(0),
         }
     }
 
     /// Stop taking work and give items in flight the drain time, then stop every service
     /// and flush the store.
     pub async fn shutdown(self) -> Result<()> {
-        if let Some(embedded) = &self.embedded {
-            let still_running = embedded.jobs.wait(self.drain).await;
+        if let Backend::Embedded(embedded) = &self.backend {
+            let still_running = embedded.manager.wait(self.drain).await;
             if still_running > 0 {
                 tracing::warn!(
                     still_running,

@@ -336,6 +336,16 @@ fn any_node_answers_for_any_job() {
         .unwrap();
     let failed = &page["results"][0];
     assert_eq!(failed["index"], 20);
+    // Offset paging reads the same results from Redis as `after` does.
+    let by_page: Value = client()
+        .get(node2.url(&format!("/v1/jobs/{job}/results?page=3&page_size=10")))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(by_page["page"], 3, "{by_page}");
+    assert_eq!(by_page["results"].as_array().unwrap().len(), 1, "{by_page}");
+    assert_eq!(by_page["results"][0], *failed);
     assert_eq!(failed["status"], "failed");
     assert!(
         failed["error"]["message"]

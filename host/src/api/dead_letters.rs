@@ -50,7 +50,6 @@ pub async fn list(
     State(app): State<Arc<App>>,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    app.embedded_jobs("listing dead letters")?;
     let Query(q) = query?;
     let limit = page_limit(q.limit, 100)?;
     for (field, value) in [("stage", &q.stage), ("after", &q.after)] {
@@ -59,17 +58,10 @@ pub async fn list(
         }
     }
     let after = q.after.as_deref().map(cursor).transpose()?;
-    let mut letters = Vec::with_capacity(limit);
-    for letter in app.store.dead_letters(q.job, after) {
-        let letter = letter?;
-        if q.stage.as_ref().is_some_and(|s| *s != letter.stage) {
-            continue;
-        }
-        letters.push(letter);
-        if letters.len() == limit {
-            break;
-        }
-    }
+    let letters = app
+        .backend
+        .dead_letters(q.job, q.stage.as_deref(), after, limit)
+        .await?;
     let next_after = (letters.len() == limit)
         .then(|| letters.last().map(|l| format!("{}/{}", l.job_id, l.index)))
         .flatten();
@@ -90,9 +82,8 @@ pub async fn inspect(
     State(app): State<Arc<App>>,
     Path((raw_job, raw_index)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    app.embedded_jobs("reading a dead letter")?;
     let (job, index) = (job_id(&raw_job)?, index_of(&raw_index)?);
-    let letter = app.store.dead_letter(job, index)?.ok_or_else(|| {
+    let letter = app.backend.dead_letter(job, index).await?.ok_or_else(|| {
         ApiError::NotFound(format!("no dead letter for item {index} of job {job}"))
     })?;
     let item = ItemRef {
@@ -116,9 +107,8 @@ pub async fn discard(
     State(app): State<Arc<App>>,
     Path((raw_job, raw_index)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    app.embedded_jobs("discarding a dead letter")?;
     let (job, index) = (job_id(&raw_job)?, index_of(&raw_index)?);
-    if app.store.remove_dead_letter(job, index)? {
+    if app.backend.discard_dead_letter(job, index).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::NotFound(format!(
@@ -143,7 +133,6 @@ pub async fn reprocess(
     Path(raw): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    app.embedded_jobs("reprocessing")?;
     let job = job_id(&raw)?;
     // The body is optional: none at all means every dead letter of the job.
     let request: ReprocessRequest = if body.iter().all(u8::is_ascii_whitespace) {
@@ -168,7 +157,7 @@ pub async fn reprocess(
             in_range("indices", index, 0, crate::limits::MAX_POSITION)?;
         }
     }
-    start(&app, job, request.indices)
+    start(&app, job, request.indices).await
 }
 
 /// `POST /v1/dead-letters/{job}/{index}/reprocess`: one item.
@@ -178,18 +167,17 @@ pub async fn reprocess_one(
     State(app): State<Arc<App>>,
     Path((raw_job, raw_index)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    app.embedded_jobs("reprocessing")?;
     let (job, index) = (job_id(&raw_job)?, index_of(&raw_index)?);
-    if app.store.dead_letter(job, index)?.is_none() {
+    if app.backend.dead_letter(job, index).await?.is_none() {
         return Err(ApiError::NotFound(format!(
             "no dead letter for item {index} of job {job}"
         )));
     }
-    start(&app, job, Some(vec![index]))
+    start(&app, job, Some(vec![index])).await
 }
 
-fn start(app: &App, job: Uuid, indices: Option<Vec<u64>>) -> Result<Response, ApiError> {
-    match app.embedded_jobs("reprocessing")?.reprocess(job, indices)? {
+async fn start(app: &App, job: Uuid, indices: Option<Vec<u64>>) -> Result<Response, ApiError> {
+    match app.backend.reprocess(job, indices).await? {
         Reprocess::Started(n) => Ok((
             StatusCode::ACCEPTED,
             Json(json!({

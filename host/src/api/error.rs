@@ -24,7 +24,7 @@ pub enum ApiError {
     TooLarge(String),
     #[error("unsupported content type: {0}")]
     UnsupportedMedia(String),
-    /// The route reads this node's embedded store, which in Redis mode is not the truth.
+    /// The backend cannot serve the route (yet): [`crate::backend::NotAvailable`].
     #[error("{0}")]
     NotAvailable(String),
     #[error("internal error: {0:#}")]
@@ -66,7 +66,10 @@ impl IntoResponse for ApiError {
 
 impl From<anyhow::Error> for ApiError {
     fn from(error: anyhow::Error) -> Self {
-        ApiError::Internal(error)
+        match error.downcast_ref::<crate::backend::NotAvailable>() {
+            Some(not_available) => ApiError::NotAvailable(not_available.to_string()),
+            None => ApiError::Internal(error),
+        }
     }
 }
 

@@ -276,17 +276,8 @@ pub async fn results(
             ));
         }
         // Offset paging walks the skipped results; `after` is the fast way.
-        let results = if app.local_jobs.is_none() {
-            return Err(ApiError::BadRequest(
-                "`page` is not available in Redis mode: page with `after`".into(),
-            ));
-        } else {
-            app.store
-                .results(id, None)
-                .skip((page - 1).saturating_mul(size))
-                .take(size)
-                .collect::<anyhow::Result<Vec<_>>>()?
-        };
+        let skip = (page - 1).saturating_mul(size);
+        let results = app.backend.results_from(id, skip, size).await?;
         return Ok(Json(ResultsPage {
             job_id: id,
             results,

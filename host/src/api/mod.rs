@@ -26,8 +26,9 @@
 //! | `GET /v1/kv`                       | kv namespaces: file, entries, digest, load time   |
 //! | `POST /v1/kv/{namespace}/reload`   | admin: read the namespace's file again            |
 //!
-//! In Redis mode ([`crate::backend::redis`]) the job routes answer for every node's jobs; the dead
-//! letter routes and reprocessing answer 501 (they read the embedded store).
+//! Every job route goes through [`crate::backend::JobBackend`]; in Redis mode
+//! ([`crate::backend::redis`]) they answer for every node's jobs, except the dead letter routes
+//! and reprocessing, which answer 501 until dead letters move to Redis.
 
 pub mod auth;
 mod dashboard;
@@ -55,18 +56,12 @@ pub use error::ApiError;
 use crate::limits::MAX_PAGE;
 
 use crate::backend::JobBackend;
-use crate::backend::embedded::JobManager;
 use crate::pipeline::Pipeline;
-use crate::store::Store;
 use crate::versions::StageVersions;
 
 /// What the handlers share.
 pub struct App {
     pub pipeline: Arc<Pipeline>,
-    /// This node's embedded store (in Redis mode: stage versions and handler records only).
-    pub store: Store,
-    /// The embedded mode's job manager; `None` in Redis mode.
-    pub local_jobs: Option<Arc<JobManager>>,
     /// Where jobs live: [`crate::backend::embedded::Embedded`], or Redis shared by several nodes.
     pub backend: Arc<dyn JobBackend>,
     /// Largest accepted request body.
@@ -81,16 +76,6 @@ pub struct App {
     pub tokens: auth::Tokens,
     /// How often an idle event stream gets a keep-alive comment.
     pub sse_keep_alive: std::time::Duration,
-}
-
-impl App {
-    /// The embedded job manager, for a route that reads or changes this node's embedded
-    /// store; refused when the jobs live in Redis (the node's store does not have them).
-    fn embedded_jobs(&self, what: &str) -> Result<&Arc<JobManager>, ApiError> {
-        self.local_jobs.as_ref().ok_or_else(|| {
-            ApiError::NotAvailable(format!("{what} is not available in Redis mode yet"))
-        })
-    }
 }
 
 pub fn router(app: Arc<App>) -> Router {
@@ -162,8 +147,8 @@ async fn metrics(
         .metrics
         .as_ref()
         .ok_or_else(|| ApiError::NotFound("metrics are off".into()))?;
-    if let Some(jobs) = &app.local_jobs {
-        crate::metrics::items_unfinished(jobs.unfinished_items()?);
+    if let Some(unfinished) = app.backend.unfinished_items().await? {
+        crate::metrics::items_unfinished(unfinished);
     }
     // Histograms are drained into their buckets on upkeep; once per scrape is often enough.
     handle.run_upkeep();

@@ -14,6 +14,32 @@
 pub mod embedded;
 pub mod redis;
 
+/// A request a backend cannot serve (yet): the API answers 501 with this message.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} is not available in {backend} mode yet")]
+pub struct NotAvailable {
+    pub what: &'static str,
+    pub backend: &'static str,
+}
+
+/// The backend a node was built with, once: the API sees it as a [`JobBackend`], the node's
+/// services use the parts only one backend has.
+#[derive(Clone)]
+pub enum Backend {
+    Embedded(Arc<embedded::Embedded>),
+    Redis(redis::Cluster),
+}
+
+impl Backend {
+    /// Jobs as the HTTP API sees them.
+    pub fn jobs(&self) -> Arc<dyn JobBackend> {
+        match self {
+            Backend::Embedded(embedded) => embedded.clone(),
+            Backend::Redis(cluster) => Arc::new(cluster.clone()),
+        }
+    }
+}
+
 use std::sync::Arc;
 
 use anyhow::Result;
@@ -23,7 +49,7 @@ use uuid::Uuid;
 
 use crate::events::Entry;
 use crate::model::{
-    CancelOutcome, Idempotency, ItemResult, JobOptions, JobRecord, JobState, Submitted,
+    CancelOutcome, Idempotency, ItemResult, JobOptions, JobRecord, JobState, Reprocess, Submitted,
 };
 use crate::store::DeadLetter;
 
@@ -54,6 +80,30 @@ pub trait JobBackend: Send + Sync {
 
     /// Stop a job wherever its items run.
     async fn cancel(&self, id: Uuid) -> Result<CancelOutcome>;
+
+    /// Results `skip..skip + limit` in index order (offset paging: it walks what it skips).
+    async fn results_from(&self, id: Uuid, skip: usize, limit: usize) -> Result<Vec<ItemResult>>;
+
+    /// Up to `limit` dead letters after `after` (job, index), of `job` and `stage` if given,
+    /// in (job, index) order.
+    async fn dead_letters(
+        &self,
+        job: Option<Uuid>,
+        stage: Option<&str>,
+        after: Option<(Uuid, u64)>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>>;
+
+    async fn dead_letter(&self, job: Uuid, index: u64) -> Result<Option<DeadLetter>>;
+
+    /// Give up on a dead letter (the item's failed result stays); `false` if there was none.
+    async fn discard_dead_letter(&self, job: Uuid, index: u64) -> Result<bool>;
+
+    /// Run a finished job's dead letters again: those of `indices`, or all.
+    async fn reprocess(&self, job: Uuid, indices: Option<Vec<u64>>) -> Result<Reprocess>;
+
+    /// Items of running jobs not finished yet, when this backend counts them cheaply.
+    async fn unfinished_items(&self) -> Result<Option<u64>>;
 
     /// The jobs' event logs.
     fn events(&self) -> Events;

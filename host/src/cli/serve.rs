@@ -97,9 +97,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     }
     let app = Arc::new(App {
         pipeline: node.pipeline.clone(),
-        store: node.store.clone(),
-        local_jobs: node.embedded.as_ref().map(|embedded| embedded.jobs.clone()),
-        backend: node.backend.clone(),
+        backend: node.backend.jobs(),
         max_body_bytes: args.max_body_mib << 20,
         max_image_bytes: args.max_image_mib << 20,
         metrics: Some(metrics),

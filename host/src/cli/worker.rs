@@ -53,12 +53,10 @@ pub async fn worker(args: WorkerArgs) -> Result<ExitCode> {
         args.retention_secs,
     )
     .await?;
-    let name = node
-        .cluster
-        .as_ref()
-        .expect("a worker is a Redis node")
-        .node()
-        .to_owned();
+    let crate::backend::Backend::Redis(cluster) = &node.backend else {
+        anyhow::bail!("a worker runs items of a Redis node: give it `--redis`");
+    };
+    let name = cluster.node().to_owned();
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "worker {} joined {url}", name)?;
     stdout.flush()?;

@@ -24,9 +24,9 @@ pub use manager::JobManager;
 
 use crate::backend::{Events, JobBackend};
 use crate::model::{
-    CancelOutcome, Idempotency, ItemResult, JobOptions, JobRecord, JobState, Submitted,
+    CancelOutcome, Idempotency, ItemResult, JobOptions, JobRecord, JobState, Reprocess, Submitted,
 };
-use crate::store::Store;
+use crate::store::{DeadLetter, Store};
 
 /// One process, one sled store: the default mode.
 pub struct Embedded {
@@ -87,6 +87,51 @@ impl JobBackend for Embedded {
 
     async fn cancel(&self, id: Uuid) -> Result<CancelOutcome> {
         self.manager.cancel(id)
+    }
+
+    async fn results_from(&self, id: Uuid, skip: usize, limit: usize) -> Result<Vec<ItemResult>> {
+        self.store
+            .results(id, None)
+            .skip(skip)
+            .take(limit)
+            .collect()
+    }
+
+    async fn dead_letters(
+        &self,
+        job: Option<Uuid>,
+        stage: Option<&str>,
+        after: Option<(Uuid, u64)>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>> {
+        let mut letters = Vec::with_capacity(limit);
+        for letter in self.store.dead_letters(job, after) {
+            let letter = letter?;
+            if stage.is_some_and(|stage| stage != letter.stage) {
+                continue;
+            }
+            letters.push(letter);
+            if letters.len() == limit {
+                break;
+            }
+        }
+        Ok(letters)
+    }
+
+    async fn dead_letter(&self, job: Uuid, index: u64) -> Result<Option<DeadLetter>> {
+        self.store.dead_letter(job, index)
+    }
+
+    async fn discard_dead_letter(&self, job: Uuid, index: u64) -> Result<bool> {
+        self.store.remove_dead_letter(job, index)
+    }
+
+    async fn reprocess(&self, job: Uuid, indices: Option<Vec<u64>>) -> Result<Reprocess> {
+        self.manager.reprocess(job, indices)
+    }
+
+    async fn unfinished_items(&self) -> Result<Option<u64>> {
+        self.manager.unfinished_items().map(Some)
     }
 
     fn events(&self) -> Events {

@@ -11,11 +11,20 @@ use redis::AsyncCommands;
 use uuid::Uuid;
 
 use super::{Cluster, keys, keys::JobKeys};
-use crate::backend::Events;
-use crate::backend::JobBackend;
+use crate::backend::{Events, JobBackend, NotAvailable};
 use crate::events::{Entry, Event};
-use crate::model::{CancelOutcome, Idempotency, JobOptions, Submitted};
+use crate::model::{CancelOutcome, Idempotency, JobOptions, Reprocess, Submitted};
 use crate::model::{ItemResult, JobRecord, JobState, now_ms};
+use crate::store::DeadLetter;
+
+/// Dead letters are kept per node until they move to Redis.
+fn not_available(what: &'static str) -> anyhow::Error {
+    NotAvailable {
+        what,
+        backend: "Redis",
+    }
+    .into()
+}
 
 /// Items per `HSET` of a submission.
 const ITEMS_PER_COMMAND: usize = 1000;
@@ -82,6 +91,44 @@ impl Cluster {
                 .context("corrupt job state in Redis")?;
         }
         Ok(Some(job))
+    }
+
+    /// Up to `limit` results from score `min` on (`(N` is "above N"), skipping `skip`, in
+    /// index order.
+    async fn results_page(
+        &self,
+        id: Uuid,
+        min: &str,
+        skip: usize,
+        limit: usize,
+    ) -> Result<Vec<ItemResult>> {
+        let keys = JobKeys::new(id);
+        let mut conn = self.conn();
+        let indexes: Vec<u64> = redis::cmd("ZRANGE")
+            .arg(&keys.order)
+            .arg(min)
+            .arg("+inf")
+            .arg("BYSCORE")
+            .arg("LIMIT")
+            .arg(skip)
+            .arg(limit)
+            .query_async(&mut conn)
+            .await
+            .context("cannot page results in Redis")?;
+        if indexes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let results: Vec<Option<Vec<u8>>> = redis::cmd("HMGET")
+            .arg(&keys.results)
+            .arg(&indexes)
+            .query_async(&mut conn)
+            .await
+            .context("cannot read results from Redis")?;
+        Ok(indexes
+            .into_iter()
+            .zip(results)
+            .filter_map(|(index, json)| Some(ItemResult::read(id, index, &json?)))
+            .collect())
     }
 }
 
@@ -199,34 +246,12 @@ impl JobBackend for Cluster {
     }
 
     async fn results(&self, id: Uuid, after: Option<u64>, limit: usize) -> Result<Vec<ItemResult>> {
-        let keys = JobKeys::new(id);
-        let mut conn = self.conn();
         let min = after.map_or_else(|| "-inf".to_string(), |after| format!("({after}"));
-        let indexes: Vec<u64> = redis::cmd("ZRANGE")
-            .arg(&keys.order)
-            .arg(min)
-            .arg("+inf")
-            .arg("BYSCORE")
-            .arg("LIMIT")
-            .arg(0)
-            .arg(limit)
-            .query_async(&mut conn)
-            .await
-            .context("cannot page results in Redis")?;
-        if indexes.is_empty() {
-            return Ok(Vec::new());
-        }
-        let results: Vec<Option<Vec<u8>>> = redis::cmd("HMGET")
-            .arg(&keys.results)
-            .arg(&indexes)
-            .query_async(&mut conn)
-            .await
-            .context("cannot read results from Redis")?;
-        Ok(indexes
-            .into_iter()
-            .zip(results)
-            .filter_map(|(index, json)| Some(ItemResult::read(id, index, &json?)))
-            .collect())
+        self.results_page(id, &min, 0, limit).await
+    }
+
+    async fn results_from(&self, id: Uuid, skip: usize, limit: usize) -> Result<Vec<ItemResult>> {
+        self.results_page(id, "-inf", skip, limit).await
     }
 
     async fn cancel(&self, id: Uuid) -> Result<CancelOutcome> {
@@ -248,6 +273,32 @@ impl JobBackend for Cluster {
             .context("cannot cancel in Redis")?;
         self.cancel_here(id);
         Ok(CancelOutcome::Cancelling)
+    }
+
+    async fn dead_letters(
+        &self,
+        _job: Option<Uuid>,
+        _stage: Option<&str>,
+        _after: Option<(Uuid, u64)>,
+        _limit: usize,
+    ) -> Result<Vec<DeadLetter>> {
+        Err(not_available("listing dead letters"))
+    }
+
+    async fn dead_letter(&self, _job: Uuid, _index: u64) -> Result<Option<DeadLetter>> {
+        Err(not_available("reading a dead letter"))
+    }
+
+    async fn discard_dead_letter(&self, _job: Uuid, _index: u64) -> Result<bool> {
+        Err(not_available("discarding a dead letter"))
+    }
+
+    async fn reprocess(&self, _job: Uuid, _indices: Option<Vec<u64>>) -> Result<Reprocess> {
+        Err(not_available("reprocessing"))
+    }
+
+    async fn unfinished_items(&self) -> Result<Option<u64>> {
+        Ok(None)
     }
 
     fn events(&self) -> Events {
