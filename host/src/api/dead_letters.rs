@@ -9,9 +9,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use serde_json::{Value, json};
 use uuid::Uuid;
 
+use super::openapi::{DeadLetterDetail, DeadLetterList, ReprocessAnswer};
 use super::{ApiError, App, job_id, page_limit};
 use crate::limits::in_range;
 
@@ -49,7 +49,7 @@ fn cursor(raw: &str) -> Result<(Uuid, u64), ApiError> {
 pub async fn list(
     State(app): State<Arc<App>>,
     query: Result<Query<ListQuery>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DeadLetterList>, ApiError> {
     let Query(q) = query?;
     let limit = page_limit(q.limit, 100)?;
     for (field, value) in [("stage", &q.stage), ("after", &q.after)] {
@@ -65,9 +65,10 @@ pub async fn list(
     let next_after = (letters.len() == limit)
         .then(|| letters.last().map(|l| format!("{}/{}", l.job_id, l.index)))
         .flatten();
-    Ok(Json(
-        json!({ "dead_letters": letters, "next_after": next_after }),
-    ))
+    Ok(Json(DeadLetterList {
+        dead_letters: letters,
+        next_after,
+    }))
 }
 
 fn index_of(raw: &str) -> Result<u64, ApiError> {
@@ -81,7 +82,7 @@ fn index_of(raw: &str) -> Result<u64, ApiError> {
 pub async fn inspect(
     State(app): State<Arc<App>>,
     Path((raw_job, raw_index)): Path<(String, String)>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DeadLetterDetail>, ApiError> {
     let (job, index) = (job_id(&raw_job)?, index_of(&raw_index)?);
     let letter = app.backend.dead_letter(job, index).await?.ok_or_else(|| {
         ApiError::NotFound(format!("no dead letter for item {index} of job {job}"))
@@ -95,9 +96,7 @@ pub async fn inspect(
         .map(RawValue::from_string)
         .transpose()
         .map_err(anyhow::Error::from)?;
-    let mut body = serde_json::to_value(&letter).map_err(anyhow::Error::from)?;
-    body["input"] = serde_json::to_value(input).map_err(anyhow::Error::from)?;
-    Ok(Json(body))
+    Ok(Json(DeadLetterDetail { letter, input }))
 }
 
 /// `DELETE /v1/dead-letters/{job}/{index}`: give up on the item (its failed result stays).
@@ -180,11 +179,11 @@ async fn start(app: &App, job: Uuid, indices: Option<Vec<u64>>) -> Result<Respon
     match app.backend.reprocess(job, indices).await? {
         Reprocess::Started(n) => Ok((
             StatusCode::ACCEPTED,
-            Json(json!({
-                "job_id": job,
-                "reprocessing": n,
-                "events_url": format!("/v1/jobs/{job}/events"),
-            })),
+            Json(ReprocessAnswer {
+                job_id: job,
+                reprocessing: n as u64,
+                events_url: format!("/v1/jobs/{job}/events"),
+            }),
         )
             .into_response()),
         Reprocess::Running => Err(ApiError::Conflict(format!(

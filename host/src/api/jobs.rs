@@ -10,10 +10,13 @@ use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use serde_json::{Value, json};
+
 use sha2::{Digest, Sha256};
 
-use super::openapi::{JobLinks, ResultsPage, ScanAccepted};
+use super::openapi::{
+    CancelAnswer, CancelState, JobLinks, JobList, JobStatus, ResultsPage, ScanAccepted,
+    StageDigest, StageTimes,
+};
 use super::{ApiError, App, images, job_id, page_limit};
 use crate::limits::{MAX_PAGE, MAX_PAGE_NUMBER};
 use crate::model::{CancelOutcome, Idempotency, JobOptions, Submitted};
@@ -188,7 +191,7 @@ pub struct ListQuery {
 pub async fn list(
     State(app): State<Arc<App>>,
     query: Result<Query<ListQuery>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<JobList>, ApiError> {
     let Query(q) = query?;
     let limit = page_limit(q.limit, 50)?;
     let jobs = app.backend.jobs(q.before, q.state, limit).await?;
@@ -197,7 +200,7 @@ pub async fn list(
     } else {
         None
     };
-    Ok(Json(json!({ "jobs": jobs, "next_before": next_before })))
+    Ok(Json(JobList { jobs, next_before }))
 }
 
 #[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", security((), ("api_token" = []), ("admin_token" = [])), params(("id" = uuid::Uuid, Path, description = "job id")),
@@ -205,28 +208,31 @@ pub async fn list(
 pub async fn status(
     State(app): State<Arc<App>>,
     Path(raw): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<JobStatus>, ApiError> {
     let id = job_id(&raw)?;
     let job = app
         .backend
         .job(id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
-    let mut body = serde_json::to_value(&job).map_err(anyhow::Error::from)?;
     let end = job.finished_at.unwrap_or_else(crate::model::now_ms);
-    body["duration_ms"] = json!(end.saturating_sub(job.created_at));
     let config = &app.pipeline.config;
-    body["max_tokens"] = json!(job.options.max_tokens.or(config.llm.max_tokens_per_job));
-    // The versions new stage entries use now; each result records the ones it ran.
-    let stages: Vec<Value> = app
-        .pipeline
-        .stages
-        .iter()
-        .map(|s| json!({ "stage": s.config.name, "digest": s.current().meta.digest }))
-        .collect();
-    body["stage_versions"] = json!(stages);
-    body["links"] = json!(JobLinks::new(id));
-    Ok(Json(body))
+    Ok(Json(JobStatus {
+        duration_ms: end.saturating_sub(job.created_at),
+        max_tokens: job.options.max_tokens.or(config.llm.max_tokens_per_job),
+        // The versions new stage entries use now; each result records the ones it ran.
+        stage_versions: app
+            .pipeline
+            .stages
+            .iter()
+            .map(|s| StageDigest {
+                stage: s.config.name.clone(),
+                digest: s.current().meta.digest.clone(),
+            })
+            .collect(),
+        links: JobLinks::new(id),
+        job,
+    }))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -312,12 +318,17 @@ pub async fn cancel(
     match app.backend.cancel(id).await? {
         CancelOutcome::Cancelling => Ok((
             StatusCode::ACCEPTED,
-            Json(json!({ "job_id": id, "state": "cancelling" })),
+            Json(CancelAnswer {
+                job_id: id,
+                state: CancelState::Cancelling,
+            }),
         )
             .into_response()),
-        CancelOutcome::Finished(state) => {
-            Ok(Json(json!({ "job_id": id, "state": state })).into_response())
-        }
+        CancelOutcome::Finished(state) => Ok(Json(CancelAnswer {
+            job_id: id,
+            state: state.into(),
+        })
+        .into_response()),
         CancelOutcome::Unknown => Err(ApiError::NotFound(format!("no job {id}"))),
     }
 }
@@ -343,7 +354,7 @@ pub struct StageTime {
 pub async fn stage_times(
     State(app): State<Arc<App>>,
     Path(raw): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<StageTimes>, ApiError> {
     let id = job_id(&raw)?;
     if app.backend.job(id).await?.is_none() {
         return Err(ApiError::NotFound(format!("no job {id}")));
@@ -383,7 +394,9 @@ pub async fn stage_times(
         };
         time.share = if all > 0.0 { time.total_ms / all } else { 0.0 };
     }
-    Ok(Json(
-        json!({ "job_id": id, "items": items, "stages": stages }),
-    ))
+    Ok(Json(StageTimes {
+        job_id: id,
+        items,
+        stages,
+    }))
 }

@@ -5,16 +5,18 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Path, State};
-use serde_json::{Value, json};
 
+use super::openapi::KvList;
 use super::{ApiError, App};
-use crate::capabilities::ReloadError;
+use crate::capabilities::{NamespaceInfo, ReloadError};
 
 /// `GET /v1/kv`: each namespace's file, entry count, content digest and load time.
 #[utoipa::path(get, path = "/v1/kv", tag = "operations", security((), ("api_token" = []), ("admin_token" = [])),
     responses((status = 200, description = "kv namespaces", body = super::openapi::KvList), (status = 401, description = "missing or wrong token", body = super::openapi::ErrorBody)))]
-pub async fn list(State(app): State<Arc<App>>) -> Json<Value> {
-    Json(json!({ "namespaces": app.pipeline.caps.kv.list() }))
+pub async fn list(State(app): State<Arc<App>>) -> Json<KvList> {
+    Json(KvList {
+        namespaces: app.pipeline.caps.kv.list(),
+    })
 }
 
 /// `POST /v1/kv/{namespace}/reload` (admin): read the file again; a file that does not parse is
@@ -24,14 +26,14 @@ pub async fn list(State(app): State<Arc<App>>) -> Json<Value> {
 pub async fn reload(
     State(app): State<Arc<App>>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<NamespaceInfo>, ApiError> {
     let kv = app.pipeline.caps.kv.clone();
     // Reading and parsing a large file is blocking work.
     let reloaded = tokio::task::spawn_blocking(move || kv.reload(&name))
         .await
         .map_err(anyhow::Error::from)?;
     match reloaded {
-        Ok(info) => Ok(Json(json!(info))),
+        Ok(info) => Ok(Json(info)),
         Err(error @ ReloadError::Unknown(_)) => Err(ApiError::NotFound(error.to_string())),
         Err(error @ ReloadError::Invalid(_)) => Err(ApiError::Unprocessable(format!(
             "{error}; the old entries stay in use"

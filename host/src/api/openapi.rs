@@ -10,7 +10,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 use uuid::Uuid;
 
-use crate::model::{ItemResult, JobRecord};
+use crate::model::{ItemResult, JobRecord, JobState};
 use crate::store::DeadLetter;
 
 #[derive(OpenApi)]
@@ -169,7 +169,29 @@ pub struct StageTimes {
 #[derive(Serialize, ToSchema)]
 pub struct CancelAnswer {
     pub job_id: Uuid,
-    pub state: String,
+    pub state: CancelState,
+}
+
+/// `cancelling`, or the state the job had ended in.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CancelState {
+    Cancelling,
+    Running,
+    Completed,
+    Cancelled,
+    Failed,
+}
+
+impl From<JobState> for CancelState {
+    fn from(state: JobState) -> Self {
+        match state {
+            JobState::Running => CancelState::Running,
+            JobState::Completed => CancelState::Completed,
+            JobState::Cancelled => CancelState::Cancelled,
+            JobState::Failed => CancelState::Failed,
+        }
+    }
 }
 
 #[derive(Serialize, ToSchema)]
@@ -185,7 +207,7 @@ pub struct DeadLetterDetail {
     #[serde(flatten)]
     pub letter: DeadLetter,
     #[schema(value_type = Option<Object>)]
-    pub input: Option<serde_json::Value>,
+    pub input: Option<Box<serde_json::value::RawValue>>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -208,6 +230,7 @@ pub struct Version {
     pub digest: String,
     pub loaded_in_ms: f64,
     /// For a canary: its share of the items, in %.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub percent: Option<u8>,
 }
 
@@ -225,18 +248,37 @@ pub struct StageList {
     pub stages: Vec<StageVersions>,
 }
 
-/// The result of a stage change.
+/// The result of a stage change: the version items get now, and what the change did.
 #[derive(Serialize, ToSchema)]
 pub struct StageChange {
     pub name: String,
-    /// After a canary upload, only the unchanged current digest.
-    #[schema(value_type = Object)]
-    pub current: serde_json::Value,
+    pub current: Version,
+    /// After a canary upload: the version on trial.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub canary: Option<Version>,
+    /// After a rollback that ended a trial: the canary dropped.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub canary_dropped: Option<Version>,
+    /// After an upload: the compile time; `null` when this exact component was compiled before.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub compile_ms: Option<f64>,
-    /// The digest it replaced.
+    /// After an upload: the digest it replaced (for a canary: the current one, unchanged).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub replaced: Option<String>,
+}
+
+impl StageChange {
+    /// `current` is what stage `name` runs now; nothing else changed.
+    pub fn new(name: String, current: Version) -> Self {
+        Self {
+            name,
+            current,
+            canary: None,
+            canary_dropped: None,
+            compile_ms: None,
+            replaced: None,
+        }
+    }
 }
 
 #[derive(Serialize, ToSchema)]

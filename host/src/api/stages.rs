@@ -8,40 +8,39 @@ use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use serde::Deserialize;
-use serde_json::{Value, json};
 
+use super::openapi::{StageChange, StageList, StageVersions, Version};
 use super::{ApiError, App};
 use crate::runtime::{CacheOutcome, StageComponent};
 use crate::versions::{InstallError, Rollback};
 
-fn version(v: &StageComponent) -> Value {
-    json!({ "digest": v.meta.digest, "loaded_in_ms": v.meta.load_time.as_secs_f64() * 1e3 })
+fn version(v: &StageComponent) -> Version {
+    Version {
+        digest: v.meta.digest.clone(),
+        loaded_in_ms: v.meta.load_time.as_secs_f64() * 1e3,
+        percent: None,
+    }
 }
 
 /// `GET /v1/stages`: each stage's current version and the ones it can roll back to.
 #[utoipa::path(get, path = "/v1/stages", tag = "stages", security((), ("api_token" = []), ("admin_token" = [])),
     responses((status = 200, description = "each stage's versions", body = super::openapi::StageList), (status = 401, description = "missing or wrong token", body = super::openapi::ErrorBody)))]
-pub async fn list(State(app): State<Arc<App>>) -> Json<Value> {
-    let stages: Vec<Value> = app
+pub async fn list(State(app): State<Arc<App>>) -> Json<StageList> {
+    let stages = app
         .pipeline
         .stages
         .iter()
-        .map(|stage| {
-            let previous: Vec<Value> = stage.previous().iter().rev().map(|v| version(v)).collect();
-            let canary = stage.canary().map(|c| {
-                let mut canary = version(&c.version);
-                canary["percent"] = json!(c.percent);
-                canary
-            });
-            json!({
-                "name": stage.config.name,
-                "current": version(&stage.current()),
-                "canary": canary,
-                "previous": previous,
-            })
+        .map(|stage| StageVersions {
+            name: stage.config.name.clone(),
+            current: version(&stage.current()),
+            canary: stage.canary().map(|c| Version {
+                percent: Some(c.percent),
+                ..version(&c.version)
+            }),
+            previous: stage.previous().iter().rev().map(|v| version(v)).collect(),
         })
         .collect();
-    Json(json!({ "stages": stages }))
+    Json(StageList { stages })
 }
 
 impl From<InstallError> for ApiError {
@@ -75,7 +74,7 @@ pub async fn install(
     Path(name): Path<String>,
     query: Result<Query<InstallQuery>, QueryRejection>,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<StageChange>, ApiError> {
     let Query(InstallQuery { canary }) = query?;
     if canary.is_some_and(|p| !(1..=99).contains(&p)) {
         return Err(ApiError::Unprocessable(
@@ -92,29 +91,33 @@ pub async fn install(
         .install(&app.pipeline, &name, body.to_vec(), canary)
         .await?;
     let new = version(&installed.version);
-    let (current, trial) = match canary {
+    let (current, canary) = match canary {
         Some(percent) => {
             tracing::info!(stage = %name, digest = %installed.version.meta.digest, percent, "canary on trial");
-            let mut trial = new;
-            trial["percent"] = json!(percent);
-            (json!({ "digest": installed.replaced }), Some(trial))
+            let stage = app.pipeline.stage(&name).expect("installed, so known");
+            let trial = Version {
+                percent: Some(percent),
+                ..new
+            };
+            (version(&stage.current()), Some(trial))
         }
         None => {
             tracing::info!(stage = %name, digest = %installed.version.meta.digest, replaced = %installed.replaced, "stage swapped");
             (new, None)
         }
     };
-    Ok(Json(json!({
-        "name": name,
-        "current": current,
-        "canary": trial,
+    Ok(Json(StageChange {
+        name,
+        current,
+        canary,
+        canary_dropped: None,
         // A cached compile (this exact .wasm was seen before) is a hit; else the compile time.
-        "compile_ms": match installed.version.meta.cache {
+        compile_ms: match installed.version.meta.cache {
             CacheOutcome::Hit => None,
             CacheOutcome::Compiled(took) => Some(took.as_secs_f64() * 1e3),
         },
-        "replaced": installed.replaced,
-    })))
+        replaced: Some(installed.replaced),
+    }))
 }
 
 /// `POST /v1/stages/{name}/rollback`: end the canary trial if there is one, else back to the
@@ -124,15 +127,14 @@ pub async fn install(
 pub async fn rollback(
     State(app): State<Arc<App>>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<StageChange>, ApiError> {
     let current = || version(&app.pipeline.stage(&name).expect("known").current());
     match app.versions.rollback(&app.pipeline, &name).await? {
-        Rollback::CanaryDropped(dropped) => Ok(Json(json!({
-            "name": name,
-            "current": current(),
-            "canary_dropped": version(&dropped),
-        }))),
-        Rollback::Back(back) => Ok(Json(json!({ "name": name, "current": version(&back) }))),
+        Rollback::CanaryDropped(dropped) => Ok(Json(StageChange {
+            canary_dropped: Some(version(&dropped)),
+            ..StageChange::new(name.clone(), current())
+        })),
+        Rollback::Back(back) => Ok(Json(StageChange::new(name, version(&back)))),
         Rollback::Nothing => Err(ApiError::Conflict(format!(
             "stage `{name}` has no canary and no earlier version to roll back to"
         ))),
@@ -145,9 +147,9 @@ pub async fn rollback(
 pub async fn promote(
     State(app): State<Arc<App>>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<StageChange>, ApiError> {
     match app.versions.promote(&app.pipeline, &name).await? {
-        Some(promoted) => Ok(Json(json!({ "name": name, "current": version(&promoted) }))),
+        Some(promoted) => Ok(Json(StageChange::new(name, version(&promoted)))),
         None => Err(ApiError::Conflict(format!(
             "stage `{name}` has no canary to promote"
         ))),
