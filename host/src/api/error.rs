@@ -4,7 +4,7 @@ use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use super::openapi::ErrorBody;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -56,11 +56,7 @@ impl IntoResponse for ApiError {
         if let ApiError::Internal(error) = &self {
             tracing::error!(error = %format!("{error:#}"), "request failed");
         }
-        (
-            status,
-            Json(json!({ "error": { "code": code, "message": self.to_string() } })),
-        )
-            .into_response()
+        (status, Json(ErrorBody::new(code, self.to_string()))).into_response()
     }
 }
 
@@ -107,9 +103,10 @@ pub(super) fn panicked(panic: Box<dyn std::any::Any + Send + 'static>) -> Respon
         panic = crate::text::panic_message(panic.as_ref()),
         "a request handler panicked"
     );
+    let message = "internal error: the request's handler failed; the server's log says why";
     (
         StatusCode::INTERNAL_SERVER_ERROR,
-        Json(json!({ "error": { "code": "internal", "message": "internal error: the request's handler failed; the server's log says why" } })),
+        Json(ErrorBody::new("internal", message.to_string())),
     )
         .into_response()
 }

@@ -67,9 +67,17 @@ pub struct ErrorBody {
 #[derive(Serialize, ToSchema)]
 pub struct ErrorDetail {
     /// `bad_request`, `not_found`, `invalid`, `conflict`, `unauthorized`, `forbidden`,
-    /// `too_large`, `unsupported_media_type` or `internal`.
-    pub code: String,
+    /// `too_large`, `unsupported_media_type`, `not_available` or `internal`.
+    pub code: &'static str,
     pub message: String,
+}
+
+impl ErrorBody {
+    pub fn new(code: &'static str, message: String) -> Self {
+        Self {
+            error: ErrorDetail { code, message },
+        }
+    }
 }
 
 /// Where to follow a job.
