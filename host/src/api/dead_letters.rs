@@ -19,8 +19,7 @@ use crate::limits::in_range;
 /// `JOB/INDEX` cursor.
 const MAX_NAME: usize = 64;
 use crate::jobs::{ItemRef, stage_input};
-use crate::model::Reprocess;
-use crate::model::item_id;
+use crate::model::{Reprocess, item_id};
 
 #[derive(Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]

@@ -1,10 +1,10 @@
 //! API errors: a status and `{"error": {"code", "message"}}`, never a 5xx for bad input.
 
+use super::openapi::ErrorBody;
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use super::openapi::ErrorBody;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

@@ -19,8 +19,7 @@ use super::openapi::{
 };
 use super::{ApiError, App, images, job_id, page_limit};
 use crate::limits::{MAX_PAGE, MAX_PAGE_NUMBER};
-use crate::model::{CancelOutcome, Idempotency, JobOptions, Submitted};
-use crate::model::{JobRecord, JobState};
+use crate::model::{CancelOutcome, Idempotency, JobOptions, JobRecord, JobState, Submitted};
 
 #[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

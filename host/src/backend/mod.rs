@@ -14,6 +14,19 @@
 pub mod embedded;
 pub mod redis;
 
+use std::sync::Arc;
+
+use anyhow::Result;
+use async_trait::async_trait;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::events::Entry;
+use crate::model::{
+    CancelOutcome, Idempotency, ItemResult, JobOptions, JobRecord, JobState, Reprocess, Submitted,
+};
+use crate::store::DeadLetter;
+
 /// A request a backend cannot serve (yet): the API answers 501 with this message.
 #[derive(Debug, thiserror::Error)]
 #[error("{what} is not available in {backend} mode yet")]
@@ -39,19 +52,6 @@ impl Backend {
         }
     }
 }
-
-use std::sync::Arc;
-
-use anyhow::Result;
-use async_trait::async_trait;
-use tokio::sync::watch;
-use uuid::Uuid;
-
-use crate::events::Entry;
-use crate::model::{
-    CancelOutcome, Idempotency, ItemResult, JobOptions, JobRecord, JobState, Reprocess, Submitted,
-};
-use crate::store::DeadLetter;
 
 #[async_trait]
 pub trait JobBackend: Send + Sync {

@@ -16,9 +16,10 @@ use crate::jobs::{
     ItemHooks, ItemLimits, ItemRef, RunSettings, StageUpdate, item_limits, run_item, run_job,
     unrunnable,
 };
-use crate::model::{CancelOutcome, Idempotency, Reprocess, Submitted};
-use crate::model::{DEFAULT_PREVIEW_CHARS, Detail, JobOptions};
-use crate::model::{ItemResult, ItemStatus, JobRecord, JobState};
+use crate::model::{
+    CancelOutcome, DEFAULT_PREVIEW_CHARS, Detail, Idempotency, ItemResult, ItemStatus, JobOptions,
+    JobRecord, JobState, Reprocess, Submitted,
+};
 use crate::pipeline::Pipeline;
 
 pub struct JobManager {

@@ -13,8 +13,10 @@ use uuid::Uuid;
 use super::{Cluster, keys, keys::JobKeys};
 use crate::backend::{Events, JobBackend, NotAvailable};
 use crate::events::{Entry, Event};
-use crate::model::{CancelOutcome, Idempotency, JobOptions, Reprocess, Submitted};
-use crate::model::{ItemResult, JobRecord, JobState, now_ms};
+use crate::model::{
+    CancelOutcome, Idempotency, ItemResult, JobOptions, JobRecord, JobState, Reprocess, Submitted,
+    now_ms,
+};
 use crate::store::DeadLetter;
 
 /// Dead letters are kept per node until they move to Redis.

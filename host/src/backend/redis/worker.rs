@@ -28,9 +28,9 @@ use super::{Cluster, keys, keys::JobKeys, scripts};
 use crate::events::{Entry, Event};
 use crate::jobs::{ItemHooks, ItemRef, StageUpdate, run_item};
 use crate::jobs::{item_limits, unrunnable};
-use crate::model::DEFAULT_PREVIEW_CHARS;
-use crate::model::Detail;
-use crate::model::{ItemResult, ItemStatus, JobRecord, item_id, now_ms};
+use crate::model::{
+    DEFAULT_PREVIEW_CHARS, Detail, ItemResult, ItemStatus, JobRecord, item_id, now_ms,
+};
 use crate::pipeline::Pipeline;
 
 /// How a node takes work.
