@@ -92,12 +92,19 @@ impl Node {
         let stop_work = CancellationToken::new();
         let stop_services = CancellationToken::new();
         let runtime = Pipeline::runtime_for(&config, data_dir)?;
-        // `work`: how the Redis work loop runs, when this node runs items.
-        let (store, pipeline, cluster, work) = match &settings.backend {
+        // `work`: how the Redis work loop runs, when this node runs items (started once the
+        // stage versions are restored).
+        let (store, pipeline, backend, work) = match &settings.backend {
             BackendSettings::Embedded { background_flush } => {
                 let store = Store::open_with(&data_dir.join("store"), *background_flush)?;
                 let pipeline = Pipeline::load(config, runtime, store.clone()).await?;
-                (store, pipeline, None, None)
+                let events = EventLog::new(&store)?;
+                let backend = Backend::Embedded(Arc::new(Embedded {
+                    manager: JobManager::new(pipeline.clone(), events.clone()),
+                    store: store.clone(),
+                    events,
+                }));
+                (store, pipeline, backend, None)
             }
             BackendSettings::Redis(redis) => {
                 let cluster = Cluster::connect(
@@ -115,7 +122,7 @@ impl Node {
                     reclaim_idle: redis.reclaim_idle,
                     drain: settings.drain,
                 });
-                (store, pipeline, Some(cluster), work)
+                (store, pipeline, Backend::Redis(cluster), work)
             }
         };
         let versions = StageVersions::open(&store, data_dir)?;
@@ -141,17 +148,6 @@ impl Node {
             pipeline.config.run.effect_concurrency,
             stop_services.clone(),
         );
-        let backend = match cluster {
-            Some(cluster) => Backend::Redis(cluster),
-            None => {
-                let events = EventLog::new(&store)?;
-                Backend::Embedded(Arc::new(Embedded {
-                    manager: JobManager::new(pipeline.clone(), events.clone()),
-                    store: store.clone(),
-                    events,
-                }))
-            }
-        };
         let work = match (&backend, work) {
             (Backend::Redis(cluster), Some(work)) => Some(tokio::spawn(run_worker(
                 cluster.clone(),

@@ -35,6 +35,18 @@ pub struct Embedded {
     pub events: EventLog,
 }
 
+impl Embedded {
+    /// `job` with what the store keeps apart from its record: a running job's counts (from
+    /// its event log) and the LLM tokens its items used.
+    fn live(&self, mut job: JobRecord) -> Result<JobRecord> {
+        if job.state == JobState::Running {
+            (job.succeeded, job.failed) = self.events.counts(job.id)?;
+        }
+        job.llm_tokens = self.store.llm_tokens(job.id)?;
+        Ok(job)
+    }
+}
+
 #[async_trait]
 impl JobBackend for Embedded {
     async fn submit(
@@ -47,14 +59,7 @@ impl JobBackend for Embedded {
     }
 
     async fn job(&self, id: Uuid) -> Result<Option<JobRecord>> {
-        let Some(mut job) = self.store.job(id)? else {
-            return Ok(None);
-        };
-        if job.state == JobState::Running {
-            (job.succeeded, job.failed) = self.events.counts(id)?;
-        }
-        job.llm_tokens = self.store.llm_tokens(id)?;
-        Ok(Some(job))
+        self.store.job(id)?.map(|job| self.live(job)).transpose()
     }
 
     async fn jobs(
@@ -65,15 +70,11 @@ impl JobBackend for Embedded {
     ) -> Result<Vec<JobRecord>> {
         let mut jobs = Vec::with_capacity(limit);
         for job in self.store.jobs_before(before) {
-            let mut job = job?;
+            let job = job?;
             if state.is_some_and(|state| state != job.state) {
                 continue;
             }
-            if job.state == JobState::Running {
-                (job.succeeded, job.failed) = self.events.counts(job.id)?;
-            }
-            job.llm_tokens = self.store.llm_tokens(job.id)?;
-            jobs.push(job);
+            jobs.push(self.live(job)?);
             if jobs.len() == limit {
                 break;
             }
@@ -104,18 +105,14 @@ impl JobBackend for Embedded {
         after: Option<(Uuid, u64)>,
         limit: usize,
     ) -> Result<Vec<DeadLetter>> {
-        let mut letters = Vec::with_capacity(limit);
-        for letter in self.store.dead_letters(job, after) {
-            let letter = letter?;
-            if stage.is_some_and(|stage| stage != letter.stage) {
-                continue;
-            }
-            letters.push(letter);
-            if letters.len() == limit {
-                break;
-            }
-        }
-        Ok(letters)
+        self.store
+            .dead_letters(job, after)
+            .filter(|letter| {
+                let other_stage = |l: &DeadLetter| stage.is_some_and(|stage| stage != l.stage);
+                !letter.as_ref().is_ok_and(other_stage)
+            })
+            .take(limit)
+            .collect()
     }
 
     async fn dead_letter(&self, job: Uuid, index: u64) -> Result<Option<DeadLetter>> {

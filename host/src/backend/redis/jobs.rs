@@ -19,7 +19,8 @@ use crate::model::{
 };
 use crate::store::DeadLetter;
 
-/// Dead letters are kept per node until they move to Redis.
+/// Dead letters are written to Redis (`sh:{job}:dead`), but listing, discarding and
+/// reprocessing them across nodes is not built yet: refused rather than half-answered.
 fn not_available(what: &'static str) -> anyhow::Error {
     NotAvailable {
         what,
