@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use stagehand::config::PipelineConfig;
 use stagehand::jobs::{EffectRunner, ItemHooks, ItemRef, RunSettings, run_item, run_job};
 use stagehand::model::JobRecord;
-use stagehand::pipeline::Pipeline;
+use stagehand::pipeline::{NodeResources, Pipeline, Pipelines};
 use stagehand::runtime::bindings::types::Context;
 use stagehand::store::Store;
 use stagehand_tests::{MockLlm, repo_root};
@@ -38,11 +38,14 @@ fn plugins_dir() -> std::path::PathBuf {
 }
 
 async fn load(config: PipelineConfig, dir: &Path) -> Arc<Pipeline> {
+    load_with_resources(config, dir).await.0
+}
+
+async fn load_with_resources(config: PipelineConfig, dir: &Path) -> (Arc<Pipeline>, NodeResources) {
     let store = Store::open(&dir.join("store")).expect("store");
-    let runtime = Pipeline::runtime_for(&config, dir).expect("runtime");
-    Pipeline::load(config, runtime, store)
-        .await
-        .expect("pipeline")
+    let resources = NodeResources::for_one(&config, dir, store).expect("resources");
+    let pipeline = Pipeline::load(config, &resources).await.expect("pipeline");
+    (pipeline, resources)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -180,7 +183,7 @@ async fn eco_scan(items: u64) {
     let mut config =
         PipelineConfig::load(&repo_root().join("examples/eco-scan/pipeline.toml")).unwrap();
     config.llm.point_all_at(&mock.base_url());
-    let pipeline = load(config, dir.path()).await;
+    let (pipeline, resources) = load_with_resources(config, dir.path()).await;
     let example =
         std::fs::read_to_string(repo_root().join("examples/eco-scan/items.jsonl")).unwrap();
     let lines: Vec<&str> = example.lines().collect();
@@ -191,7 +194,8 @@ async fn eco_scan(items: u64) {
         .await
         .unwrap();
     let shutdown = CancellationToken::new();
-    let (effects, task) = EffectRunner::spawn(pipeline.caps.clone(), 8, shutdown.clone());
+    let pipelines = Arc::new(Pipelines::new([pipeline.clone()]));
+    let (effects, task) = EffectRunner::spawn(&resources, pipelines, shutdown.clone());
     let started = Instant::now();
     let concurrency = pipeline.config.run.concurrency;
     let outcome = run_job(

@@ -560,7 +560,7 @@ impl PipelineConfig {
         let check_name = |name: &Spanned<String>, what: &str| -> Result<()> {
             let n = name.get_ref();
             let ok = !n.is_empty()
-                && n.len() <= 64
+                && n.len() <= crate::limits::MAX_NAME
                 && n.bytes().all(|b| {
                     b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
                 });

@@ -20,7 +20,9 @@
 //! - [`store`]: everything durable, in sled: jobs, items, stage outputs, results, effects,
 //!   idempotency keys, dead letters; flushes are group-committed.
 //! - [`memory`]: the node's memory budget, which items in flight are charged against.
-//! - [`pipeline`]: a loaded pipeline: components, capabilities, per-stage limits.
+//! - [`pipeline`]: a loaded pipeline (components, capabilities, per-stage limits), what the
+//!   pipelines of a node share ([`pipeline::NodeResources`]) and the registry of them by name
+//!   ([`pipeline::Pipelines`]).
 //! - [`backend`]: where jobs live, behind four seams ([`backend::JobBackend`],
 //!   [`backend::ItemStore`], [`backend::EventSource`], [`backend::EffectKeys`]) and two
 //!   implementations: [`backend::embedded`] (sled; the [`backend::embedded::JobManager`] runs
@@ -34,7 +36,7 @@
 //! - [`versions`]: stage versions installed while serving (hot swap), kept across restarts.
 //! - [`watch`]: settled file-change bursts, for `serve --watch` and kv namespace reloads.
 //! - [`metrics`]: every Prometheus metric, named in one place.
-//! - [`node`]: the composition root: a node (store, runtime, pipeline, backend, effect runner,
+//! - [`node`]: the composition root: a node (store, runtime, pipelines, backend, effect runner,
 //!   work loop, sweepers, watchers) built once for `serve`, `worker` and `run`, with one
 //!   shutdown.
 //! - [`api`]: the HTTP API (axum).
@@ -43,8 +45,9 @@
 //!
 //! # Life of a request
 //!
-//! Embedded mode (`stagehand serve`): `POST /v1/jobs` ([`api`]) checks the body against
-//! [`limits`] and hands it to the node's [`backend::JobBackend`], here
+//! Embedded mode (`stagehand serve`): `POST /v1/jobs` ([`api`]) finds the pipeline it names in
+//! the node's [`pipeline::Pipelines`], checks the body against [`limits`] and that pipeline's
+//! limits, and hands it to the node's [`backend::JobBackend`], here
 //! [`backend::embedded::Embedded`]: the [`backend::embedded::JobManager`] writes the job, its items and its `job.started` event to sled, flushes,
 //! answers 202, and runs the job in a task of this process. Each item's stage events go to the
 //! job's [`backend::embedded::EventLog`], which SSE followers read from sled after a wake-up.

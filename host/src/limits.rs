@@ -16,6 +16,10 @@ use serde::Deserialize;
 /// An envelope adds two levels and a results page four, well under serde_json's 128.
 pub const MAX_JSON_DEPTH: usize = 64;
 
+/// Longest name of a pipeline, stage, handler or kv namespace (`config.rs` checks files
+/// against it; routes check names they are given).
+pub const MAX_NAME: usize = 64;
+
 /// Labels on one job, and the length of each key and value in bytes.
 pub const MAX_LABELS: usize = 32;
 pub const MAX_LABEL_KEY: usize = 128;

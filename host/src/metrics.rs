@@ -26,21 +26,24 @@ pub fn install() -> Result<PrometheusHandle> {
 
 /// One try of a stage ended: `outcome` is `succeeded` or the failure kind (`timeout`,
 /// `cpu_budget`, `trap`, ...). Wall-clock and guest CPU time per stage.
-pub fn stage_try(stage: &str, outcome: &str, duration: Duration, cpu: Duration) {
+pub fn stage_try(pipeline: &str, stage: &str, outcome: &str, duration: Duration, cpu: Duration) {
     let labels = [
+        ("pipeline", pipeline.to_string()),
         ("stage", stage.to_string()),
         ("outcome", outcome.to_string()),
     ];
     counter!("stagehand_stage_tries_total", &labels).increment(1);
-    histogram!("stagehand_stage_duration_seconds", "stage" => stage.to_string())
-        .record(duration.as_secs_f64());
-    histogram!("stagehand_stage_cpu_seconds", "stage" => stage.to_string())
-        .record(cpu.as_secs_f64());
+    let labels = [
+        ("pipeline", pipeline.to_string()),
+        ("stage", stage.to_string()),
+    ];
+    histogram!("stagehand_stage_duration_seconds", &labels).record(duration.as_secs_f64());
+    histogram!("stagehand_stage_cpu_seconds", &labels).record(cpu.as_secs_f64());
 }
 
 /// An item ended (`succeeded` or `failed`).
-pub fn item_finished(status: &str) {
-    counter!("stagehand_items_total", "status" => status.to_string()).increment(1);
+pub fn item_finished(pipeline: &str, status: &str) {
+    counter!("stagehand_items_total", "pipeline" => pipeline.to_string(), "status" => status.to_string()).increment(1);
 }
 
 /// Items being run through their stages right now; the guard counts one while it lives.
@@ -91,15 +94,15 @@ pub fn stage_call_waiting() -> InFlight {
 
 /// A stage run gave up its instance because a host call kept it waiting past
 /// `[run] evict_after_ms`; it resumes by replay when the answer is in.
-pub fn stage_evicted(stage: &str) {
-    counter!("stagehand_stage_evictions_total", "stage" => stage.to_string()).increment(1);
+pub fn stage_evicted(pipeline: &str, stage: &str) {
+    counter!("stagehand_stage_evictions_total", "pipeline" => pipeline.to_string(), "stage" => stage.to_string()).increment(1);
 }
 
 /// A stage try took `answers` host call answers from its journal (kept by an earlier try or
 /// before a restart) instead of asking again.
-pub fn journal_answers_reused(stage: &str, answers: u32) {
+pub fn journal_answers_reused(pipeline: &str, stage: &str, answers: u32) {
     if answers > 0 {
-        counter!("stagehand_journal_answers_reused_total", "stage" => stage.to_string())
+        counter!("stagehand_journal_answers_reused_total", "pipeline" => pipeline.to_string(), "stage" => stage.to_string())
             .increment(u64::from(answers));
     }
 }
@@ -153,14 +156,14 @@ pub fn items_unfinished(count: u64) {
 }
 
 /// An item became a dead letter at `stage`.
-pub fn dead_letter(stage: &str) {
-    counter!("stagehand_dead_letters_total", "stage" => stage.to_string()).increment(1);
+pub fn dead_letter(pipeline: &str, stage: &str) {
+    counter!("stagehand_dead_letters_total", "pipeline" => pipeline.to_string(), "stage" => stage.to_string()).increment(1);
 }
 
 /// An operator changed a stage's versions: `swap`, `canary`, `promote`, `rollback` or
 /// `canary_dropped`.
-pub fn stage_change(stage: &str, change: &'static str) {
-    counter!("stagehand_stage_changes_total", "stage" => stage.to_string(), "change" => change)
+pub fn stage_change(pipeline: &str, stage: &str, change: &'static str) {
+    counter!("stagehand_stage_changes_total", "pipeline" => pipeline.to_string(), "stage" => stage.to_string(), "change" => change)
         .increment(1);
 }
 
@@ -172,8 +175,9 @@ pub fn watched_change_refused(kind: &'static str, name: &str) {
 }
 
 /// Jobs by what became of them: `submitted`, `completed`, `cancelled`, `failed`.
-pub fn job(event: &'static str) {
-    counter!("stagehand_jobs_total", "event" => event).increment(1);
+pub fn job(pipeline: &str, event: &'static str) {
+    counter!("stagehand_jobs_total", "pipeline" => pipeline.to_string(), "event" => event)
+        .increment(1);
 }
 
 /// Redis mode: work entries this node took over from a node that stopped answering.
@@ -183,14 +187,14 @@ pub fn items_reclaimed(entries: u64) {
 
 /// A try of `stage` (a stage, or a handler's name) went past `budget` (`llm_calls`, `emits`,
 /// `max_tokens`, ...) and failed with kind `budget`.
-pub fn budget_exceeded(stage: &str, budget: &'static str) {
-    counter!("stagehand_budget_exceeded_total", "stage" => stage.to_string(), "budget" => budget)
+pub fn budget_exceeded(pipeline: &str, stage: &str, budget: &'static str) {
+    counter!("stagehand_budget_exceeded_total", "pipeline" => pipeline.to_string(), "stage" => stage.to_string(), "budget" => budget)
         .increment(1);
 }
 
 /// A guest's `log.write` line was dropped: its try had used its log budget.
-pub fn guest_log_dropped(stage: &str) {
-    counter!("stagehand_guest_log_dropped_total", "stage" => stage.to_string()).increment(1);
+pub fn guest_log_dropped(pipeline: &str, stage: &str) {
+    counter!("stagehand_guest_log_dropped_total", "pipeline" => pipeline.to_string(), "stage" => stage.to_string()).increment(1);
 }
 
 /// An HTTP handler panicked; the request was answered with a 500.

@@ -1,9 +1,10 @@
 //! The composition root: a node is built here once, whatever command runs it.
 //!
-//! [`Node::start`] opens the store, sets up the runtime, loads the pipeline on the chosen
-//! backend (the embedded store, or Redis shared with other nodes), puts back the stage
-//! versions installed while serving, and starts what every mode needs: the effect runner, and
-//! either the embedded job manager or the Redis work loop. The services only some commands
+//! [`Node::start`] opens the store, sets up the resources every pipeline shares (runtime,
+//! memory budget, instance slots), loads the pipelines on the chosen backend (the embedded
+//! store, or Redis shared with other nodes), puts back the stage versions installed while
+//! serving, and starts what every mode needs: the effect runner, and either the embedded job
+//! manager or the Redis work loop. The services only some commands
 //! want (file watchers, the retention sweeper, dead-letter reprocessing) are added by the
 //! command with the `Node` methods of the same name, so a mode starts only what it uses.
 //!
@@ -25,7 +26,7 @@ use crate::backend::embedded::{Embedded, EventLog, JobManager};
 use crate::backend::redis::{Cluster, WorkerSettings, run_worker};
 use crate::config::PipelineConfig;
 use crate::jobs::EffectRunner;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{NodeResources, NodeSizing, Pipeline, Pipelines, Shared};
 use crate::store::Store;
 use crate::versions::StageVersions;
 
@@ -62,9 +63,11 @@ pub struct RedisSettings {
     pub reclaim_idle: Duration,
 }
 
-/// A running node: its pipeline, its backend, and the services started for it.
+/// A running node: its pipelines, its backend, and the services started for it.
 pub struct Node {
-    pub pipeline: Arc<Pipeline>,
+    pub pipelines: Arc<Pipelines>,
+    /// What the pipelines share.
+    pub resources: NodeResources,
     /// This node's embedded store (in Redis mode: stage versions, effects and handler records).
     pub store: Store,
     pub versions: StageVersions,
@@ -84,55 +87,70 @@ pub struct Node {
 }
 
 impl Node {
-    /// Build the node and start what every mode needs; see the module's doc comment.
-    pub async fn start(config: PipelineConfig, settings: NodeSettings) -> Result<Self> {
+    /// Build the node serving `configs` (distinct names, at least one) and start what every
+    /// mode needs; see the module's doc comment.
+    pub async fn start(configs: Vec<PipelineConfig>, settings: NodeSettings) -> Result<Self> {
+        check_distinct_names(&configs)?;
         let data_dir = &settings.data_dir;
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("cannot create {}", data_dir.display()))?;
         let stop_work = CancellationToken::new();
         let stop_services = CancellationToken::new();
-        let runtime = Pipeline::runtime_for(&config, data_dir)?;
+        let sizing = NodeSizing::of(&configs);
         // `work`: how the Redis work loop runs, when this node runs items (started once the
         // stage versions are restored).
-        let (store, pipeline, backend, work) = match &settings.backend {
+        let (store, shared, cluster, work) = match &settings.backend {
             BackendSettings::Embedded { background_flush } => {
                 let store = Store::open_with(&data_dir.join("store"), *background_flush)?;
-                let pipeline = Pipeline::load(config, runtime, store.clone()).await?;
-                let events = EventLog::new(&store)?;
-                let backend = Backend::Embedded(Arc::new(Embedded {
-                    manager: JobManager::new(pipeline.clone(), events.clone()),
-                    store: store.clone(),
-                    events,
-                }));
-                (store, pipeline, backend, None)
+                (store, Shared::default(), None, None)
             }
             BackendSettings::Redis(redis) => {
-                let cluster = Cluster::connect(
-                    &redis.url,
-                    &config.name,
-                    settings.retention,
-                    stop_work.clone(),
-                )
-                .await?;
+                let cluster =
+                    Cluster::connect(&redis.url, settings.retention, stop_work.clone()).await?;
                 let store = Store::open(&data_dir.join("store"))?;
-                let pipeline =
-                    Pipeline::load_shared(config, runtime, store.clone(), cluster.shared()).await?;
                 let work = (redis.slots > 0).then_some(WorkerSettings {
                     slots: redis.slots,
                     reclaim_idle: redis.reclaim_idle,
                     drain: settings.drain,
                 });
-                (store, pipeline, Backend::Redis(cluster), work)
+                (store, cluster.shared(), Some(cluster), work)
+            }
+        };
+        let resources = NodeResources::new(sizing, data_dir, store.clone(), shared)?;
+        let loaded = futures::future::try_join_all(configs.into_iter().map(|config| {
+            let name = config.name.clone();
+            let resources = &resources;
+            async move {
+                Pipeline::load(config, resources)
+                    .await
+                    .with_context(|| format!("pipeline `{name}`"))
+            }
+        }))
+        .await?;
+        let pipelines = Arc::new(Pipelines::new(loaded));
+        let backend = match cluster {
+            Some(cluster) => Backend::Redis(cluster),
+            None => {
+                let events = EventLog::new(&store)?;
+                Backend::Embedded(Arc::new(Embedded {
+                    manager: JobManager::new(pipelines.clone(), store.clone(), events.clone()),
+                    store: store.clone(),
+                    events,
+                }))
             }
         };
         let versions = StageVersions::open(&store, data_dir)?;
         if settings.restore_versions {
-            let restored = versions.restore(&pipeline).await?;
-            if restored > 0 {
-                tracing::info!(
-                    restored,
-                    "stages run the versions installed before the restart"
-                );
+            let only = pipelines.all().len() == 1;
+            for pipeline in pipelines.all() {
+                let restored = versions.restore(&pipeline, only).await?;
+                if restored > 0 {
+                    tracing::info!(
+                        pipeline = %pipeline.name(),
+                        restored,
+                        "stages run the versions installed before the restart"
+                    );
+                }
             }
         }
         // Effects cut short by a crash may have happened: not run again (at most once).
@@ -143,22 +161,20 @@ impl Node {
                 "effects were running when the node stopped; marked interrupted"
             );
         }
-        let (effects, effects_task) = EffectRunner::spawn(
-            pipeline.caps.clone(),
-            pipeline.config.run.effect_concurrency,
-            stop_services.clone(),
-        );
+        let (effects, effects_task) =
+            EffectRunner::spawn(&resources, pipelines.clone(), stop_services.clone());
         let work = match (&backend, work) {
             (Backend::Redis(cluster), Some(work)) => Some(tokio::spawn(run_worker(
                 cluster.clone(),
-                pipeline.clone(),
+                pipelines.clone(),
                 work,
                 stop_work.clone(),
             ))),
             _ => None,
         };
         Ok(Self {
-            pipeline,
+            pipelines,
+            resources,
             store,
             versions,
             backend,
@@ -173,25 +189,22 @@ impl Node {
         })
     }
 
-    /// Reload each kv namespace when its file changes (refreshing a lookup table must not
-    /// need a restart).
+    /// Reload each kv namespace of each pipeline when its file changes (refreshing a lookup
+    /// table must not need a restart).
     pub fn watch_kv(&mut self) -> Result<()> {
-        let task = self
-            .pipeline
-            .caps
-            .kv
-            .clone()
-            .watch(self.stop_services.clone())?;
-        self.add_service("the kv watcher", task);
+        for pipeline in self.pipelines.all() {
+            let task = pipeline.caps.kv.clone().watch(self.stop_services.clone())?;
+            self.add_service("a kv watcher", task);
+        }
         Ok(())
     }
 
     /// Install a stage's component file as its new version whenever the file changes.
     pub fn watch_components(&mut self) -> Result<()> {
-        let task = self
-            .versions
-            .watch(self.pipeline.clone(), self.stop_services.clone())?;
-        self.add_service("the component watcher", task);
+        for pipeline in self.pipelines.all() {
+            let task = self.versions.watch(pipeline, self.stop_services.clone())?;
+            self.add_service("a component watcher", task);
+        }
         Ok(())
     }
 
@@ -271,4 +284,23 @@ impl Node {
     fn add_service(&mut self, name: &'static str, task: JoinHandle<()>) {
         self.services.push((name, task));
     }
+}
+
+/// Two pipelines of one node cannot share a name: jobs, routes and stage versions find them by
+/// it.
+fn check_distinct_names(configs: &[PipelineConfig]) -> Result<()> {
+    if configs.is_empty() {
+        bail!("a node needs at least one pipeline file");
+    }
+    for (at, config) in configs.iter().enumerate() {
+        if let Some(other) = configs[..at].iter().find(|c| c.name == config.name) {
+            bail!(
+                "{} and {} both name their pipeline `{}`: a node serves one pipeline per name",
+                other.source.display(),
+                config.source.display(),
+                config.name
+            );
+        }
+    }
+    Ok(())
 }

@@ -1,6 +1,7 @@
 //! Stage versions installed by an operator while the server runs (hot swap), kept so that a
 //! restart serves the same versions: the `.wasm` files in `<data-dir>/stages/<sha256>.wasm`, and
-//! per stage the current digest and the ones before it in the sled tree `stage_versions`.
+//! per stage the current digest and the ones before it in the sled tree `stage_versions`, under
+//! `<pipeline>/<stage>` (names have no `/`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,8 +24,8 @@ pub struct Installed {
 /// Why an install was refused: the old version keeps serving.
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
-    #[error("no stage `{0}` in the pipeline")]
-    UnknownStage(String),
+    #[error("no stage `{stage}` in pipeline `{pipeline}`")]
+    UnknownStage { pipeline: String, stage: String },
     #[error("{0:#}")]
     Invalid(anyhow::Error),
     #[error(transparent)]
@@ -84,9 +85,7 @@ impl StageVersions {
         bytes: Vec<u8>,
         canary: Option<u8>,
     ) -> Result<Installed, InstallError> {
-        let stage = pipeline
-            .stage(name)
-            .ok_or_else(|| InstallError::UnknownStage(name.into()))?;
+        let stage = stage_of(pipeline, name)?;
         let version = StageComponent::from_bytes(&pipeline.caps.runtime, name, bytes.clone())
             .await
             .map_err(InstallError::Invalid)?;
@@ -103,8 +102,9 @@ impl StageVersions {
             })),
             None => stage.swap(version.clone()),
         }
-        crate::metrics::stage_change(name, if canary.is_some() { "canary" } else { "swap" });
-        self.save(stage).await?;
+        let change = if canary.is_some() { "canary" } else { "swap" };
+        crate::metrics::stage_change(pipeline.name(), name, change);
+        self.save(pipeline, stage).await?;
         Ok(Installed { version, replaced })
     }
 
@@ -114,15 +114,13 @@ impl StageVersions {
         pipeline: &Pipeline,
         name: &str,
     ) -> Result<Option<Arc<StageComponent>>, InstallError> {
-        let stage = pipeline
-            .stage(name)
-            .ok_or_else(|| InstallError::UnknownStage(name.into()))?;
+        let stage = stage_of(pipeline, name)?;
         let Some(canary) = stage.canary() else {
             return Ok(None);
         };
         stage.swap(canary.version.clone());
-        crate::metrics::stage_change(name, "promote");
-        self.save(stage).await?;
+        crate::metrics::stage_change(pipeline.name(), name, "promote");
+        self.save(pipeline, stage).await?;
         Ok(Some(canary.version.clone()))
     }
 
@@ -133,26 +131,24 @@ impl StageVersions {
         pipeline: &Pipeline,
         name: &str,
     ) -> Result<Rollback, InstallError> {
-        let stage = pipeline
-            .stage(name)
-            .ok_or_else(|| InstallError::UnknownStage(name.into()))?;
+        let stage = stage_of(pipeline, name)?;
         let outcome = if let Some(canary) = stage.canary() {
             stage.set_canary(None);
-            crate::metrics::stage_change(name, "canary_dropped");
+            crate::metrics::stage_change(pipeline.name(), name, "canary_dropped");
             Rollback::CanaryDropped(canary.version.clone())
         } else if let Some(back) = stage.rollback() {
-            crate::metrics::stage_change(name, "rollback");
+            crate::metrics::stage_change(pipeline.name(), name, "rollback");
             Rollback::Back(back)
         } else {
             return Ok(Rollback::Nothing);
         };
-        self.save(stage).await?;
+        self.save(pipeline, stage).await?;
         Ok(outcome)
     }
 
     /// Record the stage's versions, durably: an operator's change survives a crash once
     /// acknowledged.
-    async fn save(&self, stage: &Stage) -> Result<()> {
+    async fn save(&self, pipeline: &Pipeline, stage: &Stage) -> Result<()> {
         let record = Record {
             current: stage.current().meta.digest.clone(),
             previous: stage
@@ -166,17 +162,24 @@ impl StageVersions {
             }),
         };
         self.tree
-            .insert(stage.config.name.as_bytes(), serde_json::to_vec(&record)?)?;
+            .insert(key(pipeline, stage), serde_json::to_vec(&record)?)?;
         self.store.flush().await
     }
 
-    /// At start-up: give each stage the versions an operator installed before the restart. A
-    /// version whose file is gone is skipped (with a warning), never fatal.
-    pub async fn restore(&self, pipeline: &Pipeline) -> Result<usize> {
+    /// At start-up: give each stage of `pipeline` the versions an operator installed before
+    /// the restart. A version whose file is gone is skipped (with a warning), never fatal.
+    /// `only`: the node serves this pipeline alone, so versions recorded before records were
+    /// kept per pipeline (under the stage's name) are its.
+    pub async fn restore(&self, pipeline: &Pipeline, only: bool) -> Result<usize> {
         let mut restored = 0;
         for stage in &pipeline.stages {
-            let Some(raw) = self.tree.get(stage.config.name.as_bytes())? else {
-                continue;
+            let raw = match self.tree.get(key(pipeline, stage))? {
+                Some(raw) => raw,
+                None if only => match self.tree.get(stage.config.name.as_bytes())? {
+                    Some(raw) => raw,
+                    None => continue,
+                },
+                None => continue,
             };
             let record: Record = serde_json::from_slice(&raw).context("corrupt stage_versions")?;
             let from_file = stage.current();
@@ -219,6 +222,20 @@ impl StageVersions {
         }
         Ok(restored)
     }
+}
+
+/// Where a stage's versions are recorded.
+fn key(pipeline: &Pipeline, stage: &Stage) -> Vec<u8> {
+    format!("{}/{}", pipeline.name(), stage.config.name).into_bytes()
+}
+
+fn stage_of<'a>(pipeline: &'a Pipeline, name: &str) -> Result<&'a Stage, InstallError> {
+    pipeline
+        .stage(name)
+        .ok_or_else(|| InstallError::UnknownStage {
+            pipeline: pipeline.name().to_string(),
+            stage: name.to_string(),
+        })
 }
 
 impl StageVersions {
@@ -264,7 +281,7 @@ impl StageVersions {
                 tracing::info!(stage = %name, digest = %installed.version.meta.digest, replaced = %installed.replaced, "stage swapped (file changed)")
             }
             Err(error) => {
-                tracing::warn!(stage = %name, error = %error, "the changed component is refused; the old version keeps serving");
+                tracing::warn!(pipeline = %pipeline.name(), stage = %name, error = %error, "the changed component is refused; the old version keeps serving");
                 crate::metrics::watched_change_refused("stage", name);
             }
         }

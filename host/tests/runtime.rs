@@ -366,8 +366,9 @@ async fn a_component_of_the_wrong_world_is_refused_at_load() {
         plugin("character_match")
     ));
     let store = stagehand::store::Store::open(&fixture.dir.path().join("store")).unwrap();
-    let runtime = stagehand::pipeline::Pipeline::runtime_for(&config, fixture.dir.path()).unwrap();
-    let error = match stagehand::pipeline::Pipeline::load(config, runtime, store).await {
+    let resources =
+        stagehand::pipeline::NodeResources::for_one(&config, fixture.dir.path(), store).unwrap();
+    let error = match stagehand::pipeline::Pipeline::load(config, &resources).await {
         Ok(_) => panic!("a handler is not a stage"),
         Err(e) => format!("{e:#}"),
     };

@@ -125,6 +125,7 @@ async fn running_effects_are_interrupted_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store");
     let effect = |key: &str| EffectRecord {
+        pipeline: "test".into(),
         handler: "save".into(),
         key: key.into(),
         payload: "{}".into(),

@@ -62,8 +62,13 @@ fn replayed_stages_give_the_same_outputs_and_ask_the_llm_once_per_call() {
             (Some(24), Some(24)),
             "one vision and one answer request per item, replays included: {stats}"
         );
-        let evictions = metric(&server, "stagehand_stage_evictions_total{stage=\"vision\"}")
-            + metric(&server, "stagehand_stage_evictions_total{stage=\"answer\"}");
+        let evictions = metric(
+            &server,
+            "stagehand_stage_evictions_total{pipeline=\"eco-scan\",stage=\"vision\"}",
+        ) + metric(
+            &server,
+            "stagehand_stage_evictions_total{pipeline=\"eco-scan\",stage=\"answer\"}",
+        );
         if evict_after_ms == 0 {
             assert!(evictions >= 48.0, "every LLM call evicts: {evictions}");
         } else {

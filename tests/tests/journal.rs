@@ -83,7 +83,7 @@ fn a_kill_9_after_two_answers_asks_only_the_third_again() {
         assert_eq!(
             stagehand_tests::metric(
                 &server,
-                "stagehand_journal_answers_reused_total{stage=\"hostile\"}"
+                "stagehand_journal_answers_reused_total{pipeline=\"eco-scan\",stage=\"hostile\"}"
             ),
             Some(4.0 * ITEMS as f64)
         );

@@ -707,21 +707,34 @@ fn metrics_count_stages_items_llm_calls_and_subscribers() {
     let text = metrics();
     let value = |name: &str| series(&text, name).unwrap_or_else(|| panic!("no {name} in\n{text}"));
     for stage in ["vision", "rule", "answer", "reward"] {
-        let tries =
-            format!("stagehand_stage_tries_total{{stage=\"{stage}\",outcome=\"succeeded\"}}");
+        let tries = format!(
+            "stagehand_stage_tries_total{{pipeline=\"eco-scan\",stage=\"{stage}\",outcome=\"succeeded\"}}"
+        );
         assert_eq!(value(&tries), 6.0);
         assert_eq!(
             value(&format!(
-                "stagehand_stage_cpu_seconds_count{{stage=\"{stage}\"}}"
+                "stagehand_stage_cpu_seconds_count{{pipeline=\"eco-scan\",stage=\"{stage}\"}}"
             )),
             6.0
         );
     }
-    assert!(value("stagehand_stage_duration_seconds_sum{stage=\"vision\"}") >= 6.0 * 0.05);
-    assert_eq!(value("stagehand_items_total{status=\"succeeded\"}"), 6.0);
+    assert!(
+        value("stagehand_stage_duration_seconds_sum{pipeline=\"eco-scan\",stage=\"vision\"}")
+            >= 6.0 * 0.05
+    );
+    assert_eq!(
+        value("stagehand_items_total{pipeline=\"eco-scan\",status=\"succeeded\"}"),
+        6.0
+    );
     assert_eq!(value("stagehand_items_in_flight"), 0.0);
-    assert_eq!(value("stagehand_jobs_total{event=\"submitted\"}"), 1.0);
-    assert_eq!(value("stagehand_jobs_total{event=\"completed\"}"), 1.0);
+    assert_eq!(
+        value("stagehand_jobs_total{pipeline=\"eco-scan\",event=\"submitted\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("stagehand_jobs_total{pipeline=\"eco-scan\",event=\"completed\"}"),
+        1.0
+    );
     assert_eq!(
         value(
             "stagehand_llm_requests_total{provider=\"default\",model=\"gpt-4o-mini\",outcome=\"ok\"}"

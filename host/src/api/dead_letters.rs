@@ -13,11 +13,11 @@ use uuid::Uuid;
 
 use super::openapi::{DeadLetterDetail, DeadLetterList, ReprocessAnswer};
 use super::{ApiError, App, job_id, page_limit};
-use crate::limits::in_range;
+use crate::backend::DeadLetterFilter;
+use crate::limits::{MAX_NAME, in_range};
 
-/// Longest `stage` or `after` of a listing: a stage name is at most 64 characters, and so is a
-/// `JOB/INDEX` cursor.
-const MAX_NAME: usize = 64;
+/// Longest `after` of a listing: a `JOB/INDEX` cursor is at most 64 characters too.
+const MAX_CURSOR: usize = 64;
 use crate::jobs::{ItemRef, stage_input};
 use crate::model::{Reprocess, item_id};
 
@@ -26,6 +26,9 @@ use crate::model::{Reprocess, item_id};
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     job: Option<Uuid>,
+    /// Dead letters of this pipeline's jobs only.
+    #[param(max_length = 64)]
+    pipeline: Option<String>,
     #[param(max_length = 64)]
     stage: Option<String>,
     /// Keyset: the `next_after` of the previous page (`JOB/INDEX`).
@@ -42,7 +45,7 @@ fn cursor(raw: &str) -> Result<(Uuid, u64), ApiError> {
         .ok_or_else(|| ApiError::BadRequest(format!("`after` must be JOB/INDEX, not {raw:?}")))
 }
 
-/// `GET /v1/dead-letters?job=&stage=&after=&limit=`, in (job, index) order.
+/// `GET /v1/dead-letters?job=&pipeline=&stage=&after=&limit=`, in (job, index) order.
 #[utoipa::path(get, path = "/v1/dead-letters", tag = "dead letters", security((), ("api_token" = []), ("admin_token" = [])), params(ListQuery),
     responses((status = 200, description = "in (job, index) order", body = super::openapi::DeadLetterList), (status = 400, description = "bad query", body = super::openapi::ErrorBody), (status = 422, description = "a value past its limit (the message names it)", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong token", body = super::openapi::ErrorBody)))]
 pub async fn list(
@@ -51,16 +54,27 @@ pub async fn list(
 ) -> Result<Json<DeadLetterList>, ApiError> {
     let Query(q) = query?;
     let limit = page_limit(q.limit, 100)?;
-    for (field, value) in [("stage", &q.stage), ("after", &q.after)] {
+    for (field, value) in [
+        ("pipeline", &q.pipeline),
+        ("stage", &q.stage),
+        ("after", &q.after),
+    ] {
         if let Some(value) = value {
-            in_range(&format!("length of `{field}`"), value.len(), 1, MAX_NAME)?;
+            in_range(
+                &format!("length of `{field}`"),
+                value.len(),
+                1,
+                MAX_NAME.max(MAX_CURSOR),
+            )?;
         }
     }
     let after = q.after.as_deref().map(cursor).transpose()?;
-    let letters = app
-        .backend
-        .dead_letters(q.job, q.stage.as_deref(), after, limit)
-        .await?;
+    let filter = DeadLetterFilter {
+        job: q.job,
+        pipeline: q.pipeline,
+        stage: q.stage,
+    };
+    let letters = app.backend.dead_letters(&filter, after, limit).await?;
     let next_after = (letters.len() == limit)
         .then(|| letters.last().map(|l| format!("{}/{}", l.job_id, l.index)))
         .flatten();
@@ -91,10 +105,18 @@ pub async fn inspect(
         item_id: item_id(job, index),
         index,
     };
-    let input = stage_input(&app.pipeline, item, &letter.stage)?
-        .map(RawValue::from_string)
-        .transpose()
-        .map_err(anyhow::Error::from)?;
+    // Put back together by the job's pipeline, while this server serves it.
+    let pipeline = match letter.pipeline.as_str() {
+        "" => app.pipelines.only(),
+        name => app.pipelines.get(name),
+    };
+    let input = match pipeline {
+        Some(pipeline) => stage_input(&pipeline, item, &letter.stage)?
+            .map(RawValue::from_string)
+            .transpose()
+            .map_err(anyhow::Error::from)?,
+        None => None,
+    };
     Ok(Json(DeadLetterDetail { letter, input }))
 }
 

@@ -95,7 +95,7 @@ pub async fn stream(
             .map_or(defaults.interval, Duration::from_millis),
     };
     // Follow tokens before reading the log, so none arrives between the two unseen.
-    let tokens = q.tokens.then(|| app.pipeline.caps.tokens.subscribe(id));
+    let tokens = q.tokens.then(|| app.live_tokens.subscribe(id));
     let view = JobView::new(app.backend.events(), id, job.total, after, coalescing).await?;
     // Counted while the stream lives: the guard goes with the stream's state.
     let subscriber = crate::metrics::sse_subscriber();

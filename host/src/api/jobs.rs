@@ -17,13 +17,19 @@ use super::openapi::{
     CancelAnswer, CancelState, JobLinks, JobList, JobStatus, ResultsPage, ScanAccepted,
     StageDigest, StageTimes,
 };
-use super::{ApiError, App, images, job_id, page_limit};
-use crate::limits::{MAX_PAGE, MAX_PAGE_NUMBER};
+use super::{ApiError, App, PipelineQuery, images, job_id, page_limit, pipeline};
+use crate::backend::JobFilter;
+use crate::limits::{MAX_NAME, MAX_PAGE, MAX_PAGE_NUMBER};
 use crate::model::{CancelOutcome, Idempotency, JobOptions, JobRecord, JobState, Submitted};
+use crate::pipeline::Pipeline;
 
 #[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Submission {
+    /// The pipeline that runs the job (optional when the server serves one; in the path of
+    /// `/v1/pipelines/{name}/jobs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pipeline: Option<String>,
     items: Vec<Box<RawValue>>,
     #[serde(default)]
     options: JobOptions,
@@ -35,10 +41,11 @@ pub struct Submission {
 
 const MAX_IDEMPOTENCY_KEY: usize = 256;
 
-/// The key of a submission (header or body) and a digest of what it asks for.
+/// The key of a submission (header or body) and a digest of what it asks for, of `pipeline`.
 fn idempotency(
     headers: &HeaderMap,
     submission: &Submission,
+    pipeline: &str,
 ) -> Result<Option<Idempotency>, ApiError> {
     let header = match headers.get("idempotency-key") {
         Some(value) => Some(
@@ -57,7 +64,7 @@ fn idempotency(
             "an idempotency key is 1 to {MAX_IDEMPOTENCY_KEY} bytes"
         )));
     }
-    let canonical = serde_json::to_vec(&(&submission.items, &submission.options))
+    let canonical = serde_json::to_vec(&(&submission.items, &submission.options, pipeline))
         .map_err(anyhow::Error::from)?;
     Ok(Some(Idempotency {
         key,
@@ -65,9 +72,10 @@ fn idempotency(
     }))
 }
 
-/// An item within `[limits] max_item_kib` and the JSON depth limit, with valid images.
-fn check_item(app: &App, item: &str, what: &str) -> Result<(), ApiError> {
-    let limits = app.pipeline.config.limits;
+/// An item within its pipeline's `[limits] max_item_kib` and the JSON depth limit, with valid
+/// images.
+fn check_item(app: &App, pipeline: &Pipeline, item: &str, what: &str) -> Result<(), ApiError> {
+    let limits = pipeline.config.limits;
     crate::limits::check_size_and_depth(item, what, limits.max_item_bytes())?;
     images::check_item(item, what, app.max_image_bytes)
 }
@@ -97,12 +105,51 @@ pub async fn submit(
     body: Result<Json<Submission>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(submission) = body?;
+    let pipeline = pipeline(&app, submission.pipeline.as_deref())?;
+    submit_job(&app, &pipeline, &headers, submission).await
+}
+
+/// `POST /v1/jobs` for the pipeline in the path.
+#[utoipa::path(post, path = "/v1/pipelines/{name}/jobs", tag = "jobs", security((), ("api_token" = []), ("admin_token" = [])),
+    request_body = super::openapi::SubmissionBody,
+    params(("name" = String, Path, description = "pipeline name"),
+           ("Idempotency-Key" = Option<String>, Header, description = "a repeat with the same key returns the same job")),
+    responses((status = 202, description = "accepted and durable", body = super::openapi::JobLinks),
+              (status = 200, description = "the job an earlier submission with this key created", body = super::openapi::JobLinks),
+              (status = 400, description = "malformed JSON", body = super::openapi::ErrorBody), (status = 404, description = "no such pipeline", body = super::openapi::ErrorBody), (status = 409, description = "key used with another body", body = super::openapi::ErrorBody), (status = 413, description = "body or image too large", body = super::openapi::ErrorBody), (status = 415, description = "not JSON", body = super::openapi::ErrorBody), (status = 422, description = "not a valid job", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong token", body = super::openapi::ErrorBody)))]
+pub async fn submit_to_pipeline(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Result<Json<Submission>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let pipeline = pipeline(&app, Some(&name))?;
+    let Json(submission) = body?;
+    if let Some(other) = submission
+        .pipeline
+        .as_deref()
+        .filter(|other| *other != name)
+    {
+        return Err(ApiError::Unprocessable(format!(
+            "the body names pipeline `{other}`, the path `{name}`"
+        )));
+    }
+    submit_job(&app, &pipeline, &headers, submission).await
+}
+
+/// Check a submission against `pipeline`'s limits, then hand it to the backend.
+async fn submit_job(
+    app: &App,
+    pipeline: &Pipeline,
+    headers: &HeaderMap,
+    submission: Submission,
+) -> Result<Response, ApiError> {
     if submission.items.is_empty() {
         return Err(ApiError::Unprocessable(
             "`items` is empty: a job needs at least one item".into(),
         ));
     }
-    let limits = app.pipeline.config.limits;
+    let limits = pipeline.config.limits;
     if submission.items.len() as u64 > limits.max_items {
         return Err(ApiError::Unprocessable(format!(
             "`items` has {} items, over the limit of {} (`[limits] max_items`)",
@@ -112,9 +159,9 @@ pub async fn submit(
     }
     submission.options.check(&limits)?;
     for (index, item) in submission.items.iter().enumerate() {
-        check_item(&app, item.get(), &format!("item {index}"))?;
+        check_item(app, pipeline, item.get(), &format!("item {index}"))?;
     }
-    let idempotency = idempotency(&headers, &submission)?;
+    let idempotency = idempotency(headers, &submission, pipeline.name())?;
     let items = submission
         .items
         .into_iter()
@@ -122,7 +169,7 @@ pub async fn submit(
         .collect();
     let (status, job) = answer(
         app.backend
-            .submit(items, submission.options, idempotency)
+            .submit(pipeline.name(), items, submission.options, idempotency)
             .await?,
     )?;
     Ok((status, Json(JobLinks::new(job.id))).into_response())
@@ -134,7 +181,32 @@ pub async fn submit(
     request_body(content((Object = "application/json"), (Object = "multipart/form-data")), description = "one item, or a form with an `image` file part"),
     responses((status = 202, description = "accepted", body = super::openapi::ScanAccepted),
               (status = 400, description = "malformed body", body = super::openapi::ErrorBody), (status = 413, description = "too large", body = super::openapi::ErrorBody), (status = 415, description = "unsupported type", body = super::openapi::ErrorBody), (status = 422, description = "not a scan", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong token", body = super::openapi::ErrorBody)))]
-pub async fn scan(State(app): State<Arc<App>>, request: Request) -> Result<Response, ApiError> {
+pub async fn scan(
+    State(app): State<Arc<App>>,
+    query: Result<Query<PipelineQuery>, QueryRejection>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let Query(query) = query?;
+    let pipeline = pipeline(&app, query.pipeline.as_deref())?;
+    scan_with(&app, &pipeline, request).await
+}
+
+/// `POST /v1/scans` on the pipeline in the path.
+#[utoipa::path(post, path = "/v1/pipelines/{name}/scans", tag = "jobs", security((), ("api_token" = []), ("admin_token" = [])),
+    params(("name" = String, Path, description = "pipeline name")),
+    request_body(content((Object = "application/json"), (Object = "multipart/form-data")), description = "one item, or a form with an `image` file part"),
+    responses((status = 202, description = "accepted", body = super::openapi::ScanAccepted),
+              (status = 400, description = "malformed body", body = super::openapi::ErrorBody), (status = 404, description = "no such pipeline", body = super::openapi::ErrorBody), (status = 413, description = "too large", body = super::openapi::ErrorBody), (status = 415, description = "unsupported type", body = super::openapi::ErrorBody), (status = 422, description = "not a scan", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong token", body = super::openapi::ErrorBody)))]
+pub async fn scan_on_pipeline(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let pipeline = pipeline(&app, Some(&name))?;
+    scan_with(&app, &pipeline, request).await
+}
+
+async fn scan_with(app: &App, pipeline: &Pipeline, request: Request) -> Result<Response, ApiError> {
     let multipart = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -158,10 +230,15 @@ pub async fn scan(State(app): State<Arc<App>>, request: Request) -> Result<Respo
         }
         item.get().to_string()
     };
-    check_item(&app, &item, "the scan")?;
+    check_item(app, pipeline, &item, "the scan")?;
     let (_, job) = answer(
         app.backend
-            .submit(vec![item.into_bytes()], JobOptions::default(), None)
+            .submit(
+                pipeline.name(),
+                vec![item.into_bytes()],
+                JobOptions::default(),
+                None,
+            )
             .await?,
     )?;
     let body = ScanAccepted {
@@ -177,6 +254,9 @@ pub async fn scan(State(app): State<Arc<App>>, request: Request) -> Result<Respo
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     state: Option<JobState>,
+    /// Jobs of this pipeline only.
+    #[param(max_length = 64)]
+    pipeline: Option<String>,
     /// Keyset: jobs created before this job id.
     before: Option<uuid::Uuid>,
     /// Jobs per page (50).
@@ -193,7 +273,14 @@ pub async fn list(
 ) -> Result<Json<JobList>, ApiError> {
     let Query(q) = query?;
     let limit = page_limit(q.limit, 50)?;
-    let jobs = app.backend.jobs(q.before, q.state, limit).await?;
+    if let Some(name) = &q.pipeline {
+        crate::limits::in_range("length of `pipeline`", name.len(), 1, MAX_NAME)?;
+    }
+    let filter = JobFilter {
+        state: q.state,
+        pipeline: q.pipeline,
+    };
+    let jobs = app.backend.jobs(q.before, &filter, limit).await?;
     let next_before = if jobs.len() == limit {
         jobs.last().map(|j| j.id)
     } else {
@@ -215,15 +302,18 @@ pub async fn status(
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
     let end = job.finished_at.unwrap_or_else(crate::model::now_ms);
-    let config = &app.pipeline.config;
+    // `None` when the server no longer serves the job's pipeline.
+    let pipeline = app.pipelines.get(&job.pipeline);
+    let pipeline_tokens = pipeline
+        .as_ref()
+        .and_then(|p| p.config.llm.max_tokens_per_job);
     Ok(Json(JobStatus {
         duration_ms: end.saturating_sub(job.created_at),
-        max_tokens: job.options.max_tokens.or(config.llm.max_tokens_per_job),
+        max_tokens: job.options.max_tokens.or(pipeline_tokens),
         // The versions new stage entries use now; each result records the ones it ran.
-        stage_versions: app
-            .pipeline
-            .stages
+        stage_versions: pipeline
             .iter()
+            .flat_map(|p| &p.stages)
             .map(|s| StageDigest {
                 stage: s.config.name.clone(),
                 digest: s.current().meta.digest.clone(),
@@ -355,13 +445,15 @@ pub async fn stage_times(
     Path(raw): Path<String>,
 ) -> Result<Json<StageTimes>, ApiError> {
     let id = job_id(&raw)?;
-    if app.backend.job(id).await?.is_none() {
+    let Some(job) = app.backend.job(id).await? else {
         return Err(ApiError::NotFound(format!("no job {id}")));
-    }
+    };
+    // In the pipeline's order; stages it no longer has are added as the results name them.
     let mut stages: Vec<StageTime> = app
-        .pipeline
-        .stages
+        .pipelines
+        .get(&job.pipeline)
         .iter()
+        .flat_map(|p| &p.stages)
         .map(|s| StageTime {
             stage: s.config.name.clone(),
             ..StageTime::default()
@@ -378,10 +470,18 @@ pub async fn stage_times(
             .flat_map(|r| &r.stages)
             .filter(|run| !run.reused)
         {
-            if let Some(time) = stages.iter_mut().find(|t| t.stage == run.stage) {
-                time.runs += 1;
-                time.total_ms += run.duration_ms;
-            }
+            let at = match stages.iter().position(|t| t.stage == run.stage) {
+                Some(at) => at,
+                None => {
+                    stages.push(StageTime {
+                        stage: run.stage.clone(),
+                        ..StageTime::default()
+                    });
+                    stages.len() - 1
+                }
+            };
+            stages[at].runs += 1;
+            stages[at].total_ms += run.duration_ms;
         }
     }
     let all: f64 = stages.iter().map(|t| t.total_ms).sum();

@@ -4,8 +4,12 @@
 //! |------------------------------------|---------------------------------------------------|
 //! | `GET /`                            | the dashboard (see [`dashboard`])                 |
 //! | `GET /openapi.json`                | the OpenAPI 3 document (see [`openapi`])          |
-//! | `POST /v1/jobs`                    | submit `{"items": [...], "options": {...}}` -> 202 |
-//! | `GET /v1/jobs`                     | newest first; `?state=&before=&limit=`            |
+//! | `GET /v1/pipelines`                | the pipelines served: stages, handlers, kv        |
+//! | `GET /v1/pipelines/{name}`         | one of them                                       |
+//! | `POST /v1/pipelines/{name}/jobs`   | submit a job of that pipeline                     |
+//! | `POST /v1/pipelines/{name}/scans`  | a scan on that pipeline                           |
+//! | `POST /v1/jobs`                    | submit `{"items": [...], "options": {...}, "pipeline": ...}` -> 202 |
+//! | `GET /v1/jobs`                     | newest first; `?state=&pipeline=&before=&limit=`  |
 //! | `POST /v1/scans`                   | one item (seed 001's scan) -> 202 with `task_id`  |
 //! | `GET /v1/jobs/{id}`                | state and counts                                  |
 //! | `GET /v1/jobs/{id}/events`         | SSE: the job's log, resumable with Last-Event-ID  |
@@ -14,7 +18,7 @@
 //! | `POST /v1/jobs/{id}/cancel`        | idempotent                                        |
 //! | `GET /v1/jobs/{id}/watch`          | a page that follows the job live (EventSource)    |
 //! | `POST /v1/jobs/{id}/reprocess`     | admin: run dead letters again: `{"indices": [...]}` or all |
-//! | `GET /v1/dead-letters`             | `?job=&stage=&after=&limit=`                      |
+//! | `GET /v1/dead-letters`             | `?job=&pipeline=&stage=&after=&limit=`            |
 //! | `GET /v1/dead-letters/{job}/{i}`   | one, with the failed stage's input                |
 //! | `DELETE /v1/dead-letters/{job}/{i}`| admin: discard                                           |
 //! | `POST /v1/dead-letters/{job}/{i}/reprocess` | admin: run one again                            |
@@ -25,6 +29,10 @@
 //! | `GET /metrics`                     | Prometheus metrics (see [`crate::metrics`])        |
 //! | `GET /v1/kv`                       | kv namespaces: file, entries, digest, load time   |
 //! | `POST /v1/kv/{namespace}/reload`   | admin: read the namespace's file again            |
+//!
+//! A route about one pipeline (jobs, scans, stages, kv) takes its name in the path or as
+//! `?pipeline=` (`"pipeline"` in a job's body); it may leave it out when the server serves
+//! one pipeline, and gets a 422 naming them when it serves several.
 //!
 //! Every job route goes through [`crate::backend::JobBackend`]; in Redis mode
 //! ([`crate::backend::redis`]) they answer for every node's jobs, except the dead letter routes
@@ -39,6 +47,7 @@ mod images;
 mod jobs;
 mod kv;
 mod openapi;
+mod pipelines;
 mod stages;
 
 use std::sync::Arc;
@@ -53,15 +62,19 @@ use utoipa_axum::routes;
 
 pub use error::ApiError;
 
-use crate::limits::MAX_PAGE;
+use crate::limits::{MAX_NAME, MAX_PAGE};
 
 use crate::backend::JobBackend;
-use crate::pipeline::Pipeline;
+use crate::events::TokenHub;
+use crate::pipeline::{Pipeline, PipelineLookup, Pipelines};
 use crate::versions::StageVersions;
 
 /// What the handlers share.
 pub struct App {
-    pub pipeline: Arc<Pipeline>,
+    /// The pipelines this server serves, by name.
+    pub pipelines: Arc<Pipelines>,
+    /// Where streamed LLM answers are published as they arrive (`?tokens=true` followers).
+    pub live_tokens: TokenHub,
     /// Where jobs live: [`crate::backend::embedded::Embedded`], or Redis shared by several nodes.
     pub backend: Arc<dyn JobBackend>,
     /// Largest accepted request body.
@@ -92,6 +105,10 @@ pub fn router(app: Arc<App>) -> Router {
     let (api, document) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .routes(routes!(jobs::submit, jobs::list))
         .routes(routes!(jobs::scan))
+        .routes(routes!(jobs::submit_to_pipeline))
+        .routes(routes!(jobs::scan_on_pipeline))
+        .routes(routes!(pipelines::list))
+        .routes(routes!(pipelines::show))
         .routes(routes!(jobs::status))
         .routes(routes!(jobs::results))
         .routes(routes!(jobs::stage_times))
@@ -181,6 +198,28 @@ fn page_limit(limit: Option<usize>, default: usize) -> Result<usize, ApiError> {
     let limit = limit.unwrap_or(default);
     crate::limits::in_range("limit", limit, 1, MAX_PAGE)?;
     Ok(limit)
+}
+
+/// The pipeline a request names (`None`: the only one), or a 404 for an unknown name and a
+/// 422 when it names none and there are several.
+fn pipeline(app: &App, name: Option<&str>) -> Result<Arc<Pipeline>, ApiError> {
+    if let Some(name) = name {
+        crate::limits::in_range("length of `pipeline`", name.len(), 1, MAX_NAME)?;
+    }
+    app.pipelines.resolve(name).map_err(|error| match error {
+        PipelineLookup::Unknown { .. } => ApiError::NotFound(error.to_string()),
+        PipelineLookup::Unnamed { .. } => ApiError::Unprocessable(error.to_string()),
+    })
+}
+
+/// `?pipeline=NAME` of a route about one pipeline.
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineQuery {
+    /// The pipeline (optional when the server serves one).
+    #[param(max_length = 64)]
+    pipeline: Option<String>,
 }
 
 /// A job id from a path segment, or a 404 that says why.

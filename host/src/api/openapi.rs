@@ -24,6 +24,7 @@ use crate::store::DeadLetter;
     tags(
         (name = "jobs", description = "Submit, follow, page through and cancel jobs"),
         (name = "dead letters", description = "Items that failed for good, to inspect or run again"),
+        (name = "pipelines", description = "The pipelines a server serves"),
         (name = "stages", description = "Stage versions: hot swap, canary, rollback"),
         (name = "operations", description = "kv namespaces and metrics"),
     )
@@ -254,6 +255,23 @@ pub struct StageVersions {
 #[derive(Serialize, ToSchema)]
 pub struct StageList {
     pub stages: Vec<StageVersions>,
+}
+
+/// A pipeline the server serves: its stages in order with their versions, its handlers, its kv
+/// namespaces.
+#[derive(Serialize, ToSchema)]
+pub struct PipelineInfo {
+    pub name: String,
+    #[serde(flatten)]
+    pub stages: StageList,
+    /// Handler names (`dispatch.call` and `dispatch.emit` targets).
+    pub handlers: Vec<String>,
+    pub kv: Vec<crate::capabilities::NamespaceInfo>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PipelineList {
+    pub pipelines: Vec<PipelineInfo>,
 }
 
 /// The result of a stage change: the version items get now, and what the change did.

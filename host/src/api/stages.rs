@@ -1,5 +1,6 @@
 //! Stage versions for operators: list, hot swap (at once, or as a canary for a share of the
-//! items), promote a canary, roll back. Changes need the admin token.
+//! items), promote a canary, roll back; of the pipeline `?pipeline=` names (or the only one).
+//! Changes need the admin token.
 
 use std::sync::Arc;
 
@@ -10,7 +11,8 @@ use axum::extract::{Path, Query, State};
 use serde::Deserialize;
 
 use super::openapi::{StageChange, StageList, StageVersions, Version};
-use super::{ApiError, App};
+use super::{ApiError, App, PipelineQuery, pipeline};
+use crate::pipeline::Pipeline;
 use crate::runtime::{CacheOutcome, StageComponent};
 use crate::versions::{InstallError, Rollback};
 
@@ -23,11 +25,20 @@ fn version(v: &StageComponent) -> Version {
 }
 
 /// `GET /v1/stages`: each stage's current version and the ones it can roll back to.
-#[utoipa::path(get, path = "/v1/stages", tag = "stages", security((), ("api_token" = []), ("admin_token" = [])),
-    responses((status = 200, description = "each stage's versions", body = super::openapi::StageList), (status = 401, description = "missing or wrong token", body = super::openapi::ErrorBody)))]
-pub async fn list(State(app): State<Arc<App>>) -> Json<StageList> {
-    let stages = app
-        .pipeline
+#[utoipa::path(get, path = "/v1/stages", tag = "stages", security((), ("api_token" = []), ("admin_token" = [])), params(PipelineQuery),
+    responses((status = 200, description = "each stage's versions", body = super::openapi::StageList), (status = 400, description = "bad query", body = super::openapi::ErrorBody), (status = 404, description = "no such pipeline", body = super::openapi::ErrorBody), (status = 422, description = "several pipelines and none named", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong token", body = super::openapi::ErrorBody)))]
+pub async fn list(
+    State(app): State<Arc<App>>,
+    query: Result<Query<PipelineQuery>, QueryRejection>,
+) -> Result<Json<StageList>, ApiError> {
+    let Query(query) = query?;
+    let pipeline = pipeline(&app, query.pipeline.as_deref())?;
+    Ok(Json(stage_list(&pipeline)))
+}
+
+/// Each stage of `pipeline` with its versions.
+pub(super) fn stage_list(pipeline: &Pipeline) -> StageList {
+    let stages = pipeline
         .stages
         .iter()
         .map(|stage| StageVersions {
@@ -40,13 +51,13 @@ pub async fn list(State(app): State<Arc<App>>) -> Json<StageList> {
             previous: stage.previous().iter().rev().map(|v| version(v)).collect(),
         })
         .collect();
-    Json(StageList { stages })
+    StageList { stages }
 }
 
 impl From<InstallError> for ApiError {
     fn from(error: InstallError) -> Self {
         match error {
-            InstallError::UnknownStage(_) => ApiError::NotFound(error.to_string()),
+            InstallError::UnknownStage { .. } => ApiError::NotFound(error.to_string()),
             InstallError::Invalid(_) => ApiError::Unprocessable(error.to_string()),
             InstallError::Host(error) => ApiError::Internal(error),
         }
@@ -57,6 +68,9 @@ impl From<InstallError> for ApiError {
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct InstallQuery {
+    /// The pipeline (optional when the server serves one).
+    #[param(max_length = 64)]
+    pipeline: Option<String>,
     /// Put the version on trial for this share (1 to 99 %) of the items instead.
     #[param(minimum = 1, maximum = 99)]
     canary: Option<u8>,
@@ -68,14 +82,18 @@ pub struct InstallQuery {
 #[utoipa::path(put, path = "/v1/stages/{name}", tag = "stages", security(("admin_token" = [])),
     params(("name" = String, Path, description = "stage name"), InstallQuery),
     request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the component (`application/wasm` too; any type is read as the bytes)"),
-    responses((status = 200, description = "installed", body = super::openapi::StageChange), (status = 400, description = "empty body", body = super::openapi::ErrorBody), (status = 404, description = "no such stage", body = super::openapi::ErrorBody), (status = 413, description = "too large", body = super::openapi::ErrorBody), (status = 422, description = "not a valid stage component, or a bad canary share", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong admin token", body = super::openapi::ErrorBody), (status = 403, description = "admin routes are off (no --admin-token)", body = super::openapi::ErrorBody)))]
+    responses((status = 200, description = "installed", body = super::openapi::StageChange), (status = 400, description = "empty body", body = super::openapi::ErrorBody), (status = 404, description = "no such stage or pipeline", body = super::openapi::ErrorBody), (status = 413, description = "too large", body = super::openapi::ErrorBody), (status = 422, description = "not a valid stage component, a bad canary share, or several pipelines and none named", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong admin token", body = super::openapi::ErrorBody), (status = 403, description = "admin routes are off (no --admin-token)", body = super::openapi::ErrorBody)))]
 pub async fn install(
     State(app): State<Arc<App>>,
     Path(name): Path<String>,
     query: Result<Query<InstallQuery>, QueryRejection>,
     body: Bytes,
 ) -> Result<Json<StageChange>, ApiError> {
-    let Query(InstallQuery { canary }) = query?;
+    let Query(InstallQuery {
+        pipeline: named,
+        canary,
+    }) = query?;
+    let pipeline = pipeline(&app, named.as_deref())?;
     if canary.is_some_and(|p| !(1..=99).contains(&p)) {
         return Err(ApiError::Unprocessable(
             "`canary` is a share of the items in %, from 1 to 99".into(),
@@ -88,13 +106,13 @@ pub async fn install(
     }
     let installed = app
         .versions
-        .install(&app.pipeline, &name, body.to_vec(), canary)
+        .install(&pipeline, &name, body.to_vec(), canary)
         .await?;
     let new = version(&installed.version);
     let (current, canary) = match canary {
         Some(percent) => {
             tracing::info!(stage = %name, digest = %installed.version.meta.digest, percent, "canary on trial");
-            let stage = app.pipeline.stage(&name).expect("installed, so known");
+            let stage = pipeline.stage(&name).expect("installed, so known");
             let trial = Version {
                 percent: Some(percent),
                 ..new
@@ -122,14 +140,17 @@ pub async fn install(
 
 /// `POST /v1/stages/{name}/rollback`: end the canary trial if there is one, else back to the
 /// version before the current one.
-#[utoipa::path(post, path = "/v1/stages/{name}/rollback", tag = "stages", security(("admin_token" = [])), params(("name" = String, Path, description = "stage name")),
-    responses((status = 200, description = "rolled back or canary dropped", body = super::openapi::StageChange), (status = 404, description = "no such stage", body = super::openapi::ErrorBody), (status = 409, description = "nothing to roll back to", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong admin token", body = super::openapi::ErrorBody), (status = 403, description = "admin routes are off (no --admin-token)", body = super::openapi::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/stages/{name}/rollback", tag = "stages", security(("admin_token" = [])), params(("name" = String, Path, description = "stage name"), PipelineQuery),
+    responses((status = 200, description = "rolled back or canary dropped", body = super::openapi::StageChange), (status = 400, description = "bad query", body = super::openapi::ErrorBody), (status = 422, description = "several pipelines and none named", body = super::openapi::ErrorBody), (status = 404, description = "no such stage or pipeline", body = super::openapi::ErrorBody), (status = 409, description = "nothing to roll back to", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong admin token", body = super::openapi::ErrorBody), (status = 403, description = "admin routes are off (no --admin-token)", body = super::openapi::ErrorBody)))]
 pub async fn rollback(
     State(app): State<Arc<App>>,
     Path(name): Path<String>,
+    query: Result<Query<PipelineQuery>, QueryRejection>,
 ) -> Result<Json<StageChange>, ApiError> {
-    let current = || version(&app.pipeline.stage(&name).expect("known").current());
-    match app.versions.rollback(&app.pipeline, &name).await? {
+    let Query(query) = query?;
+    let pipeline = pipeline(&app, query.pipeline.as_deref())?;
+    let current = || version(&pipeline.stage(&name).expect("known").current());
+    match app.versions.rollback(&pipeline, &name).await? {
         Rollback::CanaryDropped(dropped) => Ok(Json(StageChange {
             canary_dropped: Some(version(&dropped)),
             ..StageChange::new(name.clone(), current())
@@ -142,13 +163,16 @@ pub async fn rollback(
 }
 
 /// `POST /v1/stages/{name}/promote`: the canary becomes the version every item gets.
-#[utoipa::path(post, path = "/v1/stages/{name}/promote", tag = "stages", security(("admin_token" = [])), params(("name" = String, Path, description = "stage name")),
-    responses((status = 200, description = "promoted", body = super::openapi::StageChange), (status = 404, description = "no such stage", body = super::openapi::ErrorBody), (status = 409, description = "no canary", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong admin token", body = super::openapi::ErrorBody), (status = 403, description = "admin routes are off (no --admin-token)", body = super::openapi::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/stages/{name}/promote", tag = "stages", security(("admin_token" = [])), params(("name" = String, Path, description = "stage name"), PipelineQuery),
+    responses((status = 200, description = "promoted", body = super::openapi::StageChange), (status = 400, description = "bad query", body = super::openapi::ErrorBody), (status = 422, description = "several pipelines and none named", body = super::openapi::ErrorBody), (status = 404, description = "no such stage or pipeline", body = super::openapi::ErrorBody), (status = 409, description = "no canary", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong admin token", body = super::openapi::ErrorBody), (status = 403, description = "admin routes are off (no --admin-token)", body = super::openapi::ErrorBody)))]
 pub async fn promote(
     State(app): State<Arc<App>>,
     Path(name): Path<String>,
+    query: Result<Query<PipelineQuery>, QueryRejection>,
 ) -> Result<Json<StageChange>, ApiError> {
-    match app.versions.promote(&app.pipeline, &name).await? {
+    let Query(query) = query?;
+    let pipeline = pipeline(&app, query.pipeline.as_deref())?;
+    match app.versions.promote(&pipeline, &name).await? {
         Some(promoted) => Ok(Json(StageChange::new(name, version(&promoted)))),
         None => Err(ApiError::Conflict(format!(
             "stage `{name}` has no canary to promote"

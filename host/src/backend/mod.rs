@@ -53,11 +53,52 @@ impl Backend {
     }
 }
 
+/// Which jobs a listing shows: those in `state` and of `pipeline`, where given.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub state: Option<JobState>,
+    pub pipeline: Option<String>,
+}
+
+impl JobFilter {
+    pub fn lets_through(&self, job: &JobRecord) -> bool {
+        self.state.is_none_or(|state| state == job.state)
+            && self
+                .pipeline
+                .as_ref()
+                .is_none_or(|name| *name == job.pipeline)
+    }
+}
+
+/// Which dead letters a listing shows: those of `job`, `pipeline` and `stage`, where given.
+#[derive(Debug, Clone, Default)]
+pub struct DeadLetterFilter {
+    pub job: Option<Uuid>,
+    pub pipeline: Option<String>,
+    pub stage: Option<String>,
+}
+
+impl DeadLetterFilter {
+    pub fn lets_through(&self, letter: &DeadLetter) -> bool {
+        self.job.is_none_or(|job| job == letter.job_id)
+            && self
+                .pipeline
+                .as_ref()
+                .is_none_or(|name| *name == letter.pipeline)
+            && self
+                .stage
+                .as_ref()
+                .is_none_or(|stage| *stage == letter.stage)
+    }
+}
+
 #[async_trait]
 pub trait JobBackend: Send + Sync {
-    /// Persist a job and queue its items; when this returns the job survives a crash.
+    /// Persist a job of `pipeline` and queue its items; when this returns the job survives a
+    /// crash. The caller checked that the node serves `pipeline`.
     async fn submit(
         &self,
+        pipeline: &str,
         items: Vec<Vec<u8>>,
         options: JobOptions,
         idempotency: Option<Idempotency>,
@@ -66,12 +107,12 @@ pub trait JobBackend: Send + Sync {
     /// A job with its counts up to now.
     async fn job(&self, id: Uuid) -> Result<Option<JobRecord>>;
 
-    /// Up to `limit` jobs created before `before` (all, for `None`), newest first, in `state`
-    /// if given.
+    /// Up to `limit` jobs created before `before` (all, for `None`), newest first, that
+    /// `filter` lets through.
     async fn jobs(
         &self,
         before: Option<Uuid>,
-        state: Option<JobState>,
+        filter: &JobFilter,
         limit: usize,
     ) -> Result<Vec<JobRecord>>;
 
@@ -84,12 +125,11 @@ pub trait JobBackend: Send + Sync {
     /// Results `skip..skip + limit` in index order (offset paging: it walks what it skips).
     async fn results_from(&self, id: Uuid, skip: usize, limit: usize) -> Result<Vec<ItemResult>>;
 
-    /// Up to `limit` dead letters after `after` (job, index), of `job` and `stage` if given,
-    /// in (job, index) order.
+    /// Up to `limit` dead letters after `after` (job, index) that `filter` lets through, in
+    /// (job, index) order.
     async fn dead_letters(
         &self,
-        job: Option<Uuid>,
-        stage: Option<&str>,
+        filter: &DeadLetterFilter,
         after: Option<(Uuid, u64)>,
         limit: usize,
     ) -> Result<Vec<DeadLetter>>;

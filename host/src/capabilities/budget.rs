@@ -118,7 +118,7 @@ impl HostState {
 
     /// Fail the try: `key` ran out. The message is what the item's error says.
     pub(crate) fn over_budget(&mut self, key: &'static str, message: String) -> wasmtime::Error {
-        crate::metrics::budget_exceeded(&self.context.stage, key);
+        crate::metrics::budget_exceeded(&self.caps.pipeline, &self.context.stage, key);
         let message = format!("budget `{key}`: {message}");
         self.exceeded = Some(message.clone());
         wasmtime::Error::msg(message)
@@ -139,7 +139,7 @@ impl HostState {
             return true;
         }
         spent.log_dropped += 1;
-        crate::metrics::guest_log_dropped(&self.context.stage);
+        crate::metrics::guest_log_dropped(&self.caps.pipeline, &self.context.stage);
         if spent.log_dropped == 1 {
             let c = &self.context;
             tracing::warn!(

@@ -133,6 +133,7 @@ impl HostState {
         }
         let c = &self.context;
         let record = EffectRecord {
+            pipeline: self.caps.pipeline.clone(),
             handler,
             key,
             payload,

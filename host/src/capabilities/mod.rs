@@ -47,6 +47,8 @@ use crate::store::Store;
 
 /// What the imports reach: shared by every invocation of a pipeline.
 pub struct Capabilities {
+    /// The pipeline's name: effects and metrics carry it.
+    pub pipeline: String,
     pub runtime: Arc<Runtime>,
     pub llm: LlmProviders,
     pub kv: Arc<KvNamespaces>,
@@ -56,12 +58,12 @@ pub struct Capabilities {
     pub items: Arc<dyn crate::backend::ItemStore>,
     /// Where effect keys are claimed across nodes (Redis mode), before `store` records them.
     pub effect_keys: Option<Arc<dyn crate::backend::EffectKeys>>,
-    /// Woken when an effect is recorded, so the effect runner need not poll.
-    pub effects_waiting: Notify,
+    /// Woken when an effect is recorded, so the node's effect runner need not poll.
+    pub effects_waiting: Arc<Notify>,
     /// Where `llm.chat-stream` sends the pieces of an answer as they arrive.
     pub tokens: TokenHub,
     /// Handlers running for `dispatch.call` at once: each holds an instance, which the pool
-    /// keeps room for (see `Pipeline::runtime_for`).
+    /// keeps room for (see `NodeResources::new`).
     pub handler_calls: Arc<Semaphore>,
 }
 

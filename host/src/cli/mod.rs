@@ -102,8 +102,8 @@ pub struct RedisArgs {
     /// process's embedded store.
     #[arg(long, env = "STAGEHAND_REDIS_URL")]
     pub redis: Option<String>,
-    /// Items this node runs at once (default: the pipeline's `[run] concurrency`); `serve`
-    /// with 0 is an API node that runs none.
+    /// Items this node runs at once (default: the largest `[run] concurrency` of its
+    /// pipelines); `serve` with 0 is an API node that runs none.
     #[arg(long)]
     pub slots: Option<usize>,
     /// Work pending this long on a node that stopped refreshing it is taken over (ms).
@@ -113,11 +113,12 @@ pub struct RedisArgs {
 
 impl RedisArgs {
     /// Redis when `--redis` is given, else the embedded store.
-    pub fn backend(&self, config: &PipelineConfig, background_flush: bool) -> BackendSettings {
+    pub fn backend(&self, configs: &[PipelineConfig], background_flush: bool) -> BackendSettings {
+        let concurrency = configs.iter().map(|c| c.run.concurrency).max();
         match &self.redis {
             Some(url) => BackendSettings::Redis(RedisSettings {
                 url: url.clone(),
-                slots: self.slots.unwrap_or(config.run.concurrency),
+                slots: self.slots.or(concurrency).unwrap_or(1),
                 reclaim_idle: std::time::Duration::from_millis(self.reclaim_idle_ms.max(100)),
             }),
             None => BackendSettings::Embedded { background_flush },
@@ -137,17 +138,47 @@ fn load_pipeline(
     Ok(config)
 }
 
+/// The pipeline files `paths` name: each a file, or a directory whose `*.toml` files are
+/// taken in name order.
+fn load_pipelines(
+    paths: &[PathBuf],
+    llm_base_url: Option<&str>,
+) -> anyhow::Result<Vec<PipelineConfig>> {
+    use anyhow::Context;
+    let mut files = Vec::new();
+    for path in paths {
+        if !path.is_dir() {
+            files.push(path.clone());
+            continue;
+        }
+        let mut found: Vec<PathBuf> = std::fs::read_dir(path)
+            .with_context(|| format!("cannot read the directory {}", path.display()))?
+            .filter_map(|entry| Some(entry.ok()?.path()))
+            .filter(|file| file.is_file() && file.extension().is_some_and(|e| e == "toml"))
+            .collect();
+        if found.is_empty() {
+            anyhow::bail!("{} holds no pipeline file (`*.toml`)", path.display());
+        }
+        found.sort();
+        files.extend(found);
+    }
+    files
+        .iter()
+        .map(|file| load_pipeline(file, llm_base_url))
+        .collect()
+}
+
 /// A long-running node (`serve`, `worker`): it runs the stage versions installed while
 /// serving, and reloads kv files when they change.
 async fn start_serving_node(
-    config: PipelineConfig,
+    configs: Vec<PipelineConfig>,
     data_dir: PathBuf,
     backend: BackendSettings,
     drain_secs: u64,
     retention_secs: u64,
 ) -> anyhow::Result<Node> {
     let mut node = Node::start(
-        config,
+        configs,
         NodeSettings {
             data_dir,
             backend,

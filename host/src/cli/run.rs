@@ -46,7 +46,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     }
     config.run.concurrency = concurrency;
     let node = Node::start(
-        config,
+        vec![config],
         NodeSettings {
             data_dir: args.data_dir.clone(),
             backend: BackendSettings::Embedded {
@@ -58,7 +58,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         },
     )
     .await?;
-    let pipeline = node.pipeline.clone();
+    let pipeline = node.pipelines.only().expect("started with one pipeline");
     let store = node.store.clone();
 
     let job = JobRecord::new(&pipeline.config.name);

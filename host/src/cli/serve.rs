@@ -1,4 +1,5 @@
-//! `stagehand serve <pipeline.toml> [--addr 127.0.0.1:8080]`: the HTTP API.
+//! `stagehand serve <PIPELINE>... [--addr 127.0.0.1:8080]`: the HTTP API for one or more
+//! pipelines (files, or directories of `*.toml` files).
 //!
 //! The first line on stdout is `listening on http://ADDR` (so `--addr 127.0.0.1:0` can be used
 //! by scripts and tests). SIGTERM or Ctrl-C: stop accepting, give running jobs `--drain-secs`
@@ -14,13 +15,14 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use super::{RedisArgs, default_data_dir, load_pipeline, shutdown_signal, start_serving_node};
+use super::{RedisArgs, default_data_dir, load_pipelines, shutdown_signal, start_serving_node};
 use crate::api::{App, router};
 
 #[derive(Args)]
 pub struct ServeArgs {
-    /// The pipeline file.
-    pipeline: PathBuf,
+    /// Pipeline files, or directories of them (`*.toml`); each is served by its `name`.
+    #[arg(required = true, num_args = 1..)]
+    pipelines: Vec<PathBuf>,
     /// Seconds between keep-alive comments on an idle event stream (proxies close idle
     /// connections; 1 to 3,600).
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -76,12 +78,12 @@ pub struct ServeArgs {
 }
 
 pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
-    let config = load_pipeline(&args.pipeline, args.llm_base_url.as_deref())?;
+    let configs = load_pipelines(&args.pipelines, args.llm_base_url.as_deref())?;
     // Before anything is loaded, so that what loading records (the memory budget) is kept.
     let metrics = crate::metrics::install()?;
-    let backend = args.redis.backend(&config, !args.explicit_flushes_only);
+    let backend = args.redis.backend(&configs, !args.explicit_flushes_only);
     let mut node = start_serving_node(
-        config,
+        configs,
         args.data_dir,
         backend,
         args.drain_secs,
@@ -96,7 +98,8 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
         node.reprocess_dead_letters(Duration::from_secs(secs.max(1)), args.reprocess_max_rounds)?;
     }
     let app = Arc::new(App {
-        pipeline: node.pipeline.clone(),
+        pipelines: node.pipelines.clone(),
+        live_tokens: node.resources.tokens.clone(),
         backend: node.backend.jobs(),
         max_body_bytes: args.max_body_mib << 20,
         max_image_bytes: args.max_image_mib << 20,

@@ -1,4 +1,4 @@
-//! `stagehand worker <pipeline.toml> --redis redis://...`: a node that runs items from the
+//! `stagehand worker <PIPELINE>... --redis redis://...`: a node that runs items from the
 //! shared work stream and serves no HTTP (seed 002 scaled workers apart from the API).
 //!
 //! The first line on stdout is `worker NODE joined redis://...`, once the node reads work.
@@ -12,12 +12,13 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use super::{RedisArgs, default_data_dir, load_pipeline, shutdown_signal, start_serving_node};
+use super::{RedisArgs, default_data_dir, load_pipelines, shutdown_signal, start_serving_node};
 
 #[derive(Args)]
 pub struct WorkerArgs {
-    /// The pipeline file (the same on every node).
-    pipeline: PathBuf,
+    /// Pipeline files, or directories of them (`*.toml`); the same on every node.
+    #[arg(required = true, num_args = 1..)]
+    pipelines: Vec<PathBuf>,
     #[command(flatten)]
     redis: RedisArgs,
     /// Where this node keeps compiled components, stage versions and its handlers' records.
@@ -35,7 +36,7 @@ pub struct WorkerArgs {
 }
 
 pub async fn worker(args: WorkerArgs) -> Result<ExitCode> {
-    let config = load_pipeline(&args.pipeline, args.llm_base_url.as_deref())?;
+    let configs = load_pipelines(&args.pipelines, args.llm_base_url.as_deref())?;
     let url = args
         .redis
         .redis
@@ -44,9 +45,9 @@ pub async fn worker(args: WorkerArgs) -> Result<ExitCode> {
     if args.redis.slots == Some(0) {
         anyhow::bail!("a worker with `--slots 0` would run nothing");
     }
-    let backend = args.redis.backend(&config, true);
+    let backend = args.redis.backend(&configs, true);
     let node = start_serving_node(
-        config,
+        configs,
         args.data_dir,
         backend,
         args.drain_secs,

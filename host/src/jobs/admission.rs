@@ -1,11 +1,13 @@
 //! How a stored job runs on a pipeline, whichever backend runs it: the limits of its items,
 //! or why it cannot run at all.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::ItemLimits;
 use crate::config::PipelineConfig;
 use crate::model::{JobOptions, JobRecord};
+use crate::pipeline::{Pipeline, Pipelines};
 
 /// Limits of a job's items: the job's `options` over the pipeline's settings.
 pub fn item_limits(config: &PipelineConfig, options: &JobOptions) -> ItemLimits {
@@ -19,18 +21,19 @@ pub fn item_limits(config: &PipelineConfig, options: &JobOptions) -> ItemLimits 
     }
 }
 
-/// Why a stored job cannot run on this pipeline, if it cannot: it names another pipeline, or
-/// its options (from another version, or from before a limit was lowered) are out of bounds.
-/// Such a job fails with this reason instead of being run.
-pub fn unrunnable(config: &PipelineConfig, job: &JobRecord) -> Option<String> {
-    if job.pipeline != config.name {
-        return Some(format!(
-            "the job belongs to pipeline `{}`, which this server does not run (it runs `{}`)",
-            job.pipeline, config.name
+/// The pipeline a stored job runs on, or why it cannot run: it names a pipeline this node does
+/// not serve, or its options (from another version, or from before a limit was lowered) are
+/// out of bounds. Such a job fails with this reason instead of being run.
+pub fn runnable(pipelines: &Pipelines, job: &JobRecord) -> Result<Arc<Pipeline>, String> {
+    let Some(pipeline) = pipelines.get(&job.pipeline) else {
+        return Err(format!(
+            "the job belongs to pipeline `{}`, which this server does not serve (it serves {})",
+            job.pipeline,
+            pipelines.known()
         ));
+    };
+    match job.options.check(&pipeline.config.limits) {
+        Ok(()) => Ok(pipeline),
+        Err(e) => Err(format!("the job cannot run: {e}")),
     }
-    job.options
-        .check(&config.limits)
-        .err()
-        .map(|e| format!("the job cannot run: {e}"))
 }

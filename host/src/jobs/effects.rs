@@ -1,7 +1,8 @@
 //! Runs emitted effects in the background, each at most once per (handler, key).
 //!
 //! The queue is the store's `effects_pending` tree, not a channel, so it survives a restart and
-//! costs no memory per queued effect; `dispatch.emit` wakes the runner.
+//! costs no memory per queued effect; `dispatch.emit` wakes the runner. One runner serves
+//! every pipeline of the node: an effect runs on the handler of the pipeline that emitted it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,13 +13,16 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::capabilities::Capabilities;
 use crate::model::now_ms;
+use crate::pipeline::{NodeResources, Pipelines};
 use crate::runtime::bindings::types::Context;
-use crate::store::{EffectRecord, EffectState};
+use crate::store::{EffectRecord, EffectState, Store};
 
 pub struct EffectRunner {
-    caps: Arc<Capabilities>,
+    store: Store,
+    /// Woken by `dispatch.emit`.
+    waiting: Arc<Notify>,
+    pipelines: Arc<Pipelines>,
     in_flight: AtomicUsize,
     settled: Notify,
 }
@@ -27,14 +31,18 @@ pub struct EffectRunner {
 const IDLE_POLL: Duration = Duration::from_millis(500);
 
 impl EffectRunner {
-    /// Start running effects, `concurrency` at a time, until `shutdown`.
+    /// Start running the effects of `pipelines`, the node's `effect_concurrency` at a time,
+    /// until `shutdown`.
     pub fn spawn(
-        caps: Arc<Capabilities>,
-        concurrency: usize,
+        resources: &NodeResources,
+        pipelines: Arc<Pipelines>,
         shutdown: CancellationToken,
     ) -> (Arc<Self>, JoinHandle<Result<()>>) {
+        let concurrency = resources.sizing.effect_concurrency;
         let runner = Arc::new(Self {
-            caps,
+            store: resources.store.clone(),
+            waiting: resources.effects_waiting.clone(),
+            pipelines,
             in_flight: AtomicUsize::new(0),
             settled: Notify::new(),
         });
@@ -44,7 +52,7 @@ impl EffectRunner {
 
     async fn run(self: Arc<Self>, concurrency: usize, shutdown: CancellationToken) -> Result<()> {
         let permits = Arc::new(Semaphore::new(concurrency));
-        let store = self.caps.store.clone();
+        let store = self.store.clone();
         while !shutdown.is_cancelled() {
             let pending = store.pending_effects(concurrency * 4)?;
             let mut claimed = 0;
@@ -63,7 +71,7 @@ impl EffectRunner {
                 tokio::spawn(async move {
                     // The claim must be durable before the effect can happen: after a crash,
                     // a claimed effect is found `running` and never run again.
-                    match runner.caps.store.flush().await {
+                    match runner.store.flush().await {
                         Ok(()) => runner.execute(record, shutdown).await,
                         Err(error) => {
                             tracing::error!(handler = %record.handler, key = %record.key, error = %format!("{error:#}"), "cannot make an effect's claim durable; not running it");
@@ -79,7 +87,7 @@ impl EffectRunner {
             if claimed == 0 {
                 self.settled.notify_waiters();
                 tokio::select! {
-                    () = self.caps.effects_waiting.notified() => {}
+                    () = self.waiting.notified() => {}
                     () = tokio::time::sleep(IDLE_POLL) => {}
                     () = shutdown.cancelled() => {}
                 }
@@ -89,9 +97,24 @@ impl EffectRunner {
     }
 
     async fn execute(&self, mut record: EffectRecord, shutdown: CancellationToken) {
-        let outcome = match self.caps.handlers.get(&record.handler) {
-            None => Err(format!("no handler `{}` in the pipeline", record.handler)),
-            Some(handler) => {
+        let pipeline = match record.pipeline.as_str() {
+            "" => self.pipelines.only(),
+            name => self.pipelines.get(name),
+        };
+        let handler = pipeline
+            .as_ref()
+            .map(|p| (p, p.caps.handlers.get(&record.handler)));
+        let outcome = match handler {
+            None => Err(format!(
+                "no pipeline `{}` on this node to run the effect",
+                record.pipeline
+            )),
+            Some((pipeline, None)) => Err(format!(
+                "no handler `{}` in pipeline `{}`",
+                record.handler,
+                pipeline.name()
+            )),
+            Some((pipeline, Some(handler))) => {
                 let context = Context {
                     job_id: record.job_id.to_string(),
                     item_id: record.item_id.to_string(),
@@ -101,7 +124,7 @@ impl EffectRunner {
                 };
                 handler
                     .handle(
-                        self.caps.clone(),
+                        pipeline.caps.clone(),
                         context,
                         Some(&record.key),
                         &record.payload,
@@ -120,7 +143,7 @@ impl EffectRunner {
             }
         }
         record.finished_at = Some(now_ms());
-        if let Err(error) = self.caps.store.finish_effect(&record) {
+        if let Err(error) = self.store.finish_effect(&record) {
             tracing::error!(handler = %record.handler, key = %record.key, error = %format!("{error:#}"), "cannot store an effect's outcome");
         }
     }
@@ -129,11 +152,10 @@ impl EffectRunner {
     pub async fn wait_idle(&self) {
         loop {
             let settled = self.settled.notified();
-            if !self.caps.store.has_pending_effects() && self.in_flight.load(Ordering::SeqCst) == 0
-            {
+            if !self.store.has_pending_effects() && self.in_flight.load(Ordering::SeqCst) == 0 {
                 return;
             }
-            self.caps.effects_waiting.notify_one();
+            self.waiting.notify_one();
             let _ = tokio::time::timeout(Duration::from_millis(50), settled).await;
         }
     }

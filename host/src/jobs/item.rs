@@ -235,8 +235,12 @@ pub async fn run_item(
                     Ok(_) => "succeeded",
                     Err(failure) => failure.kind().as_str(),
                 };
-                crate::metrics::stage_try(name, outcome, used.duration, used.cpu);
-                crate::metrics::journal_answers_reused(name, used.journal.reused());
+                crate::metrics::stage_try(pipeline.name(), name, outcome, used.duration, used.cpu);
+                crate::metrics::journal_answers_reused(
+                    pipeline.name(),
+                    name,
+                    used.journal.reused(),
+                );
                 (tried, Some(used), Some(component))
             };
             let mut used = used;
@@ -333,10 +337,11 @@ pub async fn run_item(
                     .await?;
                 remove_journals(store, item, &journaled).await?;
                 if failure.kind() != FailureKind::Cancelled {
-                    crate::metrics::dead_letter(name);
+                    crate::metrics::dead_letter(pipeline.name(), name);
                     let earlier = store.dead_letter(item.job_id, item.index).await?;
                     store
                         .put_dead_letter(&DeadLetter {
+                            pipeline: pipeline.name().into(),
                             job_id: item.job_id,
                             index: item.index,
                             item_id: item.item_id,
@@ -427,10 +432,13 @@ async fn finish(
         finished_at: now_ms(),
     };
     pipeline.items().put_result(item.job_id, &result).await?;
-    crate::metrics::item_finished(match result.status {
-        ItemStatus::Succeeded => "succeeded",
-        ItemStatus::Failed => "failed",
-    });
+    crate::metrics::item_finished(
+        pipeline.name(),
+        match result.status {
+            ItemStatus::Succeeded => "succeeded",
+            ItemStatus::Failed => "failed",
+        },
+    );
     Ok(result)
 }
 

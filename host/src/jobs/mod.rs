@@ -7,7 +7,7 @@ pub mod batch;
 pub mod effects;
 pub mod item;
 
-pub use admission::{item_limits, unrunnable};
+pub use admission::{item_limits, runnable};
 pub use batch::{JobOutcome, RunSettings, run_job};
 pub use effects::EffectRunner;
 pub use item::{ItemHooks, ItemLimits, ItemRef, StageSink, StageUpdate, run_item, stage_input};

@@ -193,7 +193,7 @@ impl StageComponent {
                 last_cpu = store.data().meter.used();
                 journal = std::mem::take(&mut store.data_mut().journal);
                 drop((outcome, run_store.take(), slot, running));
-                crate::metrics::stage_evicted(&stage);
+                crate::metrics::stage_evicted(&call.caps.pipeline, &stage);
                 let _waiting = crate::metrics::stage_call_waiting();
                 let answered = waiting
                     .task

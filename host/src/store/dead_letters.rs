@@ -13,6 +13,9 @@ use crate::model::ItemError;
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeadLetter {
+    /// The job's pipeline (empty in letters written before a node served several).
+    #[serde(default)]
+    pub pipeline: String,
     pub job_id: Uuid,
     pub index: u64,
     pub item_id: Uuid,

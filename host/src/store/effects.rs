@@ -38,6 +38,10 @@ pub enum EmitOutcome {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EffectRecord {
+    /// The pipeline whose stage emitted it, whose handler runs it (empty in records written
+    /// before a node served several pipelines: the node's only pipeline runs those).
+    #[serde(default)]
+    pub pipeline: String,
     pub handler: String,
     pub key: String,
     pub payload: String,
@@ -182,6 +186,7 @@ mod tests {
 
     fn effect(key: &str) -> EffectRecord {
         EffectRecord {
+            pipeline: "test".into(),
             handler: "save".into(),
             key: key.into(),
             payload: "{}".into(),

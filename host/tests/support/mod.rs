@@ -64,8 +64,10 @@ impl Fixture {
 
     pub async fn load(&self, config: PipelineConfig) -> Arc<Pipeline> {
         let store = Store::open(&self.dir.path().join("store")).expect("open store");
-        let runtime = Pipeline::runtime_for(&config, self.dir.path()).expect("runtime");
-        Pipeline::load(config, runtime, store)
+        let resources =
+            stagehand::pipeline::NodeResources::for_one(&config, self.dir.path(), store)
+                .expect("resources");
+        Pipeline::load(config, &resources)
             .await
             .expect("load pipeline")
     }

@@ -19,7 +19,7 @@ use crate::model::Reprocess;
 /// than `max_rounds` times, once; how many were started.
 pub fn reprocess_retryable(jobs: &Arc<JobManager>, max_rounds: u32) -> Result<usize> {
     let mut by_job: BTreeMap<Uuid, Vec<u64>> = BTreeMap::new();
-    for letter in jobs.pipeline().store().dead_letters(None, None) {
+    for letter in jobs.store().dead_letters(None, None) {
         let letter = letter?;
         if letter.error.retryable && letter.reprocessed < max_rounds {
             by_job.entry(letter.job_id).or_default().push(letter.index);

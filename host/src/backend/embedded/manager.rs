@@ -1,5 +1,5 @@
-//! Jobs submitted to a server: persisted, started in the background, cancellable, narrated in
-//! their event log.
+//! Jobs submitted to a server: persisted, started in the background on the pipeline they name,
+//! cancellable, narrated in their event log.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -11,28 +11,32 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::EventLog;
+use crate::config::PipelineConfig;
 use crate::events::{Counts, Entry, Event};
 use crate::jobs::{
     ItemHooks, ItemLimits, ItemRef, RunSettings, StageUpdate, item_limits, run_item, run_job,
-    unrunnable,
+    runnable,
 };
 use crate::model::{
     CancelOutcome, DEFAULT_PREVIEW_CHARS, Detail, Idempotency, ItemResult, ItemStatus, JobOptions,
     JobRecord, JobState, Reprocess, Submitted,
 };
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, Pipelines};
+use crate::store::Store;
 
 pub struct JobManager {
-    pipeline: Arc<Pipeline>,
+    pipelines: Arc<Pipelines>,
+    store: Store,
     events: EventLog,
     running: Mutex<HashMap<Uuid, CancellationToken>>,
     tasks: Mutex<JoinSet<()>>,
 }
 
 impl JobManager {
-    pub fn new(pipeline: Arc<Pipeline>, events: EventLog) -> Arc<Self> {
+    pub fn new(pipelines: Arc<Pipelines>, store: Store, events: EventLog) -> Arc<Self> {
         Arc::new(Self {
-            pipeline,
+            pipelines,
+            store,
             events,
             running: Mutex::default(),
             tasks: Mutex::default(),
@@ -45,12 +49,13 @@ impl JobManager {
     /// conflict if its request differed.
     pub async fn submit(
         self: &Arc<Self>,
+        pipeline: &str,
         items: Vec<Vec<u8>>,
         options: JobOptions,
         idempotency: Option<Idempotency>,
     ) -> Result<Submitted> {
-        let store = self.pipeline.store();
-        let job = JobRecord::submitted(&self.pipeline.config.name, options, idempotency.as_ref());
+        let store = &self.store;
+        let job = JobRecord::submitted(pipeline, options, idempotency.as_ref());
         if let Some(idempotency) = &idempotency
             && let Some(existing) = store
                 .claim_idempotency_key(&idempotency.key, job.id)
@@ -66,17 +71,17 @@ impl JobManager {
         )?;
         let job = store.create_job(job, items.into_iter().map(Ok)).await?;
         self.start(job.clone(), false);
-        crate::metrics::job("submitted");
+        crate::metrics::job(pipeline, "submitted");
         Ok(Submitted::New(job))
     }
 
     /// Start every job the store says is running: after a restart (a crash, or a shutdown
     /// that did not wait for them) they go on from what was stored. A job that cannot run
-    /// (see [`unrunnable`]) or whose record cannot be read fails with the reason, once: a
+    /// (see [`runnable`]) or whose record cannot be read fails with the reason, once: a
     /// restart never runs into it again.
     pub async fn resume_unfinished(self: &Arc<Self>) -> Result<usize> {
         let mut resumed = 0;
-        let store = self.pipeline.store().clone();
+        let store = self.store.clone();
         for (id, job) in store.job_entries() {
             let job = match job {
                 Ok(job) => job,
@@ -91,7 +96,7 @@ impl JobManager {
             if job.state != JobState::Running || self.is_running(job.id) {
                 continue;
             }
-            if let Some(reason) = unrunnable(&self.pipeline.config, &job) {
+            if let Err(reason) = runnable(&self.pipelines, &job) {
                 tracing::error!(job = %job.id, reason, "failing a job that cannot run");
                 self.fail(job.id, &reason)?;
                 continue;
@@ -106,9 +111,9 @@ impl JobManager {
 
     /// End a job as `failed` with `reason`, its counts as far as it came, and log `job.failed`.
     fn fail(&self, id: Uuid, reason: &str) -> Result<()> {
-        crate::metrics::job("failed");
-        let store = self.pipeline.store();
+        let store = &self.store;
         if let Some(mut job) = store.job(id)? {
+            crate::metrics::job(&job.pipeline, "failed");
             (job.succeeded, job.failed) = self.events.counts(id)?;
             job.state = JobState::Failed;
             job.error = Some(reason.to_string());
@@ -153,7 +158,7 @@ impl JobManager {
                 if let Err(e) = manager.fail(id, &error) {
                     tracing::error!(job = %id, error = %format!("{e:#}"), "cannot record a job's failure");
                 }
-                let _ = manager.pipeline.store().flush().await;
+                let _ = manager.store.flush().await;
             }
             manager.running.lock().expect("not poisoned").remove(&id);
             manager.events.release(id);
@@ -161,8 +166,11 @@ impl JobManager {
     }
 
     async fn run(&self, job: JobRecord, resume: bool, cancel: CancellationToken) -> Result<()> {
+        // Looked up when the job starts: a submission named a pipeline this node serves, a
+        // resumed job was checked by `resume_unfinished`.
+        let pipeline = runnable(&self.pipelines, &job).map_err(anyhow::Error::msg)?;
         let options = job.options.clone();
-        let (concurrency, limits) = self.run_settings(&options);
+        let (concurrency, limits) = run_settings(&pipeline.config, &options);
         let every_stage = options.detail == Detail::Stages || job.total == 1;
         let (events, id) = (self.events.clone(), job.id);
         let hooks = ItemHooks {
@@ -193,7 +201,7 @@ impl JobManager {
             }
         };
         let outcome = run_job(
-            self.pipeline.clone(),
+            pipeline,
             job,
             RunSettings {
                 resume,
@@ -206,10 +214,13 @@ impl JobManager {
         )
         .await?;
         let job = &outcome.job;
-        crate::metrics::job(match job.state {
-            JobState::Cancelled => "cancelled",
-            _ => "completed",
-        });
+        crate::metrics::job(
+            &job.pipeline,
+            match job.state {
+                JobState::Cancelled => "cancelled",
+                _ => "completed",
+            },
+        );
         let end = Event::job_ended(job.state == JobState::Cancelled).with_counts(Counts {
             succeeded: job.succeeded,
             failed: job.failed,
@@ -217,21 +228,7 @@ impl JobManager {
             total: job.total,
         });
         self.events.append(id, &end)?;
-        self.pipeline.store().flush().await
-    }
-
-    /// Items in flight and time limits for a job's `options` over the pipeline's settings.
-    fn run_settings(&self, options: &JobOptions) -> (usize, ItemLimits) {
-        let config = &self.pipeline.config;
-        let concurrency = if options.sequential {
-            1
-        } else {
-            options
-                .concurrency
-                .unwrap_or(config.run.concurrency)
-                .min(config.limits.max_concurrency)
-        };
-        (concurrency, item_limits(config, options))
+        self.store.flush().await
     }
 
     /// A crash can fall between an item's result and its `item.finished` event: before a job
@@ -252,7 +249,7 @@ impl JobManager {
                 *word |= 1 << (index % 64);
             }
         }
-        for result in self.pipeline.store().results(job.id, None) {
+        for result in self.store.results(job.id, None) {
             let result = result?;
             let seen = logged
                 .get((result.index / 64) as usize)
@@ -278,13 +275,14 @@ impl JobManager {
         job_id: Uuid,
         indices: Option<Vec<u64>>,
     ) -> Result<Reprocess> {
-        let store = self.pipeline.store().clone();
+        let store = self.store.clone();
         let Some(mut job) = store.job(job_id)? else {
             return Ok(Reprocess::UnknownJob);
         };
         if self.is_running(job_id) || job.state == JobState::Running {
             return Ok(Reprocess::Running);
         }
+        let pipeline = runnable(&self.pipelines, &job).map_err(anyhow::Error::msg)?;
         let letters: Vec<u64> = match indices {
             Some(indices) => {
                 let mut found = Vec::with_capacity(indices.len());
@@ -315,7 +313,7 @@ impl JobManager {
         let manager = self.clone();
         let mut tasks = self.tasks.lock().expect("not poisoned");
         tasks.spawn(async move {
-            if let Err(error) = manager.run_reprocess(job, letters, cancel).await {
+            if let Err(error) = manager.run_reprocess(&pipeline, job, letters, cancel).await {
                 tracing::error!(job = %job_id, error = %format!("{error:#}"), "reprocessing failed");
             }
             manager.running.lock().expect("not poisoned").remove(&job_id);
@@ -326,14 +324,15 @@ impl JobManager {
 
     async fn run_reprocess(
         &self,
+        pipeline: &Pipeline,
         mut job: JobRecord,
         letters: Vec<u64>,
         cancel: CancellationToken,
     ) -> Result<()> {
         use futures::StreamExt;
-        let store = self.pipeline.store().clone();
+        let store = self.store.clone();
         let preview_chars = job.options.preview_chars.unwrap_or(DEFAULT_PREVIEW_CHARS);
-        let (concurrency, limits) = self.run_settings(&job.options);
+        let (concurrency, limits) = run_settings(&pipeline.config, &job.options);
         let passed = std::sync::atomic::AtomicU64::new(0);
         let outcomes = futures::stream::iter(letters)
             .map(|index| {
@@ -352,7 +351,7 @@ impl JobManager {
                     };
                     let hooks = ItemHooks::default();
                     let result =
-                        run_item(&self.pipeline, item, input, true, limits, cancel, &hooks).await?;
+                        run_item(pipeline, item, input, true, limits, cancel, &hooks).await?;
                     let succeeded = result.status == ItemStatus::Succeeded;
                     if succeeded {
                         passed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -393,14 +392,15 @@ impl JobManager {
             token.cancel();
             return Ok(CancelOutcome::Cancelling);
         }
-        Ok(match self.pipeline.store().job(id)? {
+        Ok(match self.store.job(id)? {
             Some(job) => CancelOutcome::Finished(job.state),
             None => CancelOutcome::Unknown,
         })
     }
 
-    pub fn pipeline(&self) -> &Arc<Pipeline> {
-        &self.pipeline
+    /// The node's store, where this manager's jobs live.
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     /// Items of running jobs that have not finished (waiting or in a stage): the queue depth.
@@ -414,7 +414,7 @@ impl JobManager {
             .collect();
         let mut unfinished = 0;
         for id in running {
-            if let Some(job) = self.pipeline.store().job(id)? {
+            if let Some(job) = self.store.job(id)? {
                 let (succeeded, failed) = self.events.counts(id)?;
                 unfinished += job.total.saturating_sub(succeeded + failed);
             }
@@ -435,4 +435,17 @@ impl JobManager {
         .await;
         tasks.len()
     }
+}
+
+/// Items in flight and time limits for a job's `options` over its pipeline's settings.
+fn run_settings(config: &PipelineConfig, options: &JobOptions) -> (usize, ItemLimits) {
+    let concurrency = if options.sequential {
+        1
+    } else {
+        options
+            .concurrency
+            .unwrap_or(config.run.concurrency)
+            .min(config.limits.max_concurrency)
+    };
+    (concurrency, item_limits(config, options))
 }

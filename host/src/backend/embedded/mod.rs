@@ -22,7 +22,7 @@ use uuid::Uuid;
 pub use events::EventLog;
 pub use manager::JobManager;
 
-use crate::backend::{Events, JobBackend};
+use crate::backend::{DeadLetterFilter, Events, JobBackend, JobFilter};
 use crate::model::{
     CancelOutcome, Idempotency, ItemResult, JobOptions, JobRecord, JobState, Reprocess, Submitted,
 };
@@ -51,11 +51,14 @@ impl Embedded {
 impl JobBackend for Embedded {
     async fn submit(
         &self,
+        pipeline: &str,
         items: Vec<Vec<u8>>,
         options: JobOptions,
         idempotency: Option<Idempotency>,
     ) -> Result<Submitted> {
-        self.manager.submit(items, options, idempotency).await
+        self.manager
+            .submit(pipeline, items, options, idempotency)
+            .await
     }
 
     async fn job(&self, id: Uuid) -> Result<Option<JobRecord>> {
@@ -65,13 +68,13 @@ impl JobBackend for Embedded {
     async fn jobs(
         &self,
         before: Option<Uuid>,
-        state: Option<JobState>,
+        filter: &JobFilter,
         limit: usize,
     ) -> Result<Vec<JobRecord>> {
         let mut jobs = Vec::with_capacity(limit);
         for job in self.store.jobs_before(before) {
             let job = job?;
-            if state.is_some_and(|state| state != job.state) {
+            if !filter.lets_through(&job) {
                 continue;
             }
             jobs.push(self.live(job)?);
@@ -100,17 +103,13 @@ impl JobBackend for Embedded {
 
     async fn dead_letters(
         &self,
-        job: Option<Uuid>,
-        stage: Option<&str>,
+        filter: &DeadLetterFilter,
         after: Option<(Uuid, u64)>,
         limit: usize,
     ) -> Result<Vec<DeadLetter>> {
         self.store
-            .dead_letters(job, after)
-            .filter(|letter| {
-                let other_stage = |l: &DeadLetter| stage.is_some_and(|stage| stage != l.stage);
-                !letter.as_ref().is_ok_and(other_stage)
-            })
+            .dead_letters(filter.job, after)
+            .filter(|letter| !letter.as_ref().is_ok_and(|l| !filter.lets_through(l)))
             .take(limit)
             .collect()
     }

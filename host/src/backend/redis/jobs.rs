@@ -11,7 +11,7 @@ use redis::AsyncCommands;
 use uuid::Uuid;
 
 use super::{Cluster, keys, keys::JobKeys};
-use crate::backend::{Events, JobBackend, NotAvailable};
+use crate::backend::{DeadLetterFilter, Events, JobBackend, JobFilter, NotAvailable};
 use crate::events::{Entry, Event};
 use crate::model::{
     CancelOutcome, Idempotency, ItemResult, JobOptions, JobRecord, JobState, Reprocess, Submitted,
@@ -139,11 +139,12 @@ impl Cluster {
 impl JobBackend for Cluster {
     async fn submit(
         &self,
+        pipeline: &str,
         items: Vec<Vec<u8>>,
         options: JobOptions,
         idempotency: Option<Idempotency>,
     ) -> Result<Submitted> {
-        let mut job = JobRecord::submitted(&self.inner.pipeline, options, idempotency.as_ref());
+        let mut job = JobRecord::submitted(pipeline, options, idempotency.as_ref());
         if let Some(idempotency) = &idempotency
             && let Some(existing) = self.claim_idempotency_key(&idempotency.key, job.id).await?
         {
@@ -197,7 +198,7 @@ impl JobBackend for Cluster {
         tx.query_async::<()>(&mut self.conn())
             .await
             .context("cannot store the job in Redis")?;
-        crate::metrics::job("submitted");
+        crate::metrics::job(pipeline, "submitted");
         Ok(Submitted::New(job))
     }
 
@@ -208,7 +209,7 @@ impl JobBackend for Cluster {
     async fn jobs(
         &self,
         before: Option<Uuid>,
-        state: Option<JobState>,
+        filter: &JobFilter,
         limit: usize,
     ) -> Result<Vec<JobRecord>> {
         let mut conn = self.conn();
@@ -237,7 +238,7 @@ impl JobBackend for Cluster {
                     conn.zrem::<_, _, ()>(keys::JOBS, id).await?;
                     continue;
                 };
-                if state.is_some_and(|state| state != job.state) {
+                if !filter.lets_through(&job) {
                     continue;
                 }
                 jobs.push(job);
@@ -280,8 +281,7 @@ impl JobBackend for Cluster {
 
     async fn dead_letters(
         &self,
-        _job: Option<Uuid>,
-        _stage: Option<&str>,
+        _filter: &DeadLetterFilter,
         _after: Option<(Uuid, u64)>,
         _limit: usize,
     ) -> Result<Vec<DeadLetter>> {

@@ -47,8 +47,6 @@ struct Inner {
     conn: ConnectionManager,
     /// This node's consumer name in the work group.
     node: String,
-    /// The pipeline's name, for the jobs submitted here.
-    pipeline: String,
     /// How long a finished job's keys are kept.
     retention: Duration,
     /// Wake-up channels of the jobs followed on this node.
@@ -62,7 +60,6 @@ impl Cluster {
     /// and start listening for wake-ups and cancels (until `shutdown`).
     pub async fn connect(
         url: &str,
-        pipeline: &str,
         retention: Duration,
         shutdown: CancellationToken,
     ) -> Result<Self> {
@@ -84,7 +81,6 @@ impl Cluster {
                 client,
                 conn,
                 node,
-                pipeline: pipeline.to_string(),
                 retention,
                 followers: Mutex::default(),
                 running: Mutex::default(),

@@ -27,11 +27,11 @@ use uuid::Uuid;
 use super::{Cluster, keys, keys::JobKeys, scripts};
 use crate::events::{Entry, Event};
 use crate::jobs::{ItemHooks, ItemRef, StageUpdate, run_item};
-use crate::jobs::{item_limits, unrunnable};
+use crate::jobs::{item_limits, runnable};
 use crate::model::{
     DEFAULT_PREVIEW_CHARS, Detail, ItemResult, ItemStatus, JobRecord, item_id, now_ms,
 };
-use crate::pipeline::Pipeline;
+use crate::pipeline::Pipelines;
 
 /// How a node takes work.
 #[derive(Debug, Clone, Copy)]
@@ -60,7 +60,7 @@ pub const MAX_RECLAIMS: usize = 3;
 
 struct Worker {
     cluster: Cluster,
-    pipeline: Arc<Pipeline>,
+    pipelines: Arc<Pipelines>,
     slots: Arc<Semaphore>,
     /// Ids of the entries this node is running, kept fresh by the heartbeat.
     in_flight: Mutex<HashSet<String>>,
@@ -71,7 +71,7 @@ struct Worker {
 /// Take and run items until `shutdown`, then give the items in flight `settings.drain`.
 pub async fn run_worker(
     cluster: Cluster,
-    pipeline: Arc<Pipeline>,
+    pipelines: Arc<Pipelines>,
     settings: WorkerSettings,
     shutdown: CancellationToken,
 ) -> Result<()> {
@@ -83,7 +83,7 @@ pub async fn run_worker(
         .context("cannot connect to Redis")?;
     let worker = Arc::new(Worker {
         cluster,
-        pipeline,
+        pipelines,
         slots: Arc::new(Semaphore::new(settings.slots)),
         in_flight: Mutex::default(),
         tasks: TaskTracker::new(),
@@ -237,10 +237,13 @@ impl Worker {
             let result = abandoned(job, index, deliveries - 1);
             return self.record(job, &result, &record).await;
         }
-        if let Some(reason) = unrunnable(&self.pipeline.config, &record) {
-            let result = ItemResult::not_run(job, index, "unrunnable", reason);
-            return self.record(job, &result, &record).await;
-        }
+        let pipeline = match runnable(&self.pipelines, &record) {
+            Ok(pipeline) => pipeline,
+            Err(reason) => {
+                let result = ItemResult::not_run(job, index, "unrunnable", reason);
+                return self.record(job, &result, &record).await;
+            }
+        };
         let Some(input) = input else {
             bail!("item {index} of job {job} is not in Redis");
         };
@@ -260,10 +263,10 @@ impl Worker {
             item_id: item_id(job, index),
             index,
         };
-        let limits = item_limits(&self.pipeline.config, options);
+        let limits = item_limits(&pipeline.config, options);
         let run = async {
             let result = run_item(
-                &self.pipeline,
+                &pipeline,
                 item,
                 IVec::from(input),
                 reclaimed,

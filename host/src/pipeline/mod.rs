@@ -1,0 +1,128 @@
+//! A pipeline, loaded: its stages and handlers compiled and pre-instantiated, its capabilities
+//! (LLM client, kv namespaces) ready, on the resources the node shares between its pipelines.
+//!
+//! - [`stage`]: one stage: current version, the ones kept for rollback, a canary.
+//! - [`resources`]: what every pipeline of a node shares (runtime, store, budgets, slots).
+//! - [`registry`]: the pipelines a node serves, by name.
+
+mod registry;
+mod resources;
+mod stage;
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use futures::future::try_join_all;
+use tokio::sync::Semaphore;
+
+pub use self::registry::{PipelineLookup, Pipelines};
+pub use self::resources::{NodeResources, NodeSizing, Shared};
+pub use self::stage::{Canary, KEPT_VERSIONS, Stage};
+use crate::backend::ItemStore;
+use crate::capabilities::{Capabilities, Journal, KvNamespaces, LlmProviders};
+use crate::config::PipelineConfig;
+use crate::memory::MemoryBudget;
+use crate::runtime::bindings::types::Context;
+use crate::runtime::{Call, HandlerComponent, StageComponent};
+use crate::store::Store;
+
+pub struct Pipeline {
+    pub config: PipelineConfig,
+    pub caps: Arc<Capabilities>,
+    pub stages: Vec<Stage>,
+    /// The node's instance slots (see [`NodeResources::stage_calls`]).
+    stage_calls: Arc<Semaphore>,
+    /// The node's memory budget, which items of every pipeline are charged against.
+    pub memory: MemoryBudget,
+}
+
+impl Pipeline {
+    /// Load every component (in parallel) and the capabilities of `config` on the node's
+    /// `resources`.
+    pub async fn load(config: PipelineConfig, resources: &NodeResources) -> Result<Arc<Self>> {
+        let runtime = &resources.runtime;
+        let handlers = try_join_all(config.handlers.iter().map(|(name, h)| async move {
+            Ok::<_, anyhow::Error>((
+                name.clone(),
+                HandlerComponent::load(runtime, name, &h.component, h.limits).await?,
+            ))
+        }))
+        .await?
+        .into_iter()
+        .collect();
+        let components = try_join_all(
+            config
+                .stages
+                .iter()
+                .map(|s| StageComponent::load(runtime, &s.name, &s.component)),
+        )
+        .await?;
+        let stages = config
+            .stages
+            .iter()
+            .zip(components)
+            .map(|(config, component)| Stage::new(config.clone(), component))
+            .collect();
+        let llm = LlmProviders::new(
+            &config.llm,
+            config
+                .stages
+                .iter()
+                .map(|s| (s.name.as_str(), s.providers.as_slice())),
+        )?;
+        let kv = Arc::new(KvNamespaces::load(&config.kv)?);
+        let caps = Arc::new(Capabilities {
+            pipeline: config.name.clone(),
+            runtime: runtime.clone(),
+            llm,
+            kv,
+            handlers,
+            items: resources.items.clone(),
+            effect_keys: resources.effect_keys.clone(),
+            store: resources.store.clone(),
+            effects_waiting: resources.effects_waiting.clone(),
+            tokens: resources.tokens.clone(),
+            handler_calls: resources.handler_calls.clone(),
+        });
+        Ok(Arc::new(Self {
+            stage_calls: resources.stage_calls.clone(),
+            memory: resources.memory.clone(),
+            config,
+            caps,
+            stages,
+        }))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// A call of a stage of this pipeline in `context`, with the node's instance slots and the
+    /// pipeline's eviction; the other fields are the job's.
+    pub fn stage_call(&self, context: Context, limits: crate::config::Limits) -> Call {
+        Call {
+            caps: self.caps.clone(),
+            context,
+            limits,
+            cancel: tokio_util::sync::CancellationToken::new(),
+            progress: None,
+            job_max_tokens: None,
+            slots: Some(self.stage_calls.clone()),
+            evict_after: self.config.run.evict_after(),
+            journal: Journal::default(),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.caps.store
+    }
+
+    /// Where items keep their checkpoints, results and dead letters.
+    pub fn items(&self) -> &dyn ItemStore {
+        self.caps.items.as_ref()
+    }
+
+    pub fn stage(&self, name: &str) -> Option<&Stage> {
+        self.stages.iter().find(|s| s.config.name == name)
+    }
+}

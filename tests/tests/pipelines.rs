@@ -1,0 +1,289 @@
+//! One server, several pipelines: each known by its name, with its own jobs, stage versions,
+//! kv namespaces, dead letters and metrics; a request about one pipeline names it unless the
+//! server serves only one.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+use stagehand_tests::{
+    MockLlm, Server, binary, client, eco_items, eco_scan_pipeline, get_json, job_results, metric,
+    plugin_bytes, repo_root, serve, wait_for_job,
+};
+
+/// The mock answers prompt-eval's cases from the example's answers file, eco-scan's as usual.
+fn mock() -> MockLlm {
+    let answers = repo_root().join("examples/prompt-eval/answers.json");
+    MockLlm::start(&["--answers", &answers.display().to_string()])
+}
+
+/// A copy of the prompt-eval pipeline file in `dir`, with absolute paths.
+fn prompt_eval_pipeline(dir: &Path) -> PathBuf {
+    let root = repo_root().display().to_string();
+    let text = std::fs::read_to_string(repo_root().join("examples/prompt-eval/pipeline.toml"))
+        .unwrap()
+        .replace("\"../../target/", &format!("\"{root}/target/"));
+    let path = dir.join("prompt-eval.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The first `n` prompt-eval cases.
+fn cases(n: usize) -> Vec<Value> {
+    std::fs::read_to_string(repo_root().join("examples/prompt-eval/cases.jsonl"))
+        .unwrap()
+        .lines()
+        .take(n)
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+/// POST `body` to `path`: the status and the JSON answer.
+fn post(server: &Server, path: &str, body: &Value) -> (u16, Value) {
+    let response = client().post(server.url(path)).json(body).send().unwrap();
+    (response.status().as_u16(), response.json().unwrap())
+}
+
+fn get(server: &Server, path: &str) -> (u16, Value) {
+    let response = client().get(server.url(path)).send().unwrap();
+    (response.status().as_u16(), response.json().unwrap())
+}
+
+fn stage_names(result: &Value) -> Vec<String> {
+    result["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|run| run["stage"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn job_id(answer: &Value) -> String {
+    answer["job_id"].as_str().expect("a job id").to_string()
+}
+
+/// Both examples through one server, jobs of each submitted in turn (by path, by body and as
+/// a scan), each run by its own pipeline; listings, stage versions and kv per pipeline.
+#[test]
+fn two_pipelines_serve_interleaved_jobs() {
+    let mock = mock();
+    let dir = tempfile::tempdir().unwrap();
+    let eco = eco_scan_pipeline(dir.path(), |text| text);
+    let eval = prompt_eval_pipeline(dir.path());
+    let server = serve(
+        &eco,
+        &dir.path().join("data"),
+        Some(&mock),
+        &[eval.to_str().unwrap(), "--admin-token", "admin"],
+    );
+
+    let listed = get_json(&server, "/v1/pipelines");
+    let names: Vec<&str> = listed["pipelines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["eco-scan", "prompt-eval"], "{listed}");
+    let eval_info = get_json(&server, "/v1/pipelines/prompt-eval");
+    let eval_stages: Vec<&str> = eval_info["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(eval_stages, ["generate", "grade"], "{eval_info}");
+    assert_eq!(eval_info["handlers"], json!([]), "{eval_info}");
+    let eco_info = get_json(&server, "/v1/pipelines/eco-scan");
+    assert_eq!(
+        eco_info["stages"].as_array().unwrap().len(),
+        4,
+        "{eco_info}"
+    );
+    assert!(!eco_info["kv"].as_array().unwrap().is_empty(), "{eco_info}");
+
+    // Interleaved: eco-scan by path, prompt-eval by body, a scan by path, again.
+    let mut eco_jobs = Vec::new();
+    let mut eval_jobs = Vec::new();
+    for round in 0..2 {
+        let (status, answer) = post(
+            &server,
+            "/v1/pipelines/eco-scan/jobs",
+            &json!({ "items": eco_items(3) }),
+        );
+        assert_eq!(status, 202, "{answer}");
+        eco_jobs.push(job_id(&answer));
+        let (status, answer) = post(
+            &server,
+            "/v1/jobs",
+            &json!({ "pipeline": "prompt-eval", "items": cases(4 + round) }),
+        );
+        assert_eq!(status, 202, "{answer}");
+        eval_jobs.push(job_id(&answer));
+        let (status, answer) = post(&server, "/v1/pipelines/eco-scan/scans", &eco_items(1)[0]);
+        assert_eq!(status, 202, "{answer}");
+        eco_jobs.push(answer["task_id"].as_str().unwrap().to_string());
+    }
+    for job in &eco_jobs {
+        let status = wait_for_job(&server, job);
+        assert_eq!(status["state"], "completed", "{status}");
+        assert_eq!(status["pipeline"], "eco-scan", "{status}");
+        assert_eq!(status["failed"], 0, "{status}");
+        for result in job_results(&server, job) {
+            assert_eq!(stage_names(&result), ["vision", "rule", "answer", "reward"]);
+        }
+    }
+    for job in &eval_jobs {
+        let status = wait_for_job(&server, job);
+        assert_eq!(status["state"], "completed", "{status}");
+        assert_eq!(status["pipeline"], "prompt-eval", "{status}");
+        let stages: Vec<&str> = status["stage_versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["stage"].as_str().unwrap())
+            .collect();
+        assert_eq!(stages, ["generate", "grade"], "{status}");
+        for result in job_results(&server, job) {
+            assert_eq!(stage_names(&result), ["generate", "grade"]);
+            assert_eq!(result["output"]["grade"]["passed"], true, "{result}");
+        }
+    }
+
+    // The job list filters by pipeline.
+    let (status, listed) = get(&server, "/v1/jobs?pipeline=prompt-eval");
+    assert_eq!(status, 200, "{listed}");
+    let mut listed: Vec<String> = listed["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap().to_string())
+        .collect();
+    listed.sort();
+    eval_jobs.sort();
+    assert_eq!(listed, eval_jobs);
+    let all = get_json(&server, "/v1/jobs");
+    assert_eq!(all["jobs"].as_array().unwrap().len(), 6);
+
+    // With two pipelines, a request must say which; an unknown name is a 404.
+    let (status, error) = post(&server, "/v1/jobs", &json!({ "items": eco_items(1) }));
+    assert_eq!(status, 422, "{error}");
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("several pipelines (`eco-scan`, `prompt-eval`)"),
+        "{message}"
+    );
+    let (status, error) = post(&server, "/v1/pipelines/nope/jobs", &json!({ "items": [1] }));
+    assert_eq!(status, 404, "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no pipeline `nope`"),
+        "{error}"
+    );
+    let (status, error) = post(
+        &server,
+        "/v1/pipelines/eco-scan/jobs",
+        &json!({ "pipeline": "prompt-eval", "items": [1] }),
+    );
+    assert_eq!(status, 422, "{error}");
+    let (status, _) = get(&server, "/v1/stages");
+    assert_eq!(status, 422);
+    let (status, stages) = get(&server, "/v1/stages?pipeline=prompt-eval");
+    assert_eq!(status, 200);
+    assert_eq!(stages["stages"].as_array().unwrap().len(), 2, "{stages}");
+    let (status, kv) = get(&server, "/v1/kv?pipeline=prompt-eval");
+    assert_eq!((status, &kv["namespaces"]), (200, &json!([])), "{kv}");
+
+    // Stage versions are the pipeline's: a canary on eco-scan's `answer` leaves prompt-eval
+    // alone, and a stage name only one pipeline has is a 404 on the other.
+    let install = |query: &str| {
+        client()
+            .put(server.url(&format!("/v1/stages/answer?{query}")))
+            .bearer_auth("admin")
+            .body(plugin_bytes("answer"))
+            .send()
+            .unwrap()
+    };
+    assert_eq!(install("pipeline=eco-scan&canary=10").status(), 200);
+    let refused = install("pipeline=prompt-eval");
+    assert_eq!(refused.status(), 404);
+    let refused: Value = refused.json().unwrap();
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no stage `answer` in pipeline `prompt-eval`"),
+        "{refused}"
+    );
+    let eco_info = get_json(&server, "/v1/pipelines/eco-scan");
+    let answer = &eco_info["stages"][2];
+    assert_eq!(answer["name"], "answer");
+    assert_eq!(answer["canary"]["percent"], 10, "{eco_info}");
+
+    // Metrics carry the pipeline.
+    let items = |pipeline: &str| {
+        metric(
+            &server,
+            &format!("stagehand_items_total{{pipeline=\"{pipeline}\",status=\"succeeded\"}}"),
+        )
+    };
+    assert_eq!(items("eco-scan"), Some(8.0));
+    assert_eq!(items("prompt-eval"), Some(9.0));
+    let tries = metric(
+        &server,
+        "stagehand_stage_tries_total{pipeline=\"prompt-eval\",stage=\"grade\",outcome=\"succeeded\"}",
+    );
+    assert_eq!(tries, Some(9.0));
+}
+
+/// A directory of pipeline files serves each; two files with one name are refused at start,
+/// naming both; so is a directory without any.
+#[test]
+fn a_directory_serves_every_pipeline_file_in_it() {
+    let mock = mock();
+    let dir = tempfile::tempdir().unwrap();
+    let pipelines = dir.path().join("pipelines");
+    std::fs::create_dir(&pipelines).unwrap();
+    eco_scan_pipeline(&pipelines, |text| text);
+    prompt_eval_pipeline(&pipelines);
+    std::fs::write(pipelines.join("README.md"), "not a pipeline").unwrap();
+    let server = serve(&pipelines, &dir.path().join("data"), Some(&mock), &[]);
+    let listed = get_json(&server, "/v1/pipelines");
+    assert_eq!(listed["pipelines"].as_array().unwrap().len(), 2, "{listed}");
+    let (status, answer) = post(
+        &server,
+        "/v1/pipelines/prompt-eval/jobs",
+        &json!({ "items": cases(2) }),
+    );
+    assert_eq!(status, 202, "{answer}");
+    let status = wait_for_job(&server, &job_id(&answer));
+    assert_eq!(status["succeeded"], 2, "{status}");
+    drop(server);
+
+    let twice = dir.path().join("twice");
+    std::fs::create_dir(&twice).unwrap();
+    prompt_eval_pipeline(&twice);
+    std::fs::copy(
+        twice.join("prompt-eval.toml"),
+        twice.join("prompt-eval-copy.toml"),
+    )
+    .unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    for (path, expected) in [
+        (&twice, "both name their pipeline `prompt-eval`"),
+        (&empty, "holds no pipeline file"),
+    ] {
+        let refused = std::process::Command::new(binary("stagehand"))
+            .arg("serve")
+            .arg(path)
+            .args(["--addr", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path().join("refused"))
+            .output()
+            .unwrap();
+        assert!(!refused.status.success());
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(stderr.contains(expected), "{stderr}");
+    }
+}
