@@ -235,6 +235,68 @@ fn two_pipelines_serve_interleaved_jobs() {
         "stagehand_stage_tries_total{pipeline=\"prompt-eval\",stage=\"grade\",outcome=\"succeeded\"}",
     );
     assert_eq!(tries, Some(9.0));
+
+    // The command line: `pipelines` shows both, `submit --pipeline` names one, and without it a
+    // server of two pipelines refuses the job with the names.
+    let cli = |args: &[&str]| {
+        let output = std::process::Command::new(binary("stagehand"))
+            .args(args)
+            .args(["--server", &server.url("")])
+            .output()
+            .unwrap();
+        let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+        (
+            output.status.success(),
+            text(&output.stdout),
+            text(&output.stderr),
+        )
+    };
+    let (ok, shown, _) = cli(&["pipelines"]);
+    assert!(ok);
+    for expected in ["eco-scan\n", "prompt-eval\n", "  stage generate", "canary"] {
+        assert!(shown.contains(expected), "{expected:?} in\n{shown}");
+    }
+    let items = dir.path().join("cases.jsonl");
+    let lines: Vec<String> = cases(3).iter().map(Value::to_string).collect();
+    std::fs::write(&items, lines.join("\n")).unwrap();
+    let items = items.to_str().unwrap();
+    let (ok, _, error) = cli(&["submit", items, "--pipeline", "prompt-eval", "--follow"]);
+    assert!(ok, "{error}");
+    let (ok, _, error) = cli(&["submit", items]);
+    assert!(!ok);
+    assert!(
+        error.contains("422") && error.contains("several pipelines"),
+        "{error}"
+    );
+    let (ok, listed, _) = cli(&["jobs", "--pipeline", "prompt-eval", "--json"]);
+    assert!(ok);
+    assert_eq!(listed.lines().count(), 3, "{listed}");
+    assert!(
+        listed
+            .lines()
+            .all(|l| l.contains("\"pipeline\":\"prompt-eval\"")),
+        "{listed}"
+    );
+
+    // After a restart each pipeline has its own stage versions back.
+    drop(server);
+    let server = serve(
+        &eco,
+        &dir.path().join("data"),
+        Some(&mock),
+        &[eval.to_str().unwrap()],
+    );
+    let eco_info = get_json(&server, "/v1/pipelines/eco-scan");
+    assert_eq!(eco_info["stages"][2]["canary"]["percent"], 10, "{eco_info}");
+    let eval_info = get_json(&server, "/v1/pipelines/prompt-eval");
+    assert!(
+        eval_info["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["canary"].is_null() && s["previous"] == json!([])),
+        "{eval_info}"
+    );
 }
 
 /// A directory of pipeline files serves each; two files with one name are refused at start,

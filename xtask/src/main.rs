@@ -563,7 +563,7 @@ fn schemathesis(root: &Path) -> Result<()> {
         &config,
         format!(
             "[parameters]\nid = \"{job}\"\njob = \"{job}\"\nindex = 1\nname = \"answer\"\n\
-             namespace = \"characters\"\n"
+             namespace = \"characters\"\npipeline = \"eco-scan\"\n"
         ),
     )?;
     let seed = std::env::var("SCHEMATHESIS_SEED").unwrap_or_else(|_| "1".into());

@@ -27,7 +27,7 @@ use crate::pipeline::Pipeline;
 #[serde(deny_unknown_fields)]
 pub struct Submission {
     /// The pipeline that runs the job (optional when the server serves one; in the path of
-    /// `/v1/pipelines/{name}/jobs`).
+    /// `/v1/pipelines/{pipeline}/jobs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pipeline: Option<String>,
     items: Vec<Box<RawValue>>,
@@ -110,9 +110,9 @@ pub async fn submit(
 }
 
 /// `POST /v1/jobs` for the pipeline in the path.
-#[utoipa::path(post, path = "/v1/pipelines/{name}/jobs", tag = "jobs", security((), ("api_token" = []), ("admin_token" = [])),
+#[utoipa::path(post, path = "/v1/pipelines/{pipeline}/jobs", tag = "jobs", security((), ("api_token" = []), ("admin_token" = [])),
     request_body = super::openapi::SubmissionBody,
-    params(("name" = String, Path, description = "pipeline name"),
+    params(("pipeline" = String, Path, description = "pipeline name"),
            ("Idempotency-Key" = Option<String>, Header, description = "a repeat with the same key returns the same job")),
     responses((status = 202, description = "accepted and durable", body = super::openapi::JobLinks),
               (status = 200, description = "the job an earlier submission with this key created", body = super::openapi::JobLinks),
@@ -192,8 +192,8 @@ pub async fn scan(
 }
 
 /// `POST /v1/scans` on the pipeline in the path.
-#[utoipa::path(post, path = "/v1/pipelines/{name}/scans", tag = "jobs", security((), ("api_token" = []), ("admin_token" = [])),
-    params(("name" = String, Path, description = "pipeline name")),
+#[utoipa::path(post, path = "/v1/pipelines/{pipeline}/scans", tag = "jobs", security((), ("api_token" = []), ("admin_token" = [])),
+    params(("pipeline" = String, Path, description = "pipeline name")),
     request_body(content((Object = "application/json"), (Object = "multipart/form-data")), description = "one item, or a form with an `image` file part"),
     responses((status = 202, description = "accepted", body = super::openapi::ScanAccepted),
               (status = 400, description = "malformed body", body = super::openapi::ErrorBody), (status = 404, description = "no such pipeline", body = super::openapi::ErrorBody), (status = 413, description = "too large", body = super::openapi::ErrorBody), (status = 415, description = "unsupported type", body = super::openapi::ErrorBody), (status = 422, description = "not a scan", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong token", body = super::openapi::ErrorBody)))]

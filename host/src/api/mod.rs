@@ -5,9 +5,9 @@
 //! | `GET /`                            | the dashboard (see [`dashboard`])                 |
 //! | `GET /openapi.json`                | the OpenAPI 3 document (see [`openapi`])          |
 //! | `GET /v1/pipelines`                | the pipelines served: stages, handlers, kv        |
-//! | `GET /v1/pipelines/{name}`         | one of them                                       |
-//! | `POST /v1/pipelines/{name}/jobs`   | submit a job of that pipeline                     |
-//! | `POST /v1/pipelines/{name}/scans`  | a scan on that pipeline                           |
+//! | `GET /v1/pipelines/{pipeline}`     | one of them                                       |
+//! | `POST /v1/pipelines/{pipeline}/jobs`| submit a job of that pipeline                     |
+//! | `POST /v1/pipelines/{pipeline}/scans`| a scan on that pipeline                           |
 //! | `POST /v1/jobs`                    | submit `{"items": [...], "options": {...}, "pipeline": ...}` -> 202 |
 //! | `GET /v1/jobs`                     | newest first; `?state=&pipeline=&before=&limit=`  |
 //! | `POST /v1/scans`                   | one item (seed 001's scan) -> 202 with `task_id`  |

@@ -29,9 +29,9 @@ pub async fn list(State(app): State<Arc<App>>) -> Json<PipelineList> {
     })
 }
 
-/// `GET /v1/pipelines/{name}`.
-#[utoipa::path(get, path = "/v1/pipelines/{name}", tag = "pipelines", security((), ("api_token" = []), ("admin_token" = [])),
-    params(("name" = String, Path, description = "pipeline name")),
+/// `GET /v1/pipelines/{pipeline}`.
+#[utoipa::path(get, path = "/v1/pipelines/{pipeline}", tag = "pipelines", security((), ("api_token" = []), ("admin_token" = [])),
+    params(("pipeline" = String, Path, description = "pipeline name")),
     responses((status = 200, description = "the pipeline", body = super::openapi::PipelineInfo), (status = 404, description = "no such pipeline", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong token", body = super::openapi::ErrorBody)))]
 pub async fn show(
     State(app): State<Arc<App>>,

@@ -1,5 +1,5 @@
-//! `stagehand jobs`, `stagehand results <job>`, `stagehand cancel <job>`: a running server's
-//! jobs from the command line.
+//! `stagehand pipelines`, `stagehand jobs`, `stagehand results <job>`, `stagehand cancel <job>`:
+//! a running server's pipelines and jobs from the command line.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -19,6 +19,9 @@ pub struct JobsArgs {
     /// Only jobs in this state: running, completed, cancelled or failed.
     #[arg(long)]
     state: Option<String>,
+    /// Only jobs of this pipeline.
+    #[arg(long)]
+    pipeline: Option<String>,
     /// At most this many, newest first.
     #[arg(long, default_value_t = 20)]
     limit: usize,
@@ -33,8 +36,8 @@ pub async fn jobs(args: JobsArgs) -> Result<ExitCode> {
     if !args.json {
         writeln!(
             out,
-            "{:<36}  {:<9}  {:>15}  {:>7}  created",
-            "job", "state", "done/total", "failed"
+            "{:<36}  {:<16}  {:<9}  {:>15}  {:>7}  created",
+            "job", "pipeline", "state", "done/total", "failed"
         )?;
     }
     let (mut listed, mut before) = (0, None::<String>);
@@ -43,6 +46,9 @@ pub async fn jobs(args: JobsArgs) -> Result<ExitCode> {
         let mut path = format!("/v1/jobs?limit={page}");
         if let Some(state) = &args.state {
             path += &format!("&state={state}");
+        }
+        if let Some(pipeline) = &args.pipeline {
+            path += &format!("&pipeline={pipeline}");
         }
         if let Some(before) = &before {
             path += &format!("&before={before}");
@@ -57,8 +63,9 @@ pub async fn jobs(args: JobsArgs) -> Result<ExitCode> {
             let count = |field: &str| job[field].as_u64().unwrap_or(0);
             writeln!(
                 out,
-                "{:<36}  {:<9}  {:>15}  {:>7}  {}",
+                "{:<36}  {:<16}  {:<9}  {:>15}  {:>7}  {}",
                 job["id"].as_str().unwrap_or("?"),
+                job["pipeline"].as_str().unwrap_or("?"),
                 job["state"].as_str().unwrap_or("?"),
                 format!(
                     "{}/{}",
@@ -73,6 +80,71 @@ pub async fn jobs(args: JobsArgs) -> Result<ExitCode> {
             Some(next) => before = Some(next.to_string()),
             None => break,
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args)]
+pub struct PipelinesArgs {
+    #[command(flatten)]
+    remote: RemoteArgs,
+    /// The server's answer (`GET /v1/pipelines`) as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Each pipeline the server serves: its stages in order with their current versions (and a
+/// canary on trial), its handlers and kv namespaces.
+pub async fn pipelines(args: PipelinesArgs) -> Result<ExitCode> {
+    let remote = Remote::new(&args.remote)?;
+    let answer = remote.get("/v1/pipelines").await?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{answer}")?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let names = |list: &Value, field: &str| -> String {
+        let names: Vec<&str> = list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| {
+                if field.is_empty() {
+                    v.as_str()
+                } else {
+                    v[field].as_str()
+                }
+            })
+            .collect();
+        if names.is_empty() {
+            "-".to_string()
+        } else {
+            names.join(", ")
+        }
+    };
+    for pipeline in answer["pipelines"].as_array().into_iter().flatten() {
+        writeln!(out, "{}", pipeline["name"].as_str().unwrap_or("?"))?;
+        for stage in pipeline["stages"].as_array().into_iter().flatten() {
+            let digest = |version: &Value| {
+                let digest = version["digest"].as_str().unwrap_or("?");
+                digest[..digest.len().min(12)].to_string()
+            };
+            let mut line = format!(
+                "  stage {:<20} {}",
+                stage["name"].as_str().unwrap_or("?"),
+                digest(&stage["current"])
+            );
+            if stage["canary"].is_object() {
+                line += &format!(
+                    "  canary {} at {} %",
+                    digest(&stage["canary"]),
+                    stage["canary"]["percent"]
+                );
+            }
+            writeln!(out, "{line}")?;
+        }
+        writeln!(out, "  handlers: {}", names(&pipeline["handlers"], ""))?;
+        writeln!(out, "  kv: {}", names(&pipeline["kv"], "name"))?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -76,6 +76,8 @@ enum Command {
     Plugin(plugin::PluginArgs),
     /// Send a JSONL file of items to a running server as one job; `--follow` draws its progress.
     Submit(submit::SubmitArgs),
+    /// A running server's pipelines: stages and their versions, handlers, kv namespaces.
+    Pipelines(jobs::PipelinesArgs),
     /// A running server's jobs, newest first.
     Jobs(jobs::JobsArgs),
     /// A job's results as JSON lines (stdout or `--out`).
@@ -223,6 +225,7 @@ impl Cli {
             Command::Worker(args) => worker::worker(args).await,
             Command::Plugin(args) => plugin::plugin(args).await,
             Command::Submit(args) => submit::submit(args).await,
+            Command::Pipelines(args) => jobs::pipelines(args).await,
             Command::Jobs(args) => jobs::jobs(args).await,
             Command::Results(args) => jobs::results(args).await,
             Command::Cancel(args) => jobs::cancel(args).await,

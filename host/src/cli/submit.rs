@@ -29,6 +29,9 @@ pub struct SubmitArgs {
     items: PathBuf,
     #[command(flatten)]
     remote: RemoteArgs,
+    /// The pipeline that runs the job (needed when the server serves several).
+    #[arg(long)]
+    pipeline: Option<String>,
     /// Follow the job's progress until it ends, then print a summary.
     #[arg(long)]
     follow: bool,
@@ -71,12 +74,16 @@ pub async fn submit(args: SubmitArgs) -> Result<ExitCode> {
         "detail": if args.stages { "stages" } else { "items" },
         "labels": args.labels.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
     });
+    let route = match &args.pipeline {
+        Some(name) => format!("/v1/pipelines/{name}/jobs"),
+        None => "/v1/jobs".to_string(),
+    };
     let mut tried = 0;
     let accepted = loop {
         tried += 1;
         let body = reqwest::Body::wrap_stream(body_stream(&args.items, &options).await?);
         let request = remote
-            .request(Method::POST, "/v1/jobs")
+            .request(Method::POST, &route)
             .header("idempotency-key", &key)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body);
