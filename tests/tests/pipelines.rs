@@ -48,13 +48,19 @@ fn get(server: &Server, path: &str) -> (u16, Value) {
     (response.status().as_u16(), response.json().unwrap())
 }
 
-fn stage_names(result: &Value) -> Vec<String> {
-    result["stages"]
+/// `field` of each object in the array `list`.
+fn fields(list: &Value, field: &str) -> Vec<String> {
+    let list = list
         .as_array()
-        .unwrap()
-        .iter()
-        .map(|run| run["stage"].as_str().unwrap().to_string())
+        .unwrap_or_else(|| panic!("not an array: {list}"));
+    list.iter()
+        .map(|entry| entry[field].as_str().unwrap().to_string())
         .collect()
+}
+
+/// The stages an item's result ran, in order.
+fn stage_names(result: &Value) -> Vec<String> {
+    fields(&result["stages"], "stage")
 }
 
 fn job_id(answer: &Value) -> String {
@@ -77,20 +83,10 @@ fn two_pipelines_serve_interleaved_jobs() {
     );
 
     let listed = get_json(&server, "/v1/pipelines");
-    let names: Vec<&str> = listed["pipelines"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["name"].as_str().unwrap())
-        .collect();
+    let names = fields(&listed["pipelines"], "name");
     assert_eq!(names, ["eco-scan", "prompt-eval"], "{listed}");
     let eval_info = get_json(&server, "/v1/pipelines/prompt-eval");
-    let eval_stages: Vec<&str> = eval_info["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap())
-        .collect();
+    let eval_stages = fields(&eval_info["stages"], "name");
     assert_eq!(eval_stages, ["generate", "grade"], "{eval_info}");
     assert_eq!(eval_info["handlers"], json!([]), "{eval_info}");
     let eco_info = get_json(&server, "/v1/pipelines/eco-scan");
@@ -136,12 +132,7 @@ fn two_pipelines_serve_interleaved_jobs() {
         let status = wait_for_job(&server, job);
         assert_eq!(status["state"], "completed", "{status}");
         assert_eq!(status["pipeline"], "prompt-eval", "{status}");
-        let stages: Vec<&str> = status["stage_versions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["stage"].as_str().unwrap())
-            .collect();
+        let stages = fields(&status["stage_versions"], "stage");
         assert_eq!(stages, ["generate", "grade"], "{status}");
         for result in job_results(&server, job) {
             assert_eq!(stage_names(&result), ["generate", "grade"]);
@@ -152,12 +143,7 @@ fn two_pipelines_serve_interleaved_jobs() {
     // The job list filters by pipeline.
     let (status, listed) = get(&server, "/v1/jobs?pipeline=prompt-eval");
     assert_eq!(status, 200, "{listed}");
-    let mut listed: Vec<String> = listed["jobs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|j| j["id"].as_str().unwrap().to_string())
-        .collect();
+    let mut listed = fields(&listed["jobs"], "id");
     listed.sort();
     eval_jobs.sort();
     assert_eq!(listed, eval_jobs);
@@ -348,4 +334,48 @@ fn a_directory_serves_every_pipeline_file_in_it() {
         let stderr = String::from_utf8_lossy(&refused.stderr);
         assert!(stderr.contains(expected), "{stderr}");
     }
+}
+
+/// Redis mode: two nodes serving both pipelines share the work; each item, whichever node
+/// takes it, runs on the pipeline its job names.
+#[test]
+fn two_pipelines_share_a_redis_cluster() {
+    let redis = stagehand_tests::cluster::RedisServer::start().expect("redis-server starts");
+    let mock = mock();
+    let dir = tempfile::tempdir().unwrap();
+    let eco = eco_scan_pipeline(dir.path(), |text| text);
+    let eval = prompt_eval_pipeline(dir.path());
+    let url = redis.url();
+    let flags = [eval.to_str().unwrap(), "--redis", &url, "--slots", "4"];
+    let node1 = serve(&eco, &dir.path().join("n1"), Some(&mock), &flags);
+    let node2 = serve(&eco, &dir.path().join("n2"), Some(&mock), &flags);
+
+    let mut jobs = Vec::new();
+    for (node, pipeline, items) in [
+        (&node1, "prompt-eval", cases(6)),
+        (&node2, "eco-scan", eco_items(6)),
+        (&node2, "prompt-eval", cases(3)),
+        (&node1, "eco-scan", eco_items(2)),
+    ] {
+        let path = format!("/v1/pipelines/{pipeline}/jobs");
+        let (status, answer) = post(node, &path, &json!({ "items": items }));
+        assert_eq!(status, 202, "{answer}");
+        jobs.push((pipeline, job_id(&answer)));
+    }
+    for (pipeline, job) in &jobs {
+        let status = wait_for_job(&node1, job);
+        assert_eq!(status["state"], "completed", "{status}");
+        assert_eq!(status["pipeline"], *pipeline, "{status}");
+        assert_eq!(status["failed"], 0, "{status}");
+        let expected: &[&str] = match *pipeline {
+            "eco-scan" => &["vision", "rule", "answer", "reward"],
+            _ => &["generate", "grade"],
+        };
+        for result in job_results(&node2, job) {
+            assert_eq!(stage_names(&result), expected, "{result}");
+        }
+    }
+    let (status, listed) = get(&node2, "/v1/jobs?pipeline=eco-scan");
+    assert_eq!(status, 200, "{listed}");
+    assert_eq!(listed["jobs"].as_array().unwrap().len(), 2, "{listed}");
 }
