@@ -379,3 +379,65 @@ fn two_pipelines_share_a_redis_cluster() {
     assert_eq!(status, 200, "{listed}");
     assert_eq!(listed["jobs"].as_array().unwrap().len(), 2, "{listed}");
 }
+
+/// A job of a pipeline the server no longer serves stays readable (status, results, stage
+/// times, its dead letter), and reprocessing it is refused with the reason.
+#[test]
+fn jobs_of_a_pipeline_no_longer_served_stay_readable() {
+    let mock = mock();
+    let dir = tempfile::tempdir().unwrap();
+    let eco = eco_scan_pipeline(dir.path(), |text| text);
+    let eval = prompt_eval_pipeline(dir.path());
+    let data = dir.path().join("data");
+    let admin = ["--admin-token", "admin"];
+    let server = serve(
+        &eco,
+        &data,
+        Some(&mock),
+        &[&[eval.to_str().unwrap()], &admin[..]].concat(),
+    );
+    let mut items = eco_items(2);
+    items.push(json!({ "user_id": "u1", "image_url": "https://images.example/alien_thing.jpg" }));
+    let (status, answer) = post(
+        &server,
+        "/v1/pipelines/eco-scan/jobs",
+        &json!({ "items": items }),
+    );
+    assert_eq!(status, 202, "{answer}");
+    let job = job_id(&answer);
+    let end = wait_for_job(&server, &job);
+    assert_eq!(
+        (end["succeeded"].as_u64(), end["failed"].as_u64()),
+        (Some(2), Some(1)),
+        "{end}"
+    );
+    drop(server);
+
+    let server = serve(&eval, &data, Some(&mock), &admin);
+    let status = get_json(&server, &format!("/v1/jobs/{job}"));
+    assert_eq!(status["pipeline"], "eco-scan", "{status}");
+    assert_eq!(status["stage_versions"], json!([]), "{status}");
+    assert_eq!(job_results(&server, &job).len(), 3);
+    let times = get_json(&server, &format!("/v1/jobs/{job}/stages"));
+    assert_eq!(fields(&times["stages"], "stage")[0], "vision", "{times}");
+    let (status, letters) = get(&server, "/v1/dead-letters?pipeline=eco-scan");
+    assert_eq!(status, 200);
+    assert_eq!(
+        letters["dead_letters"].as_array().unwrap().len(),
+        1,
+        "{letters}"
+    );
+    let refused = client()
+        .post(server.url(&format!("/v1/jobs/{job}/reprocess")))
+        .bearer_auth("admin")
+        .json(&json!({}))
+        .send()
+        .unwrap();
+    assert_eq!(refused.status(), 409);
+    let refused: Value = refused.json().unwrap();
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("pipeline `eco-scan`, which this server does not serve"),
+        "{message}"
+    );
+}

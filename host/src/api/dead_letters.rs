@@ -147,7 +147,7 @@ pub struct ReprocessRequest {
 /// `POST /v1/jobs/{id}/reprocess` with `{"indices": [...]}` or `{}` for all.
 #[utoipa::path(post, path = "/v1/jobs/{id}/reprocess", tag = "dead letters", security(("admin_token" = [])), params(("id" = uuid::Uuid, Path, description = "job id")),
     request_body(content = Option<super::openapi::ReprocessBody>, description = "the items; none for all"),
-    responses((status = 202, description = "reprocessing", body = super::openapi::ReprocessAnswer), (status = 400, description = "bad body", body = super::openapi::ErrorBody), (status = 422, description = "a value past its limit (the message names it)", body = super::openapi::ErrorBody), (status = 404, description = "no such job", body = super::openapi::ErrorBody), (status = 409, description = "the job is running", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong admin token", body = super::openapi::ErrorBody), (status = 403, description = "admin routes are off (no --admin-token)", body = super::openapi::ErrorBody)))]
+    responses((status = 202, description = "reprocessing", body = super::openapi::ReprocessAnswer), (status = 400, description = "bad body", body = super::openapi::ErrorBody), (status = 422, description = "a value past its limit (the message names it)", body = super::openapi::ErrorBody), (status = 404, description = "no such job", body = super::openapi::ErrorBody), (status = 409, description = "the job is running, or cannot run on this server (the message says why)", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong admin token", body = super::openapi::ErrorBody), (status = 403, description = "admin routes are off (no --admin-token)", body = super::openapi::ErrorBody)))]
 pub async fn reprocess(
     State(app): State<Arc<App>>,
     Path(raw): Path<String>,
@@ -182,7 +182,7 @@ pub async fn reprocess(
 
 /// `POST /v1/dead-letters/{job}/{index}/reprocess`: one item.
 #[utoipa::path(post, path = "/v1/dead-letters/{job}/{index}/reprocess", tag = "dead letters", security(("admin_token" = [])), params(("job" = uuid::Uuid, Path, description = "job id"), ("index" = u64, Path, description = "item index")),
-    responses((status = 202, description = "reprocessing", body = super::openapi::ReprocessAnswer), (status = 404, description = "no such dead letter", body = super::openapi::ErrorBody), (status = 409, description = "the job is running", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong admin token", body = super::openapi::ErrorBody), (status = 403, description = "admin routes are off (no --admin-token)", body = super::openapi::ErrorBody)))]
+    responses((status = 202, description = "reprocessing", body = super::openapi::ReprocessAnswer), (status = 404, description = "no such dead letter", body = super::openapi::ErrorBody), (status = 409, description = "the job is running, or cannot run on this server (the message says why)", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong admin token", body = super::openapi::ErrorBody), (status = 403, description = "admin routes are off (no --admin-token)", body = super::openapi::ErrorBody)))]
 pub async fn reprocess_one(
     State(app): State<Arc<App>>,
     Path((raw_job, raw_index)): Path<(String, String)>,
@@ -211,5 +211,6 @@ async fn start(app: &App, job: Uuid, indices: Option<Vec<u64>>) -> Result<Respon
             "job {job} is running; reprocess its dead letters once it has ended"
         ))),
         Reprocess::UnknownJob => Err(ApiError::NotFound(format!("no job {job}"))),
+        Reprocess::Unrunnable(reason) => Err(ApiError::Conflict(reason)),
     }
 }

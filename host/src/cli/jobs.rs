@@ -36,8 +36,8 @@ pub async fn jobs(args: JobsArgs) -> Result<ExitCode> {
     if !args.json {
         writeln!(
             out,
-            "{:<36}  {:<16}  {:<9}  {:>15}  {:>7}  created",
-            "job", "pipeline", "state", "done/total", "failed"
+            "{:<36}  {:<9}  {:>15}  {:>7}  {:<16}  created",
+            "job", "state", "done/total", "failed", "pipeline"
         )?;
     }
     let (mut listed, mut before) = (0, None::<String>);
@@ -63,9 +63,8 @@ pub async fn jobs(args: JobsArgs) -> Result<ExitCode> {
             let count = |field: &str| job[field].as_u64().unwrap_or(0);
             writeln!(
                 out,
-                "{:<36}  {:<16}  {:<9}  {:>15}  {:>7}  {}",
+                "{:<36}  {:<9}  {:>15}  {:>7}  {:<16}  {}",
                 job["id"].as_str().unwrap_or("?"),
-                job["pipeline"].as_str().unwrap_or("?"),
                 job["state"].as_str().unwrap_or("?"),
                 format!(
                     "{}/{}",
@@ -73,6 +72,7 @@ pub async fn jobs(args: JobsArgs) -> Result<ExitCode> {
                     count("total")
                 ),
                 count("failed"),
+                job["pipeline"].as_str().unwrap_or("?"),
                 ago(count("created_at")),
             )?;
         }

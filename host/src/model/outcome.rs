@@ -42,11 +42,14 @@ pub enum CancelOutcome {
 }
 
 /// What a reprocess request did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reprocess {
     /// This many dead letters are being run again.
     Started(usize),
     /// The job is running (or being reprocessed): wait for it to end.
     Running,
     UnknownJob,
+    /// The job cannot run here (its pipeline is not served, or its options are out of
+    /// bounds): why.
+    Unrunnable(String),
 }

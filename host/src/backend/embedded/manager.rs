@@ -282,7 +282,10 @@ impl JobManager {
         if self.is_running(job_id) || job.state == JobState::Running {
             return Ok(Reprocess::Running);
         }
-        let pipeline = runnable(&self.pipelines, &job).map_err(anyhow::Error::msg)?;
+        let pipeline = match runnable(&self.pipelines, &job) {
+            Ok(pipeline) => pipeline,
+            Err(reason) => return Ok(Reprocess::Unrunnable(reason)),
+        };
         let letters: Vec<u64> = match indices {
             Some(indices) => {
                 let mut found = Vec::with_capacity(indices.len());
