@@ -390,7 +390,7 @@ fn jobs_of_a_pipeline_no_longer_served_stay_readable() {
     let eval = prompt_eval_pipeline(dir.path());
     let data = dir.path().join("data");
     let admin = ["--admin-token", "admin"];
-    let server = serve(
+    let mut server = serve(
         &eco,
         &data,
         Some(&mock),
@@ -411,7 +411,8 @@ fn jobs_of_a_pipeline_no_longer_served_stay_readable() {
         (Some(2), Some(1)),
         "{end}"
     );
-    drop(server);
+    // A graceful stop: a status of `completed` is visible before the job's last flush.
+    assert!(server.terminate().success());
 
     let server = serve(&eval, &data, Some(&mock), &admin);
     let status = get_json(&server, &format!("/v1/jobs/{job}"));
