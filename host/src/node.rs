@@ -141,7 +141,7 @@ impl Node {
         };
         let versions = StageVersions::open(&store, data_dir)?;
         if settings.restore_versions {
-            let only = pipelines.all().len() == 1;
+            let only = pipelines.only().is_some();
             for pipeline in pipelines.all() {
                 let restored = versions.restore(&pipeline, only).await?;
                 if restored > 0 {

@@ -16,8 +16,6 @@ use super::{ApiError, App, job_id, page_limit};
 use crate::backend::DeadLetterFilter;
 use crate::limits::{MAX_NAME, in_range};
 
-/// Longest `after` of a listing: a `JOB/INDEX` cursor is at most 64 characters too.
-const MAX_CURSOR: usize = 64;
 use crate::jobs::{ItemRef, stage_input};
 use crate::model::{Reprocess, item_id};
 
@@ -60,12 +58,8 @@ pub async fn list(
         ("after", &q.after),
     ] {
         if let Some(value) = value {
-            in_range(
-                &format!("length of `{field}`"),
-                value.len(),
-                1,
-                MAX_NAME.max(MAX_CURSOR),
-            )?;
+            // A `JOB/INDEX` cursor (at most 57 characters) fits the name limit too.
+            in_range(&format!("length of `{field}`"), value.len(), 1, MAX_NAME)?;
         }
     }
     let after = q.after.as_deref().map(cursor).transpose()?;
@@ -106,11 +100,7 @@ pub async fn inspect(
         index,
     };
     // Put back together by the job's pipeline, while this server serves it.
-    let pipeline = match letter.pipeline.as_str() {
-        "" => app.pipelines.only(),
-        name => app.pipelines.get(name),
-    };
-    let input = match pipeline {
+    let input = match app.pipelines.of_record(&letter.pipeline) {
         Some(pipeline) => stage_input(&pipeline, item, &letter.stage)?
             .map(RawValue::from_string)
             .transpose()

@@ -97,10 +97,7 @@ impl EffectRunner {
     }
 
     async fn execute(&self, mut record: EffectRecord, shutdown: CancellationToken) {
-        let pipeline = match record.pipeline.as_str() {
-            "" => self.pipelines.only(),
-            name => self.pipelines.get(name),
-        };
+        let pipeline = self.pipelines.of_record(&record.pipeline);
         let handler = pipeline
             .as_ref()
             .map(|p| (p, p.caps.handlers.get(&record.handler)));

@@ -46,6 +46,15 @@ impl Pipelines {
         self.by_name.load().values().cloned().collect()
     }
 
+    /// The pipeline a stored record (an effect, a dead letter) names; records written before
+    /// a node served several pipelines name none, and are the only pipeline's.
+    pub fn of_record(&self, name: &str) -> Option<Arc<Pipeline>> {
+        match name {
+            "" => self.only(),
+            name => self.get(name),
+        }
+    }
+
     /// The pipeline when there is exactly one.
     pub fn only(&self) -> Option<Arc<Pipeline>> {
         let by_name = self.by_name.load();
