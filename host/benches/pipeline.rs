@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use stagehand::config::PipelineConfig;
 use stagehand::jobs::{EffectRunner, ItemHooks, ItemRef, RunSettings, run_item, run_job};
 use stagehand::model::JobRecord;
-use stagehand::pipeline::{NodeResources, Pipeline, Pipelines};
+use stagehand::pipeline::{NodeResources, Pipeline, Pipelines, Revisions};
 use stagehand::runtime::bindings::types::Context;
 use stagehand::store::Store;
 use stagehand_tests::{MockLlm, repo_root};
@@ -44,7 +44,9 @@ async fn load(config: PipelineConfig, dir: &Path) -> Arc<Pipeline> {
 async fn load_with_resources(config: PipelineConfig, dir: &Path) -> (Arc<Pipeline>, NodeResources) {
     let store = Store::open(&dir.join("store")).expect("store");
     let resources = NodeResources::for_one(&config, dir, store).expect("resources");
-    let pipeline = Pipeline::load(config, &resources).await.expect("pipeline");
+    let pipeline = Pipeline::load(config, String::new(), &resources)
+        .await
+        .expect("pipeline");
     (pipeline, resources)
 }
 
@@ -194,7 +196,12 @@ async fn eco_scan(items: u64) {
         .await
         .unwrap();
     let shutdown = CancellationToken::new();
-    let pipelines = Arc::new(Pipelines::new([pipeline.clone()]));
+    let revisions = Revisions::open(&resources.store, dir.path()).expect("revisions");
+    let pipelines = Arc::new(Pipelines::new(
+        [pipeline.clone()],
+        revisions,
+        resources.clone(),
+    ));
     let (effects, task) = EffectRunner::spawn(&resources, pipelines, shutdown.clone());
     let started = Instant::now();
     let concurrency = pipeline.config.run.concurrency;

@@ -29,6 +29,9 @@ pub struct PipelineConfig {
     pub kv: BTreeMap<String, PathBuf>,
     /// What one job may ask for (`[limits]`).
     pub limits: JobLimits,
+    /// Every file the pipeline file names (components, kv files): the path as written -> where
+    /// it was found. A revision is these files' contents and the pipeline file's.
+    pub files: BTreeMap<PathBuf, PathBuf>,
 }
 
 /// Where LLM calls go: `[llm]` and `[providers.NAME]`.
@@ -540,21 +543,37 @@ impl PipelineConfig {
 
     /// Check a pipeline file's text; `path` resolves relative component and kv paths.
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        Self::parse_with(text, path, &|written| {
+            let resolved = dir.join(written);
+            match resolved.is_file() {
+                true => Ok(resolved),
+                false => Err(format!("no such file {}", resolved.display())),
+            }
+        })
+    }
+
+    /// Check a pipeline file's text, finding the files it names with `find` (the path as
+    /// written -> where it is, or why it is missing): a deployed bundle's files are not next to
+    /// it on disk. `path` names the file in messages.
+    pub fn parse_with(
+        text: &str,
+        path: &Path,
+        find: &dyn Fn(&Path) -> std::result::Result<PathBuf, String>,
+    ) -> Result<Self> {
         let raw: RawPipeline =
             toml::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let dir = path.parent().unwrap_or(Path::new("."));
         let at = |span: Range<usize>, message: String| -> anyhow::Error {
             let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
             anyhow::anyhow!("{}:{line}: {message}", path.display())
         };
+        let files = std::cell::RefCell::new(BTreeMap::new());
         let file = |p: &Spanned<PathBuf>, key: &str| -> Result<PathBuf> {
-            let resolved = dir.join(p.get_ref());
-            if !resolved.is_file() {
-                return Err(at(
-                    p.span(),
-                    format!("`{key}`: no such file {}", resolved.display()),
-                ));
-            }
+            let resolved =
+                find(p.get_ref()).map_err(|why| at(p.span(), format!("`{key}`: {why}")))?;
+            files
+                .borrow_mut()
+                .insert(p.get_ref().clone(), resolved.clone());
             Ok(resolved)
         };
         let check_name = |name: &Spanned<String>, what: &str| -> Result<()> {
@@ -733,6 +752,7 @@ impl PipelineConfig {
             handlers,
             kv,
             limits: raw.limits,
+            files: files.into_inner(),
         })
     }
 

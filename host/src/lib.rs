@@ -70,6 +70,7 @@ pub mod backend;
 pub mod capabilities;
 pub mod cli;
 pub mod config;
+pub mod deploy;
 pub mod events;
 pub mod jobs;
 pub mod limits;

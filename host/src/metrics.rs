@@ -167,6 +167,12 @@ pub fn stage_change(pipeline: &str, stage: &str, change: &'static str) {
         .increment(1);
 }
 
+/// An operator changed the pipelines a node serves: `deploy` or `delete`.
+pub fn pipeline_change(pipeline: &str, change: &'static str) {
+    counter!("stagehand_pipeline_changes_total", "pipeline" => pipeline.to_string(), "change" => change)
+        .increment(1);
+}
+
 /// A watched file changed and what it now holds was refused (`kind`: `stage` or `kv`), so the
 /// old version or entries stay in use.
 pub fn watched_change_refused(kind: &'static str, name: &str) {

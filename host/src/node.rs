@@ -25,8 +25,10 @@ use crate::backend::Backend;
 use crate::backend::embedded::{Embedded, EventLog, JobManager};
 use crate::backend::redis::{Cluster, WorkerSettings, run_worker};
 use crate::config::PipelineConfig;
+use crate::deploy::Deployer;
 use crate::jobs::EffectRunner;
-use crate::pipeline::{NodeResources, NodeSizing, Pipeline, Pipelines, Shared};
+use crate::pipeline::revisions::short;
+use crate::pipeline::{NodeResources, NodeSizing, Pipeline, Pipelines, Revisions, Shared};
 use crate::store::Store;
 use crate::versions::StageVersions;
 
@@ -71,6 +73,11 @@ pub struct Node {
     /// This node's embedded store (in Redis mode: stage versions, effects and handler records).
     pub store: Store,
     pub versions: StageVersions,
+    /// Every revision served, and which ones were deployed.
+    pub revisions: Revisions,
+    /// Deploys pipelines while the node runs; embedded mode only (in Redis mode a deploy would
+    /// change one node of the cluster).
+    pub deployer: Option<Arc<Deployer>>,
     /// Where jobs live.
     pub backend: Backend,
     pub effects: Arc<EffectRunner>,
@@ -96,7 +103,6 @@ impl Node {
             .with_context(|| format!("cannot create {}", data_dir.display()))?;
         let stop_work = CancellationToken::new();
         let stop_services = CancellationToken::new();
-        let sizing = NodeSizing::of(&configs);
         // `work`: how the Redis work loop runs, when this node runs items (started once the
         // stage versions are restored).
         let (store, shared, cluster, work) = match &settings.backend {
@@ -116,18 +122,21 @@ impl Node {
                 (store, cluster.shared(), Some(cluster), work)
             }
         };
+        let revisions = Revisions::open(&store, data_dir)?;
+        let served = what_to_serve(configs, &revisions)?;
+        let sizing = NodeSizing::of(served.iter().map(|(config, _)| config));
         let resources = NodeResources::new(sizing, data_dir, store.clone(), shared)?;
-        let loaded = futures::future::try_join_all(configs.into_iter().map(|config| {
+        let loaded = futures::future::try_join_all(served.into_iter().map(|(config, revision)| {
             let name = config.name.clone();
             let resources = &resources;
             async move {
-                Pipeline::load(config, resources)
+                Pipeline::load(config, revision, resources)
                     .await
                     .with_context(|| format!("pipeline `{name}`"))
             }
         }))
         .await?;
-        let pipelines = Arc::new(Pipelines::new(loaded));
+        let pipelines = Arc::new(Pipelines::new(loaded, revisions.clone(), resources.clone()));
         let backend = match cluster {
             Some(cluster) => Backend::Redis(cluster),
             None => {
@@ -142,8 +151,10 @@ impl Node {
         let versions = StageVersions::open(&store, data_dir)?;
         if settings.restore_versions {
             let only = pipelines.only().is_some();
+            let deployed = revisions.deployed()?;
             for pipeline in pipelines.all() {
-                let restored = versions.restore(&pipeline, only).await?;
+                let is_deployed = deployed.get(pipeline.name()) == Some(&pipeline.revision);
+                let restored = versions.restore(&pipeline, only, is_deployed).await?;
                 if restored > 0 {
                     tracing::info!(
                         pipeline = %pipeline.name(),
@@ -161,6 +172,13 @@ impl Node {
                 "effects were running when the node stopped; marked interrupted"
             );
         }
+        let deployer = matches!(backend, Backend::Embedded(_)).then(|| {
+            Arc::new(Deployer::new(
+                pipelines.clone(),
+                revisions.clone(),
+                resources.clone(),
+            ))
+        });
         let (effects, effects_task) =
             EffectRunner::spawn(&resources, pipelines.clone(), stop_services.clone());
         let work = match (&backend, work) {
@@ -177,6 +195,8 @@ impl Node {
             resources,
             store,
             versions,
+            deployer,
+            revisions,
             backend,
             effects,
             drain: settings.drain,
@@ -189,10 +209,19 @@ impl Node {
         })
     }
 
+    /// The pipelines served from files of the command line: a deployed revision's files are
+    /// kept by content and never change.
+    fn served_from_files(&self) -> Result<Vec<Arc<Pipeline>>> {
+        let deployed = self.revisions.deployed()?;
+        let mut pipelines = self.pipelines.all();
+        pipelines.retain(|p| deployed.get(p.name()) != Some(&p.revision));
+        Ok(pipelines)
+    }
+
     /// Reload each kv namespace of each pipeline when its file changes (refreshing a lookup
     /// table must not need a restart).
     pub fn watch_kv(&mut self) -> Result<()> {
-        for pipeline in self.pipelines.all() {
+        for pipeline in self.served_from_files()? {
             let task = pipeline.caps.kv.clone().watch(self.stop_services.clone())?;
             self.add_service("a kv watcher", task);
         }
@@ -201,7 +230,7 @@ impl Node {
 
     /// Install a stage's component file as its new version whenever the file changes.
     pub fn watch_components(&mut self) -> Result<()> {
-        for pipeline in self.pipelines.all() {
+        for pipeline in self.served_from_files()? {
             let task = self.versions.watch(pipeline, self.stop_services.clone())?;
             self.add_service("a component watcher", task);
         }
@@ -284,6 +313,44 @@ impl Node {
     fn add_service(&mut self, name: &'static str, task: JoinHandle<()>) {
         self.services.push((name, task));
     }
+}
+
+/// The pipelines a node starts with, each with its revision: the files of the command line
+/// (kept as revisions, so a job submitted to one can resume on it whatever the files become),
+/// except where a deploy replaced one, and the pipelines deployed at run time.
+fn what_to_serve(
+    configs: Vec<PipelineConfig>,
+    revisions: &Revisions,
+) -> Result<Vec<(PipelineConfig, String)>> {
+    let mut deployed = revisions.deployed()?;
+    let mut served = Vec::new();
+    for config in configs {
+        let text = std::fs::read(&config.source)
+            .with_context(|| format!("cannot read {}", config.source.display()))?;
+        let revision = revisions
+            .keep_files(&config, &text)
+            .with_context(|| format!("cannot keep the files of {}", config.source.display()))?;
+        match deployed.remove(&config.name) {
+            Some(deployed) if deployed != revision => {
+                tracing::warn!(
+                    pipeline = %config.name,
+                    file = %config.source.display(),
+                    revision = %short(&deployed),
+                    "a deploy replaced this pipeline's file: the deployed revision is served \
+                     (delete the pipeline, or deploy the file, to serve the file again)"
+                );
+                served.push((revisions.config(&deployed)?, deployed));
+            }
+            _ => served.push((config, revision)),
+        }
+    }
+    for (name, revision) in deployed {
+        let config = revisions
+            .config(&revision)
+            .with_context(|| format!("deployed pipeline `{name}`"))?;
+        served.push((config, revision));
+    }
+    Ok(served)
 }
 
 /// Two pipelines of one node cannot share a name: jobs, routes and stage versions find them by

@@ -1,7 +1,7 @@
 //! Stage versions installed by an operator while the server runs (hot swap), kept so that a
-//! restart serves the same versions: the `.wasm` files in `<data-dir>/stages/<sha256>.wasm`, and
-//! per stage the current digest and the ones before it in the sled tree `stage_versions`, under
-//! `<pipeline>/<stage>` (names have no `/`).
+//! restart serves the same versions: the `.wasm` files in the node's [`Blobs`], and per stage
+//! the current digest and the ones before it in the sled tree `stage_versions`, under
+//! `<pipeline>/<stage>` (names have no `/`), with the pipeline revision they were installed on.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::pipeline::{Canary, KEPT_VERSIONS, Pipeline, Stage};
 use crate::runtime::StageComponent;
-use crate::store::Store;
+use crate::store::{Blobs, Store};
 use crate::watch::FileChanges;
 
 /// What an install did.
@@ -34,6 +34,9 @@ pub enum InstallError {
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Record {
+    /// The pipeline revision the versions were installed on.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    revision: String,
     current: String,
     previous: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -58,21 +61,30 @@ pub enum Rollback {
 
 #[derive(Clone)]
 pub struct StageVersions {
-    dir: PathBuf,
+    blobs: Blobs,
+    /// Where versions were kept before blobs: `<data-dir>/stages/<sha256>.wasm`.
+    legacy_dir: PathBuf,
     tree: sled::Tree,
     store: Store,
 }
 
 impl StageVersions {
     pub fn open(store: &Store, data_dir: &std::path::Path) -> Result<Self> {
-        let dir = data_dir.join("stages");
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
         Ok(Self {
-            dir,
+            blobs: Blobs::open(data_dir)?,
+            legacy_dir: data_dir.join("stages"),
             tree: store.tree("stage_versions")?,
             store: store.clone(),
         })
+    }
+
+    /// Where version `digest`'s component is kept.
+    fn path(&self, digest: &str) -> PathBuf {
+        let path = self.blobs.path(digest);
+        match path.is_file() {
+            true => path,
+            false => self.legacy_dir.join(format!("{digest}.wasm")),
+        }
     }
 
     /// Validate `bytes` against the `stage` world and compile them (on a blocking thread), keep
@@ -89,11 +101,7 @@ impl StageVersions {
         let version = StageComponent::from_bytes(&pipeline.caps.runtime, name, bytes.clone())
             .await
             .map_err(InstallError::Invalid)?;
-        let path = self.dir.join(format!("{}.wasm", version.meta.digest));
-        if !path.is_file() {
-            std::fs::write(&path, &bytes)
-                .with_context(|| format!("cannot write {}", path.display()))?;
-        }
+        self.blobs.put(&bytes)?;
         let replaced = stage.current().meta.digest.clone();
         match canary {
             Some(percent) => stage.set_canary(Some(Canary {
@@ -150,6 +158,7 @@ impl StageVersions {
     /// acknowledged.
     async fn save(&self, pipeline: &Pipeline, stage: &Stage) -> Result<()> {
         let record = Record {
+            revision: pipeline.revision.clone(),
             current: stage.current().meta.digest.clone(),
             previous: stage
                 .previous()
@@ -169,8 +178,11 @@ impl StageVersions {
     /// At start-up: give each stage of `pipeline` the versions an operator installed before
     /// the restart. A version whose file is gone is skipped (with a warning), never fatal.
     /// `only`: the node serves this pipeline alone, so versions recorded before records were
-    /// kept per pipeline (under the stage's name) are its.
-    pub async fn restore(&self, pipeline: &Pipeline, only: bool) -> Result<usize> {
+    /// kept per pipeline (under the stage's name) are its. `deployed`: the pipeline is a
+    /// deployed revision, which serves its own components: versions installed on another
+    /// revision are not restored over them (a pipeline file edited between restarts keeps its
+    /// installed versions, as before deploys).
+    pub async fn restore(&self, pipeline: &Pipeline, only: bool, deployed: bool) -> Result<usize> {
         let mut restored = 0;
         for stage in &pipeline.stages {
             let raw = match self.tree.get(key(pipeline, stage))? {
@@ -182,6 +194,9 @@ impl StageVersions {
                 None => continue,
             };
             let record: Record = serde_json::from_slice(&raw).context("corrupt stage_versions")?;
+            if deployed && record.revision != pipeline.revision {
+                continue;
+            }
             let from_file = stage.current();
             if record.current == from_file.meta.digest
                 && record.previous.is_empty()
@@ -193,7 +208,7 @@ impl StageVersions {
                 if *digest == from_file.meta.digest {
                     return Some(from_file.clone());
                 }
-                let path = self.dir.join(format!("{digest}.wasm"));
+                let path = self.path(digest);
                 match StageComponent::load(&pipeline.caps.runtime, &stage.config.name, &path).await
                 {
                     Ok(version) => Some(version),

@@ -88,6 +88,7 @@ fn plant(data: &std::path::Path) -> Planted {
                 error: None,
                 stages: Vec::new(),
                 finished_at: 1,
+                revision: String::new(),
             };
             store.put_result(done.id, &result).unwrap();
         }

@@ -368,7 +368,7 @@ async fn a_component_of_the_wrong_world_is_refused_at_load() {
     let store = stagehand::store::Store::open(&fixture.dir.path().join("store")).unwrap();
     let resources =
         stagehand::pipeline::NodeResources::for_one(&config, fixture.dir.path(), store).unwrap();
-    let error = match stagehand::pipeline::Pipeline::load(config, &resources).await {
+    let error = match stagehand::pipeline::Pipeline::load(config, String::new(), &resources).await {
         Ok(_) => panic!("a handler is not a stage"),
         Err(e) => format!("{e:#}"),
     };

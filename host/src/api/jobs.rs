@@ -169,7 +169,7 @@ async fn submit_job(
         .collect();
     let (status, job) = answer(
         app.backend
-            .submit(pipeline.name(), items, submission.options, idempotency)
+            .submit(pipeline, items, submission.options, idempotency)
             .await?,
     )?;
     Ok((status, Json(JobLinks::new(job.id))).into_response())
@@ -234,7 +234,7 @@ async fn scan_with(app: &App, pipeline: &Pipeline, request: Request) -> Result<R
     let (_, job) = answer(
         app.backend
             .submit(
-                pipeline.name(),
+                pipeline,
                 vec![item.into_bytes()],
                 JobOptions::default(),
                 None,

@@ -85,6 +85,8 @@ pub struct App {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Stage versions installed while serving.
     pub versions: StageVersions,
+    /// Deploys and removes pipelines; `None` where deploys are not available (Redis mode).
+    pub deployer: Option<Arc<crate::deploy::Deployer>>,
     /// Bearer tokens of the admin routes and of the rest (see [`auth`]).
     pub tokens: auth::Tokens,
     /// How often an idle event stream gets a keep-alive comment.
@@ -98,6 +100,7 @@ pub fn router(app: Arc<App>) -> Router {
         .routes(routes!(stages::rollback))
         .routes(routes!(stages::promote))
         .routes(routes!(kv::reload))
+        .routes(routes!(pipelines::deploy, pipelines::delete))
         .routes(routes!(dead_letters::reprocess))
         .routes(routes!(dead_letters::discard))
         .routes(routes!(dead_letters::reprocess_one))

@@ -262,6 +262,11 @@ pub struct StageList {
 #[derive(Serialize, ToSchema)]
 pub struct PipelineInfo {
     pub name: String,
+    /// sha256 over the pipeline file and every file it names: the same files, the same
+    /// revision, on any node.
+    pub revision: String,
+    /// Jobs get this revision; `false`: a file of the command line.
+    pub deployed: bool,
     #[serde(flatten)]
     pub stages: StageList,
     /// Handler names (`dispatch.call` and `dispatch.emit` targets).
@@ -272,6 +277,16 @@ pub struct PipelineInfo {
 #[derive(Serialize, ToSchema)]
 pub struct PipelineList {
     pub pipelines: Vec<PipelineInfo>,
+}
+
+/// What a deploy did.
+#[derive(Serialize, ToSchema)]
+pub struct PipelineDeployed {
+    #[serde(flatten)]
+    pub pipeline: PipelineInfo,
+    /// The revision it replaced; absent for a new pipeline.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replaced: Option<String>,
 }
 
 /// The result of a stage change: the version items get now, and what the change did.

@@ -25,6 +25,7 @@ use crate::events::Entry;
 use crate::model::{
     CancelOutcome, Idempotency, ItemResult, JobOptions, JobRecord, JobState, Reprocess, Submitted,
 };
+use crate::pipeline::Pipeline;
 use crate::store::DeadLetter;
 
 /// A request a backend cannot serve (yet): the API answers 501 with this message.
@@ -94,11 +95,11 @@ impl DeadLetterFilter {
 
 #[async_trait]
 pub trait JobBackend: Send + Sync {
-    /// Persist a job of `pipeline` and queue its items; when this returns the job survives a
-    /// crash. The caller checked that the node serves `pipeline`.
+    /// Persist a job of `pipeline` (its current revision) and queue its items; when this
+    /// returns the job survives a crash.
     async fn submit(
         &self,
-        pipeline: &str,
+        pipeline: &Pipeline,
         items: Vec<Vec<u8>>,
         options: JobOptions,
         idempotency: Option<Idempotency>,

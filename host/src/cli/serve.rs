@@ -105,6 +105,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
         max_image_bytes: args.max_image_mib << 20,
         metrics: Some(metrics),
         versions: node.versions.clone(),
+        deployer: node.deployer.clone(),
         tokens: crate::api::auth::Tokens::new(args.admin_token, args.api_token),
         sse_keep_alive: Duration::from_secs(args.sse_keep_alive_secs),
     });

@@ -21,17 +21,12 @@ pub fn item_limits(config: &PipelineConfig, options: &JobOptions) -> ItemLimits 
     }
 }
 
-/// The pipeline a stored job runs on, or why it cannot run: it names a pipeline this node does
-/// not serve, or its options (from another version, or from before a limit was lowered) are
-/// out of bounds. Such a job fails with this reason instead of being run.
-pub fn runnable(pipelines: &Pipelines, job: &JobRecord) -> Result<Arc<Pipeline>, String> {
-    let Some(pipeline) = pipelines.get(&job.pipeline) else {
-        return Err(format!(
-            "the job belongs to pipeline `{}`, which this server does not serve (it serves {})",
-            job.pipeline,
-            pipelines.known()
-        ));
-    };
+/// The pipeline a stored job runs on, in the revision it was submitted with (its stages,
+/// handlers and limits), or why it cannot run: it names a pipeline this node does not serve,
+/// its revision cannot be loaded, or its options (from another version, or from before a limit
+/// was lowered) are out of bounds. Such a job fails with this reason instead of being run.
+pub async fn runnable(pipelines: &Pipelines, job: &JobRecord) -> Result<Arc<Pipeline>, String> {
+    let pipeline = pipelines.find(&job.pipeline, &job.revision).await?;
     match job.options.check(&pipeline.config.limits) {
         Ok(()) => Ok(pipeline),
         Err(e) => Err(format!("the job cannot run: {e}")),

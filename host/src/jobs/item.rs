@@ -430,6 +430,7 @@ async fn finish(
         error,
         stages,
         finished_at: now_ms(),
+        revision: pipeline.revision.clone(),
     };
     pipeline.items().put_result(item.job_id, &result).await?;
     crate::metrics::item_finished(

@@ -32,6 +32,10 @@ pub enum JobState {
 pub struct JobRecord {
     pub id: Uuid,
     pub pipeline: String,
+    /// The pipeline's revision when the job was submitted: the job runs on it to the end.
+    /// Empty in records written before revisions.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub revision: String,
     pub state: JobState,
     pub total: u64,
     pub succeeded: u64,
@@ -58,13 +62,16 @@ pub struct JobRecord {
 }
 
 impl JobRecord {
-    /// The record of a new job of `pipeline` as submitted: options, labels, idempotency key.
+    /// The record of a new job of `pipeline` in `revision` as submitted: options, labels,
+    /// idempotency key.
     pub fn submitted(
         pipeline: &str,
+        revision: &str,
         options: JobOptions,
         idempotency: Option<&Idempotency>,
     ) -> Self {
         let mut job = Self::new(pipeline);
+        job.revision = revision.to_string();
         if let Some(idempotency) = idempotency {
             job.idempotency_key = Some(idempotency.key.clone());
             job.request_digest = idempotency.request_digest.clone();
@@ -79,6 +86,7 @@ impl JobRecord {
             // Time-ordered, so the jobs tree lists jobs in creation order.
             id: Uuid::now_v7(),
             pipeline: pipeline.to_string(),
+            revision: String::new(),
             state: JobState::Running,
             total: 0,
             succeeded: 0,
@@ -224,6 +232,10 @@ pub struct ItemResult {
     pub index: u64,
     pub item_id: Uuid,
     pub status: ItemStatus,
+    /// The pipeline revision the item ran on (empty: it ran no stage, or was recorded before
+    /// revisions).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub revision: String,
     /// Every stage's output by stage name, in pipeline order, for a succeeded item.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
@@ -295,6 +307,7 @@ impl ItemResult {
             }),
             stages: Vec::new(),
             finished_at: now_ms(),
+            revision: String::new(),
         }
     }
 }

@@ -3,10 +3,12 @@
 //!
 //! - [`stage`]: one stage: current version, the ones kept for rollback, a canary.
 //! - [`resources`]: what every pipeline of a node shares (runtime, store, budgets, slots).
-//! - [`registry`]: the pipelines a node serves, by name.
+//! - [`registry`]: the pipelines a node serves, by name, and the older revisions jobs still run.
+//! - [`revisions`]: every revision served, by content, kept on disk.
 
 mod registry;
 mod resources;
+pub mod revisions;
 mod stage;
 
 use std::sync::Arc;
@@ -17,6 +19,7 @@ use tokio::sync::Semaphore;
 
 pub use self::registry::{PipelineLookup, Pipelines};
 pub use self::resources::{NodeResources, NodeSizing, Shared};
+pub use self::revisions::{Manifest, Revisions};
 pub use self::stage::{Canary, KEPT_VERSIONS, Stage};
 use crate::backend::ItemStore;
 use crate::capabilities::{Capabilities, Journal, KvNamespaces, LlmProviders};
@@ -28,6 +31,8 @@ use crate::store::Store;
 
 pub struct Pipeline {
     pub config: PipelineConfig,
+    /// The content digest of the files this was loaded from (see [`revisions`]).
+    pub revision: String,
     pub caps: Arc<Capabilities>,
     pub stages: Vec<Stage>,
     /// The node's instance slots (see [`NodeResources::stage_calls`]).
@@ -37,9 +42,13 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Load every component (in parallel) and the capabilities of `config` on the node's
-    /// `resources`.
-    pub async fn load(config: PipelineConfig, resources: &NodeResources) -> Result<Arc<Self>> {
+    /// Load every component (in parallel) and the capabilities of `config`, which is
+    /// `revision`, on the node's `resources`.
+    pub async fn load(
+        config: PipelineConfig,
+        revision: String,
+        resources: &NodeResources,
+    ) -> Result<Arc<Self>> {
         let runtime = &resources.runtime;
         let handlers = try_join_all(config.handlers.iter().map(|(name, h)| async move {
             Ok::<_, anyhow::Error>((
@@ -88,6 +97,7 @@ impl Pipeline {
             stage_calls: resources.stage_calls.clone(),
             memory: resources.memory.clone(),
             config,
+            revision,
             caps,
             stages,
         }))

@@ -1,12 +1,16 @@
-//! The pipelines a node serves, by name. A job names its pipeline (`JobRecord::pipeline`), and
-//! whatever runs it looks the pipeline up here when it starts.
+//! The pipelines a node serves, by name. A job names its pipeline and revision
+//! (`JobRecord::pipeline`, `JobRecord::revision`), and whatever runs it looks them up here when
+//! it starts ([`Pipelines::find`]): the current revision, an older one a running job still holds,
+//! or one loaded again from the [`Revisions`] kept on disk (a job resumed after a restart).
+//! A deploy swaps a name's current revision atomically ([`Pipelines::put`]).
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, Weak};
 
 use arc_swap::ArcSwap;
 
-use super::Pipeline;
+use super::revisions::short;
+use super::{NodeResources, Pipeline, Revisions};
 
 /// Why a request's pipeline could not be chosen.
 #[derive(Debug, thiserror::Error)]
@@ -23,18 +27,109 @@ pub enum PipelineLookup {
 /// See the module's doc comment.
 pub struct Pipelines {
     by_name: ArcSwap<BTreeMap<String, Arc<Pipeline>>>,
+    /// Revisions no longer current, by revision, alive while a job holds them.
+    older: Mutex<HashMap<String, Weak<Pipeline>>>,
+    /// Where older revisions are loaded from, on what.
+    revisions: Revisions,
+    resources: NodeResources,
+    /// One load of an older revision at a time: two jobs resuming on it share one load.
+    loading: tokio::sync::Mutex<()>,
 }
 
 impl Pipelines {
-    /// The registry of `pipelines`, whose names the caller made sure are distinct.
-    pub fn new(pipelines: impl IntoIterator<Item = Arc<Pipeline>>) -> Self {
+    /// The registry of `pipelines`, whose names the caller made sure are distinct; older
+    /// revisions are loaded from `revisions` on `resources`.
+    pub fn new(
+        pipelines: impl IntoIterator<Item = Arc<Pipeline>>,
+        revisions: Revisions,
+        resources: NodeResources,
+    ) -> Self {
         let by_name = pipelines
             .into_iter()
             .map(|p| (p.config.name.clone(), p))
             .collect();
         Self {
             by_name: ArcSwap::from_pointee(by_name),
+            older: Mutex::default(),
+            revisions,
+            resources,
+            loading: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Make `pipeline` its name's current revision (new jobs get it); returns the one it
+    /// replaced, which jobs running on it keep.
+    pub fn put(&self, pipeline: Arc<Pipeline>) -> Option<Arc<Pipeline>> {
+        let name = pipeline.name().to_string();
+        let mut replaced = None;
+        self.by_name.rcu(|by_name| {
+            let mut by_name = BTreeMap::clone(by_name);
+            replaced = by_name.insert(name.clone(), pipeline.clone());
+            by_name
+        });
+        if let Some(old) = &replaced {
+            self.keep_older(old);
+        }
+        replaced
+    }
+
+    /// Stop serving `name`; returns the pipeline removed.
+    pub fn remove(&self, name: &str) -> Option<Arc<Pipeline>> {
+        let mut removed = None;
+        self.by_name.rcu(|by_name| {
+            let mut by_name = BTreeMap::clone(by_name);
+            removed = by_name.remove(name);
+            by_name
+        });
+        removed
+    }
+
+    /// Remember `pipeline` while jobs hold it, dropping the entries no job holds any more.
+    fn keep_older(&self, pipeline: &Arc<Pipeline>) {
+        let mut older = self.older.lock().expect("not poisoned");
+        older.retain(|_, p| p.strong_count() > 0);
+        older.insert(pipeline.revision.clone(), Arc::downgrade(pipeline));
+    }
+
+    /// The pipeline `name` in `revision` (empty: a record written before revisions, which the
+    /// current one runs), or why there is none: the name is not served, or the revision cannot
+    /// be loaded.
+    pub async fn find(&self, name: &str, revision: &str) -> Result<Arc<Pipeline>, String> {
+        let current = self.of_record(name).ok_or_else(|| {
+            format!(
+                "the job belongs to pipeline `{name}`, which this server does not serve (it \
+                 serves {})",
+                self.known()
+            )
+        })?;
+        if revision.is_empty() || current.revision == revision {
+            return Ok(current);
+        }
+        let alive = || {
+            let older = self.older.lock().expect("not poisoned");
+            older.get(revision).and_then(Weak::upgrade)
+        };
+        if let Some(pipeline) = alive() {
+            return Ok(pipeline);
+        }
+        let _loading = self.loading.lock().await;
+        if let Some(pipeline) = alive() {
+            return Ok(pipeline);
+        }
+        let cannot = |error: anyhow::Error| {
+            format!(
+                "revision {} of pipeline `{name}`, which the job was submitted to, cannot be \
+                 loaded: {error:#}",
+                short(revision)
+            )
+        };
+        let config = self.revisions.config(revision).map_err(cannot)?;
+        let pipeline = Pipeline::load(config, revision.to_string(), &self.resources)
+            .await
+            .map_err(cannot)?;
+        tracing::info!(pipeline = %name, revision = %short(revision), "an older revision is loaded for a job submitted to it");
+        self.keep_older(&pipeline);
+        Ok(pipeline)
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Pipeline>> {

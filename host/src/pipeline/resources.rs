@@ -47,6 +47,46 @@ impl NodeSizing {
         }
         sizing
     }
+
+    /// Why a node of this size cannot give `config` what its file asks for (a pipeline
+    /// deployed while the node runs): the node's sizes are fixed when it starts.
+    pub fn refuses(&self, config: &PipelineConfig) -> Option<String> {
+        let run = &config.run;
+        let over = [
+            (
+                "[run] max_stage_calls",
+                run.max_stage_calls as u64,
+                self.max_stage_calls as u64,
+            ),
+            (
+                "[run] memory_budget_mib",
+                run.memory_budget_mib,
+                self.memory_budget_mib,
+            ),
+            (
+                "[run] effect_concurrency",
+                run.effect_concurrency as u64,
+                self.effect_concurrency as u64,
+            ),
+            (
+                "component memory (bytes)",
+                config.max_memory_bytes() as u64,
+                self.max_memory_bytes as u64,
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, asked, node)| asked > node)
+        .map(|(what, asked, node)| format!("{what} {asked} (the node's: {node})"))
+        .collect::<Vec<_>>();
+        (!over.is_empty()).then(|| {
+            format!(
+                "the pipeline asks for more than this node was started with: {}; a node's sizes \
+                 are fixed at start (the largest over its pipeline files): lower them, or restart \
+                 the node with this pipeline among its files",
+                over.join(", ")
+            )
+        })
+    }
 }
 
 /// Backends for the state that several nodes share (Redis mode); what is `None` stays in the

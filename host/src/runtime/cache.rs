@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use sha2::{Digest, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
@@ -27,9 +26,7 @@ pub struct CompileCache {
 }
 
 /// Hex sha256 of a component's bytes: the name of a stage version.
-pub fn digest(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
+pub use crate::store::blobs::digest;
 
 impl CompileCache {
     pub fn new(engine: &Engine, dir: impl Into<PathBuf>) -> Result<Self> {

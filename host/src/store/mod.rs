@@ -18,6 +18,7 @@
 //! Big-endian indexes make sled's key order the item order, so results stream in order and a
 //! page after index N is a range scan, whatever the job's size.
 
+pub mod blobs;
 mod dead_letters;
 mod effects;
 mod journals;
@@ -33,6 +34,7 @@ use serde::Serialize;
 use sled::{Batch, IVec, Tree};
 use uuid::Uuid;
 
+pub use blobs::Blobs;
 pub use dead_letters::DeadLetter;
 pub use effects::{EffectRecord, EffectState, EmitOutcome};
 

@@ -67,7 +67,7 @@ impl Fixture {
         let resources =
             stagehand::pipeline::NodeResources::for_one(&config, self.dir.path(), store)
                 .expect("resources");
-        Pipeline::load(config, &resources)
+        Pipeline::load(config, String::new(), &resources)
             .await
             .expect("load pipeline")
     }

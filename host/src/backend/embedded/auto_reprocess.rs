@@ -17,7 +17,7 @@ use crate::model::Reprocess;
 
 /// Reprocess the retryable dead letters of every finished job that have been reprocessed fewer
 /// than `max_rounds` times, once; how many were started.
-pub fn reprocess_retryable(jobs: &Arc<JobManager>, max_rounds: u32) -> Result<usize> {
+pub async fn reprocess_retryable(jobs: &Arc<JobManager>, max_rounds: u32) -> Result<usize> {
     let mut by_job: BTreeMap<Uuid, Vec<u64>> = BTreeMap::new();
     for letter in jobs.store().dead_letters(None, None) {
         let letter = letter?;
@@ -27,7 +27,7 @@ pub fn reprocess_retryable(jobs: &Arc<JobManager>, max_rounds: u32) -> Result<us
     }
     let mut started = 0;
     for (job, indices) in by_job {
-        if let Reprocess::Started(n) = jobs.reprocess(job, Some(indices))? {
+        if let Reprocess::Started(n) = jobs.reprocess(job, Some(indices)).await? {
             started += n;
         }
     }
@@ -47,7 +47,7 @@ pub fn spawn(
                 () = tokio::time::sleep(interval) => {}
                 () = stop.cancelled() => return,
             }
-            match reprocess_retryable(&jobs, max_rounds) {
+            match reprocess_retryable(&jobs, max_rounds).await {
                 Ok(0) => {}
                 Ok(started) => tracing::info!(started, "reprocessing retryable dead letters"),
                 Err(error) => {

@@ -49,13 +49,18 @@ impl JobManager {
     /// conflict if its request differed.
     pub async fn submit(
         self: &Arc<Self>,
-        pipeline: &str,
+        pipeline: &Pipeline,
         items: Vec<Vec<u8>>,
         options: JobOptions,
         idempotency: Option<Idempotency>,
     ) -> Result<Submitted> {
         let store = &self.store;
-        let job = JobRecord::submitted(pipeline, options, idempotency.as_ref());
+        let job = JobRecord::submitted(
+            pipeline.name(),
+            &pipeline.revision,
+            options,
+            idempotency.as_ref(),
+        );
         if let Some(idempotency) = &idempotency
             && let Some(existing) = store
                 .claim_idempotency_key(&idempotency.key, job.id)
@@ -71,7 +76,7 @@ impl JobManager {
         )?;
         let job = store.create_job(job, items.into_iter().map(Ok)).await?;
         self.start(job.clone(), false);
-        crate::metrics::job(pipeline, "submitted");
+        crate::metrics::job(pipeline.name(), "submitted");
         Ok(Submitted::New(job))
     }
 
@@ -96,7 +101,7 @@ impl JobManager {
             if job.state != JobState::Running || self.is_running(job.id) {
                 continue;
             }
-            if let Err(reason) = runnable(&self.pipelines, &job) {
+            if let Err(reason) = runnable(&self.pipelines, &job).await {
                 tracing::error!(job = %job.id, reason, "failing a job that cannot run");
                 self.fail(job.id, &reason)?;
                 continue;
@@ -168,7 +173,9 @@ impl JobManager {
     async fn run(&self, job: JobRecord, resume: bool, cancel: CancellationToken) -> Result<()> {
         // Looked up when the job starts: a submission named a pipeline this node serves, a
         // resumed job was checked by `resume_unfinished`.
-        let pipeline = runnable(&self.pipelines, &job).map_err(anyhow::Error::msg)?;
+        let pipeline = runnable(&self.pipelines, &job)
+            .await
+            .map_err(anyhow::Error::msg)?;
         let options = job.options.clone();
         let (concurrency, limits) = run_settings(&pipeline.config, &options);
         let every_stage = options.detail == Detail::Stages || job.total == 1;
@@ -270,7 +277,7 @@ impl JobManager {
     /// Run dead letters of a finished job again, from their failed stage, reusing the outputs
     /// of the stages before it: those at `indices`, or all of the job's. Each gets a new result
     /// and an `item.finished` event, then the job a new `job.completed` with its new counts.
-    pub fn reprocess(
+    pub async fn reprocess(
         self: &Arc<Self>,
         job_id: Uuid,
         indices: Option<Vec<u64>>,
@@ -282,7 +289,7 @@ impl JobManager {
         if self.is_running(job_id) || job.state == JobState::Running {
             return Ok(Reprocess::Running);
         }
-        let pipeline = match runnable(&self.pipelines, &job) {
+        let pipeline = match runnable(&self.pipelines, &job).await {
             Ok(pipeline) => pipeline,
             Err(reason) => return Ok(Reprocess::Unrunnable(reason)),
         };

@@ -51,7 +51,7 @@ impl Embedded {
 impl JobBackend for Embedded {
     async fn submit(
         &self,
-        pipeline: &str,
+        pipeline: &crate::pipeline::Pipeline,
         items: Vec<Vec<u8>>,
         options: JobOptions,
         idempotency: Option<Idempotency>,
@@ -123,7 +123,7 @@ impl JobBackend for Embedded {
     }
 
     async fn reprocess(&self, job: Uuid, indices: Option<Vec<u64>>) -> Result<Reprocess> {
-        self.manager.reprocess(job, indices)
+        self.manager.reprocess(job, indices).await
     }
 
     async fn unfinished_items(&self) -> Result<Option<u64>> {

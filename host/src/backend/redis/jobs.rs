@@ -139,12 +139,17 @@ impl Cluster {
 impl JobBackend for Cluster {
     async fn submit(
         &self,
-        pipeline: &str,
+        pipeline: &crate::pipeline::Pipeline,
         items: Vec<Vec<u8>>,
         options: JobOptions,
         idempotency: Option<Idempotency>,
     ) -> Result<Submitted> {
-        let mut job = JobRecord::submitted(pipeline, options, idempotency.as_ref());
+        let mut job = JobRecord::submitted(
+            pipeline.name(),
+            &pipeline.revision,
+            options,
+            idempotency.as_ref(),
+        );
         if let Some(idempotency) = &idempotency
             && let Some(existing) = self.claim_idempotency_key(&idempotency.key, job.id).await?
         {
@@ -198,7 +203,7 @@ impl JobBackend for Cluster {
         tx.query_async::<()>(&mut self.conn())
             .await
             .context("cannot store the job in Redis")?;
-        crate::metrics::job(pipeline, "submitted");
+        crate::metrics::job(pipeline.name(), "submitted");
         Ok(Submitted::New(job))
     }
 

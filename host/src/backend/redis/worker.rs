@@ -237,7 +237,7 @@ impl Worker {
             let result = abandoned(job, index, deliveries - 1);
             return self.record(job, &result, &record).await;
         }
-        let pipeline = match runnable(&self.pipelines, &record) {
+        let pipeline = match runnable(&self.pipelines, &record).await {
             Ok(pipeline) => pipeline,
             Err(reason) => {
                 let result = ItemResult::not_run(job, index, "unrunnable", reason);

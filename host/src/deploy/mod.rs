@@ -1,0 +1,209 @@
+//! Deploying a pipeline while the node runs (`PUT /v1/pipelines/{name}`), and removing one.
+//!
+//! A deploy checks everything before anything changes: the [`bundle`] (a tar of
+//! `pipeline.toml` and the files it names), the pipeline file, each component against its world
+//! and each kv file (by loading the pipeline, compiled on blocking threads, off the request's
+//! path), and that the node's fixed sizes cover what the file asks for. Only then is the
+//! revision recorded (its files in the blobs, by content, so nothing is kept twice), made the
+//! one a restart serves, durably, and swapped in atomically: new jobs get it, jobs already
+//! running keep the revision they were submitted with (see [`crate::pipeline::Pipelines`]).
+//! A refused deploy leaves no trace: the blobs it wrote are removed.
+
+pub mod bundle;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use self::bundle::{Bundle, PIPELINE_FILE, normalise};
+use crate::config::PipelineConfig;
+use crate::pipeline::revisions::short;
+use crate::pipeline::{Manifest, NodeResources, Pipeline, Pipelines, Revisions};
+
+/// Pipelines one node serves at most.
+pub const MAX_PIPELINES: usize = 64;
+
+/// Why a deploy or a removal was refused; nothing changed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    /// The bundle or what it holds is wrong (a 422 saying what).
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no pipeline `{0}` on this server")]
+    Unknown(String),
+    #[error("pipeline `{0}` has running jobs: cancel them or let them finish, then delete it")]
+    Running(String),
+    #[error(transparent)]
+    Host(#[from] anyhow::Error),
+}
+
+/// What a deploy did.
+pub struct Deployed {
+    pub pipeline: Arc<Pipeline>,
+    /// The revision it replaced (`None`: a new pipeline).
+    pub replaced: Option<String>,
+}
+
+/// See the module's doc comment.
+pub struct Deployer {
+    pipelines: Arc<Pipelines>,
+    revisions: Revisions,
+    resources: NodeResources,
+    /// One deploy or removal at a time: each sees the last one's outcome.
+    one_at_a_time: tokio::sync::Mutex<()>,
+}
+
+impl Deployer {
+    pub fn new(pipelines: Arc<Pipelines>, revisions: Revisions, resources: NodeResources) -> Self {
+        Self {
+            pipelines,
+            revisions,
+            resources,
+            one_at_a_time: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Deploy the tar archive `bundle` as pipeline `name`; see the module's doc comment.
+    pub async fn deploy(&self, name: &str, bundle: &[u8]) -> Result<Deployed, DeployError> {
+        let _one = self.one_at_a_time.lock().await;
+        let bundle = Bundle::read(bundle).map_err(DeployError::Invalid)?;
+        let current = self.pipelines.get(name);
+        if current.is_none() && self.pipelines.all().len() >= MAX_PIPELINES {
+            return Err(DeployError::Invalid(format!(
+                "this server serves {MAX_PIPELINES} pipelines, the most one node serves; \
+                 delete one first"
+            )));
+        }
+        let blobs = self.revisions.blobs();
+        let mut digests = BTreeMap::new();
+        let mut created = Vec::new();
+        for (path, bytes) in &bundle.files {
+            let put = blobs.put(bytes)?;
+            if put.created {
+                created.push(put.digest.clone());
+            }
+            digests.insert(path.clone(), put.digest);
+        }
+        let text = blobs.put(bundle.pipeline_file.as_bytes())?;
+        if text.created {
+            created.push(text.digest.clone());
+        }
+        let checked = self.check(name, &bundle, &digests, text.digest).await;
+        let (manifest, pipeline) = match checked {
+            Ok(checked) => checked,
+            Err(error) => {
+                for digest in created {
+                    blobs.remove(&digest);
+                }
+                return Err(error);
+            }
+        };
+        self.revisions.keep(&manifest)?;
+        self.revisions
+            .set_deployed(name, &pipeline.revision)
+            .await?;
+        let replaced = self
+            .pipelines
+            .put(pipeline.clone())
+            .map(|old| old.revision.clone());
+        tracing::info!(pipeline = %name, revision = %short(&pipeline.revision), replaced = ?replaced.as_deref().map(short), "pipeline deployed");
+        crate::metrics::pipeline_change(name, "deploy");
+        Ok(Deployed { pipeline, replaced })
+    }
+
+    /// Check the bundle's pipeline file and files, and load them: the revision's manifest and
+    /// the pipeline, ready to swap in.
+    async fn check(
+        &self,
+        name: &str,
+        bundle: &Bundle,
+        digests: &BTreeMap<PathBuf, String>,
+        pipeline_file: String,
+    ) -> Result<(Manifest, Arc<Pipeline>), DeployError> {
+        let blobs = self.revisions.blobs();
+        let config = PipelineConfig::parse_with(
+            &bundle.pipeline_file,
+            Path::new(PIPELINE_FILE),
+            &|written| {
+                let digest = normalise(written)
+                    .and_then(|path| digests.get(&path))
+                    .ok_or_else(|| format!("the bundle has no file {}", written.display()))?;
+                Ok(blobs.path(digest))
+            },
+        )
+        .map_err(|e| DeployError::Invalid(format!("{e:#}")))?;
+        if config.name != name {
+            return Err(DeployError::Invalid(format!(
+                "the pipeline file names pipeline `{}`, the path `{name}`",
+                config.name
+            )));
+        }
+        let named: Vec<PathBuf> = config.files.keys().filter_map(|p| normalise(p)).collect();
+        let unnamed: Vec<String> = bundle
+            .files
+            .keys()
+            .filter(|path| !named.contains(path))
+            .map(|path| format!("`{}`", path.display()))
+            .collect();
+        if !unnamed.is_empty() {
+            return Err(DeployError::Invalid(format!(
+                "the bundle holds files `{PIPELINE_FILE}` does not name: {}",
+                unnamed.join(", ")
+            )));
+        }
+        if let Some(why) = self.resources.sizing.refuses(&config) {
+            return Err(DeployError::Invalid(why));
+        }
+        let manifest = Manifest {
+            name: name.to_string(),
+            pipeline_file,
+            files: config
+                .files
+                .keys()
+                .map(|written| {
+                    let digest = normalise(written)
+                        .and_then(|path| digests.get(&path))
+                        .expect("every named file was found");
+                    (written.clone(), digest.clone())
+                })
+                .collect(),
+        };
+        let revision = manifest.revision();
+        let pipeline = Pipeline::load(config, revision, &self.resources)
+            .await
+            .map_err(|e| DeployError::Invalid(format!("{e:#}")))?;
+        Ok((manifest, pipeline))
+    }
+
+    /// Which revision deploys made current, by pipeline name.
+    pub fn deployed(&self) -> anyhow::Result<BTreeMap<String, String>> {
+        self.revisions.deployed()
+    }
+
+    /// Stop serving `name` and forget its deploy, once `running_jobs` says none of its jobs
+    /// run (the caller asks the backend). A pipeline from a file of the command line is served
+    /// again at the next start.
+    pub async fn remove(
+        &self,
+        name: &str,
+        running_jobs: impl AsyncFnOnce() -> anyhow::Result<bool>,
+    ) -> Result<(), DeployError> {
+        let _one = self.one_at_a_time.lock().await;
+        if self.pipelines.get(name).is_none() {
+            return Err(DeployError::Unknown(name.to_string()));
+        }
+        if running_jobs()
+            .await
+            .context("cannot tell whether the pipeline has running jobs")?
+        {
+            return Err(DeployError::Running(name.to_string()));
+        }
+        self.revisions.remove_deployed(name).await?;
+        self.pipelines.remove(name);
+        tracing::info!(pipeline = %name, "pipeline deleted");
+        crate::metrics::pipeline_change(name, "delete");
+        Ok(())
+    }
+}

@@ -1,0 +1,186 @@
+//! Revisions: a pipeline as it was served, by content. A revision is the pipeline file's bytes
+//! and the bytes of every file it names (components, kv files); its id is a digest of those
+//! digests, so the same files give the same revision on any node, from a file on the command
+//! line or a deployed bundle.
+//!
+//! Every revision a node serves is kept (its files in [`Blobs`], its manifest in the sled tree
+//! `pipeline_revisions`), so a job resumed after a restart runs on the revision it was submitted
+//! with even when another is current. The sled tree `deployed_pipelines` says which revision a
+//! deploy made current, by pipeline name: deployed pipelines survive restarts.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::config::PipelineConfig;
+use crate::store::{Blobs, Store};
+
+/// What a revision is made of: the pipeline file and the files it names, by digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub name: String,
+    /// Digest of the pipeline file.
+    pub pipeline_file: String,
+    /// Each file the pipeline file names, as written there -> its digest.
+    pub files: BTreeMap<PathBuf, String>,
+}
+
+impl Manifest {
+    /// The revision's id: sha256 over the pipeline file's digest and each named file's path
+    /// and digest, in path order.
+    pub fn revision(&self) -> String {
+        let mut canonical = format!("stagehand-revision-1\n{}\n", self.pipeline_file);
+        for (path, digest) in &self.files {
+            canonical.push_str(&format!("{}\0{digest}\n", path.display()));
+        }
+        crate::store::blobs::digest(canonical.as_bytes())
+    }
+}
+
+/// See the module's doc comment. Cheap to clone.
+#[derive(Clone)]
+pub struct Revisions {
+    blobs: Blobs,
+    manifests: sled::Tree,
+    deployed: sled::Tree,
+    store: Store,
+}
+
+impl Revisions {
+    pub fn open(store: &Store, data_dir: &Path) -> Result<Self> {
+        Ok(Self {
+            blobs: Blobs::open(data_dir)?,
+            manifests: store.tree("pipeline_revisions")?,
+            deployed: store.tree("deployed_pipelines")?,
+            store: store.clone(),
+        })
+    }
+
+    pub fn blobs(&self) -> &Blobs {
+        &self.blobs
+    }
+
+    /// Keep the files of `config` (read from where the pipeline file found them) and its
+    /// pipeline file `text`; returns the revision.
+    pub fn keep_files(&self, config: &PipelineConfig, text: &[u8]) -> Result<String> {
+        let mut files = BTreeMap::new();
+        for (written, found) in &config.files {
+            let bytes =
+                std::fs::read(found).with_context(|| format!("cannot read {}", found.display()))?;
+            files.insert(written.clone(), self.blobs.put(&bytes)?.digest);
+        }
+        let manifest = Manifest {
+            name: config.name.clone(),
+            pipeline_file: self.blobs.put(text)?.digest,
+            files,
+        };
+        self.keep(&manifest)
+    }
+
+    /// Record `manifest`, whose blobs are kept; returns its revision. Durable once the store
+    /// is flushed.
+    pub fn keep(&self, manifest: &Manifest) -> Result<String> {
+        let revision = manifest.revision();
+        if !self.manifests.contains_key(&revision)? {
+            self.manifests
+                .insert(&revision, serde_json::to_vec(manifest)?)?;
+        }
+        Ok(revision)
+    }
+
+    pub fn manifest(&self, revision: &str) -> Result<Option<Manifest>> {
+        self.manifests
+            .get(revision)?
+            .map(|raw| serde_json::from_slice(&raw).context("corrupt pipeline_revisions"))
+            .transpose()
+    }
+
+    /// The configuration of a kept revision, its files read from the blobs.
+    pub fn config(&self, revision: &str) -> Result<PipelineConfig> {
+        let manifest = self
+            .manifest(revision)?
+            .with_context(|| format!("no revision {revision} is kept on this node"))?;
+        self.config_of(&manifest, revision)
+    }
+
+    /// The configuration `manifest` describes (its blobs kept), named `revision` in messages.
+    pub fn config_of(&self, manifest: &Manifest, revision: &str) -> Result<PipelineConfig> {
+        let text = std::fs::read_to_string(self.blobs.path(&manifest.pipeline_file))
+            .with_context(|| format!("cannot read the pipeline file of revision {revision}"))?;
+        let named = PathBuf::from(format!("{} (revision {})", manifest.name, short(revision)));
+        PipelineConfig::parse_with(&text, &named, &|written| {
+            let digest = manifest
+                .files
+                .get(written)
+                .ok_or_else(|| format!("the revision has no file {}", written.display()))?;
+            Ok(self.blobs.path(digest))
+        })
+    }
+
+    /// The revision a deploy made current, by pipeline name.
+    pub fn deployed(&self) -> Result<BTreeMap<String, String>> {
+        self.deployed
+            .iter()
+            .map(|entry| {
+                let (name, revision) = entry?;
+                Ok((
+                    String::from_utf8(name.to_vec()).context("corrupt deployed_pipelines")?,
+                    String::from_utf8(revision.to_vec()).context("corrupt deployed_pipelines")?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Make `revision` the one `name` serves after a restart, durably.
+    pub async fn set_deployed(&self, name: &str, revision: &str) -> Result<()> {
+        self.deployed.insert(name, revision.as_bytes())?;
+        self.store.flush().await
+    }
+
+    /// Forget that `name` was deployed, durably.
+    pub async fn remove_deployed(&self, name: &str) -> Result<()> {
+        self.deployed.remove(name)?;
+        self.store.flush().await
+    }
+}
+
+/// The first 12 hex digits of a revision: enough to tell revisions apart in messages.
+pub fn short(revision: &str) -> &str {
+    &revision[..revision.len().min(12)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(files: &[(&str, &str)]) -> Manifest {
+        Manifest {
+            name: "p".into(),
+            pipeline_file: "toml".into(),
+            files: files
+                .iter()
+                .map(|(path, digest)| (PathBuf::from(path), digest.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_revision_is_its_contents() {
+        let one = manifest(&[("a.wasm", "1"), ("b.json", "2")]);
+        assert_eq!(
+            one.revision(),
+            manifest(&[("b.json", "2"), ("a.wasm", "1")]).revision()
+        );
+        assert_ne!(
+            one.revision(),
+            manifest(&[("a.wasm", "1"), ("b.json", "3")]).revision()
+        );
+        assert_ne!(
+            one.revision(),
+            manifest(&[("a.wasm", "2"), ("b.json", "1")]).revision()
+        );
+        assert_eq!(one.revision().len(), 64);
+    }
+}
