@@ -44,6 +44,9 @@ pub struct NodeSettings {
     /// Run the stage versions installed while serving (hot swaps) instead of the pipeline
     /// file's; `stagehand run` runs the file as written.
     pub restore_versions: bool,
+    /// Send every pipeline's LLM requests here instead of its providers' `base_url`
+    /// (`--llm-base-url`): pipelines deployed later and older revisions included.
+    pub llm_base_url: Option<String>,
 }
 
 /// Where jobs, items, results and event logs live.
@@ -125,7 +128,8 @@ impl Node {
         let revisions = Revisions::open(&store, data_dir)?;
         let served = what_to_serve(configs, &revisions)?;
         let sizing = NodeSizing::of(served.iter().map(|(config, _)| config));
-        let resources = NodeResources::new(sizing, data_dir, store.clone(), shared)?;
+        let mut resources = NodeResources::new(sizing, data_dir, store.clone(), shared)?;
+        resources.llm_base_url = settings.llm_base_url.clone();
         let loaded = futures::future::try_join_all(served.into_iter().map(|(config, revision)| {
             let name = config.name.clone();
             let resources = &resources;

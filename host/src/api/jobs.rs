@@ -140,7 +140,7 @@ pub async fn submit_to_pipeline(
 /// Check a submission against `pipeline`'s limits, then hand it to the backend.
 async fn submit_job(
     app: &App,
-    pipeline: &Pipeline,
+    pipeline: &Arc<Pipeline>,
     headers: &HeaderMap,
     submission: Submission,
 ) -> Result<Response, ApiError> {
@@ -206,7 +206,11 @@ pub async fn scan_on_pipeline(
     scan_with(&app, &pipeline, request).await
 }
 
-async fn scan_with(app: &App, pipeline: &Pipeline, request: Request) -> Result<Response, ApiError> {
+async fn scan_with(
+    app: &App,
+    pipeline: &Arc<Pipeline>,
+    request: Request,
+) -> Result<Response, ApiError> {
     let multipart = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -303,7 +307,7 @@ pub async fn status(
         .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
     let end = job.finished_at.unwrap_or_else(crate::model::now_ms);
     // `None` when the server no longer serves the job's pipeline.
-    let pipeline = app.pipelines.get(&job.pipeline);
+    let pipeline = app.pipelines.of_job(&job.pipeline, &job.revision);
     let pipeline_tokens = pipeline
         .as_ref()
         .and_then(|p| p.config.llm.max_tokens_per_job);
@@ -451,7 +455,7 @@ pub async fn stage_times(
     // In the pipeline's order; stages it no longer has are added as the results name them.
     let mut stages: Vec<StageTime> = app
         .pipelines
-        .get(&job.pipeline)
+        .of_job(&job.pipeline, &job.revision)
         .iter()
         .flat_map(|p| &p.stages)
         .map(|s| StageTime {

@@ -99,7 +99,7 @@ pub trait JobBackend: Send + Sync {
     /// returns the job survives a crash.
     async fn submit(
         &self,
-        pipeline: &Pipeline,
+        pipeline: &Arc<Pipeline>,
         items: Vec<Vec<u8>>,
         options: JobOptions,
         idempotency: Option<Idempotency>,

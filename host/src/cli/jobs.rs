@@ -123,7 +123,18 @@ pub async fn pipelines(args: PipelinesArgs) -> Result<ExitCode> {
         }
     };
     for pipeline in answer["pipelines"].as_array().into_iter().flatten() {
-        writeln!(out, "{}", pipeline["name"].as_str().unwrap_or("?"))?;
+        let revision = pipeline["revision"].as_str().unwrap_or("?");
+        writeln!(
+            out,
+            "{}  revision {}{}",
+            pipeline["name"].as_str().unwrap_or("?"),
+            &revision[..revision.len().min(12)],
+            if pipeline["deployed"] == true {
+                " (deployed)"
+            } else {
+                ""
+            }
+        )?;
         for stage in pipeline["stages"].as_array().into_iter().flatten() {
             let digest = |version: &Value| {
                 let digest = version["digest"].as_str().unwrap_or("?");

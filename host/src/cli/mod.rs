@@ -1,5 +1,6 @@
 //! The `stagehand` command: one subcommand per file.
 
+mod deploy;
 mod dlq;
 mod inspect;
 mod jobs;
@@ -86,6 +87,9 @@ enum Command {
     Cancel(jobs::CancelArgs),
     /// A running server's dead letters: list, show, discard, reprocess.
     Dlq(dlq::DlqArgs),
+    /// Deploy a pipeline file and the files it names to a running server (shows what changes
+    /// first; `--dry-run` only shows).
+    Deploy(deploy::DeployArgs),
 }
 
 /// Exit status when the run finished but some items failed.
@@ -128,24 +132,9 @@ impl RedisArgs {
     }
 }
 
-/// The pipeline file, with every provider pointed at `--llm-base-url` when one is given.
-fn load_pipeline(
-    path: &std::path::Path,
-    llm_base_url: Option<&str>,
-) -> anyhow::Result<PipelineConfig> {
-    let mut config = PipelineConfig::load(path)?;
-    if let Some(url) = llm_base_url {
-        config.llm.point_all_at(url);
-    }
-    Ok(config)
-}
-
 /// The pipeline files `paths` name: each a file, or a directory whose `*.toml` files are
 /// taken in name order.
-fn load_pipelines(
-    paths: &[PathBuf],
-    llm_base_url: Option<&str>,
-) -> anyhow::Result<Vec<PipelineConfig>> {
+fn load_pipelines(paths: &[PathBuf]) -> anyhow::Result<Vec<PipelineConfig>> {
     use anyhow::Context;
     let mut files = Vec::new();
     for path in paths {
@@ -166,7 +155,7 @@ fn load_pipelines(
     }
     files
         .iter()
-        .map(|file| load_pipeline(file, llm_base_url))
+        .map(|file| PipelineConfig::load(file))
         .collect()
 }
 
@@ -178,12 +167,14 @@ async fn start_serving_node(
     backend: BackendSettings,
     drain_secs: u64,
     retention_secs: u64,
+    llm_base_url: Option<String>,
 ) -> anyhow::Result<Node> {
     let mut node = Node::start(
         configs,
         NodeSettings {
             data_dir,
             backend,
+            llm_base_url,
             drain: std::time::Duration::from_secs(drain_secs),
             retention: std::time::Duration::from_secs(retention_secs),
             restore_versions: true,
@@ -230,6 +221,7 @@ impl Cli {
             Command::Results(args) => jobs::results(args).await,
             Command::Cancel(args) => jobs::cancel(args).await,
             Command::Dlq(args) => dlq::dlq(args).await,
+            Command::Deploy(args) => deploy::deploy(args).await,
         }
     }
 }

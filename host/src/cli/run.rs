@@ -11,7 +11,8 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 
-use super::{EXIT_ITEMS_FAILED, default_data_dir, load_pipeline};
+use super::{EXIT_ITEMS_FAILED, default_data_dir};
+use crate::config::PipelineConfig;
 use crate::jobs::{RunSettings, run_job};
 use crate::model::{ItemStatus, JobRecord};
 use crate::node::{BackendSettings, Node, NodeSettings};
@@ -39,7 +40,7 @@ pub struct RunArgs {
 }
 
 pub async fn run(args: RunArgs) -> Result<ExitCode> {
-    let mut config = load_pipeline(&args.pipeline, args.llm_base_url.as_deref())?;
+    let mut config = PipelineConfig::load(&args.pipeline)?;
     let concurrency = args.concurrency.unwrap_or(config.run.concurrency);
     if concurrency == 0 {
         bail!("--concurrency must be at least 1");
@@ -55,6 +56,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
             drain: Duration::ZERO,
             retention: Duration::MAX,
             restore_versions: false,
+            llm_base_url: args.llm_base_url.clone(),
         },
     )
     .await?;

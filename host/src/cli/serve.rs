@@ -78,7 +78,7 @@ pub struct ServeArgs {
 }
 
 pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
-    let configs = load_pipelines(&args.pipelines, args.llm_base_url.as_deref())?;
+    let configs = load_pipelines(&args.pipelines)?;
     // Before anything is loaded, so that what loading records (the memory budget) is kept.
     let metrics = crate::metrics::install()?;
     let backend = args.redis.backend(&configs, !args.explicit_flushes_only);
@@ -88,6 +88,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
         backend,
         args.drain_secs,
         args.retention_secs,
+        args.llm_base_url,
     )
     .await?;
     if args.watch {

@@ -36,7 +36,7 @@ pub struct WorkerArgs {
 }
 
 pub async fn worker(args: WorkerArgs) -> Result<ExitCode> {
-    let configs = load_pipelines(&args.pipelines, args.llm_base_url.as_deref())?;
+    let configs = load_pipelines(&args.pipelines)?;
     let url = args
         .redis
         .redis
@@ -52,6 +52,7 @@ pub async fn worker(args: WorkerArgs) -> Result<ExitCode> {
         backend,
         args.drain_secs,
         args.retention_secs,
+        args.llm_base_url,
     )
     .await?;
     let crate::backend::Backend::Redis(cluster) = &node.backend else {

@@ -33,7 +33,13 @@ impl Bundle {
         let mut files = BTreeMap::new();
         let mut count = 0;
         for entry in entries {
-            let mut entry = entry.map_err(|e| format!("the tar archive is damaged: {e}"))?;
+            let mut entry = entry.map_err(|e| {
+                let e = e.to_string();
+                format!(
+                    "the body is not a tar archive, or a damaged one: {}",
+                    crate::text::truncate(&e, 120)
+                )
+            })?;
             let kind = entry.header().entry_type();
             if kind.is_dir() {
                 continue;

@@ -90,7 +90,22 @@ impl Deployer {
         if text.created {
             created.push(text.digest.clone());
         }
-        let checked = self.check(name, &bundle, &digests, text.digest).await;
+        let checked = self
+            .check(name, &bundle, &digests, text.digest)
+            .await
+            .map_err(|error| match error {
+                // Messages name the bundle's paths, not where this node keeps the files.
+                DeployError::Invalid(message) => {
+                    let message = digests.iter().fold(message, |message, (path, digest)| {
+                        message.replace(
+                            &blobs.path(digest).display().to_string(),
+                            &path.display().to_string(),
+                        )
+                    });
+                    DeployError::Invalid(message)
+                }
+                other => other,
+            });
         let (manifest, pipeline) = match checked {
             Ok(checked) => checked,
             Err(error) => {

@@ -45,10 +45,13 @@ impl Pipeline {
     /// Load every component (in parallel) and the capabilities of `config`, which is
     /// `revision`, on the node's `resources`.
     pub async fn load(
-        config: PipelineConfig,
+        mut config: PipelineConfig,
         revision: String,
         resources: &NodeResources,
     ) -> Result<Arc<Self>> {
+        if let Some(url) = &resources.llm_base_url {
+            config.llm.point_all_at(url);
+        }
         let runtime = &resources.runtime;
         let handlers = try_join_all(config.handlers.iter().map(|(name, h)| async move {
             Ok::<_, anyhow::Error>((

@@ -91,6 +91,17 @@ impl Pipelines {
         older.insert(pipeline.revision.clone(), Arc::downgrade(pipeline));
     }
 
+    /// The pipeline a job's record names, as close to its revision as is loaded without
+    /// loading anything: its revision if current or held by a running job, else the current
+    /// one (for what a reader shows of a job, not to run it: see [`Pipelines::find`]).
+    pub fn of_job(&self, name: &str, revision: &str) -> Option<Arc<Pipeline>> {
+        let older = self.older.lock().expect("not poisoned");
+        match older.get(revision).and_then(Weak::upgrade) {
+            Some(pipeline) => Some(pipeline),
+            None => self.of_record(name),
+        }
+    }
+
     /// The pipeline `name` in `revision` (empty: a record written before revisions, which the
     /// current one runs), or why there is none: the name is not served, or the revision cannot
     /// be loaded.

@@ -117,6 +117,9 @@ pub struct NodeResources {
     /// Handlers running for `dispatch.call` at once: each holds an instance too.
     pub handler_calls: Arc<Semaphore>,
     pub memory: MemoryBudget,
+    /// Where every pipeline loaded on this node sends its LLM requests instead of its
+    /// providers' `base_url`, if somewhere (`--llm-base-url`).
+    pub llm_base_url: Option<String>,
 }
 
 impl NodeResources {
@@ -140,6 +143,7 @@ impl NodeResources {
             stage_calls: Arc::new(Semaphore::new(sizing.max_stage_calls)),
             handler_calls: Arc::new(Semaphore::new(sizing.max_stage_calls)),
             memory: MemoryBudget::new(sizing.memory_budget_mib),
+            llm_base_url: None,
         })
     }
 

@@ -49,7 +49,7 @@ impl JobManager {
     /// conflict if its request differed.
     pub async fn submit(
         self: &Arc<Self>,
-        pipeline: &Pipeline,
+        pipeline: &Arc<Pipeline>,
         items: Vec<Vec<u8>>,
         options: JobOptions,
         idempotency: Option<Idempotency>,
@@ -75,7 +75,7 @@ impl JobManager {
             },
         )?;
         let job = store.create_job(job, items.into_iter().map(Ok)).await?;
-        self.start(job.clone(), false);
+        self.start(job.clone(), pipeline.clone(), false);
         crate::metrics::job(pipeline.name(), "submitted");
         Ok(Submitted::New(job))
     }
@@ -101,13 +101,16 @@ impl JobManager {
             if job.state != JobState::Running || self.is_running(job.id) {
                 continue;
             }
-            if let Err(reason) = runnable(&self.pipelines, &job).await {
-                tracing::error!(job = %job.id, reason, "failing a job that cannot run");
-                self.fail(job.id, &reason)?;
-                continue;
-            }
+            let pipeline = match runnable(&self.pipelines, &job).await {
+                Ok(pipeline) => pipeline,
+                Err(reason) => {
+                    tracing::error!(job = %job.id, reason, "failing a job that cannot run");
+                    self.fail(job.id, &reason)?;
+                    continue;
+                }
+            };
             tracing::info!(job = %job.id, "resuming an unfinished job");
-            self.start(job, true);
+            self.start(job, pipeline, true);
             resumed += 1;
         }
         store.flush().await?;
@@ -134,7 +137,8 @@ impl JobManager {
         Ok(())
     }
 
-    fn start(self: &Arc<Self>, job: JobRecord, resume: bool) {
+    /// Run `job` on `pipeline` (the revision it was submitted with) in a task of its own.
+    fn start(self: &Arc<Self>, job: JobRecord, pipeline: Arc<Pipeline>, resume: bool) {
         let cancel = CancellationToken::new();
         self.running
             .lock()
@@ -147,7 +151,7 @@ impl JobManager {
             use futures::FutureExt;
             let id = job.id;
             // A panic in a job must end that job, not leave it `running` for the next start.
-            let outcome = std::panic::AssertUnwindSafe(manager.run(job, resume, cancel))
+            let outcome = std::panic::AssertUnwindSafe(manager.run(job, pipeline, resume, cancel))
                 .catch_unwind()
                 .await;
             let error = match outcome {
@@ -170,12 +174,13 @@ impl JobManager {
         });
     }
 
-    async fn run(&self, job: JobRecord, resume: bool, cancel: CancellationToken) -> Result<()> {
-        // Looked up when the job starts: a submission named a pipeline this node serves, a
-        // resumed job was checked by `resume_unfinished`.
-        let pipeline = runnable(&self.pipelines, &job)
-            .await
-            .map_err(anyhow::Error::msg)?;
+    async fn run(
+        &self,
+        job: JobRecord,
+        pipeline: Arc<Pipeline>,
+        resume: bool,
+        cancel: CancellationToken,
+    ) -> Result<()> {
         let options = job.options.clone();
         let (concurrency, limits) = run_settings(&pipeline.config, &options);
         let every_stage = options.detail == Detail::Stages || job.total == 1;

@@ -51,7 +51,7 @@ impl Embedded {
 impl JobBackend for Embedded {
     async fn submit(
         &self,
-        pipeline: &crate::pipeline::Pipeline,
+        pipeline: &Arc<crate::pipeline::Pipeline>,
         items: Vec<Vec<u8>>,
         options: JobOptions,
         idempotency: Option<Idempotency>,

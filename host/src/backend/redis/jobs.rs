@@ -139,7 +139,7 @@ impl Cluster {
 impl JobBackend for Cluster {
     async fn submit(
         &self,
-        pipeline: &crate::pipeline::Pipeline,
+        pipeline: &Arc<crate::pipeline::Pipeline>,
         items: Vec<Vec<u8>>,
         options: JobOptions,
         idempotency: Option<Idempotency>,

@@ -1,0 +1,481 @@
+//! Deploying pipelines while the server runs (`PUT /v1/pipelines/{name}` with a tar bundle,
+//! `stagehand deploy`): a running job keeps the revision it was submitted with, new jobs get the
+//! new one, a bad bundle changes nothing, and a deploy once acknowledged survives kill -9.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use stagehand_tests::{
+    MockLlm, Server, binary, client, eco_items, eco_scan_pipeline, get_json, job_results,
+    job_status, plugin_bytes, repo_root, serve, submit_job, wait_for_job,
+};
+
+const ADMIN: &str = "deploy-admin-token";
+
+/// eco-scan's files as a bundle holds them: `pipeline.toml` naming `c/<stage>.wasm` and the kv
+/// files beside it; `edit` is applied to the pipeline file's text, and the bundle holds the
+/// components the edited file names.
+fn eco_bundle(edit: impl FnOnce(String) -> String) -> BTreeMap<String, Vec<u8>> {
+    let example = repo_root().join("examples/eco-scan");
+    let text = edit(
+        std::fs::read_to_string(example.join("pipeline.toml"))
+            .unwrap()
+            .replace("\"../../target/wasm32-wasip2/release/", "\"c/"),
+    );
+    let mut files = BTreeMap::new();
+    for component in [
+        "vision",
+        "rule",
+        "answer",
+        "reward",
+        "character_match",
+        "save_ownership",
+        "save_character",
+    ] {
+        let path = format!("c/{component}.wasm");
+        if text.contains(&path) {
+            files.insert(path, plugin_bytes(component));
+        }
+    }
+    for kv in ["disposal_rules.json", "characters.json"] {
+        files.insert(kv.to_string(), std::fs::read(example.join(kv)).unwrap());
+    }
+    files.insert("pipeline.toml".to_string(), text.into_bytes());
+    files
+}
+
+/// The eco-scan pipeline file without its `reward` stage: a revision of another shape.
+fn without_reward(text: String) -> String {
+    let start = text
+        .find("[[stage]]\nname = \"reward\"")
+        .expect("a reward stage");
+    let end = start + text[start..].find("\n\n").expect("a blank line after it");
+    format!("{}{}", &text[..start], &text[end + 2..])
+}
+
+fn tar(files: &BTreeMap<String, Vec<u8>>) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (path, bytes) in files {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(bytes.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder
+            .append_data(&mut header, path, bytes.as_slice())
+            .unwrap();
+    }
+    builder.into_inner().unwrap()
+}
+
+/// `PUT /v1/pipelines/{name}` with `body` as a tar: the status and the JSON answer.
+fn put(server: &Server, name: &str, body: Vec<u8>) -> (StatusCode, Value) {
+    let response = client()
+        .put(server.url(&format!("/v1/pipelines/{name}")))
+        .bearer_auth(ADMIN)
+        .header("content-type", "application/x-tar")
+        .body(body)
+        .send()
+        .unwrap();
+    (response.status(), response.json().unwrap_or(Value::Null))
+}
+
+fn delete(server: &Server, name: &str) -> (StatusCode, Value) {
+    let response = client()
+        .delete(server.url(&format!("/v1/pipelines/{name}")))
+        .bearer_auth(ADMIN)
+        .send()
+        .unwrap();
+    (response.status(), response.json().unwrap_or(Value::Null))
+}
+
+fn serve_admin(pipeline: &Path, data: &Path, mock: &MockLlm) -> Server {
+    serve(pipeline, data, Some(mock), &["--admin-token", ADMIN])
+}
+
+fn revision(server: &Server, name: &str) -> String {
+    get_json(server, &format!("/v1/pipelines/{name}"))["revision"]
+        .as_str()
+        .unwrap_or_else(|| panic!("pipeline `{name}` has a revision"))
+        .to_string()
+}
+
+/// Each result's stage names, and the revision it ran on.
+fn shapes(results: &[Value]) -> Vec<(Vec<String>, String)> {
+    results
+        .iter()
+        .map(|result| {
+            assert_eq!(result["status"], "succeeded", "{result}");
+            let stages = result["stages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["stage"].as_str().unwrap().to_string())
+                .collect();
+            (stages, result["revision"].as_str().unwrap().to_string())
+        })
+        .collect()
+}
+
+fn stages(names: &[&str]) -> Vec<String> {
+    names.iter().map(|n| n.to_string()).collect()
+}
+
+/// A slow job: one item at a time, each waiting on the mock.
+fn slow_job(server: &Server, items: usize) -> String {
+    submit_job(server, eco_items(items), json!({ "concurrency": 1 }))
+}
+
+fn stagehand(args: &[&str]) -> (bool, String) {
+    let out = Command::new(binary("stagehand"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// A deploy of another shape while a job runs: the job finishes on the revision it was
+/// submitted with (every stage, its revision in each result), new jobs get the new one. The
+/// deploy goes through `stagehand deploy`, which shows the change first.
+#[test]
+fn a_running_job_keeps_its_revision_and_new_jobs_take_the_deployed_one() {
+    let mock = MockLlm::start(&["--latency-ms", "400"]);
+    let data = tempfile::tempdir().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let server = serve_admin(&eco_scan_pipeline(files.path(), |t| t), data.path(), &mock);
+    let old = revision(&server, "eco-scan");
+    assert_eq!(
+        get_json(&server, "/v1/pipelines/eco-scan")["deployed"],
+        false
+    );
+
+    let running = slow_job(&server, 4);
+    assert_eq!(job_status(&server, &running)["revision"], old.as_str());
+
+    // The new revision, as an operator has it: a folder with the pipeline file.
+    let next = tempfile::tempdir().unwrap();
+    eco_scan_pipeline(next.path(), without_reward);
+    let dir = next.path().display().to_string();
+    let remote = ["--server", &server.url(""), "--token", ADMIN];
+    let (ok, shown) = stagehand(&[&["deploy", &dir, "--dry-run"][..], &remote].concat());
+    assert!(ok, "{shown}");
+    assert!(shown.contains("- stage reward"), "{shown}");
+    assert!(
+        shown.contains("stage vision") && shown.contains("(unchanged)"),
+        "{shown}"
+    );
+    assert_eq!(
+        revision(&server, "eco-scan"),
+        old,
+        "a dry run deploys nothing"
+    );
+
+    let (ok, shown) = stagehand(&[&["deploy", &dir][..], &remote].concat());
+    assert!(ok, "{shown}");
+    assert!(shown.contains("deployed"), "{shown}");
+    let new = revision(&server, "eco-scan");
+    assert_ne!(new, old);
+    let info = get_json(&server, "/v1/pipelines/eco-scan");
+    assert_eq!(info["deployed"], true);
+    assert_eq!(
+        fields(&info["stages"], "name"),
+        ["vision", "rule", "answer"]
+    );
+    assert_eq!(
+        job_status(&server, &running)["state"],
+        "running",
+        "the job was still running at the deploy (make the mock slower if not)"
+    );
+
+    let (ok, shown) = stagehand(&[&["deploy", &dir][..], &remote].concat());
+    assert!(ok && shown.contains("nothing to deploy"), "{shown}");
+
+    let fresh = submit_job(&server, eco_items(2), json!({}));
+    assert_eq!(job_status(&server, &fresh)["revision"], new.as_str());
+    wait_for_job(&server, &running);
+    wait_for_job(&server, &fresh);
+    let all = stages(&["vision", "rule", "answer", "reward"]);
+    for shape in shapes(&job_results(&server, &running)) {
+        assert_eq!(
+            shape,
+            (all.clone(), old.clone()),
+            "the old job on its shape"
+        );
+    }
+    for shape in shapes(&job_results(&server, &fresh)) {
+        assert_eq!(shape, (stages(&["vision", "rule", "answer"]), new.clone()));
+    }
+    let (ok, listed) = stagehand(&[&["pipelines"][..], &remote].concat());
+    assert!(
+        ok && listed.contains(&format!("revision {} (deployed)", &new[..12])),
+        "{listed}"
+    );
+}
+
+fn fields(list: &Value, field: &str) -> Vec<String> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|entry| entry[field].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn blobs(data: &Path) -> Vec<PathBuf> {
+    let mut blobs: Vec<PathBuf> = std::fs::read_dir(data.join("blobs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    blobs.sort();
+    blobs
+}
+
+/// Each broken bundle is refused with a 422 that says what is wrong, and nothing changes: the
+/// same revision serves, no file is left behind, jobs still run.
+#[test]
+fn a_bad_bundle_is_refused_and_changes_nothing() {
+    let mock = MockLlm::start(&[]);
+    let data = tempfile::tempdir().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let server = serve_admin(&eco_scan_pipeline(files.path(), |t| t), data.path(), &mock);
+    let before = revision(&server, "eco-scan");
+    let kept = blobs(data.path());
+
+    let changed = |edit: &dyn Fn(&mut BTreeMap<String, Vec<u8>>)| {
+        // Another shape, so that a deploy that went through would show.
+        let mut files = eco_bundle(without_reward);
+        edit(&mut files);
+        tar(&files)
+    };
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "a bad TOML",
+            changed(&|f| {
+                f.insert(
+                    "pipeline.toml".into(),
+                    b"name = \"eco-scan\"\n[[stage]\n".to_vec(),
+                );
+            }),
+            "pipeline.toml",
+        ),
+        (
+            "a missing kv file",
+            changed(&|f| {
+                f.remove("characters.json");
+            }),
+            "the bundle has no file characters.json",
+        ),
+        (
+            "a kv file that is not JSON",
+            changed(&|f| {
+                f.insert("characters.json".into(), b"{not json".to_vec());
+            }),
+            "kv `characters`: characters.json is not JSON",
+        ),
+        (
+            "a component that is not wasm",
+            changed(&|f| {
+                f.insert("c/vision.wasm".into(), b"\0asm but not really".to_vec());
+            }),
+            "stage `vision` (c/vision.wasm): not a valid component",
+        ),
+        (
+            "a component of another world",
+            changed(&|f| {
+                f.insert("c/rule.wasm".into(), plugin_bytes("save_ownership"));
+            }),
+            "stage `rule` (c/rule.wasm): does not implement world `stage`",
+        ),
+        (
+            "a missing component",
+            changed(&|f| {
+                f.remove("c/answer.wasm");
+            }),
+            "the bundle has no file c/answer.wasm",
+        ),
+        (
+            "a file the pipeline does not name",
+            changed(&|f| {
+                f.insert("notes.txt".into(), b"hello".to_vec());
+            }),
+            "notes.txt",
+        ),
+        (
+            "no pipeline file",
+            changed(&|f| {
+                f.remove("pipeline.toml");
+            }),
+            "no `pipeline.toml`",
+        ),
+        (
+            "not a tar archive",
+            b"name = \"eco-scan\" is not an archive, whatever it says".repeat(20),
+            "tar",
+        ),
+    ];
+    for (what, body, says) in cases {
+        let (status, answer) = put(&server, "eco-scan", body);
+        assert_eq!(status, 422, "{what}: {answer}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(
+            !message.contains("blobs"),
+            "{what}: `{message}` names the bundle's paths"
+        );
+        assert!(
+            message.contains(says),
+            "{what}: `{message}` should say `{says}`"
+        );
+    }
+    let (status, answer) = put(&server, "other-name", tar(&eco_bundle(|t| t)));
+    assert_eq!(status, 422, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`eco-scan`")
+    );
+    let unauthenticated = client()
+        .put(server.url("/v1/pipelines/eco-scan"))
+        .body(tar(&eco_bundle(|t| t)))
+        .send()
+        .unwrap();
+    assert_eq!(unauthenticated.status(), 401);
+    let (status, _) = put(&server, &"x".repeat(65), tar(&eco_bundle(|t| t)));
+    assert_eq!(status, 422);
+
+    assert_eq!(revision(&server, "eco-scan"), before);
+    assert_eq!(
+        blobs(data.path()),
+        kept,
+        "a refused deploy leaves no file behind"
+    );
+    let job = submit_job(&server, eco_items(2), json!({}));
+    assert_eq!(wait_for_job(&server, &job)["succeeded"], 2);
+    assert_eq!(
+        fields(&get_json(&server, "/v1/pipelines")["pipelines"], "name"),
+        ["eco-scan"]
+    );
+}
+
+/// kill -9 right after deploys are acknowledged (a new revision of eco-scan, and a new
+/// pipeline), with a job of the old revision running: after a restart with the same command
+/// line the deployed revisions are served, and the old job finishes on its own revision,
+/// loaded again from the data directory.
+#[test]
+fn deploys_survive_kill_9_and_old_jobs_resume_on_their_revision() {
+    let mock = MockLlm::start(&["--latency-ms", "300"]);
+    let data = tempfile::tempdir().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let pipeline = eco_scan_pipeline(files.path(), |t| t);
+    let server = serve_admin(&pipeline, data.path(), &mock);
+    let old = revision(&server, "eco-scan");
+    let running = slow_job(&server, 6);
+
+    let (status, deployed) = put(&server, "eco-scan", tar(&eco_bundle(without_reward)));
+    assert_eq!(status, 200, "{deployed}");
+    assert_eq!(deployed["replaced"], old.as_str());
+    let new = deployed["revision"].as_str().unwrap().to_string();
+    let lite =
+        eco_bundle(|t| without_reward(t).replace("name = \"eco-scan\"", "name = \"eco-lite\""));
+    let (status, answer) = put(&server, "eco-lite", tar(&lite));
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        answer.get("replaced").is_none(),
+        "a new pipeline replaces nothing"
+    );
+    drop(server); // kill -9
+
+    let server = serve_admin(&pipeline, data.path(), &mock);
+    assert_eq!(
+        revision(&server, "eco-scan"),
+        new,
+        "the deployed revision, not the file's"
+    );
+    assert_eq!(
+        fields(&get_json(&server, "/v1/pipelines")["pipelines"], "name"),
+        ["eco-lite", "eco-scan"]
+    );
+    let lite_job = client()
+        .post(server.url("/v1/pipelines/eco-lite/jobs"))
+        .json(&json!({ "items": eco_items(1) }))
+        .send()
+        .unwrap();
+    assert_eq!(lite_job.status(), 202);
+    let lite_job = lite_job.json::<Value>().unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(wait_for_job(&server, &running)["state"], "completed");
+    wait_for_job(&server, &lite_job);
+    let all = stages(&["vision", "rule", "answer", "reward"]);
+    let results = shapes(&job_results(&server, &running));
+    assert_eq!(results.len(), 6);
+    for shape in results {
+        assert_eq!(
+            shape,
+            (all.clone(), old.clone()),
+            "resumed on the revision it was submitted with"
+        );
+    }
+    let lite_shape = shapes(&job_results(&server, &lite_job));
+    assert_eq!(lite_shape[0].0, stages(&["vision", "rule", "answer"]));
+}
+
+/// `DELETE` refuses while the pipeline has running jobs and works once they end; a pipeline
+/// given on the command line comes back at the next start, a deployed one does not.
+#[test]
+fn delete_waits_for_running_jobs() {
+    let mock = MockLlm::start(&["--latency-ms", "300"]);
+    let data = tempfile::tempdir().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let pipeline = eco_scan_pipeline(files.path(), |t| t);
+    let mut server = serve_admin(&pipeline, data.path(), &mock);
+    let lite = eco_bundle(|t| t.replace("name = \"eco-scan\"", "name = \"eco-lite\""));
+    assert_eq!(put(&server, "eco-lite", tar(&lite)).0, 200);
+    let running = client()
+        .post(server.url("/v1/pipelines/eco-scan/jobs"))
+        .json(&json!({ "items": eco_items(3), "options": { "concurrency": 1 } }))
+        .send()
+        .unwrap()
+        .json::<Value>()
+        .unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (status, answer) = delete(&server, "eco-scan");
+    assert_eq!(status, 409, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("running jobs")
+    );
+    wait_for_job(&server, &running);
+    assert_eq!(delete(&server, "eco-scan").0, 204);
+    assert_eq!(delete(&server, "eco-lite").0, 204);
+    assert_eq!(delete(&server, "eco-lite").0, 404);
+    let submit = client()
+        .post(server.url("/v1/pipelines/eco-scan/jobs"))
+        .json(&json!({ "items": eco_items(1) }))
+        .send()
+        .unwrap();
+    assert_eq!(submit.status(), 404);
+    assert_eq!(
+        job_status(&server, &running)["state"],
+        "completed",
+        "its jobs stay readable"
+    );
+    server.terminate();
+
+    let server = serve_admin(&pipeline, data.path(), &mock);
+    assert_eq!(
+        fields(&get_json(&server, "/v1/pipelines")["pipelines"], "name"),
+        ["eco-scan"]
+    );
+}
