@@ -32,7 +32,7 @@ fn main() -> Result<()> {
         .to_path_buf();
     match args.first().map(String::as_str) {
         Some("plugins") => plugins(&root),
-        Some("demo") => demo(&root, args.get(1).map(String::as_str).unwrap_or("eco-scan")),
+        Some("demo") => demo(&root, args.get(1).map(String::as_str)),
         Some("test") => test(&root),
         Some("schemathesis") => schemathesis(&root),
         Some("bench") => bench(&root, &args[1..]),
@@ -199,10 +199,14 @@ fn build_binaries(root: &Path) -> Result<()> {
     )
 }
 
-fn demo(root: &Path, name: &str) -> Result<()> {
-    if name == "prompt-eval" {
-        return demo_prompt_eval(root);
-    }
+/// `demo`: both examples through one server; `demo prompt-eval`: that one alone, through
+/// the server; `demo eco-scan`: eco-scan offline (`stagehand run`).
+fn demo(root: &Path, name: Option<&str>) -> Result<()> {
+    let name = match name {
+        None => return demo_both(root),
+        Some("prompt-eval") => return demo_prompt_eval(root),
+        Some(name) => name,
+    };
     let example = root.join("examples").join(name);
     if !example.join("pipeline.toml").is_file() {
         bail!("no example `{name}` (examples/{name}/pipeline.toml)");
@@ -284,51 +288,70 @@ fn ensure_test_packages() -> Result<()> {
     run(Path::new("."), "apt-get", &args)
 }
 
-/// Seed 000's batch tester through the server: submit the 100 cases over HTTP, follow the
-/// progress over SSE, then page through the graded results.
-fn demo_prompt_eval(root: &Path) -> Result<()> {
-    let example = root.join("examples/prompt-eval");
-    plugins(root)?;
-    build_binaries(root)?;
-    let answers = example.join("answers.json");
+/// The mock LLM of the server demos: some latency, and prompt-eval's answers.
+fn demo_mock(root: &Path) -> Result<MockLlm> {
+    let answers = root.join("examples/prompt-eval/answers.json");
     let flags = [
         "--latency-ms",
+        "200",
+        "--vision-latency-ms",
         "300",
         "--jitter-ms",
-        "300",
+        "200",
         "--answers",
         path(&answers),
     ];
-    let mock = MockLlm::start_binary(&root.join("target/release/stagehand-mock-llm"), &flags)?;
-    let data_dir = root.join("target/demo/prompt-eval");
+    MockLlm::start_binary(&root.join("target/release/stagehand-mock-llm"), &flags)
+}
+
+/// `stagehand serve` of the examples `names` in one server, on a fresh data directory.
+fn demo_server(root: &Path, names: &[&str], mock: &MockLlm) -> Result<Server> {
+    let data_dir = root.join("target/demo/server");
     let _ = std::fs::remove_dir_all(&data_dir);
-    let pipeline = example.join("pipeline.toml");
+    let files: Vec<PathBuf> = names
+        .iter()
+        .map(|name| root.join("examples").join(name).join("pipeline.toml"))
+        .collect();
     let base_url = mock.base_url();
-    let args = [
-        "serve",
-        path(&pipeline),
+    let mut args = vec!["serve"];
+    args.extend(files.iter().map(|file| path(file)));
+    args.extend([
         "--addr",
         "127.0.0.1:0",
         "--data-dir",
         path(&data_dir),
         "--llm-base-url",
         &base_url,
-    ];
+    ]);
     let server = Server::start(&root.join("target/release/stagehand"), &args)?;
     eprintln!(
-        "stagehand serving at http://{} (mock LLM at {base_url})",
+        "stagehand serving {} at http://{} (mock LLM at {base_url})",
+        names.join(" and "),
         server.address
     );
+    Ok(server)
+}
 
-    let cases: Vec<serde_json::Value> = std::fs::read_to_string(example.join("cases.jsonl"))?
+/// The JSON lines of `file`.
+fn json_lines(file: &Path) -> Result<Vec<serde_json::Value>> {
+    std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read {}", file.display()))?
         .lines()
         .filter(|l| !l.trim().is_empty())
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()?;
-    let http = reqwest::blocking::Client::builder().timeout(None).build()?;
+        .map(|l| Ok(serde_json::from_str(l)?))
+        .collect()
+}
+
+/// Submit `items` to `pipeline`: the job id.
+fn demo_submit(
+    http: &reqwest::blocking::Client,
+    server: &Server,
+    pipeline: &str,
+    items: Vec<serde_json::Value>,
+) -> Result<String> {
     let submitted: serde_json::Value = http
-        .post(server.url("/v1/jobs"))
-        .json(&json!({ "items": cases, "options": { "concurrency": 8 } }))
+        .post(server.url(&format!("/v1/pipelines/{pipeline}/jobs")))
+        .json(&json!({ "items": items, "options": { "concurrency": 8 } }))
         .send()?
         .error_for_status()?
         .json()?;
@@ -337,10 +360,19 @@ fn demo_prompt_eval(root: &Path) -> Result<()> {
         .context("no job id")?
         .to_string();
     eprintln!(
-        "POST /v1/jobs -> job {job}; following {}",
+        "POST /v1/pipelines/{pipeline}/jobs -> job {job} (events: {})",
         submitted["events_url"]
     );
+    Ok(job)
+}
 
+/// Follow `job` over SSE until it ends, printing its progress frames.
+fn demo_follow(
+    http: &reqwest::blocking::Client,
+    server: &Server,
+    label: &str,
+    job: &str,
+) -> Result<()> {
     let events = http
         .get(server.url(&format!(
             "/v1/jobs/{job}/events?max_items=10&interval_ms=1000"
@@ -352,22 +384,34 @@ fn demo_prompt_eval(root: &Path) -> Result<()> {
             "job.progress" => {
                 let d = &frame.data;
                 eprintln!(
-                    "  [{:>3}] {:>5.1}%  {} done, {} failed",
+                    "  {label} [{:>3}] {:>5.1}%  {} done, {} failed",
                     frame.id.unwrap_or(0),
                     d["percent"],
                     d["completed"],
                     d["failed"]
                 );
             }
-            other => eprintln!("  [{:>3}] {other} {}", frame.id.unwrap_or(0), frame.data),
+            other => eprintln!(
+                "  {label} [{:>3}] {other} {}",
+                frame.id.unwrap_or(0),
+                frame.data
+            ),
         }
         matches!(
             frame.event.as_str(),
             "job.completed" | "job.cancelled" | "job.failed"
         )
     });
+    Ok(())
+}
 
-    let (mut after, mut passed, mut total, mut failures) = (None::<u64>, 0, 0, Vec::new());
+/// Every result of `job`, paged through with `after`.
+fn demo_results(
+    http: &reqwest::blocking::Client,
+    server: &Server,
+    job: &str,
+) -> Result<Vec<serde_json::Value>> {
+    let (mut after, mut results) = (None::<u64>, Vec::new());
     loop {
         let query = after.map_or("?limit=25".to_string(), |a| format!("?limit=25&after={a}"));
         let page: serde_json::Value = http
@@ -375,27 +419,105 @@ fn demo_prompt_eval(root: &Path) -> Result<()> {
             .send()?
             .error_for_status()?
             .json()?;
-        for result in page["results"].as_array().context("no results")? {
-            total += 1;
-            let grade = &result["output"]["grade"];
-            if grade["passed"] == true {
-                passed += 1;
-            } else {
-                failures.push(format!(
-                    "  case {}: expected {} ({}), got {}",
-                    result["index"], grade["expected"], grade["mode"], grade["answer"]
-                ));
-            }
-        }
+        results.extend(
+            page["results"]
+                .as_array()
+                .context("no results")?
+                .iter()
+                .cloned(),
+        );
         match page["next_after"].as_u64() {
             Some(next) => after = Some(next),
-            None => break,
+            None => return Ok(results),
         }
     }
-    println!("{passed} of {total} cases passed");
+}
+
+/// prompt-eval's graded results: how many passed, and the cases that did not.
+fn print_grades(results: &[serde_json::Value]) {
+    let mut failures = Vec::new();
+    let mut passed = 0;
+    for result in results {
+        let grade = &result["output"]["grade"];
+        if grade["passed"] == true {
+            passed += 1;
+        } else {
+            failures.push(format!(
+                "  case {}: expected {} ({}), got {}",
+                result["index"], grade["expected"], grade["mode"], grade["answer"]
+            ));
+        }
+    }
+    println!("prompt-eval: {passed} of {} cases passed", results.len());
     for failure in failures {
         println!("{failure}");
     }
+}
+
+/// Both examples through one server, at once: eco-scan's items and prompt-eval's cases
+/// submitted to their pipelines, followed over SSE, their results read back.
+fn demo_both(root: &Path) -> Result<()> {
+    plugins(root)?;
+    build_binaries(root)?;
+    let mock = demo_mock(root)?;
+    let server = demo_server(root, &["eco-scan", "prompt-eval"], &mock)?;
+    let http = reqwest::blocking::Client::builder().timeout(None).build()?;
+    let pipelines: serde_json::Value = http
+        .get(server.url("/v1/pipelines"))
+        .send()?
+        .error_for_status()?
+        .json()?;
+    for pipeline in pipelines["pipelines"].as_array().context("no pipelines")? {
+        let stages: Vec<&str> = pipeline["stages"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s["name"].as_str())
+            .collect();
+        eprintln!(
+            "pipeline {} (revision {:.12}): {}",
+            pipeline["name"].as_str().unwrap_or("?"),
+            pipeline["revision"].as_str().unwrap_or("?"),
+            stages.join(" -> ")
+        );
+    }
+    let items = json_lines(&root.join("examples/eco-scan/items.jsonl"))?;
+    let cases = json_lines(&root.join("examples/prompt-eval/cases.jsonl"))?;
+    let eco = demo_submit(&http, &server, "eco-scan", items)?;
+    let eval = demo_submit(&http, &server, "prompt-eval", cases)?;
+    demo_follow(&http, &server, "eco-scan", &eco)?;
+    demo_follow(&http, &server, "prompt-eval", &eval)?;
+    let eco_results = demo_results(&http, &server, &eco)?;
+    let succeeded = eco_results
+        .iter()
+        .filter(|r| r["status"] == "succeeded")
+        .count();
+    println!(
+        "eco-scan: {succeeded} of {} items succeeded",
+        eco_results.len()
+    );
+    if let Some(first) = eco_results.first() {
+        println!("eco-scan, first result: {}", first["output"]);
+    }
+    print_grades(&demo_results(&http, &server, &eval)?);
+    if succeeded == 0 {
+        bail!("no eco-scan item succeeded");
+    }
+    Ok(())
+}
+
+/// Seed 000's batch tester through the server: submit the 100 cases over HTTP, follow the
+/// progress over SSE, then page through the graded results.
+fn demo_prompt_eval(root: &Path) -> Result<()> {
+    plugins(root)?;
+    build_binaries(root)?;
+    let mock = demo_mock(root)?;
+    let server = demo_server(root, &["prompt-eval"], &mock)?;
+    let http = reqwest::blocking::Client::builder().timeout(None).build()?;
+    let cases = json_lines(&root.join("examples/prompt-eval/cases.jsonl"))?;
+    let job = demo_submit(&http, &server, "prompt-eval", cases)?;
+    demo_follow(&http, &server, "prompt-eval", &job)?;
+    print_grades(&demo_results(&http, &server, &job)?);
     Ok(())
 }
 
@@ -563,7 +685,10 @@ fn schemathesis(root: &Path) -> Result<()> {
         &config,
         format!(
             "[parameters]\nid = \"{job}\"\njob = \"{job}\"\nindex = 1\nname = \"answer\"\n\
-             namespace = \"characters\"\npipeline = \"eco-scan\"\n"
+             namespace = \"characters\"\npipeline = \"eco-scan\"\n\n\
+             # Deleting the pipeline every other operation uses would leave them 404s.\n\
+             [[operations]]\ninclude-path = \"/v1/pipelines/{{pipeline}}\"\n\
+             include-method = \"DELETE\"\nparameters = {{ pipeline = \"not-served\" }}\n"
         ),
     )?;
     let seed = std::env::var("SCHEMATHESIS_SEED").unwrap_or_else(|_| "1".into());
