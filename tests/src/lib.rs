@@ -203,6 +203,18 @@ pub fn eco_scan_pipeline(dir: &Path, edit: impl FnOnce(String) -> String) -> Pat
     path
 }
 
+/// A copy of the prompt-eval pipeline file in `dir` (as `prompt-eval.toml`), with absolute
+/// paths: served next to eco-scan's by tests of several pipelines.
+pub fn prompt_eval_pipeline(dir: &Path) -> PathBuf {
+    let root = repo_root().display().to_string();
+    let text = std::fs::read_to_string(repo_root().join("examples/prompt-eval/pipeline.toml"))
+        .expect("the prompt-eval pipeline file")
+        .replace("\"../../target/", &format!("\"{root}/target/"));
+    let path = dir.join("prompt-eval.toml");
+    std::fs::write(&path, text).expect("a writable test directory");
+    path
+}
+
 /// A pipeline of one `hostile` stage (with `stage` settings added to it) next to eco-scan's
 /// handlers and kv, which the `journal` action reaches; `run` is added to `[run]`.
 pub fn hostile_pipeline(dir: &Path, run: &str, stage: &str) -> PathBuf {

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 use stagehand_tests::{
-    MockLlm, Server, eco_items, plugin_bytes, repo_root, serve_eco_scan, with_custom_section,
+    MockLlm, Server, eco_items, plugin_bytes, prompt_eval_pipeline, repo_root, serve,
+    serve_eco_scan, with_custom_section,
 };
 
 const API: &str = "dashboard-api-token";
@@ -280,8 +281,8 @@ async fn the_dashboard_follows_cancels_pages_reprocesses_and_swaps() {
     assert_eq!(left["dead_letters"], json!([]), "{left}");
 
     // Stages: upload a new `answer` (same code, another digest), then roll back.
-    browser.goto(&server.url("/#/stages")).await.unwrap();
-    let answer_row = "#stages tr[data-stage=answer]";
+    browser.goto(&server.url("/#/pipelines")).await.unwrap();
+    let answer_row = "#pipelines section[data-pipeline=eco-scan] tr[data-stage=answer]";
     until(
         &browser,
         "stages listed",
@@ -467,4 +468,131 @@ fn current_digest(server: &Server, name: &str) -> String {
         .as_str()
         .unwrap()
         .to_string()
+}
+
+/// With two pipelines: the Pipelines page shows each with its revision and stages, a stage
+/// uploaded there changes its own pipeline only, and the jobs list filters by pipeline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_each_pipeline_and_filters_jobs_by_pipeline() {
+    let answers = repo_root().join("examples/prompt-eval/answers.json");
+    let mock = MockLlm::start(&["--answers", &answers.display().to_string()]);
+    let dir = tempfile::tempdir().unwrap();
+    let prompt_eval = prompt_eval_pipeline(dir.path());
+    let server = serve(
+        &repo_root().join("examples/eco-scan/pipeline.toml"),
+        &dir.path().join("data"),
+        Some(&mock),
+        &[prompt_eval.to_str().unwrap(), "--admin-token", ADMIN],
+    );
+    let submit_to = |pipeline: &str, item: Value| -> String {
+        let answer: Value = stagehand_tests::client()
+            .post(server.url(&format!("/v1/pipelines/{pipeline}/jobs")))
+            .json(&json!({ "items": [item] }))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        answer["job_id"].as_str().unwrap().to_string()
+    };
+    let eco = submit_to("eco-scan", eco_items(1).remove(0));
+    tokio::task::yield_now().await;
+    let cases =
+        std::fs::read_to_string(repo_root().join("examples/prompt-eval/cases.jsonl")).unwrap();
+    let case: Value = serde_json::from_str(cases.lines().next().unwrap()).unwrap();
+    let eval = submit_to("prompt-eval", case);
+    tokio::task::yield_now().await;
+    let driver = Driver::start();
+    let browser = browser(&driver, &dir.path().join("profile")).await;
+    browser.goto(&server.url("/")).await.unwrap();
+    let field = browser.find(Locator::Css("#token")).await.unwrap();
+    field.send_keys(ADMIN).await.unwrap();
+    click(&browser, "#token-save").await;
+
+    browser.goto(&server.url("/#/pipelines")).await.unwrap();
+    let eval_section = "#pipelines section[data-pipeline=prompt-eval]";
+    until(
+        &browser,
+        "both pipelines with their stages",
+        &format!(
+            "document.querySelector('{eval_section} tr[data-stage=grade] code.current') !== null \
+             && document.querySelector('#pipelines section[data-pipeline=eco-scan] tr[data-stage=vision]') !== null"
+        ),
+    )
+    .await;
+    let revision = http_get(&server, "/v1/pipelines/prompt-eval")["revision"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        text_of(&browser, &format!("{eval_section} code.revision")).await,
+        revision[..12]
+    );
+    let grade_row = format!("{eval_section} tr[data-stage=grade]");
+    let original =
+        http_get(&server, "/v1/stages?pipeline=prompt-eval")["stages"][1]["current"]["digest"]
+            .clone();
+    let eco_before = http_get(&server, "/v1/stages?pipeline=eco-scan");
+    let new_wasm = dir.path().join("grade-v2.wasm");
+    std::fs::write(
+        &new_wasm,
+        with_custom_section(plugin_bytes("grade"), "dashboard-pipelines"),
+    )
+    .unwrap();
+    browser
+        .find(Locator::Css(&format!("{grade_row} input.upload-file")))
+        .await
+        .unwrap()
+        .send_keys(new_wasm.to_str().unwrap())
+        .await
+        .unwrap();
+    click(&browser, &format!("{grade_row} button.upload")).await;
+    until(
+        &browser,
+        "uploaded to prompt-eval",
+        &format!("document.querySelector('{grade_row} code.current').title !== {original}"),
+    )
+    .await;
+    let after = http_get(&server, "/v1/stages?pipeline=prompt-eval");
+    assert_eq!(after["stages"][1]["name"], "grade");
+    assert_ne!(after["stages"][1]["current"]["digest"], original);
+    assert_eq!(
+        http_get(&server, "/v1/stages?pipeline=eco-scan"),
+        eco_before,
+        "the other pipeline is untouched"
+    );
+    screenshot(&browser, "dashboard-pipelines.png").await;
+
+    browser.goto(&server.url("/#/jobs")).await.unwrap();
+    let rows = "[...document.querySelectorAll('#jobs tbody tr[data-job]')].map(r => r.dataset.job)";
+    until(
+        &browser,
+        "both jobs",
+        &format!(
+            "{rows}.length === 2 && document.querySelector('#pipeline-filter').options.length === 3"
+        ),
+    )
+    .await;
+    browser
+        .find(Locator::Css("#pipeline-filter"))
+        .await
+        .unwrap()
+        .select_by_value("prompt-eval")
+        .await
+        .unwrap();
+    until(
+        &browser,
+        "only the prompt-eval job",
+        &format!("JSON.stringify({rows}) === '{}'", json!([eval])),
+    )
+    .await;
+    assert_eq!(
+        text_of(
+            &browser,
+            &format!("#jobs tr[data-job='{eval}'] td.pipeline")
+        )
+        .await,
+        "prompt-eval"
+    );
+    assert_ne!(eco, eval);
+    browser.close().await.unwrap();
 }

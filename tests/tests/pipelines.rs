@@ -2,29 +2,16 @@
 //! kv namespaces, dead letters and metrics; a request about one pipeline names it unless the
 //! server serves only one.
 
-use std::path::{Path, PathBuf};
-
 use serde_json::{Value, json};
 use stagehand_tests::{
     MockLlm, Server, binary, client, eco_items, eco_scan_pipeline, get_json, job_results, metric,
-    plugin_bytes, repo_root, serve, wait_for_job,
+    plugin_bytes, prompt_eval_pipeline, repo_root, serve, wait_for_job,
 };
 
 /// The mock answers prompt-eval's cases from the example's answers file, eco-scan's as usual.
 fn mock() -> MockLlm {
     let answers = repo_root().join("examples/prompt-eval/answers.json");
     MockLlm::start(&["--answers", &answers.display().to_string()])
-}
-
-/// A copy of the prompt-eval pipeline file in `dir`, with absolute paths.
-fn prompt_eval_pipeline(dir: &Path) -> PathBuf {
-    let root = repo_root().display().to_string();
-    let text = std::fs::read_to_string(repo_root().join("examples/prompt-eval/pipeline.toml"))
-        .unwrap()
-        .replace("\"../../target/", &format!("\"{root}/target/"));
-    let path = dir.join("prompt-eval.toml");
-    std::fs::write(&path, text).unwrap();
-    path
 }
 
 /// The first `n` prompt-eval cases.
@@ -239,7 +226,12 @@ fn two_pipelines_serve_interleaved_jobs() {
     };
     let (ok, shown, _) = cli(&["pipelines"]);
     assert!(ok);
-    for expected in ["eco-scan\n", "prompt-eval\n", "  stage generate", "canary"] {
+    for expected in [
+        "eco-scan  revision ",
+        "prompt-eval  revision ",
+        "  stage generate",
+        "canary",
+    ] {
         assert!(shown.contains(expected), "{expected:?} in\n{shown}");
     }
     let items = dir.path().join("cases.jsonl");
@@ -346,7 +338,15 @@ fn two_pipelines_share_a_redis_cluster() {
     let eco = eco_scan_pipeline(dir.path(), |text| text);
     let eval = prompt_eval_pipeline(dir.path());
     let url = redis.url();
-    let flags = [eval.to_str().unwrap(), "--redis", &url, "--slots", "4"];
+    let flags = [
+        eval.to_str().unwrap(),
+        "--redis",
+        &url,
+        "--slots",
+        "4",
+        "--admin-token",
+        "admin",
+    ];
     let node1 = serve(&eco, &dir.path().join("n1"), Some(&mock), &flags);
     let node2 = serve(&eco, &dir.path().join("n2"), Some(&mock), &flags);
 
@@ -378,6 +378,26 @@ fn two_pipelines_share_a_redis_cluster() {
     let (status, listed) = get(&node2, "/v1/jobs?pipeline=eco-scan");
     assert_eq!(status, 200, "{listed}");
     assert_eq!(listed["jobs"].as_array().unwrap().len(), 2, "{listed}");
+
+    // A deploy would change one node of the cluster: refused, saying so, until it is shared.
+    for method in [reqwest::Method::PUT, reqwest::Method::DELETE] {
+        let refused = client()
+            .request(method, node1.url("/v1/pipelines/eco-scan"))
+            .bearer_auth("admin")
+            .header("content-type", "application/x-tar")
+            .body(vec![0u8; 1024])
+            .send()
+            .unwrap();
+        assert_eq!(refused.status(), 501);
+        let body: Value = refused.json().unwrap();
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("Redis mode"),
+            "{body}"
+        );
+    }
 }
 
 /// A job of a pipeline the server no longer serves stays readable (status, results, stage

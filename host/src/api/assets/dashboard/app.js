@@ -76,9 +76,9 @@ function route() {
   } else if (path === "/dead-letters") {
     $("#nav-dead-letters").classList.add("active");
     deadLettersView(view, params.get("job"));
-  } else if (path === "/stages") {
-    $("#nav-stages").classList.add("active");
-    stagesView(view);
+  } else if (path === "/pipelines" || path === "/stages") {
+    $("#nav-pipelines").classList.add("active");
+    pipelinesView(view);
   } else {
     $("#nav-jobs").classList.add("active");
     jobsView(view);
@@ -89,18 +89,23 @@ const when = (ms) => (ms ? new Date(ms).toLocaleString() : "");
 const stateSpan = (state, id) => h("span", { class: `state-${state}`, id }, state);
 const done = (job) => job.succeeded + job.failed;
 
-// --- Jobs: newest first, refreshed every 2 s.
+// --- Jobs: newest first, refreshed every 2 s; by state and pipeline.
 function jobsView(view) {
   const filter = h("select", { id: "state-filter", onchange: () => { cursors = [null]; load(); } },
     ["", "running", "completed", "cancelled", "failed"].map((s) => h("option", { value: s }, s || "any state")));
+  const pipelineFilter = h("select", { id: "pipeline-filter", onchange: () => { cursors = [null]; load(); } },
+    h("option", { value: "" }, "any pipeline"));
+  api("GET", "/v1/pipelines").then(({ pipelines }) => {
+    pipelineFilter.append(...pipelines.map((p) => h("option", { value: p.name }, p.name)));
+  }, (error) => say(error.message));
   const body = h("tbody");
   const older = h("button", { id: "jobs-older", onclick: () => { cursors.push(next); load(); } }, "Older");
   const newer = h("button", { id: "jobs-newer", onclick: () => { cursors.pop(); load(); } }, "Newer");
   view.append(
     h("h1", {}, "Jobs"),
-    h("p", {}, filter),
+    h("p", {}, filter, " ", pipelineFilter),
     h("table", { id: "jobs" },
-      h("thead", {}, h("tr", {}, h("th", {}, "job"), h("th", {}, "state"), h("th", {}, "progress"),
+      h("thead", {}, h("tr", {}, h("th", {}, "job"), h("th", {}, "pipeline"), h("th", {}, "state"), h("th", {}, "progress"),
         h("th", { class: "num" }, "done / total"), h("th", { class: "num" }, "failed"), h("th", {}, "created"))),
       body),
     h("div", { class: "pager" }, newer, older));
@@ -110,6 +115,7 @@ function jobsView(view) {
     const before = cursors[cursors.length - 1];
     const query = new URLSearchParams({ limit: "25" });
     if (filter.value) query.set("state", filter.value);
+    if (pipelineFilter.value) query.set("pipeline", pipelineFilter.value);
     if (before) query.set("before", before);
     try {
       const page = await api("GET", `/v1/jobs?${query}`);
@@ -120,12 +126,13 @@ function jobsView(view) {
         class: "clickable", dataset: { job: job.id }, onclick: () => { location.hash = `#/jobs/${job.id}`; },
       },
         h("td", {}, h("code", {}, job.id)),
+        h("td", { class: "pipeline" }, job.pipeline),
         h("td", {}, stateSpan(job.state)),
         h("td", {}, h("progress", { max: job.total || 1, value: done(job) })),
         h("td", { class: "num" }, `${done(job)} / ${job.total}`),
         h("td", { class: "num" }, job.failed),
         h("td", {}, when(job.created_at)))));
-      if (page.jobs.length === 0) body.append(h("tr", {}, h("td", { colspan: 6, class: "muted" }, "no jobs")));
+      if (page.jobs.length === 0) body.append(h("tr", {}, h("td", { colspan: 7, class: "muted" }, "no jobs")));
     } catch (error) { say(error.message); }
   }
   load();
@@ -307,15 +314,11 @@ function deadLettersView(view, job) {
   every(5000, load);
 }
 
-// --- Stages: versions, upload (at once or as a canary), promote, rollback (admin token).
-function stagesView(view) {
-  const body = h("tbody");
-  view.append(
-    h("h1", {}, "Stages"),
-    h("table", { id: "stages" },
-      h("thead", {}, h("tr", {}, h("th", {}, "stage"), h("th", {}, "current"), h("th", {}, "canary"),
-        h("th", { class: "num" }, "earlier"), h("th", {}, "upload a .wasm"), h("th", {}, ""))),
-      body));
+// --- Pipelines: each with its revision, handlers and kv, and its stages' versions: upload (at
+// once or as a canary), promote, rollback (admin token).
+function pipelinesView(view) {
+  const list = h("div", { id: "pipelines" });
+  view.append(h("h1", {}, "Pipelines"), list);
   const short = (digest) => digest.slice(0, 12);
   async function change(method, path, body, contentType, done) {
     try {
@@ -326,14 +329,26 @@ function stagesView(view) {
   }
   async function load() {
     try {
-      const { stages } = await api("GET", "/v1/stages");
-      body.replaceChildren(...stages.map((s) => {
+      const { pipelines } = await api("GET", "/v1/pipelines");
+      list.replaceChildren(...pipelines.map((p) => h("section", { dataset: { pipeline: p.name } },
+        h("h2", {}, p.name, " ", h("code", { class: "revision", title: p.revision }, short(p.revision)),
+          p.deployed ? h("span", { class: "muted" }, " deployed") : ""),
+        h("p", { class: "muted" }, `handlers: ${p.handlers.join(", ") || "none"} · kv: ${p.kv.map((k) => k.name).join(", ") || "none"}`),
+        stagesTable(p))));
+    } catch (error) { say(error.message); }
+  }
+  function stagesTable(p) {
+    const pipeline = `pipeline=${encodeURIComponent(p.name)}`;
+    return h("table", { class: "stages" },
+      h("thead", {}, h("tr", {}, h("th", {}, "stage"), h("th", {}, "current"), h("th", {}, "canary"),
+        h("th", { class: "num" }, "earlier"), h("th", {}, "upload a .wasm"), h("th", {}, ""))),
+      h("tbody", {}, ...p.stages.map((s) => {
         const file = h("input", { type: "file", class: "upload-file", accept: ".wasm" });
         const percent = h("input", { type: "number", class: "canary-percent", min: 1, max: 99, placeholder: "canary %", style: "width: 6rem" });
         const upload = h("button", { class: "upload", onclick: async () => {
           if (!file.files[0]) { say("choose a .wasm file first"); return; }
           const bytes = await file.files[0].arrayBuffer();
-          const query = percent.value ? `?canary=${percent.value}` : "";
+          const query = percent.value ? `?${pipeline}&canary=${percent.value}` : `?${pipeline}`;
           change("PUT", `/v1/stages/${s.name}${query}`, bytes, "application/wasm",
             (a) => (a.canary ? `${s.name}: ${short(a.canary.digest)} on trial for ${a.canary.percent} %`
               : `${s.name}: now ${short(a.current.digest)}`));
@@ -343,15 +358,14 @@ function stagesView(view) {
           h("td", {}, h("code", { class: "current", title: s.current.digest }, short(s.current.digest))),
           h("td", {}, s.canary ? [h("code", { class: "canary", title: s.canary.digest }, short(s.canary.digest)),
             ` ${s.canary.percent} % `,
-            h("button", { class: "promote", onclick: () => change("POST", `/v1/stages/${s.name}/promote`, undefined, undefined,
+            h("button", { class: "promote", onclick: () => change("POST", `/v1/stages/${s.name}/promote?${pipeline}`, undefined, undefined,
               (a) => `${s.name}: canary promoted to ${short(a.current.digest)}`) }, "Promote")] : h("span", { class: "muted" }, "none")),
           h("td", { class: "num" }, s.previous.length),
           h("td", {}, file, percent, upload),
           h("td", {}, h("button", { class: "rollback", disabled: !s.canary && s.previous.length === 0,
-            onclick: () => change("POST", `/v1/stages/${s.name}/rollback`, undefined, undefined,
+            onclick: () => change("POST", `/v1/stages/${s.name}/rollback?${pipeline}`, undefined, undefined,
               (a) => (a.canary_dropped ? `${s.name}: canary dropped` : `${s.name}: back to ${short(a.current.digest)}`)) }, "Roll back")));
-      }));
-    } catch (error) { say(error.message); }
+      })));
   }
   load();
 }
