@@ -15,10 +15,13 @@ use stagehand_tests::{
 
 const ADMIN: &str = "deploy-admin-token";
 
+/// A bundle's files: path in the bundle -> bytes.
+type Files = BTreeMap<String, Vec<u8>>;
+
 /// eco-scan's files as a bundle holds them: `pipeline.toml` naming `c/<stage>.wasm` and the kv
 /// files beside it; `edit` is applied to the pipeline file's text, and the bundle holds the
 /// components the edited file names.
-fn eco_bundle(edit: impl FnOnce(String) -> String) -> BTreeMap<String, Vec<u8>> {
+fn eco_bundle(edit: impl FnOnce(String) -> String) -> Files {
     let example = repo_root().join("examples/eco-scan");
     let text = edit(
         std::fs::read_to_string(example.join("pipeline.toml"))
@@ -56,7 +59,7 @@ fn without_reward(text: String) -> String {
     format!("{}{}", &text[..start], &text[end + 2..])
 }
 
-fn tar(files: &BTreeMap<String, Vec<u8>>) -> Vec<u8> {
+fn tar(files: &Files) -> Vec<u8> {
     let mut builder = tar::Builder::new(Vec::new());
     for (path, bytes) in files {
         let mut header = tar::Header::new_gnu();
@@ -247,7 +250,7 @@ fn a_bad_bundle_is_refused_and_changes_nothing() {
     let before = revision(&server, "eco-scan");
     let kept = blobs(data.path());
 
-    let changed = |edit: &dyn Fn(&mut BTreeMap<String, Vec<u8>>)| {
+    let changed = |edit: &dyn Fn(&mut Files)| {
         // Another shape, so that a deploy that went through would show.
         let mut files = eco_bundle(without_reward);
         edit(&mut files);
