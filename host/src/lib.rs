@@ -21,7 +21,8 @@
 //!   idempotency keys, dead letters; flushes are group-committed.
 //! - [`memory`]: the node's memory budget, which items in flight are charged against.
 //! - [`pipeline`]: a loaded pipeline (components, capabilities, per-stage limits), what the
-//!   pipelines of a node share ([`pipeline::NodeResources`]) and the registry of them by name
+//!   pipelines of a node share ([`pipeline::NodeResources`]), every revision served, kept by
+//!   content ([`pipeline::Revisions`]), and the registry of them by name and revision
 //!   ([`pipeline::Pipelines`]).
 //! - [`backend`]: where jobs live, behind four seams ([`backend::JobBackend`],
 //!   [`backend::ItemStore`], [`backend::EventSource`], [`backend::EffectKeys`]) and two
@@ -34,6 +35,8 @@
 //! - [`events`]: what a job's events are, the SSE view of a log (from either backend), and the
 //!   live (unlogged) tokens of streamed LLM answers.
 //! - [`versions`]: stage versions installed while serving (hot swap), kept across restarts.
+//! - [`deploy`]: pipelines deployed while serving (`PUT /v1/pipelines/{name}` with a tar
+//!   bundle): checked and compiled before an atomic swap, kept across restarts.
 //! - [`watch`]: settled file-change bursts, for `serve --watch` and kv namespace reloads.
 //! - [`metrics`]: every Prometheus metric, named in one place.
 //! - [`node`]: the composition root: a node (store, runtime, pipelines, backend, effect runner,

@@ -6,6 +6,8 @@
 //! | `GET /openapi.json`                | the OpenAPI 3 document (see [`openapi`])          |
 //! | `GET /v1/pipelines`                | the pipelines served: stages, handlers, kv        |
 //! | `GET /v1/pipelines/{pipeline}`     | one of them                                       |
+//! | `PUT /v1/pipelines/{pipeline}`     | deploy a tar bundle (admin)                       |
+//! | `DELETE /v1/pipelines/{pipeline}`  | stop serving it; 409 while jobs run (admin)       |
 //! | `POST /v1/pipelines/{pipeline}/jobs`| submit a job of that pipeline                     |
 //! | `POST /v1/pipelines/{pipeline}/scans`| a scan on that pipeline                           |
 //! | `POST /v1/jobs`                    | submit `{"items": [...], "options": {...}, "pipeline": ...}` -> 202 |

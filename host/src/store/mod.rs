@@ -14,6 +14,12 @@
 //! | `idempotency`     | a client's idempotency key        | the job id it names           |
 //! | `dead_letters`    | job id, index                     | [`DeadLetter`] JSON           |
 //! | `job_tokens`      | job id                            | LLM tokens used (u64 BE)      |
+//! | `stage_versions`  | `<pipeline>/<stage>`              | installed versions (`versions.rs`) |
+//! | `pipeline_revisions` | revision (sha256 hex)          | its manifest (`pipeline/revisions.rs`) |
+//! | `deployed_pipelines` | pipeline name                  | the revision a deploy made current |
+//!
+//! Files kept by content (components, pipeline and kv files) are in [`Blobs`], beside the
+//! database.
 //!
 //! Big-endian indexes make sled's key order the item order, so results stream in order and a
 //! page after index N is a range scan, whatever the job's size.
