@@ -384,6 +384,14 @@ fn deploys_survive_kill_9_and_old_jobs_resume_on_their_revision() {
     assert_eq!(status, 200, "{deployed}");
     assert_eq!(deployed["replaced"], old.as_str());
     let new = deployed["revision"].as_str().unwrap().to_string();
+    assert_eq!(deployed["unchanged"], false);
+    let (status, again) = put(&server, "eco-scan", tar(&eco_bundle(without_reward)));
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(
+        (&again["revision"], &again["unchanged"]),
+        (&json!(new), &json!(true)),
+        "the same files again: the same revision, left as it serves"
+    );
     let lite =
         eco_bundle(|t| without_reward(t).replace("name = \"eco-scan\"", "name = \"eco-lite\""));
     let (status, answer) = put(&server, "eco-lite", tar(&lite));

@@ -284,9 +284,12 @@ pub struct PipelineList {
 pub struct PipelineDeployed {
     #[serde(flatten)]
     pub pipeline: PipelineInfo,
-    /// The revision it replaced; absent for a new pipeline.
+    /// The revision it replaced; absent for a new pipeline, or when `unchanged`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replaced: Option<String>,
+    /// The pipeline already served these files: it goes on as it was (hot-swapped stage
+    /// versions included), now recorded as deployed.
+    pub unchanged: bool,
 }
 
 /// The result of a stage change: the version items get now, and what the change did.

@@ -120,6 +120,7 @@ pub async fn deploy(
     Ok(Json(PipelineDeployed {
         pipeline: info(&deployed.pipeline, &deployer.deployed()?),
         replaced: deployed.replaced,
+        unchanged: deployed.unchanged,
     }))
 }
 

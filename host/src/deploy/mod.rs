@@ -42,8 +42,11 @@ pub enum DeployError {
 /// What a deploy did.
 pub struct Deployed {
     pub pipeline: Arc<Pipeline>,
-    /// The revision it replaced (`None`: a new pipeline).
+    /// The revision it replaced (`None`: a new pipeline, or `unchanged`).
     pub replaced: Option<String>,
+    /// The pipeline already served this revision: it goes on as it was (its hot-swapped
+    /// versions included), now recorded as deployed.
+    pub unchanged: bool,
 }
 
 /// See the module's doc comment.
@@ -119,13 +122,28 @@ impl Deployer {
         self.revisions
             .set_deployed(name, &pipeline.revision)
             .await?;
+        let unchanged = current
+            .as_ref()
+            .is_some_and(|current| Arc::ptr_eq(current, &pipeline));
+        if unchanged {
+            tracing::info!(pipeline = %name, revision = %short(&pipeline.revision), "pipeline deployed: the revision it serves already");
+            return Ok(Deployed {
+                pipeline,
+                replaced: None,
+                unchanged,
+            });
+        }
         let replaced = self
             .pipelines
             .put(pipeline.clone())
             .map(|old| old.revision.clone());
         tracing::info!(pipeline = %name, revision = %short(&pipeline.revision), replaced = ?replaced.as_deref().map(short), "pipeline deployed");
         crate::metrics::pipeline_change(name, "deploy");
-        Ok(Deployed { pipeline, replaced })
+        Ok(Deployed {
+            pipeline,
+            replaced,
+            unchanged,
+        })
     }
 
     /// Check the bundle's pipeline file and files, and load them: the revision's manifest and
@@ -186,6 +204,12 @@ impl Deployer {
                 .collect(),
         };
         let revision = manifest.revision();
+        if let Some(current) = self.pipelines.get(name)
+            && current.revision == revision
+        {
+            // The same files: the pipeline serving keeps its hot-swapped versions.
+            return Ok((manifest, current));
+        }
         let pipeline = Pipeline::load(config, revision, &self.resources)
             .await
             .map_err(|e| DeployError::Invalid(format!("{e:#}")))?;
