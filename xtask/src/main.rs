@@ -687,8 +687,8 @@ fn schemathesis(root: &Path) -> Result<()> {
             "[parameters]\nid = \"{job}\"\njob = \"{job}\"\nindex = 1\nname = \"answer\"\n\
              namespace = \"characters\"\npipeline = \"eco-scan\"\n\n\
              # Deleting the pipeline every other operation uses would leave them 404s.\n\
-             [[operations]]\ninclude-path = \"/v1/pipelines/{{pipeline}}\"\n\
-             include-method = \"DELETE\"\nparameters = {{ pipeline = \"not-served\" }}\n"
+             [[operations]]\ninclude-name = \"DELETE /v1/pipelines/{{pipeline}}\"\n\
+             parameters = {{ pipeline = \"not-served\" }}\n"
         ),
     )?;
     let seed = std::env::var("SCHEMATHESIS_SEED").unwrap_or_else(|_| "1".into());

@@ -92,7 +92,7 @@ impl From<DeployError> for ApiError {
 /// running jobs finish on theirs. A refused bundle changes nothing.
 #[utoipa::path(put, path = "/v1/pipelines/{pipeline}", tag = "pipelines", security(("admin_token" = [])),
     params(("pipeline" = String, Path, description = "pipeline name (the pipeline file's `name`)")),
-    request_body(content = Vec<u8>, content_type = "application/x-tar", description = "a tar archive: `pipeline.toml` at its root and the components and kv files it names, at the paths it names them by"),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "a tar archive (`application/x-tar` or `application/octet-stream`): `pipeline.toml` at its root and the components and kv files it names, at the paths it names them by"),
     responses((status = 200, description = "deployed: new jobs get this revision", body = super::openapi::PipelineDeployed), (status = 400, description = "empty body", body = super::openapi::ErrorBody), (status = 413, description = "too large", body = super::openapi::ErrorBody), (status = 415, description = "not a tar archive", body = super::openapi::ErrorBody), (status = 422, description = "the bundle, the pipeline file, a component or a kv file is not valid (nothing changed)", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong admin token", body = super::openapi::ErrorBody), (status = 403, description = "admin routes are off (no --admin-token)", body = super::openapi::ErrorBody), (status = 501, description = "not available in Redis mode", body = super::openapi::ErrorBody)))]
 pub async fn deploy(
     State(app): State<Arc<App>>,
