@@ -126,6 +126,7 @@ async fn running_effects_are_interrupted_after_a_restart() {
     let path = dir.path().join("store");
     let effect = |key: &str| EffectRecord {
         pipeline: "test".into(),
+        revision: String::new(),
         handler: "save".into(),
         key: key.into(),
         payload: "{}".into(),

@@ -9,7 +9,7 @@ use std::process::Command;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use stagehand_tests::{
-    MockLlm, Server, binary, client, eco_items, eco_scan_pipeline, get_json, job_results,
+    MockLlm, Server, binary, client, eco_items, eco_scan_pipeline, get_json, inspect, job_results,
     job_status, plugin_bytes, repo_root, serve, submit_job, wait_for_job,
 };
 
@@ -152,7 +152,7 @@ fn a_running_job_keeps_its_revision_and_new_jobs_take_the_deployed_one() {
     let mock = MockLlm::start(&["--latency-ms", "400"]);
     let data = tempfile::tempdir().unwrap();
     let files = tempfile::tempdir().unwrap();
-    let server = serve_admin(&eco_scan_pipeline(files.path(), |t| t), data.path(), &mock);
+    let mut server = serve_admin(&eco_scan_pipeline(files.path(), |t| t), data.path(), &mock);
     let old = revision(&server, "eco-scan");
     assert_eq!(
         get_json(&server, "/v1/pipelines/eco-scan")["deployed"],
@@ -220,6 +220,18 @@ fn a_running_job_keeps_its_revision_and_new_jobs_take_the_deployed_one() {
         ok && listed.contains(&format!("revision {} (deployed)", &new[..12])),
         "{listed}"
     );
+
+    // The old job's `reward` emitted effects: they name its revision, whose handlers run them.
+    server.terminate();
+    let effects = inspect(data.path(), &["effects"]);
+    assert!(
+        !effects.is_empty(),
+        "the old job's reward stage emits effects"
+    );
+    for effect in effects {
+        assert_eq!(effect["job_id"], running.as_str(), "{effect}");
+        assert_eq!(effect["revision"], old.as_str(), "{effect}");
+    }
 }
 
 fn fields(list: &Value, field: &str) -> Vec<String> {

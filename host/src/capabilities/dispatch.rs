@@ -134,6 +134,7 @@ impl HostState {
         let c = &self.context;
         let record = EffectRecord {
             pipeline: self.caps.pipeline.clone(),
+            revision: self.caps.revision.clone(),
             handler,
             key,
             payload,

@@ -49,6 +49,8 @@ use crate::store::Store;
 pub struct Capabilities {
     /// The pipeline's name: effects and metrics carry it.
     pub pipeline: String,
+    /// The pipeline's revision: an effect runs on the handlers of the revision that emitted it.
+    pub revision: String,
     pub runtime: Arc<Runtime>,
     pub llm: LlmProviders,
     pub kv: Arc<KvNamespaces>,

@@ -97,21 +97,22 @@ impl EffectRunner {
     }
 
     async fn execute(&self, mut record: EffectRecord, shutdown: CancellationToken) {
-        let pipeline = self.pipelines.of_record(&record.pipeline);
+        // The handlers of the revision the emitting stage ran on, like its `dispatch.call`s.
+        let pipeline = self
+            .pipelines
+            .find(&record.pipeline, &record.revision)
+            .await;
         let handler = pipeline
             .as_ref()
             .map(|p| (p, p.caps.handlers.get(&record.handler)));
         let outcome = match handler {
-            None => Err(format!(
-                "no pipeline `{}` on this node to run the effect",
-                record.pipeline
-            )),
-            Some((pipeline, None)) => Err(format!(
+            Err(reason) => Err(format!("the effect cannot run: {reason}")),
+            Ok((pipeline, None)) => Err(format!(
                 "no handler `{}` in pipeline `{}`",
                 record.handler,
                 pipeline.name()
             )),
-            Some((pipeline, Some(handler))) => {
+            Ok((pipeline, Some(handler))) => {
                 let context = Context {
                     job_id: record.job_id.to_string(),
                     item_id: record.item_id.to_string(),

@@ -85,6 +85,7 @@ impl Pipeline {
         let kv = Arc::new(KvNamespaces::load(&config.kv)?);
         let caps = Arc::new(Capabilities {
             pipeline: config.name.clone(),
+            revision: revision.clone(),
             runtime: runtime.clone(),
             llm,
             kv,

@@ -42,6 +42,10 @@ pub struct EffectRecord {
     /// before a node served several pipelines: the node's only pipeline runs those).
     #[serde(default)]
     pub pipeline: String,
+    /// The pipeline's revision (empty in records written before revisions: the current one
+    /// runs those).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub revision: String,
     pub handler: String,
     pub key: String,
     pub payload: String,
@@ -187,6 +191,7 @@ mod tests {
     fn effect(key: &str) -> EffectRecord {
         EffectRecord {
             pipeline: "test".into(),
+            revision: String::new(),
             handler: "save".into(),
             key: key.into(),
             payload: "{}".into(),
