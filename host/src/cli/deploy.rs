@@ -204,6 +204,16 @@ fn rename(text: &str, written: &Path, moved: &Path) -> Result<String> {
     Ok(renamed)
 }
 
+/// Each entry of the server's `list` by its `name`, with the digest at JSON `pointer`.
+fn digests_by_name(list: &Value, pointer: &str) -> BTreeMap<String, String> {
+    let text = |v: Option<&Value>| v.and_then(Value::as_str).unwrap_or_default().to_string();
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .map(|entry| (text(entry.get("name")), text(entry.pointer(pointer))))
+        .collect()
+}
+
 /// What deploying `built` changes, stage by stage, against the server's answer for the
 /// pipeline (`None`: a new pipeline).
 fn differences(built: &Built, served: Option<&Value>) -> Vec<String> {
@@ -226,20 +236,7 @@ fn differences(built: &Built, served: Option<&Value>) -> Vec<String> {
     let empty = Value::Null;
     let served = served.unwrap_or(&empty);
     let mut changes = Vec::new();
-    let served_stages: BTreeMap<String, String> = served["stages"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|s| {
-            (
-                s["name"].as_str().unwrap_or_default().to_string(),
-                s["current"]["digest"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string(),
-            )
-        })
-        .collect();
+    let served_stages = digests_by_name(&served["stages"], "/current/digest");
     for stage in &built.config.stages {
         let new = digest_of(&stage.component);
         match served_stages.get(&stage.name) {
@@ -282,17 +279,7 @@ fn differences(built: &Built, served: Option<&Value>) -> Vec<String> {
             changes.push(format!("- handler {name}"));
         }
     }
-    let served_kv: BTreeMap<String, String> = served["kv"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|k| {
-            (
-                k["name"].as_str().unwrap_or_default().to_string(),
-                k["digest"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-        .collect();
+    let served_kv = digests_by_name(&served["kv"], "/digest");
     for (name, file) in &built.config.kv {
         let new = digest_of(file);
         match served_kv.get(name) {
