@@ -142,7 +142,10 @@ impl Node {
         .await?;
         let pipelines = Arc::new(Pipelines::new(loaded, revisions.clone(), resources.clone()));
         let backend = match cluster {
-            Some(cluster) => Backend::Redis(cluster),
+            Some(cluster) => {
+                cluster.serve(pipelines.clone());
+                Backend::Redis(cluster)
+            }
             None => {
                 let events = EventLog::new(&store)?;
                 Backend::Embedded(Arc::new(Embedded {
@@ -259,23 +262,15 @@ impl Node {
     }
 
     /// Reprocess dead letters whose failure may pass, every `every`, at most `max_rounds`
-    /// times each. Refused in Redis mode, where dead letters are not shared yet: running it
-    /// there would look like it works and reprocess nothing.
-    pub fn reprocess_dead_letters(&mut self, every: Duration, max_rounds: u32) -> Result<()> {
-        let Backend::Embedded(embedded) = &self.backend else {
-            bail!(
-                "`--reprocess-every-secs` is not available in Redis mode yet: dead letters are \
-                 kept per node"
-            );
-        };
-        let task = crate::backend::embedded::auto_reprocess::spawn(
-            embedded.manager.clone(),
+    /// times each (in Redis mode, one node of those asked at a time).
+    pub fn reprocess_dead_letters(&mut self, every: Duration, max_rounds: u32) {
+        let task = crate::backend::auto_reprocess::spawn(
+            self.backend.jobs(),
             every,
             max_rounds,
             self.stop_services.clone(),
         );
         self.add_service("dead-letter reprocessing", task);
-        Ok(())
     }
 
     /// Jobs a crash or an impatient shutdown left running go on where they stopped (embedded

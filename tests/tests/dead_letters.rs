@@ -1,13 +1,17 @@
 //! Dead letters and idempotent submission over real HTTP: items whose `answer` stage times out
 //! on every try become dead letters; after the provider recovers, reprocessing resumes them at
-//! `answer` with the stored `vision` and `rule` outputs.
+//! `answer` with the stored `vision` and `rule` outputs. Each behaviour runs on both backends
+//! (embedded and Redis), with the same assertions.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use stagehand_tests::{MockLlm, Server, client, eco_items, eco_scan_pipeline, read_frames};
+use stagehand_tests::backends::Backend;
+use stagehand_tests::{
+    MockLlm, Server, client, eco_items, eco_scan_pipeline, on_both_backends, read_frames,
+};
 
 /// The eco-scan pipeline with absolute paths and an `answer` stage that gives up after two
 /// tries of 300 ms each.
@@ -25,9 +29,11 @@ fn pipeline(dir: &Path) -> String {
 /// Discarding and reprocessing dead letters are admin routes.
 const ADMIN: &str = "dead-letter-admin";
 
-fn serve(mock: &MockLlm, data: &Path, extra: &[&str]) -> Server {
+fn serve(backend: &Backend, mock: &MockLlm, data: &Path, extra: &[&str]) -> Server {
     let pipeline = pipeline(data);
+    let backend_flags = backend.flags();
     let mut flags = vec!["--admin-token", ADMIN];
+    flags.extend(backend_flags.iter().map(String::as_str));
     flags.extend_from_slice(extra);
     stagehand_tests::serve(Path::new(&pipeline), data, Some(mock), &flags)
 }
@@ -72,12 +78,20 @@ fn wait_until_ended(server: &Server, job: &str) -> Value {
     }
 }
 
-#[test]
-fn dead_letters_are_listed_inspected_discarded_and_reprocessed_from_the_failed_stage() {
+on_both_backends!(
+    dead_letters_are_listed_inspected_discarded_and_reprocessed_from_the_failed_stage,
+    retryable_dead_letters_are_reprocessed_on_a_timer,
+    automatic_reprocessing_gives_a_dead_letter_up_after_its_rounds,
+    a_job_can_shorten_its_stage_and_item_time_limits,
+);
+
+fn dead_letters_are_listed_inspected_discarded_and_reprocessed_from_the_failed_stage(
+    backend: Backend,
+) {
     // Vision answers at once; text answers take a second, past the answer stage's 300 ms.
     let mock = MockLlm::start(&["--latency-ms", "1000", "--vision-latency-ms", "0"]);
     let data = tempfile::tempdir().unwrap();
-    let server = serve(&mock, data.path(), &[]);
+    let server = serve(&backend, &mock, data.path(), &[]);
     let items = eco_items(4);
     let body = json!({ "items": items, "options": { "concurrency": 4 } });
 
@@ -261,11 +275,15 @@ fn dead_letters_are_listed_inspected_discarded_and_reprocessed_from_the_failed_s
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }
 
-#[test]
-fn retryable_dead_letters_are_reprocessed_on_a_timer() {
+fn retryable_dead_letters_are_reprocessed_on_a_timer(backend: Backend) {
     let mock = MockLlm::start(&["--latency-ms", "1000", "--vision-latency-ms", "0"]);
     let data = tempfile::tempdir().unwrap();
-    let server = serve(&mock, data.path(), &["--reprocess-every-secs", "1"]);
+    let server = serve(
+        &backend,
+        &mock,
+        data.path(),
+        &["--reprocess-every-secs", "1"],
+    );
     let (status, body) = post(&server, "/v1/jobs", Some(json!({ "items": eco_items(2) })));
     assert_eq!(status, StatusCode::ACCEPTED);
     let job = body["job_id"].as_str().unwrap().to_string();
@@ -289,13 +307,12 @@ fn retryable_dead_letters_are_reprocessed_on_a_timer() {
     );
 }
 
-#[test]
-fn automatic_reprocessing_gives_a_dead_letter_up_after_its_rounds() {
+fn automatic_reprocessing_gives_a_dead_letter_up_after_its_rounds(backend: Backend) {
     // Answers never come in time: every round fails again, retryably.
     let mock = MockLlm::start(&["--latency-ms", "1000", "--vision-latency-ms", "0"]);
     let data = tempfile::tempdir().unwrap();
     let flags = ["--reprocess-every-secs", "1", "--reprocess-max-rounds", "2"];
-    let server = serve(&mock, data.path(), &flags);
+    let server = serve(&backend, &mock, data.path(), &flags);
     let (_, body) = post(&server, "/v1/jobs", Some(json!({ "items": eco_items(1) })));
     let job = body["job_id"].as_str().unwrap().to_string();
     wait_until_ended(&server, &job);
@@ -314,12 +331,13 @@ fn automatic_reprocessing_gives_a_dead_letter_up_after_its_rounds() {
     assert_eq!(rounds(), 2);
 }
 
-#[test]
-fn a_job_can_shorten_its_stage_and_item_time_limits() {
+fn a_job_can_shorten_its_stage_and_item_time_limits(backend: Backend) {
     // Text answers take 1 s; the pipeline's stages would wait for them (vision answers at once).
     let mock = MockLlm::start(&["--latency-ms", "1000", "--vision-latency-ms", "0"]);
     let data = tempfile::tempdir().unwrap();
-    let server = stagehand_tests::serve_eco_scan(&mock, data.path(), &[]);
+    let flags = backend.flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = stagehand_tests::serve_eco_scan(&mock, data.path(), &flags);
     let run = |options: Value| {
         let (status, body) = post(
             &server,

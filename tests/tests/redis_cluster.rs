@@ -8,8 +8,9 @@
 //! - each effect key is accepted once at most, whichever nodes' items emit it;
 //! - a cancel sent to node 2 stops work on every node: no LLM request starts 200 ms after it;
 //! - an item every node dies on is given up after three reclaims;
-//! - what is not shared yet says so: the dead-letter routes answer 501, and
-//!   `serve --redis --reprocess-every-secs` is refused at start.
+//! - dead letters are listed, read, reprocessed and discarded from any node, whichever node
+//!   ran the item; automatic reprocessing runs on the one node that holds its lease, and the
+//!   lease passes to another node when its holder is killed.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -23,6 +24,9 @@ use stagehand_tests::{
 };
 
 const ITEMS: u64 = 2000;
+
+/// The admin token of the nodes that take admin requests.
+const ADMIN: &str = "cluster-admin";
 
 /// Work entries pending per node, from the consumer group.
 fn pending_per_node(redis: &RedisServer) -> Vec<(String, usize)> {
@@ -283,7 +287,7 @@ fn three_nodes_share_a_job_survive_a_kill_and_cancel_together() {
 
 /// The API of Redis mode, on two nodes: idempotent submission across nodes, counts and errors
 /// of failed items, replay and resume of a finished job's log, cancel of an ended job, a scan's
-/// stage events, and a clear 501 for what is not shared yet.
+/// stage events, and dead letters from any node.
 #[test]
 fn any_node_answers_for_any_job() {
     let redis = RedisServer::start().expect("redis-server starts");
@@ -291,7 +295,16 @@ fn any_node_answers_for_any_job() {
     let dir = tempfile::tempdir().unwrap();
     let pipeline = eco_scan_pipeline(dir.path(), |text| text);
     let url = redis.url();
-    let flags = ["--redis", url.as_str(), "--slots", "8"];
+    let flags = [
+        "--redis",
+        url.as_str(),
+        "--slots",
+        "8",
+        "--admin-token",
+        ADMIN,
+    ];
+    let timer = ["--reprocess-every-secs", "1"];
+    let flags: Vec<&str> = flags.iter().chain(&timer).copied().collect();
     let node1 = serve(&pipeline, &dir.path().join("n1"), Some(&mock), &flags);
     let node2 = serve(&pipeline, &dir.path().join("n2"), Some(&mock), &flags);
 
@@ -362,6 +375,7 @@ fn any_node_answers_for_any_job() {
     assert_eq!(last.event, "job.completed");
     assert_eq!(indexes(&frames).len(), 21);
     assert!(follow(&node1, &job, last.id).is_empty());
+    let first_end = last.id;
 
     // Cancelling an ended job says how it ended; an unknown job is 404 on every node.
     let cancel = client()
@@ -436,51 +450,97 @@ fn any_node_answers_for_any_job() {
         (Some("vision"), Some(21))
     );
 
-    // What reads one node's embedded store says so, instead of answering for one node.
-    let dead = client().get(node1.url("/v1/dead-letters")).send().unwrap();
-    assert_eq!(dead.status(), 501);
-    let error: Value = dead.json().unwrap();
-    assert!(
-        error["error"]["message"]
-            .as_str()
+    // The failed item is a dead letter, the same on both nodes, whichever ran it.
+    let letters = |node: &Server| -> Value {
+        let page: Value = client()
+            .get(node.url(&format!("/v1/dead-letters?job={job}")))
+            .send()
             .unwrap()
-            .contains("Redis mode"),
-        "{error}"
-    );
-
-    // Reprocessing dead letters on a timer would reprocess nothing here: refused at start.
-    let mut refused = std::process::Command::new(stagehand_tests::binary("stagehand"))
-        .arg("serve")
-        .arg(&pipeline)
-        .args(["--addr", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path().join("n3"))
-        .args(["--redis", url.as_str(), "--reprocess-every-secs", "60"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = refused.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            refused.kill().unwrap();
-            panic!("`serve --redis --reprocess-every-secs` started instead of refusing");
-        }
-        std::thread::sleep(Duration::from_millis(50));
+            .json()
+            .unwrap();
+        page["dead_letters"].clone()
     };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut refused.stderr.take().unwrap(), &mut stderr).unwrap();
-    assert!(!status.success(), "{stderr}");
-    assert!(
-        stderr.contains("`--reprocess-every-secs` is not available in Redis mode"),
-        "{stderr}"
+    let on_node1 = letters(&node1);
+    assert_eq!(on_node1.as_array().unwrap().len(), 1, "{on_node1}");
+    assert_eq!(on_node1[0]["index"], 20);
+    assert_eq!(on_node1[0]["stage"], "rule");
+    assert_eq!(on_node1, letters(&node2));
+    // Read back with its failed stage's input: the item and the outputs before the stage.
+    let letter: Value = client()
+        .get(node2.url(&format!("/v1/dead-letters/{job}/20")))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(letter["input"]["item"], items[20], "{letter}");
+    assert!(letter["input"]["stages"]["vision"].is_object(), "{letter}");
+
+    // Reprocessed from node 2: any node runs it, it fails again (the category stays unknown)
+    // and the job ends again with the same counts; the letter counts the round.
+    let started = client()
+        .post(node2.url(&format!("/v1/jobs/{job}/reprocess")))
+        .bearer_auth(ADMIN)
+        .send()
+        .unwrap();
+    assert_eq!(started.status(), 202);
+    assert_eq!(started.json::<Value>().unwrap()["reprocessing"], 1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while letters(&node1)[0]["reprocessed"] != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "not reprocessed: {}",
+            letters(&node1)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let end = wait_for_job(&node1, &job);
+    assert_eq!(
+        (
+            end["state"].as_str(),
+            end["succeeded"].as_u64(),
+            end["failed"].as_u64()
+        ),
+        (Some("completed"), Some(20), Some(1)),
+        "{end}"
     );
+    // The log goes on after the first end: the item again, then a second end.
+    let again = follow(&node2, &job, first_end);
+    assert_eq!(indexes(&again), [20]);
+    assert_eq!(again.last().unwrap().event, "job.completed");
+    // Discarded on node 1: gone on node 2.
+    let discard = client()
+        .delete(node1.url(&format!("/v1/dead-letters/{job}/20")))
+        .bearer_auth(ADMIN)
+        .send()
+        .unwrap();
+    assert_eq!(discard.status(), 204);
+    assert_eq!(letters(&node2), json!([]));
+
+    // Both nodes run the reprocessing timer; one holds its lease. Killed, it hands over.
+    let lease_holder = || -> Option<u32> {
+        let holder: Option<String> = redis::cmd("GET")
+            .arg("sh:lease:reprocess")
+            .query(&mut redis.connection())
+            .unwrap();
+        holder.and_then(|h| h.split('-').next()?.parse().ok())
+    };
+    let holder = lease_holder().expect("a node holds the reprocessing lease");
+    let mut nodes = vec![node1, node2];
+    let position = nodes.iter().position(|node| node.pid() == holder);
+    let position = position.unwrap_or_else(|| panic!("{holder} is not a node's pid"));
+    let killed = nodes.remove(position).pid();
+    // Dropped: killed with SIGKILL, its lease left to expire.
+    let survivor = nodes[0].pid();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lease_holder() != Some(survivor) {
+        assert!(
+            Instant::now() < deadline,
+            "the lease stayed with the killed node {killed}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
-/// An item on which every node running it dies fails as abandoned after three reclaims,
-/// instead of taking the nodes down one after another; an API node (`--slots 0`) runs nothing.
 #[test]
 fn an_item_whose_nodes_keep_dying_is_abandoned() {
     let redis = RedisServer::start().expect("redis-server starts");

@@ -101,7 +101,8 @@ pub async fn inspect(
     };
     // Put back together by the job's pipeline, while this server serves it.
     let input = match app.pipelines.of_record(&letter.pipeline) {
-        Some(pipeline) => stage_input(&pipeline, item, &letter.stage)?
+        Some(pipeline) => stage_input(&pipeline, item, &letter.stage)
+            .await?
             .map(RawValue::from_string)
             .transpose()
             .map_err(anyhow::Error::from)?,

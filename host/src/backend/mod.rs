@@ -11,6 +11,7 @@
 //! work stream). The seams sit below the job runner (`crate::jobs` imports them); the
 //! backends sit above it (each runs items with `crate::jobs::run_item`).
 
+pub mod auto_reprocess;
 pub mod embedded;
 pub mod redis;
 
@@ -143,6 +144,11 @@ pub trait JobBackend: Send + Sync {
     /// Run a finished job's dead letters again: those of `indices`, or all.
     async fn reprocess(&self, job: Uuid, indices: Option<Vec<u64>>) -> Result<Reprocess>;
 
+    /// Whether this node is the one to run the cluster-wide task `task` (e.g. automatic
+    /// reprocessing) for the next `ttl`: always in embedded mode; one node at a time in Redis
+    /// mode, by a lease that passes to another node when its holder stops renewing it.
+    async fn lead(&self, task: &'static str, ttl: std::time::Duration) -> Result<bool>;
+
     /// Items of running jobs not finished yet, when this backend counts them cheaply.
     async fn unfinished_items(&self) -> Result<Option<u64>>;
 
@@ -152,6 +158,9 @@ pub trait JobBackend: Send + Sync {
 
 #[async_trait]
 pub trait ItemStore: Send + Sync {
+    /// An item's input as submitted; `None` once its job is gone.
+    async fn item(&self, job: Uuid, index: u64) -> Result<Option<Vec<u8>>>;
+
     /// A checkpointed output of `stage` for item `index`.
     async fn stage_output(&self, job: Uuid, index: u64, stage: &str) -> Result<Option<Vec<u8>>>;
 

@@ -96,7 +96,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     }
     node.sweep_finished_jobs(Duration::from_secs(args.sweep_interval_secs.max(1)));
     if let Some(secs) = args.reprocess_every_secs {
-        node.reprocess_dead_letters(Duration::from_secs(secs.max(1)), args.reprocess_max_rounds)?;
+        node.reprocess_dead_letters(Duration::from_secs(secs.max(1)), args.reprocess_max_rounds);
     }
     let app = Arc::new(App {
         pipelines: node.pipelines.clone(),

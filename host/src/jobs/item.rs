@@ -445,9 +445,13 @@ async fn finish(
 
 /// What stage `stage` of an item gets: the item and the stored outputs of the stages before
 /// it (a failed item checkpoints them), as the envelope. `None` if the item is gone.
-pub fn stage_input(pipeline: &Pipeline, item: ItemRef, stage: &str) -> Result<Option<String>> {
-    let store = pipeline.store();
-    let Some(input) = store.item(item.job_id, item.index)? else {
+pub async fn stage_input(
+    pipeline: &Pipeline,
+    item: ItemRef,
+    stage: &str,
+) -> Result<Option<String>> {
+    let store = pipeline.items();
+    let Some(input) = store.item(item.job_id, item.index).await? else {
         return Ok(None);
     };
     let mut outputs = Vec::new();
@@ -455,8 +459,8 @@ pub fn stage_input(pipeline: &Pipeline, item: ItemRef, stage: &str) -> Result<Op
         if earlier == stage {
             break;
         }
-        if let Some(output) = store.stage_output(item.job_id, item.index, earlier)? {
-            outputs.push((earlier, output.to_vec()));
+        if let Some(output) = store.stage_output(item.job_id, item.index, earlier).await? {
+            outputs.push((earlier, output));
         }
     }
     Ok(Some(envelope(&input, &outputs)))

@@ -10,6 +10,10 @@ use crate::store::{DeadLetter, Store};
 
 #[async_trait]
 impl ItemStore for Store {
+    async fn item(&self, job: Uuid, index: u64) -> Result<Option<Vec<u8>>> {
+        Ok(Store::item(self, job, index)?.map(|v| v.to_vec()))
+    }
+
     async fn stage_output(&self, job: Uuid, index: u64, stage: &str) -> Result<Option<Vec<u8>>> {
         Ok(Store::stage_output(self, job, index, stage)?.map(|v| v.to_vec()))
     }

@@ -5,9 +5,7 @@
 //! - [`events`]: each job's event log in sled, published once durable ([`EventLog`]).
 //! - [`items`]: [`crate::backend::ItemStore`] on the sled store.
 //! - [`retention`]: the sweeper that removes finished jobs.
-//! - [`auto_reprocess`]: dead letters run again on a timer.
 
-pub mod auto_reprocess;
 mod events;
 mod items;
 mod manager;
@@ -124,6 +122,10 @@ impl JobBackend for Embedded {
 
     async fn reprocess(&self, job: Uuid, indices: Option<Vec<u64>>) -> Result<Reprocess> {
         self.manager.reprocess(job, indices).await
+    }
+
+    async fn lead(&self, _task: &'static str, _ttl: std::time::Duration) -> Result<bool> {
+        Ok(true)
     }
 
     async fn unfinished_items(&self) -> Result<Option<u64>> {

@@ -1,6 +1,6 @@
 //! What an item run keeps in Redis: checkpoints in `sh:{job}:ckpt` (field `<index>:<stage>`),
 //! stage journals in `sh:{job}:journal` (scripts [`scripts::JOURNAL`], [`scripts::PUT_JOURNAL`]),
-//! dead letters in `sh:{job}:dead`, the job's LLM tokens in `sh:{job}:n` (`llm_tokens`); and
+//! dead letters in `sh:{job}:dead` and the index `sh:dead` (`dead_letters.rs`), the job's LLM tokens in `sh:{job}:n` (`llm_tokens`); and
 //! effect claims, `SET NX` on `sh:effect:...`.
 //!
 //! Results are not written here: the worker records each with its event and the job's counts
@@ -23,6 +23,13 @@ fn field(index: u64, stage: &str) -> String {
 
 #[async_trait]
 impl ItemStore for Cluster {
+    async fn item(&self, job: Uuid, index: u64) -> Result<Option<Vec<u8>>> {
+        self.conn()
+            .hget(keys::JobKeys::new(job).items, index)
+            .await
+            .context("cannot read an item from Redis")
+    }
+
     async fn stage_output(&self, job: Uuid, index: u64, stage: &str) -> Result<Option<Vec<u8>>> {
         self.conn()
             .hget(keys::JobKeys::new(job).checkpoints, field(index, stage))
@@ -114,21 +121,24 @@ impl ItemStore for Cluster {
     }
 
     async fn put_dead_letter(&self, letter: &DeadLetter) -> Result<()> {
-        self.conn()
-            .hset::<_, _, _, ()>(
-                keys::JobKeys::new(letter.job_id).dead_letters,
-                letter.index,
+        let (job, index) = (letter.job_id, letter.index);
+        redis::pipe()
+            .atomic()
+            .hset(
+                keys::JobKeys::new(job).dead_letters,
+                index,
                 serde_json::to_vec(letter)?,
             )
+            .ignore()
+            .zadd(keys::DEAD_LETTERS, keys::dead_letter(job, index), 0)
+            .ignore()
+            .query_async::<()>(&mut self.conn())
             .await
             .context("cannot store a dead letter in Redis")
     }
 
     async fn remove_dead_letter(&self, job: Uuid, index: u64) -> Result<()> {
-        self.conn()
-            .hdel::<_, _, ()>(keys::JobKeys::new(job).dead_letters, index)
-            .await
-            .context("cannot remove a dead letter from Redis")
+        self.discard_letter(job, index).await.map(drop)
     }
 
     async fn llm_tokens(&self, job: Uuid) -> Result<u64> {

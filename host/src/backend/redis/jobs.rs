@@ -11,23 +11,13 @@ use redis::AsyncCommands;
 use uuid::Uuid;
 
 use super::{Cluster, keys, keys::JobKeys};
-use crate::backend::{DeadLetterFilter, Events, JobBackend, JobFilter, NotAvailable};
+use crate::backend::{DeadLetterFilter, Events, JobBackend, JobFilter};
 use crate::events::{Entry, Event};
 use crate::model::{
     CancelOutcome, Idempotency, ItemResult, JobOptions, JobRecord, JobState, Reprocess, Submitted,
     now_ms,
 };
 use crate::store::DeadLetter;
-
-/// Dead letters are written to Redis (`sh:{job}:dead`), but listing, discarding and
-/// reprocessing them across nodes is not built yet: refused rather than half-answered.
-fn not_available(what: &'static str) -> anyhow::Error {
-    NotAvailable {
-        what,
-        backend: "Redis",
-    }
-    .into()
-}
 
 /// Items per `HSET` of a submission.
 const ITEMS_PER_COMMAND: usize = 1000;
@@ -71,7 +61,7 @@ impl Cluster {
     }
 
     /// A job with its counts and state from Redis.
-    async fn job_record(&self, id: Uuid) -> Result<Option<JobRecord>> {
+    pub(super) async fn job_record(&self, id: Uuid) -> Result<Option<JobRecord>> {
         let keys = JobKeys::new(id);
         let (record, counts): (Option<Vec<u8>>, HashMap<String, String>) = redis::pipe()
             .get(&keys.record)
@@ -286,23 +276,27 @@ impl JobBackend for Cluster {
 
     async fn dead_letters(
         &self,
-        _filter: &DeadLetterFilter,
-        _after: Option<(Uuid, u64)>,
-        _limit: usize,
+        filter: &DeadLetterFilter,
+        after: Option<(Uuid, u64)>,
+        limit: usize,
     ) -> Result<Vec<DeadLetter>> {
-        Err(not_available("listing dead letters"))
+        self.list_dead_letters(filter, after, limit).await
     }
 
-    async fn dead_letter(&self, _job: Uuid, _index: u64) -> Result<Option<DeadLetter>> {
-        Err(not_available("reading a dead letter"))
+    async fn dead_letter(&self, job: Uuid, index: u64) -> Result<Option<DeadLetter>> {
+        self.read_letter(job, index).await
     }
 
-    async fn discard_dead_letter(&self, _job: Uuid, _index: u64) -> Result<bool> {
-        Err(not_available("discarding a dead letter"))
+    async fn discard_dead_letter(&self, job: Uuid, index: u64) -> Result<bool> {
+        self.discard_letter(job, index).await
     }
 
-    async fn reprocess(&self, _job: Uuid, _indices: Option<Vec<u64>>) -> Result<Reprocess> {
-        Err(not_available("reprocessing"))
+    async fn reprocess(&self, job: Uuid, indices: Option<Vec<u64>>) -> Result<Reprocess> {
+        self.reprocess_letters(job, indices).await
+    }
+
+    async fn lead(&self, task: &'static str, ttl: Duration) -> Result<bool> {
+        self.hold_lease(task, ttl).await
     }
 
     async fn unfinished_items(&self) -> Result<Option<u64>> {

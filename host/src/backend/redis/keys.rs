@@ -5,7 +5,8 @@
 
 use uuid::Uuid;
 
-/// The work stream: one entry per item to run, `j` = job id, `i` = index.
+/// The work stream: one entry per item to run, `j` = job id, `i` = index, and `r` when the
+/// item is a dead letter run again.
 pub const WORK: &str = "sh:work";
 /// The consumer group every node reads [`WORK`] through.
 pub const GROUP: &str = "workers";
@@ -15,6 +16,11 @@ pub const JOBS: &str = "sh:jobs";
 pub const WAKE_CHANNEL: &str = "sh:wake";
 /// Pub/sub: `<job id>` when a job is cancelled (the flag itself is [`JobKeys::cancel`]).
 pub const CANCEL_CHANNEL: &str = "sh:cancel";
+
+/// Sorted set: every dead letter of every job, as [`dead_letter`] members, all with score 0,
+/// so that `ZRANGE BYLEX` lists them in (job, index) order. A member whose job expired is
+/// dropped by the listing that meets it.
+pub const DEAD_LETTERS: &str = "sh:dead";
 
 /// The keys of one job.
 #[derive(Debug, Clone)]
@@ -90,4 +96,22 @@ pub fn idempotency(key: &str) -> String {
 /// String: the claim of an effect (handler, key); set once, never reset.
 pub fn effect(handler: &str, key: &str) -> String {
     format!("sh:effect:{handler}\u{0}{key}")
+}
+
+/// A member of [`DEAD_LETTERS`]: `<job>/<index, 20 digits>`, so that lexical order is
+/// (job, index) order.
+pub fn dead_letter(job: Uuid, index: u64) -> String {
+    format!("{job}/{index:020}")
+}
+
+/// The (job, index) of a [`DEAD_LETTERS`] member.
+pub fn parse_dead_letter(member: &str) -> Option<(Uuid, u64)> {
+    let (job, index) = member.split_once('/')?;
+    Some((job.parse().ok()?, index.parse().ok()?))
+}
+
+/// String: the node that holds the lease of a task one node at a time runs (`task`, e.g.
+/// `reprocess`), with the lease's expiry as the key's.
+pub fn lease(task: &str) -> String {
+    format!("sh:lease:{task}")
 }

@@ -7,6 +7,8 @@
 //! - [`events`]: each job's log as a Redis stream ([`crate::backend::EventSource`]).
 //! - [`items`]: checkpoints and dead letters ([`crate::backend::ItemStore`]) and effect claims
 //!   ([`crate::backend::EffectKeys`]).
+//! - [`dead_letters`]: dead letters listed, read, discarded and reprocessed from any node, and
+//!   the lease that lets one node at a time reprocess them on a timer.
 //! - [`signals`]: pub/sub wake-ups and cancels, and the poll that backs them up.
 //! - [`worker`]: the loop that takes items from the `sh:work` stream through the consumer group,
 //!   runs them, acknowledges them, and reclaims the items of nodes that died.
@@ -14,6 +16,7 @@
 //! Redis is the shared truth; pub/sub only speeds things up. A lost wake-up delays a follower
 //! until the next poll, a lost cancel message until the next check of the cancel key.
 
+mod dead_letters;
 mod events;
 mod items;
 mod jobs;
@@ -23,7 +26,7 @@ mod signals;
 mod worker;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -34,7 +37,7 @@ use uuid::Uuid;
 
 pub use worker::{WorkerSettings, run_worker};
 
-use crate::pipeline::Shared;
+use crate::pipeline::{Pipelines, Shared};
 
 /// A node's handle on the shared state. Cheap to clone.
 #[derive(Clone)]
@@ -53,6 +56,9 @@ struct Inner {
     followers: Mutex<HashMap<Uuid, watch::Sender<u64>>>,
     /// Jobs with items running on this node: their cancel token, and how many items.
     running: Mutex<HashMap<Uuid, (CancellationToken, usize)>>,
+    /// The pipelines this node serves, once loaded (they are loaded on [`Cluster::shared`]):
+    /// what a reprocess checks a job can run on.
+    pipelines: OnceLock<Arc<Pipelines>>,
 }
 
 impl Cluster {
@@ -84,6 +90,7 @@ impl Cluster {
                 retention,
                 followers: Mutex::default(),
                 running: Mutex::default(),
+                pipelines: OnceLock::new(),
             }),
         };
         cluster.create_group().await?;
@@ -99,6 +106,11 @@ impl Cluster {
             items: Some(Arc::new(self.clone())),
             effect_keys: Some(Arc::new(self.clone())),
         }
+    }
+
+    /// The pipelines this node serves, once they are loaded.
+    pub fn serve(&self, pipelines: Arc<Pipelines>) {
+        let _ = self.inner.pipelines.set(pipelines);
     }
 
     /// This node's name in the work group.

@@ -140,3 +140,69 @@ return n
 "#,
     )
 });
+
+/// Run dead letters of a finished job again. `KEYS` = the job's keys, then the work stream;
+/// `ARGV[4..]` = the items' indices, or `*` for every dead letter of the job. Each letter whose
+/// item's result is failed is unsettled (and no longer counted failed) and queued again with
+/// `r` (run from its checkpoints); the job is running again, uncancelled, and its keys stop
+/// expiring until it settles again. Returns how many were queued, -1 if the job is running,
+/// -2 if it is gone.
+pub static REPROCESS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local state = redis.call('HGET', KEYS[2], 'state')
+if not state then return -2 end
+if state == 'running' then return -1 end
+local indices = {}
+if ARGV[4] == '*' then
+  indices = redis.call('HKEYS', KEYS[7])
+else
+  for i = 4, #ARGV do indices[#indices + 1] = ARGV[i] end
+end
+local queued = 0
+for _, index in ipairs(indices) do
+  if redis.call('HEXISTS', KEYS[7], index) == 1 then
+    local result = redis.call('HGET', KEYS[5], index)
+    local failed = true
+    if result then
+      local ok, decoded = pcall(cjson.decode, result)
+      failed = not ok or decoded.status ~= 'succeeded'
+    end
+    if failed then
+      if redis.call('SREM', KEYS[10], index) == 1 and result then
+        redis.call('HINCRBY', KEYS[2], 'failed', -1)
+      end
+      redis.call('XADD', KEYS[12], '*', 'j', ARGV[1], 'i', index, 'r', '1')
+      queued = queued + 1
+    end
+  end
+end
+if queued > 0 then
+  redis.call('HSET', KEYS[2], 'state', 'running')
+  redis.call('HDEL', KEYS[2], 'finished_at')
+  redis.call('DEL', KEYS[9])
+  for i = 1, 11 do redis.call('PERSIST', KEYS[i]) end
+end
+return queued
+"#,
+    )
+});
+
+/// Take or keep a lease: `KEYS[1]` = [`super::keys::lease`], `ARGV[1]` = this node,
+/// `ARGV[2]` = how long (ms). Returns 1 if this node holds it now, else 0.
+pub static LEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"#,
+    )
+});

@@ -9,7 +9,8 @@
 //! the `REFRESH` script, which resets their idle time and never takes an entry back from a node
 //! that reclaimed it) so that a slow item is not taken from it. An item run twice (a node thought
 //! dead was only slow) is settled once: the `FINISH` script records the first result only.
-//! An entry handed out more than [`MAX_RECLAIMS`] + 1 times fails as abandoned.
+//! An entry handed out more than [`MAX_RECLAIMS`] + 1 times fails as abandoned. An entry with
+//! `r` is a reprocessed dead letter (`dead_letters.rs`): it runs from its checkpoints.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -198,7 +199,8 @@ impl Worker {
     /// Run the item of one work entry, handed out `deliveries` times (1: fresh, more: reclaimed),
     /// and record its result; `Ok` means it may be acknowledged.
     async fn run_entry(&self, entry: &StreamId, deliveries: usize) -> Result<()> {
-        let reclaimed = deliveries > 1;
+        // A reclaimed item, or a reprocessed dead letter (`r`), goes on from its checkpoints.
+        let resume = deliveries > 1 || entry.contains_key("r");
         let job: Uuid = entry
             .get::<String>("j")
             .and_then(|j| j.parse().ok())
@@ -269,7 +271,7 @@ impl Worker {
                 &pipeline,
                 item,
                 IVec::from(input),
-                reclaimed,
+                resume,
                 limits,
                 &cancel,
                 &hooks,

@@ -1,0 +1,51 @@
+//! One behaviour suite, two backends: a behaviour test takes a [`Backend`] and passes its
+//! [`Backend::flags`] to `stagehand serve`; [`on_both_backends!`](crate::on_both_backends) runs
+//! it once embedded and once on a real `redis-server`, so the modes cannot drift apart.
+
+use crate::cluster::RedisServer;
+
+/// Where the jobs of a behaviour test live.
+pub enum Backend {
+    /// The default: the node's own sled store.
+    Embedded,
+    /// A `redis-server` of the test's own (killed when the test ends).
+    Redis(RedisServer),
+}
+
+impl Backend {
+    /// A fresh `redis-server` on a free port.
+    pub fn redis() -> Self {
+        Self::Redis(RedisServer::start().expect("redis-server starts"))
+    }
+
+    /// The `serve` flags that put a node on this backend.
+    pub fn flags(&self) -> Vec<String> {
+        match self {
+            Self::Embedded => Vec::new(),
+            Self::Redis(redis) => vec!["--redis".into(), redis.url()],
+        }
+    }
+
+    pub fn is_redis(&self) -> bool {
+        matches!(self, Self::Redis(_))
+    }
+}
+
+/// For each `fn name(backend: Backend)`, a module `name` with two tests, `embedded` and
+/// `redis`, that run it on each backend.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            #[test]
+            fn embedded() {
+                super::$test($crate::backends::Backend::Embedded)
+            }
+
+            #[test]
+            fn redis() {
+                super::$test($crate::backends::Backend::redis())
+            }
+        }
+    )*};
+}
