@@ -34,7 +34,8 @@
 //!   job under a concurrency limit, effects; used by both backends.
 //! - [`events`]: what a job's events are, the SSE view of a log (from either backend), and the
 //!   live (unlogged) tokens of streamed LLM answers.
-//! - [`versions`]: stage versions installed while serving (hot swap), kept across restarts.
+//! - [`versions`]: stage versions installed while serving (hot swap), kept across restarts and,
+//!   in Redis mode, applied by every node of the cluster.
 //! - [`deploy`]: pipelines deployed while serving (`PUT /v1/pipelines/{name}` with a tar
 //!   bundle): checked and compiled before an atomic swap, kept across restarts.
 //! - [`watch`]: settled file-change bursts, for `serve --watch` and kv namespace reloads.

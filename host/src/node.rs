@@ -155,7 +155,11 @@ impl Node {
                 }))
             }
         };
-        let versions = StageVersions::open(&store, data_dir)?;
+        let shared_changes: Option<Arc<dyn crate::backend::Changes>> = match &backend {
+            Backend::Redis(cluster) => Some(Arc::new(cluster.clone())),
+            Backend::Embedded(_) => None,
+        };
+        let versions = StageVersions::open(&store, data_dir, shared_changes)?;
         if settings.restore_versions {
             let only = pipelines.only().is_some();
             let deployed = revisions.deployed()?;
@@ -170,6 +174,15 @@ impl Node {
                     );
                 }
             }
+        }
+        // Redis mode: the cluster's versions win over this node's, before it takes work.
+        let synced = versions.catch_up(&pipelines).await?;
+        if synced > 0 {
+            tracing::info!(stages = synced, "stages run the cluster's versions");
+        }
+        let mut services = Vec::new();
+        if let Some(task) = versions.follow(pipelines.clone(), stop_services.clone()) {
+            services.push(("the stage-version follower", task));
         }
         // Effects cut short by a crash may have happened: not run again (at most once).
         let interrupted = store.interrupt_running_effects()?;
@@ -212,7 +225,7 @@ impl Node {
             stop_work,
             effects_task,
             stop_services,
-            services: Vec::new(),
+            services,
         })
     }
 

@@ -2,6 +2,14 @@
 //! restart serves the same versions: the `.wasm` files in the node's [`Blobs`], and per stage
 //! the current digest and the ones before it in the sled tree `stage_versions`, under
 //! `<pipeline>/<stage>` (names have no `/`), with the pipeline revision they were installed on.
+//!
+//! A stage's versions are one [`Record`] (current, previous, canary). Every change computes the
+//! stage's next record, then [`StageVersions::commit`]s it: in Redis mode it is published first
+//! ([`Changes`], the component bytes with it), so the cluster's record is the truth and a
+//! refused publish changes nothing; then it is applied here and kept in sled. Every other node
+//! applies the record when the change counter moves ([`StageVersions::follow`]), fetching the
+//! component from Redis if it does not have it, and catches up before it takes work
+//! ([`StageVersions::catch_up`]). Items in a stage finish on the version they entered with.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,7 +17,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::pipeline::{Canary, KEPT_VERSIONS, Pipeline, Stage};
+use crate::backend::Changes;
+use crate::pipeline::{Canary, KEPT_VERSIONS, Pipeline, Pipelines, Stage};
 use crate::runtime::StageComponent;
 use crate::store::{Blobs, Store};
 use crate::watch::FileChanges;
@@ -32,7 +41,7 @@ pub enum InstallError {
     Host(#[from] anyhow::Error),
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Record {
     /// The pipeline revision the versions were installed on.
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -43,10 +52,47 @@ struct Record {
     canary: Option<CanaryRecord>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct CanaryRecord {
     digest: String,
     percent: u8,
+}
+
+impl Record {
+    /// The versions `stage` of `pipeline` serves now.
+    fn of(pipeline: &Pipeline, stage: &Stage) -> Self {
+        Self {
+            revision: pipeline.revision.clone(),
+            current: stage.current().meta.digest.clone(),
+            previous: stage
+                .previous()
+                .iter()
+                .map(|v| v.meta.digest.clone())
+                .collect(),
+            canary: stage.canary().map(|c| CanaryRecord {
+                digest: c.version.meta.digest.clone(),
+                percent: c.percent,
+            }),
+        }
+    }
+
+    /// `digest` current, the current one kept for rollback, no canary.
+    fn swapped(mut self, digest: &str) -> Self {
+        let old = std::mem::replace(&mut self.current, digest.to_string());
+        self.previous.push(old);
+        if self.previous.len() > KEPT_VERSIONS {
+            self.previous.remove(0);
+        }
+        self.canary = None;
+        self
+    }
+
+    fn digests(&self) -> impl Iterator<Item = &String> {
+        self.previous
+            .iter()
+            .chain([&self.current])
+            .chain(self.canary.as_ref().map(|c| &c.digest))
+    }
 }
 
 /// What a rollback did.
@@ -66,15 +112,26 @@ pub struct StageVersions {
     legacy_dir: PathBuf,
     tree: sled::Tree,
     store: Store,
+    /// The cluster's records, in Redis mode.
+    shared: Option<Arc<dyn Changes>>,
 }
 
+/// The prefix of stage-version records in [`Changes`]: `versions/<pipeline>/<stage>`.
+const SHARED_PREFIX: &str = "versions/";
+
 impl StageVersions {
-    pub fn open(store: &Store, data_dir: &std::path::Path) -> Result<Self> {
+    /// `shared`: the cluster's changes, in Redis mode.
+    pub fn open(
+        store: &Store,
+        data_dir: &std::path::Path,
+        shared: Option<Arc<dyn Changes>>,
+    ) -> Result<Self> {
         Ok(Self {
             blobs: Blobs::open(data_dir)?,
             legacy_dir: data_dir.join("stages"),
             tree: store.tree("stage_versions")?,
             store: store.clone(),
+            shared,
         })
     }
 
@@ -103,16 +160,27 @@ impl StageVersions {
             .map_err(InstallError::Invalid)?;
         self.blobs.put(&bytes)?;
         let replaced = stage.current().meta.digest.clone();
-        match canary {
-            Some(percent) => stage.set_canary(Some(Canary {
-                version: version.clone(),
-                percent,
-            })),
-            None => stage.swap(version.clone()),
-        }
+        let digest = version.meta.digest.as_str();
+        let next = match canary {
+            Some(percent) => Record {
+                canary: Some(CanaryRecord {
+                    digest: digest.to_string(),
+                    percent,
+                }),
+                ..Record::of(pipeline, stage)
+            },
+            None => Record::of(pipeline, stage).swapped(digest),
+        };
+        self.commit(
+            pipeline,
+            stage,
+            next,
+            &[(digest, &bytes)],
+            std::slice::from_ref(&version),
+        )
+        .await?;
         let change = if canary.is_some() { "canary" } else { "swap" };
         crate::metrics::stage_change(pipeline.name(), name, change);
-        self.save(pipeline, stage).await?;
         Ok(Installed { version, replaced })
     }
 
@@ -126,9 +194,9 @@ impl StageVersions {
         let Some(canary) = stage.canary() else {
             return Ok(None);
         };
-        stage.swap(canary.version.clone());
+        let next = Record::of(pipeline, stage).swapped(&canary.version.meta.digest);
+        self.commit(pipeline, stage, next, &[], &[]).await?;
         crate::metrics::stage_change(pipeline.name(), name, "promote");
-        self.save(pipeline, stage).await?;
         Ok(Some(canary.version.clone()))
     }
 
@@ -140,39 +208,139 @@ impl StageVersions {
         name: &str,
     ) -> Result<Rollback, InstallError> {
         let stage = stage_of(pipeline, name)?;
-        let outcome = if let Some(canary) = stage.canary() {
-            stage.set_canary(None);
-            crate::metrics::stage_change(pipeline.name(), name, "canary_dropped");
-            Rollback::CanaryDropped(canary.version.clone())
-        } else if let Some(back) = stage.rollback() {
-            crate::metrics::stage_change(pipeline.name(), name, "rollback");
-            Rollback::Back(back)
+        let mut next = Record::of(pipeline, stage);
+        let (outcome, change) = if let Some(canary) = stage.canary() {
+            next.canary = None;
+            (
+                Rollback::CanaryDropped(canary.version.clone()),
+                "canary_dropped",
+            )
+        } else if let Some(back) = stage.previous().pop() {
+            next.current = next.previous.pop().expect("as many as versions");
+            (Rollback::Back(back), "rollback")
         } else {
             return Ok(Rollback::Nothing);
         };
-        self.save(pipeline, stage).await?;
+        self.commit(pipeline, stage, next, &[], &[]).await?;
+        crate::metrics::stage_change(pipeline.name(), name, change);
         Ok(outcome)
     }
 
-    /// Record the stage's versions, durably: an operator's change survives a crash once
-    /// acknowledged.
-    async fn save(&self, pipeline: &Pipeline, stage: &Stage) -> Result<()> {
-        let record = Record {
-            revision: pipeline.revision.clone(),
-            current: stage.current().meta.digest.clone(),
-            previous: stage
-                .previous()
-                .iter()
-                .map(|v| v.meta.digest.clone())
-                .collect(),
-            canary: stage.canary().map(|c| CanaryRecord {
-                digest: c.version.meta.digest.clone(),
-                percent: c.percent,
-            }),
-        };
+    /// Make `record` the stage's versions: published to the cluster first (with `files`), then
+    /// served here and kept, durably: an operator's change survives a crash once acknowledged.
+    /// `loaded`: versions compiled for this change.
+    async fn commit(
+        &self,
+        pipeline: &Pipeline,
+        stage: &Stage,
+        record: Record,
+        files: &[(&str, &[u8])],
+        loaded: &[Arc<StageComponent>],
+    ) -> Result<()> {
+        if let Some(shared) = &self.shared {
+            shared
+                .publish(
+                    &shared_key(pipeline, stage),
+                    &serde_json::to_vec(&record)?,
+                    files,
+                )
+                .await?;
+        }
+        self.apply(pipeline, stage, &record, loaded).await?;
+        self.save(pipeline, stage, &record).await
+    }
+
+    async fn save(&self, pipeline: &Pipeline, stage: &Stage, record: &Record) -> Result<()> {
         self.tree
-            .insert(key(pipeline, stage), serde_json::to_vec(&record)?)?;
+            .insert(key(pipeline, stage), serde_json::to_vec(record)?)?;
         self.store.flush().await
+    }
+
+    /// Serve `record`'s versions in `stage`: those the stage holds (or `loaded`) are reused, the
+    /// others loaded from this node's files, or fetched from the cluster first. A version that
+    /// cannot be had is skipped with a warning (a canary is dropped; a current one leaves the
+    /// stage on the newest version that can); `false` if the current one could not be had.
+    async fn apply(
+        &self,
+        pipeline: &Pipeline,
+        stage: &Stage,
+        record: &Record,
+        loaded: &[Arc<StageComponent>],
+    ) -> Result<bool> {
+        let mut held: Vec<Arc<StageComponent>> = stage.previous();
+        held.push(stage.current());
+        held.extend(stage.canary().map(|c| c.version.clone()));
+        held.extend(loaded.iter().cloned());
+        let mut versions = std::collections::HashMap::new();
+        for digest in record.digests() {
+            if versions.contains_key(digest) {
+                continue;
+            }
+            let version = match held.iter().find(|v| v.meta.digest == *digest) {
+                Some(version) => Some(version.clone()),
+                None => self.load(pipeline, stage, digest).await,
+            };
+            if let Some(version) = version {
+                versions.insert(digest.clone(), version);
+            }
+        }
+        let mut chain: Vec<Arc<StageComponent>> = record
+            .previous
+            .iter()
+            .chain([&record.current])
+            .filter_map(|digest| versions.get(digest).cloned())
+            .collect();
+        let whole = versions.contains_key(&record.current);
+        let Some(current) = chain.pop() else {
+            return Ok(false);
+        };
+        let keep = chain.len().saturating_sub(KEPT_VERSIONS);
+        stage.restore(current, chain.split_off(keep));
+        stage.set_canary(record.canary.as_ref().and_then(|canary| {
+            Some(Canary {
+                version: versions.get(&canary.digest)?.clone(),
+                percent: canary.percent,
+            })
+        }));
+        Ok(whole)
+    }
+
+    /// Version `digest` of `stage`, from this node's files or else the cluster's.
+    async fn load(
+        &self,
+        pipeline: &Pipeline,
+        stage: &Stage,
+        digest: &str,
+    ) -> Option<Arc<StageComponent>> {
+        let name = &stage.config.name;
+        let mut path = self.path(digest);
+        if !path.is_file()
+            && let Some(shared) = &self.shared
+        {
+            match shared.file(digest).await {
+                Ok(Some(bytes)) if crate::runtime::digest(&bytes) == digest => {
+                    match self.blobs.put(&bytes) {
+                        Ok(_) => path = self.blobs.path(digest),
+                        Err(error) => {
+                            tracing::warn!(stage = %name, %digest, error = %format!("{error:#}"), "cannot keep a version fetched from the cluster")
+                        }
+                    }
+                }
+                Ok(_) => {
+                    tracing::warn!(stage = %name, %digest, "the cluster does not hold this version")
+                }
+                Err(error) => {
+                    tracing::warn!(stage = %name, %digest, error = %format!("{error:#}"), "cannot fetch a version from the cluster")
+                }
+            }
+        }
+        match StageComponent::load(&pipeline.caps.runtime, name, &path).await {
+            Ok(version) => Some(version),
+            Err(error) => {
+                tracing::warn!(stage = %name, %digest, error = %format!("{error:#}"), "a version cannot be loaded");
+                None
+            }
+        }
     }
 
     /// At start-up: give each stage of `pipeline` the versions an operator installed before
@@ -204,39 +372,83 @@ impl StageVersions {
             {
                 continue;
             }
-            let load = async |digest: &String| {
-                if *digest == from_file.meta.digest {
-                    return Some(from_file.clone());
-                }
-                let path = self.path(digest);
-                match StageComponent::load(&pipeline.caps.runtime, &stage.config.name, &path).await
-                {
-                    Ok(version) => Some(version),
-                    Err(error) => {
-                        tracing::warn!(stage = %stage.config.name, %digest, error = %format!("{error:#}"), "an installed version cannot be restored");
-                        None
-                    }
-                }
-            };
-            let mut chain = Vec::new();
-            for digest in record.previous.iter().chain([&record.current]) {
-                chain.extend(load(digest).await);
+            if self.apply(pipeline, stage, &record, &[]).await? {
+                restored += 1;
             }
-            let Some(current) = chain.pop() else { continue };
-            let keep = chain.len().saturating_sub(KEPT_VERSIONS);
-            stage.restore(current, chain.split_off(keep));
-            if let Some(canary) = &record.canary
-                && let Some(version) = load(&canary.digest).await
-            {
-                stage.set_canary(Some(Canary {
-                    version,
-                    percent: canary.percent,
-                }));
-            }
-            restored += 1;
         }
         Ok(restored)
     }
+
+    /// Redis mode: serve the cluster's versions of every stage of `pipelines` (those recorded
+    /// on the revision served here); how many stages changed. Nothing in embedded mode.
+    pub async fn catch_up(&self, pipelines: &Pipelines) -> Result<usize> {
+        let Some(shared) = &self.shared else {
+            return Ok(0);
+        };
+        let (counter, records) = shared.records(SHARED_PREFIX).await?;
+        let mut changed = 0;
+        for (key, raw) in records {
+            let Some((pipeline, stage)) = key
+                .strip_prefix(SHARED_PREFIX)
+                .and_then(|rest| rest.split_once('/'))
+            else {
+                continue;
+            };
+            let Some(pipeline) = pipelines.get(pipeline) else {
+                continue;
+            };
+            let Some(stage) = pipeline.stage(stage) else {
+                continue;
+            };
+            let record: Record = match serde_json::from_slice(&raw) {
+                Ok(record) => record,
+                Err(error) => {
+                    tracing::warn!(%key, %error, "a corrupt stage-version record in the cluster");
+                    continue;
+                }
+            };
+            if record.revision != pipeline.revision || record == Record::of(&pipeline, stage) {
+                continue;
+            }
+            self.apply(&pipeline, stage, &record, &[]).await?;
+            self.save(&pipeline, stage, &record).await?;
+            tracing::info!(pipeline = %pipeline.name(), stage = %stage.config.name, current = %record.current, "stage versions changed by another node");
+            crate::metrics::stage_change(pipeline.name(), &stage.config.name, "synced");
+            changed += 1;
+        }
+        shared.applied(counter).await?;
+        Ok(changed)
+    }
+
+    /// Redis mode: [`Self::catch_up`] whenever the cluster's change counter moves, until `stop`.
+    pub fn follow(
+        &self,
+        pipelines: Arc<Pipelines>,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let mut counter = self.shared.as_ref()?.counter();
+        let versions = self.clone();
+        Some(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    changed = counter.changed() => if changed.is_err() { return },
+                    () = stop.cancelled() => return,
+                }
+                counter.mark_unchanged();
+                if let Err(error) = versions.catch_up(&pipelines).await {
+                    tracing::warn!(error = %format!("{error:#}"), "cannot apply the cluster's stage versions; retrying");
+                    // The counter is seen again by the next poll.
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    counter.mark_changed();
+                }
+            }
+        }))
+    }
+}
+
+/// Where a stage's versions are recorded in the cluster.
+fn shared_key(pipeline: &Pipeline, stage: &Stage) -> String {
+    format!("{SHARED_PREFIX}{}/{}", pipeline.name(), stage.config.name)
 }
 
 /// Where a stage's versions are recorded.

@@ -1,17 +1,33 @@
 //! Hot swap over real HTTP: the `answer` stage replaced in the middle of a running 1,000-item
 //! job, refused uploads that leave the old version serving, rollback, and installed versions
-//! kept across a restart.
+//! kept across a restart; each on both backends (embedded and Redis).
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use stagehand_tests::backends::Backend;
 use stagehand_tests::{
-    MockLlm, Server, client, eco_items, job_results, job_status, plugin_bytes as plugin,
-    serve_eco_scan, stage_run, submit_job, wait_for_job, with_custom_section,
+    MockLlm, Server, client, eco_items, job_results, job_status, on_both_backends,
+    plugin_bytes as plugin, serve_eco_scan, stage_run, submit_job, wait_for_job,
+    with_custom_section,
 };
 
 const TOKEN: &str = "s3cret-admin-token";
+
+on_both_backends!(
+    the_answer_stage_is_swapped_mid_job_without_failing_an_item_and_rolled_back,
+    items_inside_a_stage_at_the_swap_finish_on_the_old_version_in_their_first_try,
+    a_canary_serves_its_share_of_items_then_is_promoted_or_dropped,
+);
+
+/// The eco-scan example on `backend`.
+fn serve(backend: &Backend, mock: &MockLlm, data: &std::path::Path, extra: &[&str]) -> Server {
+    let flags = backend.flags();
+    let mut flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    flags.extend_from_slice(extra);
+    serve_eco_scan(mock, data, &flags)
+}
 
 fn stages(server: &Server) -> Value {
     client()
@@ -73,12 +89,11 @@ fn stage_digest(result: &Value, stage: &str) -> String {
         .to_string()
 }
 
-#[test]
-fn the_answer_stage_is_swapped_mid_job_without_failing_an_item_and_rolled_back() {
+fn the_answer_stage_is_swapped_mid_job_without_failing_an_item_and_rolled_back(backend: Backend) {
     let mock = MockLlm::start(&["--latency-ms", "20"]);
     let data = tempfile::tempdir().unwrap();
     let admin = ["--admin-token", TOKEN];
-    let mut server = serve_eco_scan(&mock, data.path(), &admin);
+    let mut server = serve(&backend, &mock, data.path(), &admin);
     let (old, previous) = versions(&server, "answer");
     assert!(previous.is_empty());
 
@@ -157,7 +172,7 @@ fn the_answer_stage_is_swapped_mid_job_without_failing_an_item_and_rolled_back()
     // A restart serves the installed version, with the old one to roll back to.
     server.child().kill().unwrap();
     server.child().wait().unwrap();
-    let server = serve_eco_scan(&mock, data.path(), &admin);
+    let server = serve(&backend, &mock, data.path(), &admin);
     assert_eq!(
         versions(&server, "answer"),
         (new.clone(), vec![old.clone()])
@@ -189,11 +204,10 @@ fn the_answer_stage_is_swapped_mid_job_without_failing_an_item_and_rolled_back()
 /// Eight items are inside a slow `answer` try (their LLM requests held by the mock) when the
 /// swap is acknowledged: all eight finish on the old version in their first try. Items that
 /// enter after it run the new version.
-#[test]
-fn items_inside_a_stage_at_the_swap_finish_on_the_old_version_in_their_first_try() {
+fn items_inside_a_stage_at_the_swap_finish_on_the_old_version_in_their_first_try(backend: Backend) {
     let mock = MockLlm::start(&["--latency-ms", "1500", "--vision-latency-ms", "0"]);
     let data = tempfile::tempdir().unwrap();
-    let server = serve_eco_scan(&mock, data.path(), &["--admin-token", TOKEN]);
+    let server = serve(&backend, &mock, data.path(), &["--admin-token", TOKEN]);
     let (old, _) = versions(&server, "answer");
     let before = submit_job(
         &server,
@@ -259,12 +273,11 @@ fn in_share(item_id: &str, percent: u128) -> bool {
     u128::from_str_radix(&item_id.replace('-', ""), 16).unwrap() % 100 < percent
 }
 
-#[test]
-fn a_canary_serves_its_share_of_items_then_is_promoted_or_dropped() {
+fn a_canary_serves_its_share_of_items_then_is_promoted_or_dropped(backend: Backend) {
     let mock = MockLlm::start(&[]);
     let data = tempfile::tempdir().unwrap();
     let admin = ["--admin-token", TOKEN];
-    let mut server = serve_eco_scan(&mock, data.path(), &admin);
+    let mut server = serve(&backend, &mock, data.path(), &admin);
     let (old, _) = versions(&server, "answer");
     let trial = with_custom_section(plugin("answer"), "canary");
 
@@ -286,7 +299,7 @@ fn a_canary_serves_its_share_of_items_then_is_promoted_or_dropped() {
     // A restart keeps the trial going.
     server.child().kill().unwrap();
     server.child().wait().unwrap();
-    let server = serve_eco_scan(&mock, data.path(), &admin);
+    let server = serve(&backend, &mock, data.path(), &admin);
     let answer = stages(&server)["stages"][2].clone();
     assert_eq!(answer["name"], "answer");
     assert_eq!(

@@ -599,3 +599,134 @@ fn an_item_whose_nodes_keep_dying_is_abandoned() {
         "one consumer per worker, none for the API node"
     );
 }
+
+/// The current and canary digests of `stage` as `node` serves them.
+fn stage_versions(node: &Server, stage: &str) -> (String, Option<String>) {
+    let all: Value = client()
+        .get(node.url("/v1/stages"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let stage = all["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == stage)
+        .unwrap()
+        .clone();
+    (
+        stage["current"]["digest"].as_str().unwrap().to_string(),
+        stage["canary"]["digest"].as_str().map(str::to_string),
+    )
+}
+
+/// A hot swap, a canary and a rollback sent to one node are served by every node: nodes that
+/// follow (two API nodes and a worker that never saw the component's bytes) and a node that
+/// starts after them.
+#[test]
+fn a_stage_change_on_one_node_is_served_by_every_node() {
+    let redis = RedisServer::start().expect("redis-server starts");
+    let mock = MockLlm::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = eco_scan_pipeline(dir.path(), |text| text);
+    let url = redis.url();
+    let flags = [
+        "--redis",
+        url.as_str(),
+        "--slots",
+        "0",
+        "--admin-token",
+        ADMIN,
+    ];
+    let node1 = serve(&pipeline, &dir.path().join("n1"), Some(&mock), &flags);
+    let node2 = serve(&pipeline, &dir.path().join("n2"), Some(&mock), &flags);
+    let _worker = Worker::start(&pipeline, &dir.path().join("w"), &mock, &redis, &[])
+        .expect("the worker starts");
+    let (old, _) = stage_versions(&node2, "answer");
+    let changed = |node: &Server, what: &str, expected: &(String, Option<String>)| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while stage_versions(node, "answer") != *expected {
+            assert!(
+                Instant::now() < deadline,
+                "{what} did not reach {}",
+                node.url("")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+
+    let install = |node: &Server, query: &str, tag: &str| -> String {
+        let wasm =
+            stagehand_tests::with_custom_section(stagehand_tests::plugin_bytes("answer"), tag);
+        let response = client()
+            .put(node.url(&format!("/v1/stages/answer{query}")))
+            .bearer_auth(ADMIN)
+            .body(wasm)
+            .send()
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().unwrap();
+        let digest = &body["canary"]["digest"];
+        let digest = if digest.is_null() {
+            &body["current"]["digest"]
+        } else {
+            digest
+        };
+        digest.as_str().unwrap().to_string()
+    };
+
+    // Every node says in Redis up to which change it serves: the way to know the worker does.
+    let every_node_serves_the_last_change = |nodes: usize| -> bool {
+        let mut conn = redis.connection();
+        let last: u64 = redis::cmd("GET")
+            .arg("sh:changes:n")
+            .query(&mut conn)
+            .unwrap();
+        let applied: std::collections::HashMap<String, u64> = redis::cmd("HGETALL")
+            .arg("sh:changes:applied")
+            .query(&mut conn)
+            .unwrap();
+        applied.len() == nodes && applied.values().all(|n| *n >= last)
+    };
+    let wait_for_every_node = |nodes: usize| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !every_node_serves_the_last_change(nodes) {
+            assert!(
+                Instant::now() < deadline,
+                "a node does not serve the last change"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+
+    // A swap on node 1: node 2 serves it, and the worker runs items on it.
+    let new = install(&node1, "", "v2");
+    assert_ne!(new, old);
+    changed(&node2, "the swap", &(new.clone(), None));
+    wait_for_every_node(3);
+    let job = submit_job(&node2, eco_items(4), json!({}));
+    assert_eq!(wait_for_job(&node2, &job)["succeeded"], 4);
+    for result in stagehand_tests::job_results(&node1, &job) {
+        assert_eq!(
+            stagehand_tests::stage_run(&result, "answer")["digest"],
+            new.as_str(),
+            "{result}"
+        );
+    }
+
+    // A canary on node 2 reaches node 1; its rollback on node 1 reaches node 2.
+    let trial = install(&node2, "?canary=50", "trial");
+    changed(&node1, "the canary", &(new.clone(), Some(trial)));
+    let rollback = client()
+        .post(node1.url("/v1/stages/answer/rollback"))
+        .bearer_auth(ADMIN)
+        .send()
+        .unwrap();
+    assert_eq!(rollback.status(), 200);
+    changed(&node2, "the rollback", &(new.clone(), None));
+
+    // A node that starts now serves the cluster's version from its first request.
+    let late = serve(&pipeline, &dir.path().join("n3"), Some(&mock), &flags);
+    assert_eq!(stage_versions(&late, "answer"), (new, None));
+}

@@ -5,6 +5,7 @@
 //!   dead letters, token counts).
 //! - [`EventSource`]: what a view of a job's log needs (read after a number, wake-ups).
 //! - [`EffectKeys`]: claims of effect keys that several nodes see.
+//! - [`Changes`]: operators' changes (stage versions) that every node of a cluster applies.
 //!
 //! Two backends implement them: [`embedded`] (this process's sled store; this process runs
 //! the jobs) and [`redis`] (Redis shared by several nodes, each running items from a shared
@@ -242,4 +243,29 @@ pub type Events = Arc<dyn EventSource>;
 pub trait EffectKeys: Send + Sync {
     /// `true` when this claim is the first.
     async fn claim(&self, handler: &str, key: &str) -> anyhow::Result<bool>;
+}
+
+/// Changes an operator makes on one node that every node of a cluster applies (Redis mode): a
+/// record per key, the files records name (stored once, by sha256), and a counter that moves
+/// with every change so that a node that missed a wake-up, started late or was cut off sees
+/// that it is behind.
+#[async_trait::async_trait]
+pub trait Changes: Send + Sync {
+    /// Make `record` the value of `key`, with `files` (digest, bytes) kept, in one step, and
+    /// tell every node; the counter after the change.
+    async fn publish(&self, key: &str, record: &[u8], files: &[(&str, &[u8])]) -> Result<u64>;
+
+    /// Every record whose key starts with `prefix`, with the counter they were read at.
+    async fn records(&self, prefix: &str) -> Result<(u64, Vec<(String, Vec<u8>)>)>;
+
+    /// Tell the cluster this node serves every change up to counter `n` (`sh:changes:applied`:
+    /// how an operator, a test or a benchmark sees a change reach every node).
+    async fn applied(&self, n: u64) -> Result<()>;
+
+    /// A file a record names, by digest.
+    async fn file(&self, digest: &str) -> Result<Option<Vec<u8>>>;
+
+    /// The counter as this node last heard of it (pub/sub, backed by a poll): it changes when
+    /// any node publishes a change.
+    fn counter(&self) -> watch::Receiver<u64>;
 }

@@ -22,6 +22,16 @@ pub const CANCEL_CHANNEL: &str = "sh:cancel";
 /// dropped by the listing that meets it.
 pub const DEAD_LETTERS: &str = "sh:dead";
 
+/// Hash: every operator change every node applies (`crate::backend::Changes`), by key (e.g.
+/// `versions/<pipeline>/<stage>`).
+pub const CHANGES: &str = "sh:changes";
+/// String: a counter that moves with every change in [`CHANGES`].
+pub const CHANGES_COUNTER: &str = "sh:changes:n";
+/// Hash: node -> the change counter up to which it serves every change.
+pub const CHANGES_APPLIED: &str = "sh:changes:applied";
+/// Pub/sub: the counter after a change (a wake-up, at most once; nodes also poll the counter).
+pub const CHANGES_CHANNEL: &str = "sh:changed";
+
 /// The keys of one job.
 #[derive(Debug, Clone)]
 pub struct JobKeys {
@@ -114,4 +124,9 @@ pub fn parse_dead_letter(member: &str) -> Option<(Uuid, u64)> {
 /// `reprocess`), with the lease's expiry as the key's.
 pub fn lease(task: &str) -> String {
     format!("sh:lease:{task}")
+}
+
+/// String: a file a change names (a stage component), by its sha256; written once.
+pub fn file(digest: &str) -> String {
+    format!("sh:file:{digest}")
 }

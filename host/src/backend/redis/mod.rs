@@ -9,6 +9,8 @@
 //!   ([`crate::backend::EffectKeys`]).
 //! - [`dead_letters`]: dead letters listed, read, discarded and reprocessed from any node, and
 //!   the lease that lets one node at a time reprocess them on a timer.
+//! - [`changes`]: operators' changes (stage versions) every node applies
+//!   ([`crate::backend::Changes`]).
 //! - [`signals`]: pub/sub wake-ups and cancels, and the poll that backs them up.
 //! - [`worker`]: the loop that takes items from the `sh:work` stream through the consumer group,
 //!   runs them, acknowledges them, and reclaims the items of nodes that died.
@@ -16,6 +18,7 @@
 //! Redis is the shared truth; pub/sub only speeds things up. A lost wake-up delays a follower
 //! until the next poll, a lost cancel message until the next check of the cancel key.
 
+mod changes;
 mod dead_letters;
 mod events;
 mod items;
@@ -59,6 +62,8 @@ struct Inner {
     /// The pipelines this node serves, once loaded (they are loaded on [`Cluster::shared`]):
     /// what a reprocess checks a job can run on.
     pipelines: OnceLock<Arc<Pipelines>>,
+    /// The change counter as this node last heard of it (`changes.rs`).
+    changes: watch::Sender<u64>,
 }
 
 impl Cluster {
@@ -91,9 +96,11 @@ impl Cluster {
                 followers: Mutex::default(),
                 running: Mutex::default(),
                 pipelines: OnceLock::new(),
+                changes: watch::Sender::new(0),
             }),
         };
         cluster.create_group().await?;
+        cluster.check_changes().await?;
         tokio::spawn(signals::listen(cluster.clone(), shutdown.clone()));
         tokio::spawn(signals::poll(cluster.clone(), shutdown));
         tracing::info!(node = %cluster.inner.node, "joined the Redis cluster");

@@ -206,3 +206,18 @@ return 0
 "#,
     )
 });
+
+/// Publish an operator's change: `KEYS[1]` = [`super::keys::CHANGES`], `KEYS[2]` = its counter,
+/// `KEYS[3..]` = the files' keys; `ARGV[1]` = the change's key, `ARGV[2]` = its record,
+/// `ARGV[3..]` = the files' bytes, in the order of their keys. Returns the new counter.
+pub static PUBLISH_CHANGE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+for i = 3, #KEYS do redis.call('SET', KEYS[i], ARGV[i], 'NX') end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local n = redis.call('INCR', KEYS[2])
+redis.call('PUBLISH', 'sh:changed', n)
+return n
+"#,
+    )
+});

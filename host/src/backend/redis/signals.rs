@@ -1,5 +1,6 @@
 //! Pub/sub: `sh:wake` tells followers of a job that it has new events, `sh:cancel` tells every
-//! node to interrupt a job's items. Both are at most once; [`poll`] covers what they miss.
+//! node to interrupt a job's items, `sh:changed` that an operator changed something every node
+//! applies. All are at most once; [`poll`] covers what they miss.
 
 use std::time::Duration;
 
@@ -33,6 +34,7 @@ async fn listen_once(cluster: &Cluster, shutdown: &CancellationToken) -> anyhow:
     let mut pubsub = cluster.inner.client.get_async_pubsub().await?;
     pubsub.subscribe(keys::WAKE_CHANNEL).await?;
     pubsub.subscribe(keys::CANCEL_CHANNEL).await?;
+    pubsub.subscribe(keys::CHANGES_CHANNEL).await?;
     let mut messages = pubsub.on_message();
     loop {
         let message = tokio::select! {
@@ -54,6 +56,11 @@ async fn listen_once(cluster: &Cluster, shutdown: &CancellationToken) -> anyhow:
                     cluster.cancel_here(job);
                 }
             }
+            keys::CHANGES_CHANNEL => {
+                if let Ok(n) = payload.parse::<u64>() {
+                    cluster.heard_of_change(n);
+                }
+            }
             _ => {}
         }
     }
@@ -69,6 +76,9 @@ pub(super) async fn poll(cluster: Cluster, shutdown: CancellationToken) {
             () = shutdown.cancelled() => return,
         }
         cluster.wake_all();
+        if let Err(error) = cluster.check_changes().await {
+            tracing::warn!(error = %format!("{error:#}"), "cannot check for changes in Redis");
+        }
         for job in cluster.running_jobs() {
             match conn.exists::<_, bool>(keys::JobKeys::new(job).cancel).await {
                 Ok(true) => cluster.cancel_here(job),
