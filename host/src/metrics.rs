@@ -150,7 +150,8 @@ pub fn llm_failover(provider: &str) {
     counter!("stagehand_llm_failovers_total", "provider" => provider.to_string()).increment(1);
 }
 
-/// Items of running jobs not finished yet, set when metrics are scraped.
+/// Items of running jobs not finished yet, set when metrics are scraped (in Redis mode, the
+/// cluster's: the length of the work stream).
 pub fn items_unfinished(count: u64) {
     gauge!("stagehand_items_unfinished").set(count as f64);
 }

@@ -556,6 +556,9 @@ fn an_item_whose_nodes_keep_dying_is_abandoned() {
         .collect();
     let api = serve(&pipeline, &dir.path().join("api"), Some(&mock), &api_flags);
     let job = submit_job(&api, eco_items(1), json!({}));
+    // No node runs items yet: the API node's gauge counts the cluster's queue.
+    let unfinished = |node: &Server| stagehand_tests::metric(node, "stagehand_items_unfinished");
+    assert_eq!(unfinished(&api), Some(1.0));
     // The first run, then three reclaims: each node dies holding the item.
     for _ in 0..4 {
         let mut worker = Worker::start(&pipeline, &dir.path().join("w"), &mock, &redis, &reclaim)
@@ -574,6 +577,7 @@ fn an_item_whose_nodes_keep_dying_is_abandoned() {
     let end = wait_for_job(&api, &job);
     assert_eq!(end["state"], "completed", "{end}");
     assert_eq!(end["failed"], 1, "{end}");
+    assert_eq!(unfinished(&api), Some(0.0));
     let page: Value = client()
         .get(api.url(&format!("/v1/jobs/{job}/results")))
         .send()

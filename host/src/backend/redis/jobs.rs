@@ -300,7 +300,14 @@ impl JobBackend for Cluster {
     }
 
     async fn unfinished_items(&self) -> Result<Option<u64>> {
-        Ok(None)
+        // An entry leaves the work stream (`XDEL`) only once its item is settled: its length
+        // is the cluster's items queued or running, whichever node holds them.
+        let unfinished: u64 = self
+            .conn()
+            .xlen(keys::WORK)
+            .await
+            .context("cannot read the work stream's length from Redis")?;
+        Ok(Some(unfinished))
     }
 
     fn events(&self) -> Events {
