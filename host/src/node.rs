@@ -141,6 +141,9 @@ impl Node {
         }))
         .await?;
         let pipelines = Arc::new(Pipelines::new(loaded, revisions.clone(), resources.clone()));
+        if let Some(cluster) = &cluster {
+            cluster.carry_tokens(&resources.tokens, stop_services.clone());
+        }
         let backend = match cluster {
             Some(cluster) => {
                 cluster.serve(pipelines.clone());

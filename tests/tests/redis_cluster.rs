@@ -734,3 +734,43 @@ fn a_stage_change_on_one_node_is_served_by_every_node() {
     let late = serve(&pipeline, &dir.path().join("n3"), Some(&mock), &flags);
     assert_eq!(stage_versions(&late, "answer"), (new, None));
 }
+
+/// A client of an API node that runs no items follows the live tokens of an answer streamed
+/// on a worker node.
+#[test]
+fn live_tokens_reach_a_follower_on_another_node() {
+    let redis = RedisServer::start().expect("redis-server starts");
+    // Vision is slow enough for the worker to learn of the follower before `answer` streams.
+    let mock = MockLlm::start(&["--vision-latency-ms", "2000", "--token-delay-ms", "5"]);
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = eco_scan_pipeline(dir.path(), |text| text);
+    let url = redis.url();
+    let api = serve(
+        &pipeline,
+        &dir.path().join("api"),
+        Some(&mock),
+        &["--redis", url.as_str(), "--slots", "0"],
+    );
+    let _worker = Worker::start(&pipeline, &dir.path().join("w"), &mock, &redis, &[])
+        .expect("the worker starts");
+    let task = stagehand_tests::submit_scan(
+        &api,
+        json!({ "user_id": "u1", "image_url": "https://images.example/battery_1.jpg" }),
+    );
+    let response = client()
+        .get(api.url(&format!("/v1/jobs/{task}/events?tokens=true")))
+        .send()
+        .unwrap();
+    let frames = read_frames(response, |_| false);
+    let tokens: Vec<_> = frames.iter().filter(|f| f.event == "item.token").collect();
+    assert!(tokens.len() > 5, "{} tokens", tokens.len());
+    assert!(tokens.iter().all(|t| t.data["stage"] == "answer"));
+    let text: String = tokens
+        .iter()
+        .map(|t| t.data["text"].as_str().unwrap())
+        .collect();
+    let streamed: Value = serde_json::from_str(&text).expect("every token, in order");
+    let results = stagehand_tests::job_results(&api, &task);
+    assert_eq!(streamed["answer"], results[0]["output"]["answer"]["answer"]);
+    assert_eq!(frames.last().unwrap().event, "job.completed");
+}

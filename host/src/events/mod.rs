@@ -11,7 +11,7 @@ pub mod view;
 
 use serde::{Deserialize, Serialize};
 
-pub use tokens::{Token, TokenHub, TokenSubscription};
+pub use tokens::{Token, TokenHub, TokenRelay, TokenSubscription};
 
 /// What happened. Serialised as `{"type": "...", ...fields}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -4,9 +4,13 @@
 //! only while they arrive, and the whole answer is in the item's result anyway. A job has a
 //! channel only while someone follows its tokens; without one, publishing is a map lookup.
 //! A slow follower misses tokens (it is told how many) rather than growing a buffer.
+//!
+//! In Redis mode a [`TokenRelay`] carries tokens between nodes: the hub tells it when this
+//! node starts and stops following a job, and hands it the tokens of items running here; it
+//! brings other nodes' tokens back through [`TokenHub::deliver`].
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::Serialize;
 use tokio::sync::broadcast;
@@ -25,28 +29,56 @@ pub struct Token {
 
 type Channels = Arc<Mutex<HashMap<Uuid, broadcast::Sender<Token>>>>;
 
+/// Carries tokens to and from the other nodes of a cluster.
+pub trait TokenRelay: Send + Sync {
+    /// This node follows `job`'s tokens now (`true`), or no longer (`false`).
+    fn following(&self, job: Uuid, on: bool);
+
+    /// A token of an item running on this node, for followers elsewhere.
+    fn relay(&self, job: Uuid, token: &Token);
+}
+
 #[derive(Clone, Default)]
 pub struct TokenHub {
     channels: Channels,
+    relay: Arc<OnceLock<Arc<dyn TokenRelay>>>,
 }
 
 impl TokenHub {
     /// Follow `job`'s tokens from now on.
     pub fn subscribe(&self, job: Uuid) -> TokenSubscription {
         let mut channels = self.channels.lock().expect("not poisoned");
+        let first = !channels.contains_key(&job);
         let receiver = channels
             .entry(job)
             .or_insert_with(|| broadcast::channel(BUFFERED).0)
             .subscribe();
+        if first && let Some(relay) = self.relay.get() {
+            relay.following(job, true);
+        }
         TokenSubscription {
             receiver,
             channels: self.channels.clone(),
+            relay: self.relay.clone(),
             job,
         }
     }
 
-    /// Hand `token` to `job`'s followers, if it has any.
+    /// Carry tokens to and from other nodes through `relay` from now on (set once).
+    pub fn set_relay(&self, relay: Arc<dyn TokenRelay>) {
+        let _ = self.relay.set(relay);
+    }
+
+    /// Hand `token`, of an item running on this node, to `job`'s followers here and elsewhere.
     pub fn publish(&self, job: Uuid, token: Token) {
+        if let Some(relay) = self.relay.get() {
+            relay.relay(job, &token);
+        }
+        self.deliver(job, token);
+    }
+
+    /// Hand `token` to `job`'s followers on this node, if it has any.
+    pub fn deliver(&self, job: Uuid, token: Token) {
         if let Some(sender) = self.channels.lock().expect("not poisoned").get(&job) {
             // An error means every follower left just now; the last one removes the channel.
             let _ = sender.send(token);
@@ -62,6 +94,7 @@ impl TokenHub {
 pub struct TokenSubscription {
     receiver: broadcast::Receiver<Token>,
     channels: Channels,
+    relay: Arc<OnceLock<Arc<dyn TokenRelay>>>,
     job: Uuid,
 }
 
@@ -88,6 +121,9 @@ impl Drop for TokenSubscription {
             .is_some_and(|sender| sender.receiver_count() <= 1)
         {
             channels.remove(&self.job);
+            if let Some(relay) = self.relay.get() {
+                relay.following(self.job, false);
+            }
         }
     }
 }

@@ -14,6 +14,8 @@ pub const GROUP: &str = "workers";
 pub const JOBS: &str = "sh:jobs";
 /// Pub/sub: `<job id> <number>` after each event (a wake-up, at most once).
 pub const WAKE_CHANNEL: &str = "sh:wake";
+/// Pub/sub: live tokens of followed jobs (`tokens.rs`), JSON.
+pub const TOKENS_CHANNEL: &str = "sh:tokens";
 /// Pub/sub: `<job id>` when a job is cancelled (the flag itself is [`JobKeys::cancel`]).
 pub const CANCEL_CHANNEL: &str = "sh:cancel";
 
@@ -129,4 +131,9 @@ pub fn lease(task: &str) -> String {
 /// String: a file a change names (a stage component), by its sha256; written once.
 pub fn file(digest: &str) -> String {
     format!("sh:file:{digest}")
+}
+
+/// String, present while some node follows the job's live tokens (it expires unless renewed).
+pub fn following(job: Uuid) -> String {
+    format!("sh:{{{job}}}:following")
 }

@@ -11,6 +11,8 @@
 //!   the lease that lets one node at a time reprocess them on a timer.
 //! - [`changes`]: operators' changes (stage versions) every node applies
 //!   ([`crate::backend::Changes`]).
+//! - [`tokens`]: live tokens of streamed answers, from the node that runs the item to the
+//!   nodes whose clients follow them.
 //! - [`signals`]: pub/sub wake-ups and cancels, and the poll that backs them up.
 //! - [`worker`]: the loop that takes items from the `sh:work` stream through the consumer group,
 //!   runs them, acknowledges them, and reclaims the items of nodes that died.
@@ -26,9 +28,10 @@ mod jobs;
 pub mod keys;
 mod scripts;
 mod signals;
+mod tokens;
 mod worker;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -64,6 +67,12 @@ struct Inner {
     pipelines: OnceLock<Arc<Pipelines>>,
     /// The change counter as this node last heard of it (`changes.rs`).
     changes: watch::Sender<u64>,
+    /// Live tokens (`tokens.rs`): the node's hub and the queue of tokens to publish.
+    tokens: OnceLock<(crate::events::TokenHub, tokio::sync::mpsc::Sender<Vec<u8>>)>,
+    /// Jobs whose live tokens this node's clients follow.
+    following: Mutex<HashSet<Uuid>>,
+    /// Jobs running here whose live tokens some node follows (checked once a second).
+    followed: Mutex<HashSet<Uuid>>,
 }
 
 impl Cluster {
@@ -97,6 +106,9 @@ impl Cluster {
                 running: Mutex::default(),
                 pipelines: OnceLock::new(),
                 changes: watch::Sender::new(0),
+                tokens: OnceLock::new(),
+                following: Mutex::default(),
+                followed: Mutex::default(),
             }),
         };
         cluster.create_group().await?;

@@ -35,6 +35,7 @@ async fn listen_once(cluster: &Cluster, shutdown: &CancellationToken) -> anyhow:
     pubsub.subscribe(keys::WAKE_CHANNEL).await?;
     pubsub.subscribe(keys::CANCEL_CHANNEL).await?;
     pubsub.subscribe(keys::CHANGES_CHANNEL).await?;
+    pubsub.subscribe(keys::TOKENS_CHANNEL).await?;
     let mut messages = pubsub.on_message();
     loop {
         let message = tokio::select! {
@@ -44,6 +45,10 @@ async fn listen_once(cluster: &Cluster, shutdown: &CancellationToken) -> anyhow:
         let Some(message) = message else {
             anyhow::bail!("the subscription ended");
         };
+        if message.get_channel_name() == keys::TOKENS_CHANNEL {
+            cluster.token_arrived(message.get_payload_bytes());
+            continue;
+        }
         let payload: String = message.get_payload().unwrap_or_default();
         match message.get_channel_name() {
             keys::WAKE_CHANNEL => {
@@ -78,6 +83,9 @@ pub(super) async fn poll(cluster: Cluster, shutdown: CancellationToken) {
         cluster.wake_all();
         if let Err(error) = cluster.check_changes().await {
             tracing::warn!(error = %format!("{error:#}"), "cannot check for changes in Redis");
+        }
+        if let Err(error) = cluster.check_following().await {
+            tracing::warn!(%error, "cannot check who follows live tokens in Redis");
         }
         for job in cluster.running_jobs() {
             match conn.exists::<_, bool>(keys::JobKeys::new(job).cancel).await {
