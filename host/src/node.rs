@@ -141,12 +141,10 @@ impl Node {
         }))
         .await?;
         let pipelines = Arc::new(Pipelines::new(loaded, revisions.clone(), resources.clone()));
-        if let Some(cluster) = &cluster {
-            cluster.carry_tokens(&resources.tokens, stop_services.clone());
-        }
         let backend = match cluster {
             Some(cluster) => {
                 cluster.serve(pipelines.clone());
+                cluster.carry_tokens(&resources.tokens, stop_services.clone());
                 Backend::Redis(cluster)
             }
             None => {
@@ -179,12 +177,11 @@ impl Node {
             }
         }
         // Redis mode: the cluster's versions win over this node's, before it takes work.
-        let synced = versions.catch_up(&pipelines).await?;
-        if synced > 0 {
-            tracing::info!(stages = synced, "stages run the cluster's versions");
-        }
         let mut services = Vec::new();
-        if let Some(task) = versions.follow(pipelines.clone(), stop_services.clone()) {
+        if let Some(task) = versions
+            .follow(pipelines.clone(), stop_services.clone())
+            .await?
+        {
             services.push(("the stage-version follower", task));
         }
         // Effects cut short by a crash may have happened: not run again (at most once).

@@ -9,7 +9,7 @@
 //! refused publish changes nothing; then it is applied here and kept in sled. Every other node
 //! applies the record when the change counter moves ([`StageVersions::follow`]), fetching the
 //! component from Redis if it does not have it, and catches up before it takes work
-//! ([`StageVersions::catch_up`]). Items in a stage finish on the version they entered with.
+//! ([`StageVersions::catch_up`], first thing in `follow`). Items in a stage finish on the version they entered with.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -209,19 +209,22 @@ impl StageVersions {
     ) -> Result<Rollback, InstallError> {
         let stage = stage_of(pipeline, name)?;
         let mut next = Record::of(pipeline, stage);
-        let (outcome, change) = if let Some(canary) = stage.canary() {
+        let canary = stage.canary();
+        if canary.is_some() {
             next.canary = None;
-            (
-                Rollback::CanaryDropped(canary.version.clone()),
-                "canary_dropped",
-            )
-        } else if let Some(back) = stage.previous().pop() {
-            next.current = next.previous.pop().expect("as many as versions");
-            (Rollback::Back(back), "rollback")
+        } else if let Some(back) = next.previous.pop() {
+            next.current = back;
         } else {
             return Ok(Rollback::Nothing);
-        };
+        }
         self.commit(pipeline, stage, next, &[], &[]).await?;
+        let (outcome, change) = match canary {
+            Some(canary) => (
+                Rollback::CanaryDropped(canary.version.clone()),
+                "canary_dropped",
+            ),
+            None => (Rollback::Back(stage.current()), "rollback"),
+        };
         crate::metrics::stage_change(pipeline.name(), name, change);
         Ok(outcome)
     }
@@ -420,15 +423,24 @@ impl StageVersions {
         Ok(changed)
     }
 
-    /// Redis mode: [`Self::catch_up`] whenever the cluster's change counter moves, until `stop`.
-    pub fn follow(
+    /// Redis mode: [`Self::catch_up`] now (before the node takes work), then in a task whenever
+    /// the cluster's change counter moves, until `stop`. `None` in embedded mode.
+    pub async fn follow(
         &self,
         pipelines: Arc<Pipelines>,
         stop: tokio_util::sync::CancellationToken,
-    ) -> Option<tokio::task::JoinHandle<()>> {
-        let mut counter = self.shared.as_ref()?.counter();
+    ) -> Result<Option<tokio::task::JoinHandle<()>>> {
+        let Some(shared) = &self.shared else {
+            return Ok(None);
+        };
+        // Watched before the first catch-up: a change during it is caught up after it.
+        let mut counter = shared.counter();
+        let synced = self.catch_up(&pipelines).await?;
+        if synced > 0 {
+            tracing::info!(stages = synced, "stages run the cluster's versions");
+        }
         let versions = self.clone();
-        Some(tokio::spawn(async move {
+        Ok(Some(tokio::spawn(async move {
             loop {
                 tokio::select! {
                     changed = counter.changed() => if changed.is_err() { return },
@@ -437,12 +449,11 @@ impl StageVersions {
                 counter.mark_unchanged();
                 if let Err(error) = versions.catch_up(&pipelines).await {
                     tracing::warn!(error = %format!("{error:#}"), "cannot apply the cluster's stage versions; retrying");
-                    // The counter is seen again by the next poll.
                     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                     counter.mark_changed();
                 }
             }
-        }))
+        })))
     }
 }
 

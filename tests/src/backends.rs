@@ -8,26 +8,26 @@ use crate::cluster::RedisServer;
 pub enum Backend {
     /// The default: the node's own sled store.
     Embedded,
-    /// A `redis-server` of the test's own (killed when the test ends).
-    Redis(RedisServer),
+    /// A `redis-server` of the test's own (killed when the test ends), and its URL.
+    Redis(RedisServer, String),
 }
 
 impl Backend {
     /// A fresh `redis-server` on a free port.
     pub fn redis() -> Self {
-        Self::Redis(RedisServer::start().expect("redis-server starts"))
+        let server = RedisServer::start().expect("redis-server starts");
+        let url = server.url();
+        Self::Redis(server, url)
     }
 
-    /// The `serve` flags that put a node on this backend.
-    pub fn flags(&self) -> Vec<String> {
-        match self {
+    /// The `serve` flags that put a node on this backend, then `extra`.
+    pub fn flags<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut flags = match self {
             Self::Embedded => Vec::new(),
-            Self::Redis(redis) => vec!["--redis".into(), redis.url()],
-        }
-    }
-
-    pub fn is_redis(&self) -> bool {
-        matches!(self, Self::Redis(_))
+            Self::Redis(_, url) => vec!["--redis", url.as_str()],
+        };
+        flags.extend_from_slice(extra);
+        flags
     }
 }
 

@@ -391,6 +391,28 @@ pub fn get_json(server: &Server, path: &str) -> serde_json::Value {
         .expect("a JSON answer")
 }
 
+/// `GET /v1/stages`' entry for stage `name`.
+pub fn stage_entry(server: &Server, name: &str) -> serde_json::Value {
+    let all = get_json(server, "/v1/stages");
+    let entry = all["stages"]
+        .as_array()
+        .and_then(|stages| stages.iter().find(|s| s["name"] == name).cloned());
+    entry.unwrap_or_else(|| panic!("no stage `{name}` in {all}"))
+}
+
+/// (current digest, previous digests newest first) of stage `name`.
+pub fn stage_digests(server: &Server, name: &str) -> (String, Vec<String>) {
+    let stage = stage_entry(server, name);
+    let digest = |v: &serde_json::Value| v["digest"].as_str().unwrap().to_string();
+    let previous = stage["previous"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(digest)
+        .collect();
+    (digest(&stage["current"]), previous)
+}
+
 /// Where a built plugin is (`STAGEHAND_PLUGINS_DIR`, else the workspace's target dir).
 pub fn plugin_path(name: &str) -> PathBuf {
     let dir = std::env::var("STAGEHAND_PLUGINS_DIR").map_or_else(

@@ -31,9 +31,7 @@ const ADMIN: &str = "dead-letter-admin";
 
 fn serve(backend: &Backend, mock: &MockLlm, data: &Path, extra: &[&str]) -> Server {
     let pipeline = pipeline(data);
-    let backend_flags = backend.flags();
-    let mut flags = vec!["--admin-token", ADMIN];
-    flags.extend(backend_flags.iter().map(String::as_str));
+    let mut flags = backend.flags(&["--admin-token", ADMIN]);
     flags.extend_from_slice(extra);
     stagehand_tests::serve(Path::new(&pipeline), data, Some(mock), &flags)
 }
@@ -335,9 +333,7 @@ fn a_job_can_shorten_its_stage_and_item_time_limits(backend: Backend) {
     // Text answers take 1 s; the pipeline's stages would wait for them (vision answers at once).
     let mock = MockLlm::start(&["--latency-ms", "1000", "--vision-latency-ms", "0"]);
     let data = tempfile::tempdir().unwrap();
-    let flags = backend.flags();
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let server = stagehand_tests::serve_eco_scan(&mock, data.path(), &flags);
+    let server = stagehand_tests::serve_eco_scan(&mock, data.path(), &backend.flags(&[]));
     let run = |options: Value| {
         let (status, body) = post(
             &server,

@@ -8,8 +8,8 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use stagehand_tests::backends::Backend;
 use stagehand_tests::{
-    MockLlm, Server, client, eco_items, job_results, job_status, on_both_backends,
-    plugin_bytes as plugin, serve_eco_scan, stage_run, submit_job, wait_for_job,
+    MockLlm, Server, client, eco_items, get_json, job_results, job_status, on_both_backends,
+    plugin_bytes as plugin, serve_eco_scan, stage_digests, stage_run, submit_job, wait_for_job,
     with_custom_section,
 };
 
@@ -20,45 +20,6 @@ on_both_backends!(
     items_inside_a_stage_at_the_swap_finish_on_the_old_version_in_their_first_try,
     a_canary_serves_its_share_of_items_then_is_promoted_or_dropped,
 );
-
-/// The eco-scan example on `backend`.
-fn serve(backend: &Backend, mock: &MockLlm, data: &std::path::Path, extra: &[&str]) -> Server {
-    let flags = backend.flags();
-    let mut flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    flags.extend_from_slice(extra);
-    serve_eco_scan(mock, data, &flags)
-}
-
-fn stages(server: &Server) -> Value {
-    client()
-        .get(server.url("/v1/stages"))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap()
-}
-
-/// (current digest, previous digests newest first) of stage `name`.
-fn versions(server: &Server, name: &str) -> (String, Vec<String>) {
-    let all = stages(server);
-    let stage = all["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == name)
-        .unwrap()
-        .clone();
-    let previous = stage["previous"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["digest"].as_str().unwrap().to_string())
-        .collect();
-    (
-        stage["current"]["digest"].as_str().unwrap().to_string(),
-        previous,
-    )
-}
 
 fn put_stage(
     server: &Server,
@@ -93,8 +54,8 @@ fn the_answer_stage_is_swapped_mid_job_without_failing_an_item_and_rolled_back(b
     let mock = MockLlm::start(&["--latency-ms", "20"]);
     let data = tempfile::tempdir().unwrap();
     let admin = ["--admin-token", TOKEN];
-    let mut server = serve(&backend, &mock, data.path(), &admin);
-    let (old, previous) = versions(&server, "answer");
+    let mut server = serve_eco_scan(&mock, data.path(), &backend.flags(&admin));
+    let (old, previous) = stage_digests(&server, "answer");
     assert!(previous.is_empty());
 
     let job = submit_job(&server, eco_items(1000), json!({ "concurrency": 16 }));
@@ -122,7 +83,7 @@ fn the_answer_stage_is_swapped_mid_job_without_failing_an_item_and_rolled_back(b
     let (status, _) = put_stage(&server, "no-such-stage", Some(TOKEN), new_answer.clone());
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(
-        versions(&server, "answer").0,
+        stage_digests(&server, "answer").0,
         old,
         "the old version still serves"
     );
@@ -138,7 +99,7 @@ fn the_answer_stage_is_swapped_mid_job_without_failing_an_item_and_rolled_back(b
     assert_ne!(new, old);
     assert_eq!(body["replaced"], old);
     assert_eq!(
-        versions(&server, "answer"),
+        stage_digests(&server, "answer"),
         (new.clone(), vec![old.clone()])
     );
 
@@ -172,9 +133,9 @@ fn the_answer_stage_is_swapped_mid_job_without_failing_an_item_and_rolled_back(b
     // A restart serves the installed version, with the old one to roll back to.
     server.child().kill().unwrap();
     server.child().wait().unwrap();
-    let server = serve(&backend, &mock, data.path(), &admin);
+    let server = serve_eco_scan(&mock, data.path(), &backend.flags(&admin));
     assert_eq!(
-        versions(&server, "answer"),
+        stage_digests(&server, "answer"),
         (new.clone(), vec![old.clone()])
     );
 
@@ -193,7 +154,7 @@ fn the_answer_stage_is_swapped_mid_job_without_failing_an_item_and_rolled_back(b
         (status, body["current"]["digest"].as_str()),
         (StatusCode::OK, Some(old.as_str()))
     );
-    assert_eq!(versions(&server, "answer").0, old);
+    assert_eq!(stage_digests(&server, "answer").0, old);
     let one = submit_job(&server, eco_items(1), json!({}));
     wait_for_job(&server, &one);
     assert_eq!(stage_digest(&job_results(&server, &one)[0], "answer"), old);
@@ -207,8 +168,12 @@ fn the_answer_stage_is_swapped_mid_job_without_failing_an_item_and_rolled_back(b
 fn items_inside_a_stage_at_the_swap_finish_on_the_old_version_in_their_first_try(backend: Backend) {
     let mock = MockLlm::start(&["--latency-ms", "1500", "--vision-latency-ms", "0"]);
     let data = tempfile::tempdir().unwrap();
-    let server = serve(&backend, &mock, data.path(), &["--admin-token", TOKEN]);
-    let (old, _) = versions(&server, "answer");
+    let server = serve_eco_scan(
+        &mock,
+        data.path(),
+        &backend.flags(&["--admin-token", TOKEN]),
+    );
+    let (old, _) = stage_digests(&server, "answer");
     let before = submit_job(
         &server,
         eco_items(8),
@@ -277,8 +242,8 @@ fn a_canary_serves_its_share_of_items_then_is_promoted_or_dropped(backend: Backe
     let mock = MockLlm::start(&[]);
     let data = tempfile::tempdir().unwrap();
     let admin = ["--admin-token", TOKEN];
-    let mut server = serve(&backend, &mock, data.path(), &admin);
-    let (old, _) = versions(&server, "answer");
+    let mut server = serve_eco_scan(&mock, data.path(), &backend.flags(&admin));
+    let (old, _) = stage_digests(&server, "answer");
     let trial = with_custom_section(plugin("answer"), "canary");
 
     for share in ["0", "100"] {
@@ -299,8 +264,8 @@ fn a_canary_serves_its_share_of_items_then_is_promoted_or_dropped(backend: Backe
     // A restart keeps the trial going.
     server.child().kill().unwrap();
     server.child().wait().unwrap();
-    let server = serve(&backend, &mock, data.path(), &admin);
-    let answer = stages(&server)["stages"][2].clone();
+    let server = serve_eco_scan(&mock, data.path(), &backend.flags(&admin));
+    let answer = get_json(&server, "/v1/stages")["stages"][2].clone();
     assert_eq!(answer["name"], "answer");
     assert_eq!(
         (
@@ -335,10 +300,10 @@ fn a_canary_serves_its_share_of_items_then_is_promoted_or_dropped(backend: Backe
     let (status, body) = admin_post(&server, "/v1/stages/answer/promote");
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(
-        versions(&server, "answer"),
+        stage_digests(&server, "answer"),
         (new.clone(), vec![old.clone()])
     );
-    assert!(stages(&server)["stages"][2]["canary"].is_null());
+    assert!(get_json(&server, "/v1/stages")["stages"][2]["canary"].is_null());
     let (status, _) = admin_post(&server, "/v1/stages/answer/promote");
     assert_eq!(status, StatusCode::CONFLICT, "nothing left to promote");
 
@@ -355,7 +320,7 @@ fn a_canary_serves_its_share_of_items_then_is_promoted_or_dropped(backend: Backe
     assert_eq!(body["current"]["digest"], new.as_str());
     assert!(body["canary_dropped"]["digest"].is_string());
     assert_eq!(
-        versions(&server, "answer"),
+        stage_digests(&server, "answer"),
         (new.clone(), vec![old.clone()])
     );
     let one = submit_job(&server, eco_items(20), json!({}));
@@ -397,13 +362,13 @@ fn with_watch_a_changed_component_file_becomes_the_new_version() {
     std::fs::write(&pipeline, text).unwrap();
     let mock = MockLlm::start(&[]);
     let server = stagehand_tests::serve(&pipeline, dir.path(), Some(&mock), &["--watch"]);
-    let (old, _) = versions(&server, "answer");
+    let (old, _) = stage_digests(&server, "answer");
 
     // A build writes the new file: the stage swaps to it.
     std::fs::write(&answer, with_custom_section(plugin("answer"), "rebuilt")).unwrap();
     let deadline = Instant::now() + Duration::from_secs(15);
     let new = loop {
-        let (current, previous) = versions(&server, "answer");
+        let (current, previous) = stage_digests(&server, "answer");
         if current != old {
             assert_eq!(previous, std::slice::from_ref(&old));
             break current;
@@ -422,7 +387,7 @@ fn with_watch_a_changed_component_file_becomes_the_new_version() {
         "stagehand_watched_changes_refused_total{kind=\"stage\",name=\"answer\"}",
         1.0,
     );
-    assert_eq!(versions(&server, "answer").0, new);
+    assert_eq!(stage_digests(&server, "answer").0, new);
     let job = submit_job(&server, eco_items(1), json!({}));
     wait_for_job(&server, &job);
     assert_eq!(stage_digest(&job_results(&server, &job)[0], "answer"), new);

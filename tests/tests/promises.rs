@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use stagehand_tests::{
-    MockLlm, Server, binary, client, eco_items, plugin_bytes, serve_eco_scan, submit_job,
-    wait_for_job, with_custom_section,
+    MockLlm, binary, client, eco_items, plugin_bytes, serve_eco_scan, submit_job, wait_for_job,
+    with_custom_section,
 };
 
 const TOKEN: &str = "promises-admin";
@@ -97,32 +97,6 @@ fn an_event_stream_sets_retry_and_keeps_alive_when_idle() {
     );
 }
 
-fn versions(server: &Server) -> (String, Vec<String>) {
-    let stages: Value = client()
-        .get(server.url("/v1/stages"))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    let answer = stages["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "answer")
-        .unwrap()
-        .clone();
-    let previous = answer["previous"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["digest"].as_str().unwrap().to_string())
-        .collect();
-    (
-        answer["current"]["digest"].as_str().unwrap().to_string(),
-        previous,
-    )
-}
-
 /// Seven installs: the five versions before the current one are kept, newest first, and
 /// rollback walks back through exactly those five.
 #[test]
@@ -130,7 +104,7 @@ fn five_earlier_stage_versions_are_kept_for_rollback() {
     let mock = MockLlm::start(&[]);
     let data = tempfile::tempdir().unwrap();
     let server = serve_eco_scan(&mock, data.path(), &["--admin-token", TOKEN]);
-    let mut installed = vec![versions(&server).0];
+    let mut installed = vec![stagehand_tests::stage_digests(&server, "answer").0];
     for n in 1..=6 {
         let response = client()
             .put(server.url("/v1/stages/answer"))
@@ -142,9 +116,9 @@ fn five_earlier_stage_versions_are_kept_for_rollback() {
             .send()
             .unwrap();
         assert_eq!(response.status(), StatusCode::OK);
-        installed.push(versions(&server).0);
+        installed.push(stagehand_tests::stage_digests(&server, "answer").0);
     }
-    let (current, previous) = versions(&server);
+    let (current, previous) = stagehand_tests::stage_digests(&server, "answer");
     assert_eq!(current, installed[6]);
     let expected: Vec<String> = installed[1..6].iter().rev().cloned().collect();
     assert_eq!(
@@ -158,7 +132,7 @@ fn five_earlier_stage_versions_are_kept_for_rollback() {
             .send()
             .unwrap();
         assert_eq!(response.status(), StatusCode::OK);
-        assert_eq!(versions(&server).0, back);
+        assert_eq!(stagehand_tests::stage_digests(&server, "answer").0, back);
     }
     let response = client()
         .post(server.url("/v1/stages/answer/rollback"))

@@ -19,14 +19,36 @@ use redis::streams::StreamPendingReply;
 use serde_json::{Value, json};
 use stagehand_tests::cluster::{RedisServer, Worker};
 use stagehand_tests::{
-    MockLlm, Server, client, eco_items, eco_scan_pipeline, job_status, read_frames, serve,
-    submit_job, wait_for_job,
+    MockLlm, Server, client, eco_items, eco_scan_pipeline, get_json, job_status, read_frames,
+    serve, submit_job, wait_for_job,
 };
 
 const ITEMS: u64 = 2000;
 
 /// The admin token of the nodes that take admin requests.
 const ADMIN: &str = "cluster-admin";
+
+/// What every test here starts from: a `redis-server`, a directory for the nodes' data, and
+/// the eco-scan pipeline file in it.
+struct Setup {
+    redis: RedisServer,
+    dir: tempfile::TempDir,
+    pipeline: std::path::PathBuf,
+    url: String,
+}
+
+fn setup() -> Setup {
+    let redis = RedisServer::start().expect("redis-server starts");
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = eco_scan_pipeline(dir.path(), |text| text);
+    let url = redis.url();
+    Setup {
+        redis,
+        dir,
+        pipeline,
+        url,
+    }
+}
 
 /// Work entries pending per node, from the consumer group.
 fn pending_per_node(redis: &RedisServer) -> Vec<(String, usize)> {
@@ -82,11 +104,13 @@ fn follow(server: &Server, job: &str, last_event_id: Option<u64>) -> Vec<stageha
 
 #[test]
 fn three_nodes_share_a_job_survive_a_kill_and_cancel_together() {
-    let redis = RedisServer::start().expect("redis-server starts");
+    let Setup {
+        redis,
+        dir,
+        pipeline,
+        url,
+    } = setup();
     let mock = MockLlm::start(&["--latency-ms", "100"]);
-    let dir = tempfile::tempdir().unwrap();
-    let pipeline = eco_scan_pipeline(dir.path(), |text| text);
-    let url = redis.url();
     let node_flags = ["--slots", "16", "--reclaim-idle-ms", "3000"];
     let serve_flags: Vec<&str> = ["--redis", url.as_str()]
         .into_iter()
@@ -290,11 +314,13 @@ fn three_nodes_share_a_job_survive_a_kill_and_cancel_together() {
 /// stage events, and dead letters from any node.
 #[test]
 fn any_node_answers_for_any_job() {
-    let redis = RedisServer::start().expect("redis-server starts");
+    let Setup {
+        redis,
+        dir,
+        pipeline,
+        url,
+    } = setup();
     let mock = MockLlm::start(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    let pipeline = eco_scan_pipeline(dir.path(), |text| text);
-    let url = redis.url();
     let flags = [
         "--redis",
         url.as_str(),
@@ -452,13 +478,7 @@ fn any_node_answers_for_any_job() {
 
     // The failed item is a dead letter, the same on both nodes, whichever ran it.
     let letters = |node: &Server| -> Value {
-        let page: Value = client()
-            .get(node.url(&format!("/v1/dead-letters?job={job}")))
-            .send()
-            .unwrap()
-            .json()
-            .unwrap();
-        page["dead_letters"].clone()
+        get_json(node, &format!("/v1/dead-letters?job={job}"))["dead_letters"].clone()
     };
     let on_node1 = letters(&node1);
     assert_eq!(on_node1.as_array().unwrap().len(), 1, "{on_node1}");
@@ -466,12 +486,7 @@ fn any_node_answers_for_any_job() {
     assert_eq!(on_node1[0]["stage"], "rule");
     assert_eq!(on_node1, letters(&node2));
     // Read back with its failed stage's input: the item and the outputs before the stage.
-    let letter: Value = client()
-        .get(node2.url(&format!("/v1/dead-letters/{job}/20")))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let letter = get_json(&node2, &format!("/v1/dead-letters/{job}/20"));
     assert_eq!(letter["input"]["item"], items[20], "{letter}");
     assert!(letter["input"]["stages"]["vision"].is_object(), "{letter}");
 
@@ -543,12 +558,14 @@ fn any_node_answers_for_any_job() {
 
 #[test]
 fn an_item_whose_nodes_keep_dying_is_abandoned() {
-    let redis = RedisServer::start().expect("redis-server starts");
+    let Setup {
+        redis,
+        dir,
+        pipeline,
+        url,
+    } = setup();
     // The item's LLM call never answers while a node holds it.
     let mock = MockLlm::start(&["--latency-ms", "60000"]);
-    let dir = tempfile::tempdir().unwrap();
-    let pipeline = eco_scan_pipeline(dir.path(), |text| text);
-    let url = redis.url();
     let reclaim = ["--reclaim-idle-ms", "300"];
     let api_flags: Vec<&str> = ["--redis", url.as_str(), "--slots", "0"]
         .into_iter()
@@ -606,19 +623,7 @@ fn an_item_whose_nodes_keep_dying_is_abandoned() {
 
 /// The current and canary digests of `stage` as `node` serves them.
 fn stage_versions(node: &Server, stage: &str) -> (String, Option<String>) {
-    let all: Value = client()
-        .get(node.url("/v1/stages"))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    let stage = all["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == stage)
-        .unwrap()
-        .clone();
+    let stage = stagehand_tests::stage_entry(node, stage);
     (
         stage["current"]["digest"].as_str().unwrap().to_string(),
         stage["canary"]["digest"].as_str().map(str::to_string),
@@ -630,11 +635,13 @@ fn stage_versions(node: &Server, stage: &str) -> (String, Option<String>) {
 /// starts after them.
 #[test]
 fn a_stage_change_on_one_node_is_served_by_every_node() {
-    let redis = RedisServer::start().expect("redis-server starts");
+    let Setup {
+        redis,
+        dir,
+        pipeline,
+        url,
+    } = setup();
     let mock = MockLlm::start(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    let pipeline = eco_scan_pipeline(dir.path(), |text| text);
-    let url = redis.url();
     let flags = [
         "--redis",
         url.as_str(),
@@ -739,12 +746,14 @@ fn a_stage_change_on_one_node_is_served_by_every_node() {
 /// on a worker node.
 #[test]
 fn live_tokens_reach_a_follower_on_another_node() {
-    let redis = RedisServer::start().expect("redis-server starts");
+    let Setup {
+        redis,
+        dir,
+        pipeline,
+        url,
+    } = setup();
     // Vision is slow enough for the worker to learn of the follower before `answer` streams.
     let mock = MockLlm::start(&["--vision-latency-ms", "2000", "--token-delay-ms", "5"]);
-    let dir = tempfile::tempdir().unwrap();
-    let pipeline = eco_scan_pipeline(dir.path(), |text| text);
-    let url = redis.url();
     let api = serve(
         &pipeline,
         &dir.path().join("api"),

@@ -78,31 +78,11 @@ impl Stage {
         self.previous.lock().expect("not poisoned").clone()
     }
 
-    /// Make `version` the one new entries get (ending any canary trial); items already in the
-    /// stage finish on theirs.
-    pub fn swap(&self, version: Arc<StageComponent>) {
-        let mut previous = self.previous.lock().expect("not poisoned");
-        let old = self.current.swap(version);
-        self.canary.store(None);
-        previous.push(old);
-        if previous.len() > KEPT_VERSIONS {
-            previous.remove(0);
-        }
-    }
-
     /// Set the current version and the ones before it (restoring installed versions).
     pub fn restore(&self, current: Arc<StageComponent>, previous: Vec<Arc<StageComponent>>) {
         let mut kept = self.previous.lock().expect("not poisoned");
         *kept = previous;
         self.current.store(current);
-    }
-
-    /// Go back to the version before the current one; `None` if there is none.
-    pub fn rollback(&self) -> Option<Arc<StageComponent>> {
-        let mut previous = self.previous.lock().expect("not poisoned");
-        let back = previous.pop()?;
-        self.current.store(back.clone());
-        Some(back)
     }
 
     /// Wait for room under the stage's own concurrency limit, if it has one.

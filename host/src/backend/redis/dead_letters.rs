@@ -14,7 +14,7 @@ use redis::AsyncCommands;
 use uuid::Uuid;
 
 use super::{Cluster, keys, scripts};
-use crate::backend::{DeadLetterFilter, ItemStore};
+use crate::backend::DeadLetterFilter;
 use crate::jobs::runnable;
 use crate::model::{JobState, Reprocess};
 use crate::store::DeadLetter;
@@ -126,19 +126,9 @@ impl Cluster {
             Some(indices) => indices.iter().map(u64::to_string).collect(),
             None => vec!["*".to_string()],
         };
-        let job_keys = keys::JobKeys::new(job);
-        let mut invocation = scripts::REPROCESS.prepare_invoke();
-        for key in job_keys.all() {
-            invocation.key(key);
-        }
-        invocation
-            .key(keys::WORK)
-            .arg(job.to_string())
-            .arg(crate::model::now_ms())
-            .arg(self.inner.retention.as_secs().max(1))
-            .arg(&indices);
-        let queued: i64 = invocation
-            .invoke_async(&mut self.conn())
+        let args: Vec<&[u8]> = indices.iter().map(|index| index.as_bytes()).collect();
+        let queued: i64 = self
+            .run_script_with(&scripts::REPROCESS, job, &[keys::WORK], &args)
             .await
             .context("cannot queue dead letters again in Redis")?;
         Ok(match queued {
@@ -159,10 +149,5 @@ impl Cluster {
             .await
             .with_context(|| format!("cannot take the `{task}` lease in Redis"))?;
         Ok(held == 1)
-    }
-
-    /// One dead letter, from whichever node wrote it.
-    pub(super) async fn read_letter(&self, job: Uuid, index: u64) -> Result<Option<DeadLetter>> {
-        ItemStore::dead_letter(self, job, index).await
     }
 }

@@ -284,7 +284,7 @@ impl JobBackend for Cluster {
     }
 
     async fn dead_letter(&self, job: Uuid, index: u64) -> Result<Option<DeadLetter>> {
-        self.read_letter(job, index).await
+        crate::backend::ItemStore::dead_letter(self, job, index).await
     }
 
     async fn discard_dead_letter(&self, job: Uuid, index: u64) -> Result<bool> {

@@ -62,7 +62,7 @@ struct Inner {
     followers: Mutex<HashMap<Uuid, watch::Sender<u64>>>,
     /// Jobs with items running on this node: their cancel token, and how many items.
     running: Mutex<HashMap<Uuid, (CancellationToken, usize)>>,
-    /// The pipelines this node serves, once loaded (they are loaded on [`Cluster::shared`]):
+    /// The pipelines this node serves, set once they are loaded (after [`Cluster::shared`]):
     /// what a reprocess checks a job can run on.
     pipelines: OnceLock<Arc<Pipelines>>,
     /// The change counter as this node last heard of it (`changes.rs`).
@@ -164,9 +164,20 @@ impl Cluster {
         job: Uuid,
         extra: &[&[u8]],
     ) -> Result<T> {
+        self.run_script_with(script, job, &[], extra).await
+    }
+
+    /// [`Self::run_script`] with `more_keys` after the job's.
+    async fn run_script_with<T: redis::FromRedisValue>(
+        &self,
+        script: &redis::Script,
+        job: Uuid,
+        more_keys: &[&str],
+        extra: &[&[u8]],
+    ) -> Result<T> {
         let keys = keys::JobKeys::new(job);
         let mut invocation = script.prepare_invoke();
-        for key in keys.all() {
+        for key in keys.all().into_iter().chain(more_keys.iter().copied()) {
             invocation.key(key);
         }
         invocation
