@@ -196,7 +196,7 @@ async fn eco_scan(items: u64) {
         .await
         .unwrap();
     let shutdown = CancellationToken::new();
-    let revisions = Revisions::open(&resources.store, dir.path()).expect("revisions");
+    let revisions = Revisions::open(&resources.store, dir.path(), None).expect("revisions");
     let pipelines = Arc::new(Pipelines::new(
         [pipeline.clone()],
         revisions,

@@ -24,8 +24,9 @@
 //!   pipelines of a node share ([`pipeline::NodeResources`]), every revision served, kept by
 //!   content ([`pipeline::Revisions`]), and the registry of them by name and revision
 //!   ([`pipeline::Pipelines`]).
-//! - [`backend`]: where jobs live, behind four seams ([`backend::JobBackend`],
-//!   [`backend::ItemStore`], [`backend::EventSource`], [`backend::EffectKeys`]) and two
+//! - [`backend`]: where jobs live, behind five seams ([`backend::JobBackend`],
+//!   [`backend::ItemStore`], [`backend::EventSource`], [`backend::EffectKeys`],
+//!   [`backend::Changes`]) and two
 //!   implementations: [`backend::embedded`] (sled; the [`backend::embedded::JobManager`] runs
 //!   submitted jobs in this process, resumes them after a restart, reprocesses dead letters)
 //!   and [`backend::redis`] (jobs, items, results, event logs, work and cancels shared by
@@ -37,7 +38,11 @@
 //! - [`versions`]: stage versions installed while serving (hot swap), kept across restarts and,
 //!   in Redis mode, applied by every node of the cluster.
 //! - [`deploy`]: pipelines deployed while serving (`PUT /v1/pipelines/{name}` with a tar
-//!   bundle): checked and compiled before an atomic swap, kept across restarts.
+//!   bundle): checked and compiled before an atomic swap, kept across restarts and, in Redis
+//!   mode, applied by every node of the cluster.
+//! - [`kv_reloads`]: kv namespaces reloaded while serving, in Redis mode on every node.
+//! - [`follow`]: Redis mode: every node applies the deploys, stage versions and kv reloads
+//!   published on any node, and catches up before it takes work.
 //! - [`watch`]: settled file-change bursts, for `serve --watch` and kv namespace reloads.
 //! - [`metrics`]: every Prometheus metric, named in one place.
 //! - [`node`]: the composition root: a node (store, runtime, pipelines, backend, effect runner,
@@ -76,7 +81,9 @@ pub mod cli;
 pub mod config;
 pub mod deploy;
 pub mod events;
+pub mod follow;
 pub mod jobs;
+pub mod kv_reloads;
 pub mod limits;
 pub mod memory;
 pub mod metrics;

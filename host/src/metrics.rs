@@ -162,15 +162,23 @@ pub fn dead_letter(pipeline: &str, stage: &str) {
 }
 
 /// An operator changed a stage's versions: `swap`, `canary`, `promote`, `rollback` or
-/// `canary_dropped`.
+/// `canary_dropped`; `synced`: another node of the cluster did, and this one followed.
 pub fn stage_change(pipeline: &str, stage: &str, change: &'static str) {
     counter!("stagehand_stage_changes_total", "pipeline" => pipeline.to_string(), "stage" => stage.to_string(), "change" => change)
         .increment(1);
 }
 
-/// An operator changed the pipelines a node serves: `deploy` or `delete`.
+/// An operator changed the pipelines a node serves: `deploy` or `delete`; `synced`: another
+/// node of the cluster did, and this one followed; `refused`: this one could not (see its log).
 pub fn pipeline_change(pipeline: &str, change: &'static str) {
     counter!("stagehand_pipeline_changes_total", "pipeline" => pipeline.to_string(), "change" => change)
+        .increment(1);
+}
+
+/// A kv namespace's entries were swapped: `reload` (its file, on this node), or `synced`
+/// (content another node of the cluster reloaded).
+pub fn kv_reload(pipeline: &str, namespace: &str, change: &'static str) {
+    counter!("stagehand_kv_reloads_total", "pipeline" => pipeline.to_string(), "namespace" => namespace.to_string(), "change" => change)
         .increment(1);
 }
 

@@ -21,12 +21,14 @@ use anyhow::{Context, Result, bail};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::Backend;
 use crate::backend::embedded::{Embedded, EventLog, JobManager};
 use crate::backend::redis::{Cluster, WorkerSettings, run_worker};
+use crate::backend::{Backend, Changes};
 use crate::config::PipelineConfig;
 use crate::deploy::Deployer;
+use crate::follow::Follower;
 use crate::jobs::EffectRunner;
+use crate::kv_reloads::KvReloads;
 use crate::pipeline::revisions::short;
 use crate::pipeline::{NodeResources, NodeSizing, Pipeline, Pipelines, Revisions, Shared};
 use crate::store::Store;
@@ -78,9 +80,10 @@ pub struct Node {
     pub versions: StageVersions,
     /// Every revision served, and which ones were deployed.
     pub revisions: Revisions,
-    /// Deploys pipelines while the node runs; embedded mode only (in Redis mode a deploy would
-    /// change one node of the cluster).
-    pub deployer: Option<Arc<Deployer>>,
+    /// Deploys pipelines while the node runs (in Redis mode, on every node).
+    pub deployer: Arc<Deployer>,
+    /// Reloads kv namespaces (in Redis mode, on every node).
+    pub kv_reloads: KvReloads,
     /// Where jobs live.
     pub backend: Backend,
     pub effects: Arc<EffectRunner>,
@@ -99,7 +102,7 @@ pub struct Node {
 impl Node {
     /// Build the node serving `configs` (distinct names, at least one) and start what every
     /// mode needs; see the module's doc comment.
-    pub async fn start(configs: Vec<PipelineConfig>, settings: NodeSettings) -> Result<Self> {
+    pub async fn start(mut configs: Vec<PipelineConfig>, settings: NodeSettings) -> Result<Self> {
         check_distinct_names(&configs)?;
         let data_dir = &settings.data_dir;
         std::fs::create_dir_all(data_dir)
@@ -125,9 +128,27 @@ impl Node {
                 (store, cluster.shared(), Some(cluster), work)
             }
         };
-        let revisions = Revisions::open(&store, data_dir)?;
+        // Redis mode: operators' changes are the cluster's (see `crate::follow`).
+        let changes: Option<Arc<dyn Changes>> = match &cluster {
+            Some(cluster) => Some(Arc::new(cluster.clone())),
+            None => None,
+        };
+        let revisions = Revisions::open(&store, data_dir, changes.clone())?;
+        // Pipelines the cluster deleted are not served, but still size the node: a deploy of
+        // one of them must fit.
+        let mut set_aside = Vec::new();
+        for removed in crate::deploy::adopt(&revisions).await? {
+            if let Some(at) = configs.iter().position(|c| c.name == removed) {
+                let config = configs.remove(at);
+                tracing::warn!(pipeline = %removed, file = %config.source.display(), "the cluster deleted this pipeline: not served (deploy it to serve it again)");
+                set_aside.push(config);
+            }
+        }
         let served = what_to_serve(configs, &revisions)?;
-        let sizing = NodeSizing::of(served.iter().map(|(config, _)| config));
+        for (_, revision) in &served {
+            revisions.share_kept(revision).await?;
+        }
+        let sizing = NodeSizing::of(served.iter().map(|(config, _)| config).chain(&set_aside));
         let mut resources = NodeResources::new(sizing, data_dir, store.clone(), shared)?;
         resources.llm_base_url = settings.llm_base_url.clone();
         let loaded = futures::future::try_join_all(served.into_iter().map(|(config, revision)| {
@@ -156,11 +177,7 @@ impl Node {
                 }))
             }
         };
-        let shared_changes: Option<Arc<dyn crate::backend::Changes>> = match &backend {
-            Backend::Redis(cluster) => Some(Arc::new(cluster.clone())),
-            Backend::Embedded(_) => None,
-        };
-        let versions = StageVersions::open(&store, data_dir, shared_changes)?;
+        let versions = StageVersions::open(&store, data_dir, changes.clone())?;
         if settings.restore_versions {
             let only = pipelines.only().is_some();
             let deployed = revisions.deployed()?;
@@ -176,13 +193,24 @@ impl Node {
                 }
             }
         }
-        // Redis mode: the cluster's versions win over this node's, before it takes work.
+        let deployer = Arc::new(Deployer::new(
+            pipelines.clone(),
+            revisions.clone(),
+            resources.clone(),
+        ));
+        let kv_reloads = KvReloads::new(changes.clone());
+        // Redis mode: the cluster's changes win over this node's, before it takes work.
         let mut services = Vec::new();
-        if let Some(task) = versions
-            .follow(pipelines.clone(), stop_services.clone())
-            .await?
-        {
-            services.push(("the stage-version follower", task));
+        if let Some(changes) = changes {
+            let follower = Follower {
+                changes,
+                pipelines: pipelines.clone(),
+                deployer: deployer.clone(),
+                versions: versions.clone(),
+                kv: kv_reloads.clone(),
+            };
+            let task = follower.start(stop_services.clone()).await?;
+            services.push(("the change follower", task));
         }
         // Effects cut short by a crash may have happened: not run again (at most once).
         let interrupted = store.interrupt_running_effects()?;
@@ -192,13 +220,6 @@ impl Node {
                 "effects were running when the node stopped; marked interrupted"
             );
         }
-        let deployer = matches!(backend, Backend::Embedded(_)).then(|| {
-            Arc::new(Deployer::new(
-                pipelines.clone(),
-                revisions.clone(),
-                resources.clone(),
-            ))
-        });
         let (effects, effects_task) =
             EffectRunner::spawn(&resources, pipelines.clone(), stop_services.clone());
         let work = match (&backend, work) {
@@ -216,6 +237,7 @@ impl Node {
             store,
             versions,
             deployer,
+            kv_reloads,
             revisions,
             backend,
             effects,
@@ -242,7 +264,9 @@ impl Node {
     /// table must not need a restart).
     pub fn watch_kv(&mut self) -> Result<()> {
         for pipeline in self.served_from_files()? {
-            let task = pipeline.caps.kv.clone().watch(self.stop_services.clone())?;
+            let task = self
+                .kv_reloads
+                .watch(pipeline, self.stop_services.clone())?;
             self.add_service("a kv watcher", task);
         }
         Ok(())

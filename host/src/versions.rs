@@ -7,9 +7,10 @@
 //! stage's next record, then [`StageVersions::commit`]s it: in Redis mode it is published first
 //! ([`Changes`], the component bytes with it), so the cluster's record is the truth and a
 //! refused publish changes nothing; then it is applied here and kept in sled. Every other node
-//! applies the record when the change counter moves ([`StageVersions::follow`]), fetching the
-//! component from Redis if it does not have it, and catches up before it takes work
-//! ([`StageVersions::catch_up`], first thing in `follow`). Items in a stage finish on the version they entered with.
+//! applies the record when the change counter moves, fetching the
+//! component from Redis if it does not have it ([`StageVersions::apply_records`], run by
+//! [`crate::follow`], also before the node takes work). Items in a stage finish on the version
+//! they entered with.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -382,15 +383,16 @@ impl StageVersions {
         Ok(restored)
     }
 
-    /// Redis mode: serve the cluster's versions of every stage of `pipelines` (those recorded
-    /// on the revision served here); how many stages changed. Nothing in embedded mode.
-    pub async fn catch_up(&self, pipelines: &Pipelines) -> Result<usize> {
-        let Some(shared) = &self.shared else {
-            return Ok(0);
-        };
-        let (counter, records) = shared.records(SHARED_PREFIX).await?;
+    /// Redis mode: serve the versions the cluster records (among `all`, its records) for the
+    /// stages of `pipelines`, those recorded on the revision served here; how many stages
+    /// changed.
+    pub async fn apply_records(
+        &self,
+        pipelines: &Pipelines,
+        all: &[(String, Vec<u8>)],
+    ) -> Result<usize> {
         let mut changed = 0;
-        for (key, raw) in records {
+        for (key, raw) in all {
             let Some((pipeline, stage)) = key
                 .strip_prefix(SHARED_PREFIX)
                 .and_then(|rest| rest.split_once('/'))
@@ -403,7 +405,7 @@ impl StageVersions {
             let Some(stage) = pipeline.stage(stage) else {
                 continue;
             };
-            let record: Record = match serde_json::from_slice(&raw) {
+            let record: Record = match serde_json::from_slice(raw) {
                 Ok(record) => record,
                 Err(error) => {
                     tracing::warn!(%key, %error, "a corrupt stage-version record in the cluster");
@@ -419,41 +421,7 @@ impl StageVersions {
             crate::metrics::stage_change(pipeline.name(), &stage.config.name, "synced");
             changed += 1;
         }
-        shared.applied(counter).await?;
         Ok(changed)
-    }
-
-    /// Redis mode: [`Self::catch_up`] now (before the node takes work), then in a task whenever
-    /// the cluster's change counter moves, until `stop`. `None` in embedded mode.
-    pub async fn follow(
-        &self,
-        pipelines: Arc<Pipelines>,
-        stop: tokio_util::sync::CancellationToken,
-    ) -> Result<Option<tokio::task::JoinHandle<()>>> {
-        let Some(shared) = &self.shared else {
-            return Ok(None);
-        };
-        // Watched before the first catch-up: a change during it is caught up after it.
-        let mut counter = shared.counter();
-        let synced = self.catch_up(&pipelines).await?;
-        if synced > 0 {
-            tracing::info!(stages = synced, "stages run the cluster's versions");
-        }
-        let versions = self.clone();
-        Ok(Some(tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    changed = counter.changed() => if changed.is_err() { return },
-                    () = stop.cancelled() => return,
-                }
-                counter.mark_unchanged();
-                if let Err(error) = versions.catch_up(&pipelines).await {
-                    tracing::warn!(error = %format!("{error:#}"), "cannot apply the cluster's stage versions; retrying");
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                    counter.mark_changed();
-                }
-            }
-        })))
     }
 }
 

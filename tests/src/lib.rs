@@ -381,6 +381,18 @@ pub fn wait_for_metric(server: &Server, series: &str, at_least: f64) {
     }
 }
 
+/// Wait (at most 60 s) until `ready` holds.
+pub fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !ready() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// `GET path`, answered with JSON (whatever the status).
 pub fn get_json(server: &Server, path: &str) -> serde_json::Value {
     client()

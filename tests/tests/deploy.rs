@@ -1,19 +1,31 @@
 //! Deploying pipelines while the server runs (`PUT /v1/pipelines/{name}` with a tar bundle,
 //! `stagehand deploy`): a running job keeps the revision it was submitted with, new jobs get the
-//! new one, a bad bundle changes nothing, and a deploy once acknowledged survives kill -9.
+//! new one, a bad bundle changes nothing, and a deploy once acknowledged survives kill -9; the
+//! behaviours on both backends (embedded and Redis). In Redis mode a deploy is the cluster's:
+//! every node serves it, a node started later too, and a node killed mid-deploy leaves the
+//! cluster on one revision.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use stagehand_tests::backends::Backend;
 use stagehand_tests::{
     MockLlm, Server, binary, client, eco_items, eco_scan_pipeline, get_json, inspect, job_results,
-    job_status, plugin_bytes, repo_root, serve, submit_job, wait_for_job,
+    job_status, on_both_backends, plugin_bytes, repo_root, serve, submit_job, wait_for_job,
+    wait_until,
 };
 
 const ADMIN: &str = "deploy-admin-token";
+
+on_both_backends!(
+    a_running_job_keeps_its_revision_and_new_jobs_take_the_deployed_one,
+    a_bad_bundle_is_refused_and_changes_nothing,
+    delete_waits_for_running_jobs,
+);
 
 /// A bundle's files: path in the bundle -> bytes.
 type Files = BTreeMap<String, Vec<u8>>;
@@ -94,8 +106,13 @@ fn delete(server: &Server, name: &str) -> (StatusCode, Value) {
     (response.status(), response.json().unwrap_or(Value::Null))
 }
 
-fn serve_admin(pipeline: &Path, data: &Path, mock: &MockLlm) -> Server {
-    serve(pipeline, data, Some(mock), &["--admin-token", ADMIN])
+fn serve_admin(pipeline: &Path, data: &Path, mock: &MockLlm, backend: &Backend) -> Server {
+    serve(
+        pipeline,
+        data,
+        Some(mock),
+        &backend.flags(&["--admin-token", ADMIN]),
+    )
 }
 
 fn revision(server: &Server, name: &str) -> String {
@@ -147,12 +164,16 @@ fn stagehand(args: &[&str]) -> (bool, String) {
 /// A deploy of another shape while a job runs: the job finishes on the revision it was
 /// submitted with (every stage, its revision in each result), new jobs get the new one. The
 /// deploy goes through `stagehand deploy`, which shows the change first.
-#[test]
-fn a_running_job_keeps_its_revision_and_new_jobs_take_the_deployed_one() {
+fn a_running_job_keeps_its_revision_and_new_jobs_take_the_deployed_one(backend: Backend) {
     let mock = MockLlm::start(&["--latency-ms", "400"]);
     let data = tempfile::tempdir().unwrap();
     let files = tempfile::tempdir().unwrap();
-    let mut server = serve_admin(&eco_scan_pipeline(files.path(), |t| t), data.path(), &mock);
+    let mut server = serve_admin(
+        &eco_scan_pipeline(files.path(), |t| t),
+        data.path(),
+        &mock,
+        &backend,
+    );
     let old = revision(&server, "eco-scan");
     assert_eq!(
         get_json(&server, "/v1/pipelines/eco-scan")["deployed"],
@@ -253,12 +274,16 @@ fn blobs(data: &Path) -> Vec<PathBuf> {
 
 /// Each broken bundle is refused with a 422 that says what is wrong, and nothing changes: the
 /// same revision serves, no file is left behind, jobs still run.
-#[test]
-fn a_bad_bundle_is_refused_and_changes_nothing() {
+fn a_bad_bundle_is_refused_and_changes_nothing(backend: Backend) {
     let mock = MockLlm::start(&[]);
     let data = tempfile::tempdir().unwrap();
     let files = tempfile::tempdir().unwrap();
-    let server = serve_admin(&eco_scan_pipeline(files.path(), |t| t), data.path(), &mock);
+    let server = serve_admin(
+        &eco_scan_pipeline(files.path(), |t| t),
+        data.path(),
+        &mock,
+        &backend,
+    );
     let before = revision(&server, "eco-scan");
     let kept = blobs(data.path());
 
@@ -388,7 +413,7 @@ fn deploys_survive_kill_9_and_old_jobs_resume_on_their_revision() {
     let data = tempfile::tempdir().unwrap();
     let files = tempfile::tempdir().unwrap();
     let pipeline = eco_scan_pipeline(files.path(), |t| t);
-    let server = serve_admin(&pipeline, data.path(), &mock);
+    let server = serve_admin(&pipeline, data.path(), &mock, &Backend::Embedded);
     let old = revision(&server, "eco-scan");
     let running = slow_job(&server, 6);
 
@@ -414,7 +439,7 @@ fn deploys_survive_kill_9_and_old_jobs_resume_on_their_revision() {
     );
     drop(server); // kill -9
 
-    let server = serve_admin(&pipeline, data.path(), &mock);
+    let server = serve_admin(&pipeline, data.path(), &mock, &Backend::Embedded);
     assert_eq!(
         revision(&server, "eco-scan"),
         new,
@@ -450,15 +475,15 @@ fn deploys_survive_kill_9_and_old_jobs_resume_on_their_revision() {
     assert_eq!(lite_shape[0].0, stages(&["vision", "rule", "answer"]));
 }
 
-/// `DELETE` refuses while the pipeline has running jobs and works once they end; a pipeline
-/// given on the command line comes back at the next start, a deployed one does not.
-#[test]
-fn delete_waits_for_running_jobs() {
+/// `DELETE` refuses while the pipeline has running jobs and works once they end; a deployed
+/// pipeline does not come back at the next start. One given on the command line does in
+/// embedded mode; in Redis mode the cluster's deletion holds until it is deployed again.
+fn delete_waits_for_running_jobs(backend: Backend) {
     let mock = MockLlm::start(&["--latency-ms", "300"]);
     let data = tempfile::tempdir().unwrap();
     let files = tempfile::tempdir().unwrap();
     let pipeline = eco_scan_pipeline(files.path(), |t| t);
-    let mut server = serve_admin(&pipeline, data.path(), &mock);
+    let mut server = serve_admin(&pipeline, data.path(), &mock, &backend);
     let lite = eco_bundle(|t| t.replace("name = \"eco-scan\"", "name = \"eco-lite\""));
     assert_eq!(put(&server, "eco-lite", tar(&lite)).0, 200);
     let running = client()
@@ -496,9 +521,205 @@ fn delete_waits_for_running_jobs() {
     );
     server.terminate();
 
-    let server = serve_admin(&pipeline, data.path(), &mock);
+    let server = serve_admin(&pipeline, data.path(), &mock, &backend);
+    let served = fields(&get_json(&server, "/v1/pipelines")["pipelines"], "name");
+    match backend {
+        Backend::Embedded => assert_eq!(served, ["eco-scan"]),
+        Backend::Redis(..) => {
+            assert!(served.is_empty(), "{served:?}");
+            let (status, answer) = put(&server, "eco-scan", tar(&eco_bundle(|t| t)));
+            assert_eq!(status, 200, "{answer}");
+            assert_eq!(
+                fields(&get_json(&server, "/v1/pipelines")["pipelines"], "name"),
+                ["eco-scan"]
+            );
+        }
+    }
+}
+
+/// The names of the pipelines `server` serves.
+fn served(server: &Server) -> Vec<String> {
+    fields(&get_json(server, "/v1/pipelines")["pipelines"], "name")
+}
+
+/// Redis mode: a deploy on one node is served by every node (a node started later too, whatever
+/// its pipeline file), a new pipeline deployed anywhere appears everywhere, and a deletion on
+/// one node stops every node serving it.
+#[test]
+fn a_deploy_on_one_node_is_served_by_every_node() {
+    let mock = MockLlm::start(&[]);
+    let backend = Backend::redis();
+    let data = tempfile::tempdir().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let pipeline = eco_scan_pipeline(files.path(), |t| t);
+    let node = |name: &str| serve_admin(&pipeline, &data.path().join(name), &mock, &backend);
+    let (a, b) = (node("a"), node("b"));
+    let old = revision(&a, "eco-scan");
+    assert_eq!(revision(&b, "eco-scan"), old);
+
+    let (status, deployed) = put(&a, "eco-scan", tar(&eco_bundle(without_reward)));
+    assert_eq!(status, 200, "{deployed}");
+    let new = deployed["revision"].as_str().unwrap().to_string();
+    assert_ne!(new, old);
+    wait_until("the other node serves the deploy", || {
+        revision(&b, "eco-scan") == new
+    });
+    assert_eq!(get_json(&b, "/v1/pipelines/eco-scan")["deployed"], true);
+    let job = submit_job(&b, eco_items(2), json!({}));
+    wait_for_job(&b, &job);
+    for shape in shapes(&job_results(&a, &job)) {
+        assert_eq!(shape, (stages(&["vision", "rule", "answer"]), new.clone()));
+    }
+
+    // A node started later serves the cluster's deploy, not its file.
+    let c = node("c");
+    assert_eq!(revision(&c, "eco-scan"), new, "caught up before serving");
+    assert_eq!(get_json(&c, "/v1/pipelines/eco-scan")["deployed"], true);
+
+    // A new pipeline deployed on one node appears on every node; deleted on another, it goes
+    // from every node.
+    let lite = eco_bundle(|t| t.replace("name = \"eco-scan\"", "name = \"eco-lite\""));
+    let (status, answer) = put(&c, "eco-lite", tar(&lite));
+    assert_eq!(status, 200, "{answer}");
+    for node in [&a, &b] {
+        wait_until("every node serves the new pipeline", || {
+            served(node) == ["eco-lite", "eco-scan"]
+        });
+    }
+    let job = submit_job_to(&a, "eco-lite", 2);
+    assert_eq!(wait_for_job(&b, &job)["state"], "completed");
+    assert_eq!(delete(&b, "eco-lite").0, 204);
+    for node in [&a, &c] {
+        wait_until("no node serves the deleted pipeline", || {
+            served(node) == ["eco-scan"]
+        });
+    }
     assert_eq!(
-        fields(&get_json(&server, "/v1/pipelines")["pipelines"], "name"),
-        ["eco-scan"]
+        job_status(&c, &job)["state"],
+        "completed",
+        "its jobs stay readable"
     );
+}
+
+fn submit_job_to(server: &Server, pipeline: &str, items: usize) -> String {
+    let response = client()
+        .post(server.url(&format!("/v1/pipelines/{pipeline}/jobs")))
+        .json(&json!({ "items": eco_items(items) }))
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    response.json::<Value>().unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The revision the cluster records as `name`'s deploy, if any.
+fn cluster_deploy(backend: &Backend, name: &str) -> Option<String> {
+    let Backend::Redis(redis, _) = backend else {
+        unreachable!("a cluster test")
+    };
+    let record: Option<Vec<u8>> = redis::cmd("HGET")
+        .arg("sh:changes")
+        .arg(format!("pipelines/{name}"))
+        .query(&mut redis.connection())
+        .unwrap();
+    let record: Value = serde_json::from_slice(&record?).unwrap();
+    Some(record["deployed"]["revision"].as_str()?.to_string())
+}
+
+/// Redis mode: a node killed at any moment of a deploy (before, during or after it publishes)
+/// leaves the cluster on one revision: every node serves what the cluster records, and the
+/// killed node, restarted, serves it too.
+#[test]
+fn a_node_killed_mid_deploy_leaves_the_cluster_on_one_revision() {
+    let mock = MockLlm::start(&[]);
+    let backend = Backend::redis();
+    let data = tempfile::tempdir().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let pipeline = eco_scan_pipeline(files.path(), |t| t);
+    let node = |name: &str| serve_admin(&pipeline, &data.path().join(name), &mock, &backend);
+    let witness = node("witness");
+    let mut outcomes = BTreeSet::new();
+    for (round, delay_ms) in [0u64, 40, 120, 400, 1500].into_iter().enumerate() {
+        let victim = node("victim");
+        let before = revision(&witness, "eco-scan");
+        assert_eq!(revision(&victim, "eco-scan"), before);
+        // Each round deploys a revision of its own (a comment in the pipeline file).
+        let bundle = tar(&eco_bundle(|t| format!("{t}\n# round {round}\n")));
+        let url = victim.url("/v1/pipelines/eco-scan");
+        let deploy = std::thread::spawn(move || {
+            let _ = client()
+                .put(url)
+                .bearer_auth(ADMIN)
+                .header("content-type", "application/x-tar")
+                .body(bundle)
+                .send();
+        });
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        drop(victim); // kill -9
+        deploy.join().unwrap();
+
+        let recorded = cluster_deploy(&backend, "eco-scan");
+        let expected = recorded.clone().unwrap_or(before.clone());
+        outcomes.insert(expected != before);
+        wait_until("the witness serves what the cluster records", || {
+            revision(&witness, "eco-scan") == expected
+        });
+        let victim = node("victim");
+        assert_eq!(
+            revision(&victim, "eco-scan"),
+            expected,
+            "round {round}: the restarted node serves what the cluster records"
+        );
+        if recorded.is_some() {
+            assert_eq!(
+                get_json(&victim, "/v1/pipelines/eco-scan")["deployed"],
+                true
+            );
+        }
+    }
+    // Not asserted (timing): whether both outcomes were met. Shown for whoever reads the log.
+    eprintln!("deploy published before the kill: {outcomes:?}");
+}
+
+/// Redis mode: nodes started from different pipeline files (two revisions of eco-scan) share
+/// the work, and each job runs on the revision it was submitted to, whichever node takes its
+/// items: a node fetches the other's revision from the cluster. (The first node runs no items,
+/// so every item of its job runs on the other.)
+#[test]
+fn nodes_with_different_files_run_each_others_jobs_on_their_revision() {
+    let mock = MockLlm::start(&["--latency-ms", "30"]);
+    let backend = Backend::redis();
+    let data = tempfile::tempdir().unwrap();
+    let (full, lite) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = serve(
+        &eco_scan_pipeline(full.path(), |t| t),
+        &data.path().join("a"),
+        Some(&mock),
+        &backend.flags(&["--slots", "0"]),
+    );
+    let b = serve_admin(
+        &eco_scan_pipeline(lite.path(), without_reward),
+        &data.path().join("b"),
+        &mock,
+        &backend,
+    );
+    let (on_a, on_b) = (revision(&a, "eco-scan"), revision(&b, "eco-scan"));
+    assert_ne!(on_a, on_b);
+    let job_a = submit_job(&a, eco_items(24), json!({}));
+    let job_b = submit_job(&b, eco_items(24), json!({}));
+    for (job, revision, shape) in [
+        (
+            &job_a,
+            &on_a,
+            stages(&["vision", "rule", "answer", "reward"]),
+        ),
+        (&job_b, &on_b, stages(&["vision", "rule", "answer"])),
+    ] {
+        assert_eq!(wait_for_job(&a, job)["failed"], 0);
+        for result in shapes(&job_results(&b, job)) {
+            assert_eq!(result, (shape.clone(), revision.clone()));
+        }
+    }
 }

@@ -1,14 +1,17 @@
 //! kv namespaces reload without a restart: the reward stage's character catalog (kv
 //! `characters`, read by the `character-match` handler) changes when its file changes, and on
-//! the admin call; a broken file is refused and the old entries keep serving.
+//! the admin call; a broken file is refused and the old entries keep serving. In Redis mode a
+//! reload on one node is served by every node.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use stagehand_tests::backends::Backend;
 use stagehand_tests::{
     MockLlm, Server, client, eco_scan_pipeline, job_results, repo_root, submit_scan, wait_for_job,
+    wait_until,
 };
 
 const TOKEN: &str = "kv-admin-token";
@@ -31,7 +34,7 @@ fn scanned_character(server: &Server) -> String {
     wait_for_job(server, &task);
     job_results(server, &task)[0]["output"]["reward"]["character"]["name"]
         .as_str()
-        .expect("a character")
+        .unwrap_or_else(|| panic!("a character in {:?}", job_results(server, &task)))
         .to_string()
 }
 
@@ -135,4 +138,69 @@ fn write_atomically(path: &Path, text: &str) {
     let temporary = path.with_extension("tmp");
     std::fs::write(&temporary, text).unwrap();
     std::fs::rename(&temporary, path).unwrap();
+}
+
+/// Redis mode: a reload on one node (its watcher seeing its file change, or the admin call) is
+/// served by every node, each with a file of its own, and by a node started later.
+#[test]
+fn a_reload_on_one_node_is_served_by_every_node() {
+    let mock = MockLlm::start(&[]);
+    let backend = Backend::redis();
+    let dir = tempfile::tempdir().unwrap();
+    let node = |name: &str| {
+        let files = dir.path().join(name);
+        std::fs::create_dir_all(&files).unwrap();
+        let characters = files.join("characters.json");
+        std::fs::write(&characters, catalog("Petty")).unwrap();
+        // Relative to the pipeline file: every node's pipeline file reads the same, so the
+        // nodes serve one revision.
+        let pipeline = eco_scan_pipeline(&files, |text| {
+            let shipped = format!(
+                "{}/examples/eco-scan/characters.json",
+                repo_root().display()
+            );
+            text.replace(&shipped, "characters.json")
+        });
+        let server = stagehand_tests::serve(
+            &pipeline,
+            &files.join("data"),
+            Some(&mock),
+            &backend.flags(&["--admin-token", TOKEN]),
+        );
+        (server, characters)
+    };
+    let (a, a_file) = node("a");
+    let (b, b_file) = node("b");
+    assert_eq!(scanned_character(&b), "Petty");
+
+    // A's file changes: A's watcher reloads it, and B serves A's content.
+    let first = characters_namespace(&a)["digest"].clone();
+    write_atomically(&a_file, &catalog("Petty II"));
+    wait_until("the first node reloads its file", || {
+        characters_namespace(&a)["digest"] != first
+    });
+    let digest = characters_namespace(&a)["digest"].clone();
+    wait_until("the other node serves the reloaded content", || {
+        characters_namespace(&b)["digest"] == digest
+    });
+    assert_eq!(scanned_character(&b), "Petty II");
+    assert_eq!(
+        std::fs::read_to_string(&b_file).unwrap(),
+        catalog("Petty"),
+        "B's own file is untouched"
+    );
+
+    // The admin call on B, after its file changed: A follows.
+    std::fs::write(&b_file, catalog("Petty III")).unwrap();
+    let (status, body) = reload(&b, "characters", Some(TOKEN));
+    assert_eq!(status, StatusCode::OK, "{body}");
+    wait_until("the first node serves the second reload", || {
+        characters_namespace(&a)["digest"] == body["digest"]
+    });
+    assert_eq!(scanned_character(&a), "Petty III");
+
+    // A node started later, its file as at the start, serves the cluster's content at once.
+    let (c, _) = node("c");
+    assert_eq!(characters_namespace(&c)["digest"], body["digest"]);
+    assert_eq!(scanned_character(&c), "Petty III");
 }

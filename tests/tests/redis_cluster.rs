@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use stagehand_tests::cluster::{RedisServer, Worker};
 use stagehand_tests::{
     MockLlm, Server, client, eco_items, eco_scan_pipeline, get_json, job_status, read_frames,
-    serve, submit_job, wait_for_job,
+    serve, submit_job, wait_for_job, wait_until,
 };
 
 const ITEMS: u64 = 2000;
@@ -64,15 +64,6 @@ fn pending_per_node(redis: &RedisServer) -> Vec<(String, usize)> {
             .map(|c| (c.name, c.pending))
             .collect(),
         _ => Vec::new(),
-    }
-}
-
-/// Wait (at most 60 s) until `ready` holds.
-fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !ready() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -24,9 +24,6 @@ pub enum ApiError {
     TooLarge(String),
     #[error("unsupported content type: {0}")]
     UnsupportedMedia(String),
-    /// The backend cannot serve the route (yet): [`crate::backend::NotAvailable`].
-    #[error("{0}")]
-    NotAvailable(String),
     #[error("internal error: {0:#}")]
     Internal(anyhow::Error),
 }
@@ -44,7 +41,6 @@ impl ApiError {
             ApiError::UnsupportedMedia(_) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }
-            ApiError::NotAvailable(_) => (StatusCode::NOT_IMPLEMENTED, "not_available"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -62,10 +58,7 @@ impl IntoResponse for ApiError {
 
 impl From<anyhow::Error> for ApiError {
     fn from(error: anyhow::Error) -> Self {
-        match error.downcast_ref::<crate::backend::NotAvailable>() {
-            Some(not_available) => ApiError::NotAvailable(not_available.to_string()),
-            None => ApiError::Internal(error),
-        }
+        ApiError::Internal(error)
     }
 }
 

@@ -34,16 +34,13 @@ pub async fn reload(
     query: Result<Query<PipelineQuery>, QueryRejection>,
 ) -> Result<Json<NamespaceInfo>, ApiError> {
     let Query(query) = query?;
-    let kv = pipeline(&app, query.pipeline.as_deref())?.caps.kv.clone();
-    // Reading and parsing a large file is blocking work.
-    let reloaded = tokio::task::spawn_blocking(move || kv.reload(&name))
-        .await
-        .map_err(anyhow::Error::from)?;
-    match reloaded {
+    let pipeline = pipeline(&app, query.pipeline.as_deref())?;
+    match app.kv_reloads.reload(&pipeline, &name).await {
         Ok(info) => Ok(Json(info)),
         Err(error @ ReloadError::Unknown(_)) => Err(ApiError::NotFound(error.to_string())),
         Err(error @ ReloadError::Invalid(_)) => Err(ApiError::Unprocessable(format!(
             "{error}; the old entries stay in use"
         ))),
+        Err(ReloadError::Host(error)) => Err(ApiError::Internal(error)),
     }
 }

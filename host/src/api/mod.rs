@@ -37,8 +37,8 @@
 //! one pipeline, and gets a 422 naming them when it serves several.
 //!
 //! Every job route goes through [`crate::backend::JobBackend`]; in Redis mode
-//! ([`crate::backend::redis`]) they answer for every node's jobs, except the dead letter routes
-//! and reprocessing, which answer 501 until dead letters move to Redis.
+//! ([`crate::backend::redis`]) they answer for every node's jobs; the operators' routes
+//! (deploys, stages, kv reloads) change every node (see [`crate::follow`]).
 
 pub mod auth;
 mod dashboard;
@@ -87,8 +87,10 @@ pub struct App {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Stage versions installed while serving.
     pub versions: StageVersions,
-    /// Deploys and removes pipelines; `None` where deploys are not available (Redis mode).
-    pub deployer: Option<Arc<crate::deploy::Deployer>>,
+    /// Deploys and removes pipelines (in Redis mode, on every node).
+    pub deployer: Arc<crate::deploy::Deployer>,
+    /// Reloads kv namespaces (in Redis mode, on every node).
+    pub kv_reloads: crate::kv_reloads::KvReloads,
     /// Bearer tokens of the admin routes and of the rest (see [`auth`]).
     pub tokens: auth::Tokens,
     /// How often an idle event stream gets a keep-alive comment.

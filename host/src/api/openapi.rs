@@ -68,7 +68,7 @@ pub struct ErrorBody {
 #[derive(Serialize, ToSchema)]
 pub struct ErrorDetail {
     /// `bad_request`, `not_found`, `invalid`, `conflict`, `unauthorized`, `forbidden`,
-    /// `too_large`, `unsupported_media_type`, `not_available` or `internal`.
+    /// `too_large`, `unsupported_media_type` or `internal`.
     pub code: &'static str,
     pub message: String,
 }

@@ -14,7 +14,7 @@ use super::openapi::{PipelineDeployed, PipelineInfo, PipelineList};
 use super::stages::stage_list;
 use super::{ApiError, App, pipeline};
 use crate::backend::JobFilter;
-use crate::deploy::{DeployError, Deployer};
+use crate::deploy::DeployError;
 use crate::limits::MAX_NAME;
 use crate::model::JobState;
 use crate::pipeline::Pipeline;
@@ -30,12 +30,9 @@ fn info(pipeline: &Pipeline, deployed: &BTreeMap<String, String>) -> PipelineInf
     }
 }
 
-/// Which pipeline deploys made current, by name (none where deploys are off).
+/// Which pipeline deploys made current, by name.
 fn deployed(app: &App) -> Result<BTreeMap<String, String>, ApiError> {
-    match &app.deployer {
-        Some(deployer) => Ok(deployer.deployed()?),
-        None => Ok(BTreeMap::new()),
-    }
+    Ok(app.deployer.deployed()?)
 }
 
 /// `GET /v1/pipelines`: every pipeline, by name.
@@ -65,17 +62,6 @@ pub async fn show(
     Ok(Json(info(&pipeline, &deployed(&app)?)))
 }
 
-/// The deployer, or a 501 where deploys are not available.
-fn deployer(app: &App) -> Result<&Deployer, ApiError> {
-    app.deployer.as_deref().ok_or_else(|| {
-        ApiError::NotAvailable(
-            "deploys are not available in Redis mode yet: a deploy would change this node \
-             alone; give every node the same pipeline files and restart them"
-                .into(),
-        )
-    })
-}
-
 impl From<DeployError> for ApiError {
     fn from(error: DeployError) -> Self {
         match error {
@@ -93,7 +79,7 @@ impl From<DeployError> for ApiError {
 #[utoipa::path(put, path = "/v1/pipelines/{pipeline}", tag = "pipelines", security(("admin_token" = [])),
     params(("pipeline" = String, Path, description = "pipeline name (the pipeline file's `name`)")),
     request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "a tar archive (`application/x-tar` or `application/octet-stream`): `pipeline.toml` at its root and the components and kv files it names, at the paths it names them by"),
-    responses((status = 200, description = "deployed: new jobs get this revision", body = super::openapi::PipelineDeployed), (status = 400, description = "empty body", body = super::openapi::ErrorBody), (status = 413, description = "too large", body = super::openapi::ErrorBody), (status = 415, description = "not a tar archive", body = super::openapi::ErrorBody), (status = 422, description = "the bundle, the pipeline file, a component or a kv file is not valid (nothing changed)", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong admin token", body = super::openapi::ErrorBody), (status = 403, description = "admin routes are off (no --admin-token)", body = super::openapi::ErrorBody), (status = 501, description = "not available in Redis mode", body = super::openapi::ErrorBody)))]
+    responses((status = 200, description = "deployed: new jobs get this revision", body = super::openapi::PipelineDeployed), (status = 400, description = "empty body", body = super::openapi::ErrorBody), (status = 413, description = "too large", body = super::openapi::ErrorBody), (status = 415, description = "not a tar archive", body = super::openapi::ErrorBody), (status = 422, description = "the bundle, the pipeline file, a component or a kv file is not valid (nothing changed)", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong admin token", body = super::openapi::ErrorBody), (status = 403, description = "admin routes are off (no --admin-token)", body = super::openapi::ErrorBody)))]
 pub async fn deploy(
     State(app): State<Arc<App>>,
     Path(name): Path<String>,
@@ -101,7 +87,7 @@ pub async fn deploy(
     body: Bytes,
 ) -> Result<Json<PipelineDeployed>, ApiError> {
     crate::limits::in_range("length of `pipeline`", name.len(), 1, MAX_NAME)?;
-    let deployer = deployer(&app)?;
+    let deployer = &app.deployer;
     if let Some(kind) = headers.get(axum::http::header::CONTENT_TYPE)
         && !kind.to_str().is_ok_and(|kind| {
             kind.starts_with("application/x-tar") || kind.starts_with("application/octet-stream")
@@ -126,16 +112,16 @@ pub async fn deploy(
 
 /// `DELETE /v1/pipelines/{pipeline}`: stop serving it (409 while it has running jobs). Its
 /// finished jobs stay readable. A pipeline from a file of the command line is served again at
-/// the next start.
+/// the next start (embedded mode; in Redis mode the cluster's deletion holds until a deploy).
 #[utoipa::path(delete, path = "/v1/pipelines/{pipeline}", tag = "pipelines", security(("admin_token" = [])),
     params(("pipeline" = String, Path, description = "pipeline name")),
-    responses((status = 204, description = "deleted"), (status = 404, description = "no such pipeline", body = super::openapi::ErrorBody), (status = 409, description = "the pipeline has running jobs", body = super::openapi::ErrorBody), (status = 422, description = "name too long", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong admin token", body = super::openapi::ErrorBody), (status = 403, description = "admin routes are off (no --admin-token)", body = super::openapi::ErrorBody), (status = 501, description = "not available in Redis mode", body = super::openapi::ErrorBody)))]
+    responses((status = 204, description = "deleted"), (status = 404, description = "no such pipeline", body = super::openapi::ErrorBody), (status = 409, description = "the pipeline has running jobs", body = super::openapi::ErrorBody), (status = 422, description = "name too long", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong admin token", body = super::openapi::ErrorBody), (status = 403, description = "admin routes are off (no --admin-token)", body = super::openapi::ErrorBody)))]
 pub async fn delete(
     State(app): State<Arc<App>>,
     Path(name): Path<String>,
 ) -> Result<axum::http::StatusCode, ApiError> {
     crate::limits::in_range("length of `pipeline`", name.len(), 1, MAX_NAME)?;
-    let deployer = deployer(&app)?;
+    let deployer = &app.deployer;
     let running = JobFilter {
         state: Some(JobState::Running),
         pipeline: Some(name.clone()),

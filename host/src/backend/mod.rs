@@ -5,7 +5,8 @@
 //!   dead letters, token counts).
 //! - [`EventSource`]: what a view of a job's log needs (read after a number, wake-ups).
 //! - [`EffectKeys`]: claims of effect keys that several nodes see.
-//! - [`Changes`]: operators' changes (stage versions) that every node of a cluster applies.
+//! - [`Changes`]: operators' changes (deploys, stage versions, kv reloads) that every node of a
+//!   cluster applies.
 //!
 //! Two backends implement them: [`embedded`] (this process's sled store; this process runs
 //! the jobs) and [`redis`] (Redis shared by several nodes, each running items from a shared
@@ -29,14 +30,6 @@ use crate::model::{
 };
 use crate::pipeline::Pipeline;
 use crate::store::DeadLetter;
-
-/// A request a backend cannot serve (yet): the API answers 501 with this message.
-#[derive(Debug, thiserror::Error)]
-#[error("{what} is not available in {backend} mode yet")]
-pub struct NotAvailable {
-    pub what: &'static str,
-    pub backend: &'static str,
-}
 
 /// The backend a node was built with, once: the API sees it as a [`JobBackend`], the node's
 /// services use the parts only one backend has.
@@ -264,6 +257,10 @@ pub trait Changes: Send + Sync {
 
     /// A file a record names, by digest.
     async fn file(&self, digest: &str) -> Result<Option<Vec<u8>>>;
+
+    /// Keep `files` (digest, bytes) where every node can fetch them, without a change (what a
+    /// node serves from its own files, for a job submitted there and run elsewhere).
+    async fn keep_files(&self, files: &[(&str, &[u8])]) -> Result<()>;
 
     /// The counter as this node last heard of it (pub/sub, backed by a poll): it changes when
     /// any node publishes a change.

@@ -1,9 +1,9 @@
 //! `kv`: read-only lookups in namespaces loaded from JSON files, reloadable while serving.
 //!
 //! Each namespace is swapped whole ([`ArcSwap`]): a guest sees the old entries or the new ones,
-//! never a mix, and a file that does not parse leaves the old entries in place. `serve` reloads
-//! a namespace when its file changes ([`KvNamespaces::watch`]) or on
-//! `POST /v1/kv/{namespace}/reload`.
+//! never a mix, and a file that does not parse leaves the old entries in place. Reloads (on
+//! `POST /v1/kv/{namespace}/reload`, or when `serve` sees a file change) go through
+//! [`crate::kv_reloads`], which shares them with the cluster in Redis mode.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -18,12 +18,25 @@ use sha2::{Digest, Sha256};
 use super::HostState;
 use crate::limits::MAX_KV_KEY;
 use crate::runtime::bindings::kv::{Host, KvError};
-use crate::watch::FileChanges;
 
 /// One loaded version of a namespace: key -> JSON value as text, ready to hand to a guest.
 pub(crate) struct Entries {
     entries: HashMap<String, String>,
     info: NamespaceInfo,
+}
+
+/// A namespace's content, parsed, ready to swap in ([`KvNamespaces::put`]).
+pub struct KvContent {
+    /// The bytes it was parsed from.
+    pub bytes: Vec<u8>,
+    entries: Entries,
+}
+
+impl KvContent {
+    /// sha256 of the bytes.
+    pub fn digest(&self) -> &str {
+        &self.entries.info.digest
+    }
 }
 
 /// What `GET /v1/kv` shows of a namespace.
@@ -58,6 +71,9 @@ pub enum ReloadError {
     Unknown(String),
     #[error("{0:#}")]
     Invalid(anyhow::Error),
+    /// The reload could not be shared with the cluster (nothing changed).
+    #[error(transparent)]
+    Host(anyhow::Error),
 }
 
 impl KvNamespaces {
@@ -86,15 +102,46 @@ impl KvNamespaces {
 
     /// Read the namespace's file again and swap its entries in; on error the old ones stay.
     pub fn reload(&self, name: &str) -> Result<NamespaceInfo, ReloadError> {
-        let namespace = self
-            .namespaces
-            .get(name)
-            .ok_or_else(|| ReloadError::Unknown(name.to_string()))?;
-        let reloads = namespace.current.load().info.reloads + 1;
-        let entries = read(name, &namespace.file, reloads).map_err(ReloadError::Invalid)?;
-        let info = entries.info.clone();
-        namespace.current.store(Arc::new(entries));
+        let content = self.read_file(name)?;
+        self.put(name, content)
+    }
+
+    /// The namespace's file as it is now, read and parsed but not in use yet.
+    pub fn read_file(&self, name: &str) -> Result<KvContent, ReloadError> {
+        let namespace = self.namespace(name)?;
+        let bytes = std::fs::read(&namespace.file)
+            .with_context(|| format!("kv `{name}`: cannot read {}", namespace.file.display()))
+            .map_err(ReloadError::Invalid)?;
+        self.parse(name, bytes)
+    }
+
+    /// `bytes` as the namespace's content (read from its file, or sent by another node),
+    /// parsed but not in use yet.
+    pub fn parse(&self, name: &str, bytes: Vec<u8>) -> Result<KvContent, ReloadError> {
+        let namespace = self.namespace(name)?;
+        let entries = parse(name, &namespace.file, &bytes, 0).map_err(ReloadError::Invalid)?;
+        Ok(KvContent { bytes, entries })
+    }
+
+    /// Swap `content` in as the namespace's entries.
+    pub fn put(&self, name: &str, mut content: KvContent) -> Result<NamespaceInfo, ReloadError> {
+        let namespace = self.namespace(name)?;
+        content.entries.info.reloads = namespace.current.load().info.reloads + 1;
+        let info = content.entries.info.clone();
+        namespace.current.store(Arc::new(content.entries));
         Ok(info)
+    }
+
+    /// The digest of the content namespace `name` serves now.
+    pub fn digest(&self, name: &str) -> Option<String> {
+        let namespace = self.namespaces.get(name)?;
+        Some(namespace.current.load().info.digest.clone())
+    }
+
+    fn namespace(&self, name: &str) -> Result<&Namespace, ReloadError> {
+        self.namespaces
+            .get(name)
+            .ok_or_else(|| ReloadError::Unknown(name.to_string()))
     }
 
     pub fn list(&self) -> Vec<NamespaceInfo> {
@@ -103,39 +150,17 @@ impl KvNamespaces {
             .map(|n| n.current.load().info.clone())
             .collect()
     }
-
-    /// Reload a namespace whenever its file changes, until `stop`.
-    pub fn watch(
-        self: Arc<Self>,
-        stop: tokio_util::sync::CancellationToken,
-    ) -> Result<tokio::task::JoinHandle<()>> {
-        let files = self
-            .namespaces
-            .iter()
-            .map(|(name, n)| (n.file.as_path(), name.as_str()));
-        let mut changes = FileChanges::watch(files).context("cannot watch the kv files")?;
-        Ok(tokio::spawn(async move {
-            while let Some(changed) = changes.next(&stop).await {
-                for name in changed {
-                    match self.reload(&name) {
-                        Ok(info) => {
-                            tracing::info!(namespace = %name, entries = info.entries, digest = %info.digest, "kv namespace reloaded (file changed)")
-                        }
-                        Err(error) => {
-                            tracing::warn!(namespace = %name, %error, "the changed kv file is refused; the old entries stay");
-                            crate::metrics::watched_change_refused("kv", &name);
-                        }
-                    }
-                }
-            }
-        }))
-    }
 }
 
 fn read(name: &str, path: &Path, reloads: u64) -> Result<Entries> {
     let bytes = std::fs::read(path)
         .with_context(|| format!("kv `{name}`: cannot read {}", path.display()))?;
-    let Value::Object(entries) = serde_json::from_slice(&bytes)
+    parse(name, path, &bytes, reloads)
+}
+
+/// The content of namespace `name` (whose file is `path`, for messages and listings).
+fn parse(name: &str, path: &Path, bytes: &[u8], reloads: u64) -> Result<Entries> {
+    let Value::Object(entries) = serde_json::from_slice(bytes)
         .with_context(|| format!("kv `{name}`: {} is not JSON", path.display()))?
     else {
         bail!(
@@ -152,7 +177,7 @@ fn read(name: &str, path: &Path, reloads: u64) -> Result<Entries> {
             name: name.to_string(),
             file: path.to_path_buf(),
             entries: entries.len(),
-            digest: format!("{:x}", Sha256::digest(&bytes)),
+            digest: format!("{:x}", Sha256::digest(bytes)),
             loaded_at: crate::model::now_ms(),
             reloads,
         },

@@ -107,6 +107,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
         metrics: Some(metrics),
         versions: node.versions.clone(),
         deployer: node.deployer.clone(),
+        kv_reloads: node.kv_reloads.clone(),
         tokens: crate::api::auth::Tokens::new(args.admin_token, args.api_token),
         sse_keep_alive: Duration::from_secs(args.sse_keep_alive_secs),
     });

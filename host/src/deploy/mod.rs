@@ -8,6 +8,13 @@
 //! one a restart serves, durably, and swapped in atomically: new jobs get it, jobs already
 //! running keep the revision they were submitted with (see [`crate::pipeline::Pipelines`]).
 //! A refused deploy leaves no trace: the blobs it wrote are removed.
+//!
+//! In Redis mode a deploy or a removal is the cluster's: once checked, it is published first
+//! (a [`Record`] under `pipelines/<name>` in [`crate::backend::Changes`], the revision's
+//! manifest and files with it, by content), then applied here. Every other node applies it
+//! when it hears of the change ([`Deployer::apply`]: fetch the revision, check it against its
+//! own sizes, load, swap); a node that starts later serves the cluster's deploys from the start
+//! ([`adopt`]).
 
 pub mod bundle;
 
@@ -16,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
+use serde::{Deserialize, Serialize};
 
 use self::bundle::{Bundle, PIPELINE_FILE, normalise};
 use crate::config::PipelineConfig;
@@ -37,6 +45,61 @@ pub enum DeployError {
     Running(String),
     #[error(transparent)]
     Host(#[from] anyhow::Error),
+}
+
+/// A pipeline's deploy as the cluster records it, under [`SHARED_PREFIX`]`<name>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Record {
+    /// Every node serves this revision under the name.
+    Deployed { revision: String },
+    /// No node serves the name (until it is deployed again), whatever its pipeline files say.
+    Removed,
+}
+
+/// The prefix of deploy records in [`crate::backend::Changes`].
+const SHARED_PREFIX: &str = "pipelines/";
+
+/// The cluster's deploy records, by pipeline name (those that do not parse are skipped).
+fn records(all: &[(String, Vec<u8>)]) -> impl Iterator<Item = (&str, Record)> {
+    all.iter().filter_map(|(key, raw)| {
+        let name = key.strip_prefix(SHARED_PREFIX)?;
+        match serde_json::from_slice(raw) {
+            Ok(record) => Some((name, record)),
+            Err(error) => {
+                tracing::warn!(%key, %error, "a corrupt deploy record in the cluster");
+                None
+            }
+        }
+    })
+}
+
+/// Redis mode, at start-up (before the node loads its pipelines): make the cluster's deploys
+/// this node's, so that it serves what every node serves. Each deployed revision is fetched
+/// and recorded as deployed here; returns the names the cluster removed, which this node must
+/// not serve even where its pipeline files name them.
+pub async fn adopt(revisions: &Revisions) -> anyhow::Result<std::collections::BTreeSet<String>> {
+    let mut removed = std::collections::BTreeSet::new();
+    let Some(shared) = revisions.shared() else {
+        return Ok(removed);
+    };
+    let (_, all) = shared.records(SHARED_PREFIX).await?;
+    for (name, record) in records(&all) {
+        match record {
+            Record::Deployed { revision } => {
+                if revisions.fetch(&revision).await? {
+                    revisions.set_deployed(name, &revision).await?;
+                } else {
+                    tracing::warn!(pipeline = %name, revision = %short(&revision), "the cluster's deployed revision cannot be fetched; not served here");
+                }
+            }
+            Record::Removed => {
+                revisions.remove_deployed(name).await?;
+                removed.insert(name.to_string());
+            }
+        }
+    }
+    Ok(removed)
 }
 
 /// What a deploy did.
@@ -119,6 +182,9 @@ impl Deployer {
             }
         };
         self.revisions.keep(&manifest)?;
+        let revision = pipeline.revision.clone();
+        self.publish(name, &Record::Deployed { revision }, Some(&manifest))
+            .await?;
         self.revisions
             .set_deployed(name, &pipeline.revision)
             .await?;
@@ -239,10 +305,103 @@ impl Deployer {
         {
             return Err(DeployError::Running(name.to_string()));
         }
+        self.publish(name, &Record::Removed, None).await?;
         self.revisions.remove_deployed(name).await?;
         self.pipelines.remove(name);
         tracing::info!(pipeline = %name, "pipeline deleted");
         crate::metrics::pipeline_change(name, "delete");
         Ok(())
+    }
+
+    /// Redis mode: make `record` the cluster's, with `manifest`'s revision shared (nothing in
+    /// embedded mode). First: a refused publish changes nothing.
+    async fn publish(
+        &self,
+        name: &str,
+        record: &Record,
+        manifest: Option<&Manifest>,
+    ) -> anyhow::Result<()> {
+        let Some(shared) = self.revisions.shared() else {
+            return Ok(());
+        };
+        let files = match manifest {
+            Some(manifest) => self.revisions.share(manifest)?,
+            None => Vec::new(),
+        };
+        let files: Vec<(&str, &[u8])> = files
+            .iter()
+            .map(|(digest, bytes)| (digest.as_str(), bytes.as_slice()))
+            .collect();
+        shared
+            .publish(
+                &format!("{SHARED_PREFIX}{name}"),
+                &serde_json::to_vec(record)?,
+                &files,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Redis mode: serve what the cluster's deploy records (among `all`, the cluster's
+    /// records) say, where this node does not yet; how many pipelines changed. A revision this
+    /// node cannot fetch, load or give its sizes is skipped with a warning (and the metric
+    /// `stagehand_pipeline_changes_total{change="refused"}`); the node keeps what it served.
+    pub async fn apply(&self, all: &[(String, Vec<u8>)]) -> anyhow::Result<usize> {
+        let _one = self.one_at_a_time.lock().await;
+        let deployed = self.revisions.deployed()?;
+        let mut changed = 0;
+        for (name, record) in records(all) {
+            let current = self.pipelines.get(name);
+            match record {
+                Record::Deployed { revision } => {
+                    if current.as_ref().is_some_and(|c| c.revision == revision) {
+                        if deployed.get(name) != Some(&revision) {
+                            self.revisions.set_deployed(name, &revision).await?;
+                        }
+                        continue;
+                    }
+                    match self.load(&revision, current.is_none()).await {
+                        Ok(pipeline) => {
+                            self.revisions.set_deployed(name, &revision).await?;
+                            self.pipelines.put(pipeline);
+                            tracing::info!(pipeline = %name, revision = %short(&revision), "pipeline deployed by another node");
+                            crate::metrics::pipeline_change(name, "synced");
+                            changed += 1;
+                        }
+                        Err(error) => {
+                            tracing::warn!(pipeline = %name, revision = %short(&revision), error = %format!("{error:#}"), "a pipeline deployed by another node cannot be served here");
+                            crate::metrics::pipeline_change(name, "refused");
+                        }
+                    }
+                }
+                Record::Removed => {
+                    if deployed.contains_key(name) {
+                        self.revisions.remove_deployed(name).await?;
+                    }
+                    if self.pipelines.remove(name).is_some() {
+                        tracing::info!(pipeline = %name, "pipeline deleted by another node");
+                        crate::metrics::pipeline_change(name, "synced");
+                        changed += 1;
+                    }
+                }
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Revision `revision` of a pipeline, fetched from the cluster if need be, checked against
+    /// this node's sizes and loaded. `new`: the node does not serve the name yet.
+    async fn load(&self, revision: &str, new: bool) -> anyhow::Result<Arc<Pipeline>> {
+        if new && self.pipelines.all().len() >= MAX_PIPELINES {
+            anyhow::bail!("this node serves {MAX_PIPELINES} pipelines already");
+        }
+        if !self.revisions.fetch(revision).await? {
+            anyhow::bail!("the cluster does not hold the revision");
+        }
+        let config = self.revisions.config(revision)?;
+        if let Some(why) = self.resources.sizing.refuses(&config) {
+            anyhow::bail!(why);
+        }
+        Pipeline::load(config, revision.to_string(), &self.resources).await
     }
 }

@@ -1,7 +1,9 @@
 //! The pipelines a node serves, by name. A job names its pipeline and revision
 //! (`JobRecord::pipeline`, `JobRecord::revision`), and whatever runs it looks them up here when
 //! it starts ([`Pipelines::find`]): the current revision, an older one a running job still holds,
-//! or one loaded again from the [`Revisions`] kept on disk (a job resumed after a restart).
+//! or one loaded again from the [`Revisions`] kept on disk (a job resumed after a restart) or
+//! in the cluster (Redis mode: a job submitted on a node that deployed a revision this one has
+//! not applied yet).
 //! A deploy swaps a name's current revision atomically ([`Pipelines::put`]).
 
 use std::collections::{BTreeMap, HashMap};
@@ -134,6 +136,8 @@ impl Pipelines {
                 short(revision)
             )
         };
+        // Redis mode: a revision deployed on another node, which this one has not seen yet.
+        self.revisions.fetch(revision).await.map_err(cannot)?;
         let config = self.revisions.config(revision).map_err(cannot)?;
         let pipeline = Pipeline::load(config, revision.to_string(), &self.resources)
             .await

@@ -7,13 +7,21 @@
 //! `pipeline_revisions`), so a job resumed after a restart runs on the revision it was submitted
 //! with even when another is current. The sled tree `deployed_pipelines` says which revision a
 //! deploy made current, by pipeline name: deployed pipelines survive restarts.
+//!
+//! In Redis mode every revision a node deploys or serves from its files is shared
+//! ([`Revisions::share`], [`Revisions::share_kept`]): its manifest and files are kept in the
+//! cluster by content (the manifest under its revision id, which is a digest of it), so a node
+//! that never served a revision fetches it ([`Revisions::fetch`]) before it loads it: a job
+//! runs on the revision it was submitted to, whichever node takes its items.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::backend::Changes;
 use crate::config::PipelineConfig;
 use crate::store::{Blobs, Store};
 
@@ -46,16 +54,107 @@ pub struct Revisions {
     manifests: sled::Tree,
     deployed: sled::Tree,
     store: Store,
+    /// The cluster's files, in Redis mode.
+    shared: Option<Arc<dyn Changes>>,
 }
 
 impl Revisions {
-    pub fn open(store: &Store, data_dir: &Path) -> Result<Self> {
+    /// `shared`: the cluster's changes and files, in Redis mode.
+    pub fn open(store: &Store, data_dir: &Path, shared: Option<Arc<dyn Changes>>) -> Result<Self> {
         Ok(Self {
             blobs: Blobs::open(data_dir)?,
             manifests: store.tree("pipeline_revisions")?,
             deployed: store.tree("deployed_pipelines")?,
             store: store.clone(),
+            shared,
         })
+    }
+
+    /// The cluster's changes, in Redis mode.
+    pub fn shared(&self) -> Option<&Arc<dyn Changes>> {
+        self.shared.as_ref()
+    }
+
+    /// What the cluster needs to hold for another node to fetch `manifest`'s revision: the
+    /// manifest (under the revision id) and each file it names, as (digest, bytes).
+    pub fn share(&self, manifest: &Manifest) -> Result<Vec<(String, Vec<u8>)>> {
+        let mut files = vec![(manifest.revision(), serde_json::to_vec(manifest)?)];
+        for digest in [&manifest.pipeline_file]
+            .into_iter()
+            .chain(manifest.files.values())
+        {
+            let bytes = std::fs::read(self.blobs.path(digest))
+                .with_context(|| format!("cannot read kept file {digest}"))?;
+            files.push((digest.clone(), bytes));
+        }
+        Ok(files)
+    }
+
+    /// Redis mode: make `revision` (kept here) one every node can fetch, for a job submitted
+    /// to it here and run on another node. Nothing in embedded mode.
+    pub async fn share_kept(&self, revision: &str) -> Result<()> {
+        let Some(shared) = &self.shared else {
+            return Ok(());
+        };
+        let manifest = self
+            .manifest(revision)?
+            .with_context(|| format!("no revision {revision} is kept on this node"))?;
+        let files = self.share(&manifest)?;
+        let files: Vec<(&str, &[u8])> = files
+            .iter()
+            .map(|(digest, bytes)| (digest.as_str(), bytes.as_slice()))
+            .collect();
+        shared.keep_files(&files).await
+    }
+
+    /// Make sure `revision` is kept here, fetching its manifest and files from the cluster
+    /// (Redis mode) when this node never kept it; each is checked against its digest. `false`
+    /// when it is not kept and cannot be had.
+    pub async fn fetch(&self, revision: &str) -> Result<bool> {
+        if self.manifests.contains_key(revision)? {
+            return Ok(true);
+        }
+        let Some(shared) = &self.shared else {
+            return Ok(false);
+        };
+        let Some(raw) = shared.file(revision).await? else {
+            return Ok(false);
+        };
+        let manifest: Manifest = serde_json::from_slice(&raw).with_context(|| {
+            format!(
+                "the cluster's manifest of revision {} is corrupt",
+                short(revision)
+            )
+        })?;
+        if manifest.revision() != revision {
+            bail!(
+                "the cluster's manifest of revision {} does not match its id",
+                short(revision)
+            );
+        }
+        for digest in [&manifest.pipeline_file]
+            .into_iter()
+            .chain(manifest.files.values())
+        {
+            if self.blobs.path(digest).is_file() {
+                continue;
+            }
+            let bytes = shared.file(digest).await?.with_context(|| {
+                format!(
+                    "the cluster does not hold file {digest} of revision {}",
+                    short(revision)
+                )
+            })?;
+            if crate::store::blobs::digest(&bytes) != *digest {
+                bail!(
+                    "the cluster's file {digest} of revision {} does not match its digest",
+                    short(revision)
+                );
+            }
+            self.blobs.put(&bytes)?;
+        }
+        self.keep(&manifest)?;
+        Ok(true)
     }
 
     pub fn blobs(&self) -> &Blobs {

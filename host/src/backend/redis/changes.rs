@@ -80,6 +80,21 @@ impl Changes for Cluster {
             .with_context(|| format!("cannot read file {digest} from Redis"))
     }
 
+    async fn keep_files(&self, files: &[(&str, &[u8])]) -> Result<()> {
+        let mut pipe = redis::pipe();
+        for (digest, bytes) in files {
+            pipe.set_options(
+                keys::file(digest),
+                *bytes,
+                redis::SetOptions::default().conditional_set(redis::ExistenceCheck::NX),
+            )
+            .ignore();
+        }
+        pipe.query_async::<()>(&mut self.conn())
+            .await
+            .context("cannot keep files in Redis")
+    }
+
     fn counter(&self) -> watch::Receiver<u64> {
         self.inner.changes.subscribe()
     }
