@@ -1,11 +1,15 @@
-//! How fast a stage change reaches a cluster (issue 19; figures in docs/BENCHMARKS.md): three
-//! `serve --redis` nodes; `--rounds N` times, a hot swap of eco-scan's `answer` (a new component
-//! each round: every node fetches and compiles it) is sent to one node in turn, and the time from
-//! its `200` to the moment every node reports in `sh:changes:applied` that it serves it is
-//! measured (polled every millisecond). Run with `cargo xtask bench propagation [--rounds 50]`.
+//! How fast an operator's change reaches a cluster (issue 19; figures in docs/BENCHMARKS.md):
+//! three `serve --redis` nodes; `--rounds N` times, a change is sent to one node in turn, and the
+//! time from its `200` to the moment every node reports in `sh:changes:applied` that it serves
+//! it is measured (polled every millisecond). `--change swap` (the default): a hot swap of
+//! eco-scan's `answer`, a new component each round. `--change deploy`: a deploy of eco-scan
+//! whose `answer` is a new component each round (a new revision: every node fetches its files,
+//! compiles the new component and loads the pipeline). Run with
+//! `cargo xtask bench propagation [--change swap|deploy] [--rounds 50]`.
 
 use std::time::{Duration, Instant};
 
+use stagehand_tests::bundles::{eco_bundle, tar};
 use stagehand_tests::cluster::RedisServer;
 use stagehand_tests::measure::arg;
 use stagehand_tests::{
@@ -22,6 +26,11 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 fn main() {
     let rounds: usize = arg("--rounds").and_then(|v| v.parse().ok()).unwrap_or(50);
+    let deploy = match arg("--change").as_deref() {
+        None | Some("swap") => false,
+        Some("deploy") => true,
+        Some(other) => panic!("--change swap or deploy, not {other}"),
+    };
     let redis = RedisServer::start().expect("redis-server starts");
     let mock = MockLlm::start(&[]);
     let dir = tempfile::tempdir().unwrap();
@@ -45,13 +54,19 @@ fn main() {
     for round in 0..rounds {
         let wasm = with_custom_section(answer.clone(), &format!("bench-{round}"));
         let node = &nodes[round % NODES];
+        let request = match deploy {
+            false => client().put(node.url("/v1/stages/answer")).body(wasm),
+            true => {
+                let mut files = eco_bundle(|text| text);
+                files.insert("c/answer.wasm".into(), wasm);
+                client()
+                    .put(node.url("/v1/pipelines/eco-scan"))
+                    .header("content-type", "application/x-tar")
+                    .body(tar(&files))
+            }
+        };
         let sent = Instant::now();
-        let response = client()
-            .put(node.url("/v1/stages/answer"))
-            .bearer_auth(ADMIN)
-            .body(wasm)
-            .send()
-            .unwrap();
+        let response = request.bearer_auth(ADMIN).send().unwrap();
         assert_eq!(response.status(), 200);
         let acked = Instant::now();
         request_to_ack.push((acked - sent).as_secs_f64() * 1e3);
@@ -75,9 +90,11 @@ fn main() {
         }
         acked_to_everywhere.push(acked.elapsed().as_secs_f64() * 1e3);
     }
+    let change = if deploy { "deploy" } else { "hot swap" };
+    println!("{change}s of a new `answer` component:");
     for (what, times) in [
         (
-            "PUT to its 200 (validate, compile, publish)",
+            "PUT to its 200 (check, compile, publish)",
             &mut request_to_ack,
         ),
         ("200 to every node serving it", &mut acked_to_everywhere),

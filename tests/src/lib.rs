@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use anyhow::{Context, Result, bail};
 
 pub mod backends;
+pub mod bundles;
 pub mod cluster;
 pub mod measure;
 

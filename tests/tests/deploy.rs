@@ -5,7 +5,7 @@
 //! every node serves it, a node started later too, and a node killed mid-deploy leaves the
 //! cluster on one revision.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -13,10 +13,10 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use stagehand_tests::backends::Backend;
+use stagehand_tests::bundles::{Files, eco_bundle, tar, without_reward};
 use stagehand_tests::{
     MockLlm, Server, binary, client, eco_items, eco_scan_pipeline, get_json, inspect, job_results,
-    job_status, on_both_backends, plugin_bytes, repo_root, serve, submit_job, wait_for_job,
-    wait_until,
+    job_status, on_both_backends, plugin_bytes, serve, submit_job, wait_for_job, wait_until,
 };
 
 const ADMIN: &str = "deploy-admin-token";
@@ -26,64 +26,6 @@ on_both_backends!(
     a_bad_bundle_is_refused_and_changes_nothing,
     delete_waits_for_running_jobs,
 );
-
-/// A bundle's files: path in the bundle -> bytes.
-type Files = BTreeMap<String, Vec<u8>>;
-
-/// eco-scan's files as a bundle holds them: `pipeline.toml` naming `c/<stage>.wasm` and the kv
-/// files beside it; `edit` is applied to the pipeline file's text, and the bundle holds the
-/// components the edited file names.
-fn eco_bundle(edit: impl FnOnce(String) -> String) -> Files {
-    let example = repo_root().join("examples/eco-scan");
-    let text = edit(
-        std::fs::read_to_string(example.join("pipeline.toml"))
-            .unwrap()
-            .replace("\"../../target/wasm32-wasip2/release/", "\"c/"),
-    );
-    let mut files = BTreeMap::new();
-    for component in [
-        "vision",
-        "rule",
-        "answer",
-        "reward",
-        "character_match",
-        "save_ownership",
-        "save_character",
-    ] {
-        let path = format!("c/{component}.wasm");
-        if text.contains(&path) {
-            files.insert(path, plugin_bytes(component));
-        }
-    }
-    for kv in ["disposal_rules.json", "characters.json"] {
-        files.insert(kv.to_string(), std::fs::read(example.join(kv)).unwrap());
-    }
-    files.insert("pipeline.toml".to_string(), text.into_bytes());
-    files
-}
-
-/// The eco-scan pipeline file without its `reward` stage: a revision of another shape.
-fn without_reward(text: String) -> String {
-    let start = text
-        .find("[[stage]]\nname = \"reward\"")
-        .expect("a reward stage");
-    let end = start + text[start..].find("\n\n").expect("a blank line after it");
-    format!("{}{}", &text[..start], &text[end + 2..])
-}
-
-fn tar(files: &Files) -> Vec<u8> {
-    let mut builder = tar::Builder::new(Vec::new());
-    for (path, bytes) in files {
-        let mut header = tar::Header::new_gnu();
-        header.set_size(bytes.len() as u64);
-        header.set_mode(0o644);
-        header.set_cksum();
-        builder
-            .append_data(&mut header, path, bytes.as_slice())
-            .unwrap();
-    }
-    builder.into_inner().unwrap()
-}
 
 /// `PUT /v1/pipelines/{name}` with `body` as a tar: the status and the JSON answer.
 fn put(server: &Server, name: &str, body: Vec<u8>) -> (StatusCode, Value) {
