@@ -774,3 +774,70 @@ fn live_tokens_reach_a_follower_on_another_node() {
     assert_eq!(streamed["answer"], results[0]["output"]["answer"]["answer"]);
     assert_eq!(frames.last().unwrap().event, "job.completed");
 }
+
+/// A 100,000-item job: its items are written in chunks and the work stream gets at most the
+/// job's window (4,096) of entries at once, refilled as items settle; results page with
+/// `?page=` as in embedded mode; a cancel settles the items never queued at once, and the
+/// cluster's queue gauge returns to zero.
+#[test]
+fn a_100000_item_job_reaches_the_work_stream_a_window_at_a_time() {
+    let Setup {
+        redis,
+        dir,
+        pipeline,
+        url,
+    } = setup();
+    let mock = MockLlm::start(&["--latency-ms", "200"]);
+    let flags = ["--redis", url.as_str(), "--slots", "4"];
+    let node = serve(&pipeline, &dir.path().join("n1"), Some(&mock), &flags);
+    let mut conn = redis.connection();
+    let count = |conn: &mut redis::Connection, command: &str, key: &str| -> u64 {
+        redis::cmd(command)
+            .arg(key)
+            .query::<Option<u64>>(conn)
+            .unwrap()
+            .unwrap_or(0)
+    };
+
+    let job = submit_job(&node, eco_items(100_000), json!({}));
+    assert_eq!(job_status(&node, &job)["total"], 100_000);
+    let items_key = format!("sh:{{{job}}}:items");
+    assert_eq!(count(&mut conn, "HLEN", &items_key), 100_000);
+    let ttl: i64 = redis::cmd("TTL").arg(&items_key).query(&mut conn).unwrap();
+    assert_eq!(
+        ttl, -1,
+        "the items no longer expire once the job is written"
+    );
+    let queued = count(&mut conn, "XLEN", "sh:work");
+    assert!(queued <= 4096, "{queued} work entries for one job");
+    assert!(count(&mut conn, "GET", "sh:unqueued") >= 100_000 - 4096);
+
+    let page = get_json(&node, &format!("/v1/jobs/{job}/results?page=2&page_size=3"));
+    assert_eq!(page["page"], 2, "{page}");
+
+    let cancelled = client()
+        .post(node.url(&format!("/v1/jobs/{job}/cancel")))
+        .send()
+        .unwrap();
+    assert_eq!(cancelled.status(), 202);
+    let status = wait_for_job(&node, &job);
+    assert_eq!(status["state"], "cancelled", "{status}");
+    let told = follow(&node, &job, None);
+    let last = told.last().unwrap();
+    assert_eq!(last.event, "job.cancelled");
+    let counts = &last.data;
+    assert_eq!(
+        counts["succeeded"].as_u64().unwrap()
+            + counts["failed"].as_u64().unwrap()
+            + counts["not_run"].as_u64().unwrap(),
+        100_000,
+        "{counts}"
+    );
+    assert_eq!(count(&mut conn, "GET", "sh:unqueued"), 0);
+    wait_until("the work stream is empty", || {
+        count(&mut conn, "XLEN", "sh:work") == 0
+    });
+    wait_until("the queue gauge is back to zero", || {
+        stagehand_tests::metric(&node, "stagehand_items_unfinished") == Some(0.0)
+    });
+}

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use redis::AsyncCommands;
 use uuid::Uuid;
 
-use super::{Cluster, keys, keys::JobKeys};
+use super::{Cluster, keys, keys::JobKeys, scripts};
 use crate::backend::{DeadLetterFilter, Events, JobBackend, JobFilter};
 use crate::events::{Entry, Event};
 use crate::model::{
@@ -21,6 +21,32 @@ use crate::store::DeadLetter;
 
 /// Items per `HSET` of a submission.
 const ITEMS_PER_COMMAND: usize = 1000;
+
+/// A submission of more items than this writes them first, a command at a time (Redis serves
+/// other clients between them), then the job in one transaction; smaller ones write all in
+/// that transaction.
+const ITEMS_IN_TRANSACTION: usize = 10_000;
+
+/// How long the items of a submission in progress are kept if it never ends (its node died).
+const UNFINISHED_SUBMISSION: Duration = Duration::from_secs(3600);
+
+/// Items of one job queued or running at once when it sets no `concurrency`: enough to keep
+/// every slot of a large cluster busy, few enough that a submission adds a bounded number of
+/// work entries (see `scripts.rs`, *Feeding*).
+pub const MAX_WINDOW: u64 = 4096;
+
+/// Items of a job queued or running at once, cluster-wide: its `sequential` or `concurrency`
+/// (as in embedded mode), else [`MAX_WINDOW`]. Without `concurrency` the pipeline's
+/// `[run] concurrency` does not bound a job here: it sizes each node's `--slots`.
+fn window(pipeline: &crate::pipeline::Pipeline, options: &JobOptions) -> u64 {
+    match (options.sequential, options.concurrency) {
+        (true, _) => 1,
+        (false, Some(concurrency)) => {
+            concurrency.min(pipeline.config.limits.max_concurrency) as u64
+        }
+        (false, None) => MAX_WINDOW,
+    }
+}
 
 /// How long an idempotency claim without a job is taken for a submission in progress.
 const CLAIM_GRACE: Duration = Duration::from_secs(5);
@@ -152,7 +178,33 @@ impl JobBackend for Cluster {
             at: now_ms(),
             event: Event::JobStarted { total: job.total },
         })?;
-        // One transaction: a job is in Redis with all its items and work entries, or not at all.
+        let chunked = items.len() > ITEMS_IN_TRANSACTION;
+        let hset = |chunk_number: usize, chunk: &[Vec<u8>]| {
+            let first = chunk_number * ITEMS_PER_COMMAND;
+            let mut hset = redis::cmd("HSET");
+            hset.arg(&keys.items);
+            for (offset, item) in chunk.iter().enumerate() {
+                hset.arg(first + offset).arg(item.as_slice());
+            }
+            hset
+        };
+        if chunked {
+            // Nothing refers to the items yet: no worker, no reader sees them before the
+            // transaction below, and they expire if it never comes.
+            let mut conn = self.conn();
+            for (chunk_number, chunk) in items.chunks(ITEMS_PER_COMMAND).enumerate() {
+                redis::pipe()
+                    .add_command(hset(chunk_number, chunk))
+                    .ignore()
+                    .expire(&keys.items, UNFINISHED_SUBMISSION.as_secs() as i64)
+                    .ignore()
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .context("cannot store the job's items in Redis")?;
+            }
+        }
+        // One transaction: a job is in Redis with all its items and its first work entries,
+        // or not at all.
         let mut tx = redis::pipe();
         tx.atomic()
             .set(&keys.record, serde_json::to_vec(&job)?)
@@ -160,7 +212,8 @@ impl JobBackend for Cluster {
             .cmd("HSET")
             .arg(&keys.counts)
             .arg(&[("total", job.total), ("seq", 1), ("succeeded", 0)])
-            .arg(&[("failed", 0), ("not_run", 0)])
+            .arg(&[("failed", 0), ("not_run", 0), ("queued", 0)])
+            .arg(("window", window(pipeline, &job.options)))
             .arg(("state", "running"))
             .ignore()
             .cmd("XADD")
@@ -169,26 +222,28 @@ impl JobBackend for Cluster {
             .arg("e")
             .arg(started)
             .ignore();
-        for (chunk_number, chunk) in items.chunks(ITEMS_PER_COMMAND).enumerate() {
-            let first = chunk_number * ITEMS_PER_COMMAND;
-            let mut hset = redis::cmd("HSET");
-            hset.arg(&keys.items);
-            for (offset, item) in chunk.iter().enumerate() {
-                hset.arg(first + offset).arg(item.as_slice());
+        match chunked {
+            true => {
+                tx.persist(&keys.items).ignore();
             }
-            tx.add_command(hset).ignore();
+            false => {
+                for (chunk_number, chunk) in items.chunks(ITEMS_PER_COMMAND).enumerate() {
+                    tx.add_command(hset(chunk_number, chunk)).ignore();
+                }
+            }
         }
         let id_text = id.to_string();
-        for index in 0..job.total {
-            tx.cmd("XADD")
-                .arg(keys::WORK)
-                .arg("*")
-                .arg("j")
-                .arg(&id_text)
-                .arg("i")
-                .arg(index)
-                .ignore();
-        }
+        tx.incr(keys::UNQUEUED, job.total).ignore();
+        let job_keys = keys.all();
+        tx.cmd("EVAL")
+            .arg(scripts::FEED_CODE.as_str())
+            .arg(job_keys.len() + keys::FEED_KEYS.len())
+            .arg(&job_keys[..])
+            .arg(&keys::FEED_KEYS[..])
+            .arg(&id_text)
+            .arg(now_ms())
+            .arg(self.inner.retention.as_secs().max(1))
+            .ignore();
         tx.zadd(keys::JOBS, &id_text, 0).ignore();
         tx.query_async::<()>(&mut self.conn())
             .await
@@ -301,13 +356,15 @@ impl JobBackend for Cluster {
 
     async fn unfinished_items(&self) -> Result<Option<u64>> {
         // An entry leaves the work stream (`XDEL`) only once its item is settled: its length
-        // is the cluster's items queued or running, whichever node holds them.
-        let unfinished: u64 = self
-            .conn()
+        // is the cluster's items queued or running, whichever node holds them; the others
+        // wait for their job's window.
+        let (queued, unqueued): (u64, Option<u64>) = redis::pipe()
             .xlen(keys::WORK)
+            .get(keys::UNQUEUED)
+            .query_async(&mut self.conn())
             .await
             .context("cannot read the work stream's length from Redis")?;
-        Ok(Some(unfinished))
+        Ok(Some(queued + unqueued.unwrap_or(0)))
     }
 
     fn events(&self) -> Events {

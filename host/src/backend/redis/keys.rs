@@ -8,6 +8,10 @@ use uuid::Uuid;
 /// The work stream: one entry per item to run, `j` = job id, `i` = index, and `r` when the
 /// item is a dead letter run again.
 pub const WORK: &str = "sh:work";
+/// String: items of running jobs not yet on [`WORK`] (waiting for their job's window).
+pub const UNQUEUED: &str = "sh:unqueued";
+/// The keys a script that feeds a job's items takes after the job's own (see `scripts.rs`).
+pub const FEED_KEYS: [&str; 2] = [WORK, UNQUEUED];
 /// The consumer group every node reads [`WORK`] through.
 pub const GROUP: &str = "workers";
 /// Job ids, all with score 0, so that `ZRANGE BYLEX` lists them in id (= creation) order.
@@ -40,7 +44,8 @@ pub struct JobKeys {
     /// String: the [`crate::model::JobRecord`] as submitted (JSON).
     pub record: String,
     /// Hash: `seq` (last event number), `total`, `succeeded`, `failed`, `not_run`, `state`,
-    /// `finished_at`, `llm_tokens` (used by the job's items so far).
+    /// `finished_at`, `llm_tokens` (used by the job's items so far), `window` (items queued or
+    /// running at once) and `queued` (items put on the work stream so far, in index order).
     pub counts: String,
     /// Hash: item index -> the item's JSON.
     pub items: String,

@@ -211,7 +211,8 @@ impl Cluster {
         let (completed, cancelled) = (ended(false)?, ended(true)?);
         let mut args: Vec<&[u8]> = vec![&completed, &cancelled];
         args.extend_from_slice(extra);
-        self.run_script(script, job, &args).await
+        self.run_script_with(script, job, &keys::FEED_KEYS, &args)
+            .await
     }
 
     /// Count an item running on this node under `job`'s cancel token.

@@ -7,7 +7,16 @@
 //! that carries the job's counts, writes the counts next to it as stream field `n`
 //! (`"<succeeded> <failed> <not_run> <total>"`, read back by `crate::events::Counts::parse`).
 //! Scripts that may end the job ([`FINISH`], [`SKIP`]) take `ARGV[4]` and `ARGV[5]`: the
-//! `job.completed` and `job.cancelled` events it may end with.
+//! `job.completed` and `job.cancelled` events it may end with, and after the job's keys the
+//! work stream and `sh:unqueued` ([`super::keys::FEED_KEYS`]), because settling an item feeds
+//! the job's next one.
+//!
+//! **Feeding.** A job's items are not all put on the work stream at submission: at most its
+//! *window* are queued or running at once (`sequential`: 1; `concurrency`: that many; else
+//! [`super::jobs::MAX_WINDOW`]), and each item settled queues the next, in index order, in the
+//! same step (`feed` below). That is how a job's `concurrency` and `sequential` hold across
+//! every node with no lock to lose (a reclaimed entry is the same entry), and why a
+//! 100,000-item submission adds a bounded number of work entries.
 
 use std::sync::LazyLock;
 
@@ -36,6 +45,32 @@ local function counts()
     count('total')
 end
 
+local function feed()
+  local window = redis.call('HGET', KEYS[2], 'window')
+  -- A job without a window was submitted with every item queued.
+  if not window then return end
+  local total, queued = count('total'), count('queued')
+  if queued >= total or redis.call('HGET', KEYS[2], 'state') ~= 'running' then return end
+  if redis.call('EXISTS', KEYS[9]) == 1 then
+    -- Cancelled: the items never queued are not run.
+    redis.call('HINCRBY', KEYS[2], 'not_run', total - queued)
+    redis.call('DECRBY', KEYS[JOB_KEYS + 2], total - queued)
+    redis.call('HSET', KEYS[2], 'queued', total)
+    return
+  end
+  local unsettled = queued - count('succeeded') - count('failed') - count('not_run')
+  local from = queued
+  while unsettled < tonumber(window) and queued < total do
+    redis.call('XADD', KEYS[JOB_KEYS + 1], '*', 'j', ARGV[1], 'i', queued)
+    queued = queued + 1
+    unsettled = unsettled + 1
+  end
+  if queued > from then
+    redis.call('HSET', KEYS[2], 'queued', queued)
+    redis.call('DECRBY', KEYS[JOB_KEYS + 2], queued - from)
+  end
+end
+
 local function settle()
   local c, f, s, total = count('succeeded'), count('failed'), count('not_run'), count('total')
   if c + f + s < total or redis.call('HGET', KEYS[2], 'state') ~= 'running' then
@@ -47,16 +82,27 @@ local function settle()
   end
   redis.call('HSET', KEYS[2], 'state', state, 'finished_at', ARGV[2])
   append(event, counts())
-  for i = 1, #KEYS do
+  for i = 1, JOB_KEYS do
     redis.call('EXPIRE', KEYS[i], ARGV[3])
   end
   return 1
 end
 "#;
 
-fn script(body: &str) -> Script {
-    Script::new(&format!("{COMMON}\n{body}"))
+/// A script's code: [`COMMON`], then `body`.
+fn code(body: &str) -> String {
+    let job_keys = super::keys::JobKeys::new(uuid::Uuid::nil()).all().len();
+    format!("local JOB_KEYS = {job_keys}\n{COMMON}\n{body}")
 }
+
+fn script(body: &str) -> Script {
+    Script::new(&code(body))
+}
+
+/// Queue a job's first items (its window): the code, for `EVAL` in the submission's
+/// transaction, where a script not loaded yet cannot be retried. Takes the job's keys and
+/// [`super::keys::FEED_KEYS`].
+pub static FEED_CODE: LazyLock<String> = LazyLock::new(|| code("feed() return 1"));
 
 /// Append one event: `ARGV[4]` = its JSON. Returns its number.
 pub static APPEND: LazyLock<Script> = LazyLock::new(|| script("return append(ARGV[4])"));
@@ -73,6 +119,7 @@ redis.call('HSET', KEYS[5], ARGV[6], ARGV[7])
 redis.call('ZADD', KEYS[6], ARGV[6], ARGV[6])
 redis.call('HINCRBY', KEYS[2], ARGV[8], 1)
 append(ARGV[9], counts())
+feed()
 return settle()
 "#,
     )
@@ -85,6 +132,7 @@ pub static SKIP: LazyLock<Script> = LazyLock::new(|| {
         r#"
 if redis.call('SADD', KEYS[10], ARGV[6]) == 0 then return -1 end
 redis.call('HINCRBY', KEYS[2], 'not_run', 1)
+feed()
 return settle()
 "#,
     )
