@@ -15,6 +15,8 @@ use crate::{MockLlm, binary};
 pub struct RedisServer {
     child: Child,
     pub port: u16,
+    /// The extra flags it was started with, for a restart.
+    flags: Vec<String>,
 }
 
 impl RedisServer {
@@ -28,7 +30,24 @@ impl RedisServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let child = Command::new("redis-server")
+        let flags: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
+        let child = Self::spawn(port, &flags)?;
+        let server = Self { child, port, flags };
+        server.wait_until_up()?;
+        Ok(server)
+    }
+
+    /// Kill the server (SIGKILL) and start it again on the same port with the same files: what
+    /// it persisted (with `--appendonly yes`) is all that is left.
+    pub fn kill_and_restart(&mut self) -> Result<()> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::spawn(self.port, &self.flags)?;
+        self.wait_until_up()
+    }
+
+    fn spawn(port: u16, flags: &[String]) -> Result<Child> {
+        Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--protected-mode", "no"])
             .args(["--dir", &std::env::temp_dir().display().to_string()])
@@ -37,16 +56,19 @@ impl RedisServer {
             .args(flags)
             .stdout(Stdio::null())
             .spawn()
-            .context("cannot start redis-server (Debian package `redis-server`)")?;
-        let server = Self { child, port };
-        let client = redis::Client::open(server.url())?;
+            .context("cannot start redis-server (Debian package `redis-server`)")
+    }
+
+    fn wait_until_up(&self) -> Result<()> {
+        let port = self.port;
+        let client = redis::Client::open(self.url())?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let pong = client
                 .get_connection()
                 .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c));
             if pong.is_ok() {
-                return Ok(server);
+                return Ok(());
             }
             if Instant::now() > deadline {
                 bail!("redis-server did not answer on port {port}");

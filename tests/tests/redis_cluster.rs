@@ -841,3 +841,122 @@ fn a_100000_item_job_reaches_the_work_stream_a_window_at_a_time() {
         stagehand_tests::metric(&node, "stagehand_items_unfinished") == Some(0.0)
     });
 }
+
+/// `redis-server` (append-only file, `appendfsync always`) killed with SIGKILL and restarted
+/// mid-job: nothing acknowledged is lost. The nodes reconnect, the job finishes with every item
+/// settled once, and its log and results agree.
+#[test]
+fn a_redis_restart_mid_job_loses_nothing_acknowledged() {
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"])
+        .expect("redis-server starts");
+    let url = redis.url();
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = eco_scan_pipeline(dir.path(), |text| text);
+    let mock = MockLlm::start(&["--latency-ms", "40"]);
+    let flags = ["--redis", url.as_str(), "--slots", "8"];
+    let nodes: Vec<Server> = ["n1", "n2"]
+        .iter()
+        .map(|name| serve(&pipeline, &dir.path().join(name), Some(&mock), &flags))
+        .collect();
+    let job = submit_job(&nodes[0], eco_items(300), json!({}));
+    wait_until("some items are done", || {
+        finished(&job_status(&nodes[1], &job)) >= 30
+    });
+
+    redis.kill_and_restart().unwrap();
+    // The nodes answer 500 while Redis is down; the job is there once it is back.
+    let mut done_after_restart = 0;
+    wait_until("Redis is back with the job", || {
+        let status = get_json(&nodes[0], &format!("/v1/jobs/{job}"));
+        done_after_restart = status["state"]
+            .is_string()
+            .then(|| finished(&status))
+            .unwrap_or(0);
+        status["state"].is_string()
+    });
+    assert!(done_after_restart >= 30, "acknowledged results survive");
+
+    let status = wait_for_job(&nodes[1], &job);
+    assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!(status["succeeded"], 300, "{status}");
+    let told = follow(&nodes[0], &job, None);
+    assert_eq!(told.last().unwrap().event, "job.completed");
+    let finished_events = indexes(&told);
+    assert_eq!(
+        finished_events.iter().collect::<BTreeSet<_>>().len(),
+        300,
+        "one item.finished per item"
+    );
+    assert_eq!(finished_events.len(), 300, "and no more");
+}
+
+/// A node cut off from Redis (stopped with SIGSTOP) for longer than the reclaim time: the other
+/// node reclaims its items and finishes the job; when it comes back its late runs of those
+/// items record no second result, event or effect.
+#[test]
+fn a_node_cut_off_past_the_reclaim_time_adds_no_second_result_or_effect() {
+    let Setup {
+        redis,
+        dir,
+        pipeline,
+        url,
+    } = setup();
+    let mock = MockLlm::start(&["--latency-ms", "300"]);
+    let flags = [
+        "--redis",
+        url.as_str(),
+        "--slots",
+        "8",
+        "--reclaim-idle-ms",
+        "1000",
+    ];
+    let survivor = serve(&pipeline, &dir.path().join("survivor"), Some(&mock), &flags);
+    let mut victim = serve(&pipeline, &dir.path().join("victim"), Some(&mock), &flags);
+    let job = submit_job(&survivor, eco_items(48), json!({}));
+    wait_until("both nodes hold items", || {
+        pending_per_node(&redis)
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .count()
+            == 2
+    });
+    let signal = |name: &str, pid: u32| {
+        let sent = std::process::Command::new("kill")
+            .args([name, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+    signal("-STOP", victim.pid());
+    let status = wait_for_job(&survivor, &job);
+    assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!(status["succeeded"], 48, "{status}");
+    let before = follow(&survivor, &job, None).len();
+
+    // Back: its items, reclaimed long ago, run on to their end here and are refused there.
+    signal("-CONT", victim.pid());
+    wait_until("the node that came back holds no work", || {
+        pending_per_node(&redis).iter().all(|(_, n)| *n == 0)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let after = job_status(&victim, &job);
+    assert_eq!(after["succeeded"], 48, "{after}");
+    let told = follow(&victim, &job, None);
+    assert_eq!(told.len(), before, "no event after the job ended");
+    assert_eq!(indexes(&told).len(), 48, "one item.finished per item");
+
+    // Each (handler, key) ran once, on whichever node claimed it first.
+    victim.terminate();
+    let mut survivor = survivor;
+    survivor.terminate();
+    let mut ran = std::collections::BTreeMap::new();
+    for node in ["survivor", "victim"] {
+        for effect in stagehand_tests::inspect(&dir.path().join(node), &["effects"]) {
+            let handler = effect["handler"].as_str().unwrap().to_string();
+            let key = effect["key"].as_str().unwrap().to_string();
+            *ran.entry((handler, key)).or_insert(0) += 1;
+        }
+    }
+    assert!(!ran.is_empty(), "eco-scan's reward stage emits effects");
+    assert!(ran.values().all(|n| *n == 1), "{ran:?}");
+}
