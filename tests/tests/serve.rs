@@ -1,14 +1,28 @@
 //! `stagehand serve` over real HTTP: submit, follow over SSE, resume with Last-Event-ID, page
-//! through results, cancel, and clear errors for bad input.
+//! through results, cancel, and clear errors for bad input; the behaviours on both backends
+//! (embedded and Redis), so the modes cannot drift.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use reqwest::blocking::{Client, Response};
 use serde_json::{Value, json};
+use stagehand_tests::backends::Backend;
 use stagehand_tests::{
-    Frame, MockLlm, Server, client, eco_items, inspect, read_frames, serve_eco_scan, submit_job,
+    Frame, MockLlm, Server, client, eco_items, inspect, on_both_backends, read_frames,
+    serve_eco_scan, submit_job,
 };
+
+on_both_backends!(
+    a_job_is_followed_to_the_end_and_its_results_paged,
+    reconnecting_with_last_event_id_misses_nothing_and_repeats_nothing,
+    cancel_stops_a_running_job_at_once,
+    cancel_fails_the_items_in_flight_and_drops_their_llm_requests,
+    bad_requests_get_a_clear_4xx,
+    a_scan_streams_every_stage_of_its_item,
+    a_streamed_answer_reaches_followers_token_by_token,
+    jobs_are_listed_newest_first_with_a_state_filter,
+);
 
 fn serve(mock: &MockLlm, data: &std::path::Path, extra: &[&str]) -> Server {
     serve_eco_scan(mock, data, extra)
@@ -50,11 +64,10 @@ fn indices(frames: &[Frame]) -> Vec<u64> {
         .collect()
 }
 
-#[test]
-fn a_job_is_followed_to_the_end_and_its_results_paged() {
+fn a_job_is_followed_to_the_end_and_its_results_paged(backend: Backend) {
     let mock = MockLlm::start(&["--latency-ms", "5"]);
     let data = tempfile::tempdir().unwrap();
-    let server = serve(&mock, data.path(), &[]);
+    let server = serve(&mock, data.path(), &backend.flags(&[]));
     let job = submit(&server, items(30), json!({ "concurrency": 8 }));
 
     let mut frames = read_frames(events(&server, &job, "?max_items=10", None), |_| false);
@@ -180,11 +193,10 @@ fn a_job_is_followed_to_the_end_and_its_results_paged() {
     );
 }
 
-#[test]
-fn reconnecting_with_last_event_id_misses_nothing_and_repeats_nothing() {
+fn reconnecting_with_last_event_id_misses_nothing_and_repeats_nothing(backend: Backend) {
     let mock = MockLlm::start(&["--latency-ms", "20"]);
     let data = tempfile::tempdir().unwrap();
-    let server = serve(&mock, data.path(), &[]);
+    let server = serve(&mock, data.path(), &backend.flags(&[]));
     let job = submit(&server, items(40), json!({ "concurrency": 2 }));
 
     // One frame per item, so every log number shows up as an id; drop the connection mid-job.
@@ -225,11 +237,10 @@ fn reconnecting_with_last_event_id_misses_nothing_and_repeats_nothing() {
     assert_eq!(second.last().unwrap().event, "job.completed");
 }
 
-#[test]
-fn cancel_stops_a_running_job_at_once() {
+fn cancel_stops_a_running_job_at_once(backend: Backend) {
     let mock = MockLlm::start(&["--latency-ms", "400"]);
     let data = tempfile::tempdir().unwrap();
-    let server = serve(&mock, data.path(), &[]);
+    let server = serve(&mock, data.path(), &backend.flags(&[]));
     let job = submit(&server, items(60), json!({ "concurrency": 4 }));
     let stream = events(&server, &job, "?max_items=1", None);
     let collector = std::thread::spawn(move || read_frames(stream, |_| false));
@@ -289,11 +300,10 @@ fn cancel_stops_a_running_job_at_once() {
 /// Cancel with exactly `concurrency` items in flight, each waiting on an LLM answer that never
 /// comes: those items, and only those, fail `cancelled`; the host drops their requests (the
 /// mock sees its in-flight count fall to 0) and sends none after the cancel is answered.
-#[test]
-fn cancel_fails_the_items_in_flight_and_drops_their_llm_requests() {
+fn cancel_fails_the_items_in_flight_and_drops_their_llm_requests(backend: Backend) {
     let mock = MockLlm::start(&["--rate-hang", "1.0"]);
     let data = tempfile::tempdir().unwrap();
-    let server = serve(&mock, data.path(), &[]);
+    let server = serve(&mock, data.path(), &backend.flags(&[]));
     let job = submit(&server, items(10), json!({ "concurrency": 4 }));
     let in_flight = || mock.stats()["in_flight"].as_u64().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -342,11 +352,10 @@ fn cancel_fails_the_items_in_flight_and_drops_their_llm_requests() {
     assert_eq!(mock.stats()["requests"], requests_at_cancel);
 }
 
-#[test]
-fn bad_requests_get_a_clear_4xx() {
+fn bad_requests_get_a_clear_4xx(backend: Backend) {
     let mock = MockLlm::start(&[]);
     let data = tempfile::tempdir().unwrap();
-    let server = serve(&mock, data.path(), &["--max-body-mib", "1"]);
+    let server = serve(&mock, data.path(), &backend.flags(&["--max-body-mib", "1"]));
     let post = |body: &str| {
         let response = client()
             .post(server.url("/v1/jobs"))
@@ -415,11 +424,10 @@ fn bad_requests_get_a_clear_4xx() {
     assert_eq!(status, 404);
 }
 
-#[test]
-fn a_scan_streams_every_stage_of_its_item() {
+fn a_scan_streams_every_stage_of_its_item(backend: Backend) {
     let mock = MockLlm::start(&["--latency-ms", "10"]);
     let data = tempfile::tempdir().unwrap();
-    let server = serve(&mock, data.path(), &[]);
+    let server = serve(&mock, data.path(), &backend.flags(&[]));
     let scan = json!({ "user_id": "u1", "image_url": "https://images.example/pet_bottle_9.jpg" });
     let response = client()
         .post(server.url("/v1/scans"))
@@ -488,12 +496,11 @@ fn a_scan_streams_every_stage_of_its_item() {
     assert_eq!(status, 422, "a scan is one object");
 }
 
-#[test]
-fn a_streamed_answer_reaches_followers_token_by_token() {
+fn a_streamed_answer_reaches_followers_token_by_token(backend: Backend) {
     // Vision takes long enough for both followers to be connected before `answer` streams.
     let mock = MockLlm::start(&["--vision-latency-ms", "500", "--token-delay-ms", "5"]);
     let data = tempfile::tempdir().unwrap();
-    let server = serve(&mock, data.path(), &[]);
+    let server = serve(&mock, data.path(), &backend.flags(&[]));
     let task = stagehand_tests::submit_scan(
         &server,
         json!({ "user_id": "u1", "image_url": "https://images.example/battery_1.jpg" }),
@@ -757,11 +764,10 @@ fn metrics_count_stages_items_llm_calls_and_subscribers() {
     assert_eq!(value("stagehand_items_unfinished"), 0.0);
 }
 
-#[test]
-fn jobs_are_listed_newest_first_with_a_state_filter() {
+fn jobs_are_listed_newest_first_with_a_state_filter(backend: Backend) {
     let mock = MockLlm::start(&["--latency-ms", "300"]);
     let data = tempfile::tempdir().unwrap();
-    let server = serve(&mock, data.path(), &[]);
+    let server = serve(&mock, data.path(), &backend.flags(&[]));
     let mut finished = Vec::new();
     for _ in 0..3 {
         let job = submit(&server, items(1), json!({ "labels": { "batch": "small" } }));
