@@ -1,17 +1,27 @@
 //! Small promises of the README, each held to a test: the command line's exit status on a bad
 //! argument, 415 and 409 answers, the event stream's `retry:` and keep-alive comment, five
 //! earlier stage versions kept for rollback, an idempotency key released by retention, and
-//! progress frames paced by `?interval_ms=`.
+//! progress frames paced by `?interval_ms=`; those of the server on both backends (embedded and
+//! Redis).
 
 use std::io::Read;
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use stagehand_tests::backends::Backend;
 use stagehand_tests::{
-    MockLlm, binary, client, eco_items, plugin_bytes, serve_eco_scan, submit_job, wait_for_job,
-    with_custom_section,
+    MockLlm, binary, client, eco_items, on_both_backends, plugin_bytes, serve_eco_scan, submit_job,
+    wait_for_job, with_custom_section,
 };
+
+on_both_backends!(
+    a_body_that_is_not_json_is_a_415_and_reprocessing_a_running_job_a_409,
+    an_event_stream_sets_retry_and_keeps_alive_when_idle,
+    five_earlier_stage_versions_are_kept_for_rollback,
+    retention_releases_a_jobs_idempotency_key,
+    interval_ms_paces_progress_frames,
+);
 
 const TOKEN: &str = "promises-admin";
 
@@ -38,11 +48,14 @@ fn a_bad_command_line_exits_2_with_a_message() {
     }
 }
 
-#[test]
-fn a_body_that_is_not_json_is_a_415_and_reprocessing_a_running_job_a_409() {
+fn a_body_that_is_not_json_is_a_415_and_reprocessing_a_running_job_a_409(backend: Backend) {
     let mock = MockLlm::start(&["--rate-hang", "1.0"]);
     let data = tempfile::tempdir().unwrap();
-    let server = serve_eco_scan(&mock, data.path(), &["--admin-token", TOKEN]);
+    let server = serve_eco_scan(
+        &mock,
+        data.path(),
+        &backend.flags(&["--admin-token", TOKEN]),
+    );
     let response = client()
         .post(server.url("/v1/jobs"))
         .header("content-type", "text/plain")
@@ -66,11 +79,14 @@ fn a_body_that_is_not_json_is_a_415_and_reprocessing_a_running_job_a_409() {
 
 /// The first message sets `retry:`; an idle stream gets a keep-alive comment every
 /// `--sse-keep-alive-secs`.
-#[test]
-fn an_event_stream_sets_retry_and_keeps_alive_when_idle() {
+fn an_event_stream_sets_retry_and_keeps_alive_when_idle(backend: Backend) {
     let mock = MockLlm::start(&["--rate-hang", "1.0"]);
     let data = tempfile::tempdir().unwrap();
-    let server = serve_eco_scan(&mock, data.path(), &["--sse-keep-alive-secs", "1"]);
+    let server = serve_eco_scan(
+        &mock,
+        data.path(),
+        &backend.flags(&["--sse-keep-alive-secs", "1"]),
+    );
     let job = submit_job(&server, eco_items(1), json!({}));
     let mut stream = client()
         .get(server.url(&format!("/v1/jobs/{job}/events")))
@@ -99,11 +115,14 @@ fn an_event_stream_sets_retry_and_keeps_alive_when_idle() {
 
 /// Seven installs: the five versions before the current one are kept, newest first, and
 /// rollback walks back through exactly those five.
-#[test]
-fn five_earlier_stage_versions_are_kept_for_rollback() {
+fn five_earlier_stage_versions_are_kept_for_rollback(backend: Backend) {
     let mock = MockLlm::start(&[]);
     let data = tempfile::tempdir().unwrap();
-    let server = serve_eco_scan(&mock, data.path(), &["--admin-token", TOKEN]);
+    let server = serve_eco_scan(
+        &mock,
+        data.path(),
+        &backend.flags(&["--admin-token", TOKEN]),
+    );
     let mut installed = vec![stagehand_tests::stage_digests(&server, "answer").0];
     for n in 1..=6 {
         let response = client()
@@ -148,14 +167,13 @@ fn five_earlier_stage_versions_are_kept_for_rollback() {
 
 /// Retention removes a finished job and releases its idempotency key: the same key then
 /// starts a new job, even with another body.
-#[test]
-fn retention_releases_a_jobs_idempotency_key() {
+fn retention_releases_a_jobs_idempotency_key(backend: Backend) {
     let mock = MockLlm::start(&[]);
     let data = tempfile::tempdir().unwrap();
     let server = serve_eco_scan(
         &mock,
         data.path(),
-        &["--retention-secs", "1", "--sweep-interval-secs", "1"],
+        &backend.flags(&["--retention-secs", "1", "--sweep-interval-secs", "1"]),
     );
     let submit = |items: usize| {
         client()
@@ -290,11 +308,10 @@ fn a_failed_job_ends_its_event_stream_with_job_failed() {
 /// Two followers of one job whose items finish about a second apart: with `interval_ms=100`
 /// every item gets a frame of its own as it finishes; with the largest interval all of them
 /// wait for the one frame flushed before `job.completed`. The default (3 s) gives neither.
-#[test]
-fn interval_ms_paces_progress_frames() {
+fn interval_ms_paces_progress_frames(backend: Backend) {
     let mock = MockLlm::start(&["--latency-ms", "500"]);
     let data = tempfile::tempdir().unwrap();
-    let server = serve_eco_scan(&mock, data.path(), &[]);
+    let server = serve_eco_scan(&mock, data.path(), &backend.flags(&[]));
     const ITEMS: usize = 6;
     let job = submit_job(&server, eco_items(ITEMS), json!({ "concurrency": 1 }));
     let follow = |interval_ms: u64| {
