@@ -15,7 +15,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::Changes;
+use crate::backend::{Changes, pipeline_records};
 use crate::capabilities::{NamespaceInfo, ReloadError};
 use crate::pipeline::{Pipeline, Pipelines};
 use crate::watch::FileChanges;
@@ -89,23 +89,8 @@ impl KvReloads {
             return Ok(0);
         };
         let mut changed = 0;
-        for (key, raw) in all {
-            let Some((pipeline, name)) = key
-                .strip_prefix(SHARED_PREFIX)
-                .and_then(|rest| rest.split_once('/'))
-            else {
-                continue;
-            };
-            let Some(pipeline) = pipelines.get(pipeline) else {
-                continue;
-            };
-            let record: Record = match serde_json::from_slice(raw) {
-                Ok(record) => record,
-                Err(error) => {
-                    tracing::warn!(%key, %error, "a corrupt kv record in the cluster");
-                    continue;
-                }
-            };
+        for (pipeline, name, record) in pipeline_records(all, SHARED_PREFIX, "kv", pipelines) {
+            let record: Record = record;
             let kv = pipeline.caps.kv.clone();
             if record.revision != pipeline.revision
                 || kv

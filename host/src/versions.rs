@@ -18,7 +18,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::Changes;
+use crate::backend::{Changes, pipeline_records};
 use crate::pipeline::{Canary, KEPT_VERSIONS, Pipeline, Pipelines, Stage};
 use crate::runtime::StageComponent;
 use crate::store::{Blobs, Store};
@@ -392,25 +392,11 @@ impl StageVersions {
         all: &[(String, Vec<u8>)],
     ) -> Result<usize> {
         let mut changed = 0;
-        for (key, raw) in all {
-            let Some((pipeline, stage)) = key
-                .strip_prefix(SHARED_PREFIX)
-                .and_then(|rest| rest.split_once('/'))
-            else {
-                continue;
-            };
-            let Some(pipeline) = pipelines.get(pipeline) else {
-                continue;
-            };
+        let records = pipeline_records(all, SHARED_PREFIX, "stage-version", pipelines);
+        for (pipeline, stage, record) in records {
+            let record: Record = record;
             let Some(stage) = pipeline.stage(stage) else {
                 continue;
-            };
-            let record: Record = match serde_json::from_slice(raw) {
-                Ok(record) => record,
-                Err(error) => {
-                    tracing::warn!(%key, %error, "a corrupt stage-version record in the cluster");
-                    continue;
-                }
             };
             if record.revision != pipeline.revision || record == Record::of(&pipeline, stage) {
                 continue;

@@ -479,6 +479,38 @@ fn delete_waits_for_running_jobs(backend: Backend) {
     }
 }
 
+/// Redis-mode nodes serving eco-scan from one file, each with a data directory of its own.
+struct Cluster {
+    mock: MockLlm,
+    backend: Backend,
+    data: tempfile::TempDir,
+    _files: tempfile::TempDir,
+    pipeline: PathBuf,
+}
+
+impl Cluster {
+    fn new() -> Self {
+        let files = tempfile::tempdir().unwrap();
+        Self {
+            mock: MockLlm::start(&[]),
+            backend: Backend::redis(),
+            data: tempfile::tempdir().unwrap(),
+            pipeline: eco_scan_pipeline(files.path(), |t| t),
+            _files: files,
+        }
+    }
+
+    /// Node `name` (its data in a directory of that name: the same name is the same node).
+    fn node(&self, name: &str) -> Server {
+        serve_admin(
+            &self.pipeline,
+            &self.data.path().join(name),
+            &self.mock,
+            &self.backend,
+        )
+    }
+}
+
 /// The names of the pipelines `server` serves.
 fn served(server: &Server) -> Vec<String> {
     fields(&get_json(server, "/v1/pipelines")["pipelines"], "name")
@@ -489,12 +521,8 @@ fn served(server: &Server) -> Vec<String> {
 /// one node stops every node serving it.
 #[test]
 fn a_deploy_on_one_node_is_served_by_every_node() {
-    let mock = MockLlm::start(&[]);
-    let backend = Backend::redis();
-    let data = tempfile::tempdir().unwrap();
-    let files = tempfile::tempdir().unwrap();
-    let pipeline = eco_scan_pipeline(files.path(), |t| t);
-    let node = |name: &str| serve_admin(&pipeline, &data.path().join(name), &mock, &backend);
+    let cluster = Cluster::new();
+    let node = |name: &str| cluster.node(name);
     let (a, b) = (node("a"), node("b"));
     let old = revision(&a, "eco-scan");
     assert_eq!(revision(&b, "eco-scan"), old);
@@ -575,12 +603,9 @@ fn cluster_deploy(backend: &Backend, name: &str) -> Option<String> {
 /// killed node, restarted, serves it too.
 #[test]
 fn a_node_killed_mid_deploy_leaves_the_cluster_on_one_revision() {
-    let mock = MockLlm::start(&[]);
-    let backend = Backend::redis();
-    let data = tempfile::tempdir().unwrap();
-    let files = tempfile::tempdir().unwrap();
-    let pipeline = eco_scan_pipeline(files.path(), |t| t);
-    let node = |name: &str| serve_admin(&pipeline, &data.path().join(name), &mock, &backend);
+    let cluster = Cluster::new();
+    let backend = &cluster.backend;
+    let node = |name: &str| cluster.node(name);
     let witness = node("witness");
     let mut outcomes = BTreeSet::new();
     for (round, delay_ms) in [0u64, 40, 120, 400, 1500].into_iter().enumerate() {
@@ -602,7 +627,7 @@ fn a_node_killed_mid_deploy_leaves_the_cluster_on_one_revision() {
         drop(victim); // kill -9
         deploy.join().unwrap();
 
-        let recorded = cluster_deploy(&backend, "eco-scan");
+        let recorded = cluster_deploy(backend, "eco-scan");
         let expected = recorded.clone().unwrap_or(before.clone());
         outcomes.insert(expected != before);
         wait_until("the witness serves what the cluster records", || {

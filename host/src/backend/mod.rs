@@ -238,6 +238,30 @@ pub trait EffectKeys: Send + Sync {
     async fn claim(&self, handler: &str, key: &str) -> anyhow::Result<bool>;
 }
 
+/// The records among `all` (a [`Changes::records`] answer) under `<prefix><pipeline>/` of a
+/// pipeline `pipelines` serves, parsed: (the pipeline, the rest of the key, the record). A
+/// record that does not parse is skipped with a warning naming `what` it is.
+pub fn pipeline_records<'a, R: serde::de::DeserializeOwned>(
+    all: &'a [(String, Vec<u8>)],
+    prefix: &str,
+    what: &str,
+    pipelines: &crate::pipeline::Pipelines,
+) -> Vec<(Arc<Pipeline>, &'a str, R)> {
+    all.iter()
+        .filter_map(|(key, raw)| {
+            let (pipeline, rest) = key.strip_prefix(prefix)?.split_once('/')?;
+            let pipeline = pipelines.get(pipeline)?;
+            match serde_json::from_slice(raw) {
+                Ok(record) => Some((pipeline, rest, record)),
+                Err(error) => {
+                    tracing::warn!(%key, %error, "a corrupt {what} record in the cluster");
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
 /// Changes an operator makes on one node that every node of a cluster applies (Redis mode): a
 /// record per key, the files records name (stored once, by sha256), and a counter that moves
 /// with every change so that a node that missed a wake-up, started late or was cut off sees
