@@ -66,6 +66,7 @@ impl KvReloads {
             shared
                 .publish(
                     &shared_key(pipeline, name),
+                    None,
                     &record,
                     &[(content.digest(), &content.bytes)],
                 )
@@ -89,8 +90,9 @@ impl KvReloads {
             return Ok(0);
         };
         let mut changed = 0;
-        for (pipeline, name, record) in pipeline_records(all, SHARED_PREFIX, "kv", pipelines) {
-            let record: Record = record;
+        for found in pipeline_records(all, SHARED_PREFIX, "kv", pipelines) {
+            let (pipeline, name, record): (_, _, Record) =
+                (found.pipeline, found.name, found.record);
             let kv = pipeline.caps.kv.clone();
             if record.revision != pipeline.revision
                 || kv

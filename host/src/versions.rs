@@ -38,6 +38,9 @@ pub enum InstallError {
     UnknownStage { pipeline: String, stage: String },
     #[error("{0:#}")]
     Invalid(anyhow::Error),
+    /// Another node changed the stage first (Redis mode): a 409.
+    #[error("{0}")]
+    Conflict(String),
     #[error(transparent)]
     Host(#[from] anyhow::Error),
 }
@@ -115,6 +118,10 @@ pub struct StageVersions {
     store: Store,
     /// The cluster's records, in Redis mode.
     shared: Option<Arc<dyn Changes>>,
+    /// Redis mode: each stage's record (by its key in the cluster) as this node last saw or
+    /// published it: a change is published only over that one (compare and set), so a change
+    /// computed from versions another node has since replaced is refused, not lost.
+    seen: Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>>,
 }
 
 /// The prefix of stage-version records in [`Changes`]: `versions/<pipeline>/<stage>`.
@@ -133,6 +140,7 @@ impl StageVersions {
             tree: store.tree("stage_versions")?,
             store: store.clone(),
             shared,
+            seen: Arc::default(),
         })
     }
 
@@ -240,18 +248,39 @@ impl StageVersions {
         record: Record,
         files: &[(&str, &[u8])],
         loaded: &[Arc<StageComponent>],
-    ) -> Result<()> {
+    ) -> Result<(), InstallError> {
         if let Some(shared) = &self.shared {
-            shared
-                .publish(
-                    &shared_key(pipeline, stage),
-                    &serde_json::to_vec(&record)?,
-                    files,
-                )
+            let key = shared_key(pipeline, stage);
+            let raw = serde_json::to_vec(&record).map_err(anyhow::Error::from)?;
+            let expected = self.last_seen(&key);
+            let published = shared
+                .publish(&key, Some(expected.as_deref()), &raw, files)
                 .await?;
+            if published.is_none() {
+                return Err(InstallError::Conflict(format!(
+                    "stage `{}` of pipeline `{}` was changed on another node since this one \
+                     last applied its versions; nothing changed: try again (this node \
+                     follows within a second)",
+                    stage.config.name,
+                    pipeline.name()
+                )));
+            }
+            self.seen(pipeline, stage, &raw);
         }
         self.apply(pipeline, stage, &record, loaded).await?;
-        self.save(pipeline, stage, &record).await
+        Ok(self.save(pipeline, stage, &record).await?)
+    }
+
+    /// The cluster's record of a stage as this node last saw or published it.
+    fn last_seen(&self, key: &str) -> Option<Vec<u8>> {
+        self.seen.lock().expect("not poisoned").get(key).cloned()
+    }
+
+    fn seen(&self, pipeline: &Pipeline, stage: &Stage, raw: &[u8]) {
+        self.seen
+            .lock()
+            .expect("not poisoned")
+            .insert(shared_key(pipeline, stage), raw.to_vec());
     }
 
     async fn save(&self, pipeline: &Pipeline, stage: &Stage, record: &Record) -> Result<()> {
@@ -393,11 +422,12 @@ impl StageVersions {
     ) -> Result<usize> {
         let mut changed = 0;
         let records = pipeline_records(all, SHARED_PREFIX, "stage-version", pipelines);
-        for (pipeline, stage, record) in records {
-            let record: Record = record;
-            let Some(stage) = pipeline.stage(stage) else {
+        for found in records {
+            let (pipeline, record): (_, Record) = (found.pipeline, found.record);
+            let Some(stage) = pipeline.stage(found.name) else {
                 continue;
             };
+            self.seen(&pipeline, stage, found.raw);
             if record.revision != pipeline.revision || record == Record::of(&pipeline, stage) {
                 continue;
             }

@@ -963,3 +963,69 @@ fn a_node_cut_off_past_the_reclaim_time_adds_no_second_result_or_effect() {
     assert!(!ran.is_empty(), "eco-scan's reward stage emits effects");
     assert!(ran.values().all(|n| *n == 1), "{ran:?}");
 }
+
+/// Redis mode: a stage change computed from versions another node has since replaced (a
+/// change this node has not heard of yet) is refused with a 409 and changes nothing, rather
+/// than publishing over it; once the node follows, the same change goes through.
+#[test]
+fn a_stage_change_over_versions_another_node_replaced_is_a_409() {
+    let Setup {
+        redis,
+        dir,
+        pipeline,
+        url,
+    } = setup();
+    let mock = MockLlm::start(&[]);
+    let flags = ["--redis", url.as_str(), "--admin-token", ADMIN];
+    let node = serve(&pipeline, &dir.path().join("n1"), Some(&mock), &flags);
+    let swap = |tag: &str| {
+        let wasm =
+            stagehand_tests::with_custom_section(stagehand_tests::plugin_bytes("answer"), tag);
+        client()
+            .put(node.url("/v1/stages/answer"))
+            .bearer_auth(ADMIN)
+            .body(wasm)
+            .send()
+            .unwrap()
+    };
+    assert_eq!(swap("one").status(), 200);
+    let serving = stage_versions(&node, "answer");
+
+    // Another node's change, which this one has not heard of (no counter, no message).
+    let mut conn = redis.connection();
+    let field = "versions/eco-scan/answer";
+    let record: Vec<u8> = redis::cmd("HGET")
+        .arg("sh:changes")
+        .arg(field)
+        .query(&mut conn)
+        .unwrap();
+    let mut record: Value = serde_json::from_slice(&record).unwrap();
+    record["previous"] = json!([]);
+    let () = redis::cmd("HSET")
+        .arg("sh:changes")
+        .arg(field)
+        .arg(record.to_string())
+        .query(&mut conn)
+        .unwrap();
+
+    let refused = swap("two");
+    assert_eq!(refused.status(), 409);
+    let body: Value = refused.json().unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("changed on another node"), "{message}");
+    assert_eq!(stage_versions(&node, "answer"), serving, "nothing changed");
+
+    // Told of the change, the node follows it; the same change now goes through.
+    let n: u64 = redis::cmd("INCR")
+        .arg("sh:changes:n")
+        .query(&mut conn)
+        .unwrap();
+    wait_until("the node follows the change", || {
+        let applied: Vec<u64> = redis::cmd("HVALS")
+            .arg("sh:changes:applied")
+            .query(&mut conn)
+            .unwrap();
+        applied.iter().all(|a| *a >= n)
+    });
+    assert_eq!(swap("two").status(), 200);
+}

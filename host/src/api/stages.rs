@@ -59,6 +59,7 @@ impl From<InstallError> for ApiError {
         match error {
             InstallError::UnknownStage { .. } => ApiError::NotFound(error.to_string()),
             InstallError::Invalid(_) => ApiError::Unprocessable(error.to_string()),
+            InstallError::Conflict(_) => ApiError::Conflict(error.to_string()),
             InstallError::Host(error) => ApiError::Internal(error),
         }
     }
@@ -82,7 +83,7 @@ pub struct InstallQuery {
 #[utoipa::path(put, path = "/v1/stages/{name}", tag = "stages", security(("admin_token" = [])),
     params(("name" = String, Path, description = "stage name"), InstallQuery),
     request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the component (`application/wasm` too; any type is read as the bytes)"),
-    responses((status = 200, description = "installed", body = super::openapi::StageChange), (status = 400, description = "empty body", body = super::openapi::ErrorBody), (status = 404, description = "no such stage or pipeline", body = super::openapi::ErrorBody), (status = 413, description = "too large", body = super::openapi::ErrorBody), (status = 422, description = "not a valid stage component, a bad canary share, or several pipelines and none named", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong admin token", body = super::openapi::ErrorBody), (status = 403, description = "admin routes are off (no --admin-token)", body = super::openapi::ErrorBody)))]
+    responses((status = 409, description = "another node changed the stage first (Redis mode); nothing changed", body = super::openapi::ErrorBody), (status = 200, description = "installed", body = super::openapi::StageChange), (status = 400, description = "empty body", body = super::openapi::ErrorBody), (status = 404, description = "no such stage or pipeline", body = super::openapi::ErrorBody), (status = 413, description = "too large", body = super::openapi::ErrorBody), (status = 422, description = "not a valid stage component, a bad canary share, or several pipelines and none named", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong admin token", body = super::openapi::ErrorBody), (status = 403, description = "admin routes are off (no --admin-token)", body = super::openapi::ErrorBody)))]
 pub async fn install(
     State(app): State<Arc<App>>,
     Path(name): Path<String>,
@@ -141,7 +142,7 @@ pub async fn install(
 /// `POST /v1/stages/{name}/rollback`: end the canary trial if there is one, else back to the
 /// version before the current one.
 #[utoipa::path(post, path = "/v1/stages/{name}/rollback", tag = "stages", security(("admin_token" = [])), params(("name" = String, Path, description = "stage name"), PipelineQuery),
-    responses((status = 200, description = "rolled back or canary dropped", body = super::openapi::StageChange), (status = 400, description = "bad query", body = super::openapi::ErrorBody), (status = 422, description = "several pipelines and none named", body = super::openapi::ErrorBody), (status = 404, description = "no such stage or pipeline", body = super::openapi::ErrorBody), (status = 409, description = "nothing to roll back to", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong admin token", body = super::openapi::ErrorBody), (status = 403, description = "admin routes are off (no --admin-token)", body = super::openapi::ErrorBody)))]
+    responses((status = 409, description = "another node changed the stage first (Redis mode); nothing changed", body = super::openapi::ErrorBody), (status = 200, description = "rolled back or canary dropped", body = super::openapi::StageChange), (status = 400, description = "bad query", body = super::openapi::ErrorBody), (status = 422, description = "several pipelines and none named", body = super::openapi::ErrorBody), (status = 404, description = "no such stage or pipeline", body = super::openapi::ErrorBody), (status = 409, description = "nothing to roll back to", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong admin token", body = super::openapi::ErrorBody), (status = 403, description = "admin routes are off (no --admin-token)", body = super::openapi::ErrorBody)))]
 pub async fn rollback(
     State(app): State<Arc<App>>,
     Path(name): Path<String>,
@@ -164,7 +165,7 @@ pub async fn rollback(
 
 /// `POST /v1/stages/{name}/promote`: the canary becomes the version every item gets.
 #[utoipa::path(post, path = "/v1/stages/{name}/promote", tag = "stages", security(("admin_token" = [])), params(("name" = String, Path, description = "stage name"), PipelineQuery),
-    responses((status = 200, description = "promoted", body = super::openapi::StageChange), (status = 400, description = "bad query", body = super::openapi::ErrorBody), (status = 422, description = "several pipelines and none named", body = super::openapi::ErrorBody), (status = 404, description = "no such stage or pipeline", body = super::openapi::ErrorBody), (status = 409, description = "no canary", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong admin token", body = super::openapi::ErrorBody), (status = 403, description = "admin routes are off (no --admin-token)", body = super::openapi::ErrorBody)))]
+    responses((status = 409, description = "another node changed the stage first (Redis mode); nothing changed", body = super::openapi::ErrorBody), (status = 200, description = "promoted", body = super::openapi::StageChange), (status = 400, description = "bad query", body = super::openapi::ErrorBody), (status = 422, description = "several pipelines and none named", body = super::openapi::ErrorBody), (status = 404, description = "no such stage or pipeline", body = super::openapi::ErrorBody), (status = 409, description = "no canary", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong admin token", body = super::openapi::ErrorBody), (status = 403, description = "admin routes are off (no --admin-token)", body = super::openapi::ErrorBody)))]
 pub async fn promote(
     State(app): State<Arc<App>>,
     Path(name): Path<String>,

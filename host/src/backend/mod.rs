@@ -238,21 +238,35 @@ pub trait EffectKeys: Send + Sync {
     async fn claim(&self, handler: &str, key: &str) -> anyhow::Result<bool>;
 }
 
+/// A record of the cluster's about one thing of a pipeline (see [`pipeline_records`]).
+pub struct PipelineRecord<'a, R> {
+    pub pipeline: Arc<Pipeline>,
+    /// What in the pipeline: the key past `<prefix><pipeline>/`.
+    pub name: &'a str,
+    pub record: R,
+    pub raw: &'a [u8],
+}
+
 /// The records among `all` (a [`Changes::records`] answer) under `<prefix><pipeline>/` of a
-/// pipeline `pipelines` serves, parsed: (the pipeline, the rest of the key, the record). A
-/// record that does not parse is skipped with a warning naming `what` it is.
+/// pipeline `pipelines` serves, parsed: the pipeline, the rest of the key, the record and its
+/// bytes. A record that does not parse is skipped with a warning naming `what` it is.
 pub fn pipeline_records<'a, R: serde::de::DeserializeOwned>(
     all: &'a [(String, Vec<u8>)],
     prefix: &str,
     what: &str,
     pipelines: &crate::pipeline::Pipelines,
-) -> Vec<(Arc<Pipeline>, &'a str, R)> {
+) -> Vec<PipelineRecord<'a, R>> {
     all.iter()
         .filter_map(|(key, raw)| {
             let (pipeline, rest) = key.strip_prefix(prefix)?.split_once('/')?;
             let pipeline = pipelines.get(pipeline)?;
             match serde_json::from_slice(raw) {
-                Ok(record) => Some((pipeline, rest, record)),
+                Ok(record) => Some(PipelineRecord {
+                    pipeline,
+                    name: rest,
+                    record,
+                    raw,
+                }),
                 Err(error) => {
                     tracing::warn!(%key, %error, "a corrupt {what} record in the cluster");
                     None
@@ -269,8 +283,16 @@ pub fn pipeline_records<'a, R: serde::de::DeserializeOwned>(
 #[async_trait::async_trait]
 pub trait Changes: Send + Sync {
     /// Make `record` the value of `key`, with `files` (digest, bytes) kept, in one step, and
-    /// tell every node; the counter after the change.
-    async fn publish(&self, key: &str, record: &[u8], files: &[(&str, &[u8])]) -> Result<u64>;
+    /// tell every node; the counter after the change. With `expected` (`Some(None)`: no value
+    /// yet), only if `key` holds that value: `None` when it does not (another node changed it
+    /// since this one last saw it), and nothing changed.
+    async fn publish(
+        &self,
+        key: &str,
+        expected: Option<Option<&[u8]>>,
+        record: &[u8],
+        files: &[(&str, &[u8])],
+    ) -> Result<Option<u64>>;
 
     /// Every record whose key starts with `prefix`, with the counter they were read at.
     async fn records(&self, prefix: &str) -> Result<(u64, Vec<(String, Vec<u8>)>)>;

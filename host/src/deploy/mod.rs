@@ -332,9 +332,11 @@ impl Deployer {
             .iter()
             .map(|(digest, bytes)| (digest.as_str(), bytes.as_slice()))
             .collect();
+        // A deploy names its whole state (a revision, or none): the last one wins on every node.
         shared
             .publish(
                 &format!("{SHARED_PREFIX}{name}"),
+                None,
                 &serde_json::to_vec(record)?,
                 &files,
             )

@@ -33,22 +33,38 @@ impl Cluster {
 
 #[async_trait]
 impl Changes for Cluster {
-    async fn publish(&self, key: &str, record: &[u8], files: &[(&str, &[u8])]) -> Result<u64> {
+    async fn publish(
+        &self,
+        key: &str,
+        expected: Option<Option<&[u8]>>,
+        record: &[u8],
+        files: &[(&str, &[u8])],
+    ) -> Result<Option<u64>> {
+        let (check, value): (&str, &[u8]) = match expected {
+            None => ("any", b""),
+            Some(None) => ("absent", b""),
+            Some(Some(value)) => ("equals", value),
+        };
         let mut invocation = scripts::PUBLISH_CHANGE.prepare_invoke();
         invocation
             .key(keys::CHANGES)
             .key(keys::CHANGES_COUNTER)
             .arg(key)
-            .arg(record);
+            .arg(record)
+            .arg(check)
+            .arg(value);
         for (digest, bytes) in files {
             invocation.key(keys::file(digest)).arg(*bytes);
         }
-        let n: u64 = invocation
+        let n: i64 = invocation
             .invoke_async(&mut self.conn())
             .await
             .with_context(|| format!("cannot publish the change of `{key}` in Redis"))?;
-        self.heard_of_change(n);
-        Ok(n)
+        if n < 0 {
+            return Ok(None);
+        }
+        self.heard_of_change(n as u64);
+        Ok(Some(n as u64))
     }
 
     async fn records(&self, prefix: &str) -> Result<(u64, Vec<(String, Vec<u8>)>)> {

@@ -257,11 +257,17 @@ return 0
 
 /// Publish an operator's change: `KEYS[1]` = [`super::keys::CHANGES`], `KEYS[2]` = its counter,
 /// `KEYS[3..]` = the files' keys; `ARGV[1]` = the change's key, `ARGV[2]` = its record,
-/// `ARGV[3..]` = the files' bytes, in the order of their keys. Returns the new counter.
+/// `ARGV[3]` = `any`, `absent` (the key has no record yet) or `equals` (its record is
+/// `ARGV[4]`), `ARGV[5..]` = the files' bytes, in the order of their keys. Returns the new
+/// counter, or -1 (nothing written) when the key's record is not the one expected.
 pub static PUBLISH_CHANGE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-for i = 3, #KEYS do redis.call('SET', KEYS[i], ARGV[i], 'NX') end
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if (ARGV[3] == 'absent' and current) or (ARGV[3] == 'equals' and current ~= ARGV[4]) then
+  return -1
+end
+for i = 3, #KEYS do redis.call('SET', KEYS[i], ARGV[i + 2], 'NX') end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 local n = redis.call('INCR', KEYS[2])
 redis.call('PUBLISH', 'sh:changed', n)
