@@ -90,9 +90,8 @@ impl KvReloads {
             return Ok(0);
         };
         let mut changed = 0;
-        for found in pipeline_records(all, SHARED_PREFIX, "kv", pipelines) {
-            let (pipeline, name, record): (_, _, Record) =
-                (found.pipeline, found.name, found.record);
+        for found in pipeline_records::<Record>(all, SHARED_PREFIX, "kv", pipelines) {
+            let (pipeline, name, record) = (found.pipeline, found.name, found.record);
             let kv = pipeline.caps.kv.clone();
             if record.revision != pipeline.revision
                 || kv

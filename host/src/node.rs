@@ -129,10 +129,9 @@ impl Node {
             }
         };
         // Redis mode: operators' changes are the cluster's (see `crate::follow`).
-        let changes: Option<Arc<dyn Changes>> = match &cluster {
-            Some(cluster) => Some(Arc::new(cluster.clone())),
-            None => None,
-        };
+        let changes = cluster
+            .as_ref()
+            .map(|cluster| Arc::new(cluster.clone()) as Arc<dyn Changes>);
         let revisions = Revisions::open(&store, data_dir, changes.clone())?;
         // Pipelines the cluster deleted are not served, but still size the node: a deploy of
         // one of them must fit.

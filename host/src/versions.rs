@@ -265,7 +265,7 @@ impl StageVersions {
                     pipeline.name()
                 )));
             }
-            self.seen(pipeline, stage, &raw);
+            self.seen(key, &raw);
         }
         self.apply(pipeline, stage, &record, loaded).await?;
         Ok(self.save(pipeline, stage, &record).await?)
@@ -276,11 +276,11 @@ impl StageVersions {
         self.seen.lock().expect("not poisoned").get(key).cloned()
     }
 
-    fn seen(&self, pipeline: &Pipeline, stage: &Stage, raw: &[u8]) {
+    fn seen(&self, key: String, raw: &[u8]) {
         self.seen
             .lock()
             .expect("not poisoned")
-            .insert(shared_key(pipeline, stage), raw.to_vec());
+            .insert(key, raw.to_vec());
     }
 
     async fn save(&self, pipeline: &Pipeline, stage: &Stage, record: &Record) -> Result<()> {
@@ -421,13 +421,12 @@ impl StageVersions {
         all: &[(String, Vec<u8>)],
     ) -> Result<usize> {
         let mut changed = 0;
-        let records = pipeline_records(all, SHARED_PREFIX, "stage-version", pipelines);
-        for found in records {
-            let (pipeline, record): (_, Record) = (found.pipeline, found.record);
+        for found in pipeline_records::<Record>(all, SHARED_PREFIX, "stage-version", pipelines) {
+            let (pipeline, record) = (found.pipeline, found.record);
             let Some(stage) = pipeline.stage(found.name) else {
                 continue;
             };
-            self.seen(&pipeline, stage, found.raw);
+            self.seen(shared_key(&pipeline, stage), found.raw);
             if record.revision != pipeline.revision || record == Record::of(&pipeline, stage) {
                 continue;
             }

@@ -38,7 +38,10 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let redis = RedisServer::start().expect("redis-server starts");
+    setup_with(RedisServer::start().expect("redis-server starts"))
+}
+
+fn setup_with(redis: RedisServer) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let pipeline = eco_scan_pipeline(dir.path(), |text| text);
     let url = redis.url();
@@ -47,6 +50,21 @@ fn setup() -> Setup {
         dir,
         pipeline,
         url,
+    }
+}
+
+impl Setup {
+    /// `serve` node `name` on this Redis (its data in a directory of that name), its LLM
+    /// calls to `mock`, with `extra` flags.
+    fn node(&self, name: &str, mock: &MockLlm, extra: &[&str]) -> Server {
+        let mut flags = vec!["--redis", self.url.as_str()];
+        flags.extend_from_slice(extra);
+        serve(
+            &self.pipeline,
+            &self.dir.path().join(name),
+            Some(mock),
+            &flags,
+        )
     }
 }
 
@@ -795,16 +813,10 @@ fn live_tokens_reach_a_follower_on_another_node() {
 /// cluster's queue gauge returns to zero.
 #[test]
 fn a_100000_item_job_reaches_the_work_stream_a_window_at_a_time() {
-    let Setup {
-        redis,
-        dir,
-        pipeline,
-        url,
-    } = setup();
+    let cluster = setup();
     let mock = MockLlm::start(&["--latency-ms", "200"]);
-    let flags = ["--redis", url.as_str(), "--slots", "4"];
-    let node = serve(&pipeline, &dir.path().join("n1"), Some(&mock), &flags);
-    let mut conn = redis.connection();
+    let node = cluster.node("n1", &mock, &["--slots", "4"]);
+    let mut conn = cluster.redis.connection();
     let count = |conn: &mut redis::Connection, command: &str, key: &str| -> u64 {
         redis::cmd(command)
             .arg(key)
@@ -849,23 +861,21 @@ fn a_100000_item_job_reaches_the_work_stream_a_window_at_a_time() {
 /// settled once, and its log and results agree.
 #[test]
 fn a_redis_restart_mid_job_loses_nothing_acknowledged() {
-    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"])
-        .expect("redis-server starts");
-    let url = redis.url();
-    let dir = tempfile::tempdir().unwrap();
-    let pipeline = eco_scan_pipeline(dir.path(), |text| text);
+    let mut cluster = setup_with(
+        RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"])
+            .expect("redis-server starts"),
+    );
     let mock = MockLlm::start(&["--latency-ms", "40"]);
-    let flags = ["--redis", url.as_str(), "--slots", "8"];
     let nodes: Vec<Server> = ["n1", "n2"]
         .iter()
-        .map(|name| serve(&pipeline, &dir.path().join(name), Some(&mock), &flags))
+        .map(|name| cluster.node(name, &mock, &["--slots", "8"]))
         .collect();
     let job = submit_job(&nodes[0], eco_items(300), json!({}));
     wait_until("some items are done", || {
         finished(&job_status(&nodes[1], &job)) >= 30
     });
 
-    redis.kill_and_restart().unwrap();
+    cluster.redis.kill_and_restart().unwrap();
     // The nodes answer 500 while Redis is down (and a node's first request after it is back
     // may still meet the broken connection, which it then replaces); the job is there once
     // every node reaches Redis again.
@@ -902,26 +912,15 @@ fn a_redis_restart_mid_job_loses_nothing_acknowledged() {
 /// items record no second result, event or effect.
 #[test]
 fn a_node_cut_off_past_the_reclaim_time_adds_no_second_result_or_effect() {
-    let Setup {
-        redis,
-        dir,
-        pipeline,
-        url,
-    } = setup();
+    let cluster = setup();
+    let (redis, dir) = (&cluster.redis, &cluster.dir);
     let mock = MockLlm::start(&["--latency-ms", "300"]);
-    let flags = [
-        "--redis",
-        url.as_str(),
-        "--slots",
-        "8",
-        "--reclaim-idle-ms",
-        "1000",
-    ];
-    let survivor = serve(&pipeline, &dir.path().join("survivor"), Some(&mock), &flags);
-    let mut victim = serve(&pipeline, &dir.path().join("victim"), Some(&mock), &flags);
+    let flags = ["--slots", "8", "--reclaim-idle-ms", "1000"];
+    let survivor = cluster.node("survivor", &mock, &flags);
+    let mut victim = cluster.node("victim", &mock, &flags);
     let job = submit_job(&survivor, eco_items(48), json!({}));
     wait_until("both nodes hold items", || {
-        pending_per_node(&redis)
+        pending_per_node(redis)
             .iter()
             .filter(|(_, n)| *n > 0)
             .count()
@@ -943,7 +942,7 @@ fn a_node_cut_off_past_the_reclaim_time_adds_no_second_result_or_effect() {
     // Back: its items, reclaimed long ago, run on to their end here and are refused there.
     signal("-CONT", victim.pid());
     wait_until("the node that came back holds no work", || {
-        pending_per_node(&redis).iter().all(|(_, n)| *n == 0)
+        pending_per_node(redis).iter().all(|(_, n)| *n == 0)
     });
     std::thread::sleep(Duration::from_secs(2));
     let after = job_status(&victim, &job);
@@ -973,15 +972,9 @@ fn a_node_cut_off_past_the_reclaim_time_adds_no_second_result_or_effect() {
 /// than publishing over it; once the node follows, the same change goes through.
 #[test]
 fn a_stage_change_over_versions_another_node_replaced_is_a_409() {
-    let Setup {
-        redis,
-        dir,
-        pipeline,
-        url,
-    } = setup();
+    let cluster = setup();
     let mock = MockLlm::start(&[]);
-    let flags = ["--redis", url.as_str(), "--admin-token", ADMIN];
-    let node = serve(&pipeline, &dir.path().join("n1"), Some(&mock), &flags);
+    let node = cluster.node("n1", &mock, &["--admin-token", ADMIN]);
     let swap = |tag: &str| {
         let wasm =
             stagehand_tests::with_custom_section(stagehand_tests::plugin_bytes("answer"), tag);
@@ -996,7 +989,7 @@ fn a_stage_change_over_versions_another_node_replaced_is_a_409() {
     let serving = stage_versions(&node, "answer");
 
     // Another node's change, which this one has not heard of (no counter, no message).
-    let mut conn = redis.connection();
+    let mut conn = cluster.redis.connection();
     let field = "versions/eco-scan/answer";
     let record: Vec<u8> = redis::cmd("HGET")
         .arg("sh:changes")

@@ -276,6 +276,14 @@ pub fn pipeline_records<'a, R: serde::de::DeserializeOwned>(
         .collect()
 }
 
+/// `files` as [`Changes`] takes them: (digest, bytes) borrowed.
+pub fn file_refs(files: &[(String, Vec<u8>)]) -> Vec<(&str, &[u8])> {
+    files
+        .iter()
+        .map(|(digest, bytes)| (digest.as_str(), bytes.as_slice()))
+        .collect()
+}
+
 /// Changes an operator makes on one node that every node of a cluster applies (Redis mode): a
 /// record per key, the files records name (stored once, by sha256), and a counter that moves
 /// with every change so that a node that missed a wake-up, started late or was cut off sees

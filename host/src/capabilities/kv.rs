@@ -82,7 +82,7 @@ impl KvNamespaces {
         let mut namespaces = BTreeMap::new();
         for (name, path) in files {
             let file = path.as_ref().to_path_buf();
-            let entries = read(name, &file, 0)?;
+            let entries = read(name, &file)?.entries;
             namespaces.insert(
                 name.clone(),
                 Namespace {
@@ -108,18 +108,14 @@ impl KvNamespaces {
 
     /// The namespace's file as it is now, read and parsed but not in use yet.
     pub fn read_file(&self, name: &str) -> Result<KvContent, ReloadError> {
-        let namespace = self.namespace(name)?;
-        let bytes = std::fs::read(&namespace.file)
-            .with_context(|| format!("kv `{name}`: cannot read {}", namespace.file.display()))
-            .map_err(ReloadError::Invalid)?;
-        self.parse(name, bytes)
+        read(name, &self.namespace(name)?.file).map_err(ReloadError::Invalid)
     }
 
     /// `bytes` as the namespace's content (read from its file, or sent by another node),
     /// parsed but not in use yet.
     pub fn parse(&self, name: &str, bytes: Vec<u8>) -> Result<KvContent, ReloadError> {
-        let namespace = self.namespace(name)?;
-        let entries = parse(name, &namespace.file, &bytes, 0).map_err(ReloadError::Invalid)?;
+        let entries =
+            parse(name, &self.namespace(name)?.file, &bytes).map_err(ReloadError::Invalid)?;
         Ok(KvContent { bytes, entries })
     }
 
@@ -152,14 +148,16 @@ impl KvNamespaces {
     }
 }
 
-fn read(name: &str, path: &Path, reloads: u64) -> Result<Entries> {
+/// Namespace `name`'s file, read and parsed.
+fn read(name: &str, path: &Path) -> Result<KvContent> {
     let bytes = std::fs::read(path)
         .with_context(|| format!("kv `{name}`: cannot read {}", path.display()))?;
-    parse(name, path, &bytes, reloads)
+    let entries = parse(name, path, &bytes)?;
+    Ok(KvContent { bytes, entries })
 }
 
 /// The content of namespace `name` (whose file is `path`, for messages and listings).
-fn parse(name: &str, path: &Path, bytes: &[u8], reloads: u64) -> Result<Entries> {
+fn parse(name: &str, path: &Path, bytes: &[u8]) -> Result<Entries> {
     let Value::Object(entries) = serde_json::from_slice(bytes)
         .with_context(|| format!("kv `{name}`: {} is not JSON", path.display()))?
     else {
@@ -179,7 +177,7 @@ fn parse(name: &str, path: &Path, bytes: &[u8], reloads: u64) -> Result<Entries>
             entries: entries.len(),
             digest: format!("{:x}", Sha256::digest(bytes)),
             loaded_at: crate::model::now_ms(),
-            reloads,
+            reloads: 0,
         },
         entries,
     })

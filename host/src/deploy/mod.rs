@@ -328,17 +328,13 @@ impl Deployer {
             Some(manifest) => self.revisions.share(manifest)?,
             None => Vec::new(),
         };
-        let files: Vec<(&str, &[u8])> = files
-            .iter()
-            .map(|(digest, bytes)| (digest.as_str(), bytes.as_slice()))
-            .collect();
         // A deploy names its whole state (a revision, or none): the last one wins on every node.
         shared
             .publish(
                 &format!("{SHARED_PREFIX}{name}"),
                 None,
                 &serde_json::to_vec(record)?,
-                &files,
+                &crate::backend::file_refs(&files),
             )
             .await?;
         Ok(())

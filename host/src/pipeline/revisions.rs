@@ -21,7 +21,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::Changes;
+use crate::backend::{Changes, file_refs};
 use crate::config::PipelineConfig;
 use crate::store::{Blobs, Store};
 
@@ -38,6 +38,12 @@ pub struct Manifest {
 impl Manifest {
     /// The revision's id: sha256 over the pipeline file's digest and each named file's path
     /// and digest, in path order.
+    /// The digest of each file the revision is made of: the pipeline file, then the files it
+    /// names.
+    pub fn digests(&self) -> impl Iterator<Item = &String> {
+        [&self.pipeline_file].into_iter().chain(self.files.values())
+    }
+
     pub fn revision(&self) -> String {
         let mut canonical = format!("stagehand-revision-1\n{}\n", self.pipeline_file);
         for (path, digest) in &self.files {
@@ -75,18 +81,17 @@ impl Revisions {
         self.shared.as_ref()
     }
 
-    /// What the cluster needs to hold for another node to fetch `manifest`'s revision: the
-    /// manifest (under the revision id) and each file it names, as (digest, bytes).
+    /// What the cluster needs to hold for another node to fetch `manifest`'s revision: each
+    /// file it names, then the manifest (under the revision id), as (digest, bytes). The
+    /// manifest comes last: where it is in the cluster, its files are too.
     pub fn share(&self, manifest: &Manifest) -> Result<Vec<(String, Vec<u8>)>> {
-        let mut files = vec![(manifest.revision(), serde_json::to_vec(manifest)?)];
-        for digest in [&manifest.pipeline_file]
-            .into_iter()
-            .chain(manifest.files.values())
-        {
+        let mut files = Vec::new();
+        for digest in manifest.digests() {
             let bytes = std::fs::read(self.blobs.path(digest))
                 .with_context(|| format!("cannot read kept file {digest}"))?;
             files.push((digest.clone(), bytes));
         }
+        files.push((manifest.revision(), serde_json::to_vec(manifest)?));
         Ok(files)
     }
 
@@ -96,15 +101,16 @@ impl Revisions {
         let Some(shared) = &self.shared else {
             return Ok(());
         };
+        // Another node (or this one, before a restart) shared it already: the manifest is
+        // small, its files are not.
+        if shared.file(revision).await?.is_some() {
+            return Ok(());
+        }
         let manifest = self
             .manifest(revision)?
             .with_context(|| format!("no revision {revision} is kept on this node"))?;
         let files = self.share(&manifest)?;
-        let files: Vec<(&str, &[u8])> = files
-            .iter()
-            .map(|(digest, bytes)| (digest.as_str(), bytes.as_slice()))
-            .collect();
-        shared.keep_files(&files).await
+        shared.keep_files(&file_refs(&files)).await
     }
 
     /// Make sure `revision` is kept here, fetching its manifest and files from the cluster
@@ -132,10 +138,7 @@ impl Revisions {
                 short(revision)
             );
         }
-        for digest in [&manifest.pipeline_file]
-            .into_iter()
-            .chain(manifest.files.values())
-        {
+        for digest in manifest.digests() {
             if self.blobs.path(digest).is_file() {
                 continue;
             }
