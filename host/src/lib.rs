@@ -24,13 +24,14 @@
 //!   pipelines of a node share ([`pipeline::NodeResources`]), every revision served, kept by
 //!   content ([`pipeline::Revisions`]), and the registry of them by name and revision
 //!   ([`pipeline::Pipelines`]).
-//! - [`backend`]: where jobs live, behind five seams ([`backend::JobBackend`],
-//!   [`backend::ItemStore`], [`backend::EventSource`], [`backend::EffectKeys`],
-//!   [`backend::Changes`]) and two
-//!   implementations: [`backend::embedded`] (sled; the [`backend::embedded::JobManager`] runs
-//!   submitted jobs in this process, resumes them after a restart, reprocesses dead letters)
-//!   and [`backend::redis`] (jobs, items, results, event logs, work and cancels shared by
-//!   several nodes: `serve --redis`, `worker --redis`).
+//! - [`backend`]: where jobs live, behind six seams ([`backend::JobBackend`],
+//!   [`backend::ItemStore`], [`backend::EventSource`], [`backend::EffectQueue`],
+//!   [`backend::Records`], [`backend::Changes`]) and two implementations:
+//!   [`backend::embedded`] (sled; the [`backend::embedded::JobManager`] runs submitted jobs in
+//!   this process, resumes them after a restart, reprocesses dead letters) and
+//!   [`backend::redis`] (jobs, items, results, event logs, work, cancels, effects, handlers'
+//!   records and operators' changes shared by several nodes: `serve --redis`,
+//!   `worker --redis`).
 //! - [`jobs`]: running items through stages (retries, time limits, dead letters), items of a
 //!   job under a concurrency limit, effects; used by both backends.
 //! - [`events`]: what a job's events are, the SSE view of a log (from either backend), and the

@@ -216,3 +216,10 @@ pub fn guest_log_dropped(pipeline: &str, stage: &str) {
 pub fn handler_panic() {
     counter!("stagehand_http_panics_total").increment(1);
 }
+
+/// An effect ended: `outcome` is `done`, `failed`, or `interrupted` (its runner stopped while it
+/// ran; it is not run again).
+pub fn effect_finished(pipeline: &str, handler: &str, outcome: &'static str) {
+    counter!("stagehand_effects_total", "pipeline" => pipeline.to_string(), "handler" => handler.to_string(), "outcome" => outcome)
+        .increment(1);
+}

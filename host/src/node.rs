@@ -86,7 +86,8 @@ pub struct Node {
     pub kv_reloads: KvReloads,
     /// Where jobs live.
     pub backend: Backend,
-    pub effects: Arc<EffectRunner>,
+    /// Runs the effects of the node's queue (not on a Redis-mode node that runs no work).
+    pub effects: Option<Arc<EffectRunner>>,
     drain: Duration,
     retention: Duration,
     /// Ends the Redis work loop (first, at shutdown).
@@ -94,7 +95,7 @@ pub struct Node {
     work: Option<JoinHandle<Result<()>>>,
     /// Ends every other service.
     stop_services: CancellationToken,
-    effects_task: JoinHandle<Result<()>>,
+    effects_task: Option<JoinHandle<Result<()>>>,
     /// The services a command added, named for the log.
     services: Vec<(&'static str, JoinHandle<()>)>,
 }
@@ -125,7 +126,8 @@ impl Node {
                     reclaim_idle: redis.reclaim_idle,
                     drain: settings.drain,
                 });
-                (store, cluster.shared(), Some(cluster), work)
+                let shared = cluster.shared(redis.reclaim_idle, stop_services.clone());
+                (store, shared, Some(cluster), work)
             }
         };
         // Redis mode: operators' changes are the cluster's (see `crate::follow`).
@@ -211,16 +213,29 @@ impl Node {
             let task = follower.start(stop_services.clone()).await?;
             services.push(("the change follower", task));
         }
-        // Effects cut short by a crash may have happened: not run again (at most once).
-        let interrupted = store.interrupt_running_effects()?;
-        if interrupted > 0 {
-            tracing::warn!(
-                interrupted,
-                "effects were running when the node stopped; marked interrupted"
-            );
-        }
-        let (effects, effects_task) =
-            EffectRunner::spawn(&resources, pipelines.clone(), stop_services.clone());
+        // Effects cut short by a crash may have happened: not run again (at most once). In
+        // Redis mode the cluster's queue does this for a node that stopped (see
+        // `backend::redis::effects`), and only nodes that run work run effects.
+        let runs_effects = match &backend {
+            Backend::Embedded(_) => {
+                let interrupted = store.interrupt_running_effects()?;
+                if interrupted > 0 {
+                    tracing::warn!(
+                        interrupted,
+                        "effects were running when the node stopped; marked interrupted"
+                    );
+                }
+                true
+            }
+            Backend::Redis(_) => work.is_some(),
+        };
+        let (effects, effects_task) = if runs_effects {
+            let (runner, task) =
+                EffectRunner::spawn(&resources, pipelines.clone(), stop_services.clone());
+            (Some(runner), Some(task))
+        } else {
+            (None, None)
+        };
         let work = match (&backend, work) {
             (Backend::Redis(cluster), Some(work)) => Some(tokio::spawn(run_worker(
                 cluster.clone(),
@@ -335,14 +350,20 @@ impl Node {
             work.await.context("the work loop panicked")??;
         }
         self.stop_services.cancel();
-        let effects = self.effects_task.await;
+        let effects = match self.effects_task {
+            Some(task) => Some(task.await),
+            None => None,
+        };
         for (name, task) in self.services {
             if let Err(panic) = task.await {
                 tracing::error!(%panic, "{name} panicked");
             }
         }
         self.store.flush().await?;
-        effects.context("the effect runner panicked")?
+        match effects {
+            Some(ended) => ended.context("the effect runner panicked")?,
+            None => Ok(()),
+        }
     }
 
     fn add_service(&mut self, name: &'static str, task: JoinHandle<()>) {

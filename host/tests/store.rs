@@ -140,6 +140,7 @@ async fn running_effects_are_interrupted_after_a_restart() {
         output: None,
         error: None,
         runs: 0,
+        node: None,
     };
     {
         let store = Store::open(&path).unwrap();

@@ -4,7 +4,8 @@
 //! - [`ItemStore`]: what running one item reads and writes (checkpoints, journals, results,
 //!   dead letters, token counts).
 //! - [`EventSource`]: what a view of a job's log needs (read after a number, wake-ups).
-//! - [`EffectKeys`]: claims of effect keys that several nodes see.
+//! - [`EffectQueue`]: effects emitted by stages, queued and run at most once per key.
+//! - [`Records`]: the collections handlers write.
 //! - [`Changes`]: operators' changes (deploys, stage versions, kv reloads) that every node of a
 //!   cluster applies.
 //!
@@ -22,6 +23,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use async_trait::async_trait;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::events::Entry;
@@ -29,7 +31,7 @@ use crate::model::{
     CancelOutcome, Idempotency, ItemResult, JobOptions, JobRecord, JobState, Reprocess, Submitted,
 };
 use crate::pipeline::Pipeline;
-use crate::store::DeadLetter;
+use crate::store::{DeadLetter, EffectRecord, EmitOutcome};
 
 /// The backend a node was built with, once: the API sees it as a [`JobBackend`], the node's
 /// services use the parts only one backend has.
@@ -230,12 +232,35 @@ pub trait EventSource: Send + Sync {
 /// A shared event source.
 pub type Events = Arc<dyn EventSource>;
 
-/// Claims of effect keys that several nodes see: the first claim of (handler, key) wins, so an
-/// effect runs at most once whichever node's item emits it.
-#[async_trait::async_trait]
-pub trait EffectKeys: Send + Sync {
-    /// `true` when this claim is the first.
-    async fn claim(&self, handler: &str, key: &str) -> anyhow::Result<bool>;
+/// Effects that stages emit (`dispatch.emit`), each run at most once per (handler, key)
+/// whichever node's item emits it. Recording an effect claims its key and queues it in one
+/// step; a runner takes it, marked running durably *before* it runs, so that an effect whose
+/// runner died is found running and marked interrupted instead of being run a second time.
+#[async_trait]
+pub trait EffectQueue: Send + Sync {
+    /// Record `effect` (pending) and queue it, unless its (handler, key) is known.
+    async fn emit(&self, effect: &EffectRecord) -> Result<EmitOutcome>;
+
+    /// Up to `limit` effects for this node to run now, each marked running for it; when there
+    /// are none, waits a little (a second at most, less if one is emitted or at `shutdown`)
+    /// and answers none.
+    async fn take(&self, limit: usize, shutdown: &CancellationToken) -> Result<Vec<EffectRecord>>;
+
+    /// Store the outcome of a taken effect (`done` or `failed`), which leaves the queue.
+    async fn finish(&self, effect: &EffectRecord) -> Result<()>;
+
+    /// Whether no effect waits to be taken (`stagehand run` ends once none does).
+    async fn is_empty(&self) -> Result<bool>;
+}
+
+/// The durable collections that handlers write through the `records` import (ownerships,
+/// awards...): the domain's state, kept apart from jobs and never expired with them.
+#[async_trait]
+pub trait Records: Send + Sync {
+    /// Insert or replace `collection`/`key`.
+    async fn put(&self, collection: &str, key: &str, value: &[u8]) -> Result<()>;
+
+    async fn get(&self, collection: &str, key: &str) -> Result<Option<Vec<u8>>>;
 }
 
 /// A record of the cluster's about one thing of a pipeline (see [`pipeline_records`]).

@@ -120,17 +120,6 @@ impl HostState {
                 key.len()
             )));
         }
-        if let Some(keys) = &self.caps.effect_keys {
-            match keys.claim(&handler, &key).await {
-                Ok(true) => {}
-                Ok(false) => return Ok(EmitOutcome::Duplicate),
-                Err(e) => {
-                    return Err(DispatchError::Host(format!(
-                        "cannot claim the effect key: {e:#}"
-                    )));
-                }
-            }
-        }
         let c = &self.context;
         let record = EffectRecord {
             pipeline: self.caps.pipeline.clone(),
@@ -148,17 +137,13 @@ impl HostState {
             output: None,
             error: None,
             runs: 0,
+            node: None,
         };
-        match self.caps.store.emit_effect(&record) {
-            Ok(Stored::Accepted) => {
-                self.caps.effects_waiting.notify_one();
-                Ok(EmitOutcome::Accepted)
-            }
-            Ok(Stored::Duplicate) => {
-                // The store marked the key again; the runner drops the marker.
-                self.caps.effects_waiting.notify_one();
-                Ok(EmitOutcome::Duplicate)
-            }
+        // Claims the key and queues the effect together: no crash leaves a claimed key without
+        // its effect (see the backends).
+        match self.caps.effects.emit(&record).await {
+            Ok(Stored::Accepted) => Ok(EmitOutcome::Accepted),
+            Ok(Stored::Duplicate) => Ok(EmitOutcome::Duplicate),
             Err(e) => Err(DispatchError::Host(format!(
                 "cannot record the effect: {e:#}"
             ))),

@@ -28,7 +28,7 @@ use std::time::Duration;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use sha2::{Digest, Sha256};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use wasmtime::component::ResourceTable;
@@ -58,10 +58,10 @@ pub struct Capabilities {
     pub store: Store,
     /// Checkpoints, results and dead letters of items: `store`, or a shared backend.
     pub items: Arc<dyn crate::backend::ItemStore>,
-    /// Where effect keys are claimed across nodes (Redis mode), before `store` records them.
-    pub effect_keys: Option<Arc<dyn crate::backend::EffectKeys>>,
-    /// Woken when an effect is recorded, so the node's effect runner need not poll.
-    pub effects_waiting: Arc<Notify>,
+    /// Where `dispatch.emit` records and queues effects: `store`, or a shared backend.
+    pub effects: Arc<dyn crate::backend::EffectQueue>,
+    /// Where the `records` import keeps handlers' records: `store`, or a shared backend.
+    pub records: Arc<dyn crate::backend::Records>,
     /// Where `llm.chat-stream` sends the pieces of an answer as they arrive.
     pub tokens: TokenHub,
     /// Handlers running for `dispatch.call` at once: each holds an instance, which the pool

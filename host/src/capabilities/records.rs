@@ -19,8 +19,9 @@ impl Host for HostState {
         }
         Ok(self
             .caps
-            .store
-            .put_record(&collection, &key, value.as_bytes())
+            .records
+            .put(&collection, &key, value.as_bytes())
+            .await
             .map_err(|e| format!("{e:#}")))
     }
 
@@ -33,8 +34,9 @@ impl Host for HostState {
         self.fits("kv_key", "a record's collection or key", name, MAX_KV_KEY)?;
         let found = self
             .caps
-            .store
-            .record(&collection, &key)
+            .records
+            .get(&collection, &key)
+            .await
             .map_err(|e| format!("{e:#}"));
         Ok(found.map(|v| v.map(|bytes| String::from_utf8_lossy(&bytes).into_owned())))
     }

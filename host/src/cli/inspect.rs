@@ -1,11 +1,13 @@
-//! `stagehand inspect jobs|results|checkpoints|journals|effects|records`: the store's contents as JSON lines, for
-//! operators and scripts. (The store is opened exclusively: not while a server uses it.)
+//! `stagehand inspect jobs|results|checkpoints|journals|effects|records`: the store's contents
+//! as JSON lines, for operators and scripts. (The store is opened exclusively: not while a
+//! server uses it.) With `--redis`, effects and records are the cluster's, read from Redis
+//! while it serves; jobs there are the HTTP API's.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
@@ -19,6 +21,9 @@ pub struct InspectArgs {
     /// Where the store is kept.
     #[arg(long, global = true, default_value_os_t = default_data_dir())]
     data_dir: PathBuf,
+    /// Read effects or records of the Redis-mode cluster at this URL instead of the store.
+    #[arg(long, global = true, value_name = "URL")]
+    redis: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -38,14 +43,13 @@ enum What {
     Records { collection: String },
 }
 
-pub fn inspect(args: InspectArgs) -> Result<ExitCode> {
+pub async fn inspect(args: InspectArgs) -> Result<ExitCode> {
+    if let Some(url) = &args.redis {
+        return inspect_redis(url, args.what).await;
+    }
     let store = Store::open(&args.data_dir.join("store"))?;
     let mut out = std::io::stdout().lock();
-    let mut line = |value: &dyn erased::Line| -> Result<()> {
-        value.write(&mut out)?;
-        out.write_all(b"\n")?;
-        Ok(())
-    };
+    let mut line = |value: &dyn erased::Line| line(&mut out, value);
     match args.what {
         What::Jobs => store.jobs().try_for_each(|j| line(&j?))?,
         What::Results { job } => store.results(job, None).try_for_each(|r| line(&r?))?,
@@ -62,11 +66,46 @@ pub fn inspect(args: InspectArgs) -> Result<ExitCode> {
         What::Effects => store.effects().try_for_each(|e| line(&e?))?,
         What::Records { collection } => store.records(&collection).try_for_each(|entry| {
             let (key, value) = entry?;
-            let value: serde_json::Value = serde_json::from_slice(&value)?;
-            line(&serde_json::json!({ "key": key, "value": value }))
+            line(&record_line(key, &value)?)
         })?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn inspect_redis(url: &str, what: What) -> Result<ExitCode> {
+    use crate::backend::redis::{effects, records};
+    let client = redis::Client::open(url).with_context(|| format!("bad Redis URL `{url}`"))?;
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .with_context(|| format!("cannot connect to Redis at {url}"))?;
+    let mut out = std::io::stdout().lock();
+    match what {
+        What::Effects => effects::each_effect(&mut conn, |e| line(&mut out, &e)).await?,
+        What::Records { collection } => {
+            records::each_record(&mut conn, &collection, |key, value| {
+                line(&mut out, &record_line(key, &value)?)
+            })
+            .await?
+        }
+        _ => bail!(
+            "with --redis, `inspect` reads effects and records; jobs, results and the rest are \
+             the HTTP API's (`stagehand jobs`, `stagehand results`)"
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A record as one line shows it: {"key", "value"}.
+fn record_line(key: String, value: &[u8]) -> Result<serde_json::Value> {
+    let value: serde_json::Value = serde_json::from_slice(value)?;
+    Ok(serde_json::json!({ "key": key, "value": value }))
+}
+
+fn line(out: &mut impl Write, value: &dyn erased::Line) -> Result<()> {
+    value.write(out)?;
+    out.write_all(b"\n")?;
+    Ok(())
 }
 
 /// Lets one closure print any serialisable row.

@@ -211,7 +211,7 @@ impl Cli {
     pub async fn execute(self) -> anyhow::Result<ExitCode> {
         match self.command {
             Command::Run(args) => run::run(args).await,
-            Command::Inspect(args) => inspect::inspect(args),
+            Command::Inspect(args) => inspect::inspect(args).await,
             Command::Serve(args) => serve::serve(args).await,
             Command::Worker(args) => worker::worker(args).await,
             Command::Plugin(args) => plugin::plugin(args).await,

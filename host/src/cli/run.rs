@@ -109,7 +109,9 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     )
     .await?;
     bar.finish_and_clear();
-    node.effects.wait_idle().await;
+    if let Some(effects) = &node.effects {
+        effects.wait_idle().await;
+    }
     node.shutdown().await?;
 
     let job = &outcome.job;

@@ -1,8 +1,9 @@
 //! Runs emitted effects in the background, each at most once per (handler, key).
 //!
-//! The queue is the store's `effects_pending` tree, not a channel, so it survives a restart and
-//! costs no memory per queued effect; `dispatch.emit` wakes the runner. One runner serves
-//! every pipeline of the node: an effect runs on the handler of the pipeline that emitted it.
+//! The queue is the backend's ([`EffectQueue`]): the store's `effects_pending` tree in embedded
+//! mode (it survives a restart and costs no memory per queued effect), a stream shared by every
+//! node in Redis mode. One runner serves every pipeline of the node: an effect runs on the
+//! handlers of the revision that emitted it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,26 +14,27 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::backend::EffectQueue;
 use crate::model::now_ms;
 use crate::pipeline::{NodeResources, Pipelines};
 use crate::runtime::bindings::types::Context;
-use crate::store::{EffectRecord, EffectState, Store};
+use crate::store::{EffectRecord, EffectState};
 
 pub struct EffectRunner {
-    store: Store,
-    /// Woken by `dispatch.emit`.
-    waiting: Arc<Notify>,
+    queue: Arc<dyn EffectQueue>,
     pipelines: Arc<Pipelines>,
+    /// Effects taken and not finished, and slots being filled by a `take` (so that
+    /// [`Self::wait_idle`] never sees an effect that is neither queued nor counted here).
     in_flight: AtomicUsize,
     settled: Notify,
 }
 
-/// How long the runner sleeps when it finds the queue empty and nobody wakes it.
-const IDLE_POLL: Duration = Duration::from_millis(500);
+/// How long the runner waits after the queue failed to answer.
+const RETRY_AFTER: Duration = Duration::from_millis(500);
 
 impl EffectRunner {
-    /// Start running the effects of `pipelines`, the node's `effect_concurrency` at a time,
-    /// until `shutdown`.
+    /// Start running the effects of the node's queue, the node's `effect_concurrency` at a
+    /// time, until `shutdown`.
     pub fn spawn(
         resources: &NodeResources,
         pipelines: Arc<Pipelines>,
@@ -40,8 +42,7 @@ impl EffectRunner {
     ) -> (Arc<Self>, JoinHandle<Result<()>>) {
         let concurrency = resources.sizing.effect_concurrency;
         let runner = Arc::new(Self {
-            store: resources.store.clone(),
-            waiting: resources.effects_waiting.clone(),
+            queue: resources.effects.clone(),
             pipelines,
             in_flight: AtomicUsize::new(0),
             settled: Notify::new(),
@@ -52,45 +53,43 @@ impl EffectRunner {
 
     async fn run(self: Arc<Self>, concurrency: usize, shutdown: CancellationToken) -> Result<()> {
         let permits = Arc::new(Semaphore::new(concurrency));
-        let store = self.store.clone();
-        while !shutdown.is_cancelled() {
-            let pending = store.pending_effects(concurrency * 4)?;
-            let mut claimed = 0;
-            for key in pending {
-                let permit = permits.clone().acquire_owned().await.expect("never closed");
-                // Counted before the claim, so that `wait_idle` never sees an effect that is
-                // neither pending nor in flight.
-                self.in_flight.fetch_add(1, Ordering::SeqCst);
-                let Some(record) = store.claim_effect(&key)? else {
-                    self.in_flight.fetch_sub(1, Ordering::SeqCst);
-                    continue;
-                };
-                claimed += 1;
+        loop {
+            // One free slot at least, then every other one.
+            let first = tokio::select! {
+                permit = permits.clone().acquire_owned() => permit.expect("never closed"),
+                () = shutdown.cancelled() => break,
+            };
+            let mut slots = vec![first];
+            while let Ok(permit) = permits.clone().try_acquire_owned() {
+                slots.push(permit);
+            }
+            self.in_flight.fetch_add(slots.len(), Ordering::SeqCst);
+            // An empty answer means `take` waited a while: ask again.
+            let taken = match self.queue.take(slots.len(), &shutdown).await {
+                Ok(taken) => taken,
+                Err(error) => {
+                    tracing::warn!(error = %format!("{error:#}"), "cannot take effects to run; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(RETRY_AFTER) => {}
+                        () = shutdown.cancelled() => {}
+                    }
+                    Vec::new()
+                }
+            };
+            let unused = slots.len() - taken.len();
+            self.in_flight.fetch_sub(unused, Ordering::SeqCst);
+            if taken.is_empty() {
+                self.settled.notify_waiters();
+            }
+            for (effect, slot) in taken.into_iter().zip(slots) {
                 let runner = self.clone();
                 let shutdown = shutdown.clone();
                 tokio::spawn(async move {
-                    // The claim must be durable before the effect can happen: after a crash,
-                    // a claimed effect is found `running` and never run again.
-                    match runner.store.flush().await {
-                        Ok(()) => runner.execute(record, shutdown).await,
-                        Err(error) => {
-                            tracing::error!(handler = %record.handler, key = %record.key, error = %format!("{error:#}"), "cannot make an effect's claim durable; not running it");
-                        }
-                    }
+                    runner.execute(effect, shutdown).await;
                     runner.in_flight.fetch_sub(1, Ordering::SeqCst);
                     runner.settled.notify_waiters();
-                    drop(permit);
+                    drop(slot);
                 });
-            }
-            // Nothing to claim (none pending, or only records still being written): wait for
-            // the next emit instead of scanning again at once.
-            if claimed == 0 {
-                self.settled.notify_waiters();
-                tokio::select! {
-                    () = self.waiting.notified() => {}
-                    () = tokio::time::sleep(IDLE_POLL) => {}
-                    () = shutdown.cancelled() => {}
-                }
             }
         }
         Ok(())
@@ -141,7 +140,8 @@ impl EffectRunner {
             }
         }
         record.finished_at = Some(now_ms());
-        if let Err(error) = self.store.finish_effect(&record) {
+        crate::metrics::effect_finished(&record.pipeline, &record.handler, record.state.as_str());
+        if let Err(error) = self.queue.finish(&record).await {
             tracing::error!(handler = %record.handler, key = %record.key, error = %format!("{error:#}"), "cannot store an effect's outcome");
         }
     }
@@ -150,10 +150,10 @@ impl EffectRunner {
     pub async fn wait_idle(&self) {
         loop {
             let settled = self.settled.notified();
-            if !self.store.has_pending_effects() && self.in_flight.load(Ordering::SeqCst) == 0 {
+            let queued = !self.queue.is_empty().await.unwrap_or(false);
+            if !queued && self.in_flight.load(Ordering::SeqCst) == 0 {
                 return;
             }
-            self.waiting.notify_one();
             let _ = tokio::time::timeout(Duration::from_millis(50), settled).await;
         }
     }

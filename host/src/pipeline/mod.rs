@@ -91,9 +91,9 @@ impl Pipeline {
             kv,
             handlers,
             items: resources.items.clone(),
-            effect_keys: resources.effect_keys.clone(),
+            effects: resources.effects.clone(),
+            records: resources.records.clone(),
             store: resources.store.clone(),
-            effects_waiting: resources.effects_waiting.clone(),
             tokens: resources.tokens.clone(),
             handler_calls: resources.handler_calls.clone(),
         });

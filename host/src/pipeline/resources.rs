@@ -7,9 +7,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Result;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Semaphore;
 
-use crate::backend::{EffectKeys, ItemStore};
+use crate::backend::{EffectQueue, ItemStore, Records};
 use crate::config::PipelineConfig;
 use crate::events::TokenHub;
 use crate::memory::MemoryBudget;
@@ -94,7 +94,8 @@ impl NodeSizing {
 #[derive(Clone, Default)]
 pub struct Shared {
     pub items: Option<Arc<dyn ItemStore>>,
-    pub effect_keys: Option<Arc<dyn EffectKeys>>,
+    pub effects: Option<Arc<dyn EffectQueue>>,
+    pub records: Option<Arc<dyn Records>>,
 }
 
 /// See the module's doc comment. Cheap to clone.
@@ -105,10 +106,10 @@ pub struct NodeResources {
     pub store: Store,
     /// Checkpoints, results and dead letters of items: `store`, or a shared backend.
     pub items: Arc<dyn ItemStore>,
-    /// Where effect keys are claimed across nodes (Redis mode), before `store` records them.
-    pub effect_keys: Option<Arc<dyn EffectKeys>>,
-    /// Woken when an effect is recorded, so the effect runner need not poll.
-    pub effects_waiting: Arc<Notify>,
+    /// Where effects are queued and claimed: `store`, or a shared backend.
+    pub effects: Arc<dyn EffectQueue>,
+    /// Handlers' records: `store`, or a shared backend.
+    pub records: Arc<dyn Records>,
     /// Where `llm.chat-stream` sends the pieces of an answer as they arrive.
     pub tokens: TokenHub,
     /// A stage run holds one while its instance is alive, so the instance pool is never
@@ -136,9 +137,9 @@ impl NodeResources {
             sizing,
             runtime,
             items: shared.items.unwrap_or_else(|| Arc::new(store.clone())),
-            effect_keys: shared.effect_keys,
+            effects: shared.effects.unwrap_or_else(|| Arc::new(store.clone())),
+            records: shared.records.unwrap_or_else(|| Arc::new(store.clone())),
             store,
-            effects_waiting: Arc::new(Notify::new()),
             tokens: TokenHub::default(),
             stage_calls: Arc::new(Semaphore::new(sizing.max_stage_calls)),
             handler_calls: Arc::new(Semaphore::new(sizing.max_stage_calls)),

@@ -65,6 +65,22 @@ pub struct EffectRecord {
     /// Times the effect was claimed for running: never more than one.
     #[serde(default)]
     pub runs: u32,
+    /// The node that ran it (Redis mode, where any node may).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+impl EffectState {
+    /// The state as it is written in a record.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::Done => "done",
+            Self::Failed => "failed",
+            Self::Interrupted => "interrupted",
+        }
+    }
 }
 
 impl EffectRecord {
@@ -84,10 +100,17 @@ impl Store {
         let created = self
             .effects
             .compare_and_swap(&key, None::<&[u8]>, Some(json(record)?))?;
+        // Woken either way: a duplicate's marker is for the runner to drop.
+        self.effects_added.notify_one();
         Ok(match created {
             Ok(()) => EmitOutcome::Accepted,
             Err(_) => EmitOutcome::Duplicate,
         })
+    }
+
+    /// Until an effect is recorded after the last wake-up.
+    pub async fn effect_added(&self) {
+        self.effects_added.notified().await
     }
 
     /// Keys of up to `limit` effects waiting to run, oldest key order first.
@@ -205,6 +228,7 @@ mod tests {
             output: None,
             error: None,
             runs: 0,
+            node: None,
         }
     }
 

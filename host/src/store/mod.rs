@@ -68,6 +68,8 @@ pub struct Store {
     dead_letters: Tree,
     job_tokens: Tree,
     flusher: Arc<Flusher>,
+    /// Woken when an effect is recorded, so the effect runner need not poll.
+    effects_added: Arc<tokio::sync::Notify>,
 }
 
 /// The shortest time between two flushes. Each flush writes and syncs sled's log buffer (a
@@ -125,6 +127,7 @@ impl Store {
             dead_letters: tree("dead_letters")?,
             job_tokens: tree("job_tokens")?,
             flusher: Arc::default(),
+            effects_added: Arc::default(),
             db,
         })
     }

@@ -4,8 +4,10 @@
 //!   them after a restart and reprocesses dead letters.
 //! - [`events`]: each job's event log in sled, published once durable ([`EventLog`]).
 //! - [`items`]: [`crate::backend::ItemStore`] on the sled store.
+//! - [`effects`]: [`crate::backend::EffectQueue`] and [`crate::backend::Records`] on it.
 //! - [`retention`]: the sweeper that removes finished jobs.
 
+mod effects;
 mod events;
 mod items;
 mod manager;

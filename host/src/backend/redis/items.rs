@@ -1,7 +1,7 @@
 //! What an item run keeps in Redis: checkpoints in `sh:{job}:ckpt` (field `<index>:<stage>`),
 //! stage journals in `sh:{job}:journal` (scripts [`scripts::JOURNAL`], [`scripts::PUT_JOURNAL`]),
-//! dead letters in `sh:{job}:dead` and the index `sh:dead` (`dead_letters.rs`), the job's LLM tokens in `sh:{job}:n` (`llm_tokens`); and
-//! effect claims, `SET NX` on `sh:effect:...`.
+//! dead letters in `sh:{job}:dead` and the index `sh:dead` (`dead_letters.rs`), the job's LLM tokens in `sh:{job}:n` (`llm_tokens`). (Effects
+//! and their claims are `effects.rs`'.)
 //!
 //! Results are not written here: the worker records each with its event and the job's counts
 //! in one script (`FINISH`), so that a result and its `item.finished` event cannot part.
@@ -12,7 +12,6 @@ use redis::AsyncCommands;
 use uuid::Uuid;
 
 use super::{Cluster, keys, scripts};
-use crate::backend::EffectKeys;
 use crate::backend::ItemStore;
 use crate::model::ItemResult;
 use crate::store::DeadLetter;
@@ -155,19 +154,5 @@ impl ItemStore for Cluster {
             .hincr(keys::JobKeys::new(job).counts, "llm_tokens", tokens)
             .await
             .context("cannot count a job's tokens in Redis")
-    }
-}
-
-#[async_trait]
-impl EffectKeys for Cluster {
-    async fn claim(&self, handler: &str, key: &str) -> Result<bool> {
-        let claimed: Option<String> = redis::cmd("SET")
-            .arg(keys::effect(handler, key))
-            .arg(self.node())
-            .arg("NX")
-            .query_async(&mut self.conn())
-            .await
-            .context("cannot claim an effect key in Redis")?;
-        Ok(claimed.is_some())
     }
 }

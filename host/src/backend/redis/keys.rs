@@ -110,9 +110,26 @@ pub fn idempotency(key: &str) -> String {
     format!("sh:idem:{key}")
 }
 
-/// String: the claim of an effect (handler, key); set once, never reset.
+/// Hash: an effect (handler, key), which is also the claim of its key (created once, never
+/// removed): `record` = its [`crate::store::EffectRecord`] JSON as emitted, then as finished;
+/// `state` (`pending`, `running`, `done`, `failed`, `interrupted`), `runs` and `node` (the node
+/// that took it) as they are now, which win over the record's. (Before effects were shared,
+/// the key was a string naming the claiming node: still a claim, with no effect to run.)
 pub fn effect(handler: &str, key: &str) -> String {
-    format!("sh:effect:{handler}\u{0}{key}")
+    format!("{EFFECT_PREFIX}{handler}\u{0}{key}")
+}
+
+/// What every [`effect`] key starts with.
+pub const EFFECT_PREFIX: &str = "sh:effect:";
+
+/// The effect stream: one entry per effect queued or running, `k` = its [`effect`] key.
+pub const EFFECTS: &str = "sh:effects";
+/// The consumer group every node that runs work reads [`EFFECTS`] through.
+pub const EFFECT_GROUP: &str = "runners";
+
+/// Hash: a collection of handlers' records (the `records` import), key -> JSON.
+pub fn records(collection: &str) -> String {
+    format!("sh:records:{collection}")
 }
 
 /// A member of [`DEAD_LETTERS`]: `<job>/<index, 20 digits>`, so that lexical order is

@@ -5,8 +5,10 @@
 //! - [`scripts`]: the Lua that numbers events and settles items and jobs atomically.
 //! - [`jobs`]: the jobs as the HTTP API sees them ([`crate::backend::JobBackend`]).
 //! - [`events`]: each job's log as a Redis stream ([`crate::backend::EventSource`]).
-//! - [`items`]: checkpoints and dead letters ([`crate::backend::ItemStore`]) and effect claims
-//!   ([`crate::backend::EffectKeys`]).
+//! - [`items`]: checkpoints and dead letters ([`crate::backend::ItemStore`]).
+//! - [`effects`]: one effect queue for the cluster ([`crate::backend::EffectQueue`]): each
+//!   (handler, key) runs once whichever node emits it, taken over when its node dies.
+//! - [`records`]: handlers' records ([`crate::backend::Records`]).
 //! - [`dead_letters`]: dead letters listed, read, discarded and reprocessed from any node, and
 //!   the lease that lets one node at a time reprocess them on a timer.
 //! - [`changes`]: operators' changes (stage versions) every node applies
@@ -22,10 +24,12 @@
 
 mod changes;
 mod dead_letters;
+pub mod effects;
 mod events;
 mod items;
 mod jobs;
 pub mod keys;
+pub mod records;
 mod scripts;
 mod signals;
 mod tokens;
@@ -111,7 +115,7 @@ impl Cluster {
                 followed: Mutex::default(),
             }),
         };
-        cluster.create_group().await?;
+        cluster.create_groups().await?;
         cluster.check_changes().await?;
         tokio::spawn(signals::listen(cluster.clone(), shutdown.clone()));
         tokio::spawn(signals::poll(cluster.clone(), shutdown));
@@ -119,11 +123,18 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// The shared backends a pipeline runs its items on.
-    pub fn shared(&self) -> Shared {
+    /// The shared backends a pipeline runs its items on. Effects taken by this node are kept
+    /// from looking abandoned (see `effects.rs`) until `shutdown`; after `reclaim_idle` without
+    /// that, another node takes them over.
+    pub fn shared(&self, reclaim_idle: Duration, shutdown: CancellationToken) -> Shared {
         Shared {
             items: Some(Arc::new(self.clone())),
-            effect_keys: Some(Arc::new(self.clone())),
+            effects: Some(effects::SharedEffects::start(
+                self.clone(),
+                reclaim_idle,
+                shutdown,
+            )),
+            records: Some(Arc::new(self.clone())),
         }
     }
 
@@ -141,20 +152,39 @@ impl Cluster {
         self.inner.conn.clone()
     }
 
-    async fn create_group(&self) -> Result<()> {
-        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(keys::WORK)
-            .arg(keys::GROUP)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut self.conn())
-            .await;
-        match created {
-            Ok(()) => Ok(()),
-            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
-            Err(e) => Err(e).context("cannot create the work group"),
+    /// Make sure the consumer groups of the work and effect streams exist (with their
+    /// streams): at start, and after Redis lost them (restarted without its data).
+    async fn create_groups(&self) -> Result<()> {
+        for (stream, group) in [
+            (keys::WORK, keys::GROUP),
+            (keys::EFFECTS, keys::EFFECT_GROUP),
+        ] {
+            let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(stream)
+                .arg(group)
+                .arg("0")
+                .arg("MKSTREAM")
+                .query_async(&mut self.conn())
+                .await;
+            match created {
+                Ok(()) => {}
+                Err(e) if e.code() == Some("BUSYGROUP") => {}
+                Err(e) => return Err(e).with_context(|| format!("cannot create group `{group}`")),
+            }
         }
+        Ok(())
+    }
+
+    /// Reset the idle time of the entries `ids` of `stream` that this node still owns in
+    /// `group` (a heartbeat: see [`scripts::REFRESH`]); how many it owned.
+    async fn refresh(&self, stream: &str, group: &str, ids: &[String]) -> Result<u64> {
+        let mut refresh = scripts::REFRESH.key(stream);
+        refresh.arg(group).arg(self.node()).arg(ids);
+        refresh
+            .invoke_async(&mut self.conn())
+            .await
+            .with_context(|| format!("cannot refresh this node's entries of `{stream}`"))
     }
 
     /// Run `script` over `job`'s keys with the common arguments and `extra` ones.

@@ -275,3 +275,63 @@ return n
 "#,
     )
 });
+
+/// The effect scripts take `KEYS[1]` = the effect's hash ([`super::keys::effect`]) and
+/// `KEYS[2]` = the effect stream ([`super::keys::EFFECTS`]); see `effects.rs`.
+///
+/// Claim an effect's key and queue it, together: `ARGV[1]` = its record (JSON). Returns 1, or
+/// 0 (nothing written) when the key was claimed before.
+pub static EMIT_EFFECT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'record', ARGV[1], 'state', 'pending', 'runs', 0)
+redis.call('XADD', KEYS[2], '*', 'k', KEYS[1])
+return 1
+"#,
+    )
+});
+
+/// Take the effect of stream entry `ARGV[2]`, read through group `ARGV[1]`, for node
+/// `ARGV[3]`; `ARGV[4]` = `1` when the entry was reclaimed from another node. A pending effect
+/// is marked running for this node: returns {`run`, record, runs}. Otherwise the entry is
+/// acknowledged and deleted, and nothing runs: an effect a reclaimed entry finds running is
+/// marked `interrupted` (its node stopped while it ran, so it may have happened): returns
+/// {`interrupted`, record}; any other, {}.
+pub static TAKE_EFFECT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'pending' then
+  redis.call('HSET', KEYS[1], 'state', 'running', 'node', ARGV[3])
+  local runs = redis.call('HINCRBY', KEYS[1], 'runs', 1)
+  return {'run', redis.call('HGET', KEYS[1], 'record'), runs}
+end
+local answer = {}
+if state == 'running' and ARGV[4] == '1' then
+  redis.call('HSET', KEYS[1], 'state', 'interrupted')
+  answer = {'interrupted', redis.call('HGET', KEYS[1], 'record')}
+end
+redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[2], ARGV[2])
+return answer
+"#,
+    )
+});
+
+/// Store the outcome of an effect node `ARGV[3]` took: `ARGV[4]` = its record, `ARGV[5]` = its
+/// state; then acknowledge and delete its entry `ARGV[2]` of group `ARGV[1]`. A node thought
+/// dead whose running effect was marked interrupted, and which finished it after all, records
+/// the outcome it saw.
+pub static FINISH_EFFECT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('HGET', KEYS[1], 'node') == ARGV[3] then
+  redis.call('HSET', KEYS[1], 'record', ARGV[4], 'state', ARGV[5])
+end
+redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[2], ARGV[2])
+return 1
+"#,
+    )
+});

@@ -117,7 +117,7 @@ pub async fn run_worker(
                 tracing::warn!(error = %error, "cannot read work from Redis; retrying");
                 if error.code() == Some("NOGROUP") {
                     // Redis restarted without its data: the group goes with the stream.
-                    let _ = worker.cluster.create_group().await;
+                    let _ = worker.cluster.create_groups().await;
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
@@ -370,11 +370,9 @@ impl Worker {
             if ids.is_empty() {
                 continue;
             }
-            let mut refresh = scripts::REFRESH.key(keys::WORK);
-            refresh.arg(keys::GROUP).arg(self.cluster.node()).arg(&ids);
-            let claimed = refresh.invoke_async::<u64>(&mut self.cluster.conn()).await;
-            if let Err(error) = claimed {
-                tracing::warn!(error = %error, "cannot refresh this node's work in Redis");
+            let refreshed = self.cluster.refresh(keys::WORK, keys::GROUP, &ids).await;
+            if let Err(error) = refreshed {
+                tracing::warn!(error = %format!("{error:#}"), "cannot keep this node's work");
             }
         }
     }
