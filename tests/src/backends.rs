@@ -29,6 +29,15 @@ impl Backend {
         flags.extend_from_slice(extra);
         flags
     }
+
+    /// `stagehand inspect <what>` where this backend keeps it: the store in `data` (which no
+    /// server may hold then), or Redis.
+    pub fn inspect(&self, data: &std::path::Path, what: &[&str]) -> Vec<serde_json::Value> {
+        match self {
+            Self::Embedded => crate::inspect(data, what),
+            Self::Redis(_, url) => crate::inspect_redis(url, what),
+        }
+    }
 }
 
 /// For each `fn name(backend: Backend)`, a module `name` with two tests, `embedded` and

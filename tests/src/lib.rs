@@ -237,10 +237,20 @@ pub fn hostile_pipeline(dir: &Path, run: &str, stage: &str) -> PathBuf {
 
 /// `stagehand inspect <what>` of the store in `data` (which no server may hold): its JSON lines.
 pub fn inspect(data: &Path, what: &[&str]) -> Vec<serde_json::Value> {
+    inspect_with(what, &["--data-dir", &data.display().to_string()])
+}
+
+/// `stagehand inspect <what> --redis <url>`: effects or records of a Redis-mode cluster, read
+/// while it serves.
+pub fn inspect_redis(url: &str, what: &[&str]) -> Vec<serde_json::Value> {
+    inspect_with(what, &["--redis", url])
+}
+
+fn inspect_with(what: &[&str], flags: &[&str]) -> Vec<serde_json::Value> {
     let out = Command::new(binary("stagehand"))
         .arg("inspect")
         .args(what)
-        .args(["--data-dir", &data.display().to_string()])
+        .args(flags)
         .output()
         .expect("stagehand inspect runs");
     assert!(

@@ -12,15 +12,15 @@
 //!   ran the item; automatic reprocessing runs on the one node that holds its lease, and the
 //!   lease passes to another node when its holder is killed.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use redis::streams::StreamPendingReply;
 use serde_json::{Value, json};
 use stagehand_tests::cluster::{RedisServer, Worker};
 use stagehand_tests::{
-    MockLlm, Server, client, eco_items, eco_scan_pipeline, get_json, job_status, read_frames,
-    serve, submit_job, wait_for_job, wait_until,
+    MockLlm, Server, client, eco_items, eco_scan_pipeline, get_json, job_results, job_status,
+    read_frames, serve, submit_job, wait_for_job, wait_until,
 };
 
 const ITEMS: u64 = 2000;
@@ -66,6 +66,46 @@ impl Setup {
             &flags,
         )
     }
+}
+
+/// The cluster's effects once none waits or runs, by (handler, key); each asserted to have run
+/// once at most: `done`, or `interrupted` (its node died while it ran; not run again).
+fn settled_effects(redis: &RedisServer) -> BTreeMap<(String, String), Value> {
+    let mut effects = Vec::new();
+    wait_until("no effect waits or runs", || {
+        effects = stagehand_tests::inspect_redis(&redis.url(), &["effects"]);
+        effects
+            .iter()
+            .all(|e| e["state"] != "pending" && e["state"] != "running")
+    });
+    effects
+        .into_iter()
+        .map(|e| {
+            assert!(e["state"] == "done" || e["state"] == "interrupted", "{e}");
+            assert_eq!(e["runs"], 1, "{e}");
+            let slot = (
+                e["handler"].as_str().unwrap().to_string(),
+                e["key"].as_str().unwrap().to_string(),
+            );
+            (slot, e)
+        })
+        .collect()
+}
+
+/// The effects `results` say their items' stages had accepted, as (handler, key).
+fn accepted_effects(results: &[Value]) -> BTreeSet<(String, String)> {
+    results
+        .iter()
+        .flat_map(|r| r["output"]["reward"]["effects"].as_array().cloned())
+        .flatten()
+        .filter(|e| e["outcome"] == "accepted")
+        .map(|e| {
+            (
+                e["handler"].as_str().unwrap().to_string(),
+                e["key"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
 }
 
 /// Work entries pending per node, from the consumer group.
@@ -267,6 +307,14 @@ fn three_nodes_share_a_job_survive_a_kill_and_cancel_together() {
         accepted.values().all(|&n| n == 1),
         "an effect key accepted on two nodes: {accepted:?}"
     );
+    // Every accepted effect is in the cluster's queue, though node 3 died holding some (those
+    // it was running end interrupted), and each ran once at most.
+    let effects = settled_effects(&redis);
+    let recorded: BTreeSet<String> = effects
+        .keys()
+        .map(|(handler, key)| format!("\"{handler}\"/\"{key}\""))
+        .collect();
+    assert_eq!(recorded, accepted.keys().cloned().collect());
 
     // Node 3's items were reclaimed by the others, and nothing is left in the queue.
     let metrics = |node: &Server| -> String {
@@ -741,7 +789,7 @@ fn a_stage_change_on_one_node_is_served_by_every_node() {
     wait_for_every_node(3);
     let job = submit_job(&node2, eco_items(4), json!({}));
     assert_eq!(wait_for_job(&node2, &job)["succeeded"], 4);
-    for result in stagehand_tests::job_results(&node1, &job) {
+    for result in job_results(&node1, &job) {
         assert_eq!(
             stagehand_tests::stage_run(&result, "answer")["digest"],
             new.as_str(),
@@ -802,7 +850,7 @@ fn live_tokens_reach_a_follower_on_another_node() {
         .map(|t| t.data["text"].as_str().unwrap())
         .collect();
     let streamed: Value = serde_json::from_str(&text).expect("every token, in order");
-    let results = stagehand_tests::job_results(&api, &task);
+    let results = job_results(&api, &task);
     assert_eq!(streamed["answer"], results[0]["output"]["answer"]["answer"]);
     assert_eq!(frames.last().unwrap().event, "job.completed");
 }
@@ -868,7 +916,7 @@ fn a_redis_restart_mid_job_loses_nothing_acknowledged() {
     let mock = MockLlm::start(&["--latency-ms", "40"]);
     let nodes: Vec<Server> = ["n1", "n2"]
         .iter()
-        .map(|name| cluster.node(name, &mock, &["--slots", "8"]))
+        .map(|name| cluster.node(name, &mock, &["--slots", "8", "--reclaim-idle-ms", "3000"]))
         .collect();
     let job = submit_job(&nodes[0], eco_items(300), json!({}));
     wait_until("some items are done", || {
@@ -905,6 +953,17 @@ fn a_redis_restart_mid_job_loses_nothing_acknowledged() {
         "one item.finished per item"
     );
     assert_eq!(finished_events.len(), 300, "and no more");
+
+    // Every effect a stage was told was accepted is in Redis, and ran once at most. (A claim
+    // whose answer the restart cut off may be there too: its stage's retry saw a duplicate.)
+    let effects = settled_effects(&cluster.redis);
+    let accepted = accepted_effects(&job_results(&nodes[0], &job));
+    assert!(!accepted.is_empty());
+    let missing: Vec<_> = accepted
+        .iter()
+        .filter(|slot| !effects.contains_key(*slot))
+        .collect();
+    assert!(missing.is_empty(), "accepted, then lost: {missing:?}");
 }
 
 /// A node cut off from Redis (stopped with SIGSTOP) for longer than the reclaim time: the other
@@ -913,11 +972,11 @@ fn a_redis_restart_mid_job_loses_nothing_acknowledged() {
 #[test]
 fn a_node_cut_off_past_the_reclaim_time_adds_no_second_result_or_effect() {
     let cluster = setup();
-    let (redis, dir) = (&cluster.redis, &cluster.dir);
+    let redis = &cluster.redis;
     let mock = MockLlm::start(&["--latency-ms", "300"]);
     let flags = ["--slots", "8", "--reclaim-idle-ms", "1000"];
     let survivor = cluster.node("survivor", &mock, &flags);
-    let mut victim = cluster.node("victim", &mock, &flags);
+    let victim = cluster.node("victim", &mock, &flags);
     let job = submit_job(&survivor, eco_items(48), json!({}));
     wait_until("both nodes hold items", || {
         pending_per_node(redis)
@@ -951,20 +1010,13 @@ fn a_node_cut_off_past_the_reclaim_time_adds_no_second_result_or_effect() {
     assert_eq!(told.len(), before, "no event after the job ended");
     assert_eq!(indexes(&told).len(), 48, "one item.finished per item");
 
-    // Each (handler, key) ran once, on whichever node claimed it first.
-    victim.terminate();
-    let mut survivor = survivor;
-    survivor.terminate();
-    let mut ran = std::collections::BTreeMap::new();
-    for node in ["survivor", "victim"] {
-        for effect in stagehand_tests::inspect(&dir.path().join(node), &["effects"]) {
-            let handler = effect["handler"].as_str().unwrap().to_string();
-            let key = effect["key"].as_str().unwrap().to_string();
-            *ran.entry((handler, key)).or_insert(0) += 1;
-        }
-    }
-    assert!(!ran.is_empty(), "eco-scan's reward stage emits effects");
-    assert!(ran.values().all(|n| *n == 1), "{ran:?}");
+    // Each accepted (handler, key) ran once at most, on whichever node took it: those the
+    // victim was running when it stopped were marked interrupted by the survivor's reclaim,
+    // and not run there again.
+    let effects = settled_effects(redis);
+    assert!(!effects.is_empty(), "eco-scan's reward stage emits effects");
+    let accepted = accepted_effects(&job_results(&survivor, &job));
+    assert_eq!(effects.keys().cloned().collect::<BTreeSet<_>>(), accepted);
 }
 
 /// Redis mode: a stage change computed from versions another node has since replaced (a

@@ -103,8 +103,8 @@ pub fn default_data_dir() -> PathBuf {
 /// How a node joins the others through Redis (`serve` and `worker`).
 #[derive(Args, Clone)]
 pub struct RedisArgs {
-    /// Share jobs, items, results, event logs, work and cancels with other nodes through the
-    /// Redis at this URL (`redis://host:port/db`); without it, everything stays in this
+    /// Share jobs, items, results, event logs, work, cancels, effects and operators' changes
+    /// with other nodes through the Redis at this URL (`redis://host:port/db`); without it, everything stays in this
     /// process's embedded store.
     #[arg(long, env = "STAGEHAND_REDIS_URL")]
     pub redis: Option<String>,
@@ -112,7 +112,8 @@ pub struct RedisArgs {
     /// pipelines); `serve` with 0 is an API node that runs none.
     #[arg(long)]
     pub slots: Option<usize>,
-    /// Work pending this long on a node that stopped refreshing it is taken over (ms).
+    /// Work (and effects) pending this long on a node that stopped refreshing it is taken
+    /// over (ms).
     #[arg(long, default_value_t = 30_000)]
     pub reclaim_idle_ms: u64,
 }

@@ -314,10 +314,16 @@ impl EffectQueue for SharedEffects {
 
 /// An effect as its hash holds it: the record, with the hash's `state`, `runs` and `node`.
 fn effect_of(fields: &HashMap<String, Vec<u8>>) -> Result<EffectRecord> {
-    let record = fields.get("record").context("an effect without its record")?;
+    let record = fields
+        .get("record")
+        .context("an effect without its record")?;
     let mut effect: EffectRecord =
         serde_json::from_slice(record).context("a corrupt effect record")?;
-    let text = |name: &str| fields.get(name).map(|v| String::from_utf8_lossy(v).into_owned());
+    let text = |name: &str| {
+        fields
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    };
     if let Some(state) = text("state") {
         effect.state = serde_json::from_value(serde_json::Value::String(state))
             .context("a corrupt effect state")?;
