@@ -249,7 +249,7 @@ pub trait EffectQueue: Send + Sync {
     /// Store the outcome of a taken effect (`done` or `failed`), which leaves the queue.
     async fn finish(&self, effect: &EffectRecord) -> Result<()>;
 
-    /// Whether no effect waits to be taken (`stagehand run` ends once none does).
+    /// Whether no effect waits or runs (`stagehand run` ends once none does).
     async fn is_empty(&self) -> Result<bool>;
 }
 

@@ -6,7 +6,6 @@
 //! handlers of the revision that emitted it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Result;
@@ -23,9 +22,7 @@ use crate::store::{EffectRecord, EffectState};
 pub struct EffectRunner {
     queue: Arc<dyn EffectQueue>,
     pipelines: Arc<Pipelines>,
-    /// Effects taken and not finished, and slots being filled by a `take` (so that
-    /// [`Self::wait_idle`] never sees an effect that is neither queued nor counted here).
-    in_flight: AtomicUsize,
+    /// Notified when an effect ends or a `take` found none, for [`Self::wait_idle`].
     settled: Notify,
 }
 
@@ -44,7 +41,6 @@ impl EffectRunner {
         let runner = Arc::new(Self {
             queue: resources.effects.clone(),
             pipelines,
-            in_flight: AtomicUsize::new(0),
             settled: Notify::new(),
         });
         let task = tokio::spawn(runner.clone().run(concurrency, shutdown));
@@ -63,7 +59,6 @@ impl EffectRunner {
             while let Ok(permit) = permits.clone().try_acquire_owned() {
                 slots.push(permit);
             }
-            self.in_flight.fetch_add(slots.len(), Ordering::SeqCst);
             // An empty answer means `take` waited a while: ask again.
             let taken = match self.queue.take(slots.len(), &shutdown).await {
                 Ok(taken) => taken,
@@ -76,8 +71,6 @@ impl EffectRunner {
                     Vec::new()
                 }
             };
-            let unused = slots.len() - taken.len();
-            self.in_flight.fetch_sub(unused, Ordering::SeqCst);
             if taken.is_empty() {
                 self.settled.notify_waiters();
             }
@@ -86,7 +79,6 @@ impl EffectRunner {
                 let shutdown = shutdown.clone();
                 tokio::spawn(async move {
                     runner.execute(effect, shutdown).await;
-                    runner.in_flight.fetch_sub(1, Ordering::SeqCst);
                     runner.settled.notify_waiters();
                     drop(slot);
                 });
@@ -150,8 +142,7 @@ impl EffectRunner {
     pub async fn wait_idle(&self) {
         loop {
             let settled = self.settled.notified();
-            let queued = !self.queue.is_empty().await.unwrap_or(false);
-            if !queued && self.in_flight.load(Ordering::SeqCst) == 0 {
+            if self.queue.is_empty().await.unwrap_or(false) {
                 return;
             }
             let _ = tokio::time::timeout(Duration::from_millis(50), settled).await;

@@ -127,6 +127,11 @@ impl Store {
         !self.effects_pending.is_empty()
     }
 
+    /// Whether an effect is claimed and not finished.
+    pub fn has_running_effects(&self) -> bool {
+        !self.effects_running.is_empty()
+    }
+
     /// Take a pending effect for running; `None` if it is no longer pending (or its record is
     /// still being written).
     pub fn claim_effect(&self, key: &[u8]) -> Result<Option<EffectRecord>> {

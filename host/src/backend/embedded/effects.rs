@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{EffectQueue, Records};
-use crate::store::{EffectRecord, EmitOutcome, Store};
+use crate::store::{EffectRecord, EffectState, EmitOutcome, Store};
 
 /// How long a runner that found nothing to run waits when no emit wakes it (a marker whose
 /// record was still being written is looked at again after this).
@@ -41,7 +41,14 @@ impl EffectQueue for Store {
         }
         // The claims must be durable before the effects can happen: after a crash, a claimed
         // effect is found `running` and never run again.
-        self.flush().await?;
+        if let Err(error) = self.flush().await {
+            // Not run, and not left `running` for good.
+            for mut effect in taken {
+                effect.state = EffectState::Interrupted;
+                let _ = self.finish_effect(&effect);
+            }
+            return Err(error.context("cannot make the claims of effects durable; not run"));
+        }
         Ok(taken)
     }
 
@@ -50,7 +57,7 @@ impl EffectQueue for Store {
     }
 
     async fn is_empty(&self) -> Result<bool> {
-        Ok(!self.has_pending_effects())
+        Ok(!self.has_pending_effects() && !self.has_running_effects())
     }
 }
 

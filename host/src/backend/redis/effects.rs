@@ -302,6 +302,7 @@ impl EffectQueue for SharedEffects {
         finished.context("cannot store an effect's outcome in Redis")
     }
 
+    /// Entries stay on the stream until their effect is finished.
     async fn is_empty(&self) -> Result<bool> {
         let queued: u64 = redis::cmd("XLEN")
             .arg(keys::EFFECTS)
