@@ -30,6 +30,28 @@ impl Backend {
         flags
     }
 
+    /// eco-scan served on this backend, its data under `data` (node `a`, and `b`): one
+    /// embedded node; two Redis-mode nodes with 8 slots each, so that work and effects are
+    /// shared.
+    pub fn eco_scan_nodes(
+        &self,
+        mock: &crate::MockLlm,
+        data: &std::path::Path,
+    ) -> Vec<crate::Server> {
+        let names: &[&str] = match self {
+            Self::Embedded => &["a"],
+            Self::Redis(..) => &["a", "b"],
+        };
+        let extra: &[&str] = match self {
+            Self::Embedded => &[],
+            Self::Redis(..) => &["--slots", "8"],
+        };
+        names
+            .iter()
+            .map(|name| crate::serve_eco_scan(mock, &data.join(name), &self.flags(extra)))
+            .collect()
+    }
+
     /// `stagehand inspect <what>` where this backend keeps it: the store in `data` (which no
     /// server may hold then), or Redis.
     pub fn inspect(&self, data: &std::path::Path, what: &[&str]) -> Vec<serde_json::Value> {

@@ -358,13 +358,17 @@ pub fn job_status(server: &Server, job: &str) -> serde_json::Value {
 /// The value of the metric `series` (name and labels as `/metrics` writes them), if the server
 /// shows it.
 pub fn metric(server: &Server, series: &str) -> Option<f64> {
-    let text = client()
+    metric_in(&metrics_text(server), series)
+}
+
+/// A server's `/metrics` page.
+pub fn metrics_text(server: &Server) -> String {
+    client()
         .get(server.url("/metrics"))
         .send()
         .expect("the server answers")
         .text()
-        .expect("metrics are text");
-    metric_in(&text, series)
+        .expect("metrics are text")
 }
 
 /// The value of `series` in a Prometheus text page.

@@ -4,13 +4,12 @@
 //! while it ran is `interrupted`, never run again).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use stagehand_tests::backends::Backend;
 use stagehand_tests::{
-    MockLlm, Server, client, eco_items, job_results, on_both_backends, serve_eco_scan, submit_job,
+    MockLlm, Server, eco_items, job_results, metrics_text, on_both_backends, submit_job,
     wait_for_job, wait_until,
 };
 
@@ -19,30 +18,14 @@ on_both_backends!(
     an_effect_cut_by_a_kill_9_is_interrupted_and_never_run_again,
 );
 
-/// The nodes of `backend`: one embedded; two on Redis, each running work and effects.
-fn nodes(backend: &Backend, mock: &MockLlm, data: &Path) -> Vec<Server> {
-    match backend {
-        Backend::Embedded => vec![serve_eco_scan(mock, &data.join("a"), &backend.flags(&[]))],
-        Backend::Redis(..) => ["a", "b"]
-            .iter()
-            .map(|name| serve_eco_scan(mock, &data.join(name), &backend.flags(&["--slots", "8"])))
-            .collect(),
-    }
-}
-
 /// Effects that ended with `outcome`, counted by every node in `nodes`.
 fn effects_ended(nodes: &[Server], outcome: &str) -> f64 {
     let label = format!("outcome=\"{outcome}\"");
     nodes
         .iter()
         .flat_map(|node| {
-            let text = client()
-                .get(node.url("/metrics"))
-                .send()
-                .unwrap()
-                .text()
-                .unwrap();
-            text.lines()
+            metrics_text(node)
+                .lines()
                 .filter(|l| l.starts_with("stagehand_effects_total{") && l.contains(&label))
                 .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
                 .collect::<Vec<_>>()
@@ -56,7 +39,7 @@ fn effects_ended(nodes: &[Server], outcome: &str) -> f64 {
 fn each_effect_runs_once_and_handlers_keep_their_records(backend: Backend) {
     let mock = MockLlm::start(&[]);
     let data = tempfile::tempdir().unwrap();
-    let mut nodes = nodes(&backend, &mock, data.path());
+    let mut nodes = backend.eco_scan_nodes(&mock, data.path());
     let items = eco_items(40);
     let mut accepted: BTreeMap<(String, String), usize> = BTreeMap::new();
     for round in 0..2 {

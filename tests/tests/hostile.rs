@@ -10,7 +10,7 @@ use std::process::Stdio;
 
 use serde_json::{Value, json};
 use stagehand_tests::{
-    MockLlm, Server, binary, client, job_results, job_status, repo_root, submit_job, wait_for_job,
+    MockLlm, Server, binary, job_results, job_status, repo_root, submit_job, wait_for_job,
 };
 
 fn pipeline(dir: &Path) -> PathBuf {
@@ -169,12 +169,7 @@ fn each_flood_fails_only_its_item_within_bounded_memory_log_and_disk() {
     assert!(peak < 400 << 20, "the server peaked at {} MiB", peak >> 20);
     let store = dir_size(&dir.path().join("data/store"));
     assert!(store < 16 << 20, "the store grew to {} MiB", store >> 20);
-    let metrics = client()
-        .get(server.url("/metrics"))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let metrics = stagehand_tests::metrics_text(&server);
     for budget in ["emits", "calls", "llm_calls", "kv_key", "progress_bytes"] {
         assert!(
             metrics

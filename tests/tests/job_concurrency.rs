@@ -5,28 +5,16 @@
 use serde_json::{Value, json};
 use stagehand_tests::backends::Backend;
 use stagehand_tests::{
-    MockLlm, Server, eco_items, job_results, on_both_backends, serve_eco_scan, submit_job,
-    wait_for_job,
+    MockLlm, eco_items, job_results, on_both_backends, submit_job, wait_for_job,
 };
 
 on_both_backends!(a_jobs_concurrency_holds_across_every_node);
-
-/// The nodes of `backend`: one embedded; two on Redis, 8 slots each.
-fn nodes(backend: &Backend, mock: &MockLlm, data: &std::path::Path) -> Vec<Server> {
-    match backend {
-        Backend::Embedded => vec![serve_eco_scan(mock, &data.join("a"), &backend.flags(&[]))],
-        Backend::Redis(..) => ["a", "b"]
-            .iter()
-            .map(|name| serve_eco_scan(mock, &data.join(name), &backend.flags(&["--slots", "8"])))
-            .collect(),
-    }
-}
 
 /// Run 12 items with `options`: the most LLM requests served at once, and the results.
 fn run(backend: &Backend, options: Value) -> (u64, Vec<Value>) {
     let mock = MockLlm::start(&["--latency-ms", "60"]);
     let data = tempfile::tempdir().unwrap();
-    let nodes = nodes(backend, &mock, data.path());
+    let nodes = backend.eco_scan_nodes(&mock, data.path());
     let job = submit_job(&nodes[0], eco_items(12), options);
     let status = wait_for_job(nodes.last().unwrap(), &job);
     assert_eq!(status["state"], "completed", "{status}");
