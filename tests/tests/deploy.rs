@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use stagehand_tests::backends::Backend;
 use stagehand_tests::bundles::{Files, eco_bundle, tar, without_reward};
 use stagehand_tests::{
-    MockLlm, Server, binary, client, eco_items, eco_scan_pipeline, get_json, inspect, job_results,
+    MockLlm, Server, binary, client, eco_items, eco_scan_pipeline, get_json, job_results,
     job_status, on_both_backends, plugin_bytes, serve, submit_job, wait_for_job, wait_until,
 };
 
@@ -186,7 +186,7 @@ fn a_running_job_keeps_its_revision_and_new_jobs_take_the_deployed_one(backend: 
 
     // The old job's `reward` emitted effects: they name its revision, whose handlers run them.
     server.terminate();
-    let effects = inspect(data.path(), &["effects"]);
+    let effects = backend.inspect(data.path(), &["effects"]);
     assert!(
         !effects.is_empty(),
         "the old job's reward stage emits effects"
