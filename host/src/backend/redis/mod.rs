@@ -49,6 +49,9 @@ pub use worker::{WorkerSettings, run_worker};
 
 use crate::pipeline::{Pipelines, Shared};
 
+/// How long an idempotent command is tried again while Redis cannot be reached.
+const RIDE_OUT: Duration = Duration::from_secs(10);
+
 /// A node's handle on the shared state. Cheap to clone.
 #[derive(Clone)]
 pub struct Cluster {
@@ -174,6 +177,30 @@ impl Cluster {
             }
         }
         Ok(())
+    }
+
+    /// Run `command`, an idempotent one, again while Redis cannot be reached (restarting, or a
+    /// connection it dropped, which the manager replaces), for up to [`RIDE_OUT`]: what a
+    /// handler writes must not fail for good on a moment of Redis being away.
+    async fn idempotent<T, F, Fut>(&self, mut command: F) -> redis::RedisResult<T>
+    where
+        F: FnMut(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let deadline = tokio::time::Instant::now() + RIDE_OUT;
+        loop {
+            match command(self.conn()).await {
+                Err(error)
+                    if (error.is_io_error()
+                        || error.is_connection_dropped()
+                        || error.is_connection_refusal())
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                answer => return answer,
+            }
+        }
     }
 
     /// Reset the idle time of the entries `ids` of `stream` that this node still owns in

@@ -11,17 +11,23 @@ use crate::backend::Records;
 #[async_trait]
 impl Records for Cluster {
     async fn put(&self, collection: &str, key: &str, value: &[u8]) -> Result<()> {
-        self.conn()
-            .hset::<_, _, _, ()>(keys::records(collection), key, value)
-            .await
-            .context("cannot write a record in Redis")
+        let records = keys::records(collection);
+        self.idempotent(|mut conn| {
+            let records = records.clone();
+            async move { conn.hset::<_, _, _, ()>(records, key, value).await }
+        })
+        .await
+        .context("cannot write a record in Redis")
     }
 
     async fn get(&self, collection: &str, key: &str) -> Result<Option<Vec<u8>>> {
-        self.conn()
-            .hget(keys::records(collection), key)
-            .await
-            .context("cannot read a record in Redis")
+        let records = keys::records(collection);
+        self.idempotent(|mut conn| {
+            let records = records.clone();
+            async move { conn.hget(records, key).await }
+        })
+        .await
+        .context("cannot read a record in Redis")
     }
 }
 
