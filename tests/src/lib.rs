@@ -153,6 +153,17 @@ impl MockLlm {
 
 /// `stagehand serve <pipeline>` on a free port, its store in `data`, its LLM calls to `mock`.
 pub fn serve(pipeline: &Path, data: &Path, mock: Option<&MockLlm>, extra: &[&str]) -> Server {
+    serve_logged(pipeline, data, mock, extra, Stdio::inherit())
+}
+
+/// [`serve`] with the server's log (stderr) going to `stderr`.
+pub fn serve_logged(
+    pipeline: &Path,
+    data: &Path,
+    mock: Option<&MockLlm>,
+    extra: &[&str],
+    stderr: Stdio,
+) -> Server {
     let (pipeline, data) = (pipeline.display().to_string(), data.display().to_string());
     let llm = mock.map(MockLlm::base_url);
     let mut args = vec![
@@ -167,7 +178,7 @@ pub fn serve(pipeline: &Path, data: &Path, mock: Option<&MockLlm>, extra: &[&str
         args.extend(["--llm-base-url", llm]);
     }
     args.extend_from_slice(extra);
-    Server::start(&binary("stagehand"), &args).expect("stagehand serve starts")
+    Server::start_with_stderr(&binary("stagehand"), &args, stderr).expect("stagehand serve starts")
 }
 
 /// `stagehand serve <pipeline>` with `env` set, its LLM calls wherever the pipeline says.

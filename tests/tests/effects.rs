@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use stagehand_tests::backends::Backend;
 use stagehand_tests::{
-    MockLlm, Server, eco_items, job_results, metrics_text, on_both_backends, submit_job,
-    wait_for_job, wait_until,
+    MockLlm, Server, eco_items, job_results, metrics_text, on_both_backends, serve_logged,
+    submit_job, wait_for_job, wait_until,
 };
 
 on_both_backends!(
@@ -135,23 +135,16 @@ fn an_effect_cut_by_a_kill_9_is_interrupted_and_never_run_again(backend: Backend
     let log_path = dir.path().join("server.log");
     // Both runs log to one file: a second run of the effect would show there.
     let start = || {
-        let mut args = vec![
-            "serve",
-            pipeline.to_str().unwrap(),
-            "--addr",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.to_str().unwrap(),
-        ];
-        if let Backend::Redis(..) = backend {
-            args.extend(backend.flags(&["--reclaim-idle-ms", "1000"]));
-        }
+        let flags = match backend {
+            Backend::Embedded => Vec::new(),
+            Backend::Redis(..) => backend.flags(&["--reclaim-idle-ms", "1000"]),
+        };
         let log = std::fs::File::options()
             .create(true)
             .append(true)
             .open(&log_path)
             .unwrap();
-        Server::start_with_stderr(&stagehand_tests::binary("stagehand"), &args, log.into()).unwrap()
+        serve_logged(&pipeline, &data, None, &flags, log.into())
     };
     let mut server = start();
     let item = json!({ "do": "emit-flood", "size": 1, "target": "slow" });

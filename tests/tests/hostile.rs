@@ -10,7 +10,7 @@ use std::process::Stdio;
 
 use serde_json::{Value, json};
 use stagehand_tests::{
-    MockLlm, Server, binary, job_results, job_status, repo_root, submit_job, wait_for_job,
+    MockLlm, Server, job_results, job_status, repo_root, submit_job, wait_for_job,
 };
 
 fn pipeline(dir: &Path) -> PathBuf {
@@ -56,20 +56,9 @@ file = "{}"
 
 /// The server with its log (stderr) in `log`.
 fn serve(dir: &Path, mock: &MockLlm, log: &Path) -> Server {
-    let (pipeline, data) = (pipeline(dir), dir.join("data"));
-    let llm = mock.base_url();
-    let args = [
-        "serve",
-        pipeline.to_str().unwrap(),
-        "--addr",
-        "127.0.0.1:0",
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--llm-base-url",
-        &llm,
-    ];
     let log = std::fs::File::create(log).unwrap();
-    Server::start_with_stderr(&binary("stagehand"), &args, Stdio::from(log)).unwrap()
+    let data = dir.join("data");
+    stagehand_tests::serve_logged(&pipeline(dir), &data, Some(mock), &[], Stdio::from(log))
 }
 
 fn dir_size(path: &Path) -> u64 {

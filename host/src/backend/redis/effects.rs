@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -36,11 +36,6 @@ use crate::store::{EffectRecord, EffectState, EmitOutcome};
 
 /// How long one `XREADGROUP` waits for an effect.
 const READ_BLOCK: Duration = Duration::from_secs(1);
-
-/// How often, and how long apart, a finished effect's outcome is offered to Redis (it rides
-/// out a Redis restart; past that the entry is reclaimed and the effect marked interrupted).
-const FINISH_TRIES: u32 = 10;
-const FINISH_RETRY: Duration = Duration::from_secs(1);
 
 /// Redis mode's [`EffectQueue`]; see the module's doc comment.
 pub struct SharedEffects {
@@ -109,10 +104,7 @@ impl SharedEffects {
     async fn read(&self, limit: usize, shutdown: &CancellationToken) -> Result<Vec<EffectRecord>> {
         let mut reader = self.reader.lock().await;
         if reader.is_none() {
-            let config = ConnectionManagerConfig::new().set_response_timeout(Some(READ_BLOCK * 5));
-            let client = self.cluster.inner.client.clone();
-            let connected = ConnectionManager::new_with_config(client, config).await;
-            *reader = Some(connected.context("cannot connect to Redis")?);
+            *reader = Some(self.cluster.blocking_connection(READ_BLOCK).await?);
         }
         let conn = reader.as_mut().expect("connected above");
         let mut read = redis::cmd("XREADGROUP");
@@ -287,19 +279,19 @@ impl EffectQueue for SharedEffects {
             .arg(self.cluster.node())
             .arg(serde_json::to_vec(effect)?)
             .arg(effect.state.as_str());
-        let mut tries = 0;
-        let finished = loop {
-            tries += 1;
-            match finish.invoke_async::<i64>(&mut self.cluster.conn()).await {
-                Ok(_) => break Ok(()),
-                Err(error) if tries >= FINISH_TRIES => break Err(error),
-                Err(_) => tokio::time::sleep(FINISH_RETRY).await,
-            }
-        };
-        // Not kept fresh any more: if the outcome was not stored, a reclaim marks the effect
-        // interrupted.
+        // Offered again while Redis is away (the script is idempotent); past that, the entry
+        // is no longer kept fresh, and a reclaim marks the effect interrupted.
+        let finished = self
+            .cluster
+            .idempotent(|mut conn| {
+                let finish = &finish;
+                async move { finish.invoke_async::<i64>(&mut conn).await }
+            })
+            .await;
         self.taken().remove(&effect_key);
-        finished.context("cannot store an effect's outcome in Redis")
+        finished
+            .map(drop)
+            .context("cannot store an effect's outcome in Redis")
     }
 
     /// Entries stay on the stream until their effect is finished.

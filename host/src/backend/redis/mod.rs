@@ -179,6 +179,16 @@ impl Cluster {
         Ok(())
     }
 
+    /// A connection of its own for blocking reads (`XREADGROUP ... BLOCK`), which on the shared
+    /// one would hold up every other command behind them; it waits for an answer up to five
+    /// times `block`, and reconnects after Redis comes back.
+    async fn blocking_connection(&self, block: Duration) -> Result<ConnectionManager> {
+        let config = ConnectionManagerConfig::new().set_response_timeout(Some(block * 5));
+        ConnectionManager::new_with_config(self.inner.client.clone(), config)
+            .await
+            .context("cannot connect to Redis")
+    }
+
     /// Run `command`, an idempotent one, again while Redis cannot be reached (restarting, or a
     /// connection it dropped, which the manager replaces), for up to [`RIDE_OUT`]: what a
     /// handler writes must not fail for good on a moment of Redis being away.

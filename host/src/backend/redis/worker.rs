@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamPendingCountReply, StreamReadReply};
 use sled::IVec;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -76,12 +76,7 @@ pub async fn run_worker(
     settings: WorkerSettings,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    // Blocking reads get a connection of their own: on a shared one they would hold up
-    // every other command behind them. A manager reconnects after Redis comes back.
-    let config = ConnectionManagerConfig::new().set_response_timeout(Some(READ_BLOCK * 5));
-    let mut reader = ConnectionManager::new_with_config(cluster.inner.client.clone(), config)
-        .await
-        .context("cannot connect to Redis")?;
+    let mut reader = cluster.blocking_connection(READ_BLOCK).await?;
     let worker = Arc::new(Worker {
         cluster,
         pipelines,
