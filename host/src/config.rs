@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
+use sha2::Digest as _;
 use toml::Spanned;
 
 use crate::limits::{Budgets, BudgetsSpec, JobLimits};
@@ -272,6 +273,28 @@ pub struct StageConfig {
     pub retry: RetryPolicy,
     /// The LLM providers its calls go to, in failover order.
     pub providers: Vec<String>,
+    /// `[stage.config]`: what the stage reads through the `config` import.
+    pub settings: StageSettings,
+}
+
+/// A stage's settings (`[stage.config]`), and their digest, which each result records.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StageSettings {
+    pub values: BTreeMap<String, String>,
+    /// sha256 (hex) of the settings as a JSON object; empty when the stage has none.
+    pub digest: String,
+}
+
+impl StageSettings {
+    pub fn new(values: BTreeMap<String, String>) -> Self {
+        let digest = if values.is_empty() {
+            String::new()
+        } else {
+            let json = serde_json::to_vec(&values).expect("strings serialise");
+            hex::encode(sha2::Sha256::digest(json))
+        };
+        Self { values, digest }
+    }
 }
 
 /// How often a stage is tried for an item, and how long to wait between tries.
@@ -403,6 +426,9 @@ struct RawStage {
     backoff_ms: Option<u64>,
     max_backoff_ms: Option<u64>,
     providers: Option<Vec<Spanned<String>>>,
+    /// `[stage.config]`: string settings the stage reads through the `config` import.
+    #[serde(default)]
+    config: BTreeMap<Spanned<String>, Spanned<String>>,
 }
 
 /// `[llm]` or `[providers.NAME]`, before the checks.
@@ -671,6 +697,7 @@ impl PipelineConfig {
                 limits: limits_of!(s).over(base),
                 retry,
                 providers,
+                settings: settings_of(s, &at)?,
             });
         }
         let mut handlers = BTreeMap::new();
@@ -838,6 +865,55 @@ impl PipelineConfig {
             .max()
             .unwrap_or(Limits::default().memory_bytes)
     }
+}
+
+/// `[stage.config]`, checked against the limits of `crate::limits` (a guest reads it whole).
+fn settings_of(
+    stage: &RawStage,
+    at: &dyn Fn(Range<usize>, String) -> anyhow::Error,
+) -> Result<StageSettings> {
+    use crate::limits::{
+        MAX_SETTING_NAME, MAX_SETTING_VALUE, MAX_SETTINGS_BYTES, MAX_STAGE_SETTINGS,
+    };
+    let whose = format!("stage `{}`: `[stage.config]`", stage.name.get_ref());
+    if stage.config.len() > MAX_STAGE_SETTINGS {
+        return Err(at(
+            stage.name.span(),
+            format!(
+                "{whose} has {} settings; at most {MAX_STAGE_SETTINGS}",
+                stage.config.len()
+            ),
+        ));
+    }
+    let mut total = 0;
+    let mut values = BTreeMap::new();
+    for (name, value) in &stage.config {
+        let (name_text, value_text) = (name.get_ref(), value.get_ref());
+        if name_text.is_empty() || name_text.len() > MAX_SETTING_NAME {
+            return Err(at(
+                name.span(),
+                format!("{whose}: a setting's name is 1 to {MAX_SETTING_NAME} bytes"),
+            ));
+        }
+        if value_text.len() > MAX_SETTING_VALUE {
+            return Err(at(
+                value.span(),
+                format!(
+                    "{whose}: setting `{name_text}` is {} bytes; at most {MAX_SETTING_VALUE}",
+                    value_text.len()
+                ),
+            ));
+        }
+        total += name_text.len() + value_text.len();
+        if total > MAX_SETTINGS_BYTES {
+            return Err(at(
+                name.span(),
+                format!("{whose}: the settings are over {MAX_SETTINGS_BYTES} bytes in all"),
+            ));
+        }
+        values.insert(name_text.clone(), value_text.clone());
+    }
+    Ok(StageSettings::new(values))
 }
 
 fn names_of<T>(map: &BTreeMap<String, T>) -> String {

@@ -50,6 +50,14 @@ pub const MAX_KV_KEY: usize = 4096;
 /// Longest idempotency key of a `dispatch.emit`, in bytes.
 pub const MAX_EFFECT_KEY: usize = 1024;
 
+/// A stage's `[stage.config]` settings (the `config` import): how many, a name's and a
+/// value's length in bytes, and all names and values together. Settings are text for a guest
+/// to read (templates, thresholds, model names), not data: a namespace (`[kv.NAME]`) holds that.
+pub const MAX_STAGE_SETTINGS: usize = 256;
+pub const MAX_SETTING_NAME: usize = 128;
+pub const MAX_SETTING_VALUE: usize = 65_536;
+pub const MAX_SETTINGS_BYTES: usize = 262_144;
+
 /// What one job may ask for: `[limits]` of the pipeline file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]

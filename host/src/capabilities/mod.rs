@@ -2,7 +2,7 @@
 //!
 //! A guest gets nothing but these: `llm` (the provider, its key and its limits stay here), `kv`
 //! (read-only JSON namespaces), `dispatch` (handlers and durable effects), `progress`, `log`,
-//! and for handlers `records`. WASI is linked only because Rust's std imports it; its context
+//! `config` (the stage's settings), and for handlers `records`. WASI is linked only because Rust's std imports it; its context
 //! is empty (no files, sockets, name lookups, environment or arguments), its clocks are frozen
 //! ([`FrozenClock`]), and stderr is captured so that a panicking guest's message ends up in the
 //! item's error. Its random bytes are seeded per job, item, stage and try, so that a try run
@@ -13,6 +13,7 @@
 //! waiting on the LLM give up its instance (see `journal.rs`).
 
 mod budget;
+mod config;
 mod dispatch;
 mod journal;
 mod kv;
@@ -64,6 +65,8 @@ pub struct Capabilities {
     pub records: Arc<dyn crate::backend::Records>,
     /// Where `llm.chat-stream` sends the pieces of an answer as they arrive.
     pub tokens: TokenHub,
+    /// Each stage's `[stage.config]`, by stage name (the `config` import).
+    pub settings: BTreeMap<String, crate::config::StageSettings>,
     /// Handlers running for `dispatch.call` at once: each holds an instance, which the pool
     /// keeps room for (see `NodeResources::new`).
     pub handler_calls: Arc<Semaphore>,

@@ -168,6 +168,7 @@ pub async fn run_item(
                 llm: Vec::new(),
                 runs: 0,
                 answers_reused: 0,
+                config_digest: String::new(),
             });
             outputs.push((name, output));
             checkpointed.push(name);
@@ -299,6 +300,7 @@ pub async fn run_item(
                     llm: stats.llm,
                     runs: stats.runs,
                     answers_reused: stats.journal.reused(),
+                    config_digest: stage.config.settings.digest.clone(),
                 });
                 let held = stats.journal.store_len();
                 if position < last && stats.duration >= checkpoint_after {

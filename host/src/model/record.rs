@@ -217,6 +217,9 @@ pub struct StageRun {
     /// before a restart, instead of asking again.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub answers_reused: u32,
+    /// sha256 of the stage's `[stage.config]` settings it ran with (none: it has none).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub config_digest: String,
 }
 
 fn at_most_one(n: &u32) -> bool {

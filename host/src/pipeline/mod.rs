@@ -95,6 +95,11 @@ impl Pipeline {
             records: resources.records.clone(),
             store: resources.store.clone(),
             tokens: resources.tokens.clone(),
+            settings: config
+                .stages
+                .iter()
+                .map(|s| (s.name.clone(), s.settings.clone()))
+                .collect(),
             handler_calls: resources.handler_calls.clone(),
         });
         Ok(Arc::new(Self {

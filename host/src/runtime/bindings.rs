@@ -32,4 +32,4 @@ pub mod handler {
 }
 
 pub use handler::stagehand::pipeline::records;
-pub use stage::stagehand::pipeline::{dispatch, kv, llm, log, progress, types};
+pub use stage::stagehand::pipeline::{config, dispatch, kv, llm, log, progress, types};

@@ -5,8 +5,8 @@
 
 use serde::Deserialize;
 use stagehand_sdk::{
-    Context, Envelope, StageError, dispatch, fatal, kv, llm, log, output, progress, retryable,
-    stage::Guest, text_message,
+    Context, Envelope, StageError, config, dispatch, fatal, kv, llm, log, output, progress,
+    retryable, stage::Guest, text_message,
 };
 
 #[derive(Deserialize)]
@@ -18,7 +18,8 @@ struct Item {
     /// For `flaky` and `questions`: the first try that succeeds.
     #[serde(default)]
     until: u32,
-    /// For `socket`: the address to connect to; for `emit-flood` and `call-flood`: the handler.
+    /// For `socket`: the address to connect to; for `emit-flood` and `call-flood`: the handler;
+    /// for `config`: the setting to read.
     #[serde(default)]
     target: String,
 }
@@ -227,6 +228,13 @@ impl Guest for Hostile {
             "huge-kv-key" => {
                 let found = kv::get("rules", &"k".repeat(item.size))?;
                 output(&serde_json::json!({ "found": found.is_some() }))
+            }
+            "config" => {
+                let value = match config::get(&item.target) {
+                    Ok(value) => value,
+                    Err(config::ConfigError::Missing(name)) => format!("no setting `{name}`"),
+                };
+                output(&serde_json::json!({ "value": value, "all": config::get_all() }))
             }
             "big-progress" => {
                 progress::report(0.5, &"p".repeat(item.size));

@@ -54,7 +54,7 @@ pub mod handler {
 pub use handler::export_handler;
 pub use handler::stagehand::pipeline::records;
 pub use stage::export_stage;
-pub use stage::stagehand::pipeline::{dispatch, kv, llm, log, progress, types};
+pub use stage::stagehand::pipeline::{config, dispatch, kv, llm, log, progress, types};
 pub use types::{Context, HandlerError, StageError};
 
 /// A fatal error: the item fails, retrying cannot help.
