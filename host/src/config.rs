@@ -28,6 +28,8 @@ pub struct PipelineConfig {
     pub stages: Vec<StageConfig>,
     pub handlers: BTreeMap<String, HandlerConfig>,
     pub kv: BTreeMap<String, PathBuf>,
+    /// `[secrets.NAME]`, by name.
+    pub secrets: BTreeMap<String, SecretConfig>,
     /// What one job may ask for (`[limits]`).
     pub limits: JobLimits,
     /// Every file the pipeline file names (components, kv files): the path as written -> where
@@ -224,6 +226,8 @@ pub struct Limits {
     pub max_output_bytes: usize,
     /// What one try may do through its host calls.
     pub budgets: Budgets,
+    /// What one try may do through outbound HTTP (`http`).
+    pub http: crate::outbound::HttpLimits,
 }
 
 /// Optional overrides of [`Limits`], as written in `[defaults]`, a stage or a handler.
@@ -235,11 +239,16 @@ pub struct LimitsSpec {
     pub timeout_ms: Option<u64>,
     pub max_output_kib: Option<usize>,
     pub budgets: Option<BudgetsSpec>,
+    pub http: Option<crate::outbound::HttpLimitsSpec>,
 }
 
 impl LimitsSpec {
-    fn over(self, base: Limits) -> Limits {
-        Limits {
+    fn over(self, base: Limits) -> Result<Limits> {
+        let http = match self.http {
+            Some(spec) => spec.over(base.http).map_err(anyhow::Error::msg)?,
+            None => base.http,
+        };
+        Ok(Limits {
             memory_bytes: self.memory_mib.map_or(base.memory_bytes, |m| m << 20),
             cpu: self.cpu_ms.map_or(base.cpu, Duration::from_millis),
             timeout: self.timeout_ms.map_or(base.timeout, Duration::from_millis),
@@ -247,7 +256,8 @@ impl LimitsSpec {
                 .max_output_kib
                 .map_or(base.max_output_bytes, |k| k << 10),
             budgets: self.budgets.map_or(base.budgets, |b| b.over(base.budgets)),
-        }
+            http,
+        })
     }
 }
 
@@ -259,6 +269,7 @@ impl Default for Limits {
             timeout: Duration::from_secs(300),
             max_output_bytes: 1 << 20,
             budgets: Budgets::default(),
+            http: crate::outbound::HttpLimits::default(),
         }
     }
 }
@@ -275,6 +286,8 @@ pub struct StageConfig {
     pub providers: Vec<String>,
     /// `[stage.config]`: what the stage reads through the `config` import.
     pub settings: StageSettings,
+    /// Where its outbound HTTP requests may go.
+    pub allowed_hosts: Vec<crate::outbound::AllowedHost>,
 }
 
 /// A stage's settings (`[stage.config]`), and their digest, which each result records.
@@ -331,10 +344,21 @@ impl RetryPolicy {
     }
 }
 
+/// `[secrets.NAME]`: where a secret's value is on the node, and the hosts it may be sent to
+/// (`capabilities/http/secrets.rs`).
+#[derive(Debug, Clone)]
+pub struct SecretConfig {
+    pub env: Option<String>,
+    pub file: Option<PathBuf>,
+    pub hosts: Vec<crate::outbound::AllowedHost>,
+}
+
 #[derive(Debug, Clone)]
 pub struct HandlerConfig {
     pub component: PathBuf,
     pub limits: Limits,
+    /// Where its outbound HTTP requests may go.
+    pub allowed_hosts: Vec<crate::outbound::AllowedHost>,
 }
 
 /// `[run] memory_budget_mib` within its bounds and no more than `machine_mib`: a budget the
@@ -405,7 +429,18 @@ struct RawPipeline {
     #[serde(default)]
     kv: BTreeMap<Spanned<String>, RawKv>,
     #[serde(default)]
+    secrets: BTreeMap<Spanned<String>, RawSecret>,
+    #[serde(default)]
     limits: JobLimits,
+}
+
+/// `[secrets.NAME]`, before the checks.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecret {
+    env: Option<String>,
+    file: Option<PathBuf>,
+    hosts: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -422,6 +457,9 @@ struct RawStage {
     timeout_ms: Option<u64>,
     max_output_kib: Option<usize>,
     budgets: Option<BudgetsSpec>,
+    http: Option<crate::outbound::HttpLimitsSpec>,
+    /// Where its outbound HTTP requests may go (`outbound.rs`); nowhere when left out.
+    allowed_hosts: Option<Vec<Spanned<String>>>,
     max_attempts: Option<u32>,
     backoff_ms: Option<u64>,
     max_backoff_ms: Option<u64>,
@@ -512,6 +550,7 @@ struct RawDefaults {
     timeout_ms: Option<u64>,
     max_output_kib: Option<usize>,
     budgets: Option<BudgetsSpec>,
+    http: Option<crate::outbound::HttpLimitsSpec>,
     max_attempts: Option<u32>,
     backoff_ms: Option<u64>,
     max_backoff_ms: Option<u64>,
@@ -526,6 +565,8 @@ struct RawHandler {
     timeout_ms: Option<u64>,
     max_output_kib: Option<usize>,
     budgets: Option<BudgetsSpec>,
+    http: Option<crate::outbound::HttpLimitsSpec>,
+    allowed_hosts: Option<Vec<Spanned<String>>>,
 }
 
 macro_rules! limits_of {
@@ -536,6 +577,7 @@ macro_rules! limits_of {
             timeout_ms: $raw.timeout_ms,
             max_output_kib: $raw.max_output_kib,
             budgets: $raw.budgets,
+            http: $raw.http,
         }
     };
 }
@@ -623,7 +665,9 @@ impl PipelineConfig {
         if raw.stage.is_empty() {
             bail!("{}: the pipeline has no `[[stage]]`", path.display());
         }
-        let base = limits_of!(raw.defaults).over(Limits::default());
+        let base = limits_of!(raw.defaults)
+            .over(Limits::default())
+            .with_context(|| format!("{}: `[defaults]`", path.display()))?;
         let base_retry = retry_of!(raw.defaults, RetryPolicy::default());
         let mut stages: Vec<StageConfig> = Vec::new();
         for s in &raw.stage {
@@ -694,21 +738,64 @@ impl PipelineConfig {
                 name: s.name.get_ref().clone(),
                 component: file(&s.component, "component")?,
                 concurrency: s.concurrency,
-                limits: limits_of!(s).over(base),
+                limits: limits_of!(s)
+                    .over(base)
+                    .map_err(|e| at(s.name.span(), format!("stage `{}`: {e}", s.name.get_ref())))?,
                 retry,
                 providers,
+                allowed_hosts: allowed_hosts_of(s.allowed_hosts.as_deref(), &at)?,
                 settings: settings_of(s, &at)?,
             });
         }
         let mut handlers = BTreeMap::new();
         for (name, h) in &raw.handlers {
             check_name(name, "handler")?;
-            let limits = limits_of!(h).over(base);
+            let limits = limits_of!(h)
+                .over(base)
+                .map_err(|e| at(name.span(), format!("handler `{}`: {e}", name.get_ref())))?;
             handlers.insert(
                 name.get_ref().clone(),
                 HandlerConfig {
                     component: file(&h.component, "component")?,
                     limits,
+                    allowed_hosts: allowed_hosts_of(h.allowed_hosts.as_deref(), &at)?,
+                },
+            );
+        }
+        let mut secrets = BTreeMap::new();
+        for (name, secret) in &raw.secrets {
+            let n = name.get_ref();
+            if n.is_empty()
+                || n.len() > crate::limits::MAX_NAME
+                || !n
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return Err(at(
+                    name.span(),
+                    format!(
+                        "secret name {n:?} must be 1-64 characters of A-Z, a-z, 0-9, '-' and '_'"
+                    ),
+                ));
+            }
+            if secret.env.is_some() == secret.file.is_some() {
+                return Err(at(
+                    name.span(),
+                    format!("secret `{n}`: give `env` (a variable) or `file`, one of them"),
+                ));
+            }
+            if secret.hosts.is_empty() {
+                return Err(at(
+                    name.span(),
+                    format!("secret `{n}`: `hosts` is empty, so it could go nowhere"),
+                ));
+            }
+            secrets.insert(
+                n.clone(),
+                SecretConfig {
+                    env: secret.env.clone(),
+                    file: secret.file.clone(),
+                    hosts: allowed_hosts_of(Some(&secret.hosts), &at)?,
                 },
             );
         }
@@ -778,6 +865,7 @@ impl PipelineConfig {
             stages,
             handlers,
             kv,
+            secrets,
             limits: raw.limits,
             files: files.into_inner(),
         })
@@ -865,6 +953,32 @@ impl PipelineConfig {
             .max()
             .unwrap_or(Limits::default().memory_bytes)
     }
+}
+
+/// At most this many entries in one `allowed_hosts`.
+const MAX_ALLOWED_HOSTS: usize = 64;
+
+/// `allowed_hosts` of a stage or a handler.
+fn allowed_hosts_of(
+    written: Option<&[Spanned<String>]>,
+    at: &dyn Fn(Range<usize>, String) -> anyhow::Error,
+) -> Result<Vec<crate::outbound::AllowedHost>> {
+    let written = written.unwrap_or_default();
+    if written.len() > MAX_ALLOWED_HOSTS {
+        return Err(at(
+            written[MAX_ALLOWED_HOSTS].span(),
+            format!(
+                "`allowed_hosts` has {} entries; at most {MAX_ALLOWED_HOSTS}",
+                written.len()
+            ),
+        ));
+    }
+    written
+        .iter()
+        .map(|entry| {
+            crate::outbound::AllowedHost::parse(entry.get_ref()).map_err(|e| at(entry.span(), e))
+        })
+        .collect()
 }
 
 /// `[stage.config]`, checked against the limits of `crate::limits` (a guest reads it whole).

@@ -90,6 +90,7 @@ pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod node;
+pub mod outbound;
 pub mod pipeline;
 pub mod runtime;
 pub mod store;

@@ -98,6 +98,30 @@ pub fn stage_evicted(pipeline: &str, stage: &str) {
     counter!("stagehand_stage_evictions_total", "pipeline" => pipeline.to_string(), "stage" => stage.to_string()).increment(1);
 }
 
+/// An outbound HTTP request of a stage (or `handler:NAME`) ended: `host` is the allowlist
+/// entry it went to (`none` when it was refused before any), `outcome` a status class (`2xx`)
+/// or `denied`, `too_large`, `timeout`, `connect_error`, `error`.
+pub fn http_request(
+    pipeline: &str,
+    stage: &str,
+    host: &str,
+    outcome: &'static str,
+    latency: Duration,
+    response_bytes: usize,
+) {
+    let labels = [
+        ("pipeline", pipeline.to_string()),
+        ("stage", stage.to_string()),
+        ("host", host.to_string()),
+    ];
+    let mut counted = labels.to_vec();
+    counted.push(("outcome", outcome.to_string()));
+    counter!("stagehand_outbound_requests_total", &counted).increment(1);
+    histogram!("stagehand_outbound_request_duration_seconds", &labels)
+        .record(latency.as_secs_f64());
+    counter!("stagehand_outbound_response_bytes_total", &labels).increment(response_bytes as u64);
+}
+
 /// A stage try took `answers` host call answers from its journal (kept by an earlier try or
 /// before a restart) instead of asking again.
 pub fn journal_answers_reused(pipeline: &str, stage: &str, answers: u32) {

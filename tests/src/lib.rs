@@ -151,6 +151,47 @@ impl MockLlm {
     }
 }
 
+/// The examples' facts service (`stagehand-facts-service`): what outbound HTTP tests reach.
+pub struct FactsService {
+    server: Server,
+    /// The API key it asks for.
+    pub key: String,
+}
+
+impl FactsService {
+    pub fn start(key: &str) -> Self {
+        let mut command = Command::new(binary("stagehand-facts-service"));
+        command
+            .args(["--addr", "127.0.0.1:0"])
+            .env("FACTS_API_KEY", key);
+        let server = Server::start_command(command).expect("the facts service starts");
+        Self {
+            server,
+            key: key.to_string(),
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`, as `allowed_hosts` names it.
+    pub fn origin(&self) -> String {
+        format!("http://{}", self.server.address)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        self.server.url(path)
+    }
+
+    /// `GET /admin/stats`: requests received per path, the last `authorization` seen.
+    pub fn stats(&self) -> serde_json::Value {
+        let body = http_get(&self.server.address, "/admin/stats").expect("the service answers");
+        serde_json::from_str(&body).expect("stats are JSON")
+    }
+
+    /// Requests received on `path`.
+    pub fn received(&self, path: &str) -> u64 {
+        self.stats()["requests"][path].as_u64().unwrap_or(0)
+    }
+}
+
 /// `stagehand serve <pipeline>` on a free port, its store in `data`, its LLM calls to `mock`.
 pub fn serve(pipeline: &Path, data: &Path, mock: Option<&MockLlm>, extra: &[&str]) -> Server {
     serve_logged(pipeline, data, mock, extra, Stdio::inherit())

@@ -16,6 +16,7 @@ pub(crate) enum Counted {
     Calls,
     LlmCalls,
     RecordWrites,
+    HttpRequests,
 }
 
 impl Counted {
@@ -46,6 +47,12 @@ impl Counted {
                 "record_kib",
                 "a record",
             ],
+            Counted::HttpRequests => [
+                "http_requests",
+                "outbound HTTP requests (`http.requests`)",
+                "http.request_kib",
+                "a request body",
+            ],
         }
     }
 }
@@ -57,6 +64,7 @@ pub(crate) struct Spent {
     calls: u32,
     llm_calls: u32,
     record_writes: u32,
+    pub(crate) http_requests: u32,
     log_lines: u32,
     log_bytes: usize,
     log_dropped: u64,
@@ -87,6 +95,11 @@ impl HostState {
                 &mut self.journal.spent.record_writes,
                 budgets.record_writes,
                 budgets.record_bytes,
+            ),
+            Counted::HttpRequests => (
+                &mut self.journal.spent.http_requests,
+                self.outbound.limits.requests,
+                usize::MAX,
             ),
         };
         *used = used.saturating_add(1);

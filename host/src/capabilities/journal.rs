@@ -59,6 +59,8 @@ pub enum CallKind {
     Call,
     #[serde(rename = "dispatch.emit")]
     Emit,
+    #[serde(rename = "wasi:http.handle")]
+    Http,
 }
 
 impl CallKind {
@@ -68,6 +70,7 @@ impl CallKind {
             CallKind::ChatStream => "llm.chat-stream",
             CallKind::Call => "dispatch.call",
             CallKind::Emit => "dispatch.emit",
+            CallKind::Http => "wasi:http.handle",
         }
     }
 }
@@ -117,6 +120,7 @@ pub enum Answer {
     Llm(Result<ChatResponse, LlmError>),
     Call(Result<String, DispatchError>),
     Emit(Result<EmitOutcome, DispatchError>),
+    Http(Result<super::http::Reply, super::http::HttpFailure>),
 }
 
 impl Answer {
@@ -125,6 +129,7 @@ impl Answer {
             Answer::Llm(result) => result.is_err(),
             Answer::Call(result) => result.is_err(),
             Answer::Emit(result) => result.is_err(),
+            Answer::Http(result) => result.is_err(),
         }
     }
 }
@@ -216,6 +221,9 @@ impl Journal {
         let mut entries = Vec::with_capacity(stored.len());
         for bytes in &stored {
             match serde_json::from_slice::<Entry>(bytes) {
+                // An outbound request is answered by replay within its try only (its body is
+                // checked once the guest has written it, too late to go live instead).
+                Ok(entry) if entry.request.kind == CallKind::Http => break,
                 Ok(entry) => entries.push((entry.request, entry.answer)),
                 Err(error) => {
                     tracing::warn!(stage = %durable.stage, error = %error, "an unreadable journal entry: the answers from it on are asked again");
@@ -248,7 +256,7 @@ impl Journal {
         let mut keep = self
             .entries
             .iter()
-            .position(|(_, answer)| answer.is_error())
+            .position(|(request, answer)| answer.is_error() || request.kind == CallKind::Http)
             .unwrap_or(self.entries.len());
         if drop_last {
             // The last answer that came from outside: an emit is the host's own.

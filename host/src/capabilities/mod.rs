@@ -15,6 +15,7 @@
 mod budget;
 mod config;
 mod dispatch;
+pub(crate) mod http;
 mod journal;
 mod kv;
 mod llm;
@@ -37,6 +38,7 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 pub(crate) use self::budget::Counted;
+pub use self::http::HttpGrant;
 pub use self::journal::{Answer, CallKind, Diverged, Durable, Journal, Request};
 pub use self::kv::{KvNamespaces, NamespaceInfo, ReloadError};
 pub use self::llm::{LlmProviders, LlmUsage, Provider};
@@ -65,6 +67,8 @@ pub struct Capabilities {
     pub records: Arc<dyn crate::backend::Records>,
     /// Where `llm.chat-stream` sends the pieces of an answer as they arrive.
     pub tokens: TokenHub,
+    /// Each stage's outbound HTTP grant (`allowed_hosts`), by stage name.
+    pub grants: BTreeMap<String, Arc<HttpGrant>>,
     /// Each stage's `[stage.config]`, by stage name (the `config` import).
     pub settings: BTreeMap<String, crate::config::StageSettings>,
     /// Handlers running for `dispatch.call` at once: each holds an instance, which the pool
@@ -103,6 +107,8 @@ pub struct HostState {
     evict_after: Option<Duration>,
     /// Why the last LLM answer is incomplete, when it was cut at `max_tokens`.
     pub(crate) cut_answer: Option<String>,
+    /// `wasi:http`: the grant, the requests waiting for the run's eviction.
+    pub(crate) outbound: http::Outbound,
     stderr: MemoryOutputPipe,
 }
 
@@ -149,6 +155,15 @@ impl HostState {
             journal,
             evict_after: call.evict_after,
             cut_answer: None,
+            outbound: http::Outbound::new(
+                call.http.clone(),
+                limits.http,
+                http::Asker {
+                    pipeline: call.caps.pipeline.clone(),
+                    component: call.component.clone(),
+                },
+                call.evict_after.is_some(),
+            ),
             stderr,
         }
     }
@@ -156,6 +171,13 @@ impl HostState {
     /// The journaled answer to `request` when this run replays an earlier one's calls, `None`
     /// when the call is to be made; another call than the journaled one fails the try.
     pub(crate) fn replayed(&mut self, request: &Request) -> wasmtime::Result<Option<Answer>> {
+        if self.outbound.has_pending() {
+            // Its place in the journal is after the pending requests' answers.
+            self.outbound.evict();
+            return Err(wasmtime::Error::msg(
+                "evicted while an outbound request waits (not a failure: the stage runs again)",
+            ));
+        }
         self.journal.replay(request).map_err(|diverged| {
             let error = wasmtime::Error::msg(diverged.to_string());
             self.diverged = Some(diverged);

@@ -13,7 +13,7 @@ mod stage;
 
 use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use futures::future::try_join_all;
 use tokio::sync::Semaphore;
 
@@ -22,7 +22,8 @@ pub use self::resources::{NodeResources, NodeSizing, Shared};
 pub use self::revisions::{Manifest, Revisions};
 pub use self::stage::{Canary, KEPT_VERSIONS, Stage};
 use crate::backend::ItemStore;
-use crate::capabilities::{Capabilities, Journal, KvNamespaces, LlmProviders};
+use crate::capabilities::http::Secrets;
+use crate::capabilities::{Capabilities, HttpGrant, Journal, KvNamespaces, LlmProviders};
 use crate::config::PipelineConfig;
 use crate::memory::MemoryBudget;
 use crate::runtime::bindings::types::Context;
@@ -53,11 +54,29 @@ impl Pipeline {
             config.llm.point_all_at(url);
         }
         let runtime = &resources.runtime;
-        let handlers = try_join_all(config.handlers.iter().map(|(name, h)| async move {
-            Ok::<_, anyhow::Error>((
-                name.clone(),
-                HandlerComponent::load(runtime, name, &h.component, h.limits).await?,
-            ))
+        let secrets = Arc::new(
+            Secrets::load(&config.secrets)
+                .with_context(|| format!("pipeline `{}`", config.name))?,
+        );
+        let handlers = try_join_all(config.handlers.iter().map(|(name, h)| {
+            let secrets = secrets.clone();
+            async move {
+                Ok::<_, anyhow::Error>((
+                    name.clone(),
+                    HandlerComponent::load(
+                        runtime,
+                        name,
+                        &h.component,
+                        h.limits,
+                        Arc::new(HttpGrant::new(
+                            h.allowed_hosts.clone(),
+                            h.limits.http,
+                            secrets.clone(),
+                        )),
+                    )
+                    .await?,
+                ))
+            }
         }))
         .await?
         .into_iter()
@@ -95,6 +114,15 @@ impl Pipeline {
             records: resources.records.clone(),
             store: resources.store.clone(),
             tokens: resources.tokens.clone(),
+            grants: config
+                .stages
+                .iter()
+                .map(|s| {
+                    let grant =
+                        HttpGrant::new(s.allowed_hosts.clone(), s.limits.http, secrets.clone());
+                    (s.name.clone(), Arc::new(grant))
+                })
+                .collect(),
             settings: config
                 .stages
                 .iter()
@@ -121,7 +149,6 @@ impl Pipeline {
     pub fn stage_call(&self, context: Context, limits: crate::config::Limits) -> Call {
         Call {
             caps: self.caps.clone(),
-            context,
             limits,
             cancel: tokio_util::sync::CancellationToken::new(),
             progress: None,
@@ -129,6 +156,14 @@ impl Pipeline {
             slots: Some(self.stage_calls.clone()),
             evict_after: self.config.run.evict_after(),
             journal: Journal::default(),
+            http: self
+                .caps
+                .grants
+                .get(&context.stage)
+                .cloned()
+                .unwrap_or_else(HttpGrant::none),
+            component: context.stage.clone(),
+            context,
         }
     }
 

@@ -11,7 +11,7 @@ use wasmtime::component::{Component, Linker};
 
 use super::bindings::{handler::HandlerPre, stage::StagePre};
 use super::{CacheOutcome, Runtime, digest};
-use crate::capabilities::HostState;
+use crate::capabilities::{HostState, HttpGrant};
 use crate::config::Limits;
 
 /// The two worlds of `wit/pipeline.wit`.
@@ -60,6 +60,8 @@ pub struct StageComponent {
 pub struct HandlerComponent {
     pub meta: LoadedComponent,
     pub limits: Limits,
+    /// What its outbound HTTP requests may reach.
+    pub grant: Arc<HttpGrant>,
     pub(crate) pre: HandlerPre<HostState>,
 }
 
@@ -76,6 +78,7 @@ impl StageComponent {
         let (digest, component, cache) = compile(runtime, bytes).await?;
         let mut linker = Linker::new(runtime.engine());
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        crate::capabilities::http::add_to_linker(&mut linker)?;
         super::bindings::stage::Stage::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
             &mut linker,
             |s| s,
@@ -97,6 +100,7 @@ impl HandlerComponent {
         name: &str,
         path: &Path,
         limits: Limits,
+        grant: Arc<HttpGrant>,
     ) -> Result<Arc<Self>> {
         let started = Instant::now();
         let bytes = read(path)?;
@@ -104,6 +108,7 @@ impl HandlerComponent {
             let (digest, component, cache) = compile(runtime, bytes).await?;
             let mut linker = Linker::new(runtime.engine());
             wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+            crate::capabilities::http::add_to_linker(&mut linker)?;
             super::bindings::handler::Handler::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
                 &mut linker,
                 |s| s,
@@ -120,7 +125,12 @@ impl HandlerComponent {
                 cache,
                 load_time: started.elapsed(),
             };
-            anyhow::Ok(Arc::new(Self { meta, limits, pre }))
+            anyhow::Ok(Arc::new(Self {
+                meta,
+                limits,
+                grant,
+                pre,
+            }))
         };
         load.await
             .with_context(|| format!("handler `{name}` ({})", path.display()))
@@ -156,17 +166,18 @@ pub async fn describe(runtime: &Runtime, path: &Path) -> Result<Description> {
         .await
         .map(drop)
         .map_err(|e| format!("{e:#}"));
-    let as_handler = HandlerComponent::load(runtime, "check", path, Limits::default())
-        .await
-        .map(drop)
-        // Without the "handler `check` (path)" context the loader adds.
-        .map_err(|e| {
-            e.chain()
-                .skip(1)
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(": ")
-        });
+    let as_handler =
+        HandlerComponent::load(runtime, "check", path, Limits::default(), HttpGrant::none())
+            .await
+            .map(drop)
+            // Without the "handler `check` (path)" context the loader adds.
+            .map_err(|e| {
+                e.chain()
+                    .skip(1)
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(": ")
+            });
     Ok(Description {
         digest,
         imports,

@@ -157,6 +157,10 @@ pub struct Call {
     pub evict_after: Option<Duration>,
     /// Answers the try's calls already have: replayed before any call goes out.
     pub journal: Journal,
+    /// What its outbound HTTP requests may reach (`allowed_hosts`).
+    pub http: Arc<crate::capabilities::HttpGrant>,
+    /// Who makes the calls, as logs and metrics name it: the stage, or `handler:NAME`.
+    pub component: String,
 }
 
 impl StageComponent {
@@ -181,11 +185,44 @@ impl StageComponent {
                 journal.start_run();
                 let store = run_store.insert(new_store(&call, std::mem::take(&mut journal)));
                 let meter = store.data().meter.clone();
-                let outcome = super::measured(meter, async {
+                let request_ready = store.data().outbound.ready.clone();
+                let run = super::measured(meter, async {
                     let stage = self.pre.instantiate_async(&mut *store).await?;
                     stage.call_run(&mut *store, &call.context, input).await
-                })
-                .await;
+                });
+                // A run that made an outbound request stops once the request's body is
+                // complete (dropping the run drops its instance): the request is sent with
+                // no instance waiting (`capabilities/http/`).
+                let outcome = tokio::select! {
+                    biased;
+                    outcome = run => Some(outcome),
+                    () = request_ready.notified() => None,
+                };
+                if let Some(evicted) = store.data_mut().take_evicted(outcome.is_none()) {
+                    if evicted.requests.is_empty() {
+                        return Err(Failure::Host(
+                            "the stage made a host call while an outbound request's body was \
+                             still unwritten; finish a request's body before other host calls"
+                                .into(),
+                        ));
+                    }
+                    last_cpu = store.data().meter.used();
+                    let (grant, limits, asker) = store.data().http_grant();
+                    journal = std::mem::take(&mut store.data_mut().journal);
+                    drop((outcome, run_store.take(), slot, running));
+                    crate::metrics::stage_evicted(&call.caps.pipeline, &stage);
+                    let _waiting = crate::metrics::stage_call_waiting();
+                    let answers =
+                        crate::capabilities::http::send_all(grant, limits, asker, evicted.requests)
+                            .await;
+                    for (request, answered) in answers {
+                        journal.answered(request, answered);
+                    }
+                    journal.flush().await.map_err(host_failure)?;
+                    journal.rewind();
+                    continue;
+                }
+                let outcome = outcome.expect("only a pending request stops a run early");
                 let Some(waiting) = store.data_mut().journal.waiting.take() else {
                     return Ok(outcome);
                 };
@@ -252,6 +289,8 @@ impl HandlerComponent {
             slots: None,
             evict_after: None,
             journal: Journal::default(),
+            http: self.grant.clone(),
+            component: format!("handler:{}", self.meta.name),
         };
         let mut store = new_store(&call, Journal::default());
         let key = key.map(str::to_string);
@@ -295,6 +334,9 @@ fn settle<E>(
     let state = store.data_mut();
     if let Some(diverged) = &state.diverged {
         return Err(Failure::Diverged(diverged.to_string()));
+    }
+    if let Some(what) = state.outbound.diverged() {
+        return Err(Failure::Diverged(what));
     }
     if outcome.is_ok()
         && let Err(diverged) = state.journal.check_complete()

@@ -19,9 +19,16 @@ struct Item {
     #[serde(default)]
     until: u32,
     /// For `socket`: the address to connect to; for `emit-flood` and `call-flood`: the handler;
-    /// for `config`: the setting to read.
+    /// for `config`: the setting to read; for `fetch`: the URL.
     #[serde(default)]
     target: String,
+    /// For `fetch`: the method (GET when empty), headers and body of each request.
+    #[serde(default)]
+    method: String,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    body: String,
 }
 
 /// A guest-side stack overflow: each frame keeps a little memory alive.
@@ -228,6 +235,37 @@ impl Guest for Hostile {
             "huge-kv-key" => {
                 let found = kv::get("rules", &"k".repeat(item.size))?;
                 output(&serde_json::json!({ "found": found.is_some() }))
+            }
+            "fetch" => {
+                // `size` requests in a row (at least one), each reported.
+                let replies: Vec<serde_json::Value> = (0..item.size.max(1))
+                    .map(|_| {
+                        let method = if item.method.is_empty() {
+                            "GET"
+                        } else {
+                            &item.method
+                        };
+                        let mut request = stagehand_sdk::http::Request::new(method, &item.target)
+                            .body(item.body.as_bytes());
+                        for (name, value) in &item.headers {
+                            request = request.header(name, value);
+                        }
+                        match request.send() {
+                            Ok(reply) => serde_json::json!({
+                                "status": reply.status,
+                                "body": reply.text(),
+                                "headers": reply
+                                    .headers
+                                    .iter()
+                                    .map(|(n, v)| format!("{n}: {}", String::from_utf8_lossy(v)))
+                                    .collect::<Vec<_>>(),
+                            }),
+                            Err(error) => serde_json::json!({ "error": error.to_string() }),
+                        }
+                    })
+                    .collect();
+                log::write(log::Level::Info, &format!("fetched: {replies:?}"));
+                output(&serde_json::json!({ "replies": replies }))
             }
             "config" => {
                 let value = match config::get(&item.target) {

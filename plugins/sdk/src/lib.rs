@@ -17,6 +17,8 @@
 //! stagehand_sdk::export_stage!(Echo);
 //! ```
 
+pub mod http;
+
 use std::fmt::Display;
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
