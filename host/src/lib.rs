@@ -11,12 +11,15 @@
 //!   a submission, a cancel or a reprocess came to.
 //! - [`config`]: the pipeline file (TOML) into a checked [`config::PipelineConfig`].
 //! - [`limits`]: every bound on what a client or a guest controls, checked where it enters.
+//! - [`outbound`]: what a component may reach over HTTP (`allowed_hosts`) and how much
+//!   (`http` limits).
 //! - [`runtime`]: wasmtime, set up once: engine with the pooling allocator, epoch ticker for
 //!   CPU budgets and cancellation, compile cache, loading components and invoking them in
 //!   fresh stores with memory caps; a try waiting on a host call gives up its store and is run
 //!   again from its journal when the answer is in.
-//! - [`capabilities`]: the host side of every WIT import, the per-invocation store data, and
-//!   the journal of a try's host-call answers.
+//! - [`capabilities`]: the host side of every WIT import and of `wasi:http` (requests made
+//!   by the host for a grant, secrets filled in and scrubbed), the per-invocation store data,
+//!   and the journal of a try's host-call answers.
 //! - [`store`]: everything durable, in sled: jobs, items, stage outputs, results, effects,
 //!   idempotency keys, dead letters; flushes are group-committed.
 //! - [`memory`]: the node's memory budget, which items in flight are charged against.

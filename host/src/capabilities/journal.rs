@@ -1,7 +1,8 @@
 //! The journal of one stage try: the answer to every host call it made, in order, so that a
 //! try waiting on a slow call need not keep its wasm instance alive.
 //!
-//! A host call that must wait (an LLM request, a `dispatch.call`) starts in a task of its own
+//! Outbound HTTP requests are journaled too, and always wait without an instance
+//! (`http/mod.rs`). A host call that must wait (an LLM request, a `dispatch.call`) starts in a task of its own
 //! and is given a few milliseconds (`[run] evict_after_ms`). If it has not answered by then,
 //! the call leaves its task in [`Journal::waiting`] and traps the guest: the instance is
 //! dropped and its pool slot freed, and what the try keeps while it waits is this journal.
