@@ -145,3 +145,78 @@ fn a_new_stage_from_the_template_builds_checks_and_runs() {
             .contains("the item has no `text`")
     );
 }
+
+/// With `--pipeline`, the hosts a component could need (the origins in its code and in its
+/// stage's settings) are set against what the pipeline grants it.
+#[test]
+fn outbound_http_needs_are_set_against_the_pipelines_grant() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = stagehand_tests::repo_root();
+    let wasm = stagehand_tests::plugin_path("lookup");
+    let example = std::fs::read_to_string(root.join("examples/fact-check/pipeline.toml"))
+        .unwrap()
+        .replace(
+            "\"../../target/wasm32-wasip2/release/lookup.wasm\"",
+            &format!("\"{}\"", wasm.display()),
+        );
+    let run = |text: &str| {
+        let pipeline = dir.path().join("pipeline.toml");
+        std::fs::write(&pipeline, text).unwrap();
+        let out = Command::new(binary("stagehand"))
+            .args(["plugin", "check"])
+            .arg(&wasm)
+            .arg("--pipeline")
+            .arg(&pipeline)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let text = run(&example);
+    assert!(
+        text.contains("imports wasi:http/outgoing-handler"),
+        "{text}"
+    );
+    assert!(
+        text.contains("may need http://127.0.0.1:9200 (in its settings): granted"),
+        "{text}"
+    );
+    assert!(
+        text.contains("`lookup` is granted: http://127.0.0.1:9200"),
+        "{text}"
+    );
+
+    let narrower = example.replace(
+        "allowed_hosts = [\"http://127.0.0.1:9200\"]",
+        "allowed_hosts = [\"https://api.example.com\"]",
+    );
+    let text = run(&narrower);
+    assert!(
+        text.contains("may need http://127.0.0.1:9200 (in its settings): NOT granted"),
+        "{text}"
+    );
+    assert!(
+        text.contains("`lookup` is granted: https://api.example.com:443"),
+        "{text}"
+    );
+
+    // A component without the import says so.
+    let plain = Command::new(binary("stagehand"))
+        .args(["plugin", "check"])
+        .arg(stagehand_tests::plugin_path("save_ownership"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&plain.stdout);
+    assert!(
+        text.contains("does not import wasi:http/outgoing-handler"),
+        "{text}"
+    );
+}

@@ -304,6 +304,19 @@ fn demo_mock(root: &Path) -> Result<MockLlm> {
     MockLlm::start_binary(&root.join("target/release/stagehand-mock-llm"), &flags)
 }
 
+/// The API key of the demo's facts service, which fact-check's pipeline file holds as a secret.
+const DEMO_FACTS_KEY: &str = "demo-facts-key";
+
+/// The facts service fact-check looks facts up in, where its pipeline file grants it
+/// (`127.0.0.1:9200`).
+fn demo_facts(root: &Path) -> Result<Server> {
+    let mut command = Command::new(root.join("target/release/stagehand-facts-service"));
+    command
+        .args(["--addr", "127.0.0.1:9200"])
+        .env("FACTS_API_KEY", DEMO_FACTS_KEY);
+    Server::start_command(command).context("the facts service (is 127.0.0.1:9200 free?)")
+}
+
 /// `stagehand serve` of the examples `names` in one server, on a fresh data directory.
 fn demo_server(root: &Path, names: &[&str], mock: &MockLlm) -> Result<Server> {
     let data_dir = root.join("target/demo/server");
@@ -323,7 +336,10 @@ fn demo_server(root: &Path, names: &[&str], mock: &MockLlm) -> Result<Server> {
         "--llm-base-url",
         &base_url,
     ]);
-    let server = Server::start(&root.join("target/release/stagehand"), &args)?;
+    let mut command = Command::new(root.join("target/release/stagehand"));
+    // fact-check's secret: the host reads it, its stage only names it.
+    command.args(&args).env("FACTS_API_KEY", DEMO_FACTS_KEY);
+    let server = Server::start_command(command)?;
     eprintln!(
         "stagehand serving {} at http://{} (mock LLM at {base_url})",
         names.join(" and "),
@@ -460,7 +476,8 @@ fn demo_both(root: &Path) -> Result<()> {
     plugins(root)?;
     build_binaries(root)?;
     let mock = demo_mock(root)?;
-    let server = demo_server(root, &["eco-scan", "prompt-eval"], &mock)?;
+    let _facts = demo_facts(root)?;
+    let server = demo_server(root, &["eco-scan", "prompt-eval", "fact-check"], &mock)?;
     let http = reqwest::blocking::Client::builder().timeout(None).build()?;
     let pipelines: serde_json::Value = http
         .get(server.url("/v1/pipelines"))
@@ -483,10 +500,13 @@ fn demo_both(root: &Path) -> Result<()> {
     }
     let items = json_lines(&root.join("examples/eco-scan/items.jsonl"))?;
     let cases = json_lines(&root.join("examples/prompt-eval/cases.jsonl"))?;
+    let questions = json_lines(&root.join("examples/fact-check/items.jsonl"))?;
     let eco = demo_submit(&http, &server, "eco-scan", items)?;
     let eval = demo_submit(&http, &server, "prompt-eval", cases)?;
+    let facts = demo_submit(&http, &server, "fact-check", questions)?;
     demo_follow(&http, &server, "eco-scan", &eco)?;
     demo_follow(&http, &server, "prompt-eval", &eval)?;
+    demo_follow(&http, &server, "fact-check", &facts)?;
     let eco_results = demo_results(&http, &server, &eco)?;
     let succeeded = eco_results
         .iter()
@@ -502,6 +522,31 @@ fn demo_both(root: &Path) -> Result<()> {
     print_grades(&demo_results(&http, &server, &eval)?);
     if succeeded == 0 {
         bail!("no eco-scan item succeeded");
+    }
+    let checked = demo_results(&http, &server, &facts)?;
+    let answered: Vec<&serde_json::Value> = checked
+        .iter()
+        .filter(|r| r["status"] == "succeeded")
+        .collect();
+    println!(
+        "fact-check: {} of {} questions answered from the facts service (its key held by the host)",
+        answered.len(),
+        checked.len()
+    );
+    if let Some(first) = answered.first() {
+        let lookup = &first["output"]["lookup"];
+        println!(
+            "fact-check, first: {} -> {} fact(s): {}",
+            lookup["question"],
+            lookup["facts"].as_array().map_or(0, Vec::len),
+            lookup["facts"][0]["fact"]
+        );
+    }
+    if answered.len() != checked.len() {
+        bail!(
+            "a fact-check question failed: {:?}",
+            checked.iter().find(|r| r["status"] != "succeeded")
+        );
     }
     Ok(())
 }

@@ -27,6 +27,14 @@ enum PluginCommand {
         /// Where compiled components are cached.
         #[arg(long, default_value_os_t = default_data_dir())]
         data_dir: PathBuf,
+        /// A pipeline file that uses the component: its outbound HTTP grant is compared with
+        /// the hosts the component could need.
+        #[arg(long)]
+        pipeline: Option<PathBuf>,
+        /// The stage (or handler) of `--pipeline` to compare with; by default the one whose
+        /// `component` is this file.
+        #[arg(long, requires = "pipeline")]
+        stage: Option<String>,
     },
     /// Write a new Rust stage crate, `<dir>/<name>/`, that builds into a component of the
     /// `stage` world with `cargo build --release --target wasm32-wasip2`.
@@ -40,11 +48,13 @@ enum PluginCommand {
 }
 
 pub async fn plugin(args: PluginArgs) -> Result<ExitCode> {
-    let (component, data_dir) = match args.command {
+    let (component, data_dir, pipeline, stage) = match args.command {
         PluginCommand::Check {
             component,
             data_dir,
-        } => (component, data_dir),
+            pipeline,
+            stage,
+        } => (component, data_dir, pipeline, stage),
         PluginCommand::New { name, dir } => {
             let created = new_stage(&name, &dir)?;
             println!("created {}", created.display());
@@ -75,6 +85,12 @@ pub async fn plugin(args: PluginArgs) -> Result<ExitCode> {
     for export in &description.exports {
         println!("    {export}");
     }
+    outbound_report(
+        &component,
+        &description.imports,
+        pipeline.as_deref(),
+        stage.as_deref(),
+    )?;
     let mut implements_one = false;
     for (world, verdict) in &description.worlds {
         match verdict {
@@ -90,6 +106,134 @@ pub async fn plugin(args: PluginArgs) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The outbound HTTP a component could need (it imports `wasi:http/outgoing-handler`; the
+/// http(s) origins written in its code and, with a pipeline, in its stage's settings) next to
+/// what the pipeline grants it.
+fn outbound_report(
+    component: &Path,
+    imports: &[String],
+    pipeline: Option<&Path>,
+    stage: Option<&str>,
+) -> Result<()> {
+    let uses_http = imports
+        .iter()
+        .any(|i| i.starts_with("wasi:http/outgoing-handler"));
+    let bytes =
+        std::fs::read(component).with_context(|| format!("cannot read {}", component.display()))?;
+    // Origins in the code only matter when it can make requests (an interpreter's standard
+    // library is full of documentation URLs).
+    let mut needed: Vec<(String, &str)> = if uses_http {
+        origins_in(&bytes)
+            .into_iter()
+            .map(|origin| (origin, "its code"))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut grant = None;
+    if let Some(path) = pipeline {
+        let config = crate::config::PipelineConfig::load(path)?;
+        let wanted = std::fs::canonicalize(component).ok();
+        let same = |file: &Path| std::fs::canonicalize(file).ok() == wanted;
+        let found = config
+            .stages
+            .iter()
+            .find(|s| stage.map_or_else(|| same(&s.component), |n| s.name == n))
+            .map(|s| (s.name.clone(), s.allowed_hosts.clone(), Some(&s.settings)))
+            .or_else(|| {
+                config
+                    .handlers
+                    .iter()
+                    .find(|(n, h)| stage.map_or_else(|| same(&h.component), |w| *n == w))
+                    .map(|(n, h)| (format!("handler {n}"), h.allowed_hosts.clone(), None))
+            });
+        let Some((name, allowed, settings)) = found else {
+            bail!(
+                "{} has no stage or handler {}",
+                path.display(),
+                stage.map_or_else(
+                    || format!("using {}", component.display()),
+                    |s| format!("`{s}`")
+                )
+            );
+        };
+        for value in settings.into_iter().flat_map(|s| s.values.values()) {
+            needed.extend(
+                origins_in(value.as_bytes())
+                    .into_iter()
+                    .map(|o| (o, "its settings")),
+            );
+        }
+        grant = Some((name, allowed));
+    }
+    needed.sort();
+    needed.dedup_by(|a, b| a.0 == b.0);
+    println!("  outbound HTTP");
+    println!(
+        "    {}",
+        if uses_http {
+            "imports wasi:http/outgoing-handler: it can make requests, to granted hosts only"
+        } else {
+            "does not import wasi:http/outgoing-handler: it makes no requests"
+        }
+    );
+    for (origin, whence) in &needed {
+        let verdict = match &grant {
+            None => String::new(),
+            Some((_, allowed)) => {
+                let granted = origin
+                    .parse::<http::Uri>()
+                    .ok()
+                    .and_then(|uri| crate::outbound::Destination::of(&uri).ok())
+                    .is_some_and(|to| allowed.iter().any(|a| a.allows(&to)));
+                if granted {
+                    ": granted"
+                } else {
+                    ": NOT granted"
+                }
+                .to_string()
+            }
+        };
+        println!("    may need {origin} (in {whence}){verdict}");
+    }
+    if let Some((name, allowed)) = &grant {
+        let list: Vec<String> = allowed.iter().map(ToString::to_string).collect();
+        println!(
+            "    `{name}` is granted: {}",
+            if list.is_empty() {
+                "nothing".to_string()
+            } else {
+                list.join(", ")
+            }
+        );
+    }
+    Ok(())
+}
+
+/// The distinct `http://` and `https://` origins written in `bytes`, at most 32.
+fn origins_in(bytes: &[u8]) -> Vec<String> {
+    let mut found = std::collections::BTreeSet::new();
+    for scheme in [&b"http://"[..], &b"https://"[..]] {
+        let mut at = 0;
+        while let Some(pos) = bytes[at..].windows(scheme.len()).position(|w| w == scheme) {
+            let start = at + pos;
+            let host_start = start + scheme.len();
+            let end = bytes[host_start..]
+                .iter()
+                .position(|b| !(b.is_ascii_alphanumeric() || b"-.:[]".contains(b)))
+                .map_or(bytes.len(), |n| host_start + n);
+            let origin = String::from_utf8_lossy(&bytes[start..end])
+                .trim_end_matches([':', '.'])
+                .to_string();
+            if end > host_start && found.len() < 32 {
+                found.insert(origin);
+            }
+            at = end.max(start + 1);
+        }
+    }
+    found.into_iter().collect()
 }
 
 /// The template's files: path in the new crate, and text with `{{name}}` and `{{crate}}` (the
