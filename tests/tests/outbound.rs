@@ -422,3 +422,32 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     files
 }
+
+/// A kill -9 while a stage waits on a request loses nothing: after the restart the item runs
+/// again, makes its request again (the answer never came) and succeeds.
+#[test]
+fn a_kill_9_while_a_request_waits_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let facts = FactsService::start("k");
+    let pipeline = pipeline(dir.path(), &facts.origin(), "timeout_ms = 20000");
+    let server = serve_outbound(dir.path(), &pipeline, &Backend::Embedded);
+    let job = submit_job(
+        &server,
+        vec![json!({"do": "fetch", "target": facts.url("/slow?ms=1500")})],
+        json!({}),
+    );
+    wait_until("the request reached the service", || {
+        facts.received("/slow") == 1
+    });
+    drop(server); // kill -9
+    let server = serve_outbound(dir.path(), &pipeline, &Backend::Embedded);
+    let status = wait_for_job(&server, &job);
+    assert_eq!(status["succeeded"], 1, "{status}");
+    let result = &job_results(&server, &job)[0];
+    assert_eq!(replies(result, "granted")[0]["status"], 200, "{result}");
+    assert_eq!(
+        facts.received("/slow"),
+        2,
+        "asked again: its answer never came"
+    );
+}
