@@ -80,6 +80,14 @@ fn replies<'a>(result: &'a Value, stage: &str) -> &'a Vec<Value> {
         .unwrap_or_else(|| panic!("{stage} has replies: {result}"))
 }
 
+/// The error the first request of `stage` got.
+fn error_of(result: &Value, stage: &str) -> String {
+    replies(result, stage)[0]["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{stage}'s request failed: {result}"))
+        .to_string()
+}
+
 fn outbound_total(server: &Server, outcome: &str) -> f64 {
     metrics_text(server)
         .lines()
@@ -121,12 +129,8 @@ fn a_stage_reaches_its_allowed_hosts_and_nothing_else(backend: Backend) {
     );
     assert_eq!(facts.received("/echo"), 1, "made once, answered by replay");
     // The stage without a grant reaches nothing, not even the same service.
-    let closed = &replies(&result, "closed")[0];
     assert!(
-        closed["error"]
-            .as_str()
-            .unwrap()
-            .contains("HttpRequestDenied"),
+        error_of(&result, "closed").contains("HttpRequestDenied"),
         "{result}"
     );
     assert_eq!(facts.received("/echo"), 1);
@@ -136,12 +140,8 @@ fn a_stage_reaches_its_allowed_hosts_and_nothing_else(backend: Backend) {
         &server,
         json!({"do": "fetch", "target": other.url("/echo")}),
     );
-    let refused = &replies(&result, "granted")[0];
     assert!(
-        refused["error"]
-            .as_str()
-            .unwrap()
-            .contains("HttpRequestDenied"),
+        error_of(&result, "granted").contains("HttpRequestDenied"),
         "{result}"
     );
     assert_eq!(other.received("/echo"), 0);
@@ -159,10 +159,7 @@ fn a_stage_reaches_its_allowed_hosts_and_nothing_else(backend: Backend) {
     let outside = facts.url(&format!("/redirect?to={}", other.url("/echo")));
     let result = run(&server, json!({"do": "fetch", "target": outside}));
     assert!(
-        replies(&result, "granted")[0]["error"]
-            .as_str()
-            .unwrap()
-            .contains("HttpRequestDenied"),
+        error_of(&result, "granted").contains("HttpRequestDenied"),
         "{result}"
     );
     assert_eq!(other.received("/echo"), 0, "the redirect was not followed");
@@ -205,10 +202,7 @@ fn the_http_limits_fail_what_passes_them() {
         &server,
         json!({"do": "fetch", "target": facts.url("/bytes?n=5000")}),
     );
-    let error = replies(&result, "granted")[0]["error"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let error = error_of(&result, "granted");
     assert!(
         error.contains("HttpResponseBodySize(Some(4096))"),
         "{error}"
@@ -224,10 +218,7 @@ fn the_http_limits_fail_what_passes_them() {
         json!({"do": "fetch", "target": facts.url("/echo"), "method": "POST",
                "body": "b".repeat(2000)}),
     );
-    let error = replies(&result, "granted")[0]["error"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let error = error_of(&result, "granted");
     assert!(error.contains("HttpRequestBodySize(Some(1024))"), "{error}");
 
     let started = Instant::now();
@@ -235,10 +226,7 @@ fn the_http_limits_fail_what_passes_them() {
         &server,
         json!({"do": "fetch", "target": facts.url("/slow?ms=5000")}),
     );
-    let error = replies(&result, "granted")[0]["error"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let error = error_of(&result, "granted");
     assert!(error.contains("HttpResponseTimeout"), "{error}");
     assert!(
         started.elapsed() < Duration::from_secs(4),
@@ -335,12 +323,7 @@ fn a_secret_is_used_by_the_guest_and_never_seen_by_it() {
         format!("Bearer {}", facts.key)
     );
     // The stage without a grant cannot use it either.
-    assert!(
-        replies(&result, "closed")[0]["error"]
-            .as_str()
-            .unwrap()
-            .contains("HttpRequestDenied")
-    );
+    assert!(error_of(&result, "closed").contains("HttpRequestDenied"));
 
     // A service that echoes its headers sends back the placeholder, not the value.
     let result = run(
@@ -359,10 +342,7 @@ fn a_secret_is_used_by_the_guest_and_never_seen_by_it() {
         &server,
         json!({"do": "fetch", "target": other.url("/echo"), "headers": bearer}),
     );
-    let error = replies(&result, "granted")[0]["error"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let error = error_of(&result, "granted");
     assert!(error.contains("HttpRequestDenied"), "{error}");
     assert_eq!(other.received("/echo"), 0);
     // Nor through a redirect from a host it is bound to.
@@ -371,12 +351,7 @@ fn a_secret_is_used_by_the_guest_and_never_seen_by_it() {
         &server,
         json!({"do": "fetch", "target": hop, "headers": bearer}),
     );
-    assert!(
-        replies(&result, "granted")[0]["error"]
-            .as_str()
-            .unwrap()
-            .contains("HttpRequestDenied")
-    );
+    assert!(error_of(&result, "granted").contains("HttpRequestDenied"));
     assert_eq!(other.received("/echo"), 0);
     // An unknown secret is refused too.
     let result = run(
@@ -384,12 +359,7 @@ fn a_secret_is_used_by_the_guest_and_never_seen_by_it() {
         json!({"do": "fetch", "target": facts.url("/echo"),
                "headers": {"x-key": "{{secret:NOPE}}"}}),
     );
-    assert!(
-        replies(&result, "granted")[0]["error"]
-            .as_str()
-            .unwrap()
-            .contains("HttpRequestDenied")
-    );
+    assert!(error_of(&result, "granted").contains("HttpRequestDenied"));
 
     server.terminate();
     let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
