@@ -199,6 +199,10 @@ pub const HTTP_LIMIT_BOUNDS: [(&str, u64, u64); 5] = [
     ("timeout_ms", 1, 600_000),
 ];
 
+/// The most response bytes one try may hold, `requests × response_kib`: a try's journal keeps
+/// every reply, in memory and in the store, until the stage's output is kept.
+pub const MAX_REPLY_BYTES_PER_TRY: u64 = 256 << 20;
+
 /// Redirects one request follows, each checked against the allowlist.
 pub const MAX_REDIRECTS: usize = 5;
 
@@ -232,13 +236,23 @@ impl HttpLimitsSpec {
         }
         let kib = |v: Option<u64>, base: usize| v.map_or(base, |k| (k as usize) << 10);
         let ms = |v: Option<u64>, base: Duration| v.map_or(base, Duration::from_millis);
-        Ok(HttpLimits {
+        let limits = HttpLimits {
             requests: self.requests.unwrap_or(base.requests),
             request_bytes: kib(self.request_kib, base.request_bytes),
             response_bytes: kib(self.response_kib, base.response_bytes),
             connect_timeout: ms(self.connect_timeout_ms, base.connect_timeout),
             timeout: ms(self.timeout_ms, base.timeout),
-        })
+        };
+        let held = u64::from(limits.requests) * limits.response_bytes as u64;
+        if held > MAX_REPLY_BYTES_PER_TRY {
+            return Err(format!(
+                "`http.requests` × `http.response_kib` is at most {} KiB per try (a try keeps \
+                 every reply until its stage's output is kept), not {}",
+                MAX_REPLY_BYTES_PER_TRY >> 10,
+                held >> 10
+            ));
+        }
+        Ok(limits)
     }
 }
 
