@@ -98,7 +98,7 @@ impl HostState {
             ),
             Counted::HttpRequests => (
                 &mut self.journal.spent.http_requests,
-                self.outbound.limits.requests,
+                self.outbound.grant.limits.requests,
                 usize::MAX,
             ),
         };

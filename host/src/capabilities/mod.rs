@@ -155,15 +155,7 @@ impl HostState {
             journal,
             evict_after: call.evict_after,
             cut_answer: None,
-            outbound: http::Outbound::new(
-                call.http.clone(),
-                limits.http,
-                http::Asker {
-                    pipeline: call.caps.pipeline.clone(),
-                    component: call.component.clone(),
-                },
-                call.evict_after.is_some(),
-            ),
+            outbound: http::Outbound::new(call.http.clone(), call.evict_after.is_some()),
             stderr,
         }
     }

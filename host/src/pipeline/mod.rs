@@ -22,7 +22,7 @@ pub use self::resources::{NodeResources, NodeSizing, Shared};
 pub use self::revisions::{Manifest, Revisions};
 pub use self::stage::{Canary, KEPT_VERSIONS, Stage};
 use crate::backend::ItemStore;
-use crate::capabilities::http::Secrets;
+use crate::capabilities::http::{Asker, Secrets};
 use crate::capabilities::{Capabilities, HttpGrant, Journal, KvNamespaces, LlmProviders};
 use crate::config::PipelineConfig;
 use crate::memory::MemoryBudget;
@@ -59,22 +59,21 @@ impl Pipeline {
                 .with_context(|| format!("pipeline `{}`", config.name))?,
         );
         let handlers = try_join_all(config.handlers.iter().map(|(name, h)| {
-            let secrets = secrets.clone();
+            let asker = Asker {
+                pipeline: config.name.clone(),
+                component: format!("handler:{name}"),
+            };
+            let grant = HttpGrant::new(
+                h.allowed_hosts.clone(),
+                h.limits.http,
+                asker,
+                secrets.clone(),
+            );
             async move {
                 Ok::<_, anyhow::Error>((
                     name.clone(),
-                    HandlerComponent::load(
-                        runtime,
-                        name,
-                        &h.component,
-                        h.limits,
-                        Arc::new(HttpGrant::new(
-                            h.allowed_hosts.clone(),
-                            h.limits.http,
-                            secrets.clone(),
-                        )),
-                    )
-                    .await?,
+                    HandlerComponent::load(runtime, name, &h.component, h.limits, Arc::new(grant))
+                        .await?,
                 ))
             }
         }))
@@ -118,8 +117,16 @@ impl Pipeline {
                 .stages
                 .iter()
                 .map(|s| {
-                    let grant =
-                        HttpGrant::new(s.allowed_hosts.clone(), s.limits.http, secrets.clone());
+                    let asker = Asker {
+                        pipeline: config.name.clone(),
+                        component: s.name.clone(),
+                    };
+                    let grant = HttpGrant::new(
+                        s.allowed_hosts.clone(),
+                        s.limits.http,
+                        asker,
+                        secrets.clone(),
+                    );
                     (s.name.clone(), Arc::new(grant))
                 })
                 .collect(),
@@ -162,7 +169,6 @@ impl Pipeline {
                 .get(&context.stage)
                 .cloned()
                 .unwrap_or_else(HttpGrant::none),
-            component: context.stage.clone(),
             context,
         }
     }

@@ -157,10 +157,8 @@ pub struct Call {
     pub evict_after: Option<Duration>,
     /// Answers the try's calls already have: replayed before any call goes out.
     pub journal: Journal,
-    /// What its outbound HTTP requests may reach (`allowed_hosts`).
+    /// What its outbound HTTP requests may reach (`allowed_hosts`), and how much.
     pub http: Arc<crate::capabilities::HttpGrant>,
-    /// Who makes the calls, as logs and metrics name it: the stage, or `handler:NAME`.
-    pub component: String,
 }
 
 impl StageComponent {
@@ -198,45 +196,38 @@ impl StageComponent {
                     outcome = run => Some(outcome),
                     () = request_ready.notified() => None,
                 };
-                if let Some(evicted) = store.data_mut().take_evicted(outcome.is_none()) {
-                    if evicted.requests.is_empty() {
+                // The calls the stopped run waits on: its outbound requests, or the one
+                // host call that kept it past `evict_after`.
+                let waits = match store.data_mut().take_evicted(outcome.is_none()) {
+                    Some(waits) if waits.is_empty() => {
                         return Err(Failure::Host(
                             "the stage made a host call while an outbound request's body was \
                              still unwritten; finish a request's body before other host calls"
                                 .into(),
                         ));
                     }
-                    last_cpu = store.data().meter.used();
-                    let (grant, limits, asker) = store.data().http_grant();
-                    journal = std::mem::take(&mut store.data_mut().journal);
-                    drop((outcome, run_store.take(), slot, running));
-                    crate::metrics::stage_evicted(&call.caps.pipeline, &stage);
-                    let _waiting = crate::metrics::stage_call_waiting();
-                    let answers =
-                        crate::capabilities::http::send_all(grant, limits, asker, evicted.requests)
-                            .await;
-                    for (request, answered) in answers {
-                        journal.answered(request, answered);
+                    Some(waits) => waits,
+                    None => {
+                        let outcome = outcome.expect("only a pending request stops a run early");
+                        match store.data_mut().journal.waiting.take() {
+                            Some(waiting) => vec![waiting],
+                            None => return Ok(outcome),
+                        }
                     }
-                    journal.flush().await.map_err(host_failure)?;
-                    journal.rewind();
-                    continue;
-                }
-                let outcome = outcome.expect("only a pending request stops a run early");
-                let Some(waiting) = store.data_mut().journal.waiting.take() else {
-                    return Ok(outcome);
                 };
-                // Evicted: the instance and its slots go while the call waits.
+                // Evicted: the instance and its slots go while the calls wait.
                 last_cpu = store.data().meter.used();
                 journal = std::mem::take(&mut store.data_mut().journal);
-                drop((outcome, run_store.take(), slot, running));
+                drop((run_store.take(), slot, running));
                 crate::metrics::stage_evicted(&call.caps.pipeline, &stage);
                 let _waiting = crate::metrics::stage_call_waiting();
-                let answered = waiting
-                    .task
-                    .await
-                    .map_err(|e| Failure::Host(format!("a host call failed: {e}")))?;
-                journal.answered(waiting.request, answered);
+                for waiting in waits {
+                    let answered = waiting
+                        .task
+                        .await
+                        .map_err(|e| Failure::Host(format!("a host call failed: {e}")))?;
+                    journal.answered(waiting.request, answered);
+                }
                 journal.flush().await.map_err(host_failure)?;
                 journal.rewind();
             }
@@ -290,7 +281,6 @@ impl HandlerComponent {
             evict_after: None,
             journal: Journal::default(),
             http: self.grant.clone(),
-            component: format!("handler:{}", self.meta.name),
         };
         let mut store = new_store(&call, Journal::default());
         let key = key.map(str::to_string);

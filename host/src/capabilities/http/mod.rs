@@ -20,8 +20,9 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full, Limited};
-use sha2::Digest as _;
 use tokio::sync::{Notify, oneshot};
+use tokio_util::task::AbortOnDropHandle;
+use tracing::Instrument as _;
 use wasmtime::component::Linker;
 use wasmtime::component::Resource;
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Method, Scheme};
@@ -33,31 +34,45 @@ use wasmtime_wasi_http::{
 
 pub use self::secrets::Secrets;
 pub use self::send::{Asker, FullRequest, HttpFailure, Reply};
-use super::journal::Answered;
+use super::journal::{Answered, Waiting};
 use super::{Answer, CallKind, Counted, HostState, Request};
 use crate::outbound::{AllowedHost, Destination, HttpLimits};
 
-/// What one stage or handler may reach: its `allowed_hosts`, and the client its requests go
-/// through.
+/// What one stage or handler may reach: its `allowed_hosts` and `http` limits, who it is (for
+/// logs and metrics), and the client its requests go through.
 pub struct HttpGrant {
     pub allowed: Vec<AllowedHost>,
+    pub limits: HttpLimits,
+    asker: Asker,
     /// The pipeline's secrets, which its requests' headers may use.
     secrets: Arc<Secrets>,
     client: reqwest::Client,
 }
 
 impl HttpGrant {
-    pub fn new(allowed: Vec<AllowedHost>, limits: HttpLimits, secrets: Arc<Secrets>) -> Self {
+    pub fn new(
+        allowed: Vec<AllowedHost>,
+        limits: HttpLimits,
+        asker: Asker,
+        secrets: Arc<Secrets>,
+    ) -> Self {
         Self {
             allowed,
+            limits,
+            asker,
             secrets,
             client: send::client(limits.connect_timeout),
         }
     }
 
-    /// Nothing allowed: what a stage without `allowed_hosts` has.
+    /// Nothing allowed: what a component checked outside a pipeline has.
     pub fn none() -> Arc<Self> {
-        Arc::new(Self::new(Vec::new(), HttpLimits::default(), Arc::default()))
+        Arc::new(Self::new(
+            Vec::new(),
+            HttpLimits::default(),
+            Asker::default(),
+            Arc::default(),
+        ))
     }
 
     /// Where `url` goes and the allowlist entry it falls under (as metrics name it), or why
@@ -87,9 +102,7 @@ impl HttpGrant {
 pub(crate) struct Outbound {
     ctx: WasiHttpCtx,
     hooks: Hooks,
-    grant: Arc<HttpGrant>,
-    pub(crate) limits: HttpLimits,
-    asker: Asker,
+    pub(crate) grant: Arc<HttpGrant>,
     /// Stages journal their requests; handlers send them at once.
     journaled: bool,
     /// Requests this run made that go out once it is evicted, in call order.
@@ -109,18 +122,11 @@ struct Pending {
 }
 
 impl Outbound {
-    pub(crate) fn new(
-        grant: Arc<HttpGrant>,
-        limits: HttpLimits,
-        asker: Asker,
-        journaled: bool,
-    ) -> Self {
+    pub(crate) fn new(grant: Arc<HttpGrant>, journaled: bool) -> Self {
         Self {
             ctx: WasiHttpCtx::new(),
             hooks: Hooks,
             grant,
-            limits,
-            asker,
             journaled,
             pending: Vec::new(),
             ready: Arc::new(Notify::new()),
@@ -144,65 +150,45 @@ impl Outbound {
     }
 }
 
-/// The run's pending requests whose bodies are complete, in call order, to be sent while the
-/// stage waits without its instance; `None` when the run did not stop for them.
-pub(crate) struct Evicted {
-    pub requests: Vec<(Request, Result<FullRequest, HttpFailure>)>,
-}
-
 impl HostState {
-    /// What the run that just stopped leaves to send: `signalled` when the runner stopped it
-    /// because a request's body was complete.
-    pub(crate) fn take_evicted(&mut self, signalled: bool) -> Option<Evicted> {
+    /// What the run that just stopped waits on: its pending requests whose bodies are complete,
+    /// in call order, each already sent on a task of its own (dropping it stops the request);
+    /// `signalled` when the runner stopped the run because a request's body was complete.
+    /// `None` when the run did not stop for its requests; empty when it stopped before the
+    /// first one's body was written.
+    pub(crate) fn take_evicted(&mut self, signalled: bool) -> Option<Vec<Waiting>> {
         let outbound = &mut self.outbound;
         let pending = std::mem::take(&mut outbound.pending);
         if pending.is_empty() || !(signalled || outbound.evicting) {
             return None;
         }
-        let mut requests = Vec::new();
+        let mut waits = Vec::new();
         let mut dropped = 0;
         for mut p in pending {
             match p.body.try_recv() {
-                Ok(full) if dropped == 0 => requests.push((p.request, full)),
+                Ok(full) if dropped == 0 => {
+                    let grant = outbound.grant.clone();
+                    let send = async move {
+                        let answer = match full {
+                            Ok(full) => send::send(&grant, full).await,
+                            Err(failure) => Err(failure),
+                        };
+                        Answered {
+                            answer: Answer::Http(answer),
+                            llm_calls: Vec::new(),
+                        }
+                    };
+                    waits.push(Waiting {
+                        request: p.request,
+                        task: AbortOnDropHandle::new(tokio::spawn(send.in_current_span())),
+                    });
+                }
                 _ => dropped += 1,
             }
         }
         // What a dropped request spent is given back: the next run makes it again.
         self.journal.spent.http_requests = self.journal.spent.http_requests.saturating_sub(dropped);
-        Some(Evicted { requests })
-    }
-}
-
-/// Send the requests of an eviction at once; each answer as the journal keeps it.
-pub(crate) async fn send_all(
-    state_grant: Arc<HttpGrant>,
-    limits: HttpLimits,
-    asker: Asker,
-    requests: Vec<(Request, Result<FullRequest, HttpFailure>)>,
-) -> Vec<(Request, Answered)> {
-    let sends = requests.into_iter().map(|(request, full)| {
-        let (grant, asker) = (state_grant.clone(), asker.clone());
-        async move {
-            let answer = match full {
-                Ok(full) => send::send(&grant, limits, &asker, full).await,
-                Err(failure) => Err(failure),
-            };
-            (
-                request,
-                Answered {
-                    answer: Answer::Http(answer),
-                    llm_calls: Vec::new(),
-                },
-            )
-        }
-    });
-    futures::future::join_all(sends).await
-}
-
-impl HostState {
-    pub(crate) fn http_grant(&self) -> (Arc<HttpGrant>, HttpLimits, Asker) {
-        let o = &self.outbound;
-        (o.grant.clone(), o.limits, o.asker.clone())
+        Some(waits)
     }
 }
 
@@ -246,6 +232,18 @@ struct Parts {
     url: http::Uri,
     headers: Vec<(String, Vec<u8>)>,
     body: Option<HyperOutgoingBody>,
+}
+
+impl Parts {
+    /// The request once the guest has written its whole body (at most `limit` bytes).
+    async fn complete(self, limit: usize) -> Result<FullRequest, HttpFailure> {
+        Ok(FullRequest {
+            body: collect(self.body, limit).await?,
+            method: self.method,
+            url: self.url,
+            headers: self.headers,
+        })
+    }
 }
 
 fn parts(request: HostOutgoingRequest) -> Result<Parts, ErrorCode> {
@@ -356,56 +354,46 @@ impl HostState {
         request: Resource<HostOutgoingRequest>,
     ) -> wasmtime::Result<Result<Resource<HostFutureIncomingResponse>, ErrorCode>> {
         let request = self.table.delete(request)?;
-        let Parts {
-            method,
-            url,
-            headers,
-            body,
-        } = match parts(request) {
+        let parts = match parts(request) {
             Ok(parts) => parts,
             Err(code) => return Ok(Err(code)),
         };
-        let limit = self.outbound.limits.request_bytes;
+        let limit = self.outbound.grant.limits.request_bytes;
         let journaled = Request::new(
             CallKind::Http,
-            &(method.as_str(), url.to_string(), &headers),
+            &(parts.method.as_str(), parts.url.to_string(), &parts.headers),
         );
-        let future = if !self.outbound.journaled {
+        if !self.outbound.journaled {
             self.spend(Counted::HttpRequests, 0)?;
-            let (grant, limits, asker) = self.http_grant();
-            HostFutureIncomingResponse::Pending(wasmtime_wasi::runtime::spawn(async move {
-                let answer = match collect(body, limit).await {
-                    Ok(body) => {
-                        let full = FullRequest {
-                            method,
-                            url,
-                            headers,
-                            body,
-                        };
-                        send::send(&grant, limits, &asker, full).await
-                    }
+            let grant = self.outbound.grant.clone();
+            let future = wasmtime_wasi::runtime::spawn(async move {
+                let answer = match parts.complete(limit).await {
+                    Ok(full) => send::send(&grant, full).await,
                     Err(failure) => Err(failure),
                 };
                 response_of(answer)
-            }))
-        } else if let Some(answer) = (!self.outbound.has_pending())
-            .then(|| self.replayed(&journaled))
-            .transpose()?
-            .flatten()
-        {
-            let Answer::Http(answer) = answer else {
-                return Err(wasmtime::Error::msg(
-                    "the journal holds another kind of answer",
-                ));
-            };
-            let diverged = self.outbound.diverged.clone();
-            HostFutureIncomingResponse::Pending(wasmtime_wasi::runtime::spawn(async move {
-                // The body is read whatever the answer, as the first run's was: a guest that
-                // writes it after `handle` must not find it closed.
-                let sent = collect(body, limit).await;
-                if let Ok(reply) = &answer {
-                    let sent = sent.map(|body| hex::encode(sha2::Sha256::digest(&body)));
-                    if sent.as_ref().ok() != Some(&reply.request_body_sha256) {
+            });
+            return Ok(Ok(self
+                .table
+                .push(HostFutureIncomingResponse::Pending(future))?));
+        }
+        // While a request is pending the run is past its journal: nothing to replay.
+        let replayed = if self.outbound.has_pending() {
+            None
+        } else {
+            self.replayed(&journaled)?
+        };
+        let future = match replayed {
+            Some(Answer::Http(answer)) => {
+                let diverged = self.outbound.diverged.clone();
+                wasmtime_wasi::runtime::spawn(async move {
+                    // The body is read whatever the answer, as the first run's was: a guest
+                    // that writes it after `handle` must not find it closed.
+                    let sent = collect(parts.body, limit).await;
+                    if let Ok(reply) = &answer
+                        && sent.ok().map(|body| send::body_digest(&body))
+                            != Some(reply.request_body_sha256.clone())
+                    {
                         *diverged.lock().expect("never poisoned") = Some(
                             "an outbound request was replayed with another body than before".into(),
                         );
@@ -413,33 +401,35 @@ impl HostState {
                             "diverged on replay".into(),
                         )));
                     }
-                }
-                response_of(answer)
-            }))
-        } else {
-            self.spend(Counted::HttpRequests, 0)?;
-            let (sender, receiver) = oneshot::channel();
-            let first = !self.outbound.has_pending();
-            let ready = self.outbound.ready.clone();
-            self.outbound.pending.push(Pending {
-                request: journaled,
-                body: receiver,
-            });
-            HostFutureIncomingResponse::Pending(wasmtime_wasi::runtime::spawn(async move {
-                let full = collect(body, limit).await.map(|body| FullRequest {
-                    method,
-                    url,
-                    headers,
-                    body,
+                    response_of(answer)
+                })
+            }
+            Some(_) => {
+                return Err(wasmtime::Error::msg(
+                    "the journal holds another kind of answer",
+                ));
+            }
+            None => {
+                self.spend(Counted::HttpRequests, 0)?;
+                let (sender, receiver) = oneshot::channel();
+                let first = !self.outbound.has_pending();
+                let ready = self.outbound.ready.clone();
+                self.outbound.pending.push(Pending {
+                    request: journaled,
+                    body: receiver,
                 });
-                let _ = sender.send(full);
-                if first {
-                    ready.notify_one();
-                }
-                // The run is dropped before this answers: the answer comes by replay.
-                std::future::pending().await
-            }))
+                wasmtime_wasi::runtime::spawn(async move {
+                    let _ = sender.send(parts.complete(limit).await);
+                    if first {
+                        ready.notify_one();
+                    }
+                    // The run is dropped before this answers: the answer comes by replay.
+                    std::future::pending().await
+                })
+            }
         };
-        Ok(Ok(self.table.push(future)?))
+        Ok(Ok(self
+            .table
+            .push(HostFutureIncomingResponse::Pending(future))?))
     }
 }

@@ -22,10 +22,9 @@ pub struct FullRequest {
     pub body: Bytes,
 }
 
-impl FullRequest {
-    fn body_sha256(&self) -> String {
-        hex::encode(Sha256::digest(&self.body))
-    }
+/// How a reply names the request body it answers.
+pub fn body_digest(body: &[u8]) -> String {
+    hex::encode(Sha256::digest(body))
 }
 
 /// A response, whole: what the guest reads, and what a journal keeps.
@@ -84,21 +83,17 @@ impl HttpFailure {
 }
 
 /// Who asks, for logs and metrics.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Asker {
     pub pipeline: String,
     /// The stage, or `handler:NAME`.
     pub component: String,
 }
 
-/// Make `request` as `grant` allows, within `limits`.
-pub async fn send(
-    grant: &HttpGrant,
-    limits: HttpLimits,
-    asker: &Asker,
-    request: FullRequest,
-) -> Result<Reply, HttpFailure> {
-    let request_body_sha256 = request.body_sha256();
+/// Make `request` as `grant` allows, within its limits.
+pub async fn send(grant: &HttpGrant, request: FullRequest) -> Result<Reply, HttpFailure> {
+    let (limits, asker) = (grant.limits, &grant.asker);
+    let request_body_sha256 = body_digest(&request.body);
     let span = tracing::info_span!(
         "http",
         method = %request.method,
@@ -107,21 +102,18 @@ pub async fn send(
     );
     let started = Instant::now();
     let deadline = limits.timeout;
-    let (origin, result) = match tokio::time::timeout(
-        deadline,
-        follow(grant, limits, request).instrument(span.clone()),
-    )
-    .await
-    {
-        Ok((origin, result)) => (origin, result),
-        Err(_) => (
-            None,
-            Err(HttpFailure::Timeout(format!(
-                "no whole response within the stage's `http.timeout_ms` ({} ms)",
-                deadline.as_millis()
-            ))),
-        ),
-    };
+    let (origin, result) =
+        match tokio::time::timeout(deadline, follow(grant, request).instrument(span.clone())).await
+        {
+            Ok((origin, result)) => (origin, result),
+            Err(_) => (
+                None,
+                Err(HttpFailure::Timeout(format!(
+                    "no whole response within the stage's `http.timeout_ms` ({} ms)",
+                    deadline.as_millis()
+                ))),
+            ),
+        };
     let host = origin.as_deref().unwrap_or("none");
     let outcome = match &result {
         Ok(reply) => {
@@ -163,9 +155,9 @@ fn status_class(status: u16) -> &'static str {
 /// set of label values).
 async fn follow(
     grant: &HttpGrant,
-    limits: HttpLimits,
     request: FullRequest,
 ) -> (Option<String>, Result<Reply, HttpFailure>) {
+    let limits = grant.limits;
     let FullRequest {
         mut method,
         mut url,
