@@ -12,8 +12,8 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
-use stagehand_tests::measure::{arg, cpu_secs, rss_kib};
+use serde_json::Value;
+use stagehand_tests::measure::{arg, cpu_secs, rss_kib, submit_job_async, wait_job_async};
 use stagehand_tests::{MockLlm, eco_items, eco_scan_pipeline, serve};
 
 fn number(name: &str, default: u64) -> u64 {
@@ -57,15 +57,15 @@ async fn main() {
     let http = reqwest::Client::new();
 
     // Warm: one item through every stage (compiles nothing, but fills the pool's first slots).
-    let warm = submit(&http, &url, eco_items(1), 1).await;
-    wait(&http, &url, &warm, |_| {}).await;
+    let warm = submit_job_async(&http, &url, eco_items(1), 1).await;
+    wait_job_async(&http, &url, &warm, |_| {}).await;
 
     let flushes_before = metric(&http, &url, "stagehand_store_flushes_total").await;
     let (rss_before, cpu_before) = (rss_kib(pid), cpu_secs(pid));
     let started = Instant::now();
-    let job = submit(&http, &url, eco_items(items), concurrency).await;
+    let job = submit_job_async(&http, &url, eco_items(items), concurrency).await;
     let mut peak = rss_before;
-    let status = wait(&http, &url, &job, |_| peak = peak.max(rss_kib(pid))).await;
+    let status = wait_job_async(&http, &url, &job, |_| peak = peak.max(rss_kib(pid))).await;
     let elapsed = started.elapsed();
     let cpu = cpu_secs(pid) - cpu_before;
     let flushes = metric(&http, &url, "stagehand_store_flushes_total").await - flushes_before;
@@ -123,40 +123,4 @@ async fn metric(http: &reqwest::Client, url: &str, series: &str) -> f64 {
         .await
         .expect("text");
     stagehand_tests::metric_in(&text, series).unwrap_or(0.0)
-}
-
-async fn submit(http: &reqwest::Client, url: &str, items: Vec<Value>, concurrency: u64) -> String {
-    let response = http
-        .post(format!("{url}/v1/jobs"))
-        .json(&json!({ "items": items, "options": { "concurrency": concurrency } }))
-        .send()
-        .await
-        .expect("submit");
-    assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
-    let body: Value = response.json().await.expect("JSON");
-    body["job_id"].as_str().expect("a job id").to_string()
-}
-
-/// Poll the job until it ends, calling `sample` every 200 ms; its final status.
-async fn wait(
-    http: &reqwest::Client,
-    url: &str,
-    job: &str,
-    mut sample: impl FnMut(&Value),
-) -> Value {
-    loop {
-        let status: Value = http
-            .get(format!("{url}/v1/jobs/{job}"))
-            .send()
-            .await
-            .expect("status")
-            .json()
-            .await
-            .expect("JSON");
-        sample(&status);
-        if status["state"] != "running" {
-            return status;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }

@@ -12,8 +12,8 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
-use stagehand_tests::measure::{arg, cpu_secs, rss_kib};
+use serde_json::json;
+use stagehand_tests::measure::{arg, cpu_secs, rss_kib, submit_job_async, wait_job_async};
 use stagehand_tests::{FactsService, plugin_path, serve};
 
 fn number(name: &str, default: u64) -> u64 {
@@ -64,15 +64,15 @@ max_attempts = 1
     let http = reqwest::Client::new();
     let item = json!({"do": "fetch", "target": facts.url(&format!("/slow?ms={slow_ms}"))});
 
-    let warm = submit(&http, &url, vec![item.clone()], 1).await;
-    wait(&http, &url, &warm, |_| {}).await;
+    let warm = submit_job_async(&http, &url, vec![item.clone()], 1).await;
+    wait_job_async(&http, &url, &warm, |_| {}).await;
     let sent_before = facts.received("/slow");
 
     let (rss_before, cpu_before) = (rss_kib(pid), cpu_secs(pid));
     let started = Instant::now();
-    let job = submit(&http, &url, vec![item; items], concurrency).await;
+    let job = submit_job_async(&http, &url, vec![item; items], concurrency).await;
     let mut peak = rss_before;
-    let status = wait(&http, &url, &job, |_| peak = peak.max(rss_kib(pid))).await;
+    let status = wait_job_async(&http, &url, &job, |_| peak = peak.max(rss_kib(pid))).await;
     let elapsed = started.elapsed();
     let cpu = cpu_secs(pid) - cpu_before;
     assert_eq!(status["succeeded"], items, "{status}");
@@ -101,40 +101,4 @@ max_attempts = 1
         "outbound: server CPU {cpu:.1} s, {:.2} ms per item; {sent} requests sent",
         cpu * 1e3 / items as f64
     );
-}
-
-async fn submit(http: &reqwest::Client, url: &str, items: Vec<Value>, concurrency: u64) -> String {
-    let response = http
-        .post(format!("{url}/v1/jobs"))
-        .json(&json!({ "items": items, "options": { "concurrency": concurrency } }))
-        .send()
-        .await
-        .expect("submit");
-    assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
-    let body: Value = response.json().await.expect("JSON");
-    body["job_id"].as_str().expect("a job id").to_string()
-}
-
-/// Poll the job until it ends, calling `sample` every 200 ms; its final status.
-async fn wait(
-    http: &reqwest::Client,
-    url: &str,
-    job: &str,
-    mut sample: impl FnMut(&Value),
-) -> Value {
-    loop {
-        let status: Value = http
-            .get(format!("{url}/v1/jobs/{job}"))
-            .send()
-            .await
-            .expect("status")
-            .json()
-            .await
-            .expect("JSON");
-        sample(&status);
-        if status["state"] != "running" {
-            return status;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }

@@ -1,4 +1,5 @@
-//! What the benchmarks measure with: percentiles, a process's memory and CPU.
+//! What the benchmarks measure with: percentiles, a process's memory and CPU, and an async
+//! client's way to submit a job and wait for it.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -55,4 +56,46 @@ pub fn arg(name: &str) -> Option<String> {
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1))
         .cloned()
+}
+
+/// `POST /v1/jobs` of `items` at `concurrency` on the server at `url`: the job's id.
+pub async fn submit_job_async(
+    http: &reqwest::Client,
+    url: &str,
+    items: Vec<serde_json::Value>,
+    concurrency: u64,
+) -> String {
+    let response = http
+        .post(format!("{url}/v1/jobs"))
+        .json(&serde_json::json!({ "items": items, "options": { "concurrency": concurrency } }))
+        .send()
+        .await
+        .expect("submit");
+    assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
+    let body: serde_json::Value = response.json().await.expect("JSON");
+    body["job_id"].as_str().expect("a job id").to_string()
+}
+
+/// Poll the job until it ends, calling `sample` every 200 ms; its final status.
+pub async fn wait_job_async(
+    http: &reqwest::Client,
+    url: &str,
+    job: &str,
+    mut sample: impl FnMut(&serde_json::Value),
+) -> serde_json::Value {
+    loop {
+        let status: serde_json::Value = http
+            .get(format!("{url}/v1/jobs/{job}"))
+            .send()
+            .await
+            .expect("status")
+            .json()
+            .await
+            .expect("JSON");
+        sample(&status);
+        if status["state"] != "running" {
+            return status;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
