@@ -1,7 +1,8 @@
 //! The fact-check example end to end over HTTP: its stage looks each question up in the facts
 //! service (outbound HTTP to the one host its pipeline file grants, the service's API key held
 //! by the host as a secret), and the LLM answers from what it found. The key is used and never
-//! seen: the service got it, no result holds it.
+//! seen: the service got it, no result holds it. `polyglot.toml` runs the same lookup written
+//! in JavaScript and a Python stage that fetches citations, in one pipeline.
 
 use serde_json::Value;
 use stagehand_tests::{
@@ -9,18 +10,19 @@ use stagehand_tests::{
     wait_for_job,
 };
 
-#[test]
-fn the_fact_check_example_answers_from_the_facts_service() {
+/// `examples/fact-check/<file>` served against a fresh facts service and mock LLM, with the
+/// example's items run through it to the end; its results, and the service to ask.
+fn run_example(file: &str) -> (Vec<Value>, usize, FactsService) {
     let dir = tempfile::tempdir().unwrap();
     let facts = FactsService::start("fact-check-key-77");
     let mock = MockLlm::start(&[]);
     let root = repo_root().display().to_string();
     let example = repo_root().join("examples/fact-check");
-    let text = std::fs::read_to_string(example.join("pipeline.toml"))
+    let text = std::fs::read_to_string(example.join(file))
         .unwrap()
         .replace("\"../../target/", &format!("\"{root}/target/"))
         .replace("http://127.0.0.1:9200", &facts.origin());
-    let pipeline = dir.path().join("pipeline.toml");
+    let pipeline = dir.path().join(file);
     std::fs::write(&pipeline, text).unwrap();
     let mut command = std::process::Command::new(binary("stagehand"));
     command
@@ -38,8 +40,14 @@ fn the_fact_check_example_answers_from_the_facts_service() {
         .collect();
     let job = submit_job(&server, items.clone(), serde_json::json!({}));
     let status = wait_for_job(&server, &job);
-    assert_eq!(status["succeeded"], items.len(), "{status}");
     let results = job_results(&server, &job);
+    assert_eq!(status["succeeded"], items.len(), "{status} {results:?}");
+    (results, items.len(), facts)
+}
+
+/// The result whose question mentions batteries: its `lookup` found the battery fact, and the
+/// LLM's answer (the mock echoes the prompt) was written from it after one eviction.
+fn battery(results: &[Value]) -> &Value {
     let battery = results
         .iter()
         .find(|r| {
@@ -51,7 +59,6 @@ fn the_fact_check_example_answers_from_the_facts_service() {
         .unwrap();
     let lookup = &battery["output"]["lookup"];
     assert_eq!(lookup["facts"][0]["topic"], "battery", "{lookup}");
-    // The mock LLM echoes the prompt: the facts went into it.
     assert!(
         lookup["answer"]
             .as_str()
@@ -64,15 +71,55 @@ fn the_fact_check_example_answers_from_the_facts_service() {
         2,
         "waited without an instance"
     );
-    assert_eq!(
-        facts.received("/facts"),
-        items.len() as u64,
-        "one request per question"
-    );
+    battery
+}
+
+/// The key reached the service and nothing else.
+fn key_used_and_kept(facts: &FactsService, results: &[Value]) {
     assert_eq!(
         facts.stats()["last_authorization"],
         format!("Bearer {}", facts.key)
     );
-    let all = serde_json::to_string(&results).unwrap();
+    let all = serde_json::to_string(results).unwrap();
     assert!(!all.contains(&facts.key), "no result holds the key");
+}
+
+#[test]
+fn the_fact_check_example_answers_from_the_facts_service() {
+    let (results, items, facts) = run_example("pipeline.toml");
+    battery(&results);
+    assert_eq!(
+        facts.received("/facts"),
+        items as u64,
+        "one request per question"
+    );
+    key_used_and_kept(&facts, &results);
+}
+
+#[test]
+fn a_javascript_and_a_python_stage_run_in_one_pipeline() {
+    let (results, items, facts) = run_example("polyglot.toml");
+    let battery = battery(&results);
+    // The Python stage fetched the sources of what the JavaScript stage found.
+    assert_eq!(
+        battery["output"]["cite"]["citations"][0]["title"], "Recycling guide: battery",
+        "{battery}"
+    );
+    assert_eq!(stage_run(battery, "cite")["runs"], 2);
+    assert_eq!(facts.received("/facts"), items as u64);
+    let with_facts = results
+        .iter()
+        .filter(|r| {
+            !r["output"]["lookup"]["facts"]
+                .as_array()
+                .unwrap()
+                .is_empty()
+        })
+        .count();
+    assert_eq!(
+        facts.received("/sources"),
+        with_facts as u64,
+        "one request per item with facts"
+    );
+    key_used_and_kept(&facts, &results);
 }

@@ -2,8 +2,10 @@
 //! Rust and rustup.
 //!
 //! - `plugins`: build every guest in `plugins/` for wasm32-wasip2 (adding the target if missing),
-//!   and the Python stages of `plugins/python/` with componentize-py (installed from PyPI into a
-//!   virtualenv under `target/python/`).
+//!   the Python stages of `plugins/python/` with componentize-py (installed from PyPI into a
+//!   virtualenv under `target/python/`), and the JavaScript stages of `plugins/js/` with
+//!   `jco componentize` (the npm packages `plugins/js/package-lock.json` pins, installed into
+//!   `target/js/`).
 //! - `demo [eco-scan]`: build everything, start the mock LLM, run the example end to end with
 //!   `stagehand run`; `demo prompt-eval`: the same through `stagehand serve`, following the job
 //!   over SSE and paging through its results.
@@ -83,7 +85,8 @@ fn plugins_dir(root: &Path) -> PathBuf {
 fn plugins(root: &Path) -> Result<()> {
     ensure_wasm_target()?;
     cargo_plugins(root, "build", &[])?;
-    python_plugins(root)
+    python_plugins(root)?;
+    js_plugins(root)
 }
 
 /// The componentize-py release the Python stages are built with.
@@ -96,6 +99,8 @@ fn python_plugins(root: &Path) -> Result<()> {
     let tool = venv.join("bin/componentize-py");
     let out_dir = plugins_dir(root);
     let wit = root.join("wit/pipeline.wit");
+    let sdk = root.join("plugins/python/sdk");
+    let sdk_module = sdk.join("stagehand_sdk.py");
     for entry in std::fs::read_dir(root.join("plugins/python"))? {
         let dir = entry?.path();
         let app = dir.join("app.py");
@@ -104,7 +109,7 @@ fn python_plugins(root: &Path) -> Result<()> {
         }
         let name = dir.file_name().expect("a directory name").to_string_lossy();
         let out = out_dir.join(format!("{name}_py.wasm"));
-        if is_newer(&out, &[&app, &wit]) {
+        if is_newer(&out, &[&app, &wit, &sdk_module]) {
             continue;
         }
         if !tool.is_file() {
@@ -127,6 +132,8 @@ fn python_plugins(root: &Path) -> Result<()> {
                 "componentize",
                 "-p",
                 path(&dir),
+                "-p",
+                path(&sdk),
                 "app",
                 "-o",
                 path(&out),
@@ -134,6 +141,79 @@ fn python_plugins(root: &Path) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// Build each `plugins/js/<name>/app.js` into `<name>_js.wasm`, a component of the `stage`
+/// world, with `jco componentize`, unless it is newer than its source and the WIT. The npm
+/// packages are those `plugins/js/package-lock.json` pins, installed into `target/js/` by
+/// `npm ci` (with Debian's `npm` if the machine lacks it).
+fn js_plugins(root: &Path) -> Result<()> {
+    let out_dir = plugins_dir(root);
+    let wit = root.join("wit/pipeline.wit");
+    for entry in std::fs::read_dir(root.join("plugins/js"))? {
+        let dir = entry?.path();
+        let app = dir.join("app.js");
+        if !app.is_file() {
+            continue;
+        }
+        let name = dir.file_name().expect("a directory name").to_string_lossy();
+        let out = out_dir.join(format!("{name}_js.wasm"));
+        if is_newer(&out, &[&app, &wit]) {
+            continue;
+        }
+        let jco = js_toolchain(root)?;
+        std::fs::create_dir_all(&out_dir)?;
+        // jco reads the WIT through a WASI shim: paths relative to the checkout work.
+        let relative = |p: &Path| p.strip_prefix(root).map(Path::to_path_buf);
+        run(
+            root,
+            path(&jco),
+            &[
+                "componentize",
+                path(&relative(&app)?),
+                "--wit",
+                "wit",
+                "--world-name",
+                "stage",
+                "-o",
+                path(&out),
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// `target/js/node_modules/.bin/jco`, installed by `npm ci` from `plugins/js/`'s lock file when
+/// it is missing or older than the lock file.
+fn js_toolchain(root: &Path) -> Result<PathBuf> {
+    let tree = root.join("target/js");
+    let jco = tree.join("node_modules/.bin/jco");
+    let lock = root.join("plugins/js/package-lock.json");
+    if is_newer(&jco, &[&lock]) {
+        return Ok(jco);
+    }
+    if Command::new("npm").arg("--version").output().is_err() {
+        run(Path::new("."), "apt-get", &["update", "-q"])?;
+        run(
+            Path::new("."),
+            "apt-get",
+            &["install", "-y", "-q", "nodejs", "npm"],
+        )?;
+    }
+    std::fs::create_dir_all(&tree)?;
+    for file in ["package.json", "package-lock.json"] {
+        std::fs::copy(root.join("plugins/js").join(file), tree.join(file))?;
+    }
+    run(&tree, "npm", &["ci", "--no-audit", "--no-fund", "--quiet"])?;
+    if !jco.is_file() {
+        bail!("`npm ci` in {} did not install jco", tree.display());
+    }
+    // `npm ci` keeps the files' own times: mark the install as newer than the lock file.
+    std::fs::File::options()
+        .append(true)
+        .open(&jco)?
+        .set_modified(std::time::SystemTime::now())?;
+    Ok(jco)
 }
 
 /// A virtualenv at `venv`; Debian splits `venv` out of python3, so install it if it is missing.

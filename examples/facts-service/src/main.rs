@@ -4,6 +4,8 @@
 //!
 //! - `GET /facts?q=WORDS` (header `authorization: Bearer KEY`): facts whose topic is one of the
 //!   words, as `{"query", "facts": [{"topic", "fact"}]}`; 401 without the key.
+//! - `GET /sources?topics=T1,T2`: where each topic's fact comes from, as
+//!   `{"sources": [{"topic", "title", "url"}]}`; no key needed.
 //! - `GET|POST /echo`: the request's method, headers and body, as JSON (what a hostile
 //!   service would do with a secret it was sent).
 //! - `GET /redirect?to=URL`: a 302 to `URL`.
@@ -94,6 +96,7 @@ async fn main() -> Result<()> {
     });
     let app = Router::new()
         .route("/facts", get(facts))
+        .route("/sources", get(sources))
         .route("/echo", get(echo).post(echo))
         .route("/redirect", get(redirect))
         .route("/bytes", get(bytes))
@@ -149,6 +152,33 @@ async fn facts(
         .map(|(topic, fact)| json!({"topic": topic, "fact": fact}))
         .collect();
     Json(json!({"query": query.q, "facts": found})).into_response()
+}
+
+#[derive(Deserialize)]
+struct SourcesQuery {
+    #[serde(default)]
+    topics: String,
+}
+
+async fn sources(
+    State(service): State<Arc<Service>>,
+    headers: HeaderMap,
+    Query(query): Query<SourcesQuery>,
+) -> Json<Value> {
+    count(&service, "/sources", &headers);
+    let sources: Vec<Value> = query
+        .topics
+        .split(',')
+        .filter(|topic| FACTS.iter().any(|(known, _)| known == topic))
+        .map(|topic| {
+            json!({
+                "topic": topic,
+                "title": format!("Recycling guide: {topic}"),
+                "url": format!("https://facts.example/guide/{topic}"),
+            })
+        })
+        .collect();
+    Json(json!({ "sources": sources }))
 }
 
 async fn echo(

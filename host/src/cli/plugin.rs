@@ -1,13 +1,14 @@
 //! For plugin authors. `stagehand plugin check <file.wasm>`: what a component imports and
 //! exports, and whether it can run as a stage or a handler (and if not, what is missing), before
-//! it goes near a pipeline. `stagehand plugin new <name>`: a Rust stage crate to start from,
-//! with its own copy of the WIT, that builds and runs as it is (tests/tests/plugin_new.rs).
+//! it goes near a pipeline. `stagehand plugin new <name> [--lang rust|python|js]`: a stage to
+//! start from, with its own copy of the WIT, that builds and runs as it is
+//! (tests/tests/plugin_new.rs).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 
 use super::default_data_dir;
 use crate::runtime::{Runtime, RuntimeOptions, describe};
@@ -36,15 +37,26 @@ enum PluginCommand {
         #[arg(long, requires = "pipeline")]
         stage: Option<String>,
     },
-    /// Write a new Rust stage crate, `<dir>/<name>/`, that builds into a component of the
-    /// `stage` world with `cargo build --release --target wasm32-wasip2`.
+    /// Write a new stage, `<dir>/<name>/`, that builds into a component of the `stage` world:
+    /// a Rust crate (cargo), a Python module (componentize-py) or a JavaScript module (jco).
     New {
-        /// The crate's name: lowercase letters, digits, `-` and `_`, starting with a letter.
+        /// The stage's name: lowercase letters, digits, `-` and `_`, starting with a letter.
         name: String,
-        /// Where to create the crate's directory.
+        /// Where to create its directory.
         #[arg(long, default_value = ".")]
         dir: PathBuf,
+        /// The language to write it in.
+        #[arg(long, value_enum, default_value_t = Lang::Rust)]
+        lang: Lang,
     },
+}
+
+/// The languages `plugin new` writes stages in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Lang {
+    Rust,
+    Python,
+    Js,
 }
 
 pub async fn plugin(args: PluginArgs) -> Result<ExitCode> {
@@ -55,17 +67,26 @@ pub async fn plugin(args: PluginArgs) -> Result<ExitCode> {
             pipeline,
             stage,
         } => (component, data_dir, pipeline, stage),
-        PluginCommand::New { name, dir } => {
-            let created = new_stage(&name, &dir)?;
+        PluginCommand::New { name, dir, lang } => {
+            let created = new_stage(&name, &dir, lang)?;
+            let file = name.replace('-', "_");
+            let (build, wasm) = match lang {
+                Lang::Rust => (
+                    "cargo build --release --target wasm32-wasip2".to_string(),
+                    format!("target/wasm32-wasip2/release/{file}.wasm"),
+                ),
+                Lang::Python => (
+                    format!("componentize-py -d wit -w stage componentize -p . app -o {file}.wasm"),
+                    format!("{file}.wasm"),
+                ),
+                Lang::Js => (
+                    "npm install && npm run build".to_string(),
+                    format!("{file}.wasm"),
+                ),
+            };
             println!("created {}", created.display());
-            println!(
-                "  build: cd {} && cargo build --release --target wasm32-wasip2",
-                created.display()
-            );
-            println!(
-                "  check: stagehand plugin check target/wasm32-wasip2/release/{}.wasm",
-                name.replace('-', "_")
-            );
+            println!("  build: cd {} && {build}", created.display());
+            println!("  check: stagehand plugin check {wasm}");
             return Ok(ExitCode::SUCCESS);
         }
     };
@@ -236,28 +257,92 @@ fn origins_in(bytes: &[u8]) -> Vec<String> {
     found.into_iter().collect()
 }
 
-/// The template's files: path in the new crate, and text with `{{name}}` and `{{crate}}` (the
-/// name as Rust spells it, which is also the `.wasm` file's name).
-const TEMPLATE: [(&str, &str); 4] = [
+/// A template file: its path in the new stage's directory, and its text, with `{{name}}`,
+/// `{{crate}}` (the name as Rust spells it, which is also the `.wasm` file's name) and `{{jco}}`.
+type TemplateFile = (&'static str, &'static str);
+
+const RUST_TEMPLATE: [TemplateFile; 3] = [
     (
         "Cargo.toml",
-        include_str!("../../templates/stage/Cargo.toml.template"),
+        include_str!("../../templates/stage/rust/Cargo.toml.template"),
     ),
     (
         "src/lib.rs",
-        include_str!("../../templates/stage/src/lib.rs.template"),
+        include_str!("../../templates/stage/rust/src/lib.rs.template"),
     ),
     (
         "README.md",
-        include_str!("../../templates/stage/README.md.template"),
+        include_str!("../../templates/stage/rust/README.md.template"),
     ),
+];
+
+const PYTHON_TEMPLATE: [TemplateFile; 3] = [
+    (
+        "app.py",
+        include_str!("../../templates/stage/python/app.py.template"),
+    ),
+    (
+        "README.md",
+        include_str!("../../templates/stage/python/README.md.template"),
+    ),
+    (
+        "stagehand_sdk.py",
+        include_str!("../../../plugins/python/sdk/stagehand_sdk.py"),
+    ),
+];
+
+const JS_TEMPLATE: [TemplateFile; 3] = [
+    (
+        "app.js",
+        include_str!("../../templates/stage/js/app.js.template"),
+    ),
+    (
+        "package.json",
+        include_str!("../../templates/stage/js/package.json.template"),
+    ),
+    (
+        "README.md",
+        include_str!("../../templates/stage/js/README.md.template"),
+    ),
+];
+
+/// The contract every new stage carries a copy of, with the `wasi:http` WIT it imports.
+const WIT: [TemplateFile; 8] = [
     (
         "wit/pipeline.wit",
         include_str!("../../../wit/pipeline.wit"),
     ),
+    (
+        "wit/deps/cli.wit",
+        include_str!("../../../wit/deps/cli.wit"),
+    ),
+    (
+        "wit/deps/clocks.wit",
+        include_str!("../../../wit/deps/clocks.wit"),
+    ),
+    (
+        "wit/deps/filesystem.wit",
+        include_str!("../../../wit/deps/filesystem.wit"),
+    ),
+    (
+        "wit/deps/http.wit",
+        include_str!("../../../wit/deps/http.wit"),
+    ),
+    ("wit/deps/io.wit", include_str!("../../../wit/deps/io.wit")),
+    (
+        "wit/deps/random.wit",
+        include_str!("../../../wit/deps/random.wit"),
+    ),
+    (
+        "wit/deps/sockets.wit",
+        include_str!("../../../wit/deps/sockets.wit"),
+    ),
 ];
 
-fn new_stage(name: &str, dir: &Path) -> Result<PathBuf> {
+/// The jco release a new JavaScript stage builds with: the one `plugins/js/package.json` pins.
+const JCO_VERSION: &str = "1.34.0";
+
+fn new_stage(name: &str, dir: &Path, lang: Lang) -> Result<PathBuf> {
     let well_formed = name.starts_with(|c: char| c.is_ascii_lowercase())
         && name
             .chars()
@@ -273,14 +358,34 @@ fn new_stage(name: &str, dir: &Path) -> Result<PathBuf> {
         bail!("{} already exists; nothing was written", root.display());
     }
     let crate_name = name.replace('-', "_");
-    for (path, text) in TEMPLATE {
+    let files: &[TemplateFile] = match lang {
+        Lang::Rust => &RUST_TEMPLATE,
+        Lang::Python => &PYTHON_TEMPLATE,
+        Lang::Js => &JS_TEMPLATE,
+    };
+    for (path, text) in files.iter().chain(&WIT) {
         let path = root.join(path);
         let text = text
             .replace("{{name}}", name)
-            .replace("{{crate}}", &crate_name);
+            .replace("{{crate}}", &crate_name)
+            .replace("{{jco}}", JCO_VERSION);
         std::fs::create_dir_all(path.parent().expect("template paths have a parent"))
             .with_context(|| format!("cannot create {}", root.display()))?;
         std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(root)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_javascript_stages_use_the_jco_the_plugins_pin() {
+        let pinned = include_str!("../../../plugins/js/package.json");
+        assert!(
+            pinned.contains(&format!("\"@bytecodealliance/jco\": \"{JCO_VERSION}\"")),
+            "plugins/js/package.json and JCO_VERSION differ"
+        );
+    }
 }

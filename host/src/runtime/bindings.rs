@@ -3,6 +3,10 @@
 //! Both worlds share the interfaces they have in common (`with`), so each import is implemented
 //! once, in `capabilities/`. Every import is async (the LLM and handlers are awaited on tokio)
 //! and trappable (a host failure ends the invocation instead of lying to the guest).
+//!
+//! `wasi:http` and what it uses are wasmtime's own types (`with`); `component.rs` links our
+//! interfaces one by one, since `outgoing-handler.handle` is ours (`capabilities/http/`), not
+//! the one the world's `add_to_linker` would ask for.
 
 /// The `stage` world.
 pub mod stage {
@@ -13,6 +17,11 @@ pub mod stage {
         exports: { default: async },
         // Journaled answers (`capabilities/journal.rs`) are stored as JSON.
         additional_derives: [serde::Serialize, serde::Deserialize],
+        with: {
+            "wasi:http": wasmtime_wasi_http::p2::bindings::http,
+            "wasi:io": wasmtime_wasi::p2::bindings::io,
+            "wasi:clocks": wasmtime_wasi::p2::bindings::clocks,
+        },
     });
 }
 
@@ -27,6 +36,9 @@ pub mod handler {
             "stagehand:pipeline/types": super::stage::stagehand::pipeline::types,
             "stagehand:pipeline/kv": super::stage::stagehand::pipeline::kv,
             "stagehand:pipeline/log": super::stage::stagehand::pipeline::log,
+            "wasi:http": wasmtime_wasi_http::p2::bindings::http,
+            "wasi:io": wasmtime_wasi::p2::bindings::io,
+            "wasi:clocks": wasmtime_wasi::p2::bindings::clocks,
         },
     });
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use wasmtime::component::types::ComponentItem;
-use wasmtime::component::{Component, Linker};
+use wasmtime::component::{Component, HasSelf, Linker};
 
 use super::bindings::{handler::HandlerPre, stage::StagePre};
 use super::{CacheOutcome, Runtime, digest};
@@ -76,13 +76,7 @@ impl StageComponent {
     pub async fn from_bytes(runtime: &Runtime, name: &str, bytes: Vec<u8>) -> Result<Arc<Self>> {
         let started = Instant::now();
         let (digest, component, cache) = compile(runtime, bytes).await?;
-        let mut linker = Linker::new(runtime.engine());
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-        crate::capabilities::http::add_to_linker(&mut linker)?;
-        super::bindings::stage::Stage::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
-            &mut linker,
-            |s| s,
-        )?;
+        let linker = stage_linker(runtime)?;
         let pre = StagePre::new(pre_instantiate(runtime, &linker, &component, World::Stage)?)?;
         let meta = LoadedComponent {
             name: name.to_string(),
@@ -106,13 +100,7 @@ impl HandlerComponent {
         let bytes = read(path)?;
         let load = async {
             let (digest, component, cache) = compile(runtime, bytes).await?;
-            let mut linker = Linker::new(runtime.engine());
-            wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-            crate::capabilities::http::add_to_linker(&mut linker)?;
-            super::bindings::handler::Handler::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
-                &mut linker,
-                |s| s,
-            )?;
+            let linker = handler_linker(runtime)?;
             let pre = HandlerPre::new(pre_instantiate(
                 runtime,
                 &linker,
@@ -201,6 +189,37 @@ async fn compile(runtime: &Runtime, bytes: Vec<u8>) -> Result<(String, Component
         .await
         .context("not a valid component")?;
     Ok((digest, component, outcome))
+}
+
+/// What a stage links to: WASI (no sockets, files or environment: `capabilities/mod.rs` builds
+/// the context), `wasi:http` with our `handle`, and the `stage` world's interfaces. Each is
+/// linked by itself: the world's own `add_to_linker` would also link wasmtime's `handle`.
+fn stage_linker(runtime: &Runtime) -> Result<Linker<HostState>> {
+    use super::bindings::{config, dispatch, kv, llm, log, progress, types};
+    let mut linker = Linker::new(runtime.engine());
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    crate::capabilities::http::add_to_linker(&mut linker)?;
+    types::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+    llm::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+    kv::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+    dispatch::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+    progress::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+    log::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+    config::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+    Ok(linker)
+}
+
+/// What a handler links to: as a stage, with `records` and without the stage-only interfaces.
+fn handler_linker(runtime: &Runtime) -> Result<Linker<HostState>> {
+    use super::bindings::{kv, log, records, types};
+    let mut linker = Linker::new(runtime.engine());
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    crate::capabilities::http::add_to_linker(&mut linker)?;
+    types::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+    kv::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+    records::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+    log::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+    Ok(linker)
 }
 
 /// The version of `wit/pipeline.wit` this host implements.

@@ -8,7 +8,9 @@ import json
 
 import wit_world
 from componentize_py_types import Err
-from wit_world.imports import kv, log, types
+from wit_world.imports import kv, log
+# `types` of stagehand:pipeline; wasi:http has a `types` too, so the bindings name both in full.
+from wit_world.imports import stagehand_pipeline_types as types
 
 
 def fatal(message: str) -> Err:

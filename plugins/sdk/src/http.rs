@@ -10,9 +10,11 @@
 //! let rules: serde_json::Value = reply.json()?;
 //! ```
 
-use wasi::http::outgoing_handler;
-use wasi::http::types::{ErrorCode, Fields, Method, OutgoingBody, OutgoingRequest, Scheme};
-use wasi::io::streams::StreamError;
+use crate::stage::wasi::http::outgoing_handler;
+use crate::stage::wasi::http::types::{
+    ErrorCode, Fields, Method, OutgoingBody, OutgoingRequest, Scheme,
+};
+use crate::stage::wasi::io::streams::StreamError;
 
 /// A request to build and send.
 #[derive(Debug, Clone)]

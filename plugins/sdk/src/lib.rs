@@ -33,6 +33,8 @@ pub mod stage {
         pub_export_macro: true,
         export_macro_name: "export_stage",
         default_bindings_module: "stagehand_sdk::stage",
+        // `wasi:http` and the `wasi:io`/`wasi:clocks` parts it uses, for [`http`].
+        generate_all,
     });
 }
 
@@ -49,6 +51,12 @@ pub mod handler {
             "stagehand:pipeline/types@0.2.0": crate::stage::stagehand::pipeline::types,
             "stagehand:pipeline/kv@0.2.0": crate::stage::stagehand::pipeline::kv,
             "stagehand:pipeline/log@0.2.0": crate::stage::stagehand::pipeline::log,
+            "wasi:http/types@0.2.12": crate::stage::wasi::http::types,
+            "wasi:http/outgoing-handler@0.2.12": crate::stage::wasi::http::outgoing_handler,
+            "wasi:io/error@0.2.12": crate::stage::wasi::io::error,
+            "wasi:io/poll@0.2.12": crate::stage::wasi::io::poll,
+            "wasi:io/streams@0.2.12": crate::stage::wasi::io::streams,
+            "wasi:clocks/monotonic-clock@0.2.12": crate::stage::wasi::clocks::monotonic_clock,
         },
     });
 }
