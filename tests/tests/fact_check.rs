@@ -13,6 +13,14 @@ use stagehand_tests::{
 /// `examples/fact-check/<file>` served against a fresh facts service and mock LLM, with the
 /// example's items run through it to the end; its results, and the service to ask.
 fn run_example(file: &str) -> (Vec<Value>, usize, FactsService) {
+    let (results, status, facts) = run_edited(file, |text| text);
+    assert_eq!(status["succeeded"], results.len(), "{status} {results:?}");
+    let items = results.len();
+    (results, items, facts)
+}
+
+/// [`run_example`] with the pipeline file edited first; the job's status too, as it ended.
+fn run_edited(file: &str, edit: impl Fn(String) -> String) -> (Vec<Value>, Value, FactsService) {
     let dir = tempfile::tempdir().unwrap();
     let facts = FactsService::start("fact-check-key-77");
     let mock = MockLlm::start(&[]);
@@ -22,6 +30,7 @@ fn run_example(file: &str) -> (Vec<Value>, usize, FactsService) {
         .unwrap()
         .replace("\"../../target/", &format!("\"{root}/target/"))
         .replace("http://127.0.0.1:9200", &facts.origin());
+    let text = edit(text);
     let pipeline = dir.path().join(file);
     std::fs::write(&pipeline, text).unwrap();
     let mut command = std::process::Command::new(binary("stagehand"));
@@ -38,11 +47,10 @@ fn run_example(file: &str) -> (Vec<Value>, usize, FactsService) {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let job = submit_job(&server, items.clone(), serde_json::json!({}));
+    let job = submit_job(&server, items, serde_json::json!({}));
     let status = wait_for_job(&server, &job);
     let results = job_results(&server, &job);
-    assert_eq!(status["succeeded"], items.len(), "{status} {results:?}");
-    (results, items.len(), facts)
+    (results, status, facts)
 }
 
 /// The result whose question mentions batteries: its `lookup` found the battery fact, and the
@@ -122,4 +130,23 @@ fn a_javascript_and_a_python_stage_run_in_one_pipeline() {
         "one request per item with facts"
     );
     key_used_and_kept(&facts, &results);
+}
+
+#[test]
+fn a_javascript_fetch_outside_the_grant_is_refused_and_never_sent() {
+    // The JS stage may reach only another port; its secret stays bound to the service.
+    let (results, status, facts) = run_edited("polyglot.toml", |text| {
+        text.replacen(
+            "allowed_hosts = [\"http://127.0.0.1:",
+            "allowed_hosts = [\"http://127.0.0.1:1\", \"http://127.0.0.2:",
+            1,
+        )
+    });
+    assert_eq!(status["succeeded"], 0, "{status}");
+    for result in &results {
+        assert_eq!(result["error"]["stage"], "lookup", "{result}");
+        let message = result["error"]["message"].as_str().unwrap();
+        assert!(message.contains("outbound request failed"), "{message}");
+    }
+    assert_eq!(facts.received("/facts"), 0, "nothing reached the service");
 }

@@ -397,13 +397,21 @@ fn demo_facts(root: &Path) -> Result<Server> {
     Server::start_command(command).context("the facts service (is 127.0.0.1:9200 free?)")
 }
 
-/// `stagehand serve` of the examples `names` in one server, on a fresh data directory.
+/// `stagehand serve` of the examples' pipeline files `names` (`eco-scan` is
+/// `examples/eco-scan/pipeline.toml`, `fact-check/polyglot` `examples/fact-check/polyglot.toml`)
+/// in one server, on a fresh data directory.
 fn demo_server(root: &Path, names: &[&str], mock: &MockLlm) -> Result<Server> {
     let data_dir = root.join("target/demo/server");
     let _ = std::fs::remove_dir_all(&data_dir);
     let files: Vec<PathBuf> = names
         .iter()
-        .map(|name| root.join("examples").join(name).join("pipeline.toml"))
+        .map(|name| match name.split_once('/') {
+            Some((example, file)) => root
+                .join("examples")
+                .join(example)
+                .join(format!("{file}.toml")),
+            None => root.join("examples").join(name).join("pipeline.toml"),
+        })
         .collect();
     let base_url = mock.base_url();
     let mut args = vec!["serve"];
@@ -557,7 +565,16 @@ fn demo_both(root: &Path) -> Result<()> {
     build_binaries(root)?;
     let mock = demo_mock(root)?;
     let _facts = demo_facts(root)?;
-    let server = demo_server(root, &["eco-scan", "prompt-eval", "fact-check"], &mock)?;
+    let server = demo_server(
+        root,
+        &[
+            "eco-scan",
+            "prompt-eval",
+            "fact-check",
+            "fact-check/polyglot",
+        ],
+        &mock,
+    )?;
     let http = reqwest::blocking::Client::builder().timeout(None).build()?;
     let pipelines: serde_json::Value = http
         .get(server.url("/v1/pipelines"))
@@ -583,10 +600,12 @@ fn demo_both(root: &Path) -> Result<()> {
     let questions = json_lines(&root.join("examples/fact-check/items.jsonl"))?;
     let eco = demo_submit(&http, &server, "eco-scan", items)?;
     let eval = demo_submit(&http, &server, "prompt-eval", cases)?;
-    let facts = demo_submit(&http, &server, "fact-check", questions)?;
+    let facts = demo_submit(&http, &server, "fact-check", questions.clone())?;
+    let polyglot = demo_submit(&http, &server, "fact-check-polyglot", questions)?;
     demo_follow(&http, &server, "eco-scan", &eco)?;
     demo_follow(&http, &server, "prompt-eval", &eval)?;
     demo_follow(&http, &server, "fact-check", &facts)?;
+    demo_follow(&http, &server, "fact-check-polyglot", &polyglot)?;
     let eco_results = demo_results(&http, &server, &eco)?;
     let succeeded = eco_results
         .iter()
@@ -626,6 +645,31 @@ fn demo_both(root: &Path) -> Result<()> {
         bail!(
             "a fact-check question failed: {:?}",
             checked.iter().find(|r| r["status"] != "succeeded")
+        );
+    }
+    let cited = demo_results(&http, &server, &polyglot)?;
+    let succeeded: Vec<&serde_json::Value> = cited
+        .iter()
+        .filter(|r| r["status"] == "succeeded")
+        .collect();
+    println!(
+        "fact-check-polyglot (lookup in JavaScript, cite in Python): {} of {} questions answered and cited",
+        succeeded.len(),
+        cited.len()
+    );
+    if let Some(first) = succeeded
+        .iter()
+        .find(|r| r["output"]["cite"]["citations"][0].is_object())
+    {
+        println!(
+            "fact-check-polyglot, first cited: {} -> {}",
+            first["output"]["lookup"]["question"], first["output"]["cite"]["citations"][0]
+        );
+    }
+    if succeeded.len() != cited.len() {
+        bail!(
+            "a fact-check-polyglot question failed: {:?}",
+            cited.iter().find(|r| r["status"] != "succeeded")
         );
     }
     Ok(())
