@@ -112,6 +112,38 @@ fn outbound_http_needs_are_set_against_the_pipelines_grant() {
         "{text}"
     );
 
+    // A Python or JavaScript component carries its interpreter, whose own strings (the
+    // standard library's documentation URLs) are not taken for hosts it needs.
+    let polyglot = std::fs::read_to_string(root.join("examples/fact-check/polyglot.toml"))
+        .unwrap()
+        .replace("\"../../target/", &format!("\"{}/target/", root.display()));
+    let polyglot_file = dir.path().join("polyglot.toml");
+    std::fs::write(&polyglot_file, polyglot).unwrap();
+    for (plugin, stage, language) in [
+        ("cite_py", "cite", "Python"),
+        ("lookup_js", "lookup", "JavaScript"),
+    ] {
+        let out = Command::new(binary("stagehand"))
+            .args(["plugin", "check"])
+            .arg(stagehand_tests::plugin_path(plugin))
+            .arg("--pipeline")
+            .arg(&polyglot_file)
+            .args(["--stage", stage, "--data-dir"])
+            .arg(dir.path().join("data"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}");
+        assert!(
+            text.contains(&format!(
+                "its code is not scanned for hosts: a {language} component"
+            )),
+            "{text}"
+        );
+        assert!(text.contains("(in its settings): granted"), "{text}");
+        assert!(!text.contains("NOT granted"), "{text}");
+    }
+
     // A component without the import says so.
     let plain = Command::new(binary("stagehand"))
         .args(["plugin", "check"])

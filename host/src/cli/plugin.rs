@@ -143,15 +143,15 @@ fn outbound_report(
         .any(|i| i.starts_with("wasi:http/outgoing-handler"));
     let bytes =
         std::fs::read(component).with_context(|| format!("cannot read {}", component.display()))?;
-    // Origins in the code only matter when it can make requests (an interpreter's standard
-    // library is full of documentation URLs).
-    let mut needed: Vec<(String, &str)> = if uses_http {
-        origins_in(&bytes)
+    // Origins in the code only matter when it can make requests, and say nothing when the
+    // code is an interpreter's: its standard library is full of documentation URLs.
+    let interpreter = interpreter_in(&bytes);
+    let mut needed: Vec<(String, &str)> = match (uses_http, interpreter) {
+        (true, None) => origins_in(&bytes)
             .into_iter()
             .map(|origin| (origin, "its code"))
-            .collect()
-    } else {
-        Vec::new()
+            .collect(),
+        _ => Vec::new(),
     };
     let mut grant = None;
     if let Some(path) = pipeline {
@@ -200,6 +200,12 @@ fn outbound_report(
             "does not import wasi:http/outgoing-handler: it makes no requests"
         }
     );
+    if let (true, Some(language)) = (uses_http, interpreter) {
+        println!(
+            "    its code is not scanned for hosts: a {language} component carries its \
+             interpreter, whose own strings would show"
+        );
+    }
     for (origin, whence) in &needed {
         let verdict = match &grant {
             None => String::new(),
@@ -233,13 +239,23 @@ fn outbound_report(
     Ok(())
 }
 
+/// The language whose interpreter a component carries, by the marks its build tool leaves.
+fn interpreter_in(bytes: &[u8]) -> Option<&'static str> {
+    let has = |mark: &[u8]| memchr::memmem::find(bytes, mark).is_some();
+    if has(b"componentize-py") {
+        Some("Python")
+    } else if has(b"ComponentizeJS") || has(b"StarlingMonkey") {
+        Some("JavaScript")
+    } else {
+        None
+    }
+}
+
 /// The distinct `http://` and `https://` origins written in `bytes`, at most 32.
 fn origins_in(bytes: &[u8]) -> Vec<String> {
     let mut found = std::collections::BTreeSet::new();
     for scheme in [&b"http://"[..], &b"https://"[..]] {
-        let mut at = 0;
-        while let Some(pos) = bytes[at..].windows(scheme.len()).position(|w| w == scheme) {
-            let start = at + pos;
+        for start in memchr::memmem::find_iter(bytes, scheme) {
             let host_start = start + scheme.len();
             let end = bytes[host_start..]
                 .iter()
@@ -251,7 +267,6 @@ fn origins_in(bytes: &[u8]) -> Vec<String> {
             if end > host_start && found.len() < 32 {
                 found.insert(origin);
             }
-            at = end.max(start + 1);
         }
     }
     found.into_iter().collect()

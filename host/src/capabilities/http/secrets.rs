@@ -124,20 +124,17 @@ impl Secrets {
 }
 
 fn replace_all(bytes: &mut Vec<u8>, from: &[u8], to: &[u8]) {
-    if from.is_empty() || bytes.len() < from.len() {
+    if from.is_empty() || memchr::memmem::find(bytes, from).is_none() {
         return;
     }
     let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i..].starts_with(from) {
-            out.extend_from_slice(to);
-            i += from.len();
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
+    let mut last = 0;
+    for at in memchr::memmem::find_iter(bytes, from) {
+        out.extend_from_slice(&bytes[last..at]);
+        out.extend_from_slice(to);
+        last = at + from.len();
     }
+    out.extend_from_slice(&bytes[last..]);
     *bytes = out;
 }
 
