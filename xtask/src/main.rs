@@ -42,7 +42,7 @@ fn main() -> Result<()> {
         Some("load") => bench(&root, &args),
         _ => {
             eprintln!(
-                "usage: cargo xtask <plugins | demo [eco-scan | prompt-eval] | test | schemathesis | bench [server | load | cluster | inflight | outbound | propagation | llm-client] | load>"
+                "usage: cargo xtask <plugins | demo [eco-scan | prompt-eval] | test | schemathesis | bench [server | load | cluster | inflight | outbound | languages | propagation | llm-client] | load>"
             );
             std::process::exit(2);
         }
@@ -899,6 +899,7 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
         Some("cluster") => ("stagehand-tests", "cluster", &args[1..]),
         Some("inflight") => ("stagehand-tests", "inflight", &args[1..]),
         Some("outbound") => ("stagehand-tests", "outbound", &args[1..]),
+        Some("languages") => ("stagehand-tests", "languages", &args[1..]),
         Some("propagation") => ("stagehand-tests", "propagation", &args[1..]),
         Some("llm-client") => ("stagehand-tests", "llm_client", &args[1..]),
         _ => ("stagehand", "pipeline", args),
