@@ -73,13 +73,13 @@ async fn main() {
                 "name = \"fact-check\"\n[defaults]\nmemory_mib = 128",
             )
     };
-    let cases: [(&str, &str, &dyn Fn(String) -> String); 3] = [
-        ("lookup in Rust", "pipeline.toml", &|t| t),
-        ("lookup in JavaScript", "pipeline.toml", &js),
+    let cases: [(&str, &str, fn(String) -> String); 3] = [
+        ("lookup in Rust", "pipeline.toml", |t| t),
+        ("lookup in JavaScript", "pipeline.toml", js),
         (
             "lookup in JavaScript + cite in Python",
             "polyglot.toml",
-            &|t| t,
+            |t| t,
         ),
     ];
     println!(
