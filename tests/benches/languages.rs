@@ -17,6 +17,9 @@ use stagehand_tests::measure::{
 };
 use stagehand_tests::{FactsService, MockLlm, Server, binary, repo_root};
 
+/// A case: its label, the example's pipeline file, and how to edit that file.
+type Case = (&'static str, &'static str, fn(String) -> String);
+
 fn number(name: &str, default: u64) -> u64 {
     arg(name).map_or(default, |v| {
         v.parse()
@@ -73,7 +76,7 @@ async fn main() {
                 "name = \"fact-check\"\n[defaults]\nmemory_mib = 128",
             )
     };
-    let cases: [(&str, &str, fn(String) -> String); 3] = [
+    let cases: [Case; 3] = [
         ("lookup in Rust", "pipeline.toml", |t| t),
         ("lookup in JavaScript", "pipeline.toml", js),
         (
