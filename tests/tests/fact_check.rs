@@ -13,7 +13,10 @@ use stagehand_tests::{
 /// `examples/fact-check/<file>` served against a fresh facts service and mock LLM, with the
 /// example's items run through it to the end; its results, and the service to ask.
 fn run_example(file: &str) -> (Vec<Value>, usize, FactsService) {
-    let (results, status, facts) = run_edited(file, |text| text);
+    // An LLM call never gives up its instance (on a busy machine one could take longer than
+    // the default 10 ms): each stage runs exactly twice, evicted once by its request.
+    let (results, status, facts) =
+        run_edited(file, |text| text + "\n[run]\nevict_after_ms = 60000\n");
     assert_eq!(status["succeeded"], results.len(), "{status} {results:?}");
     let items = results.len();
     (results, items, facts)

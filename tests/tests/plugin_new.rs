@@ -71,17 +71,21 @@ impl Clock {
     }
 }
 
-/// `plugin new NAME --lang LANG` in a fresh directory: the stage's directory.
-fn new_stage(parent: &Path, name: &str, lang: &str) -> PathBuf {
-    let parent = parent.to_str().unwrap();
+/// `plugin new short-summary --lang LANG` in a fresh directory, timed: that directory (kept
+/// while the test runs), the stage's, and the clock.
+fn new_stage(lang: &'static str) -> (tempfile::TempDir, PathBuf, Clock) {
+    let parent = tempfile::tempdir().unwrap();
+    let mut clock = Clock::new(lang);
+    let p = parent.path().to_str().unwrap();
     succeeded(
         "plugin new",
-        stagehand(&["plugin", "new", name, "--dir", parent, "--lang", lang]),
+        stagehand(&["plugin", "new", "short-summary", "--dir", p, "--lang", lang]),
     );
-    let dir = Path::new(parent).join(name);
+    clock.lap("new");
+    let dir = parent.path().join("short-summary");
     assert!(dir.join("wit/pipeline.wit").is_file());
     assert!(dir.join("wit/deps/http.wit").is_file());
-    dir
+    (parent, dir, clock)
 }
 
 /// `plugin check` says the component is a stage; then a served pipeline runs it over HTTP on
@@ -146,10 +150,7 @@ fn check_and_run(dir: &Path, wasm: &Path, clock: &mut Clock) {
 
 #[test]
 fn a_new_rust_stage_builds_checks_and_runs() {
-    let parent = tempfile::tempdir().unwrap();
-    let mut clock = Clock::new("rust");
-    let dir = new_stage(parent.path(), "short-summary", "rust");
-    clock.lap("new");
+    let (parent, dir, mut clock) = new_stage("rust");
 
     // Refused: the same name again (nothing overwritten), a name that is no crate name, and a
     // language there is no template for.
@@ -180,10 +181,7 @@ fn a_new_rust_stage_builds_checks_and_runs() {
 
 #[test]
 fn a_new_python_stage_builds_checks_and_runs() {
-    let parent = tempfile::tempdir().unwrap();
-    let mut clock = Clock::new("python");
-    let dir = new_stage(parent.path(), "short-summary", "python");
-    clock.lap("new");
+    let (_parent, dir, mut clock) = new_stage("python");
     // The README's command, with the componentize-py `cargo xtask plugins` installed.
     let tool = repo_root().join("target/python/venv/bin/componentize-py");
     succeeded(
@@ -201,10 +199,7 @@ fn a_new_python_stage_builds_checks_and_runs() {
 
 #[test]
 fn a_new_javascript_stage_builds_checks_and_runs() {
-    let parent = tempfile::tempdir().unwrap();
-    let mut clock = Clock::new("js");
-    let dir = new_stage(parent.path(), "short-summary", "js");
-    clock.lap("new");
+    let (_parent, dir, mut clock) = new_stage("js");
     let manifest: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("package.json")).unwrap()).unwrap();
     let pinned: Value = serde_json::from_str(

@@ -97,21 +97,15 @@ const COMPONENTIZE_PY: &str = "componentize-py==0.25.1";
 fn python_plugins(root: &Path) -> Result<()> {
     let venv = root.join("target/python/venv");
     let tool = venv.join("bin/componentize-py");
-    let out_dir = plugins_dir(root);
-    let wit = root.join("wit/pipeline.wit");
     let sdk = root.join("plugins/python/sdk");
-    let sdk_module = sdk.join("stagehand_sdk.py");
-    for entry in std::fs::read_dir(root.join("plugins/python"))? {
-        let dir = entry?.path();
-        let app = dir.join("app.py");
-        if !app.is_file() {
-            continue;
-        }
-        let name = dir.file_name().expect("a directory name").to_string_lossy();
-        let out = out_dir.join(format!("{name}_py.wasm"));
-        if is_newer(&out, &[&app, &wit, &sdk_module]) {
-            continue;
-        }
+    let stale = stale_guests(
+        root,
+        "python",
+        "app.py",
+        "py",
+        &[&sdk.join("stagehand_sdk.py")],
+    )?;
+    for (app, out) in stale {
         if !tool.is_file() {
             ensure_python_venv(&venv)?;
             run(
@@ -120,7 +114,7 @@ fn python_plugins(root: &Path) -> Result<()> {
                 &["install", "--quiet", COMPONENTIZE_PY],
             )?;
         }
-        std::fs::create_dir_all(&out_dir)?;
+        let dir = app.parent().expect("an app has a directory");
         run(
             root,
             path(&tool),
@@ -131,7 +125,7 @@ fn python_plugins(root: &Path) -> Result<()> {
                 "stage",
                 "componentize",
                 "-p",
-                path(&dir),
+                path(dir),
                 "-p",
                 path(&sdk),
                 "app",
@@ -148,29 +142,16 @@ fn python_plugins(root: &Path) -> Result<()> {
 /// packages are those `plugins/js/package-lock.json` pins, installed into `target/js/` by
 /// `npm ci` (with Debian's `npm` if the machine lacks it).
 fn js_plugins(root: &Path) -> Result<()> {
-    let out_dir = plugins_dir(root);
-    let wit = root.join("wit/pipeline.wit");
-    for entry in std::fs::read_dir(root.join("plugins/js"))? {
-        let dir = entry?.path();
-        let app = dir.join("app.js");
-        if !app.is_file() {
-            continue;
-        }
-        let name = dir.file_name().expect("a directory name").to_string_lossy();
-        let out = out_dir.join(format!("{name}_js.wasm"));
-        if is_newer(&out, &[&app, &wit]) {
-            continue;
-        }
+    for (app, out) in stale_guests(root, "js", "app.js", "js", &[])? {
         let jco = js_toolchain(root)?;
-        std::fs::create_dir_all(&out_dir)?;
         // jco reads the WIT through a WASI shim: paths relative to the checkout work.
-        let relative = |p: &Path| p.strip_prefix(root).map(Path::to_path_buf);
+        let app = app.strip_prefix(root)?;
         run(
             root,
             path(&jco),
             &[
                 "componentize",
-                path(&relative(&app)?),
+                path(app),
                 "--wit",
                 "wit",
                 "--world-name",
@@ -181,6 +162,42 @@ fn js_plugins(root: &Path) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// The guests of `plugins/<language>/<name>/<source>` whose component,
+/// `<name>_<suffix>.wasm`, is missing or older than the source, the WIT or one of `also`:
+/// (source, component) pairs, the components' directory created.
+fn stale_guests(
+    root: &Path,
+    language: &str,
+    source: &str,
+    suffix: &str,
+    also: &[&Path],
+) -> Result<Vec<(PathBuf, PathBuf)>> {
+    let out_dir = plugins_dir(root);
+    let wit = root.join("wit/pipeline.wit");
+    let mut stale = Vec::new();
+    for entry in std::fs::read_dir(root.join("plugins").join(language))? {
+        let app = entry?.path().join(source);
+        if !app.is_file() {
+            continue;
+        }
+        let name = app
+            .parent()
+            .and_then(Path::file_name)
+            .expect("a directory name")
+            .to_string_lossy();
+        let out = out_dir.join(format!("{name}_{suffix}.wasm"));
+        let mut sources = vec![app.as_path(), wit.as_path()];
+        sources.extend_from_slice(also);
+        if !is_newer(&out, &sources) {
+            stale.push((app.clone(), out));
+        }
+    }
+    if !stale.is_empty() {
+        std::fs::create_dir_all(&out_dir)?;
+    }
+    Ok(stale)
 }
 
 /// `target/js/node_modules/.bin/jco`, installed by `npm ci` from `plugins/js/`'s lock file when

@@ -191,34 +191,35 @@ async fn compile(runtime: &Runtime, bytes: Vec<u8>) -> Result<(String, Component
     Ok((digest, component, outcome))
 }
 
-/// What a stage links to: WASI (no sockets, files or environment: `capabilities/mod.rs` builds
-/// the context), `wasi:http` with our `handle`, and the `stage` world's interfaces. Each is
-/// linked by itself: the world's own `add_to_linker` would also link wasmtime's `handle`.
-fn stage_linker(runtime: &Runtime) -> Result<Linker<HostState>> {
-    use super::bindings::{config, dispatch, kv, llm, log, progress, types};
+/// What both worlds link to: WASI (no sockets, files or environment: `capabilities/mod.rs`
+/// builds the context), `wasi:http` with our `handle`, and the interfaces they share. Each is
+/// linked by itself: a world's own `add_to_linker` would also link wasmtime's `handle`.
+fn shared_linker(runtime: &Runtime) -> Result<Linker<HostState>> {
+    use super::bindings::{kv, log, types};
     let mut linker = Linker::new(runtime.engine());
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
     crate::capabilities::http::add_to_linker(&mut linker)?;
     types::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
-    llm::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
     kv::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+    log::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+    Ok(linker)
+}
+
+/// What a stage links to: the shared imports and the stage-only ones.
+fn stage_linker(runtime: &Runtime) -> Result<Linker<HostState>> {
+    use super::bindings::{config, dispatch, llm, progress};
+    let mut linker = shared_linker(runtime)?;
+    llm::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
     dispatch::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
     progress::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
-    log::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
     config::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
     Ok(linker)
 }
 
-/// What a handler links to: as a stage, with `records` and without the stage-only interfaces.
+/// What a handler links to: the shared imports and `records`.
 fn handler_linker(runtime: &Runtime) -> Result<Linker<HostState>> {
-    use super::bindings::{kv, log, records, types};
-    let mut linker = Linker::new(runtime.engine());
-    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-    crate::capabilities::http::add_to_linker(&mut linker)?;
-    types::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
-    kv::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
-    records::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
-    log::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+    let mut linker = shared_linker(runtime)?;
+    super::bindings::records::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
     Ok(linker)
 }
 
