@@ -1,7 +1,8 @@
 //! Hostile guests over real HTTP: in one job, an infinite loop, a memory bomb, a trap, an output
 //! past the limit and attempts to reach the environment, files, sockets and the clock, among
 //! well-behaved items. Each bad item fails alone with a clear error; the others succeed, and
-//! the server keeps serving another job meanwhile.
+//! the server keeps serving another job meanwhile. A JavaScript stage misbehaving alike fails
+//! only its items too.
 
 use serde_json::{Value, json};
 use stagehand_tests::{client, job_results, repo_root, submit_job, wait_for_job};
@@ -152,4 +153,47 @@ fn json_logs_carry_the_job_item_and_stage() {
     assert_eq!(line["spans"][1]["name"], "stage");
     assert_eq!(line["spans"][1]["stage"], "hostile");
     assert_eq!(line["spans"][1]["attempt"], 1);
+}
+
+/// The same for a stage in JavaScript (plugins/js/hostile, SpiderMonkey inside): a loop, a
+/// memory bomb, an error that is no `stage-error` and a runaway recursion each fail their own
+/// item with a clear error, and the items around them succeed.
+#[test]
+fn a_misbehaving_javascript_stage_fails_only_its_items() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = repo_root().join("target/wasm32-wasip2/release/hostile_js.wasm");
+    let pipeline = dir.path().join("pipeline.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "name = \"sandbox-js\"\n[llm]\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"none\"\n\
+             [defaults]\ncpu_ms = 1000\ntimeout_ms = 20000\nmax_attempts = 1\n\
+             [[stage]]\nname = \"hostile\"\ncomponent = \"{}\"\n",
+            wasm.display()
+        ),
+    )
+    .unwrap();
+    let server = stagehand_tests::serve(&pipeline, dir.path(), None, &[]);
+    let items = ["ok", "loop", "bomb", "throw", "recurse", "fatal", "ok"]
+        .map(|what| json!({ "do": what }))
+        .to_vec();
+    let job = submit_job(&server, items, json!({ "concurrency": 7 }));
+    let results = results(&server, &job);
+    for index in [0, 6] {
+        assert_eq!(results[index]["status"], "succeeded", "{}", results[index]);
+        assert_eq!(results[index]["output"]["hostile"], json!({ "ok": true }));
+    }
+    for (index, kind, says) in [
+        (1, "cpu_budget", "CPU budget of 1s"),
+        (2, "memory_cap", "memory cap of 64 MiB"),
+        (3, "trap", "a plain error, not a stage-error"),
+        (4, "trap", "too much recursion"),
+        (5, "fatal", "refused on purpose"),
+    ] {
+        let error = &results[index]["error"];
+        assert_eq!(results[index]["status"], "failed", "item {index}");
+        assert_eq!(error["kind"], kind, "item {index}: {error}");
+        let message = error["message"].as_str().unwrap();
+        assert!(message.contains(says), "item {index}: {message}");
+    }
 }
