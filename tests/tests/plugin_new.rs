@@ -111,7 +111,7 @@ fn check_and_run(dir: &Path, wasm: &Path, clock: &mut Clock) {
         &pipeline,
         format!(
             "name = \"summaries\"\n[llm]\nbase_url = \"{}\"\nmodel = \"m\"\n\
-             [[stage]]\nname = \"summary\"\ncomponent = \"{}\"\nmax_attempts = 1\nmemory_mib = 128\n",
+             [[stage]]\nname = \"summary\"\ncomponent = \"{}\"\nmax_attempts = 1\n",
             mock.base_url(),
             wasm.display()
         ),
