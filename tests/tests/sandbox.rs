@@ -167,7 +167,7 @@ fn a_misbehaving_javascript_stage_fails_only_its_items() {
         &pipeline,
         format!(
             "name = \"sandbox-js\"\n[llm]\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"none\"\n\
-             [defaults]\ncpu_ms = 1000\ntimeout_ms = 20000\nmax_attempts = 1\n\
+             [defaults]\ncpu_ms = 2000\ntimeout_ms = 30000\nmax_attempts = 1\n\
              [[stage]]\nname = \"hostile\"\ncomponent = \"{}\"\n",
             wasm.display()
         ),
@@ -184,7 +184,7 @@ fn a_misbehaving_javascript_stage_fails_only_its_items() {
         assert_eq!(results[index]["output"]["hostile"], json!({ "ok": true }));
     }
     for (index, kind, says) in [
-        (1, "cpu_budget", "CPU budget of 1s"),
+        (1, "cpu_budget", "CPU budget of 2s"),
         (2, "memory_cap", "memory cap of 64 MiB"),
         (3, "trap", "a plain error, not a stage-error"),
         (4, "trap", "too much recursion"),

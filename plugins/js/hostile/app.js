@@ -6,9 +6,9 @@ export function run(ctx, input) {
   switch (item.do) {
     case 'loop': // the CPU budget stops it
       for (;;) {}
-    case 'bomb': { // the memory cap stops it
+    case 'bomb': { // the memory cap stops it (8 MiB a step, zeroed: little CPU per step)
       const keep = [];
-      for (;;) keep.push(new Array(1 << 20).fill(1));
+      for (;;) keep.push(new Float64Array(1 << 20));
     }
     case 'throw': // not a stage-error: the component traps, the message in its stderr
       throw new Error('a plain error, not a stage-error');
