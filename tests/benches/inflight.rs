@@ -12,8 +12,9 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-use stagehand_tests::measure::{arg, cpu_secs, rss_kib, submit_job_async, wait_job_async};
+use stagehand_tests::measure::{
+    arg, cpu_secs, get_json_async, rss_kib, submit_job_async, wait_job_async,
+};
 use stagehand_tests::{MockLlm, eco_items, eco_scan_pipeline, serve};
 
 fn number(name: &str, default: u64) -> u64 {
@@ -71,14 +72,8 @@ async fn main() {
     let flushes = metric(&http, &url, "stagehand_store_flushes_total").await - flushes_before;
     assert_eq!(status["state"], "completed", "{status}");
     if status["succeeded"] != items {
-        let failed: Value = http
-            .get(format!("{url}/v1/dead-letters?job={job}&limit=2"))
-            .send()
-            .await
-            .expect("results")
-            .json()
-            .await
-            .expect("JSON");
+        let failed =
+            get_json_async(&http, &format!("{url}/v1/dead-letters?job={job}&limit=2")).await;
         panic!("not every item succeeded: {status}\nfor instance: {failed}");
     }
 

@@ -77,6 +77,17 @@ pub async fn submit_job_async(
 }
 
 /// Poll the job until it ends, calling `sample` every 200 ms; its final status.
+/// `GET url` as JSON.
+pub async fn get_json_async(http: &reqwest::Client, url: &str) -> serde_json::Value {
+    http.get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .json()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: not JSON: {e}"))
+}
+
 pub async fn wait_job_async(
     http: &reqwest::Client,
     url: &str,
@@ -84,14 +95,7 @@ pub async fn wait_job_async(
     mut sample: impl FnMut(&serde_json::Value),
 ) -> serde_json::Value {
     loop {
-        let status: serde_json::Value = http
-            .get(format!("{url}/v1/jobs/{job}"))
-            .send()
-            .await
-            .expect("status")
-            .json()
-            .await
-            .expect("JSON");
+        let status = get_json_async(http, &format!("{url}/v1/jobs/{job}")).await;
         sample(&status);
         if status["state"] != "running" {
             return status;

@@ -640,10 +640,7 @@ fn demo_both(root: &Path) -> Result<()> {
         bail!("no eco-scan item succeeded");
     }
     let checked = demo_results(&http, &server, &facts)?;
-    let answered: Vec<&serde_json::Value> = checked
-        .iter()
-        .filter(|r| r["status"] == "succeeded")
-        .collect();
+    let answered = succeeded_of(&checked);
     println!(
         "fact-check: {} of {} questions answered from the facts service (its key held by the host)",
         answered.len(),
@@ -658,17 +655,9 @@ fn demo_both(root: &Path) -> Result<()> {
             lookup["facts"][0]["fact"]
         );
     }
-    if answered.len() != checked.len() {
-        bail!(
-            "a fact-check question failed: {:?}",
-            checked.iter().find(|r| r["status"] != "succeeded")
-        );
-    }
+    all_succeeded("fact-check", &checked)?;
     let cited = demo_results(&http, &server, &polyglot)?;
-    let succeeded: Vec<&serde_json::Value> = cited
-        .iter()
-        .filter(|r| r["status"] == "succeeded")
-        .collect();
+    let succeeded = succeeded_of(&cited);
     println!(
         "fact-check-polyglot (lookup in JavaScript, cite in Python): {} of {} questions answered and cited",
         succeeded.len(),
@@ -683,13 +672,23 @@ fn demo_both(root: &Path) -> Result<()> {
             first["output"]["lookup"]["question"], first["output"]["cite"]["citations"][0]
         );
     }
-    if succeeded.len() != cited.len() {
-        bail!(
-            "a fact-check-polyglot question failed: {:?}",
-            cited.iter().find(|r| r["status"] != "succeeded")
-        );
+    all_succeeded("fact-check-polyglot", &cited)
+}
+
+/// The results that succeeded.
+fn succeeded_of(results: &[serde_json::Value]) -> Vec<&serde_json::Value> {
+    results
+        .iter()
+        .filter(|r| r["status"] == "succeeded")
+        .collect()
+}
+
+/// An error naming `pipeline`'s first failed result, if one failed.
+fn all_succeeded(pipeline: &str, results: &[serde_json::Value]) -> Result<()> {
+    match results.iter().find(|r| r["status"] != "succeeded") {
+        Some(failed) => bail!("a {pipeline} question failed: {failed}"),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Seed 000's batch tester through the server: submit the 100 cases over HTTP, follow the
